@@ -1,0 +1,41 @@
+"""Dense attention through PyTorch's own fused kernels (the aten SDPA ops that return the LSE).
+
+Reuse what exists: where FlashAttention-2 / memory-efficient attention cover the inputs they
+are the fastest dense kernels; vtattn's own kernels serve everything else."""
+import torch
+
+
+def attention_supports(q, k, v, causal, scale) -> str | None:
+    if q.device.type != "cuda":
+        return "PyTorch's fused attention kernels need CUDA tensors"
+    if q.shape[1] != k.shape[1]:
+        return "GQA (Hq != Hkv) is left to vtattn's own kernels, which read shared kv heads in place"
+    nq, nk = q.shape[2], k.shape[2]
+    if nq == 0 or nk == 0:
+        return "empty sequence"
+    if causal and nq != nk:
+        # SDPA aligns causal masks to the top-left corner; vtattn aligns them to the end.
+        return "causal with Nq != Nk (SDPA aligns the mask to the top-left, vtattn to the end)"
+    d = q.shape[-1]
+    if d % 8 != 0 or d > 256:
+        return f"head dim {d} is not a multiple of 8 up to 256"
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "needs compute capability 8.0 or newer"
+    return None
+
+
+def _lead_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def attention(q, k, v, causal, scale):
+    q, k, v = (_lead_contiguous(t) for t in (q, k, v))
+    if q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+        lse = lse[..., : q.shape[2]]  # padded to a multiple of 32 rows
+    return out, lse.contiguous()
+

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test command: set up .venv, build vtattn (CUDA kernels included), then run the CPU tests,
+# the Triton interpreter tests (own process), and the benchmark smoke test.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup_env.sh || { echo "setup/build failed"; exit 1; }
+. "${VTATTN_VENV:-.venv}/bin/activate"
+
+status=0
+run() {  # pytest exits 5 when it collects nothing: that is not a failure of the suite
+  "$@"; local rc=$?
+  if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then status=$rc; echo "FAILED: $*"; fi
+}
+run python -m pytest tests -q --ignore=tests/interpreter -p no:cacheprovider
+run env TRITON_INTERPRET=1 python -m pytest tests/interpreter -q -p no:cacheprovider
+run python -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider
+exit $status

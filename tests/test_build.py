@@ -1,0 +1,43 @@
+"""What CI can prove without a GPU: the CUDA kernels compiled and linked for every target."""
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from vtattn import _ext
+
+REQUIRE_CUDA = os.environ.get("VTATTN_REQUIRE_CUDA") == "1"
+KERNELS = ["attention", "key_importance"]
+
+
+def test_build_info_recorded():
+    info = _ext.build_info()
+    assert info, "vtattn._C was not built"
+    assert info["torch"] == torch.__version__
+    assert _ext.load() is None
+    assert sorted(info["cpu_kernels"]) == KERNELS
+
+
+@pytest.mark.skipif(not REQUIRE_CUDA, reason="only when the build must include CUDA (CI)")
+def test_cuda_kernels_were_built_and_registered():
+    info = _ext.build_info()
+    assert info["with_cuda"], f"CUDA part skipped: {info['cuda_skip_reason']}"
+    assert sorted(info["cuda_kernels"]) == KERNELS
+    for op in KERNELS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"vtattn_C::{op}", "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"vtattn_C::{op}", "CPU"), op
+
+
+@pytest.mark.skipif(not REQUIRE_CUDA, reason="only when the build must include CUDA (CI)")
+def test_binary_holds_sm80_and_sm90a_code():
+    cuobjdump = shutil.which("cuobjdump") or "/usr/local/cuda/bin/cuobjdump"
+    if not os.path.exists(cuobjdump):
+        pytest.skip("cuobjdump not found")
+    import vtattn._C as C
+    listing = subprocess.run([cuobjdump, "--list-elf", C.__file__], check=True,
+                             capture_output=True, text=True).stdout
+    for arch in _ext.build_info()["cuda_archs"]:
+        assert f"sm_{arch}" in listing, f"no sm_{arch} code in {C.__file__}:\n{listing}"
+    assert {"80", "90a"} <= set(_ext.build_info()["cuda_archs"])

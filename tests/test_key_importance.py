@@ -1,0 +1,147 @@
+import pytest
+import torch
+
+import vtattn
+from vtattn._registry import KEY_IMPORTANCE
+from helpers import (DTYPES, PROB_TOL, backend_params, naive_probs, rand_qkv, run_forced,
+                     skip_unless_supported)
+
+# (B, Hq, Hkv, Nq, Nk, D, causal)
+CASES = [
+    (2, 2, 2, 1, 1, 64, False),
+    (2, 4, 2, 17, 17, 72, True),
+    (1, 4, 1, 17, 33, 80, True),
+    (1, 2, 2, 33, 17, 128, True),
+    (2, 2, 1, 577, 577, 64, False),
+    (2, 2, 2, 577, 577, 72, True),
+    (1, 2, 1, 1000, 1000, 128, False),
+]
+LAYOUTS = ("contiguous", "strided", "sliced")
+
+
+def _rows_variants(B, Nq, device):
+    """(public `rows` argument, the row set per batch item it means)."""
+    last = Nq - 1
+    many = torch.randint(0, Nq, (B, 19), device=device)  # > 16 rows: the many-row kernels
+    mask = torch.rand(B, Nq, device=device) < 0.3
+    mask[:, last] = True
+    return {
+        "cls": (0, [[0]] * B),
+        "last": (-1, [[last]] * B),
+        "all": ("all", [list(range(Nq))] * B),
+        "few": (torch.tensor([0, last, 0], device=device), [[0, last, 0]] * B),  # duplicates count twice
+        "many": (many, many.tolist()),
+        "mask": (mask, [m.nonzero().flatten().tolist() for m in mask]),
+        "slice": (slice(None, None, 2), [list(range(0, Nq, 2))] * B),
+    }
+
+
+def _expected(probs, row_sets):
+    return torch.stack([probs[b][:, rows].sum(1) if rows else probs[b][:, :0].sum(1)
+                        for b, rows in enumerate(row_sets)])
+
+
+@pytest.mark.parametrize("device,backend", backend_params(KEY_IMPORTANCE))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_key_importance_matches_eager_probabilities(device, backend, dtype, case):
+    B, Hq, Hkv, Nq, Nk, D, causal = CASES[case]
+    q, k, _ = rand_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, device, LAYOUTS[case % 3])
+    scale = D ** -0.5
+    skip_unless_supported(KEY_IMPORTANCE, (q, k, None, None, causal, scale), backend)
+    before = [q.clone(), k.clone()]
+    probs = naive_probs(q, k, causal, scale)
+    lse = vtattn.reference.attention(q, k, k, causal, scale)[1]
+    for name, (rows, row_sets) in _rows_variants(B, Nq, device).items():
+        want = _expected(probs, [[r for r in rs if r >= 0] for rs in row_sets])
+        for given_lse in (None, lse):
+            got = run_forced(backend, vtattn.key_importance, q, k, rows=rows, lse=given_lse,
+                             causal=causal)
+            assert got.shape == (B, Hq, Nk) and got.dtype == torch.float32
+            tol = PROB_TOL[dtype] * max(1, len(row_sets[0]) ** 0.5)
+            torch.testing.assert_close(got.double(), want, atol=tol, rtol=1e-4,
+                                       msg=lambda m: f"rows={name} lse={given_lse is not None}: {m}")
+    assert torch.equal(q, before[0]) and torch.equal(k, before[1])
+
+
+@pytest.mark.parametrize("D", [64, 72])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cls_row_and_column_sums_to_1e5(D, causal):
+    """The issue's acceptance check: N=577, fp32, against eager probs."""
+    q, k, _ = rand_qkv(2, 3, 3, 577, 577, D, torch.float32)
+    probs = naive_probs(q, k, causal, D ** -0.5)
+    torch.testing.assert_close(vtattn.key_importance(q, k, rows=0, causal=causal).double(),
+                               probs[:, :, 0, :], atol=1e-5, rtol=0)
+    torch.testing.assert_close(vtattn.key_importance(q, k, rows="all", causal=causal).double(),
+                               probs.sum(-2), atol=1e-5 * 577 ** 0.5, rtol=1e-5)
+
+
+def test_reduce_heads():
+    q, k, _ = rand_qkv(2, 4, 2, 9, 13, 64, torch.float32)
+    full = vtattn.key_importance(q, k, rows=0)
+    for name, fn in (("mean", full.mean), ("sum", full.sum), ("max", lambda d: full.amax(d))):
+        torch.testing.assert_close(vtattn.key_importance(q, k, rows=0, reduce_heads=name), fn(1))
+
+
+def test_reference_matches_float64():
+    q, k, _ = rand_qkv(2, 4, 2, 21, 30, 80, torch.float64, layout="strided")
+    rows = torch.tensor([[3, -1, 3], [0, 20, -1]])
+    for causal in (False, True):
+        probs = naive_probs(q, k, causal, 0.2)
+        got = vtattn.reference.key_importance(q, k, None, rows, causal, 0.2)
+        torch.testing.assert_close(got.double(), _expected(probs, [[3, 3], [0, 20]]), atol=1e-6, rtol=0)
+
+
+def test_opcheck_cpu():
+    q, k, _ = rand_qkv(2, 4, 2, 17, 23, 64, torch.float32, layout="strided")
+    lse = vtattn.attention(q, k, k, return_lse=True)[1]
+    rows = torch.tensor([[0, 5, -1], [16, 2, 2]])
+    for args in ((q, k, None, None, False, 0.125), (q, k, lse, rows, False, 0.125),
+                 (q, k, None, rows[:, :1].contiguous(), True, 0.125)):
+        torch.library.opcheck(torch.ops.vtattn.key_importance.default, args)
+
+
+def test_meta_tensors_and_compile():
+    q, k, _ = rand_qkv(2, 4, 2, 17, 23, 72, torch.bfloat16, device="meta")
+    assert vtattn.key_importance(q, k, rows="all").shape == (2, 4, 23)
+    assert vtattn.key_importance(q, k, rows=0, reduce_heads="mean").shape == (2, 23)
+
+    q, k, _ = rand_qkv(2, 4, 2, 17, 23, 64, torch.float32)
+    fn = torch.compile(lambda q, k: vtattn.key_importance(q, k, rows=0, reduce_heads="mean"),
+                       fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(q, k), vtattn.key_importance(q, k, rows=0, reduce_heads="mean"))
+
+
+BAD = [
+    (dict(rows=9), IndexError, "out of range"),
+    (dict(rows=-10), IndexError, "out of range"),
+    (dict(rows=torch.tensor([0, 9])), IndexError, "out of range"),
+    (dict(rows=torch.tensor([], dtype=torch.long)), ValueError, "selects no query row"),
+    (dict(rows=slice(5, 2)), ValueError, "selects no query row"),
+    (dict(rows=torch.zeros(2, 9, dtype=torch.bool)), ValueError, "selects no query row"),
+    (dict(rows=torch.ones(2, 5, dtype=torch.bool)), ValueError, "Nq=9 columns"),
+    (dict(rows=torch.zeros(3, 2, dtype=torch.long)), ValueError, r"\[B=2, R\]"),
+    (dict(rows=torch.tensor([0.5])), TypeError, "integer or bool"),
+    (dict(rows="first"), ValueError, "'all'"),
+    (dict(rows=True), TypeError, "got a bool"),
+    (dict(rows=0, reduce_heads="median"), ValueError, "reduce_heads"),
+    (dict(rows=0, lse=torch.zeros(2, 4, 9, dtype=torch.float64)), TypeError, "lse must have dtype"),
+    (dict(rows=0, lse=torch.zeros(2, 4, 8)), ValueError, "lse must have shape"),
+    (dict(rows=torch.tensor([0]).to("meta")), ValueError, "rows is on meta"),
+]
+
+
+@pytest.mark.parametrize("bad", range(len(BAD)))
+def test_bad_inputs_raise_naming_the_argument(bad):
+    q, k, _ = rand_qkv(2, 4, 2, 9, 12, 64, torch.float32)
+    kwargs, exc, msg = BAD[bad]
+    with pytest.raises(exc, match=msg):
+        vtattn.key_importance(q, k, **kwargs)
+
+
+def test_bad_qk():
+    q, k, _ = rand_qkv(2, 4, 2, 9, 12, 64, torch.float32)
+    with pytest.raises(ValueError, match="multiple of k's"):
+        vtattn.key_importance(q[:, :3], k, rows=0)
+    with pytest.raises(TypeError, match="k has dtype"):
+        vtattn.key_importance(q, k.half(), rows=0)
