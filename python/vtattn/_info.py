@@ -14,15 +14,6 @@ def _version(pkg):
         return None
 
 
-def _sample_args(op, device, dtype):
-    """A small input of each op, to ask every backend whether it would run it."""
-    q = torch.zeros(1, 2, 16, 64, device=device, dtype=dtype)
-    k = torch.zeros(1, 2, 32, 64, device=device, dtype=dtype)
-    if op == "attention":
-        return (q, k, k, False, 0.125)
-    return (q, k, None, None, False, 0.125)
-
-
 def info() -> dict:
     devices = [("cpu", torch.float32)]
     if torch.cuda.is_available():
@@ -30,7 +21,7 @@ def info() -> dict:
     backends = {}
     for op, table in _registry.OPS.items():
         for device, dtype in devices:
-            args = _sample_args(op, device, dtype)
+            args = _registry.SAMPLES[op](device, dtype)
             answers = _dispatch.explain(table, args)
             try:
                 chosen = _dispatch.choose(op, table, args)

@@ -8,6 +8,8 @@ from . import _aten, _ext, reference
 from ._dispatch import Backend, run
 
 _lib = torch.library.Library("vtattn", "DEF")
+OPS: dict[str, dict] = {}  # op name -> its backends, filled by _define
+SAMPLES: dict = {}  # op name -> (device, dtype) -> small args, for `vtattn info`
 
 
 def _triton(op):
@@ -45,7 +47,9 @@ def _triton_backend(op):
     return Backend(supports, lambda *args: getattr(_triton(op), op)(*args))
 
 
-def _define(op, schema, backends, fake):
+def _define(op, schema, backends, fake, sample):
+    """Define torch.ops.vtattn.<op>: schema, fake impl, and a CPU/CUDA impl that dispatches.
+    `sample(device, dtype)` builds small arguments on which `vtattn info` asks each backend."""
     _lib.define(schema)
     name = f"vtattn::{op}"
     torch.library.register_fake(name, fake, lib=_lib)
@@ -55,6 +59,8 @@ def _define(op, schema, backends, fake):
 
     for key in ("CPU", "CUDA"):
         _lib.impl(op, impl, key)
+    OPS[op] = backends
+    SAMPLES[op] = sample
     return backends
 
 
@@ -72,6 +78,12 @@ def _token_major_out(fn):
         out, lse = fn(*args)
         return token_major(out), lse
     return run_
+
+
+def _sample_qkv(device, dtype):
+    q = torch.zeros(1, 2, 16, 64, device=device, dtype=dtype)
+    k = torch.zeros(1, 2, 32, 64, device=device, dtype=dtype)
+    return q, k, k
 
 
 # ---- attention -----------------------------------------------------------------------------
@@ -96,6 +108,7 @@ ATTENTION = _define(
         "torch": _with_layout(Backend(lambda *a: None, reference.attention)),
     },
     _attention_fake,
+    lambda device, dtype: (*_sample_qkv(device, dtype), False, 0.125),
 )
 
 
@@ -115,6 +128,5 @@ KEY_IMPORTANCE = _define(
         "torch": Backend(lambda *a: None, reference.key_importance),
     },
     _key_importance_fake,
+    lambda device, dtype: (*_sample_qkv(device, dtype)[:2], None, None, False, 0.125),
 )
-
-OPS = {"attention": ATTENTION, "key_importance": KEY_IMPORTANCE}
