@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 VERSION = "0.1.0"
@@ -119,7 +119,8 @@ def main():
         version=VERSION,
         description="Fused kernels for visual-token attention, selection and KV-cache compression in VLMs",
         package_dir={"vtattn": "python/vtattn", "vtattn.triton_kernels": "triton_kernels"},
-        packages=["vtattn", "vtattn.ops", "vtattn.reference", "vtattn.bench", "vtattn.triton_kernels"],
+        packages=["vtattn", "vtattn.triton_kernels"]
+        + [f"vtattn.{p}" for p in find_packages("python/vtattn")],
         ext_modules=[ext],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         python_requires=">=3.10",
