@@ -69,10 +69,13 @@ def test_default_scale_and_return_lse_flag():
     assert isinstance(out, torch.Tensor)
 
 
-def test_opcheck_cpu():
-    q, k, v = rand_qkv(2, 4, 2, 17, 23, 64, torch.float32, layout="strided")
-    for causal in (False, True):
-        torch.library.opcheck(torch.ops.vtattn.attention.default, (q, k, v, causal, 0.125))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_opcheck(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    for Hkv, layout in ((2, "strided"), (4, "contiguous")):  # GQA (own kernels) and MHA (aten)
+        q, k, v = rand_qkv(2, 4, Hkv, 17, 23, 64, dtype, device, layout)
+        for causal in (False, True):
+            torch.library.opcheck(torch.ops.vtattn.attention.default, (q, k, v, causal, 0.125))
 
 
 def test_meta_tensors_and_compile():

@@ -92,10 +92,12 @@ def test_reference_matches_float64():
         torch.testing.assert_close(got.double(), _expected(probs, [[3, 3], [0, 20]]), atol=1e-6, rtol=0)
 
 
-def test_opcheck_cpu():
-    q, k, _ = rand_qkv(2, 4, 2, 17, 23, 64, torch.float32, layout="strided")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_opcheck(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, _ = rand_qkv(2, 4, 2, 17, 23, 64, dtype, device, layout="strided")
     lse = vtattn.attention(q, k, k, return_lse=True)[1]
-    rows = torch.tensor([[0, 5, -1], [16, 2, 2]])
+    rows = torch.tensor([[0, 5, -1], [16, 2, 2]], device=device)
     for args in ((q, k, None, None, False, 0.125), (q, k, lse, rows, False, 0.125),
                  (q, k, None, rows[:, :1].contiguous(), True, 0.125)):
         torch.library.opcheck(torch.ops.vtattn.key_importance.default, args)

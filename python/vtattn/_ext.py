@@ -36,13 +36,18 @@ def load() -> str | None:
 
 
 def has_kernel(op: str, device_type: str) -> str | None:
-    """None when the compiled `device_type` ("cpu" or "cuda") kernel of `op` loads, else why not."""
+    """None when the loaded vtattn._C has a `device_type` ("cpu" or "cuda") kernel for `op`,
+    else why not. Asks the dispatcher, so a stale build record cannot mislead it."""
     reason = load()
     if reason:
         return reason
+    try:
+        found = torch._C._dispatch_has_kernel_for_dispatch_key(f"vtattn_C::{op}", device_type.upper())
+    except RuntimeError:  # the loaded library predates this op's schema
+        found = False
+    if found:
+        return None
     info = build_info()
-    if device_type == "cuda" and not info["with_cuda"]:
-        return f"vtattn._C was built without CUDA ({info['cuda_skip_reason']})"
-    if op not in info[f"{device_type}_kernels"]:
-        return f"no compiled {device_type} kernel for {op}"
-    return None
+    if device_type == "cuda" and not info.get("with_cuda"):
+        return f"vtattn._C was built without CUDA ({info.get('cuda_skip_reason')})"
+    return f"vtattn._C has no {device_type} kernel for {op} (rebuild?)"
