@@ -13,6 +13,28 @@ TORCH_LIBRARY(vtattn_C, m) {
   // rows: int64 [B, R] of row indices, -1 entries skipped; None = every row.
   // lse: fp32 [B, Hq, Nq] of the rows' log-sum-exp; None = computed here.
   m.def("key_importance(Tensor q, Tensor k, Tensor? lse, Tensor? rows, bool causal, float scale) -> Tensor");
+  // Segmented top-k of scores [B, N] -> (indices int64 [B, max_keep], mask bool [B, N], counts int64 [B]).
+  // budgets: int64 [B, S] kept per (sample, segment), clamped to the segment; segments: S lengths
+  // summing to N. Ties to the lower index; indices ascending (sort) or per segment by descending
+  // score; -1 past counts[b].
+  m.def("select_tokens(Tensor scores, Tensor budgets, int[] segments, int max_keep, bool sort) -> (Tensor, Tensor, Tensor)");
+  // x [B, N, C] rows at indices [B, K] (outside [0, N): zero rows) -> [B, K, C]; with cu_seqlens
+  // [B + 1] the first cu_seqlens[b+1] - cu_seqlens[b] rows of sample b packed into [total, C].
+  m.def("gather_tokens(Tensor x, Tensor indices, Tensor? cu_seqlens, int total) -> Tensor");
+  // Kept rows of x (indices [B, K]) with every pruned token (mask False) folded into the kept
+  // token of highest key cosine: (x_c + sum w_i x_i) / (1 + sum w_i), w = 1 or max(cos, 0).
+  m.def("merge_tokens(Tensor x, Tensor keys, Tensor indices, Tensor mask, bool weighted) -> Tensor");
+  // Packed q [Tq, Hq, D], k/v [Tk, Hkv, D]; sequence b spans cu_seqlens_*[b]..[b+1] (int32 [B + 1]).
+  // -> out [Tq, Hq, D] contiguous, lse fp32 [Hq, Tq]; causal end-aligned per sequence; max_seqlen_q
+  // (>= the longest query sequence) sizes the launch.
+  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, bool causal, float scale) -> (Tensor, Tensor)");
+  // Attention of q [B, Hq, Nq, D] over the keys kv_indices int64 [B, Hkv, L] (first kv_counts int32
+  // [B, Hkv] entries) of k/v [B, Hkv, Nk, D]; causal: visible iff kv_positions[b, j] <= q_positions[b, i]
+  // (int64 [B, Nk], [B, Nq]). -> out [B, Hq, Nq, D] over [B, Nq, Hq, D] memory; no visible key: 0.
+  m.def("index_attention(Tensor q, Tensor k, Tensor v, Tensor kv_indices, Tensor kv_counts, Tensor q_positions, Tensor kv_positions, bool causal, float scale) -> Tensor");
+  // One decode step: q [B, Hq, 1, D] over k_cache/v_cache [B, Hkv, L_cap, D] of which each (batch,
+  // kv head) uses the first lengths[b, g] keys (int32 [B, Hkv], in [0, L_cap]; 0 gives zeros) -> [B, Hq, 1, D].
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor");
 }
 
 // Importing vtattn._C loads the library and so registers the ops above.

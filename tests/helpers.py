@@ -1,4 +1,6 @@
 """Shared test helpers: float64 ground truth, random inputs, tolerances."""
+import contextlib
+
 import torch
 
 import vtattn
@@ -66,3 +68,15 @@ def skip_unless_supported(table, args, backend):
 def run_forced(backend, fn, *args, **kwargs):
     with vtattn.use_backend(backend):
         return fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """While active, new tensors (torch.empty, and at::empty in the C++ kernels) come filled with
+    NaN / the largest integer / True, so an output element a kernel forgets to write shows up."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

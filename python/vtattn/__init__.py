@@ -5,9 +5,13 @@ no GPU (the compiled kernels load on first use; `vtattn.info()` reports on them)
 from . import _registry  # noqa: F401  (defines torch.ops.vtattn.*)
 from ._dispatch import BackendUnavailable, forced_backend, use_backend
 from ._info import info
-from .ops import attention, key_importance
+from .ops import (Selection, attention, decode_attention, gather_tokens, index_attention, key_importance, merge_tokens,
+                  select_tokens, varlen_attention)
+from . import patch, selection  # noqa: F401  (patch imports transformers on use only)
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "key_importance", "use_backend", "forced_backend", "BackendUnavailable",
+__all__ = ["attention", "key_importance", "select_tokens", "gather_tokens", "merge_tokens", "Selection",
+           "varlen_attention", "index_attention", "decode_attention",
+           "use_backend", "forced_backend", "BackendUnavailable",
            "info", "__version__"]

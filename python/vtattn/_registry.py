@@ -130,3 +130,151 @@ KEY_IMPORTANCE = _define(
     _key_importance_fake,
     lambda device, dtype: (*_sample_qkv(device, dtype)[:2], None, None, False, 0.125),
 )
+
+
+# ---- select_tokens -------------------------------------------------------------------------
+
+def _select_tokens_fake(scores, budgets, segments, max_keep, sort):
+    B, N = scores.shape
+    return (scores.new_empty(B, max_keep, dtype=torch.int64), scores.new_empty(B, N, dtype=torch.bool),
+            scores.new_empty(B, dtype=torch.int64))
+
+
+SELECT_TOKENS = _define(
+    "select_tokens",
+    "select_tokens(Tensor scores, Tensor budgets, int[] segments, SymInt max_keep, bool sort) "
+    "-> (Tensor, Tensor, Tensor)",
+    {
+        "cuda": _compiled("select_tokens", "cuda"),
+        "cpp": _compiled("select_tokens", "cpu"),
+        "triton": _triton_backend("select_tokens"),
+        "torch": Backend(lambda *a: None, reference.select_tokens),
+    },
+    _select_tokens_fake,
+    lambda device, dtype: (torch.zeros(2, 64, device=device, dtype=dtype),
+                           torch.full((2, 2), 4, dtype=torch.int64, device=device), [32, 32], 8, True),
+)
+
+
+# ---- gather_tokens ------------------------------------------------------------------------
+
+def _gather_tokens_fake(x, indices, cu_seqlens, total):
+    if cu_seqlens is None:
+        return x.new_empty(x.shape[0], indices.shape[1], x.shape[2])
+    return x.new_empty(total, x.shape[2])
+
+
+GATHER_TOKENS = _define(
+    "gather_tokens",
+    "gather_tokens(Tensor x, Tensor indices, Tensor? cu_seqlens, SymInt total) -> Tensor",
+    {
+        "cuda": _compiled("gather_tokens", "cuda"),
+        "cpp": _compiled("gather_tokens", "cpu"),
+        "triton": _triton_backend("gather_tokens"),
+        "torch": Backend(lambda *a: None, reference.gather_tokens),
+    },
+    _gather_tokens_fake,
+    lambda device, dtype: (torch.zeros(2, 64, 32, device=device, dtype=dtype),
+                           torch.arange(8, device=device).expand(2, 8), None, 0),
+)
+
+
+# ---- merge_tokens -------------------------------------------------------------------------
+
+def _merge_tokens_fake(x, keys, indices, mask, weighted):
+    return x.new_empty(x.shape[0], indices.shape[1], x.shape[2])
+
+
+MERGE_TOKENS = _define(
+    "merge_tokens",
+    "merge_tokens(Tensor x, Tensor keys, Tensor indices, Tensor mask, bool weighted) -> Tensor",
+    {
+        "cuda": _compiled("merge_tokens", "cuda"),
+        "cpp": _compiled("merge_tokens", "cpu"),
+        "triton": _triton_backend("merge_tokens"),
+        "torch": Backend(lambda *a: None, reference.merge_tokens),
+    },
+    _merge_tokens_fake,
+    lambda device, dtype: (torch.zeros(2, 64, 32, device=device, dtype=dtype),
+                           torch.zeros(2, 64, 16, device=device, dtype=dtype),
+                           torch.arange(8, device=device).expand(2, 8),
+                           (torch.arange(64, device=device) < 8).expand(2, 64), False),
+)
+
+
+# ---- varlen_attention ----------------------------------------------------------------------
+
+def _varlen_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+def _sample_varlen(device, dtype):
+    q = torch.zeros(24, 2, 64, device=device, dtype=dtype)
+    cu = torch.tensor([0, 8, 24], dtype=torch.int32, device=device)
+    return q, q, q, cu, cu, 16, False, 0.125
+
+
+VARLEN_ATTENTION = _define(
+    "varlen_attention",
+    "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
+    "bool causal, float scale) -> (Tensor, Tensor)",
+    {
+        "cpp": _compiled("varlen_attention", "cpu"),
+        "triton": _triton_backend("varlen_attention"),
+        "torch": Backend(lambda *a: None, reference.varlen_attention),
+    },
+    _varlen_attention_fake,
+    _sample_varlen,
+)
+
+
+# ---- index_attention -----------------------------------------------------------------------
+
+def _index_attention_fake(q, k, v, kv_indices, kv_counts, q_positions, kv_positions, causal, scale):
+    B, H, N, D = q.shape
+    return q.new_empty(B, N, H, D).transpose(1, 2)
+
+
+def _sample_index(device, dtype):
+    q, k, v = _sample_qkv(device, dtype)
+    idx = torch.arange(0, 32, 2, device=device).expand(1, 2, 16).contiguous()
+    counts = torch.full((1, 2), 16, dtype=torch.int32, device=device)
+    return (q, k, v, idx, counts, torch.arange(16, 32, device=device)[None], torch.arange(32, device=device)[None],
+            False, 0.125)
+
+
+INDEX_ATTENTION = _define(
+    "index_attention",
+    "index_attention(Tensor q, Tensor k, Tensor v, Tensor kv_indices, Tensor kv_counts, Tensor q_positions, "
+    "Tensor kv_positions, bool causal, float scale) -> Tensor",
+    {
+        "cpp": Backend(_compiled("index_attention", "cpu").supports,
+                       lambda *a: token_major(torch.ops.vtattn_C.index_attention(*a))),
+        "triton": _triton_backend("index_attention"),
+        "torch": Backend(lambda *a: None, lambda *a: token_major(reference.index_attention(*a))),
+    },
+    _index_attention_fake,
+    _sample_index,
+)
+
+
+# ---- decode_attention ---------------------------------------------------------------------
+
+def _decode_attention_fake(q, k_cache, v_cache, lengths, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+DECODE_ATTENTION = _define(
+    "decode_attention",
+    "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor",
+    {
+        "cuda": _compiled("decode_attention", "cuda"),
+        "cpp": _compiled("decode_attention", "cpu"),
+        "triton": _triton_backend("decode_attention"),
+        "torch": Backend(lambda *a: None, reference.decode_attention),
+    },
+    _decode_attention_fake,
+    lambda device, dtype: (torch.zeros(2, 4, 1, 64, device=device, dtype=dtype),
+                           *[torch.zeros(2, 2, 32, 64, device=device, dtype=dtype)] * 2,
+                           torch.full((2, 2), 17, dtype=torch.int32, device=device), 0.125),
+)

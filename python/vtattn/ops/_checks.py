@@ -51,6 +51,37 @@ def attention_inputs(q, k, v=None):
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
 
 
+def decode_inputs(q, k_cache, v_cache, lengths):
+    """q [B, Hq, 1, D]; caches [B, Hkv, L_cap, D] of q's dtype with a unit last stride, Hq a multiple
+    of Hkv; lengths int32 [B, Hkv] in [0, L_cap] (that range check syncs with the device)."""
+    named = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
+    for n, t in named.items():
+        tensor(n, t, 4, FLOAT_DTYPES)
+        if t.dtype != q.dtype:
+            raise TypeError(f"{n} has dtype {t.dtype} but q has {q.dtype}")
+    tensor("lengths", lengths, 2, (torch.int32,))
+    same_device({**named, "lengths": lengths})
+    B, Hq, n_new, D = q.shape
+    if n_new != 1:
+        raise ValueError(f"q must be [B, Hq, 1, D] (one new token per sequence), got shape {tuple(q.shape)}")
+    if D == 0:
+        raise ValueError("q has head dim 0")
+    Hkv, cap = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache must be [B={B}, Hkv, L_cap, D={D}], got shape {tuple(k_cache.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q's {Hq} heads must be a multiple of k_cache's {Hkv} heads (GQA)")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    for n in ("k_cache", "v_cache"):
+        if named[n].stride(-1) != 1 and named[n].shape[-1] > 1:
+            raise ValueError(f"{n} needs a unit-stride last dim, got strides {named[n].stride()}")
+    if tuple(lengths.shape) != (B, Hkv):
+        raise ValueError(f"lengths must be [B, Hkv] = {[B, Hkv]}, got {list(lengths.shape)}")
+    if lengths.numel() and lengths.device.type != "meta" and not bool(((lengths >= 0) & (lengths <= cap)).all()):
+        raise ValueError(f"lengths must lie in [0, L_cap={cap}], got min {int(lengths.min())}, "
+                         f"max {int(lengths.max())}")
+
 def resolve_scale(scale, head_dim) -> float:
     if scale is None:
         return head_dim ** -0.5
@@ -58,3 +89,17 @@ def resolve_scale(scale, head_dim) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
+
+
+def selection(sel, x, name):
+    """A select_tokens result that fits x [B, N, ...] (on x's device)."""
+    fields = ("indices", "mask", "counts", "cu_seqlens")
+    if not all(isinstance(getattr(sel, f, None), torch.Tensor) for f in fields):
+        raise TypeError(f"selection must be a vtattn.Selection (select_tokens' result), got {type(sel).__name__}")
+    B, N = x.shape[:2]
+    if sel.indices.dim() != 2 or sel.indices.shape[0] != B or sel.indices.dtype != torch.int64:
+        raise ValueError(f"selection.indices must be int64 [B={B}, K], got {sel.indices.dtype} "
+                         f"{tuple(sel.indices.shape)}")
+    if tuple(sel.mask.shape) != (B, N):
+        raise ValueError(f"selection.mask is {tuple(sel.mask.shape)} but {name} has B, N = {(B, N)}")
+    same_device({name: x, "selection": sel.indices})

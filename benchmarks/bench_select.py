@@ -1,0 +1,12 @@
+"""Token selection: select_tokens + gather_tokens, merge_tokens, vision towers with selection,
+and the LLaVA-7B-shaped time to first token (tiny random-weight models on CPU)."""
+import pytest
+
+from vtattn.bench.cases import impl_ids
+
+IDS = [(op, c, i) for op in ("select_tokens", "merge_tokens", "vision_tower", "e2e") for c, i in impl_ids(op)]
+
+
+@pytest.mark.parametrize("op,case_name,impl_name", IDS, ids=[f"{op}-{c}-{i}" for op, c, i in IDS])
+def test_select(run_bench, op, case_name, impl_name):
+    run_bench(op, case_name, impl_name)

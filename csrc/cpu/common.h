@@ -1,0 +1,337 @@
+// Shared pieces of the CPU kernels: dtype dispatch, argument checks, strided
+// tile loads into fp32 scratch, and the fp32 tile operations (QK^T and PV
+// micro-kernels, masked max / exp / sums over a key tile) that do the arithmetic.
+//
+// setup.py builds with plain -O3 (baseline x86-64 = SSE2), so the tile
+// operations are written once over a GCC/Clang vector type of W floats and
+// compiled per x86 level with that level's native width (AVX-512: 16,
+// AVX2+FMA: 8, baseline: 4); tile_ops() picks one at first use. Loads and
+// bookkeeping are cheap next to them and stay baseline.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <string>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define VTATTN_X86_LEVELS 1
+#endif
+
+// For simple loops that the compiler vectorises by itself (other kernels use
+// it): clone the function for AVX-512 / AVX2 and let the loader pick (ifunc).
+// Blocked micro-kernels use Tiles<W> below instead: auto-vectorised blocking
+// is fragile, and a fixed vector width is lowered badly on narrower targets.
+#ifndef VTATTN_MULTIVERSION
+#if defined(VTATTN_X86_LEVELS) && defined(__linux__)
+#define VTATTN_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VTATTN_MULTIVERSION
+#endif
+#endif
+
+// fp32, fp16 and bf16 only: the kernel contract (docs/internals.md).
+#define VTATTN_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                       \
+                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+namespace vtattn::cpu {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kLanes = 16;  // micro-kernel column width; D is padded to it
+constexpr int64_t kRowGroup = 4;  // micro-kernel rows (hard-coded there); row blocks are padded to it
+constexpr int64_t kBM = 64;  // query rows per block
+constexpr int64_t kBN = 64;  // keys per tile
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+// Keys [0, visible_end(i)) are visible to row i: end-aligned causal mask.
+inline int64_t visible_end(int64_t row, int64_t nq, int64_t nk, bool causal) {
+  return causal ? std::clamp<int64_t>(row + nk - nq + 1, 0, nk) : nk;
+}
+
+// Checks shared by attention and key_importance; messages name the argument.
+inline void check_qk(const char* op, const at::Tensor& q, const at::Tensor& k) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}}) {
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+    TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [B, H, N, D], got shape ", t.sizes());
+  }
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              op, ": q must be float32, float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k must have q's dtype ", q.scalar_type(), ", got ",
+              k.scalar_type());
+  TORCH_CHECK(k.size(0) == q.size(0), op, ": k batch ", k.size(0), " != q batch ", q.size(0));
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": q heads (", q.size(1),
+              ") must be a multiple of k heads (", k.size(1), ")");
+  TORCH_CHECK(k.size(3) == q.size(3), op, ": k head dim ", k.size(3), " != q head dim ", q.size(3));
+}
+
+// One (b, h) slice [N, D] of a 4-D tensor, read through its strides.
+template <typename T>
+struct Slice {
+  const T* base;
+  int64_t sn, sd;
+  Slice(const at::Tensor& t, int64_t b, int64_t h)
+      : base(t.const_data_ptr<T>() + b * t.stride(0) + h * t.stride(1)), sn(t.stride(2)), sd(t.stride(3)) {}
+  const T* row(int64_t i) const { return base + i * sn; }
+};
+
+// dst[r, :] = mul * src.row(row_of(r))[:d] as fp32 for r < n; the padding
+// (columns d..ld, rows n..n_pad) is zeroed so it adds nothing to dot products.
+template <typename T, typename RowOf>
+void load_rows(const Slice<T>& src, int64_t n, int64_t n_pad, RowOf row_of, int64_t d, int64_t ld, float mul,
+               float* dst) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* x = src.row(row_of(r));
+    float* y = dst + r * ld;
+    if (src.sd == 1) {  // the common case, as its own loop so that it vectorises
+      for (int64_t c = 0; c < d; ++c) y[c] = mul * static_cast<float>(x[c]);
+    } else {
+      for (int64_t c = 0; c < d; ++c) y[c] = mul * static_cast<float>(x[c * src.sd]);
+    }
+    std::fill(y + d, y + ld, 0.f);
+  }
+  std::fill(dst + n * ld, dst + n_pad * ld, 0.f);
+}
+
+// Keys j0..j0+n of a [N, D] slice, transposed into kt[dp, kBN] (so the QK^T
+// micro-kernel streams rows of kt); unused columns and padded rows are zero.
+template <typename T>
+void load_keys_t(const Slice<T>& k, int64_t j0, int64_t n, int64_t d, int64_t dp, float* kt) {
+  if (n < kBN || d < dp) std::fill(kt, kt + dp * kBN, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const T* x = k.row(j0 + j);
+    for (int64_t c = 0; c < d; ++c) kt[c * kBN + j] = static_cast<float>(x[c * k.sd]);
+  }
+}
+
+namespace {
+
+#define VTATTN_INLINE inline __attribute__((always_inline))
+
+// Tiles<8> and Tiles<16> pass vectors by value; they are only ever inlined into
+// the matching target's wrappers, so GCC's ABI note about them does not apply.
+// GCC issues the note at the end of the translation unit, so it stays off from
+// here on (it only concerns vector arguments in functions like these).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// A GCC/Clang vector of W Ts (its own template: GCC drops the attribute from a
+// typedef that depends on the enclosing class template's parameter).
+// may_alias: tiles are float arrays read and written as vectors.
+template <typename T, int W>
+struct VecOf {
+  typedef T type __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T)), may_alias));
+};
+
+// The tile operations over vectors of W floats. Every function is
+// always_inline so that it is compiled inside the per-level wrappers below,
+// with their instruction set. Tile rows are kBN floats; `n` is the number of
+// valid (visible) entries at the front of a row.
+template <int W>
+struct Tiles {
+  using Vec = typename VecOf<float, W>::type;
+  using IVec = typename VecOf<int32_t, W>::type;
+  static constexpr int64_t kVecs = kLanes / W;  // vectors per micro-kernel row
+
+  VTATTN_INLINE static Vec load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
+  VTATTN_INLINE static void store(float* p, Vec x) { *reinterpret_cast<Vec*>(p) = x; }
+  VTATTN_INLINE static Vec splat(float x) { return Vec{} + x; }
+  // Lane l of the vector at offset j is valid when j + l < n.
+  VTATTN_INLINE static IVec valid(int64_t j, int64_t n) {
+    IVec idx;
+    for (int l = 0; l < W; ++l) idx[l] = l;
+    return idx < static_cast<int32_t>(n - j);
+  }
+  VTATTN_INLINE static float hsum(Vec x) {
+    float t = 0.f;
+    for (int l = 0; l < W; ++l) t += x[l];
+    return t;
+  }
+
+  // exp(x): Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, degree-7 Taylor
+  // polynomial, 2^k built in the exponent bits; relative error < 1e-7 (about
+  // 2 ulp). exp(-inf) = 0, NaN propagates, results below FLT_MIN flush to 0
+  // (< 1e-38 of the row maximum, which contributes 1), x > 88 saturates.
+  VTATTN_INLINE static Vec exp(Vec x) {
+    Vec xc = x > -88.f ? x : splat(-88.f);  // NaN also lands here; restored below
+    xc = xc < 88.f ? xc : splat(88.f);
+    const float shifter = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+    const Vec k = (xc * 1.44269504f + shifter) - shifter;
+    const Vec r = (xc - k * 0.693359375f) + k * 2.12194440e-4f;
+    Vec p = splat(1.f / 5040.f);
+    p = p * r + 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const IVec bits = (__builtin_convertvector(k, IVec) + 127) << 23;
+    const Vec e = x < -87.3f ? Vec{} : p * (Vec)bits;
+    return x == x ? e : x;
+  }
+
+  // s[m, kBN] = q[m, dp] . kt[dp, kBN]; m % kRowGroup == 0, dp % kLanes == 0.
+  // A kRowGroup x kLanes accumulator block stays in registers for a whole dot product.
+  VTATTN_INLINE static void qk(const float* __restrict q, int64_t m, int64_t dp, const float* __restrict kt,
+                               float* __restrict s) {
+    static_assert(kRowGroup == 4, "the micro-kernels are written for 4 rows");
+    for (int64_t i = 0; i < m; i += kRowGroup) {
+      const float* qi = q + i * dp;
+      for (int64_t j0 = 0; j0 < kBN; j0 += kLanes) {
+        Vec c[kRowGroup][kVecs] = {};
+        for (int64_t d = 0; d < dp; ++d) {
+          Vec kr[kVecs];
+          for (int64_t v = 0; v < kVecs; ++v) kr[v] = load(kt + d * kBN + j0 + v * W);
+          for (int64_t r = 0; r < kRowGroup; ++r) {
+            const float a = qi[r * dp + d];
+            for (int64_t v = 0; v < kVecs; ++v) c[r][v] += a * kr[v];
+          }
+        }
+        for (int64_t r = 0; r < kRowGroup; ++r)
+          for (int64_t v = 0; v < kVecs; ++v) store(s + (i + r) * kBN + j0 + v * W, c[r][v]);
+      }
+    }
+  }
+
+  // acc[m, dp] += p[m, kBN] . v[kBN, dp]; same blocking as qk.
+  VTATTN_INLINE static void pv(const float* __restrict p, int64_t m, const float* __restrict v, int64_t dp,
+                               float* __restrict acc) {
+    for (int64_t i = 0; i < m; i += kRowGroup) {
+      const float* pi = p + i * kBN;
+      for (int64_t d0 = 0; d0 < dp; d0 += kLanes) {
+        Vec c[kRowGroup][kVecs];
+        for (int64_t r = 0; r < kRowGroup; ++r)
+          for (int64_t u = 0; u < kVecs; ++u) c[r][u] = load(acc + (i + r) * dp + d0 + u * W);
+        for (int64_t j = 0; j < kBN; ++j) {
+          Vec vr[kVecs];
+          for (int64_t u = 0; u < kVecs; ++u) vr[u] = load(v + j * dp + d0 + u * W);
+          for (int64_t r = 0; r < kRowGroup; ++r) {
+            const float a = pi[r * kBN + j];
+            for (int64_t u = 0; u < kVecs; ++u) c[r][u] += a * vr[u];
+          }
+        }
+        for (int64_t r = 0; r < kRowGroup; ++r)
+          for (int64_t u = 0; u < kVecs; ++u) store(acc + (i + r) * dp + d0 + u * W, c[r][u]);
+      }
+    }
+  }
+
+  // Max of x[0, n), -inf when n == 0. NaNs are skipped (maxps semantics);
+  // RowStats::add makes sure they still reach the output.
+  VTATTN_INLINE static float max_of(const float* x, int64_t n) {
+    Vec lane = splat(kNegInf);
+    for (int64_t j = 0; j < kBN; j += W) {
+      const Vec xj = valid(j, n) ? load(x + j) : splat(kNegInf);
+      lane = xj > lane ? xj : lane;
+    }
+    float m = kNegInf;
+    for (int l = 0; l < W; ++l) m = lane[l] > m ? lane[l] : m;
+    return m;
+  }
+
+  // x[j] = exp(x[j] - shift) for j < n, 0 for n <= j < kBN; returns their sum.
+  VTATTN_INLINE static float exp_shift_sum(float* x, int64_t n, float shift) {
+    Vec sum{};
+    for (int64_t j = 0; j < kBN; j += W) {
+      const Vec e = valid(j, n) ? exp(load(x + j) - shift) : Vec{};
+      store(x + j, e);
+      sum += e;
+    }
+    return hsum(sum);
+  }
+
+  // acc[j] += exp(x[j] - shift) for j < n.
+  VTATTN_INLINE static void add_exp_shift(const float* x, int64_t n, float shift, float* acc) {
+    for (int64_t j = 0; j < kBN; j += W)
+      store(acc + j, load(acc + j) + (valid(j, n) ? exp(load(x + j) - shift) : Vec{}));
+  }
+};
+
+// One set of tile operations, compiled for one instruction set.
+struct TileOps {
+  void (*qk)(const float*, int64_t, int64_t, const float*, float*);
+  void (*pv)(const float*, int64_t, const float*, int64_t, float*);
+  float (*max_of)(const float*, int64_t);
+  float (*exp_shift_sum)(float*, int64_t, float);
+  void (*add_exp_shift)(const float*, int64_t, float, float*);
+};
+
+// Non-inline wrappers of Tiles<W> carrying the target attribute ATTR.
+#define VTATTN_TILE_OPS(NAME, ATTR, W)                                                                          \
+  ATTR void NAME##_qk(const float* q, int64_t m, int64_t dp, const float* kt, float* s) {                     \
+    Tiles<W>::qk(q, m, dp, kt, s);                                                                            \
+  }                                                                                                           \
+  ATTR void NAME##_pv(const float* p, int64_t m, const float* v, int64_t dp, float* acc) {                    \
+    Tiles<W>::pv(p, m, v, dp, acc);                                                                           \
+  }                                                                                                           \
+  ATTR float NAME##_max_of(const float* x, int64_t n) { return Tiles<W>::max_of(x, n); }                      \
+  ATTR float NAME##_exp_shift_sum(float* x, int64_t n, float shift) { return Tiles<W>::exp_shift_sum(x, n, shift); } \
+  ATTR void NAME##_add_exp_shift(const float* x, int64_t n, float shift, float* acc) {                        \
+    Tiles<W>::add_exp_shift(x, n, shift, acc);                                                                \
+  }                                                                                                           \
+  const TileOps NAME{NAME##_qk, NAME##_pv, NAME##_max_of, NAME##_exp_shift_sum, NAME##_add_exp_shift};
+
+VTATTN_TILE_OPS(baseline, , 4)
+#ifdef VTATTN_X86_LEVELS
+VTATTN_TILE_OPS(avx2, __attribute__((target("avx2,fma"))), 8)
+VTATTN_TILE_OPS(avx512, __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma"))), 16)
+#endif
+
+// The best set this CPU runs. VTATTN_CPU_ISA=baseline|avx2 caps it (read at
+// first use), so tests can cover every set on one machine.
+const TileOps& tile_ops() {
+  static const TileOps& ops = []() -> const TileOps& {
+    const char* cap = std::getenv("VTATTN_CPU_ISA");
+    const std::string want = cap ? cap : "avx512";
+#ifdef VTATTN_X86_LEVELS
+    __builtin_cpu_init();
+    if (want == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+      return avx512;
+    if (want != "baseline" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2;
+#endif
+    return baseline;
+  }();
+  return ops;
+}
+
+}  // namespace
+
+// Log-sum-exp of the visible logits of one row across key tiles, folded a tile
+// at a time (the online softmax statistics without the output accumulator).
+struct RowStats {
+  float max = kNegInf;
+  float sum = 0.f;
+
+  // Adds the tile row s[0, kBN) of which s[0, n) are visible logits; leaves
+  // exp(s - new max) there and zeros after. Returns the factor that rescales
+  // anything accumulated against the old max.
+  float add(const TileOps& ops, float* s, int64_t n) {
+    const float m_new = std::max(max, ops.max_of(s, n));  // stays NaN once NaN
+    if (m_new == kNegInf) {
+      // Every logit so far is -inf or NaN: exp gives 0 unless one is NaN,
+      // which must poison the row (max_of skipped it).
+      if (std::any_of(s, s + n, [](float x) { return x != x; })) max = sum = std::numeric_limits<float>::quiet_NaN();
+      std::fill(s, s + kBN, 0.f);
+      return max == max ? 1.f : max;
+    }
+    const float alpha = std::exp(max - m_new);
+    sum = sum * alpha + ops.exp_shift_sum(s, n, m_new);
+    max = m_new;
+    return alpha;
+  }
+  bool empty() const { return max == kNegInf; }  // no visible key so far
+  float lse() const { return empty() ? kNegInf : max + std::log(sum); }
+};
+
+}  // namespace vtattn::cpu

@@ -1,0 +1,143 @@
+"""What the compiled CUDA kernels (vtattn._C, csrc/cuda/) accept.
+
+Each function returns None when the kernel runs the inputs, else a one-line reason. Pure Python:
+the device capability is read at call time, never at import. Inputs may have any strides (the
+launchers copy a tensor whose last dim is not unit-stride or whose rows are not 16-byte aligned).
+"""
+import torch
+
+FEW_ROWS = 16  # key_importance: at most this many rows take the SIMT path that also runs fp32
+MAX_GRID_YZ = 65535
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _device_reason(q) -> str | None:
+    if not q.is_cuda:
+        return "CUDA kernels need CUDA tensors"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major < 8:
+        return f"CUDA kernels need compute capability >= 8.0 (mma.sync, cp.async), device has {major}.{minor}"
+    archs = _built_archs()
+    if archs and not any(_runs_on(a, major, minor) for a in archs):
+        return f"vtattn._C has no code for compute capability {major}.{minor} (built for {', '.join(archs)})"
+    return None
+
+
+def _built_archs() -> list[str]:
+    try:
+        from ._build_info import BUILD_INFO
+    except ImportError:
+        return []
+    return list(BUILD_INFO.get("cuda_archs") or [])
+
+
+def _runs_on(arch: str, major: int, minor: int) -> bool:
+    """Whether SASS built for `arch` ("80", "90a") runs on compute capability major.minor."""
+    digits = arch.rstrip("af")
+    if not digits.isdigit():
+        return False
+    a_major, a_minor = divmod(int(digits), 10)
+    if arch != digits:  # arch-specific targets (90a) run on that exact capability only
+        return (a_major, a_minor) == (major, minor)
+    return a_major == major and a_minor <= minor
+
+
+def _shape_reason(q, k) -> str | None:
+    if q.dim() != 4 or k.dim() != 4:
+        return "CUDA kernels take [B, H, N, D] tensors"
+    d = q.shape[-1]
+    if d % 8 or not 0 < d <= 128:
+        return f"CUDA kernels need a head dim that is a multiple of 8 and at most 128, got {d}"
+    if q.shape[0] > MAX_GRID_YZ or q.shape[1] > MAX_GRID_YZ:
+        return f"CUDA kernels need batch and query heads <= {MAX_GRID_YZ}, got {tuple(q.shape[:2])}"
+    if max(q.shape[2], k.shape[2]) >= 2**31 - 1:
+        return "CUDA kernels need sequence lengths that fit in int32"
+    return None
+
+
+def attention_supports(q, k, v, causal, scale) -> str | None:
+    """fp16/bf16 on tensor cores, head dims that are multiples of 8 up to 128 (64/72/80/128 ...),
+    GQA, causal (end-aligned), any strides, compute capability >= 8.0."""
+    if q.dtype not in _HALF:
+        return "CUDA kernel runs fp16/bf16 on tensor cores; fp32 goes to Triton"
+    return _device_reason(q) or _shape_reason(q, k)
+
+
+def key_importance_supports(q, k, lse, rows, causal, scale) -> str | None:
+    """At most 16 rows (rows [B, R] with R <= 16, or Nq <= 16 for all rows): fp16/bf16/fp32 (SIMT,
+    one read of K, Nk up to 65535 chunks of 16..128 keys). More rows: fp16/bf16 on tensor cores.
+    Head dims that are multiples of 8 up to 128; GQA; causal; lse given or not; any strides."""
+    if q.dtype not in _HALF + (torch.float32,):
+        return f"CUDA kernels run fp16/bf16/fp32, got {q.dtype}"
+    n_rows = rows.shape[1] if rows is not None else q.shape[2]
+    if q.dtype == torch.float32 and n_rows > FEW_ROWS:
+        return (f"CUDA kernels run fp32 only for at most {FEW_ROWS} rows (got {n_rows}); "
+                "more rows run fp16/bf16 on tensor cores, fp32 goes to Triton")
+    reason = _device_reason(q) or _shape_reason(q, k)
+    if reason is None and n_rows <= FEW_ROWS:
+        # The few-rows kernel puts key chunks on grid y: 128 threads, 8 keys each, shared by
+        # 8/16/32 threads per key (one 16-byte piece of the key row each).
+        pieces = q.shape[-1] * q.element_size() // 16
+        keys_per_chunk = 128 // (8 if pieces <= 8 else 16 if pieces <= 16 else 32) * 8
+        if -(-k.shape[2] // keys_per_chunk) > MAX_GRID_YZ:
+            return f"CUDA few-rows kernel takes at most {MAX_GRID_YZ * keys_per_chunk} keys, got {k.shape[2]}"
+    return reason
+
+
+# ---- token selection (csrc/cuda/select_tokens.cu) ----
+_FLOATS = _HALF + (torch.float32, torch.float64)
+MAX_SEGMENTS = 256  # select_tokens: one thread per segment sums the budgets (and a by-value table)
+MAX_SEGMENT_LEN = 16384  # select_tokens: a segment's keys and kept list in shared memory (8 bytes/token)
+_INT32 = 2**31 - 1
+
+
+def select_tokens_supports(scores, budgets, segments, max_keep, sort) -> str | None:
+    """Any float scores; up to 256 segments of at most 16384 tokens each; B <= 65535; any strides.
+    Radix select per (sample, segment): O(L) per segment of L tokens."""
+    if scores.dtype not in _FLOATS:
+        return f"CUDA kernel takes floating scores, got {scores.dtype}"
+    if len(segments) > MAX_SEGMENTS:
+        return f"CUDA kernel takes at most {MAX_SEGMENTS} segments, got {len(segments)}"
+    if max(segments, default=0) > MAX_SEGMENT_LEN:
+        return f"CUDA kernel takes segments of at most {MAX_SEGMENT_LEN} tokens (shared memory), got {max(segments)}"
+    if scores.shape[0] > MAX_GRID_YZ:
+        return f"CUDA kernel takes batch <= {MAX_GRID_YZ}, got {scores.shape[0]}"
+    return _device_reason(scores)
+
+
+def gather_tokens_supports(x, indices, cu_seqlens, total) -> str | None:
+    """Any dtype and strides (16-byte copies when rows allow); N and K below 2^31."""
+    if max(x.shape[1], indices.shape[1]) >= _INT32:
+        return "CUDA kernel needs N and K that fit in int32"
+    return _device_reason(x)
+
+
+def merge_tokens_supports(x, keys, indices, mask, weighted) -> str | None:
+    """Any float x and keys (dtypes may differ), any strides; B <= 65535; sizes below 2^31."""
+    if x.dtype not in _FLOATS or keys.dtype not in _FLOATS:
+        return f"CUDA kernels take floating x and keys, got {x.dtype} and {keys.dtype}"
+    if x.shape[0] > MAX_GRID_YZ:
+        return f"CUDA kernels take batch <= {MAX_GRID_YZ}, got {x.shape[0]}"
+    if max(x.shape[1], x.shape[2], keys.shape[2], indices.shape[1]) >= _INT32:
+        return "CUDA kernels need sizes that fit in int32"
+    return _device_reason(x)
+
+
+# ---- decode attention (csrc/cuda/decode_attention.cu) ----
+DECODE_MAX_GROUP = 8  # query heads per kv head held in one CTA's registers
+
+
+def decode_attention_supports(q, k_cache, v_cache, lengths, scale) -> str | None:
+    """fp16/bf16/fp32 (SIMT, 16-byte loads), head dims that are multiples of 8 up to 128, at most 8
+    query heads per kv head, any strides (a cache whose rows are not 16-byte aligned is copied)."""
+    if q.dtype not in _HALF + (torch.float32,):
+        return f"CUDA kernel runs fp16/bf16/fp32, got {q.dtype}"
+    group = q.shape[1] // max(k_cache.shape[1], 1)
+    if group > DECODE_MAX_GROUP:
+        return f"CUDA kernel takes at most {DECODE_MAX_GROUP} query heads per kv head, got {group} (Triton runs it)"
+    d = q.shape[-1]
+    if d % 8 or not 0 < d <= 128:
+        return f"CUDA kernel needs a head dim that is a multiple of 8 and at most 128, got {d}"
+    if max(k_cache.shape[0] * k_cache.shape[1], k_cache.shape[2]) >= _INT32:
+        return "CUDA kernel needs B * Hkv and L_cap that fit in int32"
+    return _device_reason(q)

@@ -1,0 +1,103 @@
+"""`python -m vtattn.bench` / `vtattn-bench`: time vtattn's ops against the baselines a user
+would otherwise pick, on whatever device is present, and print a table (plus JSON / CSV)."""
+import argparse
+import re
+import sys
+import time
+
+import torch
+
+BACKENDS = ("auto", "aten", "cuda", "triton", "cpp", "torch")  # "auto" = vtattn's own dispatch
+
+
+def _names(known):
+    """argparse type: a comma-separated list of names from `known`."""
+    def parse(text):
+        names = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; known: {', '.join(known)}")
+        return names
+    return parse
+
+
+def _parse(argv):
+    from .cases import DTYPES, SHAPES
+
+    p = argparse.ArgumentParser(prog="vtattn-bench", description=__doc__)
+    p.add_argument("--filter", metavar="REGEX", help='keep cases whose "op/case" matches, e.g. "attention/clip"')
+    p.add_argument("--quick", action="store_true", help="shorter timing (and smaller shapes on CPU)")
+    p.add_argument("--shapes", metavar="NAME[,NAME]", type=_names(SHAPES), help=f"subset of {','.join(SHAPES)}")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--backend", metavar="NAME[,NAME]", type=_names(BACKENDS),
+                   help=f"vtattn backends to time, of {','.join(BACKENDS)} (default: auto,cuda,triton on CUDA, "
+                        "auto,cpp on CPU)")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when present")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--csv", metavar="PATH")
+    p.add_argument("--plot", metavar="DIR", help="write PNG plots (speedup vs keep, time vs length, roofline)")
+    p.add_argument("--compare", metavar="OLD.json", help="ratio of each row to the matching row of a recorded run")
+    return p.parse_args(argv)
+
+
+def _progress(items):
+    """A tqdm bar on an interactive stderr, else one line per item (readable in logs)."""
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+            return tqdm(items, file=sys.stderr, unit="case", leave=False)
+        except ImportError:
+            pass
+
+    def lines():
+        for i, item in enumerate(items, 1):
+            print(f"[{i}/{len(items)}] {item.op}/{item.name}", file=sys.stderr, flush=True)
+            yield item
+    return lines()
+
+
+def main(argv=None) -> int:
+    a = _parse(argv)
+    from . import report
+    from .cases import DTYPE_NAMES, DTYPES, build_cases
+    from .peak import header, measure_peaks
+    from .runner import run_case
+
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    level = "full" if device.type == "cuda" else ("cpu-quick" if a.quick else "cpu")
+    t0 = time.perf_counter()
+    cases = build_cases(device, shapes=a.shapes, backends=a.backend, level=level)
+    if a.filter:
+        cases = [c for c in cases if re.search(a.filter, f"{c.op}/{c.name}")]
+    h = header(device)
+    h.update(dtype=DTYPE_NAMES[dtype], quick=a.quick, scaled=None if level == "full" else level,
+             argv=sys.argv[1:] if argv is None else list(argv))
+    h["peaks"] = measure_peaks(device, dtype, a.quick)
+    print(report.format_header(h), flush=True)
+    rows = []
+    for case in _progress(cases):
+        rows += run_case(case, device, dtype, h["peaks"], a.quick)
+        h["elapsed_s"] = round(time.perf_counter() - t0, 1)
+        if a.json:  # after every case: a run cut short still leaves its rows
+            report.write_json(a.json, h, rows)
+    print()
+    print(report.format_table(rows))
+    print(f"\n{len(cases)} cases, {len(rows)} rows in {h['elapsed_s']} s; speedup = fastest baseline / median; "
+          "% peak of the measured matmul (TFLOP/s) or copy (GB/s) peak")
+    if any(r["op"] in ("vision_tower", "e2e") for r in rows):
+        from .scenarios import NOTE
+        print(NOTE + (" CPU: scaled-down models, one thread (see each row's shape)." if level != "full" else ""))
+    if a.csv:
+        report.write_csv(a.csv, rows)
+    if a.plot:
+        from .plots import write_all
+        print("plots:", ", ".join(write_all(h, rows, a.plot)) or "none (no matching rows)")
+    if a.compare:
+        from .compare import compare, format_compare
+        print(format_compare(compare(rows, a.compare), a.compare))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Benchmark cases: one `Case` per (op, shape, variant), each with the vtattn implementations
+and the baselines a user would otherwise pick. A new op adds a `_<op>_cases` builder to BUILDERS.
+
+Work counted once per op (documented here, used for TFLOP/s and GB/s):
+- attention: 4 * B * Hq * D * (visible (i, j) pairs): QK^T and PV, 2 FLOPs per multiply-add.
+- key_importance, one row: bytes = K read once + the q rows + fp32 scores written.
+- key_importance, rows="all": 4 * B * Hq * D * pairs (an LSE pass over QK^T, then a column pass).
+"""
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+import vtattn
+
+SHAPES = {
+    "clip-l336": dict(B=32, Hq=16, Hkv=16, N=577, D=64, causal=False),
+    "siglip-so400m": dict(B=32, Hq=16, Hkv=16, N=729, D=72, causal=False),
+    "llava7b-prefill": dict(B=1, Hq=32, Hkv=8, N=4096, D=128, causal=True),
+}
+# Shape scaling per run level: CPU runs (and the CI smoke test) cannot afford the real shapes.
+LEVELS = {
+    "full": dict(B=None, n_div=1, hq=None),
+    "cpu": dict(B=2, n_div=4, hq=None),
+    "cpu-quick": dict(B=1, n_div=8, hq=None),
+    "tiny": dict(B=1, n_div=32, hq=4),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+
+
+@dataclass
+class Impl:
+    name: str
+    call: Callable[[dict], Any]  # inputs -> output; timed
+    role: str = "vtattn"  # "vtattn" | "baseline" (counts for `speedup`) | "reference" (ratio only)
+    ctx: Callable[[], Any] = nullcontext  # entered around probing and timing
+    prep: Callable[[dict], dict] | None = None  # per input copy, outside the timing
+    note: str = ""
+    stats: dict = field(default_factory=dict)  # extra row fields the impl measures itself (peak memory)
+
+
+@dataclass
+class Case:
+    op: str
+    name: str
+    shape: dict
+    make_inputs: Callable[[torch.device, torch.dtype, int], dict]
+    impls: list = field(default_factory=list)
+    flops: float | None = None
+    bytes_fn: Callable[[int], int] | None = None  # element size -> bytes moved (bandwidth-bound ops)
+
+
+def scaled_shape(shape: dict, level: str) -> dict:
+    lv = LEVELS[level]
+    s = dict(shape)
+    if lv["B"] is not None:
+        s["B"] = min(s["B"], lv["B"])
+    if lv["hq"] is not None:  # keep the GQA group size
+        g = s["Hq"] // s["Hkv"]
+        s["Hkv"] = max(1, lv["hq"] // g)
+        s["Hq"] = s["Hkv"] * g
+    s["N"] = max(8, s["N"] // lv["n_div"])
+    return s
+
+
+def visible_pairs(nq: int, nk: int, causal: bool) -> int:
+    """Exact count of (i, j) with key j visible to row i (causal aligned to the end)."""
+    if not causal:
+        return nq * nk
+    off = nk - nq  # row i sees keys 0 .. i + off, clipped to [0, nk]
+    return sum(min(nk, max(0, i + off + 1)) for i in range(nq))
+
+
+def _qkv_maker(s, with_v=True):
+    def make(device, dtype, seed):
+        g = torch.Generator(device=device).manual_seed(seed)
+        r = lambda h: torch.randn(s["B"], h, s["N"], s["D"], device=device, dtype=dtype, generator=g)
+        x = {"q": r(s["Hq"]), "k": r(s["Hkv"])}
+        if with_v:
+            x["v"] = r(s["Hkv"])
+        return x
+    return make
+
+
+def _vtattn_impls(backends, call):
+    return [Impl(b, call, ctx=lambda b=b: vtattn.use_backend(None if b == "auto" else b)) for b in backends]
+
+
+def _sdpa_impl(tag, s):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, SDPA_BACKENDS[tag])
+    scale, causal = s["D"] ** -0.5, s["causal"]
+    impl = Impl(f"sdpa-{tag}", None, role="baseline", ctx=lambda: sdpa_kernel(backend))
+    gqa = {}  # decided once, on the first input copy
+
+    def prep(x):
+        if s["Hq"] == s["Hkv"]:
+            return x
+        if "enable" not in gqa:
+            try:
+                F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=causal, scale=scale,
+                                               enable_gqa=True)
+                gqa["enable"] = True
+            except RuntimeError:  # this SDPA backend has no GQA: repeat kv heads, untimed
+                gqa["enable"] = False
+                impl.note = "kv heads repeated outside the timing"
+        if gqa["enable"]:
+            return {**x, "gqa": True}
+        g = s["Hq"] // s["Hkv"]
+        return {**x, "k": x["k"].repeat_interleave(g, 1), "v": x["v"].repeat_interleave(g, 1)}
+
+    impl.prep = prep
+    impl.call = lambda x: F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=causal, scale=scale,
+                                                         enable_gqa=x.get("gqa", False))
+    return impl
+
+
+def _attention_cases(name, s, backends):
+    causal = s["causal"]
+    c = Case("attention", name, s, _qkv_maker(s),
+             flops=4 * s["B"] * s["Hq"] * s["D"] * visible_pairs(s["N"], s["N"], causal))
+    c.impls = _vtattn_impls(backends, lambda x: vtattn.attention(x["q"], x["k"], x["v"], causal=causal))
+    c.impls += [_sdpa_impl(tag, s) for tag in SDPA_BACKENDS]
+    return [c]
+
+
+def _eager_probs(x, s):
+    """What `output_attentions=True` does in transformers' eager attention: repeat kv heads,
+    logits in the input dtype plus an additive mask, softmax in fp32 cast back to the input dtype."""
+    k = x["k"].repeat_interleave(s["Hq"] // s["Hkv"], 1) if s["Hq"] != s["Hkv"] else x["k"]
+    logits = torch.matmul(x["q"], k.transpose(-1, -2)) * s["D"] ** -0.5
+    if "mask" in x:
+        logits = logits + x["mask"]
+    return torch.softmax(logits, dim=-1, dtype=torch.float32).to(x["q"].dtype)
+
+
+def _add_causal_mask(x, s):
+    n = s["N"]
+    mask = torch.full((n, n), float("-inf"), device=x["q"].device, dtype=x["q"].dtype).triu(1)
+    return {**x, "mask": mask[None, None]}
+
+
+def _key_importance_cases(name, s, backends):
+    causal, B, Hq, Hkv, N, D = s["causal"], s["B"], s["Hq"], s["Hkv"], s["N"], s["D"]
+    row = N - 1 if causal else 0  # causal (LLM): the last prompt token (FastV); else [CLS]
+    prep = (lambda x: _add_causal_mask(x, s)) if causal else None
+    cases = []
+    for rows in (row, "all"):
+        label = "all" if rows == "all" else ("last" if causal else "0")
+        c = Case("key_importance", f"{name}:rows-{label}", {**s, "rows": label}, _qkv_maker(s, with_v=rows == "all"))
+        c.impls = _vtattn_impls(backends, lambda x, rows=rows: vtattn.key_importance(
+            x["q"], x["k"], rows=rows, causal=causal))
+        if rows == "all":
+            c.flops = 4 * B * Hq * D * visible_pairs(N, N, causal)
+            eager = lambda x: _eager_probs(x, s).sum(dim=2, dtype=torch.float32)
+            c.impls.append(Impl("eager-probs", eager, role="baseline", prep=prep))
+            # The target: no slower than one attention forward at the same shape.
+            c.impls.append(Impl("attention-fwd", lambda x: vtattn.attention(x["q"], x["k"], x["v"], causal=causal),
+                                role="reference", ctx=lambda: vtattn.use_backend(None)))
+        else:
+            c.bytes_fn = lambda elt: B * Hkv * N * D * elt + B * Hq * D * elt + B * Hq * N * 4
+            eager = lambda x, r=rows: _eager_probs(x, s)[:, :, r, :].float()
+            c.impls.append(Impl("eager-probs", eager, role="baseline", prep=prep))
+        cases.append(c)
+    return cases
+
+
+# decode_attention: a LLaVA-7B-GQA-shaped decode step (32 query / 8 kv heads, D = 128) at batch 32
+# over a 16k-slot cache whose per-(batch, kv head) lengths vary 1k..16k (a compressed cache), scaled
+# with the level's sequence divisor. GB/s counts the kept K/V bytes read (+ q and out).
+DECODE = dict(B=32, Hq=32, Hkv=8, L_cap=16384, D=128)
+
+
+def _decode_lengths(B, Hkv, cap):
+    g = torch.Generator().manual_seed(0)  # fixed: the byte count must not depend on the input copy
+    return torch.randint(cap // 16, cap + 1, (B, Hkv), generator=g, dtype=torch.int32)
+
+
+def _decode_attention_cases(name, s, backends):
+    if name != "llava7b-prefill":  # one decode shape, derived from the LLM's dims
+        return []
+    ratio = s["N"] / SHAPES[name]["N"]
+    B, Hq, Hkv, D = max(1, round(DECODE["B"] * ratio)), DECODE["Hq"], DECODE["Hkv"], DECODE["D"]
+    cap = max(64, int(DECODE["L_cap"] * ratio))
+    lengths = _decode_lengths(B, Hkv, cap)
+    kept = int(lengths.sum())
+
+    def make(device, dtype, seed):
+        g = torch.Generator(device=device).manual_seed(seed)
+        r = lambda h, n: torch.randn(B, h, n, D, device=device, dtype=dtype, generator=g)
+        return {"q": r(Hq, 1), "k": r(Hkv, cap), "v": r(Hkv, cap), "lengths": lengths.to(device)}
+
+    def gather_prep(x):  # untimed: the padded length and mask need the lengths on the host
+        n = int(x["lengths"].max())
+        mask = torch.arange(n, device=x["k"].device) < x["lengths"].repeat_interleave(Hq // Hkv, 1)[..., None]
+        return {**x, "idx": torch.arange(n, device=x["k"].device), "mask": mask[:, :, None, :]}
+
+    def gather_sdpa(x):  # a compact cache gathered into a padded dense one, then masked SDPA
+        k, v = x["k"].index_select(2, x["idx"]), x["v"].index_select(2, x["idx"])
+        return F.scaled_dot_product_attention(x["q"], k, v, attn_mask=x["mask"], enable_gqa=True)
+
+    shape = {"B": B, "Hq": Hq, "Hkv": Hkv, "L_cap": cap, "D": D, "kept": round(kept / (B * Hkv * cap), 3)}
+    c = Case("decode_attention", f"{name}:decode", shape, make,
+             bytes_fn=lambda elt: 2 * kept * D * elt + 2 * B * Hq * D * elt)
+    c.impls = _vtattn_impls(backends, lambda x: vtattn.decode_attention(x["q"], x["k"], x["v"], x["lengths"]))
+    # gather-sdpa first: max err is taken against the first baseline, and it has the same semantics.
+    c.impls.append(Impl("gather-sdpa", gather_sdpa, role="baseline", prep=gather_prep))
+    c.impls.append(Impl("sdpa-full-cache", lambda x: F.scaled_dot_product_attention(
+        x["q"], x["k"], x["v"], enable_gqa=True), role="baseline", note="reads all L_cap slots"))
+    return [c]
+
+
+BUILDERS = {"attention": _attention_cases, "key_importance": _key_importance_cases,
+            "decode_attention": _decode_attention_cases}
+
+
+# Every backend a pytest-benchmark row may force; one that refuses the inputs is a skip there.
+ALL_BACKENDS = ["auto", "cuda", "triton", "cpp"]
+
+
+def default_backends(device) -> list:
+    return ["auto", "cuda", "triton"] if device.type == "cuda" else ["auto", "cpp"]
+
+
+def build_cases(device, shapes=None, backends=None, level="full", ops=None) -> list:
+    backends = backends or default_backends(device)
+    out = []
+    for op, builder in BUILDERS.items():
+        if ops and op not in ops:
+            continue
+        for name in shapes or SHAPES:
+            out += builder(name, scaled_shape(SHAPES[name], level), backends)
+    return out
+
+
+def impl_ids(op, backends=ALL_BACKENDS) -> list:
+    """(case name, impl name) of every implementation of `op`: names do not depend on the level."""
+    return [(c.name, i.name) for c in build_cases(torch.device("cpu"), backends=backends, ops=[op]) for i in c.impls]
+
+
+def input_bytes(x: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in x.values() if isinstance(t, torch.Tensor))
+
+
+def n_copies(device, per_copy_bytes) -> int:
+    """Enough input copies on GPU that the set is several times the L2; 1 on CPU."""
+    if device.type != "cuda":
+        return 1
+    return max(2, min(4, math.ceil(3 * 50e6 / max(per_copy_bytes, 1))))
+
+
+# Model-level and selection cases build on Case / Impl above, hence imported last.
+from . import scenarios, select_cases, sparse_cases  # noqa: E402
+
+BUILDERS.update(select_cases.BUILDERS)
+BUILDERS.update(sparse_cases.BUILDERS)
+BUILDERS.update(scenarios.BUILDERS)  # last: the kernel cases run before any large model is built

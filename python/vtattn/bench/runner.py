@@ -1,0 +1,86 @@
+"""Run one case: probe and time every implementation, then turn the timings into rows."""
+from functools import partial
+
+import torch
+
+import vtattn
+
+from .cases import DTYPE_NAMES, input_bytes, n_copies
+from .timing import time_fns
+
+
+def _error(e) -> str:
+    if isinstance(e, vtattn.BackendUnavailable):  # keep the reason, drop "vtattn.<op>: backend ..."
+        return "refused: " + str(e).split("inputs: ", 1)[-1]
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
+def _max_err(a, b):
+    a = a[0] if isinstance(a, tuple) else a
+    if not isinstance(a, torch.Tensor) or a.shape != b.shape:
+        return None
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _measure(impl, copies, device, quick):
+    """(timing, output of the untimed probe call)."""
+    with impl.ctx():
+        xs = [impl.prep(x) if impl.prep else x for x in copies]
+        out = impl.call(xs[0])  # refusals, compilation and autotuning happen here, untimed
+        return time_fns([partial(impl.call, x) for x in xs], device, quick), out
+
+
+def run_case(case, device, dtype, peaks, quick=False) -> list:
+    results = {}  # impl name -> (Timing | None, note)
+    ref_out, outs = None, {}
+    try:
+        first = case.make_inputs(device, dtype, 0)
+        copies = [first] + [case.make_inputs(device, dtype, s) for s in range(1, n_copies(device, input_bytes(first)))]
+    except Exception as e:
+        copies, setup_error = None, _error(e)
+    for impl in case.impls:
+        if copies is None:
+            results[impl.name] = (None, setup_error)
+            continue
+        try:
+            t, out = _measure(impl, copies, device, quick)
+            results[impl.name] = (t, impl.note)
+            if impl.role == "vtattn":
+                outs[impl.name] = out
+            elif impl.role == "baseline" and ref_out is None:
+                ref_out = out  # vtattn outputs are checked against the first baseline that ran
+        except Exception as e:
+            results[impl.name] = (None, _error(e))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # eager baselines leave large blocks behind
+    del copies
+
+    timed = lambda role: {i.name: results[i.name][0].median_ms for i in case.impls
+                          if i.role == role and results[i.name][0] is not None}
+    base, refs = timed("baseline"), timed("reference")
+    best = min(base, key=base.get) if base else None
+    elt = dtype.itemsize
+    rows = []
+    for impl in case.impls:
+        t, note = results[impl.name]
+        row = {"op": case.op, "case": case.name, "shape": case.shape, "dtype": DTYPE_NAMES[dtype],
+               "backend": impl.name, "role": impl.role, "median_ms": None, "p20_ms": None, "p80_ms": None,
+               "reps": None, "tflops": None, "gbps": None, "pct_peak": None, "baseline": best,
+               "baseline_ms": base.get(best), "speedup": None, "ratios": {}, "max_err": None,
+               "device": str(device), "note": note}
+        row.update(impl.stats)
+        if t is not None:
+            row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps)
+            if case.flops is not None:
+                row["tflops"] = case.flops / t.median_ms / 1e9
+                row["pct_peak"] = 100 * row["tflops"] / peaks["matmul_tflops"]
+            elif case.bytes_fn is not None:
+                row["gbps"] = case.bytes_fn(elt) / t.median_ms / 1e6
+                row["pct_peak"] = 100 * row["gbps"] / peaks["copy_gbps"]
+            if best is not None:
+                row["speedup"] = base[best] / t.median_ms
+            row["ratios"] = {n: ms / t.median_ms for n, ms in {**base, **refs}.items() if n != impl.name}
+            if impl.name in outs and ref_out is not None:
+                row["max_err"] = _max_err(outs[impl.name], ref_out)
+        rows.append(row)
+    return rows

@@ -1,0 +1,128 @@
+"""Cases for attention over pruned tokens: varlen_attention (ragged batches of kept tokens) and
+index_attention (per-head kept keys), each at keep ratios KEEPS of the shape's N.
+
+- varlen: B sequences of kept tokens, self-attention (Nq = Nk per sequence), lengths spread over
+  [0.5, 1.5] x keep x N. Baselines: pad to the longest + SDPA with a key mask (padding done
+  outside the timing), and a Python loop of one SDPA call per sequence.
+- index: every (batch, kv head) keeps its own keep x N keys (ascending); all N queries. Baseline:
+  gather K/V (and, causal, the mask from the kept positions) then SDPA, all timed.
+FLOPs: 4 * Hq * D * visible (query, key) pairs, from the exact lists (fixed per case, not per seed).
+"""
+from itertools import accumulate
+
+import torch
+import torch.nn.functional as F
+
+import vtattn
+
+from .cases import Case, Impl, _vtattn_impls, visible_pairs
+
+KEEPS = (0.25, 0.5)
+
+
+def _lengths(s, keep):
+    g = torch.Generator().manual_seed(0)
+    spread = 0.5 + torch.rand(s["B"], generator=g)
+    return [max(1, round(float(f) * keep * s["N"])) for f in spread]
+
+
+def _varlen_maker(s, lens):
+    def make(device, dtype, seed):
+        g = torch.Generator(device=device).manual_seed(seed)
+        T = sum(lens)
+        r = lambda h: torch.randn(T, h, s["D"], device=device, dtype=dtype, generator=g)  # noqa: E731
+        cu = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
+        return {"q": r(s["Hq"]), "k": r(s["Hkv"]), "v": r(s["Hkv"]), "cu": cu}
+    return make
+
+
+def _padded(x, s, lens):
+    """[B, H, max, D] copies of the packed q/k/v and the SDPA bool mask (keys valid, causal)."""
+    B, M, dev = len(lens), max(lens), x["q"].device
+    g = s["Hq"] // s["Hkv"]
+    out = {}
+    for name, h in (("q", s["Hq"]), ("k", s["Hkv"]), ("v", s["Hkv"])):
+        p = x[name].new_zeros(B, M, h, s["D"])
+        for b, (lo, n) in enumerate(zip(accumulate(lens, initial=0), lens)):
+            p[b, :n] = x[name][lo:lo + n]
+        out[name] = p.transpose(1, 2)
+        if name != "q" and g > 1:
+            out[name] = out[name].repeat_interleave(g, 1)
+    mask = torch.arange(M, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]  # [B, keys]
+    mask = mask[:, None, None, :]
+    if s["causal"]:
+        mask = mask & torch.ones(M, M, dtype=torch.bool, device=dev).tril()
+    out["mask"] = mask
+    return out
+
+
+def _sdpa_loop(x, s, lens):
+    scale, g = s["D"] ** -0.5, s["Hq"] // s["Hkv"]
+    lo = 0
+    for n in lens:
+        q, k, v = (x[t][lo:lo + n].transpose(0, 1)[None] for t in ("q", "k", "v"))
+        F.scaled_dot_product_attention(q, k, v, is_causal=s["causal"], scale=scale, enable_gqa=g > 1)
+        lo += n
+
+
+def varlen_cases(name, s, backends):
+    cases = []
+    for keep in KEEPS:
+        lens = _lengths(s, keep)
+        c = Case("varlen_attention", f"{name}:keep-{keep}", {**s, "keep": keep, "lens": lens}, _varlen_maker(s, lens),
+                 flops=4 * s["Hq"] * s["D"] * sum(visible_pairs(n, n, s["causal"]) for n in lens))
+        c.impls = _vtattn_impls(backends, lambda x, m=max(lens): vtattn.varlen_attention(
+            x["q"], x["k"], x["v"], x["cu"], x["cu"], max_seqlen_q=m, max_seqlen_k=m, causal=s["causal"]))
+        c.impls.append(Impl("pad-sdpa", lambda x: F.scaled_dot_product_attention(
+            x["q"], x["k"], x["v"], attn_mask=x["mask"], scale=s["D"] ** -0.5), role="baseline",
+            prep=lambda x, lens=lens: _padded(x, s, lens), note="padding outside the timing"))
+        c.impls.append(Impl("sdpa-loop", lambda x, lens=lens: _sdpa_loop(x, s, lens), role="baseline"))
+        cases.append(c)
+    return cases
+
+
+def _index_lists(s, keep):
+    """Fixed kept lists: [B, Hkv, L] ascending, L = keep x N."""
+    g = torch.Generator().manual_seed(0)
+    L = max(1, round(keep * s["N"]))
+    return torch.rand(s["B"], s["Hkv"], s["N"], generator=g).argsort(-1)[..., :L].sort(-1).values
+
+
+def _index_pairs(s, idx):
+    if not s["causal"]:
+        return s["B"] * s["Hkv"] * idx.shape[2] * s["N"]
+    return int((s["N"] - idx).sum())  # key j is seen by rows j .. N-1
+
+
+def _gather_sdpa(x, s):
+    """What pruning code does without index_attention: gather each head's keys, then SDPA."""
+    idx = x["idx"]
+    take = lambda t: t.gather(2, idx[..., None].expand(-1, -1, -1, s["D"]))  # noqa: E731
+    k, v = take(x["k"]), take(x["v"])
+    g = s["Hq"] // s["Hkv"]
+    mask = None
+    if s["causal"]:  # key j visible to row i iff j <= i (original positions)
+        mask = (idx[:, :, None, :] <= torch.arange(s["N"], device=idx.device)[:, None]).repeat_interleave(g, 1)
+    return F.scaled_dot_product_attention(x["q"], k, v, attn_mask=mask, scale=s["D"] ** -0.5, enable_gqa=g > 1)
+
+
+def index_cases(name, s, backends):
+    cases = []
+    for keep in KEEPS:
+        lists = _index_lists(s, keep)
+
+        def make(device, dtype, seed, lists=lists):
+            g = torch.Generator(device=device).manual_seed(seed)
+            r = lambda h: torch.randn(s["B"], h, s["N"], s["D"], device=device, dtype=dtype, generator=g)  # noqa: E731
+            return {"q": r(s["Hq"]), "k": r(s["Hkv"]), "v": r(s["Hkv"]), "idx": lists.to(device)}
+
+        c = Case("index_attention", f"{name}:keep-{keep}", {**s, "keep": keep}, make,
+                 flops=4 * (s["Hq"] // s["Hkv"]) * s["D"] * _index_pairs(s, lists))
+        c.impls = _vtattn_impls(backends, lambda x: vtattn.index_attention(
+            x["q"], x["k"], x["v"], x["idx"], causal=s["causal"]))
+        c.impls.append(Impl("gather-sdpa", lambda x: _gather_sdpa(x, s), role="baseline"))
+        cases.append(c)
+    return cases
+
+
+BUILDERS = {"varlen_attention": varlen_cases, "index_attention": index_cases}

@@ -1,0 +1,21 @@
+import torch
+
+from . import _checks
+
+
+def gather_tokens(x, selection, *, packed=False):
+    """The kept tokens of x [B, N, C] (any strides, any float dtype) given a `select_tokens` result.
+
+    packed=False: [B, K, C], rows past counts[b] zero. packed=True: (tokens [T, C], cu_seqlens
+    int32 [B + 1]) with T = sum(counts), sample b in rows cu_seqlens[b]:cu_seqlens[b+1] (varlen
+    attention layout); T costs a host sync unless the selection's keep was static.
+    """
+    if _checks.checking():
+        _checks.tensor("x", x, 3, _checks.FLOAT_DTYPES + (torch.float64,))
+        _checks.selection(selection, x, "x")
+    if not packed:
+        return torch.ops.vtattn.gather_tokens(x, selection.indices, None, 0)
+    total = getattr(selection, "total", None)
+    if total is None:
+        total = int(selection.cu_seqlens[-1])
+    return torch.ops.vtattn.gather_tokens(x, selection.indices, selection.cu_seqlens, total), selection.cu_seqlens

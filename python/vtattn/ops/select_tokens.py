@@ -1,0 +1,122 @@
+import numbers
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+
+
+class _Fields(NamedTuple):
+    indices: torch.Tensor  # [B, K] int64: kept token positions, -1 past counts[b]
+    mask: torch.Tensor  # [B, N] bool: kept tokens
+    counts: torch.Tensor  # [B] int64: kept tokens per sample
+    cu_seqlens: torch.Tensor  # [B + 1] int32: zero-prepended cumsum of counts (packed layout)
+
+
+class Selection(_Fields):
+    """The result of `select_tokens`. `total` is the packed token count sum(counts) when it is
+    known without reading the device (a static keep), else None."""
+
+    total: int | None = None
+
+
+def select_tokens(scores, keep, *, segments=None, sort=True) -> Selection:
+    """Keep the top-scoring tokens of every sample (and of every segment: crop, frame).
+
+    scores: float [B, N], ranked in fp32; ties go to the lower index (deterministic).
+    keep: a ratio in (0, 1] (each segment keeps max(1, round(keep * length)) tokens, Python's
+      round), an int count per segment, or an integer tensor of counts: [B] per sample (one
+      segment) or [B, S] per (sample, segment). Tensor counts cost a host sync (the output width).
+    segments: None (one segment of N) or S segment lengths summing to N, shared by the batch.
+    sort: True lists kept tokens in ascending (original) order; False segment by segment in
+      descending-score order.
+    Returns Selection(indices [B, K] int64 with K the largest per-sample total and -1 past
+    counts[b], mask [B, N] bool, counts [B] int64, cu_seqlens [B + 1] int32).
+    """
+    check = _checks.checking()
+    if check:
+        _checks.tensor("scores", scores, 2, _checks.FLOAT_DTYPES + (torch.float64,))
+    B, N = scores.shape
+    segments = _segments(segments, N) if check else [N] if segments is None else [int(n) for n in segments]
+    budgets, max_keep, total = _budgets(keep, segments, B, scores.device, check)
+    if check and scores.device.type != "meta" and bool(scores.isnan().any()):
+        raise ValueError("scores contains NaN")
+    indices, mask, counts = torch.ops.vtattn.select_tokens(scores, budgets, segments, max_keep, bool(sort))
+    selection = Selection(indices, mask, counts, F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0)))
+    selection.total = total
+    return selection
+
+
+def _segments(segments, N):
+    if N == 0:
+        raise ValueError("scores has no tokens (N = 0)")
+    if segments is None:
+        return [N]
+    if not isinstance(segments, (list, tuple)) or not all(
+            isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in segments):
+        raise TypeError(f"segments must be a list or tuple of int lengths, got {segments!r}")
+    segments = [int(n) for n in segments]
+    if not segments or min(segments) < 1:
+        raise ValueError(f"segments must be positive lengths (no empty segment), got {segments}")
+    if sum(segments) != N:
+        raise ValueError(f"segments sum to {sum(segments)} but scores has N = {N} tokens")
+    return segments
+
+
+def _budgets(keep, segments, B, device, check):
+    """(budgets int64 [B, S], the output width K, the packed total when static else None)."""
+    if isinstance(keep, torch.Tensor):
+        return _tensor_budgets(keep, segments, B, device, check)
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise TypeError(f"keep must be a float ratio, an int count or an integer tensor, got {keep!r}")
+    if isinstance(keep, numbers.Integral):
+        k = int(keep)
+        if k < 1:
+            raise ValueError(f"keep must be >= 1 when an int count, got {k}")
+        if k > min(segments):
+            raise ValueError(f"keep={k} is more than the {min(segments)} tokens of the shortest segment")
+        per_segment = [k] * len(segments)
+    else:
+        if not 0 < keep <= 1:
+            raise ValueError(f"keep must be in (0, 1] when a ratio, got {keep}")
+        per_segment = [max(1, round(keep * n)) for n in segments]
+    K = sum(per_segment)
+    return _device_row(per_segment, device).expand(B, -1), K, B * K
+
+
+def _device_row(values, device):
+    """int64 [1, S] on device, without a host sync (a fill, or a copy from pinned memory)."""
+    if len(set(values)) == 1:
+        return torch.full((1, len(values)), values[0], dtype=torch.int64, device=device)
+    row = torch.tensor([values], dtype=torch.int64)
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        return row.pin_memory().to(device, non_blocking=True)
+    return row.to(device)
+
+
+def _tensor_budgets(keep, segments, B, device, check):
+    S = len(segments)
+    if keep.dtype == torch.bool or keep.dtype.is_floating_point or keep.dtype.is_complex:
+        raise TypeError(f"keep must be an integer tensor of counts when a tensor, got {keep.dtype}")
+    if keep.device != device:
+        raise ValueError(f"keep is on {keep.device} but scores is on {device}")
+    if keep.dim() == 1 and S > 1:
+        raise ValueError(f"keep of shape [B] gives one count per sample; with {S} segments give [B, S]")
+    if tuple(keep.shape) not in ((B,), (B, S)):
+        raise ValueError(f"keep must have shape [B] = ({B},) or [B, S] = ({B}, {S}), got {tuple(keep.shape)}")
+    budgets = keep.to(torch.int64).reshape(B, S)
+    counts = budgets.sum(1)
+    if not check:
+        return budgets, int(counts.max()) if B else 0, None
+    lengths = torch.tensor(segments, device=device)
+    facts = torch.stack([(budgets < 0).any().long(), (budgets > lengths).any().long(), (counts == 0).any().long(),
+                         counts.max(), counts.min()]).tolist() if B else [0, 0, 0, 0, 0]  # one host sync
+    negative, too_many, empty, K, K_min = facts
+    if negative:
+        raise ValueError("keep has negative counts")
+    if too_many:
+        raise ValueError(f"keep asks for more tokens than a segment has (segment lengths {segments})")
+    if empty:
+        raise ValueError(f"keep keeps no token of sample {int((counts == 0).nonzero()[0])}")
+    return budgets, K, B * K if K == K_min else None

@@ -1,0 +1,152 @@
+"""Tiny random-weight vision-language models built in code, eager-attention references of the
+selection rules, and the manual pruning pipeline the patched models are compared with."""
+import contextlib
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+IMAGE = 100  # image token id
+PAD = 0
+VOCAB = 128
+
+
+def text_config():
+    return transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                    max_position_embeddings=1024, pad_token_id=PAD)
+
+
+def clip_config(image_size=84, layers=4, hidden=32, heads=4):
+    return transformers.CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                                         num_hidden_layers=layers, num_attention_heads=heads,
+                                         image_size=image_size, patch_size=14)
+
+
+def siglip_config(image_size=84):
+    return transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=image_size, patch_size=14)
+
+
+def _seeded(cls, config, seed):
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+def llava(vision=None, strategy="default", layer=-2, seed=0):
+    config = transformers.LlavaConfig(vision_config=vision or clip_config(), text_config=text_config(),
+                                      image_token_index=IMAGE, vision_feature_layer=layer,
+                                      vision_feature_select_strategy=strategy)
+    return _seeded(transformers.LlavaForConditionalGeneration, config, seed)
+
+
+PINPOINTS = [[42, 84], [84, 42], [84, 84], [42, 126]]
+
+
+def llava_next(vision=None, seed=0):
+    config = transformers.LlavaNextConfig(vision_config=vision or clip_config(image_size=42),
+                                          text_config=text_config(),
+                                          image_token_index=IMAGE, image_grid_pinpoints=PINPOINTS,
+                                          vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return _seeded(transformers.LlavaNextForConditionalGeneration, config, seed)
+
+
+def prompts(spans, *, seed=0, lengths=None):
+    """Left-padded input_ids [B, L] + attention mask: row b holds its images (spans[b] = their
+    token counts, in order) between random text tokens, as a processor expands <image>."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b, row_spans in enumerate(spans):
+        ids = torch.randint(1, IMAGE, (3 + b,), generator=g).tolist()
+        for n in row_spans:
+            ids += [IMAGE] * n + torch.randint(1, IMAGE, (2,), generator=g).tolist()
+        rows.append(ids)
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return input_ids, mask
+
+
+@contextlib.contextmanager
+def eager(tower):
+    previous = tower.config._attn_implementation
+    tower.config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        tower.config._attn_implementation = previous
+
+
+def eager_attentions(tower, pixel_values):
+    """The unpatched tower's attentions [V, H, N, N] per layer and hidden states, eager."""
+    with eager(tower), torch.no_grad():
+        out = tower(pixel_values, output_attentions=True, output_hidden_states=True, return_dict=True)
+    return out.attentions, out.hidden_states
+
+
+def topk(scores, k):
+    """Indices of the k largest, ties to the lower index, ascending."""
+    return torch.sort(torch.sort(-scores, stable=True).indices[:k]).values
+
+
+def reference_scores(method, attentions, feature, drop=1, layers=None):
+    """The published rules, from eager attention probabilities: [V, Nf]."""
+    L = len(attentions)
+    if method == "cls":
+        return attentions[feature][:, :, 0, drop:].mean(1)
+    if method == "cls_ensemble":
+        layers = range(2 * L // 3, feature + 1) if layers is None else layers
+        return sum(attentions[l][:, :, 0, drop:].mean(1) for l in layers)
+    if method == "hired":
+        return attentions[feature][:, :, 0, drop:].sum(1)
+    if method == "mean_received":
+        return attentions[feature].mean(1).mean(1)[:, drop:]
+    raise ValueError(method)
+
+
+# ---- the manual pipeline: features -> kept -> projector -> LLM on the shortened sequence ---------
+
+def shortened(model, input_ids, mask, spans, image_features, return_labels=False):
+    """Embeddings [B, W, C], mask [B, W] and alignment padding [B] of the sequence with image i's
+    span of spans[i] placeholders replaced by image_features[i] ([K_i, C]), rows left-padded to
+    the longest; with return_labels also labels [B, W] (text tokens, -100 elsewhere)."""
+    embed = model.get_input_embeddings()
+    rows, masks, labels, i = [], [], [], 0
+    for ids, m in zip(input_ids.tolist(), mask.tolist()):
+        parts, row_mask, row_labels, j = [], [], [], 0
+        while j < len(ids):
+            if ids[j] == IMAGE:
+                parts.append(image_features[i])
+                row_mask += [1] * len(image_features[i])
+                row_labels += [-100] * len(image_features[i])
+                j, i = j + spans[i], i + 1
+            else:
+                parts.append(embed(torch.tensor([ids[j]])))
+                row_mask.append(m[j])
+                row_labels.append(ids[j] if m[j] else -100)
+                j += 1
+        rows.append(torch.cat(parts))
+        masks.append(row_mask)
+        labels.append(row_labels)
+    width = max(len(r) for r in rows)
+    embeds = torch.stack([torch.cat([r.new_zeros(width - len(r), r.shape[1]), r]) for r in rows])
+    pad = torch.tensor([width - len(r) for r in rows])
+    out = embeds, torch.tensor([[0] * (width - len(m)) + m for m in masks]), pad
+    return out + (torch.tensor([[-100] * (width - len(x)) + x for x in labels]),) if return_labels else out
+
+
+def positions(mask):
+    """What generate uses: consecutive positions over the unmasked tokens."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def manual_logits(model, input_ids, mask, spans, image_features, implicit=False):
+    """Logits of the shortened sequence; positions as generate makes them or, implicit, the
+    language model's own 0, 1, ... counted from each row's first token (padding included)."""
+    embeds, short, pad = shortened(model, input_ids, mask, spans, image_features)
+    pos = torch.arange(short.shape[1]) - pad[:, None] if implicit else positions(short)
+    with torch.no_grad():
+        logits = type(model).forward(model, inputs_embeds=embeds, attention_mask=short,
+                                     position_ids=pos.clamp(min=0)).logits
+    return logits, short

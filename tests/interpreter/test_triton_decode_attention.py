@@ -1,0 +1,56 @@
+"""The Triton decode_attention launcher under TRITON_INTERPRET=1 against vtattn.reference (tiny
+caches; the interpreter splits the key range every 16 keys, so these lengths span several splits
+and exercise the LSE merge, splits past a head's length, and empty heads)."""
+import pytest
+import torch
+
+import vtattn.reference as ref
+from helpers import OUT_TOL, poisoned_outputs
+from vtattn.triton_kernels import decode_attention as triton_decode
+
+
+def _inputs(B, Hq, Hkv, cap, D, dtype, lengths, seed, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, 1, D, generator=g).to(dtype)
+    if strided:  # views of [B, L, H, D] buffers, as a token-major cache stores them
+        k, v = (torch.randn(B, cap, Hkv, D, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    else:
+        k, v = (torch.randn(B, Hkv, cap, D, generator=g).to(dtype) for _ in range(2))
+    return q, k, v, torch.tensor(lengths, dtype=torch.int32).reshape(B, Hkv)
+
+
+# (B, Hq, Hkv, L_cap, D, dtype, lengths, strided)
+CASES = [
+    (1, 1, 1, 1, 64, torch.float32, [1], False),
+    (2, 4, 2, 40, 64, torch.float32, [0, 17, 40, 1], True),
+    (1, 8, 1, 50, 72, torch.float32, [33], False),  # group 8
+    (2, 4, 4, 37, 80, torch.float16, [0, 1, 17, 37, 5, 16, 32, 36], True),
+    (1, 8, 2, 70, 128, torch.float16, [70, 3], False),  # group 4
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:6])).replace("torch.", ""))
+def test_decode_attention_matches_reference(case):
+    B, Hq, Hkv, cap, D, dtype, lengths, strided = case
+    q, k, v, lens = _inputs(B, Hq, Hkv, cap, D, dtype, lengths, seed=cap, strided=strided)
+    before = [t.clone() for t in (q, k, v, lens)]
+    with poisoned_outputs():  # unwritten output elements would be NaN
+        out = triton_decode.decode_attention(q, k, v, lens, D ** -0.5)
+    want = ref.decode_attention(q.double(), k.double(), v.double(), lens, D ** -0.5)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out.double(), want, atol=OUT_TOL[dtype], rtol=0)
+    empty = (lens == 0).repeat_interleave(Hq // Hkv, dim=1)
+    assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v, lens), before))
+
+
+def test_decode_attention_split_count_ignores_lengths():
+    assert triton_decode.num_splits(40, 4, torch.device("cpu")) == 3  # ceil(40 / 16), shapes only
+    assert triton_decode.num_splits(1, 4, torch.device("cpu")) == 1
+
+
+def test_decode_attention_supports():
+    q, k, v, lens = _inputs(1, 2, 1, 8, 64, torch.float16, [8], seed=0)
+    assert triton_decode.supports(q, k, v, lens, 0.125) is None
+    bf = [t.bfloat16() for t in (q, k, v)]
+    assert "interpreter" in triton_decode.supports(*bf, lens, 0.125)

@@ -1,0 +1,160 @@
+import pytest
+import torch
+
+import vtattn
+from vtattn._registry import VARLEN_ATTENTION
+from helpers import (DTYPES, OUT_TOL, backend_params, naive_attention, poisoned_outputs, run_forced,
+                     skip_unless_supported)
+
+# (query lengths, key lengths, Hq, Hkv, D, causal): odd sizes, empty sequences, a single key,
+# a sequence without keys, GQA, causal with Nq != Nk both ways.
+CASES = [
+    ([1], [1], 2, 2, 64, False),
+    ([17, 0, 33], [17, 5, 20], 4, 2, 72, True),
+    ([5, 9, 3], [1, 0, 70], 2, 1, 80, False),
+    ([40, 7], [13, 7], 2, 2, 128, True),  # 27 rows of the first sequence see no key
+    ([100, 1, 77], [130, 64, 77], 3, 3, 64, True),
+    ([0, 0], [3, 0], 2, 1, 64, False),  # no query rows at all
+    ([150], [65], 4, 1, 72, False),
+]
+LAYOUTS = ("contiguous", "strided", "sliced")
+
+
+def cu(lens, device="cpu"):
+    return torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
+
+
+def packed(T, H, D, dtype, device, layout, g):
+    if layout == "strided":  # [H, T, D] storage
+        return torch.randn(H, T, D, generator=g).to(device, dtype).transpose(0, 1)
+    if layout == "sliced":
+        return torch.randn(T, H, D + 8, generator=g).to(device, dtype)[..., 3:D + 3]
+    return torch.randn(T, H, D, generator=g).to(device, dtype)
+
+
+def make(case, dtype, device="cpu", layout="contiguous", seed=0):
+    lq, lk, Hq, Hkv, D, causal = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    q = packed(sum(lq), Hq, D, dtype, device, layout, g)
+    k, v = (packed(sum(lk), Hkv, D, dtype, device, layout, g) for _ in range(2))
+    return q, k, v, cu(lq, device), cu(lk, device), causal
+
+
+def naive(q, k, v, cu_q, cu_k, causal, scale):
+    """float64 out [Tq, Hq, D] and lse [Hq, Tq], sequence by sequence."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64)
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(bq) - 1):
+        qs, ks, vs = (x[lo:hi].cpu().double().transpose(0, 1)[None]
+                      for x, lo, hi in ((q, *bq[b:b + 2]), (k, *bk[b:b + 2]), (v, *bk[b:b + 2])))
+        out[bq[b]:bq[b + 1]] = naive_attention(qs, ks, vs, causal, scale)[0].transpose(0, 1)
+        s = qs @ ks.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2) * scale
+        if causal:
+            nq, nk = s.shape[-2:]
+            s = s.masked_fill(torch.arange(nk) > torch.arange(nq)[:, None] + nk - nq, float("-inf"))
+        lse[:, bq[b]:bq[b + 1]] = torch.logsumexp(s, -1)[0]
+    return out, lse
+
+
+@pytest.mark.parametrize("device,backend", backend_params(VARLEN_ATTENTION))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_varlen_matches_float64(device, backend, dtype, case):
+    q, k, v, cu_q, cu_k, causal = make(case, dtype, device, LAYOUTS[case % 3], seed=case)
+    scale = q.shape[-1] ** -0.5
+    max_q = max(CASES[case][0])
+    skip_unless_supported(VARLEN_ATTENTION, (q, k, v, cu_q, cu_k, max_q, causal, scale), backend)
+    before = [t.clone() for t in (q, k, v, cu_q, cu_k)]
+    with poisoned_outputs():
+        out, lse = run_forced(backend, vtattn.varlen_attention, q, k, v, cu_q, cu_k, causal=causal,
+                              return_lse=True)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
+    want_out, want_lse = naive(q, k, v, cu_q, cu_k, causal, scale)
+    tol = OUT_TOL[dtype]
+    torch.testing.assert_close(out.cpu().double(), want_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.cpu().double(), want_lse, atol=1e-4, rtol=1e-5)
+    for t, b in zip((q, k, v, cu_q, cu_k), before):
+        assert torch.equal(t, b), "inputs must not be modified"
+
+
+@pytest.mark.parametrize("device,backend", backend_params(VARLEN_ATTENTION))
+def test_sequence_without_keys_is_zero_with_lse_minus_inf(device, backend):
+    q, k, v, cu_q, cu_k, _ = make(2, torch.float32, device)  # sequence 1: 9 rows, no keys
+    skip_unless_supported(VARLEN_ATTENTION, (q, k, v, cu_q, cu_k, 9, False, 0.125), backend)
+    out, lse = run_forced(backend, vtattn.varlen_attention, q, k, v, cu_q, cu_k, return_lse=True)
+    assert torch.all(out[5:14] == 0) and torch.all(lse[:, 5:14] == float("-inf"))
+    assert torch.isfinite(lse[:, :5]).all() and torch.isfinite(lse[:, 14:]).all()
+
+
+def test_equals_attention_on_one_sequence():
+    q, k, v, cu_q, cu_k, _ = make(6, torch.float32)
+    out, lse = vtattn.varlen_attention(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+    want, want_lse = vtattn.attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), causal=True, return_lse=True)
+    torch.testing.assert_close(out, want[0].transpose(0, 1))
+    torch.testing.assert_close(lse, want_lse[0])
+
+
+def test_reference_matches_float64():
+    for case in (1, 3):
+        q, k, v, cu_q, cu_k, causal = make(case, torch.float64, layout="strided")
+        out, lse = vtattn.reference.varlen_attention(q, k, v, cu_q, cu_k, 40, causal, 0.3)
+        want_out, want_lse = naive(q, k, v, cu_q, cu_k, causal, 0.3)
+        torch.testing.assert_close(out, want_out)
+        torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_opcheck(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    for case in (1, 4):
+        q, k, v, cu_q, cu_k, _ = make(case, dtype, device, "strided")
+        for causal in (False, True):
+            torch.library.opcheck(torch.ops.vtattn.varlen_attention.default,
+                                  (q, k, v, cu_q, cu_k, max(CASES[case][0]), causal, 0.125))
+
+
+def test_meta_tensors_and_compile():
+    q = torch.empty(50, 4, 72, device="meta", dtype=torch.float16)
+    k = torch.empty(30, 2, 72, device="meta", dtype=torch.float16)
+    cu_q = torch.empty(3, dtype=torch.int32, device="meta")
+    out, lse = torch.ops.vtattn.varlen_attention(q, k, k, cu_q, cu_q, 40, False, 0.1)
+    assert out.shape == (50, 4, 72) and lse.shape == (4, 50) and out.device.type == "meta"
+
+    q, k, v, cu_q, cu_k, _ = make(1, torch.float32)
+    fn = torch.compile(lambda q, k, v, a, b: vtattn.varlen_attention(q, k, v, a, b, max_seqlen_q=33, causal=True),
+                       fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(q, k, v, cu_q, cu_k), vtattn.varlen_attention(q, k, v, cu_q, cu_k, causal=True))
+
+
+BAD = [
+    (lambda q, k, v, a, b: (q[0], k, v, a, b), ValueError, "q must be 3-D"),
+    (lambda q, k, v, a, b: (q, k.half(), v, a, b), TypeError, "k has dtype"),
+    (lambda q, k, v, a, b: (q[:, :3], k, v, a, b), ValueError, "multiple of k's"),
+    (lambda q, k, v, a, b: (q, k, v[:, :, :8], a, b), ValueError, "v must have k's shape"),
+    (lambda q, k, v, a, b: (q, k, v, a.long(), b), TypeError, "cu_seqlens_q must have dtype"),
+    (lambda q, k, v, a, b: (q, k, v, a, b.flip(0)), ValueError, "cu_seqlens_k must start at 0 and be non-decreasing"),
+    (lambda q, k, v, a, b: (q, k, v, torch.tensor([0, 30, 20, 50], dtype=torch.int32), b), ValueError,
+     "non-decreasing"),
+    (lambda q, k, v, a, b: (q, k, v, a + torch.tensor([0, 0, 0, 1], dtype=torch.int32), b), ValueError,
+     "must end at the packed length 50"),
+    (lambda q, k, v, a, b: (q, k, v, torch.tensor([0, 50], dtype=torch.int32), b), ValueError, "both B \\+ 1"),
+    (lambda q, k, v, a, b: (q, k, v, a.to("meta"), b), ValueError, "cu_seqlens_q is on meta"),
+]
+
+
+@pytest.mark.parametrize("bad", range(len(BAD)))
+def test_bad_inputs_raise_naming_the_argument(bad):
+    q, k, v, cu_q, cu_k, _ = make(1, torch.float32)
+    make_args, exc, msg = BAD[bad]
+    with pytest.raises(exc, match=msg):
+        vtattn.varlen_attention(*make_args(q, k, v, cu_q, cu_k))
+
+
+def test_bad_max_seqlen():
+    q, k, v, cu_q, cu_k, _ = make(1, torch.float32)
+    with pytest.raises(ValueError, match="max_seqlen_q=32 is below the longest sequence \\(33\\)"):
+        vtattn.varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q=32)
+    with pytest.raises(ValueError, match="max_seqlen_k=3 is below"):
+        vtattn.varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_k=3)

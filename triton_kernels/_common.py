@@ -1,0 +1,191 @@
+"""Shared pieces of the Triton kernels: the triton import guard, backend checks, config choice
+and the jit helpers of the flash-attention loop (reused by the attention variants)."""
+import contextlib
+import functools
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_ERROR = None
+except ImportError as exc:  # the kernel modules must still import; supports() reports this
+    TRITON_ERROR = f"triton is not importable ({exc})"
+
+    class _NoTriton:
+        """Stand-in so kernels get defined (never launched) without triton."""
+        @staticmethod
+        def constexpr(value=None):
+            return value
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _NoTriton
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634  # logits are prescaled to the log2 domain (exp2 is the fast path)
+LOG2E_K = tl.constexpr(LOG2E)  # in kernels: globals read there must be constexpr
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET as triton reads it (it must be set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def check_tensors(*tensors) -> str | None:
+    """Reason why the Triton backend cannot run on these tensors (device and dtype), or None."""
+    if TRITON_ERROR is not None:
+        return TRITON_ERROR
+    for t in tensors:
+        if t.dtype not in DTYPES:
+            return f"unsupported dtype {t.dtype} (fp16, bf16, fp32 only)"
+        if t.dtype != tensors[0].dtype:
+            return f"mixed dtypes {tensors[0].dtype} and {t.dtype}"
+        if t.device != tensors[0].device:
+            return f"tensors on different devices ({tensors[0].device}, {t.device})"
+    device = tensors[0].device
+    if device.type == "cpu":
+        if not interpreting():
+            return "Triton on CPU tensors needs TRITON_INTERPRET=1"
+    elif device.type != "cuda":
+        return f"Triton backend runs on CUDA tensors, not {device.type}"
+    if tensors[0].dtype == torch.bfloat16 and interpreting():
+        return "the Triton interpreter computes bf16 tl.dot wrongly"
+    if tensors[0].shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {tensors[0].shape[-1]} > {MAX_HEAD_DIM}"
+    return None
+
+
+def on_device(t: torch.Tensor):
+    """Launch on t's GPU (triton launches on the current device); nothing to do for CPU tensors."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two (at least 16, the smallest tl.dot K)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def stride_align(*tensors) -> int:
+    """Largest power of two, up to 16 bytes of elements, dividing every stride but the last (of dims
+    longer than 1). Kernels get strides divided by it and multiply back by it as a constexpr: triton
+    only learns divisibility by 16 from int arguments, so rows of D = 72 (144 bytes, 16-byte aligned)
+    would otherwise load element by element, unpipelined."""
+    align = 16 // tensors[0].element_size()
+    for t in tensors:
+        for size, st in zip(t.shape[:-1], t.stride()[:-1]):
+            while size > 1 and st % align:
+                align //= 2
+    return align
+
+
+def strides(t: torch.Tensor, align: int):
+    """t's strides for a kernel given ALIGN=align: all but the last divided by align (see stride_align)."""
+    return (*(st // align for st in t.stride()[:-1]), t.stride(-1))
+
+
+def dot_precision(dtype) -> str:
+    """fp32 inputs need full-precision dots (tf32 misses 1e-5 tolerances); ignored for 16-bit inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def tune_key(*sizes: int) -> int:
+    """One int for autotune keys: the log2 bucket of each size, so a new length rarely re-tunes."""
+    key = 0
+    for n in sizes:
+        key = key * 32 + max(0, math.ceil(math.log2(max(n, 1))))
+    return key
+
+
+def tiles(*rows):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) rows -> Tuned configs."""
+    return [({"BLOCK_M": m, "BLOCK_N": n}, w, s) for m, n, w, s in rows]
+
+
+def fp32_tiles(bd: int):
+    """fp32 "ieee" dots run on FMA units with operands in registers: only small tiles avoid spills."""
+    if bd <= 64:
+        return [(64, 32, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)]
+    return [(32, 16, 4, 2), (16, 16, 4, 2)] if bd <= 128 else [(16, 16, 4, 2)]
+
+
+@functools.cache
+def _smem_limit(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+
+
+class Tuned:
+    """A jit kernel launched with the config(s) for its inputs; the one place configs are picked.
+
+    space(esize, block_d) lists (meta, num_warps, num_stages) for an element size and padded head
+    dim, the default first and the smallest last; smem(meta, num_stages) estimates the BLOCK_D-wide
+    rows a config keeps in shared memory, to drop configs the device cannot hold. On a GPU:
+    @triton.autotune over what is left (only its first config with VTATTN_TRITON_AUTOTUNE=0, which
+    keeps test runs fast). Under the interpreter: the single small `interp` config (tuning there
+    would take forever; small tiles exercise the multi-tile paths on tiny inputs).
+    Launch as kernel[grid](*args, BLOCK_D=..., **constexprs)."""
+
+    def __init__(self, fn, key, space, smem, interp):
+        self.fn, self.key, self.space, self.smem, self.interp = fn, key, space, smem, interp
+        self._tuners = {}
+
+    def configs(self, esize: int, bd: int, smem_limit: int):
+        if interpreting():
+            return [self.interp]
+        space = self.space(esize, bd)
+        if self.smem is not None:
+            space = [c for c in space if esize * bd * self.smem(c[0], c[2]) <= smem_limit] or space[-1:]
+        return space[:1] if os.environ.get("VTATTN_TRITON_AUTOTUNE", "1") == "0" else space
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            t = next(a for a in args if isinstance(a, torch.Tensor))
+            limit = _smem_limit(torch.cuda.current_device()) if t.device.type == "cuda" else 0  # on_device(t)
+            cache_key = (t.element_size(), kwargs.get("BLOCK_D", 0), limit)
+            if cache_key not in self._tuners:
+                space = self.configs(*cache_key)
+                configs = [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in space]
+                self._tuners[cache_key] = triton.autotune(configs=configs, key=self.key)(self.fn)
+            return self._tuners[cache_key][grid](*args, **kwargs)
+        return launch
+
+
+@triton.jit
+def key_range(row_lo, row_hi, Nk, causal_off, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys a block of query rows [row_lo, row_hi] reads: [0, full) are visible to every row (no mask),
+    [full, end) need the causal / bounds mask. row_hi < row_lo means no rows: empty range."""
+    if CAUSAL:
+        end = tl.minimum(row_hi + causal_off + 1, Nk)
+        full = tl.minimum(row_lo + causal_off + 1, Nk)
+    else:
+        end = Nk
+        full = Nk
+    end = tl.where(row_hi >= row_lo, tl.maximum(end, 0), 0)
+    full = tl.minimum(tl.maximum(full, 0) // BLOCK_N * BLOCK_N, end)
+    return full, end
+
+
+@triton.jit
+def online_softmax(m_i, l_i, qk, MASKED: tl.constexpr):
+    """Fold a tile of log2-domain logits qk [M, N] (-inf = invisible) into the running row max m_i and
+    sum l_i. Returns (m, l, p, alpha): p = exp2(qk - m); alpha rescales what was accumulated before."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_sub = m_new
+    if MASKED:  # a row with no visible key so far keeps m = -inf; subtract 0 (-inf - -inf is NaN)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
+
+
+@triton.jit
+def finish_lse(m_i, l_i):
+    """Natural-log LSE from the log2-domain running max and sum; -inf for rows without visible keys."""
+    return tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i))) * LN2)

@@ -1,0 +1,104 @@
+"""Varlen (packed) flash-attention forward in Triton: the attention kernel's loop per sequence."""
+import torch
+
+from ._common import (LOG2E, Tuned, block_d, check_tensors, dot_precision, finish_lse, key_range, on_device,
+                      stride_align, strides, tl, triton, tune_key)
+from .attention import _space, attn_tile
+
+
+def supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale) -> str | None:
+    """None when this backend can run the inputs, else why not (one line)."""
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.device != q.device or cu.dtype != torch.int32:
+            return f"{name} must be int32 on q's device"
+    return check_tensors(q, k, v)
+
+
+@triton.jit(do_not_specialize=["TUNE_KEY"])
+def _varlen_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
+                       stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+                       stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od,
+                       Tq, Hq, MAX_SEQ, GROUP, qk_scale, TUNE_KEY,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                       PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """One query tile of one (sequence, head) per program; tiles past the sequence's end store
+    nothing. Strides but the last come divided by ALIGN (see _common.stride_align)."""
+    stride_qt, stride_qh = stride_qt * ALIGN, stride_qh * ALIGN
+    stride_kt, stride_kh = stride_kt * ALIGN, stride_kh * ALIGN
+    stride_vt, stride_vh = stride_vt * ALIGN, stride_vh * ALIGN
+    stride_ot, stride_oh = stride_ot * ALIGN, stride_oh * ALIGN
+    num_m = tl.cdiv(MAX_SEQ, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m  # query tiles of one (sequence, head) adjacent: its K/V stay in L2
+    tile_m = pid % num_m
+    b = bh // Hq
+    h = (bh % Hq).to(tl.int64)
+    kvh = h // GROUP
+    q_lo = tl.load(CuQ + b)
+    Nq = tl.load(CuQ + b + 1) - q_lo  # lengths and the loop bounds stay int32, offsets go int64
+    k_lo = tl.load(CuK + b)
+    Nk = tl.load(CuK + b + 1) - k_lo
+    q0 = q_lo.to(tl.int64)
+    k0 = k_lo.to(tl.int64)
+
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < Nq
+    q = tl.load(Q + (q0 + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_ptrs = K + (k0 + offs_n)[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :] * stride_kd
+    v_ptrs = V + (k0 + offs_n)[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :] * stride_vd
+
+    causal_off = Nk - Nq
+    # A tile past the sequence's end has row_hi < row_lo: an empty key range.
+    full, end = key_range(tile_m * BLOCK_M, tl.minimum(tile_m * BLOCK_M + BLOCK_M, Nq) - 1, Nk, causal_off,
+                          CAUSAL, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, full, BLOCK_N):  # tiles every row sees entirely: no masks
+        k = tl.load(k_ptrs + start_n * stride_kt, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vt, mask=d_ok[None, :], other=0.0)
+        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, k, v, qk_scale, None, False, PRECISION)
+    for start_n in range(full, end, BLOCK_N):  # the diagonal (causal) and the ragged last tile
+        cols = start_n + offs_n
+        kv_mask = (cols < Nk)[:, None] & d_ok[None, :]
+        k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
+        visible = (cols < Nk)[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_off)
+        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, k, v, qk_scale, visible, True, PRECISION)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows without visible keys: 0, not NaN
+    tl.store(Out + (q0 + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + h * Tq + q0 + offs_m, finish_lse(m_i, l_i), mask=row_ok)
+
+
+_varlen_fwd = Tuned(_varlen_fwd_kernel, key=["TUNE_KEY", "BLOCK_D", "CAUSAL"], space=_space,
+                    smem=lambda c, stages: c["BLOCK_M"] + 2 * c["BLOCK_N"] * stages,
+                    interp=({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 1))
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, causal: bool, scale: float):
+    """(out [Tq, Hq, D] contiguous in q's dtype, lse [Hq, Tq] fp32); inputs read through their strides."""
+    Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[:2]
+    B = cu_seqlens_q.numel() - 1
+    out = torch.empty((Tq, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((Hq, Tq), dtype=torch.float32, device=q.device)
+    if Tq == 0 or Tk == 0 or max_seqlen_q == 0:  # nothing to launch (and no pointer into an empty K/V)
+        return out.zero_(), lse.fill_(float("-inf"))
+    grid = lambda meta: (B * Hq * triton.cdiv(max_seqlen_q, meta["BLOCK_M"]),)  # noqa: E731
+    align = stride_align(q, k, v, out)
+    with on_device(q):
+        _varlen_fwd[grid](
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+            *strides(q, align), *strides(k, align), *strides(v, align), *strides(out, align),
+            Tq, Hq, max_seqlen_q, Hq // Hkv, scale * LOG2E, tune_key(max_seqlen_q, Tk // max(B, 1), B * Hq),
+            HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=bool(causal), PRECISION=dot_precision(q.dtype), ALIGN=align)
+    return out, lse
