@@ -64,6 +64,26 @@ def test_decode_attention_matches_float64(device, backend, dtype, case):
         assert torch.equal(t, b), "inputs must not be modified"
 
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_replay_with_new_lengths(backend):
+    """No host sync inside the op: it captures into a CUDA graph, and a replay after lengths change
+    in place uses the new lengths (the split count never depended on them)."""
+    q, k, v, lens = make_inputs(2, 8, 2, 3000, 128, torch.bfloat16, "cuda", [3000, 1, 0, 1000])
+    skip_unless_supported(DECODE_ATTENTION, (q, k, v, lens, 128 ** -0.5), backend)
+    with vtattn.use_backend(backend):
+        vtattn.decode_attention(q, k, v, lens)  # compilation and allocator warm-up, outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = vtattn.decode_attention(q, k, v, lens)
+    lens.copy_(torch.tensor([[17, 3000], [5, 0]], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = naive_decode(q, k, v, lens.cpu(), 128 ** -0.5)
+    torch.testing.assert_close(out.double().cpu(), want, atol=OUT_TOL[torch.bfloat16], rtol=0)
+
 def test_reference_matches_float64():
     q, k, v, lens = make_inputs(2, 8, 2, 40, 72, torch.float64, "cpu", [0, 40, 7, 1], "strided")
     torch.testing.assert_close(vtattn.reference.decode_attention(q, k, v, lens, 0.3),

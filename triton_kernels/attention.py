@@ -21,6 +21,38 @@ def attn_tile(acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED: tl.constexpr, P
     return acc, m_i, l_i
 
 
+@triton.jit
+def sweep_keys(q, k_ptrs, v_ptrs, stride_kn, stride_vn, row_lo, offs_m, Nq, Nk, qk_scale,
+               CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A query tile (rows offs_m, starting at row_lo) against every key it sees -> (out fp32, lse).
+    k_ptrs/v_ptrs point at key 0's tile; shared by the dense and varlen kernels."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = tl.arange(0, BLOCK_D) < HEAD_DIM
+    causal_off = Nk - Nq
+    full, end = key_range(row_lo, tl.minimum(row_lo + BLOCK_M, Nq) - 1, Nk, causal_off,
+                          CAUSAL, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, full, BLOCK_N):  # tiles every row sees entirely: no masks
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=d_ok[None, :], other=0.0)
+        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, k, v, qk_scale, None, False, PRECISION)
+    for start_n in range(full, end, BLOCK_N):  # the diagonal (causal) and the ragged last tile
+        cols = start_n + offs_n
+        kv_mask = (cols < Nk)[:, None] & d_ok[None, :]
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+        visible = (cols < Nk)[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_off)
+        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, k, v, qk_scale, visible, True, PRECISION)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows without visible keys: 0, not NaN
+    return out, finish_lse(m_i, l_i)
+
+
 def _space(esize, bd):
     if esize == 4:
         return tiles(*fp32_tiles(bd))
@@ -68,30 +100,11 @@ def _attention_fwd_kernel(Q, K, V, Out, Lse,
     k_ptrs = K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
-    causal_off = Nk - Nq
-    full, end = key_range(tile_m * BLOCK_M, tl.minimum(tile_m * BLOCK_M + BLOCK_M, Nq) - 1, Nk, causal_off,
-                          CAUSAL, BLOCK_N)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, full, BLOCK_N):  # tiles every row sees entirely: no masks
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=d_ok[None, :], other=0.0)
-        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, k, v, qk_scale, None, False, PRECISION)
-    for start_n in range(full, end, BLOCK_N):  # the diagonal (causal) and the ragged last tile
-        cols = start_n + offs_n
-        kv_mask = (cols < Nk)[:, None] & d_ok[None, :]
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
-        visible = (cols < Nk)[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_off)
-        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, k, v, qk_scale, visible, True, PRECISION)
-
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows without visible keys: 0, not NaN
+    out, lse = sweep_keys(q, k_ptrs, v_ptrs, stride_kn, stride_vn, tile_m * BLOCK_M, offs_m, Nq, Nk, qk_scale,
+                          CAUSAL, HEAD_DIM, BLOCK_D, PRECISION, BLOCK_M, BLOCK_N)
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=(offs_m < Nq)[:, None] & d_ok[None, :])
-    tl.store(Lse + bh.to(tl.int64) * Nq + offs_m, finish_lse(m_i, l_i), mask=offs_m < Nq)
+    tl.store(Lse + bh.to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
 
 
 _attention_fwd = Tuned(_attention_fwd_kernel, key=["TUNE_KEY", "BLOCK_D", "CAUSAL"], space=_space,

@@ -1,9 +1,9 @@
 """Varlen (packed) flash-attention forward in Triton: the attention kernel's loop per sequence."""
 import torch
 
-from ._common import (LOG2E, Tuned, block_d, check_tensors, dot_precision, finish_lse, key_range, on_device,
-                      stride_align, strides, tl, triton, tune_key)
-from .attention import _space, attn_tile
+from ._common import (LOG2E, Tuned, block_d, check_tensors, dot_precision, on_device, stride_align, strides, tl,
+                      triton, tune_key)
+from .attention import _space, sweep_keys
 
 
 def supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale) -> str | None:
@@ -52,31 +52,12 @@ def _varlen_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
     k_ptrs = K + (k0 + offs_n)[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :] * stride_kd
     v_ptrs = V + (k0 + offs_n)[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :] * stride_vd
 
-    causal_off = Nk - Nq
     # A tile past the sequence's end has row_hi < row_lo: an empty key range.
-    full, end = key_range(tile_m * BLOCK_M, tl.minimum(tile_m * BLOCK_M + BLOCK_M, Nq) - 1, Nk, causal_off,
-                          CAUSAL, BLOCK_N)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, full, BLOCK_N):  # tiles every row sees entirely: no masks
-        k = tl.load(k_ptrs + start_n * stride_kt, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vt, mask=d_ok[None, :], other=0.0)
-        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, k, v, qk_scale, None, False, PRECISION)
-    for start_n in range(full, end, BLOCK_N):  # the diagonal (causal) and the ragged last tile
-        cols = start_n + offs_n
-        kv_mask = (cols < Nk)[:, None] & d_ok[None, :]
-        k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
-        visible = (cols < Nk)[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + causal_off)
-        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, k, v, qk_scale, visible, True, PRECISION)
-
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows without visible keys: 0, not NaN
+    out, lse = sweep_keys(q, k_ptrs, v_ptrs, stride_kt, stride_vt, tile_m * BLOCK_M, offs_m, Nq, Nk, qk_scale,
+                          CAUSAL, HEAD_DIM, BLOCK_D, PRECISION, BLOCK_M, BLOCK_N)
     tl.store(Out + (q0 + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + h * Tq + q0 + offs_m, finish_lse(m_i, l_i), mask=row_ok)
+    tl.store(Lse + h * Tq + q0 + offs_m, lse, mask=row_ok)
 
 
 _varlen_fwd = Tuned(_varlen_fwd_kernel, key=["TUNE_KEY", "BLOCK_D", "CAUSAL"], space=_space,

@@ -12,8 +12,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None):
     (b, g) attend to keys [0, lengths[b, g]) only. A length of 0 gives an all-zero output row.
     scale: defaults to D ** -0.5.
     Returns [B, Hq, 1, D] in q's dtype. No host synchronisation in the op itself (CUDA-graph
-    safe); the eager argument check of the length range syncs once and is skipped under
-    torch.compile.
+    safe); the eager check of the length range syncs once, and is skipped under torch.compile
+    and while a CUDA graph is being captured.
     """
     if _checks.checking():
         _checks.decode_inputs(q, k_cache, v_cache, lengths)
