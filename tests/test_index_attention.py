@@ -42,7 +42,7 @@ def make(case, dtype, device="cpu", seed=0):
 def naive(q, k, v, idx, kv_counts, causal, q_positions=None, kv_positions=None, scale=None):
     """float64 masked dense attention: key j's weight is exp(logit) times how often it is listed."""
     B, Hq, Nq, D = q.shape
-    Hkv, Nk, L = k.shape[1], k.shape[2], idx.shape[2]
+    Hkv, Nk = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else scale
     qp = torch.arange(Nq) + Nk - Nq if q_positions is None else q_positions.cpu()
     kp = torch.arange(Nk) if kv_positions is None else kv_positions.cpu()

@@ -36,6 +36,11 @@ def _compiled(op, device_type):
     return Backend(supports, run_)
 
 
+def _reference(fn):
+    """The pure-PyTorch specification as a backend: it runs every input."""
+    return Backend(lambda *args: None, fn)
+
+
 def _triton_backend(op):
     def supports(*args):
         try:
@@ -105,7 +110,7 @@ ATTENTION = _define(
         "cuda": _with_layout(_compiled("attention", "cuda")),
         "cpp": _with_layout(_compiled("attention", "cpu")),
         "triton": _with_layout(_triton_backend("attention")),
-        "torch": _with_layout(Backend(lambda *a: None, reference.attention)),
+        "torch": _with_layout(_reference(reference.attention)),
     },
     _attention_fake,
     lambda device, dtype: (*_sample_qkv(device, dtype), False, 0.125),
@@ -125,7 +130,7 @@ KEY_IMPORTANCE = _define(
         "cuda": _compiled("key_importance", "cuda"),
         "cpp": _compiled("key_importance", "cpu"),
         "triton": _triton_backend("key_importance"),
-        "torch": Backend(lambda *a: None, reference.key_importance),
+        "torch": _reference(reference.key_importance),
     },
     _key_importance_fake,
     lambda device, dtype: (*_sample_qkv(device, dtype)[:2], None, None, False, 0.125),
@@ -148,7 +153,7 @@ SELECT_TOKENS = _define(
         "cuda": _compiled("select_tokens", "cuda"),
         "cpp": _compiled("select_tokens", "cpu"),
         "triton": _triton_backend("select_tokens"),
-        "torch": Backend(lambda *a: None, reference.select_tokens),
+        "torch": _reference(reference.select_tokens),
     },
     _select_tokens_fake,
     lambda device, dtype: (torch.zeros(2, 64, device=device, dtype=dtype),
@@ -171,7 +176,7 @@ GATHER_TOKENS = _define(
         "cuda": _compiled("gather_tokens", "cuda"),
         "cpp": _compiled("gather_tokens", "cpu"),
         "triton": _triton_backend("gather_tokens"),
-        "torch": Backend(lambda *a: None, reference.gather_tokens),
+        "torch": _reference(reference.gather_tokens),
     },
     _gather_tokens_fake,
     lambda device, dtype: (torch.zeros(2, 64, 32, device=device, dtype=dtype),
@@ -192,7 +197,7 @@ MERGE_TOKENS = _define(
         "cuda": _compiled("merge_tokens", "cuda"),
         "cpp": _compiled("merge_tokens", "cpu"),
         "triton": _triton_backend("merge_tokens"),
-        "torch": Backend(lambda *a: None, reference.merge_tokens),
+        "torch": _reference(reference.merge_tokens),
     },
     _merge_tokens_fake,
     lambda device, dtype: (torch.zeros(2, 64, 32, device=device, dtype=dtype),
@@ -221,7 +226,7 @@ VARLEN_ATTENTION = _define(
     {
         "cpp": _compiled("varlen_attention", "cpu"),
         "triton": _triton_backend("varlen_attention"),
-        "torch": Backend(lambda *a: None, reference.varlen_attention),
+        "torch": _reference(reference.varlen_attention),
     },
     _varlen_attention_fake,
     _sample_varlen,
@@ -271,10 +276,35 @@ DECODE_ATTENTION = _define(
         "cuda": _compiled("decode_attention", "cuda"),
         "cpp": _compiled("decode_attention", "cpu"),
         "triton": _triton_backend("decode_attention"),
-        "torch": Backend(lambda *a: None, reference.decode_attention),
+        "torch": _reference(reference.decode_attention),
     },
     _decode_attention_fake,
     lambda device, dtype: (torch.zeros(2, 4, 1, 64, device=device, dtype=dtype),
                            *[torch.zeros(2, 2, 32, 64, device=device, dtype=dtype)] * 2,
                            torch.full((2, 2), 17, dtype=torch.int32, device=device), 0.125),
+)
+
+
+# ---- block_sparse_attention ----------------------------------------------------------------
+
+def _block_sparse_attention_fake(q, k, v, kv_num_blocks, kv_indices, block_size, causal, scale):
+    return _attention_fake(q, k, v, causal, scale)
+
+
+def _sample_block_sparse(device, dtype):
+    q, k, v = _sample_qkv(device, dtype)  # Nq 16, Nk 32: one query block of 16 over key block 1 of 2
+    num = torch.ones(1, 1, 1, dtype=torch.int32, device=device)
+    return q, k, v, num, torch.tensor([[[[1, 0]]]], dtype=torch.int32, device=device), 16, False, 0.125
+
+
+BLOCK_SPARSE_ATTENTION = _define(
+    "block_sparse_attention",
+    "block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, int block_size, "
+    "bool causal, float scale) -> (Tensor, Tensor)",
+    {
+        "triton": _triton_backend("block_sparse_attention"),
+        "torch": _with_layout(_reference(reference.block_sparse_attention)),
+    },
+    _block_sparse_attention_fake,
+    _sample_block_sparse,
 )

@@ -6,6 +6,10 @@ index_attention (per-head kept keys), each at keep ratios KEEPS of the shape's N
   outside the timing), and a Python loop of one SDPA call per sequence.
 - index: every (batch, kv head) keeps its own keep x N keys (ascending); all N queries. Baseline:
   gather K/V (and, causal, the mask from the kept positions) then SDPA, all timed.
+- block_sparse: each query block keeps a random (1 - sparsity) share of the key blocks it can see
+  (causal: up to the diagonal, which is always kept), per query head. Baselines: FlexAttention with
+  the same BlockMask (built and compiled outside the timing; eager on CPU, where compiling it takes
+  minutes) and dense SDPA over every key.
 FLOPs: 4 * Hq * D * visible (query, key) pairs, from the exact lists (fixed per case, not per seed).
 """
 from itertools import accumulate
@@ -125,4 +129,78 @@ def index_cases(name, s, backends):
     return cases
 
 
-BUILDERS = {"varlen_attention": varlen_cases, "index_attention": index_cases}
+SPARSITIES = (0.5, 0.9)
+
+
+def _block_lists(s, bs, sparsity):
+    """Fixed lists [1, Hq, Q_blocks, K_blocks]: a random share of each query block's visible key blocks."""
+    qb = kb = -(-s["N"] // bs)
+    g = torch.Generator().manual_seed(0)
+    seen = torch.ones(qb, kb, dtype=torch.bool).tril() if s["causal"] else torch.ones(qb, kb, dtype=torch.bool)
+    keep = (seen.sum(-1, keepdim=True) * (1 - sparsity)).ceil()  # per query block, at least 1
+    rank = torch.where(seen, torch.rand(1, s["Hq"], qb, kb, generator=g), 2.0).argsort(-1).argsort(-1)
+    blocks = rank < keep
+    if s["causal"]:
+        blocks |= torch.eye(qb, dtype=torch.bool)  # the diagonal: no row without keys
+    return blocks
+
+
+def _block_pairs(s, bs, blocks):
+    """Visible (query, key) pairs of the listed blocks (causal masked), over the batch and heads."""
+    n, kb = s["N"], blocks.shape[-1]
+    rows = torch.arange(n)[:, None]
+    lo = torch.arange(kb)[None, :] * bs
+    hi = (rows + 1 if s["causal"] else torch.full_like(rows, n)).clamp(max=n)  # keys < hi are visible
+    per_row = (torch.minimum(hi, (lo + bs).clamp(max=n)) - lo).clamp(min=0)  # [N, K_blocks]
+    per_block = torch.zeros(blocks.shape[-2], kb, dtype=torch.long).index_add_(0, rows[:, 0] // bs, per_row)
+    return s["B"] * int((blocks * per_block).sum())
+
+
+def _flex_impl(s, bs):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    impl = Impl("flex", None, role="baseline", note="BlockMask built and compiled outside the timing")
+    fn = {}
+
+    def prep(x):
+        if "call" not in fn:  # compiling flex on CPU takes minutes: there it runs eagerly (dense scores)
+            cuda = x["q"].device.type == "cuda"
+            fn["call"] = torch.compile(flex_attention) if cuda else flex_attention
+            if not cuda:
+                impl.note = "eager (unfused) on CPU: a correctness baseline, not a speed one"
+        return {**x, "mask": vtattn.sparse.to_flex_block_mask(x["num"], x["idx"], bs, s["N"], s["N"],
+                                                              causal=s["causal"])}
+
+    impl.prep = prep
+    impl.call = lambda x: fn["call"](x["q"], x["k"], x["v"], block_mask=x["mask"], scale=s["D"] ** -0.5,
+                                     enable_gqa=s["Hq"] != s["Hkv"])
+    return impl
+
+
+def block_sparse_cases(name, s, backends):
+    bs = 128 if s["N"] >= 2048 else 64 if s["N"] >= 512 else 16  # at least a few blocks at CPU sizes
+    cases = []
+    for sparsity in SPARSITIES:
+        blocks = _block_lists(s, bs, sparsity)
+        num, idx = vtattn.sparse.from_dense_blocks(blocks)
+
+        def make(device, dtype, seed, num=num, idx=idx):
+            g = torch.Generator(device=device).manual_seed(seed)
+            r = lambda h: torch.randn(s["B"], h, s["N"], s["D"], device=device, dtype=dtype, generator=g)  # noqa: E731
+            return {"q": r(s["Hq"]), "k": r(s["Hkv"]), "v": r(s["Hkv"]), "num": num.to(device), "idx": idx.to(device)}
+
+        c = Case("block_sparse_attention", f"{name}:sparsity-{sparsity}", {**s, "sparsity": sparsity, "block_size": bs},
+                 make, flops=4 * s["D"] * _block_pairs(s, bs, blocks))
+        c.impls = _vtattn_impls(backends, lambda x: vtattn.block_sparse_attention(
+            x["q"], x["k"], x["v"], x["num"], x["idx"], block_size=bs, causal=s["causal"]))
+        # flex first: outputs are checked against the first baseline, and it computes the same thing.
+        c.impls.append(_flex_impl(s, bs))
+        c.impls.append(Impl("sdpa-dense", lambda x: F.scaled_dot_product_attention(
+            x["q"], x["k"], x["v"], is_causal=s["causal"], scale=s["D"] ** -0.5, enable_gqa=s["Hq"] != s["Hkv"]),
+            role="baseline", note="every key"))
+        cases.append(c)
+    return cases
+
+
+BUILDERS = {"varlen_attention": varlen_cases, "index_attention": index_cases,
+            "block_sparse_attention": block_sparse_cases}

@@ -1,5 +1,6 @@
 """Pure-PyTorch specifications of every vtattn op: the ground truth the kernels are tested against."""
 from .attention import attention
+from .block_sparse_attention import block_sparse_attention
 from .decode_attention import decode_attention
 from .gather_tokens import gather_tokens
 from .index_attention import index_attention
@@ -8,4 +9,4 @@ from .merge_tokens import merge_tokens
 from .select_tokens import select_tokens
 from .varlen_attention import varlen_attention
 
-__all__ = ["attention", "decode_attention", "gather_tokens", "key_importance", "merge_tokens", "select_tokens", "varlen_attention", "index_attention"]
+__all__ = ["attention", "block_sparse_attention", "decode_attention", "gather_tokens", "key_importance", "merge_tokens", "select_tokens", "varlen_attention", "index_attention"]

@@ -1,0 +1,251 @@
+"""Prefill KV keep-set policies: one layer's prompt q [B, Hq, L, D] and k [B, Hkv, L, D] (after
+RoPE) -> a KeepSet per (batch, kv head). Scores come from `vtattn.key_importance` (exact attention
+mass, no L x L tensor) reduced over each GQA group (mean, or max with reduce="max").
+
+`select(q, k, *, modality=None, lse=None, causal=True)`: modality is bool [B, L] (True = image
+token) or int64 image span ids [B, L] (-1 = text); lse is the fp32 [B, Hq, L] LSE of the prompt's
+attention (`vtattn.attention(..., return_lse=True)`), which saves recomputing it.
+
+Every policy is a plan -- keys always kept (`forced`), keys it may choose (`allowed`), how many
+to choose per head (`free`), scores (higher = keep) -- then a per-head top-`free`; the wrappers
+`Modality` and `AdaKV` rewrite the plan or the choice and compose either way round."""
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.key_importance import key_importance
+from .budgets import adakv_allocate, cap_per_image, check_budget, check_window, image_spans, tokens, top_free
+
+MERGE_MODES = (None, "avg", "pivotal", "weighted")
+
+
+@dataclass
+class KeepSet:
+    """indices int64 [B, Hkv, K]: kept original positions, ascending, -1 padded past counts[b, h];
+    counts int64 [B, Hkv]; scores fp32 [B, Hkv, L]: the GQA-reduced scores the policy ranked by."""
+    indices: torch.Tensor
+    counts: torch.Tensor
+    scores: torch.Tensor
+
+    @classmethod
+    def from_mask(cls, keep, scores):
+        L = keep.shape[-1]
+        counts = keep.sum(-1)
+        pos = torch.where(keep, torch.arange(L, device=keep.device), L).sort(-1).values
+        indices = pos[..., :int(counts.max())]
+        return cls(indices.masked_fill(indices == L, -1), counts, scores)
+
+    @property
+    def mask(self):
+        """bool [B, Hkv, L]: True where kept."""
+        B, H, L = self.scores.shape
+        keep = torch.zeros(B, H, L + 1, dtype=torch.bool, device=self.scores.device)
+        return keep.scatter(-1, torch.where(self.indices < 0, L, self.indices), True)[..., :L]  # pads -> column L
+
+
+class Plan(NamedTuple):
+    scores: torch.Tensor   # fp32 [B, Hkv, L]
+    forced: torch.Tensor   # bool [B, Hkv, L]
+    allowed: torch.Tensor  # bool [B, Hkv, L]
+    free: torch.Tensor     # int64 [B, Hkv]
+
+
+class Policy:
+    def select(self, q, k, *, modality=None, lse=None, causal=True):
+        _check_inputs(q, k, modality)
+        plan = self._plan(q, k, modality, lse, causal)
+        return KeepSet.from_mask(self._keep(plan), plan.scores)
+
+    def _keep(self, plan):
+        return plan.forced | top_free(plan.scores, plan.allowed & ~plan.forced, plan.free)
+
+    def _scores(self, q, k, rows, lse, causal):
+        s = key_importance(q, k, rows=rows, lse=lse, causal=causal)
+        B, Hkv, L = k.shape[:3]
+        s = s.view(B, Hkv, -1, L)
+        return s.mean(2) if self.reduce == "mean" else s.amax(2)
+
+
+def _check_reduce(reduce):
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"reduce must be 'mean' or 'max' (over a GQA group), got {reduce!r}")
+    return reduce
+
+
+def _check_inputs(q, k, modality):
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4):
+        raise ValueError("q and k must be 4-D tensors [B, H, L, D]")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, L and D "
+                         "(one layer's prompt)")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"the query head count {q.shape[1]} of q must be a multiple of the kv head count "
+                         f"{k.shape[1]} of k (GQA)")
+    if modality is not None:
+        if not isinstance(modality, torch.Tensor) or modality.shape != (q.shape[0], q.shape[2]):
+            raise ValueError(f"modality must be a tensor of shape [B, L] = {(q.shape[0], q.shape[2])}, got "
+                             f"{tuple(modality.shape) if isinstance(modality, torch.Tensor) else modality!r}")
+        if modality.dtype != torch.bool and (modality.dtype.is_floating_point or modality.dtype.is_complex):
+            raise TypeError(f"modality must be bool (True = image) or integer span ids, got {modality.dtype}")
+
+
+def _positions(k):
+    return torch.arange(k.shape[2], device=k.device)
+
+
+def _heads(mask, k):
+    """[L] or [B, L] bool -> [B, Hkv, L]."""
+    return mask.expand(k.shape[0], k.shape[2])[:, None].expand(k.shape[:3])
+
+
+def _full(k, n):
+    return torch.full(k.shape[:2], n, dtype=torch.int64, device=k.device)
+
+
+class LookM(Policy):
+    """LOOK-M (text prior): score = attention mass from every prompt row. hh = int(budget * L),
+    rc = int(recent * L) (or counts): keep the last rc tokens, every text token and, where hh
+    exceeds the text tokens outside that window, the top image tokens by score to fill hh.
+    `merge` ("avg" | "pivotal" | "weighted" | None) is stored for the cache, which folds the
+    evicted image KV into kept tokens; the keep-set does not depend on it. Needs `modality`."""
+
+    def __init__(self, budget, recent, merge=None, *, reduce="mean"):
+        check_budget(budget)
+        check_window(recent, "recent")
+        if merge not in MERGE_MODES:
+            raise ValueError(f"merge must be None, 'avg', 'pivotal' or 'weighted', got {merge!r}")
+        self.budget, self.recent, self.merge, self.reduce = budget, recent, merge, _check_reduce(reduce)
+
+    def _plan(self, q, k, modality, lse, causal):
+        if modality is None:
+            raise ValueError("LookM needs modality (which prompt tokens are image tokens)")
+        L = k.shape[2]
+        window = _positions(k) >= L - tokens(self.recent, L)
+        text = image_spans(modality) < 0
+        free = (tokens(self.budget, L) - (text & ~window).sum(-1)).clamp(min=0)
+        forced = _heads(window | text, k)
+        return Plan(self._scores(q, k, "all", lse, causal), forced, ~forced, free[:, None].expand(k.shape[:2]))
+
+
+class SnapKV(Policy):
+    """SnapKV: scores = attention mass from the last `window` prompt rows, GQA-reduced, then pooled
+    along the keys before the window (1-D max/avg pool of odd `kernel`, same padding, as SnapKV
+    pools only those); keep the window plus the top (budget tokens - window) of the rest (none when the
+    budget is under the window: the window is always kept). The
+    window's own scores are returned unpooled (they are never ranked)."""
+
+    def __init__(self, budget, window=32, kernel=7, pool="max", *, reduce="mean"):
+        check_budget(budget)
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int count of query rows >= 1, got {window!r}")
+        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"kernel must be an odd positive int (same-length pooling), got {kernel!r}")
+        if pool not in ("max", "avg"):
+            raise ValueError(f"pool must be 'max' or 'avg', got {pool!r}")
+        self.budget, self.window, self.kernel, self.pool = budget, window, kernel, pool
+        self.reduce = _check_reduce(reduce)
+
+    def _plan(self, q, k, modality, lse, causal):
+        L, W = k.shape[2], self.window
+        if W > L:
+            raise ValueError(f"window={W} is larger than the prompt ({L} tokens)")
+        s = self._scores(q, k, slice(L - W, L), lse, causal)
+        if L > W:
+            pool = F.max_pool1d if self.pool == "max" else F.avg_pool1d
+            head = pool(s[..., :L - W].flatten(0, 1)[:, None], self.kernel, 1, self.kernel // 2)
+            s = torch.cat([head.view(*s.shape[:2], L - W), s[..., L - W:]], -1)
+        forced = _heads(_positions(k) >= L - W, k)
+        return Plan(s, forced, ~forced, _full(k, max(tokens(self.budget, L) - W, 0)))
+
+
+class H2O(Policy):
+    """H2O: score = accumulated attention from every prompt row (column sums); keep the last
+    `recent` tokens plus the top int(budget * L) heavy hitters of the rest."""
+
+    def __init__(self, budget, recent, *, reduce="mean"):
+        check_budget(budget)
+        check_window(recent, "recent")
+        self.budget, self.recent, self.reduce = budget, recent, _check_reduce(reduce)
+
+    def _plan(self, q, k, modality, lse, causal):
+        L = k.shape[2]
+        forced = _heads(_positions(k) >= L - tokens(self.recent, L), k)
+        return Plan(self._scores(q, k, "all", lse, causal), forced, ~forced, _full(k, tokens(self.budget, L)))
+
+
+class KeyNorm(Policy):
+    """KNorm baseline: keep the keys with the LOWEST L2 norm (low-norm keys draw high attention,
+    Devoto et al. 2024); scores are the negated norms so that higher still means keep."""
+
+    def __init__(self, budget):
+        check_budget(budget)
+        self.budget = budget
+
+    def _plan(self, q, k, modality, lse, causal):
+        none = torch.zeros(k.shape[:3], dtype=torch.bool, device=k.device)
+        return Plan(-k.float().norm(dim=-1), none, ~none, _full(k, tokens(self.budget, k.shape[2])))
+
+
+class StreamingLLM(Policy):
+    """StreamingLLM: the first `sinks` and the last `window` tokens (a prompt no longer than
+    sinks + window is kept whole); scores are 1 where kept, 0 elsewhere."""
+
+    def __init__(self, sinks, window):
+        for name, n in (("sinks", sinks), ("window", window)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+        if sinks + window == 0:
+            raise ValueError("sinks + window must be >= 1")
+        self.sinks, self.window = sinks, window
+
+    def _plan(self, q, k, modality, lse, causal):
+        pos = _positions(k)
+        forced = _heads((pos < self.sinks) | (pos >= k.shape[2] - self.window), k)
+        return Plan(forced.float(), forced, ~forced, _full(k, 0))
+
+
+class Modality(Policy):
+    """Modality-aware limits around a policy: `keep_text` forces every text token (counted against
+    the policy's chosen budget, so the total stays), `max_per_image` caps the tokens chosen by score
+    in each image span (keys a policy always keeps, e.g. its window, are not capped)."""
+
+    def __init__(self, policy, *, keep_text=True, max_per_image=None):
+        if max_per_image is not None and (isinstance(max_per_image, bool) or not isinstance(max_per_image, int)
+                                          or max_per_image < 0):
+            raise ValueError(f"max_per_image must be None or an int >= 0, got {max_per_image!r}")
+        self.policy, self.keep_text, self.max_per_image = policy, keep_text, max_per_image
+
+    def _plan(self, q, k, modality, lse, causal):
+        if modality is None:
+            raise ValueError("Modality needs modality (which prompt tokens are image tokens)")
+        scores, forced, allowed, free = self.policy._plan(q, k, modality, lse, causal)
+        spans = image_spans(modality)
+        if self.keep_text:
+            text = _heads(spans < 0, k)
+            free = (free - (text & ~forced).sum(-1)).clamp(min=0)
+            forced, allowed = forced | text, allowed & ~text
+        if self.max_per_image is not None:
+            allowed = cap_per_image(scores, allowed & ~forced, spans, self.max_per_image)
+        return Plan(scores, forced, allowed, free)
+
+    def _keep(self, plan):
+        return self.policy._keep(plan)
+
+
+class AdaKV(Policy):
+    """AdaKV around a policy (SnapKV, H2O, ...): the layer's chosen budget summed over the kv heads
+    is shared by one top-k over all heads, each head first getting its top int(floor * budget)
+    (see `budgets.adakv_allocate`); the policy's always-kept keys stay per head."""
+
+    def __init__(self, policy, floor=0.2):
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
+            raise ValueError(f"floor must be a fraction in [0, 1], got {floor!r}")
+        self.policy, self.floor = policy, float(floor)
+
+    def _plan(self, q, k, modality, lse, causal):
+        return self.policy._plan(q, k, modality, lse, causal)
+
+    def _keep(self, plan):
+        return plan.forced | adakv_allocate(plan.scores, plan.allowed & ~plan.forced, plan.free, self.floor)

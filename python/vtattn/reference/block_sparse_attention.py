@@ -1,0 +1,28 @@
+import torch
+
+from ._common import expand_kv, logits
+
+
+def block_mask(kv_num_blocks, kv_indices, block_size: int, nq: int, nk: int) -> torch.Tensor:
+    """Dense bool [B', H', Nq, Nk] of a FlexAttention-style block list: key j is listed for row i iff
+    block j // block_size is among the first kv_num_blocks[.., i // block_size] of kv_indices."""
+    kb = kv_indices.shape[-1]
+    listed = torch.arange(kb, device=kv_indices.device) < kv_num_blocks[..., None]
+    # Unlisted entries are sent to a spare column kb, dropped after the scatter.
+    idx = torch.where(listed, kv_indices.long(), kb)
+    blocks = torch.zeros(*idx.shape[:-1], kb + 1, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
+    dense = blocks[..., :kb].repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)
+    return dense[..., :nq, :nk]
+
+
+def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, causal: bool, scale: float):
+    """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]; kv_num_blocks int32 [B or 1, Hq or 1, Q_blocks], kv_indices
+    int32 [B or 1, Hq or 1, Q_blocks, K_blocks] (broadcast over batch / heads). Row i sees key j iff j's
+    block is listed for i's block and, causal, j <= i + Nk - Nq. (out [B, Hq, Nq, D] in q's dtype,
+    lse [B, Hq, Nq] fp32); rows that see no key: out 0, lse -inf."""
+    s = logits(q, k, causal, scale)
+    s = s.masked_fill(~block_mask(kv_num_blocks, kv_indices, block_size, q.shape[2], k.shape[2]), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows without keys: -inf - -inf
+    out = torch.matmul(p, expand_kv(v, q.shape[1]).to(p.dtype))
+    return out.to(q.dtype), lse.float()
