@@ -22,25 +22,14 @@ def attn_tile(acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED: tl.constexpr, P
 
 
 @triton.jit
-def sweep_keys(q, k_ptrs, v_ptrs, stride_kn, stride_vn, row_lo, offs_m, Nq, Nk, qk_scale,
-               CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A query tile (rows offs_m, starting at row_lo) against every key it sees -> (out fp32, lse).
-    k_ptrs/v_ptrs point at key 0's tile; shared by the dense and varlen kernels."""
-    offs_n = tl.arange(0, BLOCK_N)
+def key_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start_n, offs_m, Nk, causal_off, qk_scale,
+             MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Keys [start_n, start_n + BLOCK_N) into the online softmax. MASKED for the ragged last tile and
+    the causal diagonal; tiles every row sees whole skip the masks."""
     d_ok = tl.arange(0, BLOCK_D) < HEAD_DIM
-    causal_off = Nk - Nq
-    full, end = key_range(row_lo, tl.minimum(row_lo + BLOCK_M, Nq) - 1, Nk, causal_off,
-                          CAUSAL, BLOCK_N)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, full, BLOCK_N):  # tiles every row sees entirely: no masks
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=d_ok[None, :], other=0.0)
-        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, k, v, qk_scale, None, False, PRECISION)
-    for start_n in range(full, end, BLOCK_N):  # the diagonal (causal) and the ragged last tile
-        cols = start_n + offs_n
+    if MASKED:
+        cols = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (cols < Nk)[:, None] & d_ok[None, :]
         k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
@@ -48,6 +37,31 @@ def sweep_keys(q, k_ptrs, v_ptrs, stride_kn, stride_vn, row_lo, offs_m, Nq, Nk, 
         if CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None] + causal_off)
         acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, k, v, qk_scale, visible, True, PRECISION)
+    else:
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=d_ok[None, :], other=0.0)
+        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, k, v, qk_scale, None, False, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def sweep_keys(q, k_ptrs, v_ptrs, stride_kn, stride_vn, row_lo, offs_m, Nq, Nk, qk_scale,
+               CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A query tile (rows offs_m, starting at row_lo) against every key it sees -> (out fp32, lse).
+    k_ptrs/v_ptrs point at key 0's tile; shared by the dense and varlen kernels."""
+    causal_off = Nk - Nq
+    full, end = key_range(row_lo, tl.minimum(row_lo + BLOCK_M, Nq) - 1, Nk, causal_off,
+                          CAUSAL, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, full, BLOCK_N):  # tiles every row sees entirely: no masks
+        acc, m_i, l_i = key_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start_n, offs_m, Nk,
+                                 causal_off, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    for start_n in range(full, end, BLOCK_N):  # the diagonal (causal) and the ragged last tile
+        acc, m_i, l_i = key_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start_n, offs_m, Nk,
+                                 causal_off, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows without visible keys: 0, not NaN
     return out, finish_lse(m_i, l_i)

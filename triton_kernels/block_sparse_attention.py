@@ -7,7 +7,7 @@ import torch
 
 from ._common import (LOG2E, Tuned, block_d, check_tensors, dot_precision, finish_lse, on_device, stride_align,
                       strides, tl, triton, tune_key)
-from .attention import _space, attn_tile
+from .attention import _space, key_tile
 
 MIN_TILE = 16  # the smallest tl.dot tile: block_size must be a multiple of it
 
@@ -79,18 +79,11 @@ def _block_sparse_fwd_kernel(Q, K, V, Out, Lse, Num, Idx,
         hi = tl.minimum(lo + BLOCK_SIZE, end)  # empty when the whole block is hidden (causal)
         for start_n in range(lo, hi, BLOCK_N):
             if start_n + BLOCK_N <= full:  # no mask: every row sees the whole tile
-                k = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[None, :], other=0.0)
-                v = tl.load(v_ptrs + start_n * stride_vn, mask=d_ok[None, :], other=0.0)
-                acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, k, v, qk_scale, None, False, PRECISION)
+                acc, m_i, l_i = key_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start_n, offs_m, Nk,
+                                         causal_off, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
             else:  # the causal diagonal or the ragged last key block
-                cols = start_n + offs_n
-                kv_mask = (cols < Nk)[:, None] & d_ok[None, :]
-                k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
-                v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
-                visible = (cols < Nk)[None, :]
-                if CAUSAL:
-                    visible = visible & (cols[None, :] <= offs_m[:, None] + causal_off)
-                acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, k, v, qk_scale, visible, True, PRECISION)
+                acc, m_i, l_i = key_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start_n, offs_m, Nk,
+                                         causal_off, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows without visible keys: 0, not NaN
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
