@@ -23,42 +23,21 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   float* lse_p = lse.data_ptr<float>();
 
   at::parallel_for(0, B * Hq * nblk, 1, [&](int64_t begin, int64_t end) {
-    // Per-chunk scratch, reused by every task of the chunk.
-    std::vector<float> qb(kBM * dp), kt(dp * kBN), vb(kBN * dp), s(kBM * kBN), acc(kBM * dp);
-    RowStats stats[kBM];
+    BlockScratch w(dp);  // per chunk, reused by every task of the chunk
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task % nblk, bh = task / nblk, b = bh / Hq, h = bh % Hq;
       const int64_t i0 = blk * kBM, m = std::min(kBM, Nq - i0), mp = round_up(m, kRowGroup);
       const Slice<T> qs(q, b, h), ks(k, b, h / group), vs(v, b, h / group);
-
-      load_rows(qs, m, mp, [&](int64_t r) { return i0 + r; }, D, dp, scale, qb.data());
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(stats, stats + kBM, RowStats{});
-      // The block's last row sees the most keys; tiles past it are skipped.
-      const int64_t kend = visible_end(i0 + m - 1, Nq, Nk, causal);
-      for (int64_t j0 = 0; j0 < kend; j0 += kBN) {
-        const int64_t n = std::min(kBN, Nk - j0);
-        load_keys_t(ks, j0, n, D, dp, kt.data());
-        load_rows(vs, n, kBN, [&](int64_t r) { return j0 + r; }, D, dp, 1.f, vb.data());
-        ops.qk(qb.data(), mp, dp, kt.data(), s.data());
-        for (int64_t r = 0; r < m; ++r) {
-          const int64_t vis = std::clamp<int64_t>(visible_end(i0 + r, Nq, Nk, causal) - j0, 0, n);
-          float* row = s.data() + r * kBN;
-          // row now holds unnormalised probabilities, 0 for masked and padded keys
-          const float alpha = stats[r].add(ops, row, vis);
-          if (alpha != 1.f)
-            for (int64_t c = 0; c < dp; ++c) acc[r * dp + c] *= alpha;
-        }
-        ops.pv(s.data(), mp, vb.data(), dp, acc.data());
-      }
+      load_rows(qs, m, mp, [&](int64_t r) { return i0 + r; }, D, dp, scale, w.qb.data());
+      attend_block(ops, ks, vs, 0, i0, m, mp, Nq, Nk, causal, D, dp, w);
 
       for (int64_t r = 0; r < m; ++r) {
         const int64_t row = bh * Nq + i0 + r;
         T* o = out_p + ((b * Nq + i0 + r) * Hq + h) * D;  // token-major [B, Nq, Hq, D] memory
         // A row that saw no key: out 0, lse -inf (not 0/0).
-        const float inv = stats[r].empty() ? 0.f : 1.f / stats[r].sum;
-        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(acc[r * dp + c] * inv);
-        lse_p[row] = stats[r].lse();
+        const float inv = w.stats[r].empty() ? 0.f : 1.f / w.stats[r].sum;
+        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(w.acc[r * dp + c] * inv);
+        lse_p[row] = w.stats[r].lse();
       }
     }
   });

@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define VTATTN_X86_LEVELS 1
@@ -333,5 +334,38 @@ struct RowStats {
   bool empty() const { return max == kNegInf; }  // no visible key so far
   float lse() const { return empty() ? kNegInf : max + std::log(sum); }
 };
+
+// One thread's scratch for a block of up to kBM query rows of flash-style attention.
+struct BlockScratch {
+  std::vector<float> qb, kt, vb, s, acc;  // scaled q rows, k^T tile, v tile, logits, output
+  RowStats stats[kBM];
+  explicit BlockScratch(int64_t dp) : qb(kBM * dp), kt(dp * kBN), vb(kBN * dp), s(kBM * kBN), acc(kBM * dp) {}
+};
+
+// Rows i0 .. i0 + m - 1 of a sequence of Nq queries (scaled, in w.qb, mp = m padded) against its
+// Nk keys, which start at row k0 of ks / vs: the online softmax into w.acc and w.stats, with the
+// end-aligned causal rule. Shared by the dense and varlen kernels.
+template <typename T>
+void attend_block(const TileOps& ops, const Slice<T>& ks, const Slice<T>& vs, int64_t k0, int64_t i0, int64_t m,
+                  int64_t mp, int64_t Nq, int64_t Nk, bool causal, int64_t D, int64_t dp, BlockScratch& w) {
+  std::fill(w.acc.begin(), w.acc.end(), 0.f);
+  std::fill(w.stats, w.stats + kBM, RowStats{});
+  // The block's last row sees the most keys; tiles past it are skipped.
+  const int64_t kend = visible_end(i0 + m - 1, Nq, Nk, causal);
+  for (int64_t j0 = 0; j0 < kend; j0 += kBN) {
+    const int64_t n = std::min(kBN, Nk - j0);
+    load_keys_t(ks, k0 + j0, n, D, dp, w.kt.data());
+    load_rows(vs, n, kBN, [&](int64_t r) { return k0 + j0 + r; }, D, dp, 1.f, w.vb.data());
+    ops.qk(w.qb.data(), mp, dp, w.kt.data(), w.s.data());
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t vis = std::clamp<int64_t>(visible_end(i0 + r, Nq, Nk, causal) - j0, 0, n);
+      // the row then holds unnormalised probabilities, 0 for masked and padded keys
+      const float alpha = w.stats[r].add(ops, w.s.data() + r * kBN, vis);
+      if (alpha != 1.f)
+        for (int64_t c = 0; c < dp; ++c) w.acc[r * dp + c] *= alpha;
+    }
+    ops.pv(w.s.data(), mp, w.vb.data(), dp, w.acc.data());
+  }
+}
 
 }  // namespace vtattn::cpu

@@ -26,8 +26,7 @@ void varlen_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   float* lse_p = lse.data_ptr<float>();
 
   at::parallel_for(0, B * Hq * nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qb(kBM * dp), kt(dp * kBN), vb(kBN * dp), s(kBM * kBN), acc(kBM * dp);
-    RowStats stats[kBM];
+    BlockScratch w(dp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task % nblk, bh = task / nblk, b = bh / Hq, h = bh % Hq;
       const int64_t q0 = cq[b], Nq = cq[b + 1] - q0, k0 = ck[b], Nk = ck[b + 1] - k0;
@@ -35,31 +34,15 @@ void varlen_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       if (i0 >= Nq) continue;
       const int64_t m = std::min(kBM, Nq - i0), mp = round_up(m, kRowGroup);
       const Slice<T> qs(q4, 0, h), ks(k4, 0, h / group), vs(v4, 0, h / group);
-
-      load_rows(qs, m, mp, [&](int64_t r) { return q0 + i0 + r; }, D, dp, scale, qb.data());
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(stats, stats + kBM, RowStats{});
-      const int64_t kend = visible_end(i0 + m - 1, Nq, Nk, causal);
-      for (int64_t j0 = 0; j0 < kend; j0 += kBN) {
-        const int64_t n = std::min(kBN, Nk - j0);
-        load_keys_t(ks, k0 + j0, n, D, dp, kt.data());
-        load_rows(vs, n, kBN, [&](int64_t r) { return k0 + j0 + r; }, D, dp, 1.f, vb.data());
-        ops.qk(qb.data(), mp, dp, kt.data(), s.data());
-        for (int64_t r = 0; r < m; ++r) {
-          const int64_t vis = std::clamp<int64_t>(visible_end(i0 + r, Nq, Nk, causal) - j0, 0, n);
-          const float alpha = stats[r].add(ops, s.data() + r * kBN, vis);
-          if (alpha != 1.f)
-            for (int64_t c = 0; c < dp; ++c) acc[r * dp + c] *= alpha;
-        }
-        ops.pv(s.data(), mp, vb.data(), dp, acc.data());
-      }
+      load_rows(qs, m, mp, [&](int64_t r) { return q0 + i0 + r; }, D, dp, scale, w.qb.data());
+      attend_block(ops, ks, vs, k0, i0, m, mp, Nq, Nk, causal, D, dp, w);
 
       for (int64_t r = 0; r < m; ++r) {
         const int64_t row = q0 + i0 + r;
         T* o = out_p + (row * Hq + h) * D;
-        const float inv = stats[r].empty() ? 0.f : 1.f / stats[r].sum;  // no keys: 0, lse -inf
-        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(acc[r * dp + c] * inv);
-        lse_p[h * Tq + row] = stats[r].lse();
+        const float inv = w.stats[r].empty() ? 0.f : 1.f / w.stats[r].sum;  // no keys: 0, lse -inf
+        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(w.acc[r * dp + c] * inv);
+        lse_p[h * Tq + row] = w.stats[r].lse();
       }
     }
   });
