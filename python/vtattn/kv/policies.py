@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from ..ops.key_importance import key_importance
 from .budgets import adakv_allocate, cap_per_image, check_budget, check_window, image_spans, tokens, top_free
+from .merge import MODES
 
-MERGE_MODES = (None, "avg", "pivotal", "weighted")
+MERGE_MODES = (None,) + MODES
 
 
 @dataclass

@@ -6,8 +6,12 @@ _ATTR = "_vtattn_patch"
 
 class State:
     """Per-model patch state: `original` is the forward the patch wraps (bound, unpatched) and
-    `previous` the instance-level forward it replaced, if any."""
+    `previous` the instance-level forward it replaced, if any. `restore` undoes whatever else the
+    patch changed (called by `unpatch`)."""
     original = previous = None
+
+    def restore(self):
+        pass
 
 
 def install(module, forward, state):
@@ -27,6 +31,7 @@ def unpatch(module):
     state = module.__dict__.pop(_ATTR, None)
     if state is None:
         return module
+    state.restore()
     if state.previous is None:
         del module.forward
     else:

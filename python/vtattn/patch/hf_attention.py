@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 import vtattn
+from ..kv._claim import claim
 
 NAME = "vtattn"
 
@@ -43,6 +44,9 @@ def probing(probes):
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                       is_causal=None, **kwargs):
+    layer = claim(key)  # keys a vtattn.kv.CompressedCache layer just returned
+    if layer is not None:
+        return layer.attend(query, key, value, attention_mask, scaling).transpose(1, 2), None
     probes = _PROBES.get()
     probe = probes.get(module) if probes else None
     if attention_mask is not None or (dropout and module.training):

@@ -12,6 +12,7 @@ import torch
 
 from . import _install
 from ._sequence import Shrink
+from .hf_attention import NAME, register_hf_attention
 from .vision import Selector
 
 
@@ -19,10 +20,9 @@ def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, a
     """Patch a LlavaForConditionalGeneration / LlavaNextForConditionalGeneration (or their
     Llava(Next)Model) in place and return it. keep: ratio in (0, 1] or int count per view (HiRED:
     per image); method: see vtattn.selection; merge: None, "mean" or "weighted"; alpha: HiRED's
-    share for the base view; kv: KV-cache compression (DESIGN.md's contract), not available yet.
-    `vtattn.patch.unpatch(model)` restores it."""
-    if kv is not None:
-        raise NotImplementedError("kv (KV-cache compression) is not available yet: pass kv=None")
+    share for the base view; kv: a `vtattn.kv` policy (or one per LLM layer, None = keep a layer
+    whole): every prefill's KV cache becomes a `vtattn.kv.CompressedCache` holding what it keeps
+    (the LLM then runs attn_implementation="vtattn"). `vtattn.patch.unpatch(model)` restores it."""
     from transformers import (LlavaForConditionalGeneration, LlavaModel, LlavaNextForConditionalGeneration,
                               LlavaNextModel)
     if not isinstance(model, (LlavaForConditionalGeneration, LlavaModel, LlavaNextForConditionalGeneration,
@@ -33,6 +33,8 @@ def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, a
     state = _Patch(base, dict(keep=keep, method=method, ensemble_layers=ensemble_layers, merge=merge,
                               alpha=alpha), anyres=isinstance(base, LlavaNextModel))
     state.selector(base.config.vision_feature_layer, base.config.vision_feature_select_strategy)  # check now
+    if kv is not None:
+        state.compress_kv(kv)
 
     def forward(input_ids=None, **kwargs):
         return state(input_ids, **kwargs)
@@ -53,6 +55,19 @@ class _Patch(_install.State):
         self.selectors = {}
         # cache object -> the Shrink of the prefill that filled it; gone with the cache.
         self.continuations = weakref.WeakKeyDictionary()
+        self.kv = self.attn_implementation = None
+
+    def compress_kv(self, policy):
+        from ..kv.cache import CompressedCache
+        CompressedCache(policy)  # checks the policy now
+        register_hf_attention()
+        text = self.base.language_model.config
+        self.kv, self.attn_implementation = policy, text._attn_implementation
+        text._attn_implementation = NAME
+
+    def restore(self):
+        if self.kv is not None:
+            self.base.language_model.config._attn_implementation = self.attn_implementation
 
     def selector(self, layer, strategy):
         if strategy not in ("default", "full"):
@@ -95,11 +110,22 @@ class _Patch(_install.State):
                       position_ids=shrink.positions(kwargs.get("position_ids")))
         if "labels" in kwargs:
             kwargs["labels"] = shrink.labels(kwargs["labels"])
+        if self.kv is not None:
+            cache = kwargs["past_key_values"] = self._compressed_cache(cache)
+            cache.modality = shrink.image
         out = self.original(None, **kwargs)
         for filled in (cache, getattr(out, "past_key_values", None)):
             if filled is not None:
                 self.continuations[filled] = shrink
         return out
+
+    def _compressed_cache(self, cache):
+        """The prefill's cache: the caller's CompressedCache, else a new one in place of an empty
+        cache (generate's DynamicCache): generate goes on with the one the forward returns."""
+        from ..kv.cache import CompressedCache
+        if isinstance(cache, CompressedCache):
+            return cache
+        return CompressedCache(self.kv)
 
     def _features(self, selector, pixel_values, image_sizes):
         """LLaVA: one view per image, every image the same budget (one batched selection)."""
