@@ -94,37 +94,43 @@ def _attend_ref(q, k, v, positions, q_pos):
     return s.softmax(-1) @ v.double()
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("policy", [None, kv.SnapKV(0.4, window=3), kv.H2O(5, 2)])
-def test_layer_compresses_then_appends_and_reads(policy):
+def test_layer_compresses_then_appends_and_reads(policy, device):
     g = torch.Generator().manual_seed(0)
-    B, Hq, Hkv, L, D = 2, 4, 2, 23, 16
-    q, k, v = (torch.randn(B, h, L, D, generator=g) for h in (Hq, Hkv, Hkv))
+    B, Hq, Hkv, L, D = 2, 4, 2, 23, 16 if device == "cpu" else 64
+    q, k, v = (torch.randn(B, h, L, D, generator=g).to(device) for h in (Hq, Hkv, Hkv))
     cache, layer = _layer(policy)
     assert layer.update(k, v) == (k, v)
     out = layer.attend(q, k, v, None, D ** -0.5)
+    tol = dict(atol=1e-5, rtol=1e-5) if device == "cpu" else dict(atol=2e-3, rtol=2e-3)  # tf32 on GPU
     torch.testing.assert_close(out.double(), _attend_ref(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                                         torch.arange(L), torch.arange(L)), atol=1e-5, rtol=1e-5)
+                                                         torch.arange(L, device=device),
+                                                         torch.arange(L, device=device)), **tol)
     keep = policy.select(q, k) if policy is not None else None
     kept = layer.pages.positions()
     if keep is not None:
         assert torch.equal(kept, keep.indices)
     else:
-        assert torch.equal(kept, torch.arange(L).expand(B, Hkv, L))
+        assert torch.equal(kept, torch.arange(L, device=device).expand(B, Hkv, L))
     allk, allv = k, v  # every token's k/v in original positions
     for step in range(7):  # past the headroom: pages grow
         n = 2 if step == 3 else 1  # a two-token step reads with causality among the new tokens
-        qn, kn, vn = (torch.randn(B, h, n, D, generator=g) for h in (Hq, Hkv, Hkv))
+        qn, kn, vn = (torch.randn(B, h, n, D, generator=g).to(device) for h in (Hq, Hkv, Hkv))
         allk, allv = torch.cat([allk, kn], 2), torch.cat([allv, vn], 2)
         layer.update(kn, vn)
         out = layer.attend(qn, None, None, None, D ** -0.5)
         pos = layer.pages.positions()
-        new = torch.arange(layer.seen - n, layer.seen)
+        new = torch.arange(layer.seen - n, layer.seen, device=device)
         for b in range(B):
             for h in range(Hkv):
                 p = pos[b, h][pos[b, h] >= 0]
                 assert p.tolist() == sorted(p.tolist()) and torch.equal(p[-n:], new)
                 ref = _attend_ref(qn[b, 2 * h:2 * h + 2], allk[b, h, p], allv[b, h, p], p, new)
-                torch.testing.assert_close(out[b, 2 * h:2 * h + 2].double(), ref, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(out[b, 2 * h:2 * h + 2].double(), ref, **tol)
     assert layer.get_seq_length() == L + 8 and layer.keys is None
 
 
@@ -305,3 +311,28 @@ def test_llava_kv_bad_arguments():
     ids, mask = prompts([[36]])
     with pytest.raises(ValueError, match="window=500"), torch.no_grad():
         model(input_ids=ids, attention_mask=mask, pixel_values=_images(1))
+
+
+@pytest.mark.gpu
+def test_llava_kv_on_cuda_fp16():
+    """The drop-in on CUDA (LLM head dim 64, GQA): budget 1.0 matches the unpatched logits; LOOK-M
+    generates from a cache a fraction of the size."""
+    from _vlm import _seeded, clip_config
+    text = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                    max_position_embeddings=1024, pad_token_id=0)
+    config = transformers.LlavaConfig(vision_config=clip_config(), text_config=text, image_token_index=100,
+                                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    model = _seeded(transformers.LlavaForConditionalGeneration, config, 0).to("cuda", torch.float16)
+    ids, mask = prompts([[36, 36], [36, 36, 36]])
+    inputs = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), pixel_values=_images(5).cuda().half())
+    with torch.no_grad():
+        before = model(**inputs).logits[:, -1].float()
+        vtattn.patch.llava(model, kv=kv.LookM(budget=1.0, recent=0.1))
+        torch.testing.assert_close(model(**inputs).logits[:, -1].float(), before, atol=5e-2, rtol=5e-2)
+        vtattn.patch.llava(model, kv=kv.LookM(budget=0.2, recent=0.1, merge="pivotal"))
+        cache = CompressedCache(kv.LookM(budget=0.2, recent=0.1, merge="pivotal"), room=8)
+        out = model.generate(**inputs, max_new_tokens=20, do_sample=False, past_key_values=cache)
+    assert out.shape == (2, ids.shape[1] + 20)  # 20 steps: past the headroom, pages grew
+    full = 2 * 2 * 2 * 2 * (ids.shape[1] + 20) * 64 * 2  # k and v, batch, layers, kv heads, tokens, D, fp16
+    assert cache.kv_bytes() < 0.7 * full
