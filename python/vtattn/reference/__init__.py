@@ -10,4 +10,5 @@ from .paged_decode_attention import paged_decode_attention
 from .select_tokens import select_tokens
 from .varlen_attention import varlen_attention
 
-__all__ = ["attention", "block_sparse_attention", "decode_attention", "gather_tokens", "key_importance", "merge_tokens", "paged_decode_attention", "select_tokens", "varlen_attention", "index_attention"]
+__all__ = ["attention", "block_sparse_attention", "decode_attention", "gather_tokens", "key_importance", "merge_tokens",
+           "paged_decode_attention", "select_tokens", "varlen_attention", "index_attention"]
