@@ -35,6 +35,10 @@ TORCH_LIBRARY(vtattn_C, m) {
   // One decode step: q [B, Hq, 1, D] over k_cache/v_cache [B, Hkv, L_cap, D] of which each (batch,
   // kv head) uses the first lengths[b, g] keys (int32 [B, Hkv], in [0, L_cap]; 0 gives zeros) -> [B, Hq, 1, D].
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor");
+  // decode_attention over a paged cache: k_pages/v_pages [num_pages, page_size, D], block_table int32
+  // [B, Hkv, max_pages]; token t of (b, g) is k_pages[block_table[b, g, t / page_size], t % page_size].
+  m.def("paged_decode_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, Tensor lengths, "
+        "float scale) -> Tensor");
 }
 
 // Importing vtattn._C loads the library and so registers the ops above.

@@ -5,7 +5,11 @@ the GQA group share each K/V tile, so the cache is read once per group. It write
 normalised partial output and log2-domain LSE; a merge kernel combines the splits of each query
 head by their LSE. The split count depends on shapes and the SM count only, never on `lengths`
 (no host sync, CUDA-graph safe): splits that start past a head's length do no work and the merge
-kernel skips them."""
+kernel skips them.
+
+The paged variant (paged_decode_attention.py) is the same kernel with a PAGE address path: key j of
+(b, g) is row j % PAGE of page BlockTable[b, g, j // PAGE] of the pool, looked up per key, so any
+page size works and a tile may straddle pages."""
 import functools
 
 import torch
@@ -41,14 +45,16 @@ def num_splits(cap: int, heads: int, device: torch.device) -> int:
 
 
 @triton.jit
-def _split_kernel(Q, K, V, Lengths, PartO, PartLse,
+def _split_kernel(Q, K, V, Lengths, Table, PartO, PartLse,
                   stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                  stride_vb, stride_vh, stride_vn, stride_vd, stride_lb, stride_lh,
+                  stride_vb, stride_vh, stride_vn, stride_vd, stride_lb, stride_lh, stride_tb, stride_th, stride_tp,
                   Hkv, Hq, GROUP, CHUNK, NUM_SPLITS, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PRECISION: tl.constexpr, ALIGN: tl.constexpr):
+                  PRECISION: tl.constexpr, ALIGN: tl.constexpr, PAGE: tl.constexpr):
     """Keys [split * CHUNK, min((split + 1) * CHUNK, length)) of one (batch, kv head) for its GROUP
-    query heads: PartO[b, h, split] = softmax-weighted V of those keys, PartLse = their log2 LSE."""
+    query heads: PartO[b, h, split] = softmax-weighted V of those keys, PartLse = their log2 LSE.
+    PAGE == 0: dense caches [B, Hkv, L_cap, D]. PAGE > 0: K, V are page pools [num_pages, PAGE, D]
+    (stride_kb / stride_kn: page / slot strides; stride_kh unused) addressed through Table."""
     bg = tl.program_id(0)  # B * Hkv on axis 0: axis 1 is limited to 65535
     split = tl.program_id(1)
     b = (bg // Hkv).to(tl.int64)
@@ -66,16 +72,28 @@ def _split_kernel(Q, K, V, Lengths, PartO, PartLse,
     # tl.dot needs at least 16 rows: rows past the group are zeros and never stored.
     q = tl.load(Q + (b * stride_qb + heads[:, None] * stride_qh) * ALIGN + offs_d[None, :] * stride_qd,
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-    k_ptrs = K + (b * stride_kb + g * stride_kh + offs_n[:, None] * stride_kn) * ALIGN + offs_d[None, :] * stride_kd
-    v_ptrs = V + (b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vn) * ALIGN + offs_d[None, :] * stride_vd
+    if PAGE == 0:
+        k_ptrs = K + (b * stride_kb + g * stride_kh + offs_n[:, None] * stride_kn) * ALIGN + offs_d[None, :] * stride_kd
+        v_ptrs = V + (b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vn) * ALIGN + offs_d[None, :] * stride_vd
+    else:
+        table = Table + b * stride_tb + g * stride_th
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         ok = (n0 + offs_n) < end
-        k = tl.load(k_ptrs + n0 * stride_kn * ALIGN, mask=ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_ptrs + n0 * stride_vn * ALIGN, mask=ok[:, None] & d_ok[None, :], other=0.0)
+        if PAGE == 0:
+            k = tl.load(k_ptrs + n0 * stride_kn * ALIGN, mask=ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs + n0 * stride_vn * ALIGN, mask=ok[:, None] & d_ok[None, :], other=0.0)
+        else:  # keys past `end` read no table entry (it may be -1) and no page
+            j = n0 + offs_n
+            page = tl.load(table + (j // PAGE) * stride_tp, mask=ok, other=0).to(tl.int64)
+            slot = (j % PAGE).to(tl.int64)
+            k = tl.load(K + ((page * stride_kb + slot * stride_kn) * ALIGN)[:, None] + offs_d[None, :] * stride_kd,
+                        mask=ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(V + ((page * stride_vb + slot * stride_vn) * ALIGN)[:, None] + offs_d[None, :] * stride_vd,
+                        mask=ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         qk = tl.where(ok[None, :], qk, float("-inf"))
         # Every tile has a valid key, so m_new is finite and exp2(-inf - m_new) = 0 on the first tile.
@@ -120,10 +138,14 @@ def _merge_kernel(PartO, PartLse, Lengths, Out, stride_lb, stride_lh, stride_ob,
 
 def decode_attention(q, k_cache, v_cache, lengths, scale: float):
     """out [B, Hq, 1, D] contiguous in q's dtype; inputs read through their strides."""
+    return launch(q, k_cache, v_cache, lengths, None, k_cache.shape[1], k_cache.shape[2], scale)
+
+
+def launch(q, k, v, lengths, table, Hkv, cap, scale):
+    """The split and merge kernels over `cap` key slots per (batch, kv head); table None: dense caches."""
     B, Hq, _, D = q.shape
-    Hkv, cap = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=q.device)
-    if out.numel() == 0 or cap == 0:  # nothing to launch (and no pointer into an empty cache)
+    if out.numel() == 0 or cap == 0 or k.numel() == 0:  # nothing to launch (and no pointer into an empty cache)
         return out.zero_()
     fp32 = q.dtype == torch.float32
     block_n = 32 if fp32 else 64  # fp32 dots run on FMA units: smaller tiles avoid spills
@@ -133,14 +155,20 @@ def decode_attention(q, k_cache, v_cache, lengths, scale: float):
     part_o = torch.empty((B * Hq * splits, D), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((B * Hq * splits,), dtype=torch.float32, device=q.device)
     q2 = q[:, :, 0]  # [B, Hq, D]: the singleton token dim carries no stride information
-    align = stride_align(q2, k_cache, v_cache)
+    align = stride_align(q2, k, v)
+    if table is None:
+        k_strides, v_strides, t_strides, page = strides(k, align), strides(v, align), (0, 0, 0), 0
+        table = lengths  # an unused pointer argument
+    else:  # pools [P, S, D] take the (batch, head, row) stride slots as (page, -, slot)
+        (kp, ks, kd), (vp, vs, vd) = strides(k, align), strides(v, align)
+        k_strides, v_strides, t_strides, page = (kp, 0, ks, kd), (vp, 0, vs, vd), table.stride(), k.shape[1]
     bd = block_d(D)
     with on_device(q):
         _split_kernel[(B * Hkv, splits)](
-            q2, k_cache, v_cache, lengths, part_o, part_lse, *strides(q2, align), *strides(k_cache, align),
-            *strides(v_cache, align), *lengths.stride(), Hkv, Hq, Hq // Hkv, chunk, splits, scale * LOG2E,
+            q2, k, v, lengths, table, part_o, part_lse, *strides(q2, align), *k_strides, *v_strides,
+            *lengths.stride(), *t_strides, Hkv, Hq, Hq // Hkv, chunk, splits, scale * LOG2E,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), BLOCK_N=block_n,
-            PRECISION=dot_precision(q.dtype), ALIGN=align, num_warps=4, num_stages=2 if fp32 else 3)
+            PRECISION=dot_precision(q.dtype), ALIGN=align, PAGE=page, num_warps=4, num_stages=2 if fp32 else 3)
         out2 = out[:, :, 0]
         out_align = stride_align(out2)
         _merge_kernel[(B * Hq,)](

@@ -10,6 +10,10 @@
 //
 // The split count depends on shapes and the SM count only, never on lengths: no host sync, so
 // the op can be captured in a CUDA graph. Splits that start past a head's length return at once.
+//
+// paged_decode_attention is the same kernels with another key address mapping (PagedRows): the
+// caches are page pools [num_pages, page_size, D] and key j of (b, g) is row j % page_size of page
+// block_table[b, g, j / page_size], looked up per key (any page size; a tile may straddle pages).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -41,11 +45,12 @@ struct DecodeParams {
   const void* k;
   const void* v;
   const int32_t* lengths;
+  const int32_t* table;  // paged: block_table [B, Hkv, max_pages]
   float* part_o;    // [B * Hq, splits, D] normalised partial outputs
   float* part_lse;  // [B * Hq, splits] log2-domain LSE of each split's keys
   void* out;        // [B, Hq, 1, D] contiguous
-  int64_t q_sb, q_sh, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, len_sb, len_sh;
-  int Hkv, group, D, chunk, splits;
+  int64_t q_sb, q_sh, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, len_sb, len_sh, t_sb, t_sh, t_sp;
+  int Hkv, group, D, chunk, splits, page;
   float scale_log2;
 };
 
@@ -61,8 +66,27 @@ __device__ __forceinline__ uint4 load16(const T* p, bool valid) {
   return valid ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0u, 0u, 0u, 0u);
 }
 
+// Where key j of (b, g) lives: element offsets of its K and V rows from the cache bases.
+struct DenseRows {  // caches [B, Hkv, L_cap, D]
+  int64_t k0, v0;
+  __device__ DenseRows(const DecodeParams& p, int b, int g)
+      : k0(b * p.k_sb + g * p.k_sh), v0(b * p.v_sb + g * p.v_sh) {}
+  __device__ void at(const DecodeParams& p, int j, int64_t& ko, int64_t& vo) const {
+    ko = k0 + j * p.k_sn, vo = v0 + j * p.v_sn;
+  }
+};
+
+struct PagedRows {  // pools [num_pages, page_size, D]: k_sb / v_sb are the page strides
+  const int32_t* table;
+  __device__ PagedRows(const DecodeParams& p, int b, int g) : table(p.table + b * p.t_sb + g * p.t_sh) {}
+  __device__ void at(const DecodeParams& p, int j, int64_t& ko, int64_t& vo) const {
+    const int64_t page = __ldg(table + (j / p.page) * p.t_sp), slot = j % p.page;
+    ko = page * p.k_sb + slot * p.k_sn, vo = page * p.v_sb + slot * p.v_sn;
+  }
+};
+
 // GP: the group padded to a power of two; TPK: threads per key row (TPK * 16 bytes >= D * sizeof(T)).
-template <typename T, int TPK, int GP>
+template <typename T, int TPK, int GP, typename Rows>
 __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeParams p) {
   constexpr int VEC = 16 / sizeof(T), KPP = kThreads / TPK;
   constexpr int KPT = GP >= 8 ? 4 : 8;  // keys per thread per tile: fewer for big groups (registers)
@@ -80,8 +104,9 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
 
   const int kg = tid / TPK, lk = tid % TPK, d0 = lk * VEC;
   const bool has_cols = d0 < p.D;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_sb + g * p.k_sh + d0;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_sb + g * p.v_sh + d0;
+  const T* k = static_cast<const T*>(p.k) + d0;
+  const T* v = static_cast<const T*>(p.v) + d0;
+  const Rows rows(p, b, g);
 
   float q[GP][VEC];  // this thread's slice of every query row of the group, scaled to log2
 #pragma unroll
@@ -100,8 +125,10 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
 #pragma unroll
     for (int i = 0; i < KPT; ++i) {
       const int j = t0 + kg + i * KPP;
-      kr[i] = load16(k + static_cast<int64_t>(j) * p.k_sn, j < end && has_cols);
-      vr[i] = load16(v + static_cast<int64_t>(j) * p.v_sn, j < end && has_cols);
+      int64_t ko = 0, vo = 0;
+      if (j < end) rows.at(p, j, ko, vo);  // keys past the length: no table entry read (may be -1)
+      kr[i] = load16(k + ko, j < end && has_cols);
+      vr[i] = load16(v + vo, j < end && has_cols);
     }
 #pragma unroll
     for (int i = 0; i < KPT; ++i) {
@@ -200,57 +227,58 @@ __global__ void __launch_bounds__(kThreads) decode_merge_kernel(const DecodePara
   }
 }
 
-template <typename T, int TPK>
+template <typename T, int TPK, typename Rows>
 void launch_split(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
   const int gp = p.group <= 1 ? 1 : p.group <= 2 ? 2 : p.group <= 4 ? 4 : 8;
   switch (gp) {
-    case 1: decode_split_kernel<T, TPK, 1><<<grid, kThreads, 0, stream>>>(p); break;
-    case 2: decode_split_kernel<T, TPK, 2><<<grid, kThreads, 0, stream>>>(p); break;
-    case 4: decode_split_kernel<T, TPK, 4><<<grid, kThreads, 0, stream>>>(p); break;
-    default: decode_split_kernel<T, TPK, 8><<<grid, kThreads, 0, stream>>>(p); break;
+    case 1: decode_split_kernel<T, TPK, 1, Rows><<<grid, kThreads, 0, stream>>>(p); break;
+    case 2: decode_split_kernel<T, TPK, 2, Rows><<<grid, kThreads, 0, stream>>>(p); break;
+    case 4: decode_split_kernel<T, TPK, 4, Rows><<<grid, kThreads, 0, stream>>>(p); break;
+    default: decode_split_kernel<T, TPK, 8, Rows><<<grid, kThreads, 0, stream>>>(p); break;
   }
 }
 
-template <typename T>
+template <typename T, typename Rows>
 void launch(const DecodeParams& p, dim3 grid, int B_Hq, cudaStream_t stream) {
   const int pieces = p.D * static_cast<int>(sizeof(T)) / 16;  // 16-byte pieces of a row
-  if (pieces <= 8) launch_split<T, 8>(p, grid, stream);
-  else if (pieces <= 16) launch_split<T, 16>(p, grid, stream);
-  else launch_split<T, 32>(p, grid, stream);
+  if (pieces <= 8) launch_split<T, 8, Rows>(p, grid, stream);
+  else if (pieces <= 16) launch_split<T, 16, Rows>(p, grid, stream);
+  else launch_split<T, 32, Rows>(p, grid, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   decode_merge_kernel<T><<<B_Hq, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                 const at::Tensor& lengths, double scale) {
-  constexpr const char* op = "decode_attention";
-  TORCH_CHECK(q_in.is_cuda() && q_in.dim() == 4 && q_in.size(2) == 1, op,
-              ": q must be a CUDA [B, Hq, 1, D] tensor, got ", q_in.sizes(), " on ", q_in.device());
-  for (const auto* t : {&k_in, &v_in})
-    TORCH_CHECK(t->device() == q_in.device() && t->scalar_type() == q_in.scalar_type() && t->dim() == 4 &&
-                    t->sizes() == k_in.sizes(),
-                op, ": k_cache and v_cache must be [B, Hkv, L_cap, D] tensors of q's dtype on q's device");
-  const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(3), Hkv = k_in.size(1), cap = k_in.size(2);
-  TORCH_CHECK(k_in.size(0) == B && k_in.size(3) == D && Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= kMaxGroup, op,
-              ": k_cache ", k_in.sizes(), " must match q ", q_in.sizes(), " with at most ", kMaxGroup,
-              " query heads per kv head");
-  const auto dtype = q_in.scalar_type();
+// Checks shared by both layouts: q [B, Hq, 1, D] on CUDA, GQA group and head dim the kernel takes,
+// lengths int32 [B, Hkv] on q's device. Lengths are not range-checked (that would sync): the public
+// function checks them.
+void check_decode(const char* op, const at::Tensor& q, const at::Tensor& lengths, int64_t Hkv) {
+  TORCH_CHECK(q.is_cuda() && q.dim() == 4 && q.size(2) == 1, op, ": q must be a CUDA [B, Hq, 1, D] tensor, got ",
+              q.sizes(), " on ", q.device());
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && Hq / Hkv <= kMaxGroup, op, ": q's ", Hq, " heads must be a multiple of ",
+              Hkv, " kv heads, with at most ", kMaxGroup, " query heads per kv head");
+  const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
               ": q must be float32, float16 or bfloat16, got ", dtype);
   TORCH_CHECK(D > 0 && D % 8 == 0 && D <= kMaxHeadDim, op, ": head dim must be a multiple of 8 up to ",
               kMaxHeadDim, ", got ", D);
-  TORCH_CHECK(lengths.device() == q_in.device() && lengths.scalar_type() == at::kInt && lengths.dim() == 2 &&
+  TORCH_CHECK(lengths.device() == q.device() && lengths.scalar_type() == at::kInt && lengths.dim() == 2 &&
                   lengths.size(0) == B && lengths.size(1) == Hkv,
               op, ": lengths must be int32 [B, Hkv] on q's device, got ", lengths.scalar_type(), " ",
               lengths.sizes());
-  TORCH_CHECK(B * Hkv < std::numeric_limits<int>::max() && cap < std::numeric_limits<int>::max(), op,
-              ": B * Hkv and L_cap must fit in int32");
-  // Lengths are not range-checked here (that would sync): the public function checks them.
+}
 
+// Both layouts after their checks: `cap` key slots per (b, g); `table` undefined for dense caches
+// [B, Hkv, L_cap, D], else block_table over pools [num_pages, page_size, D].
+at::Tensor run_decode(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                      const at::Tensor& lengths, const at::Tensor& table, int64_t Hkv, int64_t cap, double scale) {
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(3);
+  TORCH_CHECK(B * Hkv < std::numeric_limits<int>::max() && cap < std::numeric_limits<int>::max(),
+              "decode_attention: B * Hkv and the cache capacity must fit in int32");
   c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor out = at::empty({B, Hq, 1, D}, q_in.options());
-  if (out.numel() == 0 || cap == 0) return out.zero_();
+  if (out.numel() == 0 || cap == 0 || k_in.numel() == 0) return out.zero_();
   const at::Tensor q = host::ready_for_16B_loads(q_in);
   const at::Tensor k = host::ready_for_16B_loads(k_in);
   const at::Tensor v = host::ready_for_16B_loads(v_in);
@@ -269,8 +297,16 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   p.lengths = lengths.data_ptr<int32_t>();
   p.part_o = part_o.data_ptr<float>(), p.part_lse = part_lse.data_ptr<float>(), p.out = out.data_ptr();
   p.q_sb = q.stride(0), p.q_sh = q.stride(1);
-  p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sn = k.stride(2);
-  p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sn = v.stride(2);
+  const bool paged = table.defined();
+  if (paged) {  // the page stride takes the batch stride's place; the head stride is unused
+    p.table = table.data_ptr<int32_t>();
+    p.t_sb = table.stride(0), p.t_sh = table.stride(1), p.t_sp = table.stride(2);
+    p.page = static_cast<int>(k.size(1));
+    p.k_sb = k.stride(0), p.k_sn = k.stride(1), p.v_sb = v.stride(0), p.v_sn = v.stride(1);
+  } else {
+    p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sn = k.stride(2);
+    p.v_sb = v.stride(0), p.v_sh = v.stride(1), p.v_sn = v.stride(2);
+  }
   p.len_sb = lengths.stride(0), p.len_sh = lengths.stride(1);
   p.Hkv = static_cast<int>(Hkv), p.group = static_cast<int>(Hq / Hkv), p.D = static_cast<int>(D);
   p.chunk = static_cast<int>(chunk), p.splits = static_cast<int>(splits);
@@ -279,13 +315,53 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   const dim3 grid(static_cast<unsigned>(B * Hkv), static_cast<unsigned>(splits));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int B_Hq = static_cast<int>(B * Hq);
-  if (dtype == at::kFloat) launch<float>(p, grid, B_Hq, stream);
-  else if (dtype == at::kHalf) launch<__half>(p, grid, B_Hq, stream);
-  else launch<__nv_bfloat16>(p, grid, B_Hq, stream);
+  const auto dtype = q.scalar_type();
+  if (paged) {
+    if (dtype == at::kFloat) launch<float, PagedRows>(p, grid, B_Hq, stream);
+    else if (dtype == at::kHalf) launch<__half, PagedRows>(p, grid, B_Hq, stream);
+    else launch<__nv_bfloat16, PagedRows>(p, grid, B_Hq, stream);
+  } else {
+    if (dtype == at::kFloat) launch<float, DenseRows>(p, grid, B_Hq, stream);
+    else if (dtype == at::kHalf) launch<__half, DenseRows>(p, grid, B_Hq, stream);
+    else launch<__nv_bfloat16, DenseRows>(p, grid, B_Hq, stream);
+  }
   return out;
+}
+
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& lengths, double scale) {
+  constexpr const char* op = "decode_attention";
+  for (const auto* t : {&k, &v})
+    TORCH_CHECK(t->device() == q.device() && t->scalar_type() == q.scalar_type() && t->dim() == 4 &&
+                    t->sizes() == k.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(3),
+                op, ": k_cache and v_cache must be [B, Hkv, L_cap, D] tensors of q's dtype, batch and head dim "
+                "on q's device, got ", k.sizes(), " and ", v.sizes());
+  check_decode(op, q, lengths, k.size(1));
+  return run_decode(q, k, v, lengths, at::Tensor(), k.size(1), k.size(2), scale);
+}
+
+at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
+                                       const at::Tensor& block_table, const at::Tensor& lengths, double scale) {
+  constexpr const char* op = "paged_decode_attention";
+  for (const auto* t : {&k_pages, &v_pages})
+    TORCH_CHECK(t->device() == q.device() && t->scalar_type() == q.scalar_type() && t->dim() == 3 &&
+                    t->sizes() == k_pages.sizes() && k_pages.size(1) > 0 && k_pages.size(2) == q.size(-1),
+                op, ": k_pages and v_pages must be [num_pages, page_size > 0, D] pools of q's dtype and head dim "
+                "on q's device, got ", k_pages.sizes(), " and ", v_pages.sizes());
+  TORCH_CHECK(block_table.device() == q.device() && block_table.scalar_type() == at::kInt &&
+                  block_table.dim() == 3 && block_table.size(0) == q.size(0),
+              op, ": block_table must be int32 [B, Hkv, max_pages] on q's device, got ", block_table.scalar_type(),
+              " ", block_table.sizes());
+  // Page ids are not range-checked here either (a sync): the public function checks the used ones.
+  check_decode(op, q, lengths, block_table.size(1));
+  return run_decode(q, k_pages, v_pages, lengths, block_table, block_table.size(1),
+                    block_table.size(2) * k_pages.size(1), scale);
 }
 
 }  // namespace
 }  // namespace vtattn
 
-TORCH_LIBRARY_IMPL(vtattn_C, CUDA, m) { m.impl("decode_attention", &vtattn::decode_attention_cuda); }
+TORCH_LIBRARY_IMPL(vtattn_C, CUDA, m) {
+  m.impl("decode_attention", &vtattn::decode_attention_cuda);
+  m.impl("paged_decode_attention", &vtattn::paged_decode_attention_cuda);
+}

@@ -130,14 +130,28 @@ DECODE_MAX_GROUP = 8  # query heads per kv head held in one CTA's registers
 def decode_attention_supports(q, k_cache, v_cache, lengths, scale) -> str | None:
     """fp16/bf16/fp32 (SIMT, 16-byte loads), head dims that are multiples of 8 up to 128, at most 8
     query heads per kv head, any strides (a cache whose rows are not 16-byte aligned is copied)."""
+    return _decode_reason(q, k_cache.shape[1], k_cache.shape[0] * k_cache.shape[1], k_cache.shape[2])
+
+
+def _decode_reason(q, hkv, heads, cap) -> str | None:
+    """What the split-KV decode kernel needs: `heads` = B * Hkv programs over `cap` key slots."""
     if q.dtype not in _HALF + (torch.float32,):
         return f"CUDA kernel runs fp16/bf16/fp32, got {q.dtype}"
-    group = q.shape[1] // max(k_cache.shape[1], 1)
+    group = q.shape[1] // max(hkv, 1)
     if group > DECODE_MAX_GROUP:
         return f"CUDA kernel takes at most {DECODE_MAX_GROUP} query heads per kv head, got {group} (Triton runs it)"
     d = q.shape[-1]
     if d % 8 or not 0 < d <= 128:
         return f"CUDA kernel needs a head dim that is a multiple of 8 and at most 128, got {d}"
-    if max(k_cache.shape[0] * k_cache.shape[1], k_cache.shape[2]) >= _INT32:
-        return "CUDA kernel needs B * Hkv and L_cap that fit in int32"
+    if max(heads, cap) >= _INT32:
+        return "CUDA kernel needs B * Hkv and the cache capacity to fit in int32"
     return _device_reason(q)
+
+
+def paged_decode_attention_supports(q, k_pages, v_pages, block_table, lengths, scale) -> str | None:
+    """decode_attention's kernel with a page-table address path: the same dtypes, head dims and
+    groups; any page size and pool strides (a pool whose rows are not 16-byte aligned is copied)."""
+    if k_pages.dim() != 3 or block_table.dim() != 3:
+        return "CUDA kernel takes [num_pages, page_size, D] pools and a [B, Hkv, max_pages] table"
+    B, hkv, max_pages = block_table.shape
+    return _decode_reason(q, hkv, B * hkv, max_pages * k_pages.shape[1])

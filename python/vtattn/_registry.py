@@ -308,3 +308,31 @@ BLOCK_SPARSE_ATTENTION = _define(
     _block_sparse_attention_fake,
     _sample_block_sparse,
 )
+
+
+# ---- paged_decode_attention ----------------------------------------------------------------
+
+def _paged_decode_attention_fake(q, k_pages, v_pages, block_table, lengths, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _sample_paged_decode(device, dtype):
+    pages = torch.zeros(8, 16, 64, device=device, dtype=dtype)
+    table = torch.arange(8, dtype=torch.int32, device=device).reshape(2, 2, 2)
+    return (torch.zeros(2, 4, 1, 64, device=device, dtype=dtype), pages, pages, table,
+            torch.full((2, 2), 17, dtype=torch.int32, device=device), 0.125)
+
+
+PAGED_DECODE_ATTENTION = _define(
+    "paged_decode_attention",
+    "paged_decode_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, Tensor lengths, "
+    "float scale) -> Tensor",
+    {
+        "cuda": _compiled("paged_decode_attention", "cuda"),
+        "cpp": _compiled("paged_decode_attention", "cpu"),
+        "triton": _triton_backend("paged_decode_attention"),
+        "torch": _reference(reference.paged_decode_attention),
+    },
+    _paged_decode_attention_fake,
+    _sample_paged_decode,
+)

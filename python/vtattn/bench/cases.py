@@ -183,13 +183,18 @@ def _decode_lengths(B, Hkv, cap):
     return torch.randint(cap // 16, cap + 1, (B, Hkv), generator=g, dtype=torch.int32)
 
 
-def _decode_attention_cases(name, s, backends):
-    if name != "llava7b-prefill":  # one decode shape, derived from the LLM's dims
-        return []
+def _decode_dims(name, s):
+    """(B, Hq, Hkv, D, L_cap, lengths) of the decode step at this level."""
     ratio = s["N"] / SHAPES[name]["N"]
     B, Hq, Hkv, D = max(1, round(DECODE["B"] * ratio)), DECODE["Hq"], DECODE["Hkv"], DECODE["D"]
     cap = max(64, int(DECODE["L_cap"] * ratio))
-    lengths = _decode_lengths(B, Hkv, cap)
+    return B, Hq, Hkv, D, cap, _decode_lengths(B, Hkv, cap)
+
+
+def _decode_attention_cases(name, s, backends):
+    if name != "llava7b-prefill":  # one decode shape, derived from the LLM's dims
+        return []
+    B, Hq, Hkv, D, cap, lengths = _decode_dims(name, s)
     kept = int(lengths.sum())
 
     def make(device, dtype, seed):
@@ -217,8 +222,56 @@ def _decode_attention_cases(name, s, backends):
     return [c]
 
 
+# paged_decode_attention: the same decode step over a paged cache (the compressed cache's layout):
+# each head's used pages scattered over one pool in random order. Against decode_attention over the
+# same data in a dense cache (the cost of paging) and gathering the pages for a masked SDPA (what a
+# user would do without the op). GB/s counts the same bytes as the dense case.
+DECODE_PAGE_SIZE = 64
+
+
+def _paged_decode_attention_cases(name, s, backends):
+    if name != "llava7b-prefill":
+        return []
+    B, Hq, Hkv, D, cap, lengths = _decode_dims(name, s)
+    page, max_pages = DECODE_PAGE_SIZE, -(-cap // DECODE_PAGE_SIZE)
+    used = torch.arange(max_pages) * page < lengths[..., None]  # [B, Hkv, max_pages]
+    kept, n_pages = int(lengths.sum()), int(used.sum())
+
+    def make(device, dtype, seed):
+        g = torch.Generator(device=device).manual_seed(seed)
+        k_pages, v_pages = (torch.randn(n_pages, page, D, device=device, dtype=dtype, generator=g) for _ in range(2))
+        table = torch.full((B, Hkv, max_pages), -1, dtype=torch.int32)
+        table[used] = torch.randperm(n_pages, generator=torch.Generator().manual_seed(seed)).to(torch.int32)
+        table = table.to(device)
+        dense = lambda pool: pool[table.clamp(min=0)].flatten(2, 3)[:, :, :cap].contiguous()
+        return {"q": torch.randn(B, Hq, 1, D, device=device, dtype=dtype, generator=g), "k_pages": k_pages,
+                "v_pages": v_pages, "table": table, "lengths": lengths.to(device), "k": dense(k_pages),
+                "v": dense(v_pages)}
+
+    def gather_prep(x):  # untimed: the page count and mask need the lengths on the host
+        n = int(x["lengths"].max())
+        ids = x["table"][..., :-(-n // page)].clamp(min=0).long()
+        mask = torch.arange(n, device=ids.device) < x["lengths"].repeat_interleave(Hq // Hkv, 1)[..., None]
+        return {**x, "ids": ids, "n": n, "mask": mask[:, :, None, :]}
+
+    def gather_sdpa(x):  # the used pages gathered into a padded dense cache, then masked SDPA
+        k, v = (x[p][x["ids"]].flatten(2, 3)[:, :, :x["n"]] for p in ("k_pages", "v_pages"))
+        return F.scaled_dot_product_attention(x["q"], k, v, attn_mask=x["mask"], enable_gqa=True)
+
+    shape = {"B": B, "Hq": Hq, "Hkv": Hkv, "L_cap": cap, "D": D, "page_size": page,
+             "kept": round(kept / (B * Hkv * cap), 3)}
+    c = Case("paged_decode_attention", f"{name}:decode-paged", shape, make,
+             bytes_fn=lambda elt: 2 * kept * D * elt + 2 * B * Hq * D * elt)
+    c.impls = _vtattn_impls(backends, lambda x: vtattn.decode_attention(
+        x["q"], x["k_pages"], x["v_pages"], x["lengths"], block_table=x["table"]))
+    c.impls.append(Impl("gather-sdpa", gather_sdpa, role="baseline", prep=gather_prep))
+    c.impls.append(Impl("dense-decode", lambda x: vtattn.decode_attention(x["q"], x["k"], x["v"], x["lengths"]),
+                        role="reference", ctx=lambda: vtattn.use_backend(None), note="the same data, dense cache"))
+    return [c]
+
+
 BUILDERS = {"attention": _attention_cases, "key_importance": _key_importance_cases,
-            "decode_attention": _decode_attention_cases}
+            "decode_attention": _decode_attention_cases, "paged_decode_attention": _paged_decode_attention_cases}
 
 
 # Every backend a pytest-benchmark row may force; one that refuses the inputs is a skip there.

@@ -85,6 +85,56 @@ def decode_inputs(q, k_cache, v_cache, lengths):
         raise ValueError(f"lengths must lie in [0, L_cap={cap}], got min {int(lengths.min())}, "
                          f"max {int(lengths.max())}")
 
+def paged_decode_inputs(q, k_pages, v_pages, block_table, lengths):
+    """q [B, Hq, 1, D]; page pools [num_pages, page_size, D] of q's dtype with a unit last stride;
+    block_table int32 [B, Hkv, max_pages] with Hq a multiple of Hkv; lengths int32 [B, Hkv] in
+    [0, max_pages * page_size] and the used table entries in [0, num_pages) (those two value checks
+    sync with the device: skipped on meta tensors and while a CUDA graph is being captured)."""
+    named = {"q": q, "k_cache": k_pages, "v_cache": v_pages}
+    tensor("q", q, 4, FLOAT_DTYPES)
+    for n in ("k_cache", "v_cache"):
+        tensor(n, named[n], 3, FLOAT_DTYPES)
+        if named[n].dtype != q.dtype:
+            raise TypeError(f"{n} has dtype {named[n].dtype} but q has {q.dtype}")
+    tensor("block_table", block_table, 3, (torch.int32,))
+    tensor("lengths", lengths, 2, (torch.int32,))
+    same_device({**named, "block_table": block_table, "lengths": lengths})
+    B, Hq, n_new, D = q.shape
+    if n_new != 1:
+        raise ValueError(f"q must be [B, Hq, 1, D] (one new token per sequence), got shape {tuple(q.shape)}")
+    if D == 0:
+        raise ValueError("q has head dim 0")
+    num_pages, page, kd = k_pages.shape
+    if kd != D or page == 0:
+        raise ValueError(f"k_cache must be a page pool [num_pages, page_size > 0, D={D}], got shape "
+                         f"{tuple(k_pages.shape)}")
+    if v_pages.shape != k_pages.shape:
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_pages.shape)}, got {tuple(v_pages.shape)}")
+    for n in ("k_cache", "v_cache"):
+        if named[n].stride(-1) != 1 and D > 1:
+            raise ValueError(f"{n} needs a unit-stride last dim, got strides {named[n].stride()}")
+    Hkv, max_pages = block_table.shape[1], block_table.shape[2]
+    if block_table.shape[0] != B:
+        raise ValueError(f"block_table must be [B={B}, Hkv, max_pages], got shape {tuple(block_table.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q's {Hq} heads must be a multiple of block_table's {Hkv} kv heads (GQA)")
+    if tuple(lengths.shape) != (B, Hkv):
+        raise ValueError(f"lengths must be [B, Hkv] = {[B, Hkv]}, got {list(lengths.shape)}")
+    capturing = lengths.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not lengths.numel() or lengths.device.type == "meta" or capturing:
+        return
+    cap = max_pages * page
+    if not bool(((lengths >= 0) & (lengths <= cap)).all()):
+        raise ValueError(f"lengths must lie in [0, max_pages * page_size = {cap}], got min {int(lengths.min())}, "
+                         f"max {int(lengths.max())}")
+    used = torch.arange(max_pages, device=block_table.device) * page < lengths[..., None]
+    bad = used & ((block_table < 0) | (block_table >= num_pages))
+    if bool(bad.any()):
+        b, g, i = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_table[{b}, {g}, {i}] = {int(block_table[b, g, i])} is a used page (lengths[{b}, "
+                         f"{g}] = {int(lengths[b, g])}) but outside the pool's [0, num_pages={num_pages})")
+
+
 def resolve_scale(scale, head_dim) -> float:
     if scale is None:
         return head_dim ** -0.5

@@ -6,7 +6,9 @@ from .gather_tokens import gather_tokens
 from .index_attention import index_attention
 from .key_importance import key_importance
 from .merge_tokens import merge_tokens
+from .paged_decode_attention import paged_decode_attention
 from .select_tokens import select_tokens
 from .varlen_attention import varlen_attention
 
-__all__ = ["attention", "block_sparse_attention", "decode_attention", "gather_tokens", "key_importance", "merge_tokens", "select_tokens", "varlen_attention", "index_attention"]
+__all__ = ["attention", "block_sparse_attention", "decode_attention", "gather_tokens", "key_importance", "merge_tokens",
+           "paged_decode_attention", "select_tokens", "varlen_attention", "index_attention"]
