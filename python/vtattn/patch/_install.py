@@ -9,6 +9,9 @@ class State:
     `previous` the instance-level forward it replaced, if any."""
     original = previous = None
 
+    def uninstall(self):
+        """Undo what the patch set up besides `forward` (hooks)."""
+
 
 def install(module, forward, state):
     """Make `module(...)` (and so `generate`) call `forward`; the class's forward stays untouched.
@@ -27,6 +30,7 @@ def unpatch(module):
     state = module.__dict__.pop(_ATTR, None)
     if state is None:
         return module
+    state.uninstall()
     if state.previous is None:
         del module.forward
     else:

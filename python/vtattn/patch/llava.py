@@ -10,17 +10,19 @@ import weakref
 
 import torch
 
-from . import _install
+from . import _install, fastv as _fastv
 from ._sequence import Shrink
 from .vision import Selector
 
 
-def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, alpha=0.5, kv=None):
+def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, alpha=0.5, kv=None, fastv=None,
+          layer=None):
     """Patch a LlavaForConditionalGeneration / LlavaNextForConditionalGeneration (or their
     Llava(Next)Model) in place and return it. keep: ratio in (0, 1] or int count per view (HiRED:
     per image); method: see vtattn.selection; merge: None, "mean" or "weighted"; alpha: HiRED's
-    share for the base view; kv: KV-cache compression (DESIGN.md's contract), not available yet.
-    `vtattn.patch.unpatch(model)` restores it."""
+    share for the base view; kv: KV-cache compression (DESIGN.md's contract), not available yet;
+    fastv: a vtattn.patch.FastV to prune inside the LLM as well. method="fastv" with layer= and
+    keep= is FastV alone (no pruning before the projector). `vtattn.patch.unpatch(model)` restores it."""
     if kv is not None:
         raise NotImplementedError("kv (KV-cache compression) is not available yet: pass kv=None")
     from transformers import (LlavaForConditionalGeneration, LlavaModel, LlavaNextForConditionalGeneration,
@@ -29,10 +31,14 @@ def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, a
                               LlavaNextModel)):
         raise TypeError(f"vtattn.patch.llava supports transformers' Llava and LlavaNext models, "
                         f"got {type(model).__name__}")
+    fastv = _fastv.resolve(method, fastv, layer, keep)
     base = model if isinstance(model, (LlavaModel, LlavaNextModel)) else model.model
-    state = _Patch(base, dict(keep=keep, method=method, ensemble_layers=ensemble_layers, merge=merge,
-                              alpha=alpha), anyres=isinstance(base, LlavaNextModel))
-    state.selector(base.config.vision_feature_layer, base.config.vision_feature_select_strategy)  # check now
+    vision = method != "fastv"
+    options = dict(keep=keep, method=method, ensemble_layers=ensemble_layers, merge=merge, alpha=alpha)
+    state = _Patch(base, options if vision else None, anyres=isinstance(base, LlavaNextModel))
+    if vision:
+        state.selector(base.config.vision_feature_layer, base.config.vision_feature_select_strategy)  # check now
+    state.fastv = _fastv.Runner(base, fastv) if fastv is not None else None
 
     def forward(input_ids=None, **kwargs):
         return state(input_ids, **kwargs)
@@ -48,7 +54,10 @@ def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, a
 
 
 class _Patch(_install.State):
+    fastv = None  # the FastV Runner, when pruning inside the LLM too
+
     def __init__(self, base, options, anyres):
+        """options: the vision-side selection's, None for none (FastV alone)."""
         self.base, self.options, self.anyres = base, options, anyres
         self.selectors = {}
         # cache object -> the Shrink of the prefill that filled it; gone with the cache.
@@ -65,7 +74,7 @@ class _Patch(_install.State):
     def __call__(self, input_ids=None, **kwargs):
         pixel_values = kwargs.get("pixel_values")
         cache = kwargs.get("past_key_values")
-        if pixel_values is not None and pixel_values.numel():
+        if self.options is not None and pixel_values is not None and pixel_values.numel():
             return self.prefill(input_ids, kwargs)
         shrink = self.continuations.get(cache) if cache is not None else None
         past = cache.get_seq_length() if shrink is not None else 0
@@ -73,7 +82,19 @@ class _Patch(_install.State):
             new = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
             kwargs["attention_mask"] = shrink.continue_mask(kwargs.get("attention_mask"), past, new)
             kwargs["position_ids"] = shrink.continue_positions(kwargs.get("position_ids"), past, new)
-        return self.original(input_ids, **kwargs)
+        images = None if input_ids is None else input_ids == self.base.config.image_token_id
+        return self.run(input_ids, images, kwargs)
+
+    def run(self, input_ids, images, kwargs):
+        """The unpatched forward, through FastV when configured (images: [B, N] bool, the image
+        tokens of the language model's input)."""
+        if self.fastv is None:
+            return self.original(input_ids, **kwargs)
+        return self.fastv(self.original, input_ids, images, kwargs)
+
+    def uninstall(self):
+        if self.fastv is not None:
+            self.fastv.remove()
 
     def prefill(self, input_ids, kwargs):
         if input_ids is None:
@@ -95,7 +116,7 @@ class _Patch(_install.State):
                       position_ids=shrink.positions(kwargs.get("position_ids")))
         if "labels" in kwargs:
             kwargs["labels"] = shrink.labels(kwargs["labels"])
-        out = self.original(None, **kwargs)
+        out = self.run(None, shrink.image, kwargs)
         for filled in (cache, getattr(out, "past_key_values", None)):
             if filled is not None:
                 self.continuations[filled] = shrink
