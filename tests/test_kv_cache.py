@@ -307,6 +307,8 @@ def test_llava_kv_memory_and_positions():
 def test_llava_kv_bad_arguments():
     with pytest.raises(TypeError, match="policy"):
         vtattn.patch.llava(llava(), kv="lookm")
+    with pytest.raises(NotImplementedError, match="fastv and kv"):
+        vtattn.patch.llava(llava(), method="fastv", layer=1, keep=0.5, kv=kv.LookM(0.2, 0.1))
     model = vtattn.patch.llava(llava(), kv=kv.SnapKV(0.5, window=500))
     ids, mask = prompts([[36]])
     with pytest.raises(ValueError, match="window=500"), torch.no_grad():

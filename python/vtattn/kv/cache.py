@@ -106,9 +106,11 @@ class CompressedLayer(CacheLayerMixin):
             return out
         p = self.pages
         n, D = q.shape[2], q.shape[3]
+        if n == 1:  # a decode step: the paged split-KV kernel, no host sync
+            return vtattn.decode_attention(q, p.k, p.v, p.lengths, block_table=p.table, scale=scale)
         B, H = p.lengths.shape
         start = self.seen - n
-        # the new tokens are stored already; original positions give exact causality among them
+        # several new tokens (stored already): original positions give exact causality among them
         return vtattn.index_attention(q, p.k.view(1, 1, -1, D).expand(B, H, -1, -1),
                                       p.v.view(1, 1, -1, D).expand(B, H, -1, -1), p.slots(), kv_counts=p.lengths,
                                       q_positions=torch.arange(start, start + n, device=q.device),

@@ -1,8 +1,9 @@
 """Drop-in patches for transformers models: visual-token pruning for LLaVA / LLaVA-NeXT and bare
 CLIP / SigLIP towers, and `attn_implementation="vtattn"`. transformers is imported on use only."""
 from ._install import unpatch
+from .fastv import FastV
 from .hf_attention import register_hf_attention
 from .llava import llava
 from .vision import SelectedFeatures, vision_tower
 
-__all__ = ["llava", "vision_tower", "unpatch", "register_hf_attention", "SelectedFeatures"]
+__all__ = ["llava", "FastV", "vision_tower", "unpatch", "register_hf_attention", "SelectedFeatures"]

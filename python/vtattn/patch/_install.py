@@ -6,12 +6,11 @@ _ATTR = "_vtattn_patch"
 
 class State:
     """Per-model patch state: `original` is the forward the patch wraps (bound, unpatched) and
-    `previous` the instance-level forward it replaced, if any. `restore` undoes whatever else the
-    patch changed (called by `unpatch`)."""
+    `previous` the instance-level forward it replaced, if any."""
     original = previous = None
 
-    def restore(self):
-        pass
+    def uninstall(self):
+        """Undo what the patch set up besides `forward` (hooks, attention implementations)."""
 
 
 def install(module, forward, state):
@@ -31,7 +30,7 @@ def unpatch(module):
     state = module.__dict__.pop(_ATTR, None)
     if state is None:
         return module
-    state.restore()
+    state.uninstall()
     if state.previous is None:
         del module.forward
     else:

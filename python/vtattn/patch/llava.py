@@ -10,31 +10,41 @@ import weakref
 
 import torch
 
-from . import _install
+from . import _install, fastv as _fastv
 from ._sequence import Shrink
 from .hf_attention import NAME, register_hf_attention
 from .vision import Selector
 
 
-def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, alpha=0.5, kv=None):
+def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, alpha=0.5, kv=None, fastv=None,
+          layer=None):
     """Patch a LlavaForConditionalGeneration / LlavaNextForConditionalGeneration (or their
     Llava(Next)Model) in place and return it. keep: ratio in (0, 1] or int count per view (HiRED:
     per image); method: see vtattn.selection; merge: None, "mean" or "weighted"; alpha: HiRED's
     share for the base view; kv: a `vtattn.kv` policy (or one per LLM layer, None = keep a layer
     whole): every prefill's KV cache becomes a `vtattn.kv.CompressedCache` holding what it keeps
-    (the LLM then runs attn_implementation="vtattn"). `vtattn.patch.unpatch(model)` restores it."""
+    (the LLM then runs attn_implementation="vtattn"); fastv: a vtattn.patch.FastV to prune inside
+    the LLM as well. method="fastv" with layer= and keep= is FastV alone (no pruning before the
+    projector). `vtattn.patch.unpatch(model)` restores it."""
     from transformers import (LlavaForConditionalGeneration, LlavaModel, LlavaNextForConditionalGeneration,
                               LlavaNextModel)
     if not isinstance(model, (LlavaForConditionalGeneration, LlavaModel, LlavaNextForConditionalGeneration,
                               LlavaNextModel)):
         raise TypeError(f"vtattn.patch.llava supports transformers' Llava and LlavaNext models, "
                         f"got {type(model).__name__}")
+    fastv = _fastv.resolve(method, fastv, layer, keep)
     base = model if isinstance(model, (LlavaModel, LlavaNextModel)) else model.model
-    state = _Patch(base, dict(keep=keep, method=method, ensemble_layers=ensemble_layers, merge=merge,
-                              alpha=alpha), anyres=isinstance(base, LlavaNextModel))
-    state.selector(base.config.vision_feature_layer, base.config.vision_feature_select_strategy)  # check now
+    if fastv is not None and kv is not None:
+        raise NotImplementedError("fastv and kv together are not supported yet: FastV's pruned layers keep "
+                                  "their own (uncompressed) cache")
+    vision = method != "fastv"
+    options = dict(keep=keep, method=method, ensemble_layers=ensemble_layers, merge=merge, alpha=alpha)
+    state = _Patch(base, options if vision else None, anyres=isinstance(base, LlavaNextModel))
+    if vision:
+        state.selector(base.config.vision_feature_layer, base.config.vision_feature_select_strategy)  # check now
     if kv is not None:
         state.compress_kv(kv)
+    state.fastv = _fastv.Runner(base, fastv) if fastv is not None else None
 
     def forward(input_ids=None, **kwargs):
         return state(input_ids, **kwargs)
@@ -50,7 +60,10 @@ def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, a
 
 
 class _Patch(_install.State):
+    fastv = None  # the FastV Runner, when pruning inside the LLM too
+
     def __init__(self, base, options, anyres):
+        """options: the vision-side selection's, None for none (FastV alone)."""
         self.base, self.options, self.anyres = base, options, anyres
         self.selectors = {}
         # cache object -> the Shrink of the prefill that filled it; gone with the cache.
@@ -65,10 +78,6 @@ class _Patch(_install.State):
         self.kv, self.attn_implementation = policy, text._attn_implementation
         text._attn_implementation = NAME
 
-    def restore(self):
-        if self.kv is not None:
-            self.base.language_model.config._attn_implementation = self.attn_implementation
-
     def selector(self, layer, strategy):
         if strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}")
@@ -80,7 +89,7 @@ class _Patch(_install.State):
     def __call__(self, input_ids=None, **kwargs):
         pixel_values = kwargs.get("pixel_values")
         cache = kwargs.get("past_key_values")
-        if pixel_values is not None and pixel_values.numel():
+        if self.options is not None and pixel_values is not None and pixel_values.numel():
             return self.prefill(input_ids, kwargs)
         shrink = self.continuations.get(cache) if cache is not None else None
         past = cache.get_seq_length() if shrink is not None else 0
@@ -88,7 +97,26 @@ class _Patch(_install.State):
             new = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
             kwargs["attention_mask"] = shrink.continue_mask(kwargs.get("attention_mask"), past, new)
             kwargs["position_ids"] = shrink.continue_positions(kwargs.get("position_ids"), past, new)
-        return self.original(input_ids, **kwargs)
+        images = None if input_ids is None else input_ids == self.base.config.image_token_id
+        return self.run(input_ids, images, kwargs)
+
+    def run(self, input_ids, images, kwargs):
+        """The unpatched forward, through FastV when configured (images: [B, N] bool, the image
+        tokens of the language model's input)."""
+        if self.kv is not None:
+            cache = kwargs.get("past_key_values")
+            if cache is None or cache.get_seq_length() == 0:  # a prefill
+                cache = kwargs["past_key_values"] = self._compressed_cache(cache)
+                cache.modality = images
+        if self.fastv is None:
+            return self.original(input_ids, **kwargs)
+        return self.fastv(self.original, input_ids, images, kwargs)
+
+    def uninstall(self):
+        if self.fastv is not None:
+            self.fastv.remove()
+        if self.kv is not None:
+            self.base.language_model.config._attn_implementation = self.attn_implementation
 
     def prefill(self, input_ids, kwargs):
         if input_ids is None:
@@ -110,10 +138,7 @@ class _Patch(_install.State):
                       position_ids=shrink.positions(kwargs.get("position_ids")))
         if "labels" in kwargs:
             kwargs["labels"] = shrink.labels(kwargs["labels"])
-        if self.kv is not None:
-            cache = kwargs["past_key_values"] = self._compressed_cache(cache)
-            cache.modality = shrink.image
-        out = self.original(None, **kwargs)
+        out = self.run(None, shrink.image, kwargs)
         for filled in (cache, getattr(out, "past_key_values", None)):
             if filled is not None:
                 self.continuations[filled] = shrink

@@ -1,0 +1,242 @@
+"""FastV inside the LLM (vtattn.patch.llava(method="fastv") / fastv=FastV(...)) on a tiny random
+LLaVA with a 4-layer LLM: the kept tokens follow the rule computed from eager attentions, the
+logits equal the unpatched model run with the pruned tokens removed from layer K on by hand,
+generate works with left padding and ragged batches, keep=1.0 and unpatch give the unpatched model."""
+import pytest
+import torch
+
+import vtattn
+from _vlm import (IMAGE, PINPOINTS, clip_config, eager, eager_attentions, llava_next, positions, prompts,
+                  reference_scores, shortened, text_config, topk, transformers)
+
+K = 2
+SPANS = [[36], [36, 36]]  # row 0 left-padded, rows keep different numbers of tokens (ragged)
+
+
+def _model(seed=0, hidden=32):
+    text = text_config()
+    text.num_hidden_layers, text.hidden_size, text.intermediate_size = 4, hidden, 2 * hidden
+    config = transformers.LlavaConfig(vision_config=clip_config(), text_config=text, image_token_index=IMAGE,
+                                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    return transformers.LlavaForConditionalGeneration(config).eval()
+
+
+def _inputs():
+    ids, mask = prompts(SPANS)
+    pixels = torch.randn(3, 3, 84, 84, generator=torch.Generator().manual_seed(1))
+    return ids, mask, pixels
+
+
+def _embeds(model, ids, pixels):
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-2,
+                                                  vision_feature_select_strategy="default").pooler_output
+        embeds = model.get_input_embeddings()(ids)
+    return embeds.masked_scatter((ids == IMAGE)[..., None], torch.cat(list(features)))
+
+
+def _budget(keep, n):
+    return n if keep == 1.0 else 0 if keep == 0 else max(1, round(keep * n)) if isinstance(keep, float) else keep
+
+
+def _reference_kept(model, ids, embeds, mask, keep):
+    """FastV's rule from eager attentions of the unpatched LLM: layer K-1, last prompt row, head
+    mean, top-k of each sample's image tokens. Returns the kept tokens [B, N] (padding not kept)."""
+    lm = model.model.language_model
+    with eager(lm), torch.no_grad():
+        attentions = lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=True).attentions
+    scores = attentions[K - 1][:, :, -1].mean(1)
+    kept = mask.bool() & (ids != IMAGE)
+    for b in range(len(ids)):
+        image = (ids[b] == IMAGE).nonzero()[:, 0]
+        kept[b, image[topk(scores[b, image], _budget(keep, len(image)))]] = True
+    return kept
+
+
+def _manual_logits(model, embeds, kept):
+    """Last-token logits of one unpadded sample [N, C] through the unpatched LLM, the tokens not
+    in kept [N] removed from layer K on (kept ones keep their original positions)."""
+    lm = model.model.language_model
+    h, pos = embeds[None], torch.arange(len(embeds))[None]
+    with torch.no_grad():
+        for i, layer in enumerate(lm.layers):
+            if i == K:
+                h, pos = h[:, kept], pos[:, kept]
+            if i in (0, K):
+                rope = lm.rotary_emb(h, pos)
+                causal = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool).tril()[None, None]
+            h = layer(h, attention_mask=causal, position_embeddings=rope, position_ids=pos)
+            h = h[0] if isinstance(h, tuple) else h
+        return model.lm_head(lm.norm(h))[0, -1]
+
+
+def _manual_greedy(model, embeds, kept, steps):
+    """Greedy tokens of one sample: the manual pipeline re-run on the prompt plus the tokens so far."""
+    tokens = []
+    for _ in range(steps):
+        new = model.get_input_embeddings()(torch.tensor(tokens, dtype=torch.long))
+        logits = _manual_logits(model, torch.cat([embeds, new]), torch.cat([kept, kept.new_ones(len(tokens))]))
+        tokens.append(int(logits.argmax()))
+    return torch.tensor(tokens)
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [0.25, 5, 0.0])
+def test_fastv_matches_eager_rule_and_manual_pipeline(keep):
+    model = _model()
+    ids, mask, pixels = _inputs()
+    embeds = _embeds(model, ids, pixels)
+    kept = _reference_kept(model, ids, embeds, mask, keep)
+    real = mask.bool()
+    expected = torch.stack([_manual_logits(model, embeds[b][real[b]], kept[b][real[b]]) for b in range(2)])
+    vtattn.patch.llava(model, method="fastv", layer=K, keep=keep)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions(mask))
+    assert torch.equal(model._vtattn_patch.fastv.kept, kept)
+    assert out.logits.shape[1] == int(kept.sum(1).max())  # the sequence shrank from layer K on
+    _close(out.logits[:, -1], expected)
+    with eager(model.model.language_model), torch.no_grad():  # layers < K keep the model's own attention
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions(mask))
+    _close(out.logits[:, -1], expected)
+
+
+def test_fastv_generate_batch_left_padding_matches_each_sample_alone():
+    model = _model()
+    ids, mask, pixels = _inputs()
+    kept = _reference_kept(model, ids, _embeds(model, ids, pixels), mask, 0.25)
+    options = dict(max_new_tokens=5, do_sample=False)
+    vtattn.patch.llava(model, method="fastv", layer=K, keep=0.25)
+    with torch.no_grad():
+        batch = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **options)[:, -5:]
+        for b, images in enumerate([slice(0, 1), slice(1, 3)]):
+            real = mask[b].bool()
+            alone = model.generate(input_ids=ids[b:b + 1, real], pixel_values=pixels[images], **options)
+            assert torch.equal(alone[0, -5:], batch[b])
+            embeds = _embeds(model, ids[b:b + 1, real], pixels[images])[0]
+            assert torch.equal(_manual_greedy(model, embeds, kept[b][real], 5), batch[b])
+
+
+def test_fastv_keep_all_is_identity_and_unpatch_restores():
+    model = _model()
+    ids, mask, pixels = _inputs()
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    layers = model.model.language_model.layers
+    configs = [layer.self_attn.config for layer in layers]
+    with torch.no_grad():
+        before = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        vtattn.patch.llava(model, method="fastv", layer=K, keep=1.0)
+        after = model(**inputs).logits
+        assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), tokens)
+        vtattn.patch.llava(model, method="fastv", layer=1, keep=0.5)  # re-patching replaces the hooks
+        assert [len(layer._forward_pre_hooks) for layer in layers] == [0, 1, 1, 1]
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert vtattn.patch.unpatch(model) is model
+        assert "forward" not in model.__dict__ and "_vtattn_patch" not in model.__dict__
+        assert not any(layer._forward_pre_hooks for layer in layers)
+        assert all(layer.self_attn.config is c for layer, c in zip(layers, configs))
+        assert torch.equal(model(**inputs).logits, before)
+    real = mask.bool()
+    _close(after[real], before[real])
+
+
+def _shortened_ids(ids, kept_per_image):
+    """input_ids in _vlm.shortened's frame: each image span keeps its first slots, rows re-left-padded."""
+    rows = []
+    for row in ids.tolist():
+        out, run = [], 0
+        for t in row:
+            run = run + 1 if t == IMAGE else 0
+            if run <= kept_per_image:
+                out.append(t)
+        rows.append(out)
+    width = max(map(len, rows))
+    return torch.tensor([[0] * (width - len(r)) + r for r in rows])
+
+
+def test_fastv_composes_with_cls():
+    model = _model()
+    ids, mask, pixels = _inputs()
+    attentions, hidden = eager_attentions(model.model.vision_tower, pixels)
+    chosen = [topk(s, 18) for s in reference_scores("cls", attentions, 2)]
+    with torch.no_grad():
+        features = [model.model.multi_modal_projector(h[1:][k]) for h, k in zip(hidden[-2], chosen)]
+    embeds, short, _ = shortened(model, ids, mask, [36] * 3, features)
+    short_ids = _shortened_ids(ids, 18)
+    kept = _reference_kept(model, short_ids, embeds, short, 0.25)
+    real = short.bool()
+    expected = torch.stack([_manual_logits(model, embeds[b][real[b]], kept[b][real[b]]) for b in range(2)])
+    vtattn.patch.llava(model, keep=0.5, method="cls", fastv=vtattn.patch.FastV(layer=K, keep=0.25))
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions(mask))
+        assert torch.equal(model._vtattn_patch.fastv.kept, kept)
+        _close(out.logits[:, -1], expected)
+        tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4,
+                                do_sample=False)[:, -4:]
+    for b in range(2):
+        assert torch.equal(_manual_greedy(model, embeds[b][real[b]], kept[b][real[b]], 4), tokens[b])
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(method="fastv", layer=0), ValueError, "layer"), (dict(method="fastv", layer=4), ValueError, "layer"),
+    (dict(method="fastv", layer=2.0), TypeError, "layer"), (dict(method="fastv", keep=1.5), ValueError, "keep"),
+    (dict(method="fastv", keep=-1), ValueError, "keep"), (dict(layer=2), ValueError, "layer"),
+    (dict(method="fastv", fastv=vtattn.patch.FastV()), ValueError, "fastv"),
+    (dict(fastv=(2, 0.5)), TypeError, "fastv")])
+def test_fastv_bad_arguments(kwargs, error, match):
+    model = _model()
+    with pytest.raises(error, match=match):
+        vtattn.patch.llava(model, **kwargs)
+    assert "forward" not in model.__dict__
+    assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
+
+
+def test_fastv_without_images_raises():
+    model = vtattn.patch.llava(_model(), method="fastv", layer=K, keep=0.5)
+    ids, mask = prompts([[]])
+    with pytest.raises(ValueError, match="image token"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_fastv_llava_next():
+    """LLaVA-NeXT (crops, newline tokens: all image tokens); K = 1 (layer 0 scores) on a 2-layer LLM."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    model = llava_next()
+    sizes = torch.tensor([[50, 90], [84, 30]])
+    views = [image_size_to_num_patches(s, PINPOINTS, 42) for s in sizes]
+    pixels = torch.randn(2, max(views), 3, 42, 42, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        spans = [len(p) for p in model.model.get_image_features(pixels, sizes).pooler_output]
+    ids, mask = prompts([[spans[0]], [spans[1]]])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+    with torch.no_grad():
+        before = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        vtattn.patch.llava(model, method="fastv", layer=1, keep=1.0)
+        real = mask.bool()
+        _close(model(**inputs).logits[real], before[real])
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), tokens)
+        vtattn.patch.llava(model, method="fastv", layer=1, keep=0.3)
+        assert model.generate(**inputs, max_new_tokens=4, do_sample=False).shape == (2, ids.shape[1] + 4)
+
+
+@pytest.mark.gpu
+def test_fastv_on_cuda_bf16():
+    """keep=1.0 matches the unpatched model and a pruned, ragged batch generates, on CUDA in bf16
+    (LLM head dim 64)."""
+    model = _model(hidden=256).to("cuda", torch.bfloat16)
+    ids, mask, pixels = (t.cuda() for t in _inputs())
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels.bfloat16())
+    with torch.no_grad():
+        before = model(**inputs).logits.float()
+        vtattn.patch.llava(model, method="fastv", layer=K, keep=1.0)
+        after = model(**inputs).logits.float()
+        real = mask.bool()
+        torch.testing.assert_close(after[real], before[real], atol=5e-2, rtol=5e-2)
+        vtattn.patch.llava(model, keep=0.5, method="cls", fastv=vtattn.patch.FastV(layer=K, keep=0.25))
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, ids.shape[1] + 4)
