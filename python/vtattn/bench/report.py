@@ -8,6 +8,8 @@ def _fmt(v, spec):
 
 
 def _rate(r):
+    if r.get("tok_s") is not None:  # e2e decode rows
+        return f"{r['tok_s']:.3g} tok/s"
     if r["tflops"] is not None:
         return f"{r['tflops']:.3g} TFLOP/s" if r["tflops"] >= 1 else f"{r['tflops'] * 1e3:.3g} GFLOP/s"
     if r["gbps"] is not None:
