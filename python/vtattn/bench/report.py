@@ -62,7 +62,8 @@ def write_json(path, header, rows):
 
 def write_csv(path, rows):
     flat = [{**r, "shape": json.dumps(r["shape"]), "ratios": json.dumps(r["ratios"])} for r in rows]
+    fields = list(dict.fromkeys(k for r in flat for k in r)) or ["op"]  # model rows add their own fields
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["op"])
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(flat)

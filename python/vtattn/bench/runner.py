@@ -65,11 +65,13 @@ def run_case(case, device, dtype, peaks, quick=False) -> list:
     rows = []
     for impl in case.impls:
         t, note = results[impl.name]
+        # skipped: why a row has no timing (a Skip, a backend's refusal or an error); None when timed.
         row = {"op": case.op, "case": case.name, "shape": case.shape, "dtype": DTYPE_NAMES[dtype],
                "backend": impl.name, "role": impl.role, "median_ms": None, "p20_ms": None, "p80_ms": None,
                "reps": None, "tflops": None, "gbps": None, "pct_peak": None, "baseline": best,
                "baseline_ms": base.get(best), "speedup": None, "ratios": {}, "max_err": None,
-               "device": str(device), "note": note, "skipped": None if t is not None else note}
+               "device": str(device), "note": note,
+               "skipped": None if t is not None else note.removeprefix("skipped: ")}
         row.update(impl.stats)
         if t is not None:
             row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps)

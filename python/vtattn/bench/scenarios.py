@@ -77,8 +77,9 @@ def shared_model(key, build, device, dtype):
 
 
 def with_memory(impl):
-    """Record peak memory (CUDA) over the impl's first call: the runner's untimed probe."""
+    """Record peak memory (CUDA) over the impl's first call: the runner's untimed probe. None on CPU."""
     call, seen = impl.call, []
+    impl.stats.update(peak_gib=None, peak_extra_gib=None)
 
     def first_measured(x):
         dev = x["pixel_values"].device

@@ -1,7 +1,7 @@
 """End-to-end LLaVA scenarios (`e2e` rows) on random-weight models built from the real configs
 (nothing downloaded): LLaVA-1.5-7B (CLIP-L/336 + Vicuna-7B), its GQA variant, LLaVA-NeXT anyres
 and an 8-frame video prompt. On CPU the models are scaled down further than the towers (these
-cases have ~10x more rows) and the rows say so in their shape.
+cases have ~10x more rows), batches above 1 run at 2, and each row's shape says so.
 
 Rows, per scenario and batch; every variant is one row:
 - `<scenario>-ttft:B<b>`: time to first token, the prefill forward (vision tower, projector and
@@ -109,7 +109,7 @@ def _cache_bytes(cache):
 
 def _record_cache(impl, cache):
     """kv_bytes of the first (probe) call's cache, as a row field and in the note."""
-    if cache is None or "kv_bytes" in impl.stats:
+    if cache is None or impl.stats["kv_bytes"] is not None:
         return
     impl.stats["kv_bytes"] = n = _cache_bytes(cache)
     impl.note = " ".join(filter(None, [impl.note, f"kv {n / 2**20:.3g} MiB"]))
@@ -181,7 +181,8 @@ def _scenario_cases(transformers, scenario_name, scenario, level):
                 inner = lambda: attn_impl(model(), "sdpa")
             else:
                 inner = lambda kw=kw, pending=pending: patched(vtattn.patch.llava, model(), pending=pending, **kw())
-            impl = Impl(row, None, role=role, ctx=lambda inner=inner: single_thread(model(), inner))
+            impl = Impl(row, None, role=role, ctx=lambda inner=inner: single_thread(model(), inner),
+                        stats=dict(kv_bytes=None))
             if kind == "ttft":
                 _prefill(impl, model)
             else:
@@ -212,6 +213,7 @@ def _prefill(impl, model):
 
 def _decode(impl, model, B, new_tokens):
     clock = _DecodeClock()
+    impl.stats["tok_s"] = None
 
     def call(x):
         out = model().generate(**x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
