@@ -1,10 +1,10 @@
-"""Token selection: select_tokens + gather_tokens, merge_tokens, vision towers with selection,
-and the LLaVA-7B-shaped time to first token (tiny random-weight models on CPU)."""
+"""Token selection: select_tokens + gather_tokens, merge_tokens and vision towers with selection
+(tiny random-weight towers on CPU). The LLaVA end-to-end scenarios: bench_e2e.py."""
 import pytest
 
 from vtattn.bench.cases import impl_ids
 
-IDS = [(op, c, i) for op in ("select_tokens", "merge_tokens", "vision_tower", "e2e") for c, i in impl_ids(op)]
+IDS = [(op, c, i) for op in ("select_tokens", "merge_tokens", "vision_tower") for c, i in impl_ids(op)]
 
 
 @pytest.mark.parametrize("op,case_name,impl_name", IDS, ids=[f"{op}-{c}-{i}" for op, c, i in IDS])

@@ -43,6 +43,12 @@ class Impl:
     prep: Callable[[dict], dict] | None = None  # per input copy, outside the timing
     note: str = ""
     stats: dict = field(default_factory=dict)  # extra row fields the impl measures itself (peak memory)
+    timer: Callable | None = None  # (fns, device, quick) -> Timing in place of timing.time_fns
+
+
+class Skip(Exception):
+    """Raised by an impl (its ctx or call) that cannot run in this build: the row keeps the reason
+    in `skipped` and pytest-benchmark skips it."""
 
 
 @dataclass
@@ -310,8 +316,10 @@ def n_copies(device, per_copy_bytes) -> int:
 
 
 # Model-level and selection cases build on Case / Impl above, hence imported last.
-from . import scenarios, select_cases, sparse_cases  # noqa: E402
+from . import scenarios, scenarios_llm, select_cases, sparse_cases  # noqa: E402
 
 BUILDERS.update(select_cases.BUILDERS)
 BUILDERS.update(sparse_cases.BUILDERS)
-BUILDERS.update(scenarios.BUILDERS)  # last: the kernel cases run before any large model is built
+# Last: the kernel cases run before any large model is built.
+BUILDERS.update(scenarios.BUILDERS)
+BUILDERS.update(scenarios_llm.BUILDERS)

@@ -13,8 +13,19 @@ from . import plots
 from .report import format_header
 
 
+E2E_LEGEND = ("`<scenario>-ttft:B<n>`: time to first token (the prefill forward). `<scenario>-decode:B<n>`: "
+              "the decode steps of a fixed-length greedy generate, timed from the first generated token to the "
+              "end (tok/s = B x (new tokens - 1) / that time). Peak memory: CUDA max allocated over the row's "
+              "first call. KV: the cache's K/V bytes after it. Speedup: the unpatched model's time at the same "
+              "batch / the row's. Details: `python/vtattn/bench/scenarios_llm.py`.")
+
+
 def _cell(v, spec):
     return "-" if v is None else format(v, spec)
+
+
+def _note(r):
+    return (r.get("note") or "").replace("|", "/")
 
 
 def markdown(run, source, plot_paths, md_dir) -> str:
@@ -26,14 +37,26 @@ def markdown(run, source, plot_paths, md_dir) -> str:
         out += ["`vision_tower` and `e2e` rows time random-weight models built from the real configs: the "
                 "timings and memory are real, they say nothing of accuracy.", ""]
     out += [f"![{os.path.basename(p)}]({os.path.relpath(p, md_dir)})" for p in plot_paths] + [""]
-    out += ["| op | case | dtype | backend | median ms | p20-p80 ms | TFLOP/s | GB/s | % peak | vs | speedup | note |",
-            "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
-    for r in rows:
+    kernels, e2e = [r for r in rows if r["op"] != "e2e"], [r for r in rows if r["op"] == "e2e"]
+    if kernels:
+        out += ["| op | case | dtype | backend | median ms | p20-p80 ms | TFLOP/s | GB/s | % peak | vs | speedup "
+                "| note |", "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
+    for r in kernels:
         spread = "-" if r["p20_ms"] is None else f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}"
-        note = (r.get("note") or "").replace("|", "/")
         out.append(f"| {r['op']} | {r['case']} | {r['dtype']} | {r['backend']} | {_cell(r['median_ms'], '.3f')} | "
                    f"{spread} | {_cell(r['tflops'], '.3g')} | {_cell(r['gbps'], '.3g')} | "
-                   f"{_cell(r['pct_peak'], '.3g')} | {r['baseline'] or '-'} | {_cell(r['speedup'], '.2f')} | {note} |")
+                   f"{_cell(r['pct_peak'], '.3g')} | {r['baseline'] or '-'} | {_cell(r['speedup'], '.2f')} | "
+                   f"{_note(r)} |")
+    if e2e:
+        out += ["", "## End-to-end scenarios", "", E2E_LEGEND, "",
+                "| case | variant | B | median ms | tok/s | peak GiB | KV MiB | speedup | skipped |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in e2e:
+        kv = r.get("kv_bytes")
+        out.append(f"| {r['case']} | {r['backend']} | {r['shape']['B']} | {_cell(r['median_ms'], '.1f')} | "
+                   f"{_cell(r.get('tok_s'), '.4g')} | {_cell(r.get('peak_gib'), '.2f')} | "
+                   f"{_cell(None if kv is None else kv / 2**20, '.4g')} | {_cell(r['speedup'], '.2f')} | "
+                   f"{(r.get('skipped') or '').replace('|', '/')} |")
     return "\n".join(out) + "\n"
 
 

@@ -18,28 +18,58 @@ def _title(header, what):
     return f"{what}\n{header['device']}{scaled}"
 
 
-def speedup_vs_keep(header, rows, path):
-    """End-to-end scenarios: speedup over the unpatched model at each keep ratio."""
-    lines = defaultdict(list)
+def _e2e_speedups(rows, variant):
+    """{metric: {"scenario Bn": [(x, speedup)]}} over the e2e rows whose backend fullmatches
+    `variant` (x = its one number), metric "ttft" or "decode" from the case name."""
+    out = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        m = re.fullmatch(r"keep-([\d.]+)", r["backend"])
-        if m and r["speedup"] is not None:
-            lines[f"{r['op']}/{r['case']}"].append((float(m.group(1)), r["speedup"]))
-    if not lines:
+        v = re.fullmatch(variant, r["backend"])
+        c = re.fullmatch(r"(.+)-(ttft|decode):(B\d+)", r["case"])
+        if r["op"] == "e2e" and v and c and r["speedup"] is not None:
+            out[c[2]][f"{c[1]} {c[3]}"].append((float(v[1]), r["speedup"]))
+    return out
+
+
+def _speedup_panels(header, lines, xticks, xlabel, what, path, points=None):
+    """One panel per metric (time to first token, decode): a line per scenario (colour) and batch
+    (B1 solid, the larger dashed), and optionally single points (FastV) as crosses in its colour."""
+    metrics = [m for m in ("ttft", "decode") if m in lines]
+    if not metrics:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for label, pts in sorted(lines.items()):
-        xs, ys = zip(*sorted(pts))
-        ax.plot(xs, ys, "o-", label=label)
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xscale("log")
-    ax.set_xticks([0.05, 0.1, 0.25, 0.5, 1.0], labels=["0.05", "0.1", "0.25", "0.5", "1.0"])
-    ax.invert_xaxis()
-    ax.set(xlabel="keep ratio (visual tokens kept)", ylabel="speedup vs unpatched model (x)",
-           title=_title(header, "Time to first token: speedup vs keep (random weights)"))
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.8), squeeze=False)
+    scenarios = sorted({label.split()[0] for m in metrics for label in lines[m]})
+    for ax, metric in zip(axes[0], metrics):
+        for label, pts in sorted(lines[metric].items()):
+            scenario, batch = label.split()
+            style = dict(color=f"C{scenarios.index(scenario)}", ls="-" if batch == "B1" else "--")
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, marker="o", label=label, **style)
+            for x, y in (points or {}).get(metric, {}).get(label, []):
+                ax.plot([x], [y], "x", color=style["color"], ms=9, mew=2)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xticks(xticks, labels=[str(x) for x in xticks])
+        ax.invert_xaxis()
+        ax.set(xlabel=xlabel, ylabel="speedup vs unpatched model (x)",
+               title="time to first token" if metric == "ttft" else "decode steps")
+        ax.legend(fontsize=7)
+    fig.suptitle(_title(header, what), fontsize=10)
     return _save(fig, path)
+
+
+def speedup_vs_keep(header, rows, path):
+    """End-to-end scenarios: speedup over the unpatched model at each keep ratio; FastV crosses."""
+    return _speedup_panels(header, _e2e_speedups(rows, r"keep-([\d.]+)"), [0.05, 0.1, 0.25, 0.5, 1.0],
+                           "keep ratio (visual tokens kept)", "Speedup vs keep (random weights; x: FastV)", path,
+                           points=_e2e_speedups(rows, r"fastv-([\d.]+)"))
+
+
+def speedup_vs_kv_budget(header, rows, path):
+    """End-to-end scenarios: speedup over the unpatched model at each LOOK-M KV budget."""
+    return _speedup_panels(header, _e2e_speedups(rows, r"lookm-([\d.]+)"), [0.1, 0.2, 0.5, 1.0],
+                           "KV budget (share of the prompt's cache kept)", "Speedup vs KV budget (LOOK-M, random "
+                           "weights)", path)
 
 
 def time_vs_length(header, rows, path):
@@ -111,7 +141,8 @@ def _save(fig, path):
     return path
 
 
-PLOTS = {"speedup_vs_keep.png": speedup_vs_keep, "time_vs_length.png": time_vs_length,
+PLOTS = {"speedup_vs_keep.png": speedup_vs_keep, "speedup_vs_kv_budget.png": speedup_vs_kv_budget,
+         "time_vs_length.png": time_vs_length,
          "roofline.png": roofline}
 
 

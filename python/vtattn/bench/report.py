@@ -8,6 +8,8 @@ def _fmt(v, spec):
 
 
 def _rate(r):
+    if r.get("tok_s") is not None:  # e2e decode rows
+        return f"{r['tok_s']:.3g} tok/s"
     if r["tflops"] is not None:
         return f"{r['tflops']:.3g} TFLOP/s" if r["tflops"] >= 1 else f"{r['tflops'] * 1e3:.3g} GFLOP/s"
     if r["gbps"] is not None:
@@ -60,7 +62,8 @@ def write_json(path, header, rows):
 
 def write_csv(path, rows):
     flat = [{**r, "shape": json.dumps(r["shape"]), "ratios": json.dumps(r["ratios"])} for r in rows]
+    fields = list(dict.fromkeys(k for r in flat for k in r)) or ["op"]  # model rows add their own fields
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["op"])
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(flat)

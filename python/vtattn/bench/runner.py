@@ -5,11 +5,13 @@ import torch
 
 import vtattn
 
-from .cases import DTYPE_NAMES, input_bytes, n_copies
+from .cases import DTYPE_NAMES, Skip, input_bytes, n_copies
 from .timing import time_fns
 
 
 def _error(e) -> str:
+    if isinstance(e, Skip):
+        return f"skipped: {e}"
     if isinstance(e, vtattn.BackendUnavailable):  # keep the reason, drop "vtattn.<op>: backend ..."
         return "refused: " + str(e).split("inputs: ", 1)[-1]
     return f"{type(e).__name__}: {e}".splitlines()[0][:300]
@@ -27,7 +29,7 @@ def _measure(impl, copies, device, quick):
     with impl.ctx():
         xs = [impl.prep(x) if impl.prep else x for x in copies]
         out = impl.call(xs[0])  # refusals, compilation and autotuning happen here, untimed
-        return time_fns([partial(impl.call, x) for x in xs], device, quick), out
+        return (impl.timer or time_fns)([partial(impl.call, x) for x in xs], device, quick), out
 
 
 def run_case(case, device, dtype, peaks, quick=False) -> list:
@@ -63,11 +65,13 @@ def run_case(case, device, dtype, peaks, quick=False) -> list:
     rows = []
     for impl in case.impls:
         t, note = results[impl.name]
+        # skipped: why a row has no timing (a Skip, a backend's refusal or an error); None when timed.
         row = {"op": case.op, "case": case.name, "shape": case.shape, "dtype": DTYPE_NAMES[dtype],
                "backend": impl.name, "role": impl.role, "median_ms": None, "p20_ms": None, "p80_ms": None,
                "reps": None, "tflops": None, "gbps": None, "pct_peak": None, "baseline": best,
                "baseline_ms": base.get(best), "speedup": None, "ratios": {}, "max_err": None,
-               "device": str(device), "note": note}
+               "device": str(device), "note": note,
+               "skipped": None if t is not None else note.removeprefix("skipped: ")}
         row.update(impl.stats)
         if t is not None:
             row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps)

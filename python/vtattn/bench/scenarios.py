@@ -1,24 +1,21 @@
 """Model-level cases on random-weight transformers models built in code (nothing downloaded):
-vision towers with token selection, and a LLaVA-1.5-7B-shaped model's time to first token.
+vision towers with token selection here, the LLaVA end-to-end scenarios in scenarios_llm.py.
 
 Random weights give real timings and memory; they say nothing of accuracy. Real configs on a GPU
 (built directly in bf16 on the device); on CPU the models are scaled down (see SCALE) and the
-rows say so. Peak memory (CUDA only) is torch.cuda.max_memory_allocated over the first, untimed
-call: `peak_gib` in all, `peak_extra_gib` above what was allocated before it (activations)."""
+rows say so. Peak memory (CUDA only; none on CPU) is torch.cuda.max_memory_allocated over the
+first, untimed call: `peak_gib` in all, `peak_extra_gib` above what was allocated before it."""
 import contextlib
 
 import torch
 
 import vtattn
 
-from .cases import LEVELS, SHAPES, Case, Impl, scaled_shape
+from .cases import LEVELS, SHAPES, Case, Impl, Skip, scaled_shape
 
 NOTE = ("vision_tower / e2e: random-weight models: the timings and memory are real, they say nothing of "
         "accuracy.")
-KEEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
 TOWER_KEEP = 0.1
-E2E_BATCHES = (1, 8)
-PROMPT = 64  # text tokens beside the image
 FEATURE_LAYER = -2  # LLaVA-1.5's vision_feature_layer; FasterVLM scores the same layer
 
 TOWERS = {  # name -> (transformers config class, kwargs)
@@ -27,8 +24,6 @@ TOWERS = {  # name -> (transformers config class, kwargs)
     "siglip-so400m": ("SiglipVisionConfig", dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
                                                  num_attention_heads=16, image_size=384, patch_size=14)),
 }
-LLAMA7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
 # Per run level: layers kept (None: all; at least 2: the features are layer -2), divisors of the
 # width and of the image side, tower batch.
 SCALE = {"full": dict(layers=None, width=1, side=1, batch=32),
@@ -42,7 +37,7 @@ def level_of(name, s):
     return next(lv for lv in LEVELS if scaled_shape(SHAPES[name], lv) == s)
 
 
-def _scaled(kw, sc):
+def scaled_config(kw, sc):
     """Config kwargs at a run level: fewer layers, width and heads divided (head dim kept), the
     image side divided."""
     kw = dict(kw)
@@ -57,7 +52,7 @@ def _scaled(kw, sc):
     return kw
 
 
-def _build(cls, config, device, dtype):
+def build_model(cls, config, device, dtype):
     """Random init straight in `dtype` on `device` (as AutoModel.from_config): a 7B model is built
     in seconds on a GPU, never in fp32 on the host first."""
     torch.manual_seed(0)
@@ -68,7 +63,7 @@ def _build(cls, config, device, dtype):
 _slot = {}  # the one model alive: {"key": ..., "model": ...}
 
 
-def _model(key, build, device, dtype):
+def shared_model(key, build, device, dtype):
     """The model for `key`, built on first use. One at a time: building another drops the previous
     (a run, and pytest even more, goes through many cases; a 7B model is 14 GB on a GPU). Calls
     fetch the model here rather than holding it, so a dropped model is freed at once."""
@@ -81,9 +76,10 @@ def _model(key, build, device, dtype):
     return _slot["model"]
 
 
-def _with_memory(impl):
-    """Record peak memory (CUDA) over the impl's first call: the runner's untimed probe."""
+def with_memory(impl):
+    """Record peak memory (CUDA) over the impl's first call: the runner's untimed probe. None on CPU."""
     call, seen = impl.call, []
+    impl.stats.update(peak_gib=None, peak_extra_gib=None)
 
     def first_measured(x):
         dev = x["pixel_values"].device
@@ -105,7 +101,7 @@ def _with_memory(impl):
 
 
 @contextlib.contextmanager
-def _on(model, inner):
+def single_thread(model, inner):
     """Enter inner(); on CPU with one thread: the scaled models are too small to split, and on a
     shared machine OpenMP barriers dominate multi-threaded runs (small ops measured 100x slower)."""
     threads = torch.get_num_threads()
@@ -119,7 +115,7 @@ def _on(model, inner):
 
 
 @contextlib.contextmanager
-def _attn(model, name):
+def attn_impl(model, name):
     """Every sub-config of `model` on attention implementation `name` for the block."""
     configs = [m.config for m in model.modules() if hasattr(m, "config")]
     previous = [c._attn_implementation for c in configs]
@@ -133,15 +129,23 @@ def _attn(model, name):
 
 
 @contextlib.contextmanager
-def _patched(patch, model, **kw):
-    patch(model, **kw)
+def patched(patch, model, pending=None, **kw):
+    """patch(model, **kw) for the block. `pending` names a variant whose API this vtattn may not
+    have yet (built in parallel): its refusal, TypeError (an unknown argument) or
+    NotImplementedError, becomes a Skip that the row shows instead of an error."""
+    try:
+        patch(model, **kw)
+    except (TypeError, NotImplementedError) as e:
+        if pending is None:
+            raise
+        raise Skip(f"{pending} not in this vtattn ({type(e).__name__}: {e})") from e
     try:
         yield
     finally:
         vtattn.patch.unpatch(model)
 
 
-def _pixels(B, image):
+def pixels(B, image):
     def make(device, dtype, seed):
         g = torch.Generator(device=device).manual_seed(seed)
         return {"pixel_values": torch.randn(B, 3, image, image, device=device, dtype=dtype, generator=g)}
@@ -163,7 +167,7 @@ def _eager_topk(tower, keep, has_cls):
     return call
 
 
-def _transformers():
+def transformers_or_none():
     """transformers, or None where it is not installed (an optional dependency: no model cases)."""
     try:
         import transformers
@@ -173,14 +177,14 @@ def _transformers():
 
 
 def tower_cases(name, s, backends):
-    transformers = _transformers()
+    transformers = transformers_or_none()
     if name not in TOWERS or transformers is None:
         return []
 
     level = level_of(name, s)
     sc = SCALE[level]
     cls_name, kw = TOWERS[name]
-    kw = _scaled(kw, sc)
+    kw = scaled_config(kw, sc)
     config = getattr(transformers, cls_name)(**kw)
     model_cls = transformers.CLIPVisionModel if cls_name.startswith("CLIP") else transformers.SiglipVisionModel
     B, has_cls = sc["batch"], cls_name.startswith("CLIP")
@@ -189,75 +193,24 @@ def tower_cases(name, s, backends):
              "scaled": None if level == "full" else level,
              "cpu_threads": None if level == "full" else 1}
     at = {}  # device and dtype: make_inputs is the first to know them
-    tower = lambda: _model(("vision_tower", name, level), lambda d, t: _build(model_cls, config, d, t), *at["dt"])
+    build = lambda device, dtype: build_model(model_cls, config, device, dtype)
+    tower = lambda: shared_model(("vision_tower", name, level), build, *at["dt"])
 
     def make(device, dtype, seed):
         at["dt"] = device, dtype
-        return _pixels(B, kw["image_size"])(device, dtype, seed)
+        return pixels(B, kw["image_size"])(device, dtype, seed)
 
     c = Case("vision_tower", f"{name}:keep-{TOWER_KEEP}", shape, make)
-    impl = lambda name, call, inner, **kw: _with_memory(Impl(name, call, ctx=lambda: _on(tower(), inner), **kw))
+    impl = lambda name, call, inner, **kw: with_memory(Impl(name, call, ctx=lambda: single_thread(tower(), inner),
+                                                            **kw))
     # vtattn's dispatch picks the kernels; forcing a backend per model row would time the same tower.
-    c.impls = [impl("vtattn", lambda x: tower()(x["pixel_values"]), lambda: _patched(
+    c.impls = [impl("vtattn", lambda x: tower()(x["pixel_values"]), lambda: patched(
         vtattn.patch.vision_tower, tower(), keep=TOWER_KEEP, feature_layer=FEATURE_LAYER))]
     c.impls += [impl("eager-attn+topk", lambda x: _eager_topk(tower(), TOWER_KEEP, has_cls)(x),
-                     lambda: _attn(tower(), "eager"), role="baseline")]
+                     lambda: attn_impl(tower(), "eager"), role="baseline")]
     c.impls.append(impl("sdpa-tower", lambda x: tower()(x["pixel_values"]).last_hidden_state,
-                        lambda: _attn(tower(), "sdpa"), role="reference", note="no selection"))
+                        lambda: attn_impl(tower(), "sdpa"), role="reference", note="no selection"))
     return [c]
 
 
-def e2e_cases(name, s, backends):
-    """LLaVA-1.5-7B-shaped: CLIP-L/336 + 32-layer 4096-wide Llama; one image and a PROMPT-token
-    prompt per sample; time to first token = the prefill forward that yields the first logits."""
-    transformers = _transformers()
-    if name != "llava7b-prefill" or transformers is None:
-        return []
-
-    level = level_of(name, s)
-    sc = SCALE[level]
-    vision = transformers.CLIPVisionConfig(**_scaled(TOWERS["clip-l336"][1], sc))
-    text_kw = _scaled(LLAMA7B, sc)
-    text_kw["num_key_value_heads"] = text_kw["num_attention_heads"]
-    if level != "full":
-        text_kw["vocab_size"] = 1024
-    image_token = text_kw["vocab_size"] - 1
-    config = transformers.LlavaConfig(vision_config=vision, text_config=transformers.LlamaConfig(**text_kw),
-                                      image_token_index=image_token, vision_feature_layer=FEATURE_LAYER,
-                                      vision_feature_select_strategy="default")
-    at = {}  # device and dtype: make_inputs is the first to know them
-    build = lambda device, dtype: _build(transformers.LlavaForConditionalGeneration, config, device, dtype)
-    llava = lambda: _model(("e2e", level), build, *at["dt"])
-    n_image = (vision.image_size // vision.patch_size) ** 2
-    prompt = max(1, PROMPT // sc["side"] ** 2)  # keeps the image : text ratio of the real case
-    cases = []
-    for B in E2E_BATCHES:
-        def make(device, dtype, seed, B=B):
-            at["dt"] = device, dtype
-            g = torch.Generator(device=device).manual_seed(seed)
-            text = torch.randint(1, image_token, (B, prompt), device=device, generator=g)
-            image = torch.full((B, n_image), image_token, device=device)
-            ids = torch.cat([text[:, :1], image, text[:, 1:]], 1)  # <s> <image> prompt, as LLaVA's template
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                    **_pixels(B, vision.image_size)(device, dtype, seed)}
-
-        def prefill(x):
-            llava()(**x, use_cache=True, logits_to_keep=1)
-            # None: logits at different keeps are not comparable, so the runner computes no max_err.
-
-        shape = {"B": B, "image_tokens": n_image, "prompt": prompt, "llm_layers": text_kw["num_hidden_layers"],
-                 "llm_width": text_kw["hidden_size"], "tower_layers": vision.num_hidden_layers,
-                 "scaled": None if level == "full" else level,
-                 "cpu_threads": None if level == "full" else 1}
-        c = Case("e2e", f"llava7b-ttft:B{B}", shape, make)
-        impl = lambda name, inner, **kw: _with_memory(Impl(name, prefill, ctx=lambda: _on(llava(), inner), **kw))
-        c.impls = [impl("unpatched-sdpa", lambda: _attn(llava(), "sdpa"), role="baseline")]
-        patched = lambda keep: lambda: _patched(vtattn.patch.llava, llava(), keep=keep)
-        # keep=1.0 is a reference: the TTFT targets are ratios to it.
-        c.impls += [impl(f"keep-{keep}", patched(keep), role="reference" if keep == 1.0 else "vtattn")
-                    for keep in KEEPS]
-        cases.append(c)
-    return cases
-
-
-BUILDERS = {"vision_tower": tower_cases, "e2e": e2e_cases}
+BUILDERS = {"vision_tower": tower_cases}

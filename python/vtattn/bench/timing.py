@@ -1,5 +1,6 @@
 """Timers. Each takes a list of zero-argument callables, one per input copy, and rotates among
 them so that no repetition finds its inputs left in cache by the previous one."""
+import time
 from dataclasses import dataclass
 from itertools import cycle
 
@@ -17,7 +18,7 @@ class Timing:
     reps: int
 
 
-def _summary(times_ms) -> Timing:
+def summary(times_ms) -> Timing:
     q = torch.tensor(times_ms, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
     return Timing(median_ms=q[1].item(), p20_ms=q[0].item(), p80_ms=q[2].item(), reps=len(times_ms))
 
@@ -57,7 +58,7 @@ def time_cuda(fns, device, warmup_ms=25.0, rep_ms=100.0, max_reps=1000) -> Timin
         next(calls)()
         e.record()
     sync()
-    return _summary([s.elapsed_time(e) for s, e in events])
+    return summary([s.elapsed_time(e) for s, e in events])
 
 
 def time_cpu(fns, min_run_time=0.3, max_run_time=2.0) -> Timing:
@@ -71,10 +72,24 @@ def time_cpu(fns, min_run_time=0.3, max_run_time=2.0) -> Timing:
     step()
     timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
     m = timer.adaptive_autorange(threshold=0.1, min_run_time=min_run_time, max_run_time=max_run_time)
-    return _summary([t * 1e3 for t in m.times])
+    return summary([t * 1e3 for t in m.times])
 
 
 def time_fns(fns, device, quick=False) -> Timing:
     if device.type == "cuda":
         return time_cuda(fns, device, warmup_ms=10 if quick else 25, rep_ms=30 if quick else 100)
     return time_cpu(fns, min_run_time=0.1, max_run_time=0.5) if quick else time_cpu(fns)
+
+
+def time_reps(fns, device, reps) -> Timing:
+    """`reps` calls timed one by one (synchronized before and after): for model-level calls of up
+    to seconds, where the adaptive timers above would take minutes per row. The caller warms up."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    calls, times = cycle(fns), []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        next(calls)()
+        sync()
+        times.append((time.perf_counter() - t) * 1e3)
+    return summary(times)

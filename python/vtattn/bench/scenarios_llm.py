@@ -1,0 +1,233 @@
+"""End-to-end LLaVA scenarios (`e2e` rows) on random-weight models built from the real configs
+(nothing downloaded): LLaVA-1.5-7B (CLIP-L/336 + Vicuna-7B), its GQA variant, LLaVA-NeXT anyres
+and an 8-frame video prompt. On CPU the models are scaled down further than the towers (these
+cases have ~10x more rows), batches above 1 run at 2, and each row's shape says so.
+
+Rows, per scenario and batch; every variant is one row:
+- `<scenario>-ttft:B<b>`: time to first token, the prefill forward (vision tower, projector and
+  LLM over images + prompt; logits of the last position only; the cache filled).
+- `<scenario>-decode:B<b>`: generate, greedy, min_new_tokens = max_new_tokens = NEW_TOKENS so
+  every variant decodes the same length. The decode steps are timed directly, by a streamer:
+  from the prefill's token reaching the host to the end of generate, i.e. NEW_TOKENS - 1
+  one-token forwards (generate synchronizes on every step anyway: its stop check reads the
+  device). median_ms is that time; tok_s = B * (NEW_TOKENS - 1) / median.
+- peak_gib: torch.cuda.max_memory_allocated over the row's first, untimed call (the prefill, or
+  the whole generate); CUDA only, none on CPU. kv_bytes: K/V bytes the cache holds after that
+  call: CompressedCache.kv_bytes() under a KV policy, else the dense cache's tensors.
+- speedup: the unpatched model's time at the same batch / the row's time.
+Random weights: the timings and memory are real; the tokens say nothing of accuracy.
+
+A variant whose API this vtattn lacks (FastV, KV compression: being built) is a row with no
+timing and `skipped` saying why, never a missing row."""
+import time
+
+import torch
+
+import vtattn
+
+from .cases import Case, Impl
+from .scenarios import (FEATURE_LAYER, SCALE, TOWERS, attn_impl, build_model, level_of, patched, scaled_config,
+                        shared_model, single_thread, transformers_or_none, with_memory)
+from .timing import summary, time_reps
+
+LLAMA7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
+SCENARIOS = {  # name -> LLM kv heads, images per prompt, anyres (LLaVA-NeXT: base view + 2x2 crops)
+    "llava7b": dict(kv_heads=32, images=1, anyres=False),
+    # Video stand-in: 8 frames as 8 images in one LLaVA-1.5 prompt (576 tokens each, no pooling);
+    # 4672 tokens pass the 4096 positions LLaVA-1.5 was trained on: RoPE takes any position, and
+    # accuracy is not measured here.
+    "llava7b-video8": dict(kv_heads=32, images=8, anyres=False),
+    "llava7b-gqa": dict(kv_heads=8, images=1, anyres=False),
+    "llava-next-anyres5": dict(kv_heads=32, images=1, anyres=True),
+}
+KEEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
+FASTV = dict(method="fastv", layer=2, keep=0.25)
+KV_BUDGETS = (1.0, 0.5, 0.2, 0.1)
+KV_RECENT = 0.1
+TTFT_BATCHES, DECODE_BATCHES = (1, 8), (1, 16)
+CPU_BATCH = 2  # on CPU every batch above 1 runs at 2; the case keeps the real batch's name
+PROMPT = 64  # text tokens beside the images
+# The model scale of each run level (scenarios.SCALE), one step smaller than the towers' on CPU,
+# and the LLM's layers there: 4, so that FastV's layer 2 has layers after it.
+LEVEL_SCALE = {"full": "full", "cpu": "cpu-quick", "cpu-quick": "tiny", "tiny": "tiny"}
+CPU_LLM_LAYERS = 4
+# Timed calls per row after the untimed probe: few, as a full-size row takes up to seconds
+# (about 8 minutes for all e2e rows on an H100, estimated from their FLOPs).
+REPS = {"ttft": 3, "decode": 2}
+NEW_TOKENS = {"full": 32, "cpu": 8}
+
+
+def _config(transformers, scenario, level):
+    """The LlavaConfig / LlavaNextConfig of a scenario at a run level, and its image token id."""
+    sc = SCALE[LEVEL_SCALE[level]]
+    vision = transformers.CLIPVisionConfig(**scaled_config(TOWERS["clip-l336"][1], sc))
+    text = scaled_config(LLAMA7B, sc)
+    group = LLAMA7B["num_attention_heads"] // scenario["kv_heads"]
+    text["num_key_value_heads"] = max(1, text["num_attention_heads"] // group)
+    if level != "full":
+        text.update(num_hidden_layers=CPU_LLM_LAYERS, vocab_size=1024)
+    image_token = text["vocab_size"] - 1
+    kw = dict(vision_config=vision, text_config=transformers.LlamaConfig(**text), image_token_index=image_token,
+              vision_feature_layer=FEATURE_LAYER, vision_feature_select_strategy="default")
+    if not scenario["anyres"]:
+        return transformers.LlavaConfig(**kw), image_token
+    side = vision.image_size  # one pinpoint, twice the tower's side: every image is a 2x2 crop grid
+    return transformers.LlavaNextConfig(**kw, image_grid_pinpoints=[[2 * side, 2 * side]]), image_token
+
+
+def _image_tokens(config, scenario):
+    """Tokens per image after the processor's expansion: g*g patches per view (no [CLS]); anyres
+    adds the 2x2 crops' (2g x 2g) grid with a newline token closing each of its 2g rows."""
+    g = config.vision_config.image_size // config.vision_config.patch_size
+    return g * g + (2 * g * (2 * g + 1) if scenario["anyres"] else 0)
+
+
+class _DecodeClock:
+    """A generate streamer timing the decode steps: from the second put (the prefill's token; the
+    first put is the prompt) to end(). Seconds per generate call in `laps`."""
+
+    def __init__(self):
+        self.laps, self.puts, self.start = [], 0, None
+
+    def put(self, tokens):
+        self.puts += 1
+        if self.puts == 2:
+            self.start = time.perf_counter()
+
+    def end(self):
+        self.laps.append(time.perf_counter() - self.start)
+        self.puts = 0
+
+
+def _cache_bytes(cache):
+    if hasattr(cache, "kv_bytes"):  # vtattn.kv.CompressedCache: what the policy left allocated
+        return int(cache.kv_bytes())
+    return sum(t.numel() * t.element_size() for layer in cache.layers if getattr(layer, "is_initialized", False)
+               for t in (layer.keys, layer.values))
+
+
+def _record_cache(impl, cache):
+    """kv_bytes of the first (probe) call's cache, as a row field and in the note."""
+    if cache is None or impl.stats["kv_bytes"] is not None:
+        return
+    impl.stats["kv_bytes"] = n = _cache_bytes(cache)
+    impl.note = " ".join(filter(None, [impl.note, f"kv {n / 2**20:.3g} MiB"]))
+
+
+def _variants():
+    """(row name, role, patch kwargs (a function: built inside the row's ctx) or None for the
+    unpatched model, the name of a variant whose API may be missing)."""
+    out = [("unpatched-sdpa", "baseline", None, None)]
+    # keep=1.0 is a reference: the targets are ratios to it.
+    out += [(f"keep-{k}", "reference" if k == 1.0 else "vtattn", lambda k=k: dict(keep=k), None) for k in KEEPS]
+    out.append((f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(FASTV), "FastV"))
+    out += [(f"lookm-{b}", "vtattn", lambda b=b: dict(kv=vtattn.kv.LookM(budget=b, recent=KV_RECENT)),
+             "KV compression") for b in KV_BUDGETS]
+    return out
+
+
+def e2e_cases(name, s, backends):
+    """Every scenario's cases, once: on the LLaVA-7B attention shape, which gives the run level."""
+    transformers = transformers_or_none()
+    if name != "llava7b-prefill" or transformers is None:
+        return []
+    level = level_of(name, s)
+    cases = []
+    for scenario_name, scenario in SCENARIOS.items():
+        cases += _scenario_cases(transformers, scenario_name, scenario, level)
+    return cases
+
+
+def _scenario_cases(transformers, scenario_name, scenario, level):
+    config, image_token = _config(transformers, scenario, level)
+    vision, text = config.vision_config, config.text_config
+    at = {}  # device and dtype: make_inputs is the first to know them
+    cls = (transformers.LlavaNextForConditionalGeneration if scenario["anyres"]
+           else transformers.LlavaForConditionalGeneration)
+    build = lambda device, dtype: build_model(cls, config, device, dtype)
+    key = ("e2e", scenario["anyres"], scenario["kv_heads"], level)  # llava7b and its video share the model
+    model = lambda: shared_model(key, build, *at["dt"])
+    per_image = _image_tokens(config, scenario)
+    side, images = vision.image_size, scenario["images"]
+    scale = SCALE[LEVEL_SCALE[level]]["side"]
+    prompt = max(1, PROMPT // scale ** 2)  # keeps the image : text ratio of the real case
+    new_tokens = NEW_TOKENS["full" if level == "full" else "cpu"]
+    base_shape = {"images": images, "views": 5 if scenario["anyres"] else 1, "image_tokens": images * per_image,
+                  "prompt": prompt, "llm_layers": text.num_hidden_layers, "llm_width": text.hidden_size,
+                  "heads": text.num_attention_heads, "kv_heads": text.num_key_value_heads,
+                  "tower_layers": vision.num_hidden_layers, "scaled": None if level == "full" else LEVEL_SCALE[level],
+                  "cpu_threads": None if level == "full" else 1}
+
+    def make_inputs(B):
+        def make(device, dtype, seed):
+            at["dt"] = device, dtype
+            g = torch.Generator(device=device).manual_seed(seed)
+            text_ids = torch.randint(1, image_token, (B, prompt), device=device, generator=g)
+            image_ids = torch.full((B, images * per_image), image_token, device=device)
+            ids = torch.cat([text_ids[:, :1], image_ids, text_ids[:, 1:]], 1)  # <s> <image>... prompt
+            views = (B, 5) if scenario["anyres"] else (B * images,)
+            x = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                 "pixel_values": torch.randn(*views, 3, side, side, device=device, dtype=dtype, generator=g)}
+            if scenario["anyres"]:  # images at the pinpoint's size: no padding for unpad to strip
+                x["image_sizes"] = torch.tensor([[2 * side, 2 * side]] * B, device=device)
+            return x
+        return make
+
+    def impls(kind, B):
+        out = []
+        for row, role, kw, pending in _variants():
+            if kw is None:
+                inner = lambda: attn_impl(model(), "sdpa")
+            else:
+                inner = lambda kw=kw, pending=pending: patched(vtattn.patch.llava, model(), pending=pending, **kw())
+            impl = Impl(row, None, role=role, ctx=lambda inner=inner: single_thread(model(), inner),
+                        stats=dict(kv_bytes=None))
+            if kind == "ttft":
+                _prefill(impl, model)
+            else:
+                _decode(impl, model, B, new_tokens)
+            out.append(with_memory(impl))
+        return out
+
+    cases = []
+    for kind, batches in (("ttft", TTFT_BATCHES), ("decode", DECODE_BATCHES)):
+        for real_B in batches:
+            B = real_B if level == "full" else min(real_B, CPU_BATCH)
+            shape = {"B": B, **base_shape, **({"new_tokens": new_tokens} if kind == "decode" else {})}
+            c = Case("e2e", f"{scenario_name}-{kind}:B{real_B}", shape, make_inputs(B))
+            c.impls = impls(kind, B)
+            cases.append(c)
+    return cases
+
+
+def _prefill(impl, model):
+    def call(x):
+        out = model()(**x, use_cache=True, logits_to_keep=1)
+        _record_cache(impl, out.past_key_values)
+        # None: logits at different keeps are not comparable, so the runner computes no max_err.
+
+    impl.call = call
+    impl.timer = lambda fns, device, quick: time_reps(fns, device, REPS["ttft"])
+
+
+def _decode(impl, model, B, new_tokens):
+    clock = _DecodeClock()
+    impl.stats["tok_s"] = None
+
+    def call(x):
+        out = model().generate(**x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=0, streamer=clock, return_dict_in_generate=True)
+        _record_cache(impl, out.past_key_values)
+
+    def timer(fns, device, quick):
+        del clock.laps[:]  # drop the probe's
+        time_reps(fns, device, REPS["decode"])  # whole generate calls: the clock keeps their decode part
+        t = summary([s * 1e3 for s in clock.laps])
+        impl.stats["tok_s"] = B * (new_tokens - 1) / (t.median_ms / 1e3)
+        return t
+
+    impl.call, impl.timer = call, timer
+
+
+BUILDERS = {"e2e": e2e_cases}
