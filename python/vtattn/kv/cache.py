@@ -30,7 +30,7 @@ class CompressedCache(Cache):
     [B, L], True = image token, or span ids) must be set before the prefill for policies that need
     it (LookM, Modality, merging); `vtattn.patch.llava` sets it."""
 
-    def __init__(self, policy=None, *, page_size=16, room=64):
+    def __init__(self, policy=None, *, page_size=16, room=32):
         for name, n in (("page_size", page_size), ("room", room)):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {n!r}")
