@@ -32,7 +32,8 @@ from .timing import summary, time_reps
 
 LLAMA7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
-SCENARIOS = {  # name -> LLM kv heads, images per prompt, anyres (LLaVA-NeXT: base view + 2x2 crops)
+SCENARIOS = {  # name -> LLM kv heads, images per prompt, anyres (LLaVA-NeXT: base view + 2x2 crops),
+    # text tokens, variants (all: selection, FastV and KV budgets; kv: KV budgets only)
     "llava7b": dict(kv_heads=32, images=1, anyres=False),
     # Video stand-in: 8 frames as 8 images in one LLaVA-1.5 prompt (576 tokens each, no pooling);
     # 4672 tokens pass the 4096 positions LLaVA-1.5 was trained on: RoPE takes any position, and
@@ -40,6 +41,9 @@ SCENARIOS = {  # name -> LLM kv heads, images per prompt, anyres (LLaVA-NeXT: ba
     "llava7b-video8": dict(kv_heads=32, images=8, anyres=False),
     "llava7b-gqa": dict(kv_heads=8, images=1, anyres=False),
     "llava-next-anyres5": dict(kv_heads=32, images=1, anyres=True),
+    # The KV-compression case of LOOK-M's setting: 4 images (2304 tokens) + 200 text tokens.
+    "llava7b-4img": dict(kv_heads=32, images=4, anyres=False, prompt=200, variants="kv"),
+    "llava7b-gqa-4img": dict(kv_heads=8, images=4, anyres=False, prompt=200, variants="kv"),
 }
 KEEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
 FASTV = dict(method="fastv", layer=2, keep=0.25)
@@ -47,7 +51,7 @@ KV_BUDGETS = (1.0, 0.5, 0.2, 0.1)
 KV_RECENT = 0.1
 TTFT_BATCHES, DECODE_BATCHES = (1, 8), (1, 16)
 CPU_BATCH = 2  # on CPU every batch above 1 runs at 2; the case keeps the real batch's name
-PROMPT = 64  # text tokens beside the images
+PROMPT = 64  # text tokens beside the images, unless a scenario says otherwise
 # The model scale of each run level (scenarios.SCALE), one step smaller than the towers' on CPU,
 # and the LLM's layers there: 4, so that FastV's layer 2 has layers after it.
 LEVEL_SCALE = {"full": "full", "cpu": "cpu-quick", "cpu-quick": "tiny", "tiny": "tiny"}
@@ -115,13 +119,13 @@ def _record_cache(impl, cache):
     impl.note = " ".join(filter(None, [impl.note, f"kv {n / 2**20:.3g} MiB"]))
 
 
-def _variants():
+def _variants(which):
     """(row name, role, patch kwargs (a function: built inside the row's ctx) or None for the
     unpatched model, the name of a variant whose API may be missing)."""
     out = [("unpatched-sdpa", "baseline", None, None)]
-    # keep=1.0 is a reference: the targets are ratios to it.
-    out += [(f"keep-{k}", "reference" if k == 1.0 else "vtattn", lambda k=k: dict(keep=k), None) for k in KEEPS]
-    out.append((f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(FASTV), "FastV"))
+    if which == "all":  # keep=1.0 is a reference: the targets are ratios to it.
+        out += [(f"keep-{k}", "reference" if k == 1.0 else "vtattn", lambda k=k: dict(keep=k), None) for k in KEEPS]
+        out.append((f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(FASTV), "FastV"))
     out += [(f"lookm-{b}", "vtattn", lambda b=b: dict(kv=vtattn.kv.LookM(budget=b, recent=KV_RECENT)),
              "KV compression") for b in KV_BUDGETS]
     return out
@@ -151,7 +155,7 @@ def _scenario_cases(transformers, scenario_name, scenario, level):
     per_image = _image_tokens(config, scenario)
     side, images = vision.image_size, scenario["images"]
     scale = SCALE[LEVEL_SCALE[level]]["side"]
-    prompt = max(1, PROMPT // scale ** 2)  # keeps the image : text ratio of the real case
+    prompt = max(1, scenario.get("prompt", PROMPT) // scale ** 2)  # keeps the image : text ratio
     new_tokens = NEW_TOKENS["full" if level == "full" else "cpu"]
     base_shape = {"images": images, "views": 5 if scenario["anyres"] else 1, "image_tokens": images * per_image,
                   "prompt": prompt, "llm_layers": text.num_hidden_layers, "llm_width": text.hidden_size,
@@ -176,7 +180,7 @@ def _scenario_cases(transformers, scenario_name, scenario, level):
 
     def impls(kind, B):
         out = []
-        for row, role, kw, pending in _variants():
+        for row, role, kw, pending in _variants(scenario.get("variants", "all")):
             if kw is None:
                 inner = lambda: attn_impl(model(), "sdpa")
             else:
