@@ -338,3 +338,27 @@ def test_llava_kv_on_cuda_fp16():
     assert out.shape == (2, ids.shape[1] + 20)  # 20 steps: past the headroom, pages grew
     full = 2 * 2 * 2 * 2 * (ids.shape[1] + 20) * 64 * 2  # k and v, batch, layers, kv heads, tokens, D, fp16
     assert cache.kv_bytes() < 0.7 * full
+
+
+def test_lookm_budget_01_on_the_4_image_prompt_takes_under_a_quarter_of_the_cache():
+    """Issue 5's memory target is token accounting, the same on any device: LOOK-M(0.1, 0.1) on
+    4 x 576 image tokens + 200 text tokens, before and after 64 decode steps."""
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=101)
+    config._attn_implementation = "vtattn"
+    vtattn.patch.register_hf_attention()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    image = torch.tensor(([False] * 40 + [True] * 576) * 4 + [False] * 40)[None]
+    ids = torch.where(image, 100, torch.randint(1, 100, image.shape))
+    cache = CompressedCache(kv.LookM(budget=0.1, recent=0.1))
+    cache.modality = image
+    L, per_token = ids.shape[1], 2 * 2 * 2 * 32 * 4  # k and v, layers, kv heads, D, fp32
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True)
+        assert cache.kv_bytes() <= 0.25 * L * per_token
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(64):
+            token = model(token, past_key_values=cache, use_cache=True).logits.argmax(-1)
+    assert cache.get_seq_length() == L + 64
+    assert cache.kv_bytes() <= 0.25 * (L + 64) * per_token
