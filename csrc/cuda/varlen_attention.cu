@@ -36,42 +36,45 @@ struct VarlenParams {
 };
 
 // Tile policy of flash_fwd.cuh: rows and keys of one sequence, causal end-aligned within it.
+// Addresses are rebuilt from the kernel parameters and the sequence's offsets on each use: the
+// offsets come from global loads, and keeping whole pointers live instead costs spills.
 template <typename T> struct VarlenTile {
   using Params = VarlenParams;
   using RowKey = int;  // the row's causal horizon: keys j <= it (within the sequence) are visible
   static constexpr size_t kExtraSmem = 0;
 
-  const T *q, *k, *v;
-  float* lse;
-  T* out;
-  int64_t q_st, k_st, v_st, out_st;
-  int m0, lq, off, n_keys, key_end;
-  bool causal;
+  const Params& p;
+  int q0, k0, h, hk, m0, lq, off, n_keys, key_end;
 
-  __device__ __forceinline__ VarlenTile(const Params& p, int m0_, int BM, int h, int b, void*) {
-    const int q0 = p.cu_q[b], k0 = p.cu_k[b], hk = h / p.group;
+  __device__ __forceinline__ VarlenTile(const Params& p_, int m0_, int BM, int h_, int b, void*)
+      : p(p_), q0(p_.cu_q[b]), k0(p_.cu_k[b]), h(h_), hk(h_ / p_.group), m0(m0_) {
     lq = p.cu_q[b + 1] - q0;
     n_keys = max(0, p.cu_k[b + 1] - k0);
-    m0 = m0_, off = n_keys - lq, causal = p.causal;
-    key_end = causal ? max(0, min(n_keys, m0 + BM + off)) : n_keys;  // keys past the tile's horizon
-    q = static_cast<const T*>(p.q) + q0 * p.q_st + h * p.q_sh;
-    k = static_cast<const T*>(p.k) + k0 * p.k_st + hk * p.k_sh;
-    v = static_cast<const T*>(p.v) + k0 * p.v_st + hk * p.v_sh;
-    out = static_cast<T*>(p.out) + (static_cast<int64_t>(q0) * p.Hq + h) * p.D;
-    lse = p.lse + static_cast<int64_t>(h) * p.Tq + q0;
-    q_st = p.q_st, k_st = p.k_st, v_st = p.v_st, out_st = static_cast<int64_t>(p.Hq) * p.D;
+    off = n_keys - lq;
+    key_end = p.causal ? max(0, min(n_keys, m0 + BM + off)) : n_keys;  // keys past the tile's horizon
   }
   __device__ __forceinline__ bool empty() const { return m0 >= lq; }
   __device__ __forceinline__ bool row_ok(int r) const { return m0 + r < lq; }
-  __device__ __forceinline__ const T* q_row(int r) const { return row_ok(r) ? q + (m0 + r) * q_st : nullptr; }
-  __device__ __forceinline__ const T* k_row(int j) const { return k + j * k_st; }
-  __device__ __forceinline__ const T* v_row(int j) const { return v + j * v_st; }
+  __device__ __forceinline__ int64_t q_token(int r) const { return static_cast<int64_t>(q0) + m0 + r; }
+  __device__ __forceinline__ const T* q_row(int r) const {
+    return row_ok(r) ? static_cast<const T*>(p.q) + q_token(r) * p.q_st + h * p.q_sh : nullptr;
+  }
+  __device__ __forceinline__ const T* k_row(int j) const {
+    return static_cast<const T*>(p.k) + (static_cast<int64_t>(k0) + j) * p.k_st + hk * p.k_sh;
+  }
+  __device__ __forceinline__ const T* v_row(int j) const {
+    return static_cast<const T*>(p.v) + (static_cast<int64_t>(k0) + j) * p.v_st + hk * p.v_sh;
+  }
   template <int BN, int NT> __device__ __forceinline__ void stage_keys(int, int, int) {}
   __device__ __forceinline__ RowKey row_key(int r) const { return m0 + r + off; }
-  __device__ __forceinline__ bool needs_causal(int n0, int BN) const { return causal && n0 + BN - 1 > m0 + off; }
+  __device__ __forceinline__ bool needs_causal(int n0, int BN) const { return p.causal && n0 + BN - 1 > m0 + off; }
   __device__ __forceinline__ bool visible(RowKey horizon, int j, int) const { return j <= horizon; }
-  __device__ __forceinline__ float* lse_at(int r) const { return row_ok(r) ? lse + m0 + r : nullptr; }
-  __device__ __forceinline__ T* out_at(int r) const { return row_ok(r) ? out + (m0 + r) * out_st : nullptr; }
+  __device__ __forceinline__ float* lse_at(int r) const {
+    return row_ok(r) ? p.lse + static_cast<int64_t>(h) * p.Tq + q_token(r) : nullptr;
+  }
+  __device__ __forceinline__ T* out_at(int r) const {
+    return row_ok(r) ? static_cast<T*>(p.out) + (q_token(r) * p.Hq + h) * p.D : nullptr;
+  }
 };
 
 // cu_seqlens must be int32 [B + 1] on q's device; its values are trusted (the public function
