@@ -95,7 +95,7 @@ def test_sequence_without_keys_is_zero_with_lse_minus_inf(device, backend, dtype
 @pytest.mark.parametrize("causal", (False, True))
 def test_cuda_several_tiles(D, dtype, causal):
     """Several query and key tiles (128 x 64 in the CUDA kernel) with ragged tails, causal tile
-    skipping, an empty sequence, a sequence without keys, GQA, token-major [H, T, D] inputs."""
+    skipping, an empty sequence, a sequence without keys, GQA, q a view of [H, T, D] storage."""
     lq, lk = [300, 129, 0, 5, 513], [257, 129, 7, 0, 600]
     g = torch.Generator().manual_seed(D)
     q = packed(sum(lq), 6, D, dtype, "cuda", "strided", g)

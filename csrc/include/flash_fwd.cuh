@@ -17,7 +17,7 @@
 //                                         are only asked for j < n_keys
 //   void stage_keys<BN, NT>(n0, buf, tid) per key tile, before the barrier that publishes it
 //   RowKey row_key(r)                     what visible() needs about tile row r
-//   bool needs_causal(n0, BN) const       whether any element of the key tile may be hidden
+//   bool needs_causal(n0, BN) const       whether visible() may hide an element of the key tile
 //   bool visible(rk, j, slot) const       key j (slot = buf * BN + j - n0) visible to the row
 //   float* lse_at(r), T* out_at(r)        where tile row r's results go, or nullptr
 // Every Params has the element pointers q, k, v (v unused when LSE_ONLY), the head dim D and
