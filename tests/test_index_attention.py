@@ -89,8 +89,9 @@ def test_index_attention_matches_float64(device, backend, dtype, case):
 
 
 @pytest.mark.parametrize("device,backend", backend_params(INDEX_ATTENTION))
-def test_zero_counts_give_zeros(device, backend):
-    q, k, v = rand_qkv(2, 4, 2, 5, 9, 64, torch.float32, device)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zero_counts_give_zeros(device, backend, dtype):
+    q, k, v = rand_qkv(2, 4, 2, 5, 9, 64, dtype, device)
     idx = torch.arange(9, device=device).expand(2, 2, 9)
     counts = torch.tensor([[9, 0], [0, 3]], dtype=torch.int32, device=device)
     args = op_args(q, k, v, idx, dict(kv_counts=counts, causal=False))
@@ -98,6 +99,36 @@ def test_zero_counts_give_zeros(device, backend):
     out = run_forced(backend, vtattn.index_attention, q, k, v, idx, kv_counts=counts)
     assert torch.all(out[0, 2:] == 0) and torch.all(out[1, :2] == 0)
     assert torch.all(out[0, :2] != 0) and torch.all(out[1, 2:] != 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", (64, 72, 80, 128))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("causal", (False, True))
+def test_cuda_several_tiles(D, dtype, causal):
+    """Several query and key tiles (128 x 64 in the CUDA kernel) with ragged tails, shuffled lists
+    with repeats, counts 0 / partial / full, GQA, pruned positions, non-contiguous q/k/v."""
+    B, Hq, Hkv, Nq, Nk, L = 2, 6, 2, 259, 400, 333
+    q, k, v = rand_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, "cuda", "strided", seed=D)
+    g = torch.Generator().manual_seed(D)
+    idx = torch.randint(0, Nk, (B, Hkv, L), generator=g)
+    counts = torch.tensor([[L, 0], [130, 1]], dtype=torch.int32)
+    kw = dict(kv_counts=counts.cuda(), causal=causal,
+              kv_positions=torch.rand(B, Nk, generator=g).mul(2).cumsum(-1).long().cuda(),
+              q_positions=torch.rand(B, Nq, generator=g).mul(3).cumsum(-1).long().cuda())
+    with poisoned_outputs():
+        out = run_forced("cuda", vtattn.index_attention, q, k, v, idx.cuda(), **kw)
+    torch.testing.assert_close(out.cpu().double(), naive(q, k, v, idx, **kw), atol=OUT_TOL[dtype], rtol=OUT_TOL[dtype])
+    assert torch.all(out[0, 3:] == 0)  # query heads 3..5 read kv head 1, whose count is 0 in sample 0
+
+
+@pytest.mark.gpu
+def test_cuda_refuses_fp32_and_dispatch_falls_back():
+    q, k, v, idx, kw = make(3, torch.float32, "cuda")
+    assert "fp32 goes to Triton" in INDEX_ATTENTION["cuda"].supports(*op_args(q, k, v, idx, kw))
+    assert INDEX_ATTENTION["cuda"].supports(*op_args(q.half(), k.half(), v.half(), idx, kw)) is None
+    torch.testing.assert_close(vtattn.index_attention(q, k, v, idx, **kw).cpu().double(), naive(q, k, v, idx, **kw),
+                               atol=OUT_TOL[torch.float32], rtol=OUT_TOL[torch.float32])
 
 
 def test_all_keys_equals_attention():

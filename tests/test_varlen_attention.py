@@ -80,12 +80,44 @@ def test_varlen_matches_float64(device, backend, dtype, case):
 
 
 @pytest.mark.parametrize("device,backend", backend_params(VARLEN_ATTENTION))
-def test_sequence_without_keys_is_zero_with_lse_minus_inf(device, backend):
-    q, k, v, cu_q, cu_k, _ = make(2, torch.float32, device)  # sequence 1: 9 rows, no keys
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sequence_without_keys_is_zero_with_lse_minus_inf(device, backend, dtype):
+    q, k, v, cu_q, cu_k, _ = make(2, dtype, device)  # sequence 1: 9 rows, no keys
     skip_unless_supported(VARLEN_ATTENTION, (q, k, v, cu_q, cu_k, 9, False, 0.125), backend)
     out, lse = run_forced(backend, vtattn.varlen_attention, q, k, v, cu_q, cu_k, return_lse=True)
     assert torch.all(out[5:14] == 0) and torch.all(lse[:, 5:14] == float("-inf"))
     assert torch.isfinite(lse[:, :5]).all() and torch.isfinite(lse[:, 14:]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", (64, 72, 80, 128))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("causal", (False, True))
+def test_cuda_several_tiles(D, dtype, causal):
+    """Several query and key tiles (128 x 64 in the CUDA kernel) with ragged tails, causal tile
+    skipping, an empty sequence, a sequence without keys, GQA, q a view of [H, T, D] storage."""
+    lq, lk = [300, 129, 0, 5, 513], [257, 129, 7, 0, 600]
+    g = torch.Generator().manual_seed(D)
+    q = packed(sum(lq), 6, D, dtype, "cuda", "strided", g)
+    k, v = (packed(sum(lk), 2, D, dtype, "cuda", "contiguous", g) for _ in range(2))
+    cu_q, cu_k = cu(lq, "cuda"), cu(lk, "cuda")
+    with poisoned_outputs():
+        out, lse = run_forced("cuda", vtattn.varlen_attention, q, k, v, cu_q, cu_k, causal=causal, return_lse=True)
+    want_out, want_lse = naive(q, k, v, cu_q, cu_k, causal, D ** -0.5)
+    torch.testing.assert_close(out.cpu().double(), want_out, atol=OUT_TOL[dtype], rtol=OUT_TOL[dtype])
+    torch.testing.assert_close(lse.cpu().double(), want_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_refuses_fp32_and_dispatch_falls_back():
+    q, k, v, cu_q, cu_k, causal = make(1, torch.float32, "cuda")
+    args = (q, k, v, cu_q, cu_k, 33, causal, 0.125)
+    assert "fp32 goes to Triton" in VARLEN_ATTENTION["cuda"].supports(*args)
+    assert VARLEN_ATTENTION["cuda"].supports(*(t.half() if t.is_floating_point() else t for t in args[:5]),
+                                             *args[5:]) is None
+    out = vtattn.varlen_attention(q, k, v, cu_q, cu_k, causal=causal)
+    torch.testing.assert_close(out.cpu().double(), naive(q, k, v, cu_q, cu_k, causal, 72 ** -0.5)[0],
+                               atol=OUT_TOL[torch.float32], rtol=OUT_TOL[torch.float32])
 
 
 def test_equals_attention_on_one_sequence():

@@ -1,10 +1,27 @@
 // Torch-free FlashAttention-2 style forward on tensor cores (mma.sync m16n8k16, fp16/bf16 in,
-// fp32 accumulate), shared by attention.cu (out + lse) and key_importance.cu (lse only, over
-// gathered rows).
+// fp32 accumulate), shared by attention.cu (out + lse), key_importance.cu (lse only, over
+// gathered rows), varlen_attention.cu and index_attention.cu.
 //
-// One CTA owns BM query rows of one (batch, query head); each warp owns 16 * MT of them. K/V tiles
-// of BN keys stream through a two-stage cp.async ring.
+// One CTA owns BM query rows of one (problem, query head); each warp owns 16 * MT of them. K/V
+// tiles of BN keys stream through a two-stage cp.async ring.
 // Softmax runs in the log2 domain (logits pre-multiplied by scale * log2(e)).
+//
+// What differs between the ops — where query rows, keys and outputs live, and which keys a row
+// sees — is a Tile policy (DenseTile below; VarlenTile, IndexTile in their .cu files), built per
+// CTA by the kernel:
+//   Tile(const Params&, int m0, int BM, int h, int b, void* extra)   extra: kExtraSmem bytes
+//   bool empty() const                    nothing to do (the CTA returns before any barrier)
+//   int n_keys, key_end                   key slots 0..n_keys-1; slots >= key_end are invisible
+//                                         to every row of the CTA (causal tile skipping)
+//   const T* q_row(r), k_row(j), v_row(j) global rows (D elements) or nullptr for zeros; k/v_row
+//                                         are only asked for j < n_keys
+//   void stage_keys<BN, NT>(n0, buf, tid) per key tile, before the barrier that publishes it
+//   RowKey row_key(r)                     what visible() needs about tile row r
+//   bool needs_causal(n0, BN) const       whether visible() may hide an element of the key tile
+//   bool visible(rk, j, slot) const       key j (slot = buf * BN + j - n0) visible to the row
+//   float* lse_at(r), T* out_at(r)        where tile row r's results go, or nullptr
+// Every Params has the element pointers q, k, v (v unused when LSE_ONLY), the head dim D and
+// scale_log2 = scale * log2(e).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -24,23 +41,9 @@ template <int DP> struct FlashCfg {
   static constexpr bool Q_IN_REGS = DP != 128;
 };
 
-struct FlashParams {
-  const void* q;
-  const void* k;
-  const void* v;        // unused when LSE_ONLY
-  void* out;            // [B, Hq, Nq, D] stored token-major ([B, Nq, Hq, D] memory); unused when LSE_ONLY
-  float* lse;           // [B, Hq, nrows] contiguous, natural log
-  const int64_t* rows;  // [B, nrows] contiguous query-row indices (out of range = none);
-                        // nullptr = rows 0 .. nrows-1 (then nrows == Nq)
-  int64_t q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn;  // element strides
-  int nrows, Nq, Nk, Hq, D, group;                                // group = Hq / Hkv
-  bool causal;
-  float scale_log2;  // scale * log2(e)
-};
-
-template <typename T, int DP, bool LSE_ONLY>
+template <typename T, int DP, bool LSE_ONLY, typename Tile>
 __global__ void __launch_bounds__(FlashCfg<DP>::WARPS * 32, FlashCfg<DP>::MIN_CTAS)
-    flash_fwd_kernel(const FlashParams p) {
+    flash_fwd_kernel(const typename Tile::Params p) {
   constexpr int BM = FlashCfg<DP>::BM, BN = FlashCfg<DP>::BN, NW = FlashCfg<DP>::WARPS;
   constexpr bool QREG = FlashCfg<DP>::Q_IN_REGS || LSE_ONLY;  // no output accumulators: room for Q
   constexpr int NT = NW * 32, MT = BM / (16 * NW), STR = DP + 8, NB = BN / 8, DB = DP / 8;
@@ -50,44 +53,27 @@ __global__ void __launch_bounds__(FlashCfg<DP>::WARPS * 32, FlashCfg<DP>::MIN_CT
   T* sQ = reinterpret_cast<T*>(smem_raw);  // [BM][STR]; later the output staging area
   T* sK = sQ + BM * STR;                   // [2][BN][STR]
   T* sV = sK + 2 * BN * STR;               // [2][BN][STR], only without LSE_ONLY
+  void* extra = sK + (LSE_ONLY ? 2 : 4) * BN * STR;  // Tile::kExtraSmem bytes
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;  // the longest causal tiles start first
-  const int h = blockIdx.y, b = blockIdx.z, hk = h / p.group;
-  const int off = p.Nk - p.Nq;  // causal: key j is visible to row i iff j <= i + off
+  Tile tile(p, m0, BM, blockIdx.y, blockIdx.z, extra);
+  if (tile.empty()) return;  // uniform over the CTA, before any barrier
+  const int n_tiles = (tile.key_end + BN - 1) / BN;
+  const T* fallback = static_cast<const T*>(p.q);
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
-  const int64_t* rows = p.rows ? p.rows + static_cast<int64_t>(b) * p.nrows : nullptr;
-
-  // Query row read by tile row r, or -1 (past the end, or a skipped / out-of-range index).
-  auto row_index = [&](int r) -> int {
-    const int pos = m0 + r;
-    if (pos >= p.nrows) return -1;
-    if (!rows) return pos;
-    const int64_t i = rows[pos];
-    return (i >= 0 && i < p.Nq) ? static_cast<int>(i) : -1;
-  };
-
-  // With contiguous causal rows, keys past the last row's horizon are invisible to the whole tile.
-  int n_end = p.Nk;
-  if (p.causal && !rows) n_end = max(0, min(p.Nk, m0 + BM + off));
-  const int n_tiles = (n_end + BN - 1) / BN;
-
-  load_tile_async<BM, DP, STR, NT>(
-      sQ, [&](int r) -> const T* { const int i = row_index(r); return i < 0 ? nullptr : q + i * p.q_sn; },
-      p.D, q, tid);
+  load_tile_async<BM, DP, STR, NT>(sQ, [&](int r) { return tile.q_row(r); }, p.D, fallback, tid);
   cp_async_commit();
-  auto load_kv = [&](int tile, int buf) {
-    const int n0 = tile * BN;
+  auto load_kv = [&](int t, int buf) {
+    const int n0 = t * BN;
     load_tile_async<BN, DP, STR, NT>(
-        sK + buf * BN * STR, [&](int r) -> const T* { return n0 + r < p.Nk ? k + (n0 + r) * p.k_sn : nullptr; },
-        p.D, k, tid);
+        sK + buf * BN * STR, [&](int r) -> const T* { return n0 + r < tile.n_keys ? tile.k_row(n0 + r) : nullptr; },
+        p.D, fallback, tid);
     if constexpr (!LSE_ONLY)
       load_tile_async<BN, DP, STR, NT>(
-          sV + buf * BN * STR, [&](int r) -> const T* { return n0 + r < p.Nk ? v + (n0 + r) * p.v_sn : nullptr; },
-          p.D, v, tid);
+          sV + buf * BN * STR, [&](int r) -> const T* { return n0 + r < tile.n_keys ? tile.v_row(n0 + r) : nullptr; },
+          p.D, fallback, tid);
+    tile.template stage_keys<BN, NT>(n0, buf, tid);
   };
   if (n_tiles > 0) load_kv(0, 0);
   cp_async_commit();
@@ -112,11 +98,11 @@ __global__ void __launch_bounds__(FlashCfg<DP>::WARPS * 32, FlashCfg<DP>::MIN_CT
   };
 
   // This thread's C-fragment rows: g and g + 8 of each row block.
-  int row_i[MT][2];
+  typename Tile::RowKey row_k[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) row_i[mt][hr] = row_index(wrow + mt * 16 + (lane >> 2) + hr * 8);
+    for (int hr = 0; hr < 2; ++hr) row_k[mt][hr] = tile.row_key(wrow + mt * 16 + (lane >> 2) + hr * 8);
 
   float acc_o[MT][LSE_ONLY ? 1 : DB][4] = {};
   float m_run[MT][2], l_run[MT][2];  // running max (log2 domain) and this thread's partial sum
@@ -138,7 +124,8 @@ __global__ void __launch_bounds__(FlashCfg<DP>::WARPS * 32, FlashCfg<DP>::MIN_CT
     gemm_a_bt<MT, NB, DP, STR>(s, q_frag, sK + buf * BN * STR, lane);
 
     const int n0 = t * BN;
-    const bool need_mask = n0 + BN > p.Nk || (p.causal && (rows != nullptr || n0 + BN - 1 > m0 + off));
+    const bool causal_tile = tile.needs_causal(n0, BN);
+    const bool need_mask = n0 + BN > tile.n_keys || causal_tile;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -150,8 +137,8 @@ __global__ void __launch_bounds__(FlashCfg<DP>::WARPS * 32, FlashCfg<DP>::MIN_CT
           for (int e = 0; e < 2; ++e) {
             float x = s[mt][nb][2 * hr + e] * p.scale_log2;
             if (need_mask) {
-              const int j = n0 + nb * 8 + (lane & 3) * 2 + e;
-              if (j >= p.Nk || (p.causal && j > row_i[mt][hr] + off)) x = -INFINITY;
+              const int jl = nb * 8 + (lane & 3) * 2 + e, j = n0 + jl;
+              if (j >= tile.n_keys || (causal_tile && !tile.visible(row_k[mt][hr], j, buf * BN + jl))) x = -INFINITY;
             }
             s[mt][nb][2 * hr + e] = x;
             mx = fmaxf(mx, x);
@@ -184,16 +171,14 @@ __global__ void __launch_bounds__(FlashCfg<DP>::WARPS * 32, FlashCfg<DP>::MIN_CT
   }
 
   float inv_l[MT][2];
-  const int64_t bh = static_cast<int64_t>(b) * p.Hq + h;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const float l = quad_sum(l_run[mt][hr]);
       inv_l[mt][hr] = l > 0.f ? 1.f / l : 0.f;  // no visible key: out 0
-      const int pos = m0 + wrow + mt * 16 + (lane >> 2) + hr * 8;
-      if ((lane & 3) == 0 && pos < p.nrows)
-        p.lse[bh * p.nrows + pos] = l > 0.f ? (m_run[mt][hr] + log2f(l)) * kLn2 : -INFINITY;
+      float* lse = tile.lse_at(wrow + mt * 16 + (lane >> 2) + hr * 8);
+      if ((lane & 3) == 0 && lse) *lse = l > 0.f ? (m_run[mt][hr] + log2f(l)) * kLn2 : -INFINITY;
     }
   }
 
@@ -214,35 +199,107 @@ __global__ void __launch_bounds__(FlashCfg<DP>::WARPS * 32, FlashCfg<DP>::MIN_CT
       }
     }
     __syncwarp();
-    // Token-major output ([B, Nq, Hq, D] memory, as SDPA): row pos of head h is at (b, pos, h).
-    T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.Nq * p.Hq + h) * p.D;
     constexpr int CPR = DP / 8;
     for (int idx = lane; idx < 16 * MT * CPR; idx += 32) {
-      const int r = idx / CPR, c = idx % CPR, pos = m0 + wrow + r;
-      if (pos < p.Nq && c * 8 < p.D)
-        *reinterpret_cast<uint4*>(out + static_cast<int64_t>(pos) * p.Hq * p.D + c * 8) =
-            *reinterpret_cast<const uint4*>(sO + r * STR + c * 8);
+      const int r = idx / CPR, c = idx % CPR;
+      T* out = tile.out_at(wrow + r);
+      if (out && c * 8 < p.D)
+        *reinterpret_cast<uint4*>(out + c * 8) = *reinterpret_cast<const uint4*>(sO + r * STR + c * 8);
     }
   }
 }
 
-template <typename T, int DP, bool LSE_ONLY>
+template <typename T, int DP, bool LSE_ONLY, typename Tile>
 constexpr size_t flash_smem_bytes() {
-  return static_cast<size_t>(FlashCfg<DP>::BM + (LSE_ONLY ? 2 : 4) * FlashCfg<DP>::BN) * (DP + 8) * sizeof(T);
+  return static_cast<size_t>(FlashCfg<DP>::BM + (LSE_ONLY ? 2 : 4) * FlashCfg<DP>::BN) * (DP + 8) * sizeof(T) +
+         Tile::kExtraSmem;
 }
 
-// Launches over grid (ceil(nrows / BM), Hq, B) on `stream`; the caller checks the launch error.
-template <typename T, int DP, bool LSE_ONLY>
-cudaError_t launch_flash_fwd(const FlashParams& p, int B, cudaStream_t stream) {
-  constexpr size_t smem = flash_smem_bytes<T, DP, LSE_ONLY>();
-  auto kernel = flash_fwd_kernel<T, DP, LSE_ONLY>;
+// Launches `grid` (x: query tiles of BM rows, y: query heads, z: problems) on `stream`; the
+// caller checks the launch error.
+template <typename T, int DP, bool LSE_ONLY, typename Tile>
+cudaError_t launch_flash(const typename Tile::Params& p, dim3 grid, cudaStream_t stream) {
+  constexpr size_t smem = flash_smem_bytes<T, DP, LSE_ONLY, Tile>();
+  auto kernel = flash_fwd_kernel<T, DP, LSE_ONLY, Tile>;
   // More than the default 48 KiB of dynamic shared memory needs an explicit opt-in.
   const cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const dim3 grid((p.nrows + FlashCfg<DP>::BM - 1) / FlashCfg<DP>::BM, p.Hq, B);
   kernel<<<grid, FlashCfg<DP>::WARPS * 32, smem, stream>>>(p);
   return cudaSuccess;
+}
+
+// ---- dense [B, H, N, D] rows: attention, and key_importance's gathered rows ----
+
+struct FlashParams {
+  const void* q;
+  const void* k;
+  const void* v;        // unused when LSE_ONLY
+  void* out;            // [B, Hq, Nq, D] stored token-major ([B, Nq, Hq, D] memory); unused when LSE_ONLY
+  float* lse;           // [B, Hq, nrows] contiguous, natural log
+  const int64_t* rows;  // [B, nrows] contiguous query-row indices (out of range = none);
+                        // nullptr = rows 0 .. nrows-1 (then nrows == Nq)
+  int64_t q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn;  // element strides
+  int nrows, Nq, Nk, Hq, D, group;                                // group = Hq / Hkv
+  bool causal;
+  float scale_log2;  // scale * log2(e)
+};
+
+template <typename T> struct DenseTile {
+  using Params = FlashParams;
+  using RowKey = int;  // the row's causal horizon: keys j <= it are visible
+  static constexpr size_t kExtraSmem = 0;
+
+  const T *q, *k, *v;
+  const int64_t* rows;
+  float* lse;
+  T* out;
+  int64_t q_sn, k_sn, v_sn, out_sn;
+  int m0, nrows, Nq, off, n_keys, key_end;  // off: key j is visible to row i iff j <= i + off
+  bool causal;
+
+  __device__ __forceinline__ DenseTile(const Params& p, int m0_, int BM, int h, int b, void*)
+      : q(static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh),
+        k(static_cast<const T*>(p.k) + b * p.k_sb + (h / p.group) * p.k_sh),
+        v(p.v ? static_cast<const T*>(p.v) + b * p.v_sb + (h / p.group) * p.v_sh : nullptr),
+        rows(p.rows ? p.rows + static_cast<int64_t>(b) * p.nrows : nullptr),
+        lse(p.lse + (static_cast<int64_t>(b) * p.Hq + h) * p.nrows),
+        out(p.out ? static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.Nq * p.Hq + h) * p.D : nullptr),
+        q_sn(p.q_sn), k_sn(p.k_sn), v_sn(p.v_sn), out_sn(static_cast<int64_t>(p.Hq) * p.D),
+        m0(m0_), nrows(p.nrows), Nq(p.Nq), off(p.Nk - p.Nq), n_keys(p.Nk), key_end(p.Nk), causal(p.causal) {
+    // With contiguous causal rows, keys past the last row's horizon are invisible to the whole tile.
+    if (causal && !rows) key_end = max(0, min(n_keys, m0 + BM + off));
+  }
+  __device__ __forceinline__ bool empty() const { return false; }
+  // Query row read by tile row r, or -1 (past the end, or a skipped / out-of-range index).
+  __device__ __forceinline__ int row_index(int r) const {
+    const int pos = m0 + r;
+    if (pos >= nrows) return -1;
+    if (!rows) return pos;
+    const int64_t i = rows[pos];
+    return (i >= 0 && i < Nq) ? static_cast<int>(i) : -1;
+  }
+  __device__ __forceinline__ const T* q_row(int r) const {
+    const int i = row_index(r);
+    return i < 0 ? nullptr : q + i * q_sn;
+  }
+  __device__ __forceinline__ const T* k_row(int j) const { return k + j * k_sn; }
+  __device__ __forceinline__ const T* v_row(int j) const { return v + j * v_sn; }
+  template <int BN, int NT> __device__ __forceinline__ void stage_keys(int, int, int) {}
+  __device__ __forceinline__ RowKey row_key(int r) const { return row_index(r) + off; }
+  __device__ __forceinline__ bool needs_causal(int n0, int BN) const {
+    return causal && (rows != nullptr || n0 + BN - 1 > m0 + off);
+  }
+  __device__ __forceinline__ bool visible(RowKey horizon, int j, int) const { return j <= horizon; }
+  __device__ __forceinline__ float* lse_at(int r) const { return m0 + r < nrows ? lse + m0 + r : nullptr; }
+  __device__ __forceinline__ T* out_at(int r) const { return m0 + r < Nq ? out + (m0 + r) * out_sn : nullptr; }
+};
+
+// Dense launch over grid (ceil(nrows / BM), Hq, B).
+template <typename T, int DP, bool LSE_ONLY>
+cudaError_t launch_flash_fwd(const FlashParams& p, int B, cudaStream_t stream) {
+  const dim3 grid((p.nrows + FlashCfg<DP>::BM - 1) / FlashCfg<DP>::BM, p.Hq, B);
+  return launch_flash<T, DP, LSE_ONLY, DenseTile<T>>(p, grid, stream);
 }
 
 }  // namespace vtattn

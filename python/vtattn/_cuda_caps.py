@@ -155,3 +155,37 @@ def paged_decode_attention_supports(q, k_pages, v_pages, block_table, lengths, s
         return "CUDA kernel takes [num_pages, page_size, D] pools and a [B, Hkv, max_pages] table"
     B, hkv, max_pages = block_table.shape
     return _decode_reason(q, hkv, B * hkv, max_pages * k_pages.shape[1])
+
+
+# ---- varlen and index attention (csrc/cuda/varlen_attention.cu, index_attention.cu) ----
+# The flash kernel of `attention` with other row/key addressing: the same dtypes and head dims.
+
+def varlen_attention_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale) -> str | None:
+    """fp16/bf16 on tensor cores, packed [T, H, D] with head dims that are multiples of 8 up to 128,
+    GQA, causal (end-aligned per sequence), any strides; at most 65535 sequences."""
+    if q.dtype not in _HALF:
+        return "CUDA kernel runs fp16/bf16 on tensor cores; fp32 goes to Triton"
+    if q.dim() != 3 or k.dim() != 3:
+        return "CUDA kernel takes packed [T, H, D] tensors"
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.device != q.device or cu.dtype != torch.int32:
+            return f"CUDA kernel needs {name} as int32 on q's device"
+    if cu_seqlens_q.numel() - 1 > MAX_GRID_YZ:
+        return f"CUDA kernel takes at most {MAX_GRID_YZ} sequences, got {cu_seqlens_q.numel() - 1}"
+    if max_seqlen_q >= _INT32:
+        return "CUDA kernel needs max_seqlen_q that fits in int32"
+    return _device_reason(q) or _shape_reason(q.transpose(0, 1)[None], k.transpose(0, 1)[None])
+
+
+def index_attention_supports(q, k, v, kv_indices, kv_counts, q_positions, kv_positions, causal, scale) -> str | None:
+    """fp16/bf16 on tensor cores, head dims that are multiples of 8 up to 128, GQA, causal by
+    original positions, any strides; int64 indices / positions and int32 counts on q's device."""
+    if q.dtype not in _HALF:
+        return "CUDA kernel runs fp16/bf16 on tensor cores; fp32 goes to Triton"
+    for name, t, dtype in (("kv_indices", kv_indices, torch.int64), ("kv_counts", kv_counts, torch.int32),
+                           ("q_positions", q_positions, torch.int64), ("kv_positions", kv_positions, torch.int64)):
+        if t.device != q.device or t.dtype != dtype:
+            return f"CUDA kernel needs {name} as {dtype} on q's device"
+    if kv_indices.dim() == 3 and kv_indices.shape[2] >= _INT32:
+        return "CUDA kernel needs an index list length L that fits in int32"
+    return _device_reason(q) or _shape_reason(q, k)

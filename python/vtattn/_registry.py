@@ -224,6 +224,7 @@ VARLEN_ATTENTION = _define(
     "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
     "bool causal, float scale) -> (Tensor, Tensor)",
     {
+        "cuda": _compiled("varlen_attention", "cuda"),
         "cpp": _compiled("varlen_attention", "cpu"),
         "triton": _triton_backend("varlen_attention"),
         "torch": _reference(reference.varlen_attention),
@@ -253,6 +254,7 @@ INDEX_ATTENTION = _define(
     "index_attention(Tensor q, Tensor k, Tensor v, Tensor kv_indices, Tensor kv_counts, Tensor q_positions, "
     "Tensor kv_positions, bool causal, float scale) -> Tensor",
     {
+        "cuda": _compiled("index_attention", "cuda"),
         "cpp": Backend(_compiled("index_attention", "cpu").supports,
                        lambda *a: token_major(torch.ops.vtattn_C.index_attention(*a))),
         "triton": _triton_backend("index_attention"),
