@@ -94,3 +94,20 @@ def test_info_reports_build_and_backends():
     out = subprocess.run([sys.executable, "-m", "vtattn", "info"], check=True, capture_output=True,
                          text=True).stdout
     assert "key_importance[cpu,float32]" in out and "build:" in out
+
+
+@pytest.mark.parametrize("optin,refused", [(101376, (88, 128)), (232448, ())])  # sm_86 / sm_89, sm_90
+def test_cuda_flash_kernels_refuse_head_dims_beyond_the_shared_memory_opt_in(monkeypatch, optin, refused):
+    """The flash kernel's DP = 128 config needs 104448 bytes of shared memory (+1 KiB for
+    index_attention): more than sm_86 / sm_89 allow per block, where the launch would fail."""
+    from types import SimpleNamespace
+
+    from vtattn import _cuda_caps
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(shared_memory_per_block_optin=optin))
+    assert _cuda_caps.flash_smem_bytes(128) == (128 + 4 * 64) * 136 * 2  # FlashCfg<128> in flash_fwd.cuh
+    assert _cuda_caps.flash_smem_bytes(72) == (128 + 4 * 64) * 88 * 2
+    for d in (64, 72, 80, 88, 128):
+        for extra in (0, _cuda_caps.INDEX_EXTRA_SMEM):
+            reason = _cuda_caps._flash_smem_reason("cuda:0", d, extra)
+            assert (reason is not None) == (d in refused), (d, extra, reason)

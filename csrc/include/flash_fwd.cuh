@@ -35,6 +35,8 @@ namespace vtattn {
 // memory feeds two mmas; ~255 registers, 2 CTAs per SM). DP 128: the fp32 output alone takes 64
 // registers per row block, so MT = 1, 8 warps, and Q fragments are re-read from shared memory
 // each k step to stay within 128 registers (2 CTAs of 8 warps per SM).
+// Shared memory (flash_smem_bytes) at DP 128 is 104448 bytes, above the 99 KiB opt-in of sm_86 /
+// sm_89: python/vtattn/_cuda_caps.py mirrors BM / BN to refuse those devices (keep in sync).
 template <int DP> struct FlashCfg {
   static_assert(DP == 64 || DP == 80 || DP == 128, "instantiated head dims");
   static constexpr int BM = 128, BN = 64, WARPS = DP == 128 ? 8 : 4, MIN_CTAS = 2;

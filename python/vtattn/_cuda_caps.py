@@ -55,12 +55,35 @@ def _shape_reason(q, k) -> str | None:
     return None
 
 
+# The flash kernel (csrc/include/flash_fwd.cuh) stages a BM x (DP + 8) Q tile and two K and two V
+# stages of BN x (DP + 8) halves in shared memory (plus IndexTile's key positions). At DP = 128
+# that is 104448 bytes, more than the 99 KiB a block may opt in to on sm_86 / sm_89 (A10, A40, L4,
+# L40, RTX 30xx / 40xx): cudaFuncSetAttribute would fail there, so refuse and let Triton run it.
+FLASH_BM, FLASH_BN = 128, 64
+INDEX_EXTRA_SMEM = 2 * FLASH_BN * 8  # IndexTile: int64 key positions, two stages
+
+
+def flash_smem_bytes(d: int, extra: int = 0) -> int:
+    """Dynamic shared memory of the flash kernel (out + lse) for head dim d."""
+    dp = 64 if d <= 64 else 80 if d <= 80 else 128
+    return (FLASH_BM + 4 * FLASH_BN) * (dp + 8) * 2 + extra
+
+
+def _flash_smem_reason(device, d: int, extra: int = 0) -> str | None:
+    need = flash_smem_bytes(d, extra)
+    have = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    if need > have:
+        return (f"CUDA flash kernel needs {need} bytes of shared memory per block for head dim {d}, "
+                f"the device allows {have}")
+    return None
+
+
 def attention_supports(q, k, v, causal, scale) -> str | None:
     """fp16/bf16 on tensor cores, head dims that are multiples of 8 up to 128 (64/72/80/128 ...),
     GQA, causal (end-aligned), any strides, compute capability >= 8.0."""
     if q.dtype not in _HALF:
         return "CUDA kernel runs fp16/bf16 on tensor cores; fp32 goes to Triton"
-    return _device_reason(q) or _shape_reason(q, k)
+    return _device_reason(q) or _shape_reason(q, k) or _flash_smem_reason(q.device, q.shape[-1])
 
 
 def key_importance_supports(q, k, lse, rows, causal, scale) -> str | None:
@@ -174,7 +197,8 @@ def varlen_attention_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         return f"CUDA kernel takes at most {MAX_GRID_YZ} sequences, got {cu_seqlens_q.numel() - 1}"
     if max_seqlen_q >= _INT32:
         return "CUDA kernel needs max_seqlen_q that fits in int32"
-    return _device_reason(q) or _shape_reason(q.transpose(0, 1)[None], k.transpose(0, 1)[None])
+    return (_device_reason(q) or _shape_reason(q.transpose(0, 1)[None], k.transpose(0, 1)[None])
+            or _flash_smem_reason(q.device, q.shape[-1]))
 
 
 def index_attention_supports(q, k, v, kv_indices, kv_counts, q_positions, kv_positions, causal, scale) -> str | None:
@@ -188,4 +212,4 @@ def index_attention_supports(q, k, v, kv_indices, kv_counts, q_positions, kv_pos
             return f"CUDA kernel needs {name} as {dtype} on q's device"
     if kv_indices.dim() == 3 and kv_indices.shape[2] >= _INT32:
         return "CUDA kernel needs an index list length L that fits in int32"
-    return _device_reason(q) or _shape_reason(q, k)
+    return _device_reason(q) or _shape_reason(q, k) or _flash_smem_reason(q.device, q.shape[-1], INDEX_EXTRA_SMEM)
