@@ -71,8 +71,8 @@ def flash_smem_bytes(d: int, extra: int = 0) -> int:
 
 def _flash_smem_reason(device, d: int, extra: int = 0) -> str | None:
     need = flash_smem_bytes(d, extra)
-    have = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    if need > have:
+    have = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    if have is not None and need > have:  # None: a torch too old to say; the launch reports it
         return (f"CUDA flash kernel needs {need} bytes of shared memory per block for head dim {d}, "
                 f"the device allows {have}")
     return None
