@@ -61,7 +61,10 @@ def test_decode_attention_key_offsets_past_int32():
     int64 (an int32 start * stride wrapped to -2^31 and read far outside the cache). One 4 GiB storage,
     allocated but untouched except for the 65 rows used; k and v are views of it."""
     S, L, D = 1 << 25, 65, 16
-    store = torch.empty((L - 1) * S + 2 * D, dtype=torch.float16)
+    try:
+        store = torch.empty((L - 1) * S + 2 * D, dtype=torch.float16)
+    except RuntimeError as e:  # a host that refuses 4 GiB of address space
+        pytest.skip(f"cannot reserve 4 GiB: {e}")
     k = store.as_strided((1, 1, L, D), (L * S, L * S, S, 1))
     v = store.as_strided((1, 1, L, D), (L * S, L * S, S, 1), D)
     g = torch.Generator().manual_seed(0)
