@@ -84,6 +84,28 @@ def test_cuda_graph_replay_with_new_lengths(backend):
     want = naive_decode(q, k, v, lens.cpu(), 128 ** -0.5)
     torch.testing.assert_close(out.double().cpu(), want, atol=OUT_TOL[torch.bfloat16], rtol=0)
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_key_offsets_past_int32(backend):
+    """Key 64's row starts at element 2^31 of the cache (row stride 2^25, one 4 GiB storage holding k and
+    v): row offsets must be computed in int64."""
+    S, L, D = 1 << 25, 65, 16
+    store = torch.empty((L - 1) * S + 2 * D, dtype=torch.float16, device="cuda")
+    k = store.as_strided((1, 1, L, D), (L * S, L * S, S, 1))
+    v = store.as_strided((1, 1, L, D), (L * S, L * S, S, 1), D)
+    g = torch.Generator().manual_seed(0)
+    k.copy_(torch.randn(1, 1, L, D, generator=g).half())
+    v.copy_(torch.randn(1, 1, L, D, generator=g).half())
+    q = torch.randn(1, 1, 1, D, generator=g).half().cuda()
+    lens = torch.tensor([[L]], dtype=torch.int32, device="cuda")
+    skip_unless_supported(DECODE_ATTENTION, (q, k, v, lens, D ** -0.5), backend)
+    out = run_forced(backend, vtattn.decode_attention, q, k, v, lens)
+    want = naive_decode(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), D ** -0.5)
+    torch.testing.assert_close(out.double().cpu(), want, atol=OUT_TOL[torch.float16], rtol=0)
+    del store
+
+
 def test_reference_matches_float64():
     q, k, v, lens = make_inputs(2, 8, 2, 40, 72, torch.float64, "cpu", [0, 40, 7, 1], "strided")
     torch.testing.assert_close(vtattn.reference.decode_attention(q, k, v, lens, 0.3),

@@ -72,9 +72,10 @@ def _split_kernel(Q, K, V, Lengths, Table, PartO, PartLse,
     # tl.dot needs at least 16 rows: rows past the group are zeros and never stored.
     q = tl.load(Q + (b * stride_qb + heads[:, None] * stride_qh) * ALIGN + offs_d[None, :] * stride_qd,
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-    if PAGE == 0:
-        k_ptrs = K + (b * stride_kb + g * stride_kh + offs_n[:, None] * stride_kn) * ALIGN + offs_d[None, :] * stride_kd
-        v_ptrs = V + (b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vn) * ALIGN + offs_d[None, :] * stride_vd
+    if PAGE == 0:  # row offsets in int64 (start * stride may pass 2^31); the loop then steps the pointers
+        rows_n = start.to(tl.int64) + offs_n
+        k_ptrs = K + (b * stride_kb + g * stride_kh + rows_n[:, None] * stride_kn) * ALIGN + offs_d[None, :] * stride_kd
+        v_ptrs = V + (b * stride_vb + g * stride_vh + rows_n[:, None] * stride_vn) * ALIGN + offs_d[None, :] * stride_vd
     else:
         table = Table + b * stride_tb + g * stride_th
 
@@ -84,8 +85,10 @@ def _split_kernel(Q, K, V, Lengths, Table, PartO, PartLse,
     for n0 in range(start, end, BLOCK_N):
         ok = (n0 + offs_n) < end
         if PAGE == 0:
-            k = tl.load(k_ptrs + n0 * stride_kn * ALIGN, mask=ok[:, None] & d_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs + n0 * stride_vn * ALIGN, mask=ok[:, None] & d_ok[None, :], other=0.0)
+            k = tl.load(k_ptrs, mask=ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=ok[:, None] & d_ok[None, :], other=0.0)
+            k_ptrs += BLOCK_N * stride_kn * ALIGN
+            v_ptrs += BLOCK_N * stride_vn * ALIGN
         else:  # keys past `end` read no table entry (it may be -1) and no page
             j = n0 + offs_n
             page = tl.load(table + (j // PAGE) * stride_tp, mask=ok, other=0).to(tl.int64)

@@ -54,3 +54,24 @@ def test_decode_attention_supports():
     assert triton_decode.supports(q, k, v, lens, 0.125) is None
     bf = [t.bfloat16() for t in (q, k, v)]
     assert "interpreter" in triton_decode.supports(*bf, lens, 0.125)
+
+
+def test_decode_attention_key_offsets_past_int32():
+    """Key 64's row starts at element 2^31 of the cache (row stride 2^25): the tile's row offsets must be
+    int64 (an int32 start * stride wrapped to -2^31 and read far outside the cache). One 4 GiB storage,
+    allocated but untouched except for the 65 rows used; k and v are views of it."""
+    S, L, D = 1 << 25, 65, 16
+    try:
+        store = torch.empty((L - 1) * S + 2 * D, dtype=torch.float16)
+    except RuntimeError as e:  # a host that refuses 4 GiB of address space
+        pytest.skip(f"cannot reserve 4 GiB: {e}")
+    k = store.as_strided((1, 1, L, D), (L * S, L * S, S, 1))
+    v = store.as_strided((1, 1, L, D), (L * S, L * S, S, 1), D)
+    g = torch.Generator().manual_seed(0)
+    k.copy_(torch.randn(1, 1, L, D, generator=g).half())
+    v.copy_(torch.randn(1, 1, L, D, generator=g).half())
+    q = torch.randn(1, 1, 1, D, generator=g).half()
+    lens = torch.tensor([[L]], dtype=torch.int32)
+    out = triton_decode.decode_attention(q, k, v, lens, D ** -0.5)
+    want = ref.decode_attention(q.double(), k.double(), v.double(), lens, D ** -0.5)
+    torch.testing.assert_close(out.double(), want, atol=OUT_TOL[torch.float16], rtol=0)
