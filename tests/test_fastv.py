@@ -240,3 +240,29 @@ def test_fastv_on_cuda_bf16():
         vtattn.patch.llava(model, keep=0.5, method="cls", fastv=vtattn.patch.FastV(layer=K, keep=0.25))
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape == (2, ids.shape[1] + 4)
+
+
+def test_fastv_generated_image_token_id_is_text():
+    """A decode step whose token is the image token id (sampling can emit it) is an ordinary token,
+    as in the unpatched model: generation goes on."""
+    class Force(transformers.LogitsProcessor):
+        def __init__(self, at):
+            self.at = at
+
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == self.at:
+                scores = torch.full_like(scores, -1e9)
+                scores[:, IMAGE] = 0
+            return scores
+
+    model = _model()
+    ids, mask, pixels = _inputs()
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=False,
+                  logits_processor=transformers.LogitsProcessorList([Force(ids.shape[1] + 1)]))
+    with torch.no_grad():
+        expected = model.generate(**inputs)
+        assert (expected[:, -3] == IMAGE).all()
+        vtattn.patch.llava(model, method="fastv", layer=K, keep=1.0)
+        assert torch.equal(model.generate(**inputs), expected)
+        vtattn.patch.llava(model, keep=0.5, method="cls", fastv=vtattn.patch.FastV(layer=K, keep=0.25))
+        assert model.generate(**inputs).shape == (2, ids.shape[1] + 4)

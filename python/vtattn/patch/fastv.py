@@ -105,7 +105,8 @@ class Runner:
         if record is None or cache.get_seq_length() == 0:  # a new cache, or one reset and reused
             step = self._prefill(cache, images, mask)
         else:
-            if images is not None and bool(images.any()):
+            pixel_values = kwargs.get("pixel_values")
+            if pixel_values is not None and pixel_values.numel():  # (generated image-token ids are text)
                 raise NotImplementedError("FastV needs the images in the first forward of a cache")
             if cache.get_seq_length(self.options.layer) != record.index.shape[1]:
                 raise RuntimeError("the pruned layers' cache no longer matches FastV's record "
