@@ -266,3 +266,43 @@ def test_fastv_generated_image_token_id_is_text():
         assert torch.equal(model.generate(**inputs), expected)
         vtattn.patch.llava(model, keep=0.5, method="cls", fastv=vtattn.patch.FastV(layer=K, keep=0.25))
         assert model.generate(**inputs).shape == (2, ids.shape[1] + 4)
+
+
+def test_fastv_concurrent_calls_from_two_threads():
+    """Two threads inside one patched model at once (a barrier in layer 0 holds both there) each get
+    the single-thread logits, and unpatch restores every attention module's config."""
+    import threading
+    model = _model()
+    ids, mask, pixels = _inputs()
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    layers = model.model.language_model.layers
+    configs = [layer.self_attn.config for layer in layers]
+    vtattn.patch.llava(model, method="fastv", layer=K, keep=0.25)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    barrier = threading.Barrier(2, timeout=60)
+
+    def wait(*_):
+        barrier.wait()
+
+    hook = layers[0].register_forward_pre_hook(wait)
+    results = {}
+
+    def run(name):
+        try:
+            with torch.no_grad():
+                results[name] = model(**inputs).logits
+        except Exception as e:  # noqa: BLE001
+            results[name] = e
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    hook.remove()
+    for name in "ab":
+        assert not isinstance(results[name], Exception), results[name]
+        _close(results[name], expected)
+    vtattn.patch.unpatch(model)
+    assert all(layer.self_attn.config is c for layer, c in zip(layers, configs))

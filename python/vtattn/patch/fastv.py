@@ -16,7 +16,6 @@ kwargs (mask, RoPE tables, position ids):
   without a padded mask. A sample's kept tokens are right-aligned in the pruned cache; the
   leading slots of a shorter sample are never listed.
 """
-import contextlib
 import contextvars
 import sys
 import weakref
@@ -87,10 +86,19 @@ class Runner:
         self.kept = None  # [B, N] bool: the LLM input tokens the last prefill kept from layer K on
         self.hooks = [layer.register_forward_pre_hook(self._prune, with_kwargs=True)
                       for layer in layers[options.layer:]]
+        # Layers K-1.. name FastV's attention for as long as the patch is on (set once: swapping
+        # configs per call races between threads); outside a FastV step of this runner it runs
+        # the model's own attention.
+        self.pruned = frozenset(self.attn[options.layer:])
+        self.configs = [attn.config for attn in self.attn[options.layer - 1:]]
+        for attn in self.attn[options.layer - 1:]:
+            attn.config = _Routed(attn.config)
 
     def remove(self):
         for hook in self.hooks:
             hook.remove()
+        for attn, config in zip(self.attn[self.options.layer - 1:], self.configs):
+            attn.config = config
 
     def __call__(self, forward, input_ids, images, kwargs):
         """Run `forward(input_ids, **kwargs)` (one LLaVA forward) with FastV. images: [B, N] bool,
@@ -114,11 +122,10 @@ class Runner:
             new = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
             record.extend(mask, new)
             step = _Step(record=record)
-        K = self.options.layer
+        step.pruned = self.pruned
         token = _STEP.set(step)
         try:
-            with _routed(self.attn[K - 1 if step.probe is not None else K:]):
-                out = forward(input_ids, **kwargs)
+            out = forward(input_ids, **kwargs)
         finally:
             _STEP.reset(token)
         for filled in (cache, getattr(out, "past_key_values", None)):
@@ -194,6 +201,7 @@ class _Step:
     def __init__(self, images=None, real=None, pads=None, probe=None, record=None):
         self.images, self.real, self.pads, self.probe, self.record = images, real, pads, probe, record
         self.scores = self.layer_kwargs = self.kv = None
+        self.pruned = frozenset()  # the attention modules of layers >= K
 
 
 class _Record:
@@ -241,8 +249,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     """The attention of layers >= K-1 during a FastV forward (transformers' AttentionInterface
     signature)."""
     step = _STEP.get()
-    if step is None or module is step.probe:
-        if step is not None:
+    if step is None or module not in step.pruned:
+        if step is not None and module is step.probe:
             step.scores = _scores(step, query, key, scaling)
         return _original(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                  **kwargs)
@@ -271,16 +279,7 @@ class _Routed:
         self.__dict__.update(_config=config, _attn_implementation=NAME)
 
     def __getattr__(self, name):
+        if name == "_config":  # not set yet (copy / pickle build the object without __init__)
+            raise AttributeError(name)
         return getattr(self._config, name)
 
-
-@contextlib.contextmanager
-def _routed(modules):
-    configs = [module.config for module in modules]
-    try:
-        for module, config in zip(modules, configs):
-            module.config = _Routed(config)
-        yield
-    finally:
-        for module, config in zip(modules, configs):
-            module.config = config
