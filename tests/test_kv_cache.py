@@ -406,3 +406,15 @@ def test_llava_kv_reusing_a_replaced_cache_raises():
     assert torch.equal(loop(own=False), expected)
     with pytest.raises(ValueError, match="outputs.past_key_values"):
         loop(own=True)
+
+
+def test_llava_kv_an_empty_cache_reused_for_new_prompts():
+    """The same empty DynamicCache passed to generate twice (it is replaced, so it stays empty): both
+    are new prompts and run."""
+    model = vtattn.patch.llava(llava(), kv=kv.LookM(budget=0.3, recent=0.1))
+    ids, mask = prompts([[36]])
+    cache = transformers.DynamicCache(config=model.config.text_config)
+    options = dict(input_ids=ids, attention_mask=mask, pixel_values=_images(1), max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        first = model.generate(**options, past_key_values=cache)
+        assert torch.equal(model.generate(**options, past_key_values=cache), first)

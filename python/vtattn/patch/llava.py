@@ -115,10 +115,13 @@ class _Patch(_install.State):
         tokens of the language model's input)."""
         if self.kv is not None:
             cache = kwargs.get("past_key_values")
-            if cache is not None and cache in self.replaced:
-                raise ValueError("this cache was replaced by a vtattn.kv.CompressedCache at the prefill and holds "
-                                 "nothing: continue with the prefill's outputs.past_key_values (or pass "
-                                 "past_key_values=None / a new cache for a new prompt)")
+            if cache is not None and cache in self.replaced and cache.get_seq_length() == 0:
+                mask = kwargs.get("attention_mask")
+                new = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+                if mask is None or mask.shape[-1] != new:  # not a new prompt: a continuation with no past
+                    raise ValueError("this cache was replaced by a vtattn.kv.CompressedCache at the prefill and "
+                                     "holds nothing: continue with the prefill's outputs.past_key_values (or pass "
+                                     "past_key_values=None / a new cache for a new prompt)")
             if cache is None or cache.get_seq_length() == 0:  # a prefill
                 compressed = self._compressed_cache(cache)
                 if cache is not None and compressed is not cache:
