@@ -306,3 +306,17 @@ def test_fastv_concurrent_calls_from_two_threads():
         _close(results[name], expected)
     vtattn.patch.unpatch(model)
     assert all(layer.self_attn.config is c for layer, c in zip(layers, configs))
+
+
+def test_fastv_twice_on_one_language_model_raises():
+    """FastV through the inner LlavaModel and again through the outer model would route layers twice."""
+    model = _model()
+    vtattn.patch.llava(model.model, method="fastv", layer=K, keep=0.5)
+    with pytest.raises(ValueError, match="already"):
+        vtattn.patch.llava(model, method="fastv", layer=K, keep=0.5)
+    assert "forward" not in model.__dict__
+    vtattn.patch.unpatch(model.model)
+    vtattn.patch.llava(model, method="fastv", layer=K, keep=0.5)
+    ids, mask, pixels = _inputs()
+    with torch.no_grad():
+        assert model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits.shape[0] == 2

@@ -79,9 +79,12 @@ class Runner:
         layers = base.language_model.layers
         if options.layer >= len(layers):
             raise ValueError(f"FastV layer must be < the {len(layers)} decoder layers, got {options.layer}")
+        self.attn = [layer.self_attn for layer in layers]
+        if any(isinstance(attn.config, _Routed) for attn in self.attn):
+            raise ValueError("FastV is already on this language model (patched through another model object: "
+                             "unpatch that one first)")
         AttentionInterface.register(NAME, attention_forward)
         self.options = options
-        self.attn = [layer.self_attn for layer in layers]
         self.records = weakref.WeakKeyDictionary()  # cache -> _Record of the prefill that filled it
         self.kept = None  # [B, N] bool: the LLM input tokens the last prefill kept from layer K on
         self.hooks = [layer.register_forward_pre_hook(self._prune, with_kwargs=True)
