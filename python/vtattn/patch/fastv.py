@@ -249,8 +249,9 @@ def _scores(step, query, key, scale):
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The attention of layers >= K-1 during a FastV forward (transformers' AttentionInterface
-    signature)."""
+    """The attention of layers >= K-1 while FastV is installed (transformers' AttentionInterface
+    signature): the model's own outside a FastV forward, at layer K-1 and at other models' layers
+    (the step holds the modules it prunes); layer K-1 records the scores in a prefill."""
     step = _STEP.get()
     if step is None or module not in step.pruned:
         if step is not None and module is step.probe:
