@@ -240,3 +240,83 @@ def test_fastv_on_cuda_bf16():
         vtattn.patch.llava(model, keep=0.5, method="cls", fastv=vtattn.patch.FastV(layer=K, keep=0.25))
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape == (2, ids.shape[1] + 4)
+
+
+def test_fastv_generated_image_token_id_is_text():
+    """A decode step whose token is the image token id (sampling can emit it) is an ordinary token,
+    as in the unpatched model: generation goes on."""
+    class Force(transformers.LogitsProcessor):
+        def __init__(self, at):
+            self.at = at
+
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == self.at:
+                scores = torch.full_like(scores, -1e9)
+                scores[:, IMAGE] = 0
+            return scores
+
+    model = _model()
+    ids, mask, pixels = _inputs()
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=False,
+                  logits_processor=transformers.LogitsProcessorList([Force(ids.shape[1] + 1)]))
+    with torch.no_grad():
+        expected = model.generate(**inputs)
+        assert (expected[:, -3] == IMAGE).all()
+        vtattn.patch.llava(model, method="fastv", layer=K, keep=1.0)
+        assert torch.equal(model.generate(**inputs), expected)
+        vtattn.patch.llava(model, keep=0.5, method="cls", fastv=vtattn.patch.FastV(layer=K, keep=0.25))
+        assert model.generate(**inputs).shape == (2, ids.shape[1] + 4)
+
+
+def test_fastv_concurrent_calls_from_two_threads():
+    """Two threads inside one patched model at once (a barrier in layer 0 holds both there) each get
+    the single-thread logits, and unpatch restores every attention module's config."""
+    import threading
+    model = _model()
+    ids, mask, pixels = _inputs()
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    layers = model.model.language_model.layers
+    configs = [layer.self_attn.config for layer in layers]
+    vtattn.patch.llava(model, method="fastv", layer=K, keep=0.25)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    barrier = threading.Barrier(2, timeout=60)
+
+    def wait(*_):
+        barrier.wait()
+
+    hook = layers[0].register_forward_pre_hook(wait)
+    results = {}
+
+    def run(name):
+        try:
+            with torch.no_grad():
+                results[name] = model(**inputs).logits
+        except Exception as e:  # noqa: BLE001
+            results[name] = e
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    hook.remove()
+    for name in "ab":
+        assert not isinstance(results[name], Exception), results[name]
+        _close(results[name], expected)
+    vtattn.patch.unpatch(model)
+    assert all(layer.self_attn.config is c for layer, c in zip(layers, configs))
+
+
+def test_fastv_twice_on_one_language_model_raises():
+    """FastV through the inner LlavaModel and again through the outer model would route layers twice."""
+    model = _model()
+    vtattn.patch.llava(model.model, method="fastv", layer=K, keep=0.5)
+    with pytest.raises(ValueError, match="already"):
+        vtattn.patch.llava(model, method="fastv", layer=K, keep=0.5)
+    assert "forward" not in model.__dict__
+    vtattn.patch.unpatch(model.model)
+    vtattn.patch.llava(model, method="fastv", layer=K, keep=0.5)
+    ids, mask, pixels = _inputs()
+    with torch.no_grad():
+        assert model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits.shape[0] == 2

@@ -362,3 +362,59 @@ def test_lookm_budget_01_on_the_4_image_prompt_takes_under_a_quarter_of_the_cach
             token = model(token, past_key_values=cache, use_cache=True).logits.argmax(-1)
     assert cache.get_seq_length() == L + 64
     assert cache.kv_bytes() <= 0.25 * (L + 64) * per_token
+
+
+def test_llava_kv_repatch_keeps_vtattn_and_unpatch_restores():
+    """Patching kv= twice in a row: the second patch still runs the LLM on "vtattn" (the first one's
+    unpatch must not put the original back afterwards), and unpatch restores the original."""
+    model = llava()
+    lm = model.model.language_model
+    ids, mask = prompts([[36], [36, 36]])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=_images(3), max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        expected = model.generate(**inputs)
+        vtattn.patch.llava(model, kv=kv.LookM(budget=0.3, recent=0.1))
+        vtattn.patch.llava(model, kv=kv.LookM(budget=1.0, recent=0.1))
+        assert lm.config._attn_implementation == "vtattn"
+        assert torch.equal(model.generate(**inputs), expected)
+    vtattn.patch.unpatch(model)
+    assert lm.config._attn_implementation == "sdpa"
+
+
+def test_llava_kv_reusing_a_replaced_cache_raises():
+    """A manual decode loop that keeps passing its own (replaced, empty) DynamicCache would decode
+    with no context: it raises; the returned cache continues as the unpatched model does."""
+    model = llava()
+    ids, mask = prompts([[36]])
+    pixels = _images(1)
+
+    def loop(own):
+        cache = transformers.DynamicCache(config=model.config.text_config) if own else None
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, past_key_values=cache)
+            cache = cache if own else out.past_key_values
+            token, m = out.logits[:, -1:].argmax(-1), mask
+            tokens = [token]
+            for _ in range(3):
+                m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+                token = model(input_ids=token, attention_mask=m, past_key_values=cache).logits[:, -1:].argmax(-1)
+                tokens.append(token)
+        return torch.cat(tokens, 1)
+
+    expected = loop(own=True)
+    vtattn.patch.llava(model, kv=kv.LookM(budget=1.0, recent=0.1))
+    assert torch.equal(loop(own=False), expected)
+    with pytest.raises(ValueError, match="outputs.past_key_values"):
+        loop(own=True)
+
+
+def test_llava_kv_an_empty_cache_reused_for_new_prompts():
+    """The same empty DynamicCache passed to generate twice (it is replaced, so it stays empty): both
+    are new prompts and run."""
+    model = vtattn.patch.llava(llava(), kv=kv.LookM(budget=0.3, recent=0.1))
+    ids, mask = prompts([[36]])
+    cache = transformers.DynamicCache(config=model.config.text_config)
+    options = dict(input_ids=ids, attention_mask=mask, pixel_values=_images(1), max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        first = model.generate(**options, past_key_values=cache)
+        assert torch.equal(model.generate(**options, past_key_values=cache), first)

@@ -16,7 +16,6 @@ kwargs (mask, RoPE tables, position ids):
   without a padded mask. A sample's kept tokens are right-aligned in the pruned cache; the
   leading slots of a shorter sample are never listed.
 """
-import contextlib
 import contextvars
 import sys
 import weakref
@@ -80,17 +79,29 @@ class Runner:
         layers = base.language_model.layers
         if options.layer >= len(layers):
             raise ValueError(f"FastV layer must be < the {len(layers)} decoder layers, got {options.layer}")
+        self.attn = [layer.self_attn for layer in layers]
+        if any(isinstance(attn.config, _Routed) for attn in self.attn):
+            raise ValueError("FastV is already on this language model (patched through another model object: "
+                             "unpatch that one first)")
         AttentionInterface.register(NAME, attention_forward)
         self.options = options
-        self.attn = [layer.self_attn for layer in layers]
         self.records = weakref.WeakKeyDictionary()  # cache -> _Record of the prefill that filled it
         self.kept = None  # [B, N] bool: the LLM input tokens the last prefill kept from layer K on
         self.hooks = [layer.register_forward_pre_hook(self._prune, with_kwargs=True)
                       for layer in layers[options.layer:]]
+        # Layers K-1.. name FastV's attention for as long as the patch is on (set once: swapping
+        # configs per call races between threads); outside a FastV step of this runner it runs
+        # the model's own attention.
+        self.pruned = frozenset(self.attn[options.layer:])
+        self.configs = [attn.config for attn in self.attn[options.layer - 1:]]
+        for attn in self.attn[options.layer - 1:]:
+            attn.config = _Routed(attn.config)
 
     def remove(self):
         for hook in self.hooks:
             hook.remove()
+        for attn, config in zip(self.attn[self.options.layer - 1:], self.configs):
+            attn.config = config
 
     def __call__(self, forward, input_ids, images, kwargs):
         """Run `forward(input_ids, **kwargs)` (one LLaVA forward) with FastV. images: [B, N] bool,
@@ -105,7 +116,8 @@ class Runner:
         if record is None or cache.get_seq_length() == 0:  # a new cache, or one reset and reused
             step = self._prefill(cache, images, mask)
         else:
-            if images is not None and bool(images.any()):
+            pixel_values = kwargs.get("pixel_values")
+            if pixel_values is not None and pixel_values.numel():  # (generated image-token ids are text)
                 raise NotImplementedError("FastV needs the images in the first forward of a cache")
             if cache.get_seq_length(self.options.layer) != record.index.shape[1]:
                 raise RuntimeError("the pruned layers' cache no longer matches FastV's record "
@@ -113,11 +125,10 @@ class Runner:
             new = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
             record.extend(mask, new)
             step = _Step(record=record)
-        K = self.options.layer
+        step.pruned = self.pruned
         token = _STEP.set(step)
         try:
-            with _routed(self.attn[K - 1 if step.probe is not None else K:]):
-                out = forward(input_ids, **kwargs)
+            out = forward(input_ids, **kwargs)
         finally:
             _STEP.reset(token)
         for filled in (cache, getattr(out, "past_key_values", None)):
@@ -193,6 +204,7 @@ class _Step:
     def __init__(self, images=None, real=None, pads=None, probe=None, record=None):
         self.images, self.real, self.pads, self.probe, self.record = images, real, pads, probe, record
         self.scores = self.layer_kwargs = self.kv = None
+        self.pruned = frozenset()  # the attention modules of layers >= K
 
 
 class _Record:
@@ -237,11 +249,12 @@ def _scores(step, query, key, scale):
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The attention of layers >= K-1 during a FastV forward (transformers' AttentionInterface
-    signature)."""
+    """The attention of layers >= K-1 while FastV is installed (transformers' AttentionInterface
+    signature): the model's own outside a FastV forward, at layer K-1 and at other models' layers
+    (the step holds the modules it prunes); layer K-1 records the scores in a prefill."""
     step = _STEP.get()
-    if step is None or module is step.probe:
-        if step is not None:
+    if step is None or module not in step.pruned:
+        if step is not None and module is step.probe:
             step.scores = _scores(step, query, key, scaling)
         return _original(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                  **kwargs)
@@ -270,16 +283,7 @@ class _Routed:
         self.__dict__.update(_config=config, _attn_implementation=NAME)
 
     def __getattr__(self, name):
+        if name == "_config":  # not set yet (copy / pickle build the object without __init__)
+            raise AttributeError(name)
         return getattr(self._config, name)
 
-
-@contextlib.contextmanager
-def _routed(modules):
-    configs = [module.config for module in modules]
-    try:
-        for module, config in zip(modules, configs):
-            module.config = _Routed(config)
-        yield
-    finally:
-        for module, config in zip(modules, configs):
-            module.config = config

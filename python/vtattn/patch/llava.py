@@ -43,8 +43,18 @@ def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, a
     if vision:
         state.selector(base.config.vision_feature_layer, base.config.vision_feature_select_strategy)  # check now
     if kv is not None:
-        state.compress_kv(kv)
-    state.fastv = _fastv.Runner(base, fastv) if fastv is not None else None
+        from ..kv.cache import CompressedCache
+        CompressedCache(kv)  # checks the policy now
+    # A previous patch comes off before this one changes anything: its uninstall restores the
+    # LLM's attention implementation, which compress_kv must then record, not "vtattn".
+    _install.unpatch(model)
+    try:
+        if kv is not None:
+            state.compress_kv(kv)
+        state.fastv = _fastv.Runner(base, fastv) if fastv is not None else None
+    except BaseException:
+        state.uninstall()
+        raise
 
     def forward(input_ids=None, **kwargs):
         return state(input_ids, **kwargs)
@@ -68,11 +78,11 @@ class _Patch(_install.State):
         self.selectors = {}
         # cache object -> the Shrink of the prefill that filled it; gone with the cache.
         self.continuations = weakref.WeakKeyDictionary()
+        # caches a prefill replaced by a CompressedCache (generate goes on with the returned one)
+        self.replaced = weakref.WeakSet()
         self.kv = self.attn_implementation = None
 
     def compress_kv(self, policy):
-        from ..kv.cache import CompressedCache
-        CompressedCache(policy)  # checks the policy now
         register_hf_attention()
         text = self.base.language_model.config
         self.kv, self.attn_implementation = policy, text._attn_implementation
@@ -105,8 +115,18 @@ class _Patch(_install.State):
         tokens of the language model's input)."""
         if self.kv is not None:
             cache = kwargs.get("past_key_values")
+            if cache is not None and cache in self.replaced and cache.get_seq_length() == 0:
+                mask = kwargs.get("attention_mask")
+                new = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+                if mask is None or mask.shape[-1] != new:  # not a new prompt: a continuation with no past
+                    raise ValueError("this cache was replaced by a vtattn.kv.CompressedCache at the prefill and "
+                                     "holds nothing: continue with the prefill's outputs.past_key_values (or pass "
+                                     "past_key_values=None / a new cache for a new prompt)")
             if cache is None or cache.get_seq_length() == 0:  # a prefill
-                cache = kwargs["past_key_values"] = self._compressed_cache(cache)
+                compressed = self._compressed_cache(cache)
+                if cache is not None and compressed is not cache:
+                    self.replaced.add(cache)
+                cache = kwargs["past_key_values"] = compressed
                 cache.modality = images
         if self.fastv is None:
             return self.original(input_ids, **kwargs)
