@@ -195,11 +195,17 @@ def test_fastv_bad_arguments(kwargs, error, match):
     assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
 
 
-def test_fastv_without_images_raises():
-    model = vtattn.patch.llava(_model(), method="fastv", layer=K, keep=0.5)
-    ids, mask = prompts([[]])
-    with pytest.raises(ValueError, match="image token"):
-        model(input_ids=ids, attention_mask=mask)
+def test_fastv_text_only_prompt_is_the_unpatched_model():
+    """A text-only turn has nothing to prune: forward and generate run as unpatched."""
+    model = _model()
+    ids, mask = prompts([[], []])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        vtattn.patch.llava(model, method="fastv", layer=K, keep=0.5)
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, logits)
+        assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False),
+                           tokens)
 
 
 def test_fastv_llava_next():

@@ -86,6 +86,7 @@ class Runner:
         AttentionInterface.register(NAME, attention_forward)
         self.options = options
         self.records = weakref.WeakKeyDictionary()  # cache -> _Record of the prefill that filled it
+        self.text_only = weakref.WeakSet()  # caches of text-only prompts: nothing to prune, ever
         self.kept = None  # [B, N] bool: the LLM input tokens the last prefill kept from layer K on
         self.hooks = [layer.register_forward_pre_hook(self._prune, with_kwargs=True)
                       for layer in layers[options.layer:]]
@@ -113,7 +114,14 @@ class Runner:
             raise NotImplementedError("FastV needs a 2-D attention mask (or none)")
         cache = kwargs.get("past_key_values")
         record = self.records.get(cache) if cache is not None else None
-        if record is None or cache.get_seq_length() == 0:  # a new cache, or one reset and reused
+        new_cache = cache is None or cache.get_seq_length() == 0  # a new cache, or one reset and reused
+        if (new_cache and images is not None and not bool(images.any())) or (not new_cache and cache in self.text_only):
+            out = forward(input_ids, **kwargs)  # a text-only prompt (a chat turn): the unpatched model
+            for filled in (cache, getattr(out, "past_key_values", None)):
+                if filled is not None:
+                    self.text_only.add(filled)
+            return out
+        if record is None or new_cache:
             step = self._prefill(cache, images, mask)
         else:
             pixel_values = kwargs.get("pixel_values")
@@ -141,8 +149,6 @@ class Runner:
             raise NotImplementedError("FastV needs the images in the first forward of a cache")
         if images is None:
             raise NotImplementedError("FastV finds the image tokens in input_ids: pass input_ids, not inputs_embeds")
-        if not bool(images.any()):
-            raise ValueError("FastV prunes image tokens, but the inputs hold none (no image token in input_ids)")
         from transformers import DynamicCache
         if cache is not None and not isinstance(cache, DynamicCache):
             raise NotImplementedError(f"FastV needs a DynamicCache (layers keep different lengths), "
