@@ -307,6 +307,11 @@ def test_llava_kv_memory_and_positions():
 def test_llava_kv_bad_arguments():
     with pytest.raises(TypeError, match="policy"):
         vtattn.patch.llava(llava(), kv="lookm")
+    windowed = llava()
+    windowed.config.text_config.sliding_window = 16
+    for kw in (dict(kv=kv.LookM(0.2, 0.1)), dict(method="fastv", layer=1, keep=0.5)):
+        with pytest.raises(NotImplementedError, match="sliding_window=16"):
+            vtattn.patch.llava(windowed, **kw)
     with pytest.raises(NotImplementedError, match="fastv and kv"):
         vtattn.patch.llava(llava(), method="fastv", layer=1, keep=0.5, kv=kv.LookM(0.2, 0.1))
     model = vtattn.patch.llava(llava(), kv=kv.SnapKV(0.5, window=500))

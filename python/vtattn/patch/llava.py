@@ -37,6 +37,10 @@ def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, a
     if fastv is not None and kv is not None:
         raise NotImplementedError("fastv and kv together are not supported yet: FastV's pruned layers keep "
                                   "their own (uncompressed) cache")
+    window = getattr(base.config.text_config, "sliding_window", None)
+    if window and (fastv is not None or kv is not None):  # their attention paths see every key
+        raise NotImplementedError(f"fastv / kv need full attention in the LLM; its config has sliding_window="
+                                  f"{window}")
     vision = method != "fastv"
     options = dict(keep=keep, method=method, ensemble_layers=ensemble_layers, merge=merge, alpha=alpha)
     state = _Patch(base, options if vision else None, anyres=isinstance(base, LlavaNextModel))
