@@ -158,6 +158,10 @@ def test_meta_tensors_and_compile():
     fn = torch.compile(lambda q, k, v, a, b: vtattn.varlen_attention(q, k, v, a, b, max_seqlen_q=33, causal=True),
                        fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(fn(q, k, v, cu_q, cu_k), vtattn.varlen_attention(q, k, v, cu_q, cu_k, causal=True))
+    without = torch.compile(lambda q, k, v, a, b: vtattn.varlen_attention(q, k, v, a, b), fullgraph=True,
+                            backend="aot_eager")
+    with pytest.raises(Exception, match="max_seqlen_q must be given under torch.compile"):
+        without(q, k, v, cu_q, cu_k)
 
 
 BAD = [

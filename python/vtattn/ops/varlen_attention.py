@@ -55,6 +55,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
                              f"{lens_k.numel() + 1} (both B + 1)")
         max_seqlen_q = _max_seqlen("max_seqlen_q", max_seqlen_q, lens_q)
         _max_seqlen("max_seqlen_k", max_seqlen_k, lens_k)
+    elif max_seqlen_q is None:
+        raise ValueError("max_seqlen_q must be given under torch.compile (it sizes the launch; finding it "
+                         "would read cu_seqlens_q on the host)")
     scale = _checks.resolve_scale(scale, q.shape[-1])
     out, lse = torch.ops.vtattn.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                                  bool(causal), scale)
