@@ -285,3 +285,30 @@ def test_patched_models_on_cuda_bf16():
             vtattn.patch.llava(model, keep=0.3, method="hired", merge="mean")
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         assert out.shape == (2, ids.shape[1] + 4)
+
+
+def test_llava_tower_calls_from_threads_restore_the_attention_implementation():
+    """Concurrent patched calls share the tower's config: they take turns with its attention
+    implementation (a pre-hook sleeps to make the calls overlap)."""
+    import threading
+    import time
+    model = vtattn.patch.llava(llava(), keep=0.5)
+    tower = model.model.vision_tower
+    tower.encoder.layers[0].register_forward_pre_hook(lambda *a: time.sleep(0.02))
+    ids, mask = prompts([[36]])
+    errors = []
+
+    def run():
+        try:
+            for _ in range(3):
+                with torch.no_grad():
+                    model(input_ids=ids, attention_mask=mask, pixel_values=_images(1))
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and tower.config._attn_implementation != "vtattn"

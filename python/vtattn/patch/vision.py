@@ -4,6 +4,7 @@ The tower runs with `attn_implementation="vtattn"` for the length of one call: f
 everywhere, exact scores (`key_importance` from the same call's LSE) only at the probed layers,
 never eager attention and never `output_attentions`."""
 import contextlib
+import threading
 from typing import NamedTuple
 
 import torch
@@ -15,17 +16,23 @@ from . import _install
 from .hf_attention import NAME, Probe, probing, register_hf_attention
 
 
+# The swap below changes shared config state: calls from several threads take turns, or one
+# could restore another's "vtattn" as the previous value and leave the tower on it.
+_SWAP = threading.RLock()
+
+
 @contextlib.contextmanager
 def vtattn_attention(tower):
     """Run `tower` with attn_implementation "vtattn" inside the block, restoring it after."""
     register_hf_attention()
     config = tower.config
-    previous = config._attn_implementation
-    config._attn_implementation = NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+    with _SWAP:
+        previous = config._attn_implementation
+        config._attn_implementation = NAME
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
 
 
 class Selector:
