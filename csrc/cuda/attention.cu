@@ -11,13 +11,12 @@
 #include <tuple>
 
 #include "flash_fwd.cuh"
+#include "host_checks.h"
 #include "launch_utils.cuh"
 
 namespace vtattn {
-namespace host {
+namespace host {  // declared in host_checks.h
 
-// Kernels read rows in 16-byte chunks: that needs a unit last stride, a 16-byte aligned start, and
-// every other stride a whole number of chunks. Returns `x` when it qualifies, else a contiguous copy.
 at::Tensor ready_for_16B_loads(const at::Tensor& x) {
   const int64_t chunk = 16 / x.element_size();
   bool ok = x.stride(-1) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;

@@ -23,14 +23,11 @@
 #include <limits>
 #include <type_traits>
 
+#include "host_checks.h"
 #include "launch_utils.cuh"
 #include "mma_sm80.cuh"
 
 namespace vtattn {
-namespace host {  // defined in attention.cu
-at::Tensor ready_for_16B_loads(const at::Tensor& x);
-}  // namespace host
-
 namespace {
 
 constexpr int kThreads = 128;

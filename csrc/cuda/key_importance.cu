@@ -19,14 +19,10 @@
 #include <optional>
 
 #include "flash_fwd.cuh"
+#include "host_checks.h"
 #include "launch_utils.cuh"
 
 namespace vtattn {
-namespace host {  // defined in attention.cu
-at::Tensor ready_for_16B_loads(const at::Tensor& x);
-void check_q_k(const at::Tensor& q, const at::Tensor& k, const char* op);
-}  // namespace host
-
 namespace {
 
 constexpr int kFewRows = 16;     // at most this many rows take the few-rows path

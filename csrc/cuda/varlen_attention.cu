@@ -11,14 +11,10 @@
 #include <tuple>
 
 #include "flash_fwd.cuh"
+#include "host_checks.h"
 #include "launch_utils.cuh"
 
 namespace vtattn {
-namespace host {
-at::Tensor ready_for_16B_loads(const at::Tensor& x);                   // attention.cu
-void check_q_k(const at::Tensor& q, const at::Tensor& k, const char* op);  // attention.cu
-}  // namespace host
-
 namespace {
 
 struct VarlenParams {
