@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Build, test, sanitize and benchmark vtattn on a GPU machine (no network; python3 is the torch one):
 #   scripts/gpu_check.sh OUTDIR [all|tests|bench]
-# One device command each (they are cut at 600 s; every mode stays within 540 s):
+# One device command each (they are cut at 600 s; every mode stays within 570 s):
 #   tests: build, `vtattn info`, every gpu-marked test (verbose, so a run cut short still shows
-#          what passed), compute-sanitizer memcheck + racecheck on the CUDA-backend tests;
-#   bench: build, `python -m vtattn.bench` (BENCH_ARGS adds options, e.g. "--filter e2e");
-#   all:   both in one command with smaller shares (the default).
+#          what passed; pytest-xdist workers where installed), compute-sanitizer memcheck +
+#          racecheck on the CUDA-backend tests;
+#   bench: build, `python -m vtattn.bench` (BENCH_ARGS adds options, e.g. "--filter e2e", or
+#          "--resume PREV.json" to finish a run that was cut short);
+#   all:   both in one command (the default: a session's device time fits about one such call).
+# Build: with a .prebuilt/ from `scripts/oldest_env.sh prebuild` (carried with the call) whose stamp
+# matches the sources, its extension is used as is and the build share passes on to the later
+# steps; otherwise the extension is built here. VTATTN_GIT_COMMIT names the commit in the
+# benchmark header (the tree arrives without .git).
 # Writes at most 8 files to OUTDIR (the device tool returns at most 8): summary.txt (GPU,
 # `vtattn info`, each step's exit status), build.log, pytest_gpu.log, pytest_gpu.xml,
 # sanitizer.log, bench.log, bench.json, bench.csv. Every step runs even if an earlier one failed.
@@ -14,9 +20,9 @@ set -u
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR [all|tests|bench]}
 MODE=${2:-all}
 case $MODE in
-    all) SHARES=(210 20 90 60 40 120) ;;   # build info pytest memcheck racecheck bench
-    tests) SHARES=(210 20 220 60 30 0) ;;
-    bench) SHARES=(210 20 0 0 0 310) ;;
+    all) SHARES=(210 20 150 60 30 100) ;;   # build info pytest memcheck racecheck bench
+    tests) SHARES=(210 20 250 60 30 0) ;;
+    bench) SHARES=(210 20 0 0 0 340) ;;
     *) echo "unknown mode $MODE: all, tests or bench" >&2; exit 2 ;;
 esac
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
@@ -50,12 +56,39 @@ step() {
     echo
 } >"$SUMMARY" 2>&1
 
-# VTATTN_REQUIRE_CUDA: a build that silently drops the CUDA kernels must fail here.
-step build "${SHARES[0]}" "$OUT/build.log" env VTATTN_CUDA_ARCHS=90a MAX_JOBS=16 VTATTN_REQUIRE_CUDA=1 \
-    "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+# The extension counts as ready when its CUDA kernels are registered with the dispatcher.
+ready() { "$PY" -c 'import sys; from vtattn._ext import has_kernel; sys.exit(has_kernel("attention", "cuda"))'; }
+use_prebuilt() {
+    local stamp
+    stamp=$(bash scripts/oldest_env.sh stamp)
+    [ "$stamp" = "$(cat .prebuilt/STAMP)" ] || { echo "prebuilt stamp $(cat .prebuilt/STAMP) != sources $stamp"; return 1; }
+    cp .prebuilt/_C.*.so .prebuilt/_build_info.py python/vtattn/
+    # What an editable install maps: the package from python/, its Triton kernels beside it.
+    ln -sfn ../../triton_kernels python/vtattn/triton_kernels
+    export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+    ready
+}
+BUILD=1
+if [ -d .prebuilt ]; then
+    if use_prebuilt >>"$OUT/build.log" 2>&1; then
+        echo "build: prebuilt extension used (stamp $(cat .prebuilt/STAMP))" >>"$SUMMARY"
+        BUILD=0
+    else
+        echo "build: prebuilt extension not usable (build.log says why): building here" >>"$SUMMARY"
+    fi
+fi
+if ((BUILD)); then
+    # VTATTN_REQUIRE_CUDA: a build that silently drops the CUDA kernels must fail here.
+    step build "${SHARES[0]}" "$OUT/build.log" env VTATTN_CUDA_ARCHS=90a MAX_JOBS=16 VTATTN_REQUIRE_CUDA=1 \
+        "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+else
+    UNTIL=${SHARES[0]}  # the build's share passes on to the later steps
+fi
 step info "${SHARES[1]}" "$SUMMARY.info" "$PY" -m vtattn info
+XDIST=()
+"$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)  # Triton compiles in parallel: most of the test time
 step pytest_gpu "${SHARES[2]}" "$OUT/pytest_gpu.log" "$PY" -m pytest tests -m gpu -v -rfEs -p no:cacheprovider \
-    --junitxml="$OUT/pytest_gpu.xml"
+    "${XDIST[@]}" --junitxml="$OUT/pytest_gpu.xml"
 
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 # Without the caching allocator every tensor is its own allocation, so memcheck sees its bounds.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (or reuse) .venv with torch 2.14.1 (CUDA 13.0 build) and build vtattn with its CUDA
+# Set up (or reuse) .venv with torch 2.14.1 (CUDA 13.0 build) and the newest transformers vtattn is
+# tested with (pinned: a new release is taken on deliberately), and build vtattn with its CUDA
 # kernels. Sourced by scripts/test.sh and scripts/bench.sh; safe to run again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -11,7 +12,7 @@ fi
 . "$VENV/bin/activate"
 python -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
 python -m pip install -q --disable-pip-version-check torch==2.14.1 triton ninja numpy \
-  pytest pytest-benchmark expecttest tqdm matplotlib transformers
+  pytest pytest-benchmark expecttest tqdm matplotlib transformers==5.25.0
 
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

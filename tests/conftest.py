@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# Autotuning compiles every config of a Triton kernel for each new shape: minutes of a GPU run.
+# Tests launch the first config; test_triton_configs.py proves every config right.
+os.environ.setdefault("VTATTN_TRITON_AUTOTUNE", "0")
 
 
 def pytest_runtest_setup(item):

@@ -121,15 +121,22 @@ def _smem_limit(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
 
 
+def _forced_config():
+    i = os.environ.get("VTATTN_TRITON_CONFIG")
+    return None if i is None else int(i)
+
+
 class Tuned:
     """A jit kernel launched with the config(s) for its inputs; the one place configs are picked.
 
     space(esize, block_d) lists (meta, num_warps, num_stages) for an element size and padded head
     dim, the default first and the smallest last; smem(meta, num_stages) estimates the BLOCK_D-wide
     rows a config keeps in shared memory, to drop configs the device cannot hold. On a GPU:
-    @triton.autotune over what is left (only its first config with VTATTN_TRITON_AUTOTUNE=0, which
-    keeps test runs fast). Under the interpreter: the single small `interp` config (tuning there
-    would take forever; small tiles exercise the multi-tile paths on tiny inputs).
+    @triton.autotune over what is left; only its first config with VTATTN_TRITON_AUTOTUNE=0 (fast
+    test runs), only config i (the last when there are fewer) with VTATTN_TRITON_CONFIG=i (the
+    tests prove every config right: autotuning may pick any). Under the interpreter: the single
+    small `interp` config (tuning there would take forever; small tiles exercise the multi-tile
+    paths on tiny inputs).
     Launch as kernel[grid](*args, BLOCK_D=..., **constexprs)."""
 
     def __init__(self, fn, key, space, smem, interp):
@@ -142,15 +149,18 @@ class Tuned:
         space = self.space(esize, bd)
         if self.smem is not None:
             space = [c for c in space if esize * bd * self.smem(c[0], c[2]) <= smem_limit] or space[-1:]
+        forced = _forced_config()
+        if forced is not None:
+            return [space[min(forced, len(space) - 1)]]
         return space[:1] if os.environ.get("VTATTN_TRITON_AUTOTUNE", "1") == "0" else space
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             t = next(a for a in args if isinstance(a, torch.Tensor))
             limit = _smem_limit(torch.cuda.current_device()) if t.device.type == "cuda" else 0  # on_device(t)
-            cache_key = (t.element_size(), kwargs.get("BLOCK_D", 0), limit)
+            cache_key = (t.element_size(), kwargs.get("BLOCK_D", 0), limit, _forced_config())
             if cache_key not in self._tuners:
-                space = self.configs(*cache_key)
+                space = self.configs(*cache_key[:3])
                 configs = [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in space]
                 self._tuners[cache_key] = triton.autotune(configs=configs, key=self.key)(self.fn)
             return self._tuners[cache_key][grid](*args, **kwargs)

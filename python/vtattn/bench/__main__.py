@@ -37,6 +37,9 @@ def _parse(argv):
     p.add_argument("--csv", metavar="PATH")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots (speedup vs keep, time vs length, roofline)")
     p.add_argument("--compare", metavar="OLD.json", help="ratio of each row to the matching row of a recorded run")
+    p.add_argument("--resume", metavar="RUN.json",
+                   help="continue a run cut short: keep its rows, run only the cases it lacks (same device, "
+                        "commit and options), write the union to --json (default: RUN.json)")
     return p.parse_args(argv)
 
 
@@ -73,11 +76,17 @@ def main(argv=None) -> int:
     h = header(device)
     h.update(dtype=DTYPE_NAMES[dtype], quick=a.quick, scaled=None if level == "full" else level,
              argv=sys.argv[1:] if argv is None else list(argv))
-    h["peaks"] = measure_peaks(device, dtype, a.quick)
-    print(report.format_header(h), flush=True)
+    commit = h["git_commit"]
     rows = []
+    if a.resume:
+        h, rows, cases = report.resume(a.resume, h, cases)
+        a.json = a.json or a.resume
+        t0 -= h.get("elapsed_s", 0)
+    else:
+        h["peaks"] = measure_peaks(device, dtype, a.quick)
+    print(report.format_header(h), flush=True)
     for case in _progress(cases):
-        rows += run_case(case, device, dtype, h["peaks"], a.quick)
+        rows += [{**r, "git_commit": commit} for r in run_case(case, device, dtype, h["peaks"], a.quick)]
         h["elapsed_s"] = round(time.perf_counter() - t0, 1)
         if a.json:  # after every case: a run cut short still leaves its rows
             report.write_json(a.json, h, rows)

@@ -1,4 +1,5 @@
 """Measured peaks (once per run) and the reproducibility header."""
+import os
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -90,7 +91,8 @@ def header(device) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "vtattn": info.get("vtattn") or info.get("version") or vtattn.__version__,
-        "git_commit": _git_commit() or info.get("build", {}).get("git_commit"),
+        # VTATTN_GIT_COMMIT: for a copy of the tree without .git (a lent GPU machine).
+        "git_commit": os.environ.get("VTATTN_GIT_COMMIT") or _git_commit() or info.get("build", {}).get("git_commit"),
         "vtattn_info": info,
     }
     if device.type == "cuda":

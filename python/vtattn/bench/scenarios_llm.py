@@ -24,6 +24,7 @@ import time
 import torch
 
 import vtattn
+from vtattn.patch._install import output_cache
 
 from .cases import Case, Impl
 from .scenarios import (FEATURE_LAYER, SCALE, TOWERS, attn_impl, build_model, level_of, patched, scaled_config,
@@ -208,7 +209,7 @@ def _scenario_cases(transformers, scenario_name, scenario, level):
 def _prefill(impl, model):
     def call(x):
         out = model()(**x, use_cache=True, logits_to_keep=1)
-        _record_cache(impl, out.past_key_values)
+        _record_cache(impl, output_cache(out))
         # None: logits at different keeps are not comparable, so the runner computes no max_err.
 
     impl.call = call
@@ -222,7 +223,7 @@ def _decode(impl, model, B, new_tokens):
     def call(x):
         out = model().generate(**x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                pad_token_id=0, streamer=clock, return_dict_in_generate=True)
-        _record_cache(impl, out.past_key_values)
+        _record_cache(impl, output_cache(out))
 
     def timer(fns, device, quick):
         del clock.laps[:]  # drop the probe's

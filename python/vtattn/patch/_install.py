@@ -1,13 +1,35 @@
-"""Installing a patch as an instance-level `forward` and taking it off again exactly."""
+"""Installing a patch as an instance-level `forward` and taking it off again exactly, and reading
+the cache a forward is given or returns under either of its transformers names."""
 import functools
+import inspect
 
 _ATTR = "_vtattn_patch"
+# transformers 5.25 renamed forward's `past_key_values` (and its outputs' field) to `cache`; the old
+# name is still accepted there, deprecated. A caller may use either.
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_arg(kwargs):
+    """(name, cache) of the cache in a forward's keyword arguments, (None, None) without one."""
+    for name in CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return name, kwargs[name]
+    return None, None
+
+
+def output_cache(out):
+    """The cache a forward returned (None for none or a tuple output)."""
+    if not isinstance(out, dict):  # ModelOutput is a dict of its non-None fields
+        return None
+    return out.get("cache", out.get("past_key_values"))
 
 
 class State:
-    """Per-model patch state: `original` is the forward the patch wraps (bound, unpatched) and
-    `previous` the instance-level forward it replaced, if any."""
+    """Per-model patch state: `original` is the forward the patch wraps (bound, unpatched),
+    `previous` the instance-level forward it replaced, if any, and `cache_name` the name that
+    forward takes its cache by."""
     original = previous = None
+    cache_name = "past_key_values"
 
     def uninstall(self):
         """Undo what the patch set up besides `forward` (hooks, attention implementations)."""
@@ -20,6 +42,8 @@ def install(module, forward, state):
     unpatch(module)
     state.previous = module.__dict__.get("forward")  # e.g. an accelerate hook's own wrapper
     state.original = module.forward
+    if "cache" in inspect.signature(module.forward).parameters:
+        state.cache_name = "cache"
     module.forward = functools.wraps(module.forward)(forward)
     setattr(module, _ATTR, state)
     return module

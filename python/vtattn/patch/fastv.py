@@ -26,6 +26,8 @@ import torch
 import vtattn
 from vtattn import selection as policy
 
+from . import _install
+
 NAME = "vtattn_fastv"
 _STEP = contextvars.ContextVar("vtattn_fastv_step", default=None)
 
@@ -112,12 +114,12 @@ class Runner:
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise NotImplementedError("FastV needs a 2-D attention mask (or none)")
-        cache = kwargs.get("past_key_values")
+        _, cache = _install.cache_arg(kwargs)
         record = self.records.get(cache) if cache is not None else None
         new_cache = cache is None or cache.get_seq_length() == 0  # a new cache, or one reset and reused
         if (new_cache and images is not None and not bool(images.any())) or (not new_cache and cache in self.text_only):
             out = forward(input_ids, **kwargs)  # a text-only prompt (a chat turn): the unpatched model
-            for filled in (cache, getattr(out, "past_key_values", None)):
+            for filled in (cache, _install.output_cache(out)):
                 if filled is not None:
                     self.text_only.add(filled)
             return out
@@ -139,7 +141,7 @@ class Runner:
             out = forward(input_ids, **kwargs)
         finally:
             _STEP.reset(token)
-        for filled in (cache, getattr(out, "past_key_values", None)):
+        for filled in (cache, _install.output_cache(out)):
             if filled is not None:
                 self.records[filled] = step.record
         return out

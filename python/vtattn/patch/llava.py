@@ -102,7 +102,7 @@ class _Patch(_install.State):
 
     def __call__(self, input_ids=None, **kwargs):
         pixel_values = kwargs.get("pixel_values")
-        cache = kwargs.get("past_key_values")
+        _, cache = _install.cache_arg(kwargs)
         if self.options is not None and pixel_values is not None and pixel_values.numel():
             return self.prefill(input_ids, kwargs)
         shrink = self.continuations.get(cache) if cache is not None else None
@@ -118,19 +118,20 @@ class _Patch(_install.State):
         """The unpatched forward, through FastV when configured (images: [B, N] bool, the image
         tokens of the language model's input)."""
         if self.kv is not None:
-            cache = kwargs.get("past_key_values")
+            name, cache = _install.cache_arg(kwargs)
             if cache is not None and cache in self.replaced and cache.get_seq_length() == 0:
                 mask = kwargs.get("attention_mask")
                 new = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
                 if mask is None or mask.shape[-1] != new:  # not a new prompt: a continuation with no past
                     raise ValueError("this cache was replaced by a vtattn.kv.CompressedCache at the prefill and "
-                                     "holds nothing: continue with the prefill's outputs.past_key_values (or pass "
-                                     "past_key_values=None / a new cache for a new prompt)")
+                                     "holds nothing: continue with the cache the prefill returned "
+                                     "(outputs.past_key_values; outputs.cache from transformers 5.25 on), or "
+                                     "pass none / a new cache for a new prompt")
             if cache is None or cache.get_seq_length() == 0:  # a prefill
                 compressed = self._compressed_cache(cache)
                 if cache is not None and compressed is not cache:
                     self.replaced.add(cache)
-                cache = kwargs["past_key_values"] = compressed
+                cache = kwargs[name or self.cache_name] = compressed
                 cache.modality = images
         if self.fastv is None:
             return self.original(input_ids, **kwargs)
@@ -146,7 +147,7 @@ class _Patch(_install.State):
         if input_ids is None:
             raise NotImplementedError("visual-token pruning finds the image spans in input_ids: pass "
                                       "input_ids, not inputs_embeds, with pixel_values")
-        cache = kwargs.get("past_key_values")
+        _, cache = _install.cache_arg(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError("visual-token pruning needs the images in the first forward of a cache")
         config = self.base.config
@@ -163,7 +164,7 @@ class _Patch(_install.State):
         if "labels" in kwargs:
             kwargs["labels"] = shrink.labels(kwargs["labels"])
         out = self.run(None, shrink.image, kwargs)
-        for filled in (cache, getattr(out, "past_key_values", None)):
+        for filled in (cache, _install.output_cache(out)):
             if filled is not None:
                 self.continuations[filled] = shrink
         return out

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The oldest versions vtattn supports, which are also the lent GPU machine's (../shared/ENV.md):
+# Python 3.12, torch 2.11.0 (CUDA 13.0 build), triton 3.6.0, transformers 5.17.0, in .venv-oldest.
+#   scripts/oldest_env.sh test      CPU-only build there, then the CPU, interpreter and
+#                                   benchmark-smoke suites (scripts/test.sh runs it: CI checks the
+#                                   lower bounds of the supported versions)
+#   scripts/oldest_env.sh prebuild  build the extension for sm_90a there into .prebuilt/ (ignored),
+#                                   with a stamp of its sources: carried to the GPU machine
+#                                   (run carry=[".prebuilt"]), it spares scripts/gpu_check.sh the
+#                                   build minutes of a short device session
+#   scripts/oldest_env.sh stamp     print that stamp (gpu_check.sh compares it with its sources)
+# Each mode builds in its own copy of the tree under build/: the checkout's own build stays as is.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv-oldest
+MODE=${1:?usage: scripts/oldest_env.sh test|prebuild|stamp}
+
+stamp() {  # the compiled part's sources, found without git (the tree reaches the device without .git)
+  find csrc setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16
+}
+[ "$MODE" = stamp ] && { stamp; exit 0; }
+case $MODE in
+  test) TREE=$ROOT/build/oldest-cpu; BUILD_ENV=(VTATTN_SKIP_CUDA=1) ;;
+  prebuild) TREE=$ROOT/build/oldest-cuda; BUILD_ENV=(VTATTN_CUDA_ARCHS=90a VTATTN_REQUIRE_CUDA=1) ;;
+  *) echo "unknown mode $MODE: test, prebuild or stamp" >&2; exit 2 ;;
+esac
+
+if [ ! -x "$VENV/bin/python" ]; then
+  py=$(PYENV_VERSION=3.12.1 command -v python3.12 || command -v python3.12 || command -v python3)
+  "$py" -m venv "$VENV"
+fi
+# numpy < 2.3: triton 3.6's interpreter fails under newer numpy (its bug; the GPU path is unaffected).
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.11.0 triton==3.6.0 \
+  transformers==5.17.0 "numpy<2.3" setuptools wheel ninja pytest pytest-benchmark expecttest tqdm matplotlib
+
+mkdir -p "$TREE"
+rm -rf "$TREE/csrc" "$TREE/python" "$TREE/triton_kernels" "$TREE/tests" "$TREE/benchmarks"
+# cp -p keeps the sources' times: ninja recompiles only what changed since the last build here.
+git ls-files -co --exclude-standard -z | xargs -0 cp -p --parents -t "$TREE"
+ln -sfn ../../triton_kernels "$TREE/python/vtattn/triton_kernels"  # what an editable install maps
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+log=$TREE/build.log
+echo "oldest_env $MODE: building in $TREE (log: $log)"
+if ! (cd "$TREE" && env CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" CPATH="$site/nvidia/cu13/include" \
+      MAX_JOBS="${MAX_JOBS:-2}" "${BUILD_ENV[@]}" \
+      "$VENV/bin/python" setup.py build_ext --inplace --build-temp build/temp) >"$log" 2>&1; then
+  tail -40 "$log"
+  echo "oldest_env $MODE: build failed"
+  exit 1
+fi
+
+if [ "$MODE" = prebuild ]; then
+  rm -rf .prebuilt && mkdir .prebuilt
+  so=$(ls "$TREE"/python/vtattn/_C.cpython-*.so)
+  # Host debug info is half the file and nothing on the device reads it; the kernels' line info stays.
+  strip --strip-debug -o ".prebuilt/$(basename "$so")" "$so"
+  cp "$TREE/python/vtattn/_build_info.py" .prebuilt/
+  stamp >.prebuilt/STAMP
+  echo "prebuilt: $(ls .prebuilt | tr '\n' ' ')($(du -sh .prebuilt | cut -f1)), stamp $(cat .prebuilt/STAMP)"
+  exit 0
+fi
+
+cd "$TREE"
+export PYTHONPATH=$TREE/python
+"$VENV/bin/python" -m vtattn info >info.txt && head -8 info.txt
+status=0
+"$VENV/bin/python" -m pytest tests -q --ignore=tests/interpreter -p no:cacheprovider || status=1
+TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest tests/interpreter -q -p no:cacheprovider || status=1
+"$VENV/bin/python" -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider || status=1
+exit $status

@@ -1,0 +1,96 @@
+"""`python -m vtattn.bench`: the JSON contract, --compare, --resume and the docs page."""
+import copy
+import json
+
+import pytest
+
+from vtattn.bench import compare as bench_compare
+from vtattn.bench import docs as bench_docs
+from vtattn.bench import peak, runner
+from vtattn.bench.__main__ import main
+
+CASE = "select_tokens/clip-l336:keep-0.1"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One real `--quick` run of a small case on the CPU: (json path, loaded run)."""
+    d = tmp_path_factory.mktemp("bench")
+    path = d / "run.json"
+    assert main(["--filter", CASE, "--quick", "--json", str(path), "--csv", str(d / "run.csv")]) == 0
+    return path, json.loads(path.read_text())
+
+
+def test_quick_run_writes_the_documented_row_fields(quick_run):
+    path, run = quick_run
+    rows = run["rows"]
+    assert {r["backend"] for r in rows} >= {"auto", "torch-topk"}
+    for r in rows:
+        for field in ("op", "shape", "dtype", "backend", "median_ms", "p20_ms", "p80_ms", "baseline", "speedup",
+                      "device", "pct_peak"):
+            assert field in r, field
+        assert r["op"] == "select_tokens" and r["device"] == "cpu" and r["dtype"] == "fp32"
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["baseline"] == "torch-topk" and r["speedup"] > 0
+    h = run["header"]
+    assert h["peaks"]["copy_gbps"] > 0 and h["scaled"] == "cpu-quick" and h["git_commit"]
+    assert (path.parent / "run.csv").read_text().startswith("op,")
+
+
+def test_compare_flags_rows_slower_than_the_spread(quick_run, tmp_path):
+    _, run = quick_run
+    old = copy.deepcopy(run)
+    slow, same = old["rows"][0], old["rows"][1]
+    # The recorded run was faster beyond both spreads for one row, and overlapping for the other.
+    slow.update(median_ms=slow["p20_ms"] / 4, p20_ms=slow["p20_ms"] / 5, p80_ms=slow["p20_ms"] / 3)
+    same.update(p20_ms=same["p20_ms"] / 2, p80_ms=same["p80_ms"] * 2)
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    pairs = bench_compare.compare(run["rows"], tmp_path / "old.json")
+    flags = {r["backend"]: slower for r, _, _, slower in pairs}
+    assert flags[slow["backend"]] is True and flags[same["backend"]] is False
+    ratio = {r["backend"]: x for r, _, x, _ in pairs}[slow["backend"]]
+    assert ratio == pytest.approx(run["rows"][0]["median_ms"] / slow["median_ms"])
+    assert "SLOWER" in bench_compare.format_compare(pairs, "old.json")
+
+
+def _fake_rows(case, device, dtype, peaks, quick=False):
+    row = dict.fromkeys(("role", "reps", "tflops", "gbps", "pct_peak", "baseline", "baseline_ms", "speedup",
+                         "max_err", "note", "skipped"))
+    return [{**row, "op": case.op, "case": case.name, "shape": case.shape, "dtype": "fp32", "backend": "fake",
+             "median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "ratios": {}, "device": "cpu"}]
+
+
+def test_resume_runs_only_the_cases_a_cut_run_lacks(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(runner, "run_case", lambda case, *a, **k: ran.append(case.name) or _fake_rows(case, *a))
+    monkeypatch.setattr(peak, "measure_peaks", lambda *a: {"copy_gbps": 1.0, "matmul_tflops": 1.0, "matmul_dtype": "fp32", "matmul_shape": "1x1x1"})
+    path = tmp_path / "run.json"
+    args = ["--filter", "select_tokens/clip-l336", "--quick"]
+    main(args + ["--json", str(path)])
+    assert len(ran) == 3
+    run = json.loads(path.read_text())
+    run["rows"] = run["rows"][:1]  # as if the run had been cut after its first case
+    path.write_text(json.dumps(run))
+    ran.clear()
+    main(args + ["--resume", str(path)])
+    assert len(ran) == 2 and run["rows"][0]["case"] not in ran
+    resumed = json.loads(path.read_text())
+    assert len(resumed["rows"]) == 3 and len(resumed["header"]["resumed"]) == 1
+
+    assert {r["git_commit"] for r in resumed["rows"]} == {run["header"]["git_commit"]}
+    bench_docs.main([str(path), "--out", str(tmp_path / "b.md"), "--plots", str(tmp_path)])
+    assert "Continued" in (tmp_path / "b.md").read_text()
+
+    run["header"]["torch"] = "2.0.0"
+    path.write_text(json.dumps(run))
+    with pytest.raises(SystemExit, match="torch"):
+        main(args + ["--resume", str(path)])
+
+
+def test_docs_page_is_generated_from_a_run(quick_run, tmp_path):
+    path, run = quick_run
+    out = tmp_path / "benchmarks.md"
+    assert bench_docs.main([str(path), "--out", str(out), "--plots", str(tmp_path / "plots")]) == 0
+    md = out.read_text()
+    assert md.startswith("# Benchmarks") and run["header"]["device"] in md
+    assert md.count("| select_tokens | clip-l336:keep-0.1 |") == len(run["rows"])

@@ -1,0 +1,61 @@
+"""Every autotuning config of every Triton attention kernel computes the reference result: the
+autotuner may pick any of them on a user's GPU, while the other tests run only the first
+(VTATTN_TRITON_AUTOTUNE=0, conftest.py). bf16, causal, several tiles: the paths the interpreter
+cannot run (bf16 dots) at sizes where the largest tiles still leave ragged edges."""
+import pytest
+import torch
+
+import vtattn
+from helpers import OUT_TOL, rand_qkv, run_forced
+from test_block_sparse_attention import random_lists
+from test_index_attention import make as make_index
+
+DTYPE = torch.bfloat16
+
+
+def _attention():
+    q, k, v = rand_qkv(1, 4, 2, 300, 333, 80, DTYPE, "cuda", "strided")
+    return vtattn.attention, (q, k, v), dict(causal=True)
+
+
+def _varlen():
+    cu = torch.tensor([0, 77, 290, 301], dtype=torch.int32, device="cuda")
+    q, k, v = (t[0].transpose(0, 1) for t in rand_qkv(1, 4, 2, 301, 301, 72, DTYPE, "cuda", "strided"))
+    return vtattn.varlen_attention, (q, k, v, cu, cu), dict(causal=True, max_seqlen_q=213, max_seqlen_k=213)
+
+
+def _index():
+    q, k, v, idx, kw = make_index(5, DTYPE, "cuda")
+    return vtattn.index_attention, (q, k, v, idx), {**kw, "causal": True}
+
+
+def _key_importance(rows):
+    def make():
+        q, k, _ = rand_qkv(2, 4, 2, 290, 290, 64, DTYPE, "cuda", "sliced")
+        r = torch.arange(0, 290, 3, device="cuda") if rows == "many" else rows
+        return vtattn.key_importance, (q, k), dict(rows=r, causal=True)
+    return make
+
+
+def _block_sparse():
+    q, k, v = rand_qkv(1, 2, 2, 300, 300, 64, DTYPE, "cuda", "contiguous")
+    num, idx = random_lists(1, 2, 300, 300, 128, torch.Generator().manual_seed(0))
+    return vtattn.block_sparse_attention, (q, k, v, num.cuda(), idx.cuda()), dict(block_size=128, causal=True)
+
+
+OPS = {"attention": _attention, "varlen_attention": _varlen, "index_attention": _index,
+       "key_importance-row0": _key_importance(0), "key_importance-many-rows": _key_importance("many"),
+       "key_importance-all": _key_importance("all"), "block_sparse_attention": _block_sparse}
+MOST_CONFIGS = 13  # the largest 16-bit space (triton_kernels/attention.py: _space); the rest repeat their last
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", range(MOST_CONFIGS))
+@pytest.mark.parametrize("op", OPS)
+def test_every_triton_config_matches_the_reference(monkeypatch, op, config):
+    monkeypatch.setenv("VTATTN_TRITON_CONFIG", str(config))
+    fn, args, kw = OPS[op]()
+    got = run_forced("triton", fn, *args, **kw)
+    want = run_forced("torch", fn, *args, **kw)
+    atol, rtol = (1e-4, 1e-3) if op.startswith("key_importance") else (OUT_TOL[DTYPE],) * 2
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
