@@ -6,7 +6,7 @@
 #          what passed; pytest-xdist workers where installed), compute-sanitizer memcheck +
 #          racecheck on the CUDA-backend tests;
 #   bench: build, `python -m vtattn.bench` (BENCH_ARGS adds options, e.g. "--filter e2e", or
-#          "--resume PREV.json" to finish a run that was cut short);
+#          "--resume PREV.json" to finish a run that ran out of time);
 #   all:   both in one command (the default: a session's device time fits about one such call).
 # Build: with a .prebuilt/ from `scripts/oldest_env.sh prebuild` (carried with the call) whose stamp
 # matches the sources, its extension is used as is and the build share passes on to the later
@@ -98,9 +98,12 @@ step memcheck "${SHARES[3]}" "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CAC
 step racecheck "${SHARES[4]}" "$OUT/sanitizer.log" "$SAN" --tool racecheck --error-exitcode 1 --print-limit 50 \
     "$PY" "${SUBSET[@]}"
 
+# No new case in the last minute of the share: the run then ends itself (table, CSV) instead of
+# being killed in a case; --resume finishes it.
+BUDGET=$((UNTIL + SHARES[5] - (SECONDS - START) - 60))
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
 step bench "${SHARES[5]}" "$OUT/bench.log" "$PY" -m vtattn.bench --json "$OUT/bench.json" --csv "$OUT/bench.csv" \
-    ${BENCH_ARGS:-}
+    --time-budget "$((BUDGET > 0 ? BUDGET : 0))" ${BENCH_ARGS:-}
 
 # `vtattn info` goes into the summary: one file fewer to bring back.
 {

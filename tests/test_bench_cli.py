@@ -66,6 +66,8 @@ def test_resume_runs_only_the_cases_a_cut_run_lacks(tmp_path, monkeypatch):
     monkeypatch.setattr(peak, "measure_peaks", lambda *a: {"copy_gbps": 1.0, "matmul_tflops": 1.0, "matmul_dtype": "fp32", "matmul_shape": "1x1x1"})
     path = tmp_path / "run.json"
     args = ["--filter", "select_tokens/clip-l336", "--quick"]
+    main(args + ["--json", str(path), "--time-budget", "0"])  # out of time before the first case
+    assert ran == [] and len(json.loads(path.read_text())["header"]["unfinished"]) == 3
     main(args + ["--json", str(path)])
     assert len(ran) == 3
     run = json.loads(path.read_text())
@@ -76,6 +78,7 @@ def test_resume_runs_only_the_cases_a_cut_run_lacks(tmp_path, monkeypatch):
     assert len(ran) == 2 and run["rows"][0]["case"] not in ran
     resumed = json.loads(path.read_text())
     assert len(resumed["rows"]) == 3 and len(resumed["header"]["resumed"]) == 1
+    assert "unfinished" not in resumed["header"]
 
     assert {r["git_commit"] for r in resumed["rows"]} == {run["header"]["git_commit"]}
     bench_docs.main([str(path), "--out", str(tmp_path / "b.md"), "--plots", str(tmp_path)])

@@ -37,6 +37,9 @@ def _parse(argv):
     p.add_argument("--csv", metavar="PATH")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots (speedup vs keep, time vs length, roofline)")
     p.add_argument("--compare", metavar="OLD.json", help="ratio of each row to the matching row of a recorded run")
+    p.add_argument("--time-budget", metavar="SECONDS", type=float,
+                   help="start no new case after this long; the run ends as usual (table, files) and "
+                        "--resume finishes it later")
     p.add_argument("--resume", metavar="RUN.json",
                    help="continue a run cut short: keep its rows, run only the cases it lacks (same device, "
                         "commit and options), write the union to --json (default: RUN.json)")
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     level = "full" if device.type == "cuda" else ("cpu-quick" if a.quick else "cpu")
-    t0 = time.perf_counter()
+    t0 = started = time.perf_counter()
     cases = build_cases(device, shapes=a.shapes, backends=a.backend, level=level)
     if a.filter:
         cases = [c for c in cases if re.search(a.filter, f"{c.op}/{c.name}")]
@@ -85,15 +88,27 @@ def main(argv=None) -> int:
     else:
         h["peaks"] = measure_peaks(device, dtype, a.quick)
     print(report.format_header(h), flush=True)
-    for case in _progress(cases):
+    left = []
+    for i, case in enumerate(_progress(cases)):
+        if a.time_budget is not None and time.perf_counter() - started > a.time_budget:
+            left = cases[i:]
+            break
         rows += [{**r, "git_commit": commit} for r in run_case(case, device, dtype, h["peaks"], a.quick)]
         h["elapsed_s"] = round(time.perf_counter() - t0, 1)
         if a.json:  # after every case: a run cut short still leaves its rows
             report.write_json(a.json, h, rows)
+    h["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    h.pop("unfinished", None)  # a resumed run's list is stale now
+    if left:
+        h["unfinished"] = [f"{c.op}/{c.name}" for c in left]
+    if a.json:
+        report.write_json(a.json, h, rows)
     print()
     print(report.format_table(rows))
-    print(f"\n{len(cases)} cases, {len(rows)} rows in {h['elapsed_s']} s; speedup = fastest baseline / median; "
-          "% peak of the measured matmul (TFLOP/s) or copy (GB/s) peak")
+    print(f"\n{len(cases) - len(left)} cases, {len(rows)} rows in {h['elapsed_s']} s; speedup = fastest baseline / "
+          "median; % peak of the measured matmul (TFLOP/s) or copy (GB/s) peak")
+    if left:
+        print(f"time budget reached: {len(left)} cases not run (--resume {a.json or 'RUN.json'} runs them)")
     if any(r["op"] in ("vision_tower", "e2e") for r in rows):
         from .scenarios import NOTE
         print(NOTE + (" CPU: scaled-down models, one thread (see each row's shape)." if level != "full" else ""))

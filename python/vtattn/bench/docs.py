@@ -36,6 +36,8 @@ def markdown(run, source, plot_paths, md_dir) -> str:
     for r in h.get("resumed") or []:  # a run finished over several device sessions
         out += [f"Continued {r['date']} at commit {r['git_commit']}: `python -m vtattn.bench {' '.join(r['argv'])}`",
                 ""]
+    if h.get("unfinished"):
+        out += [f"Not run yet (the time budget ran out; `--resume` runs them): {', '.join(h['unfinished'])}.", ""]
     if any(r["op"] in ("vision_tower", "e2e") for r in rows):
         out += ["`vision_tower` and `e2e` rows time random-weight models built from the real configs: the "
                 "timings and memory are real, they say nothing of accuracy.", ""]
