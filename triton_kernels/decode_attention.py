@@ -15,7 +15,7 @@ import functools
 import torch
 
 from ._common import LOG2E, block_d, check_tensors, dot_precision, interpreting, on_device, stride_align, strides, \
-    tl, triton
+    tl, triton, wide
 
 # Keys per split at least this many (a split's fixed cost must stay small next to its reads);
 # tiny under the interpreter so small test caches still span several splits.
@@ -54,7 +54,10 @@ def _split_kernel(Q, K, V, Lengths, Table, PartO, PartLse,
     """Keys [split * CHUNK, min((split + 1) * CHUNK, length)) of one (batch, kv head) for its GROUP
     query heads: PartO[b, h, split] = softmax-weighted V of those keys, PartLse = their log2 LSE.
     PAGE == 0: dense caches [B, Hkv, L_cap, D]. PAGE > 0: K, V are page pools [num_pages, PAGE, D]
-    (stride_kb / stride_kn: page / slot strides; stride_kh unused) addressed through Table."""
+    (stride_kb / stride_kn: page / slot strides; stride_kh unused) addressed through Table.
+    Strides of q, k, v but the last come divided by ALIGN (see _common.stride_align): offsets are int64
+    sums of int64 index * stride products, times ALIGN."""
+    stride_qd, stride_kd, stride_vd = wide(stride_qd, 1), wide(stride_kd, 1), wide(stride_vd, 1)
     bg = tl.program_id(0)  # B * Hkv on axis 0: axis 1 is limited to 65535
     split = tl.program_id(1)
     b = (bg // Hkv).to(tl.int64)
@@ -72,7 +75,7 @@ def _split_kernel(Q, K, V, Lengths, Table, PartO, PartLse,
     # tl.dot needs at least 16 rows: rows past the group are zeros and never stored.
     q = tl.load(Q + (b * stride_qb + heads[:, None] * stride_qh) * ALIGN + offs_d[None, :] * stride_qd,
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-    if PAGE == 0:  # row offsets in int64 (start * stride may pass 2^31); the loop then steps the pointers
+    if PAGE == 0:  # the loop then steps the pointers by int64 tile strides
         rows_n = start.to(tl.int64) + offs_n
         k_ptrs = K + (b * stride_kb + g * stride_kh + rows_n[:, None] * stride_kn) * ALIGN + offs_d[None, :] * stride_kd
         v_ptrs = V + (b * stride_vb + g * stride_vh + rows_n[:, None] * stride_vn) * ALIGN + offs_d[None, :] * stride_vd
@@ -87,8 +90,8 @@ def _split_kernel(Q, K, V, Lengths, Table, PartO, PartLse,
         if PAGE == 0:
             k = tl.load(k_ptrs, mask=ok[:, None] & d_ok[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=ok[:, None] & d_ok[None, :], other=0.0)
-            k_ptrs += BLOCK_N * stride_kn * ALIGN
-            v_ptrs += BLOCK_N * stride_vn * ALIGN
+            k_ptrs += wide(stride_kn, BLOCK_N * ALIGN)
+            v_ptrs += wide(stride_vn, BLOCK_N * ALIGN)
         else:  # keys past `end` read no table entry (it may be -1) and no page
             j = n0 + offs_n
             page = tl.load(table + (j // PAGE) * stride_tp, mask=ok, other=0).to(tl.int64)
