@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vtattn.reference as ref
-from helpers import OUT_TOL, poisoned_outputs
+from helpers import OUT_TOL, bad_decode_inputs, poisoned_outputs, run_forced
 from vtattn.triton_kernels import decode_attention as triton_decode
 
 
@@ -80,3 +80,13 @@ def test_decode_attention_key_offsets_past_int32(one_split, monkeypatch):
     want = ref.decode_attention(q.double(), k.double(), v.double(), lens, D ** -0.5)
     torch.testing.assert_close(out.double(), want, atol=OUT_TOL[torch.float16], rtol=0)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_out_of_range_lengths_act_clamped(dtype):
+    """Past the public checks (torch.compile, graph capture) the kernels stay inside the cache: lengths act
+    clamped to [0, L_cap]. Called as the registered op, which checks nothing; reading past the cache gives NaN."""
+    args, clamped = bad_decode_inputs("cpu", dtype)
+    with poisoned_outputs():
+        out = run_forced("triton", torch.ops.vtattn.decode_attention, *args, 0.125)
+    want = ref.decode_attention(*(t.double() if t.is_floating_point() else t for t in clamped), 0.125)
+    torch.testing.assert_close(out.double(), want, atol=OUT_TOL[dtype], rtol=0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vtattn.reference as ref
-from helpers import OUT_TOL, poisoned_outputs
+from helpers import OUT_TOL, bad_decode_inputs, poisoned_outputs, run_forced
 from vtattn.triton_kernels import paged_decode_attention as triton_paged
 
 
@@ -56,6 +56,18 @@ def test_paged_decode_attention_supports():
     assert triton_paged.supports(q, k, v, table, lens, 0.125) is None
     bf = [t.bfloat16() for t in (q, k, v)]
     assert "interpreter" in triton_paged.supports(*bf, table, lens, 0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_out_of_range_inputs_act_clamped(dtype):
+    """Past the public checks (torch.compile, graph capture) the kernels stay inside the pool: lengths act
+    clamped to [0, max_pages * page_size], used page ids to [0, num_pages). Called as the registered op,
+    which checks nothing; reading past the pool or the table gives NaN."""
+    args, clamped = bad_decode_inputs("cpu", dtype, paged=True)
+    with poisoned_outputs():
+        out = run_forced("triton", torch.ops.vtattn.paged_decode_attention, *args, 0.125)
+    want = ref.paged_decode_attention(*(t.double() if t.is_floating_point() else t for t in clamped), 0.125)
+    torch.testing.assert_close(out.double(), want, atol=OUT_TOL[dtype], rtol=0)
 
 
 def test_paged_decode_attention_pages_past_int32():
