@@ -80,3 +80,34 @@ def poisoned_outputs():
         yield
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def fenced(t, dim, before=0, after=0, fill=float("nan")):
+    """A copy of t inside a larger buffer with `before` / `after` extra slices along dim holding `fill`
+    (NaN for floats): a kernel reading outside t gets those values, not another tensor's (or a crash)."""
+    shape = list(t.shape)
+    shape[dim] += before + after
+    view = torch.full(shape, fill, dtype=t.dtype, device=t.device).narrow(dim, before, t.shape[dim])
+    return view.copy_(t)
+
+
+def bad_decode_inputs(device, dtype, paged=False):
+    """(args, clamped): arguments of torch.ops.vtattn.(paged_)decode_attention (scale aside) whose lengths lie
+    past the capacity, below 0 and at the int32 limits, and (paged) whose used block-table ids lie outside
+    the pool: inputs only the public checks refuse (skipped under torch.compile and graph capture). A
+    memory-safe kernel returns the reference on `clamped`: lengths clamped to [0, capacity], ids to the
+    pool. Caches, pools and table are fenced: reading past them gives NaN (ids: a NaN page)."""
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, D, page, max_pages = 2, 6, 3, 64, 8, 3
+    cap = page * max_pages
+    q = torch.randn(B, Hq, 1, D, generator=g).to(device, dtype)
+    lens = torch.tensor([[cap + 5, -3, 17], [2**31 - 1, -2**31, cap]], dtype=torch.int32, device=device)
+    if not paged:  # the fence covers any split of the GPU kernels (at most 256 keys)
+        k, v = (fenced(torch.randn(B, Hkv, cap, D, generator=g).to(device, dtype), 2, after=256) for _ in range(2))
+        return (q, k, v, lens), (q, k, v, lens.clamp(0, cap))
+    P = B * Hkv * max_pages
+    k, v = (fenced(torch.randn(P, page, D, generator=g).to(device, dtype), 0, before=1, after=P) for _ in range(2))
+    table = torch.randperm(P, generator=g).to(device, torch.int32).reshape(B, Hkv, max_pages)
+    table[0, 0, 1], table[1, 0, 2] = -1, 2 * P - 1  # used: both heads' lengths clamp to the capacity
+    table = fenced(table, 2, after=32, fill=P + 1)
+    return (q, k, v, table, lens), (q, k, v, table.clamp(0, P - 1), lens.clamp(0, cap))

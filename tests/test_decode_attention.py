@@ -3,7 +3,8 @@ import torch
 
 import vtattn
 from vtattn._registry import DECODE_ATTENTION
-from helpers import DTYPES, OUT_TOL, backend_params, poisoned_outputs, run_forced, skip_unless_supported
+from helpers import (DTYPES, OUT_TOL, backend_params, bad_decode_inputs, poisoned_outputs, run_forced,
+                     skip_unless_supported)
 
 
 def naive_decode(q, k, v, lengths, scale):
@@ -166,8 +167,22 @@ def test_bad_inputs_raise_naming_the_argument(bad):
 
 
 def test_cpp_kernel_checks_lengths_itself():
-    """The C++ kernel reads [0, length) rows: out-of-range lengths are refused even past the public checks."""
-    q, k, v, lens = make_inputs(1, 2, 1, 8, 64, torch.float32, "cpu", [9])
+    """The C++ kernel reads [0, length) rows: out-of-range lengths are refused even past the public checks
+    (on CPU that costs no sync; the other backends clamp them: test_out_of_range_lengths_act_clamped)."""
+    q, k, v, lens = make_inputs(1, 2, 1, 8, 64, torch.float32, "cpu", [8])
     skip_unless_supported(DECODE_ATTENTION, (q, k, v, lens, 0.125), "cpp")
-    with pytest.raises(RuntimeError, match="outside"):
-        torch.ops.vtattn_C.decode_attention(q, k, v, lens, 0.125)
+    for bad in (9, -1):
+        with pytest.raises(RuntimeError, match="outside"):
+            torch.ops.vtattn_C.decode_attention(q, k, v, torch.full_like(lens, bad), 0.125)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params(DECODE_ATTENTION) if p.id != "cpu-cpp"])
+def test_out_of_range_lengths_act_clamped(device, backend):
+    """Past the public checks (torch.compile, graph capture) the op stays inside the cache without a sync:
+    lengths act clamped to [0, L_cap]. Called as the registered op, which checks nothing."""
+    args, clamped = bad_decode_inputs(device, torch.float16)
+    skip_unless_supported(DECODE_ATTENTION, (*args, 0.125), backend)
+    with poisoned_outputs():
+        out = run_forced(backend, torch.ops.vtattn.decode_attention, *args, 0.125)
+    want = vtattn.reference.decode_attention(*(t.double() if t.is_floating_point() else t for t in clamped), 0.125)
+    torch.testing.assert_close(out.double(), want, atol=OUT_TOL[torch.float16], rtol=0)

@@ -3,7 +3,8 @@ import torch
 
 import vtattn
 from vtattn._registry import PAGED_DECODE_ATTENTION
-from helpers import DTYPES, OUT_TOL, backend_params, poisoned_outputs, run_forced, skip_unless_supported
+from helpers import (DTYPES, OUT_TOL, backend_params, bad_decode_inputs, poisoned_outputs, run_forced,
+                     skip_unless_supported)
 from test_decode_attention import naive_decode
 
 
@@ -181,11 +182,29 @@ def test_bad_inputs_raise_naming_the_argument(bad):
 
 
 def test_cpp_kernel_checks_pages_itself():
-    """The C++ kernel reads the used pages: bad page ids and lengths are refused past the public checks."""
+    """The C++ kernel reads the used pages: bad page ids and lengths are refused past the public checks
+    (on CPU that costs no sync; the other backends clamp them: test_out_of_range_inputs_act_clamped)."""
     q, _, _, k_pool, v_pool, table, lens = make_inputs(1, 2, 1, 8, 64, torch.float32, "cpu", [8], 4)
     skip_unless_supported(PAGED_DECODE_ATTENTION, (q, k_pool, v_pool, table, lens, 0.125), "cpp")
     op = torch.ops.vtattn_C.paged_decode_attention
     with pytest.raises(RuntimeError, match=r"block_table\[0, 0, 1\] = 7 is outside"):
         op(q, k_pool, v_pool, _set(table, (0, 0, 1), 7), lens, 0.125)
-    with pytest.raises(RuntimeError, match="lengths.*outside"):
-        op(q, k_pool, v_pool, table, lens + 1, 0.125)
+    with pytest.raises(RuntimeError, match=r"block_table\[0, 0, 0\] = -1 is outside"):
+        op(q, k_pool, v_pool, _set(table, (0, 0, 0), -1), lens, 0.125)
+    for bad in (lens + 1, lens - 9):
+        with pytest.raises(RuntimeError, match="lengths.*outside"):
+            op(q, k_pool, v_pool, table, bad, 0.125)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params(PAGED_DECODE_ATTENTION) if p.id != "cpu-cpp"])
+def test_out_of_range_inputs_act_clamped(device, backend):
+    """Past the public checks (torch.compile, graph capture) the op stays inside the pool without a sync:
+    lengths act clamped to [0, max_pages * page_size], used page ids to [0, num_pages). Called as the
+    registered op, which checks nothing."""
+    args, clamped = bad_decode_inputs(device, torch.float16, paged=True)
+    skip_unless_supported(PAGED_DECODE_ATTENTION, (*args, 0.125), backend)
+    with poisoned_outputs():
+        out = run_forced(backend, torch.ops.vtattn.paged_decode_attention, *args, 0.125)
+    want = vtattn.reference.paged_decode_attention(*(t.double() if t.is_floating_point() else t for t in clamped),
+                                                   0.125)
+    torch.testing.assert_close(out.double(), want, atol=OUT_TOL[torch.float16], rtol=0)

@@ -168,6 +168,14 @@ class Tuned:
 
 
 @triton.jit
+def wide(stride, ALIGN: tl.constexpr):
+    """A stride argument (divided by ALIGN, see stride_align; 1 for a last dim) back in elements as int64,
+    so every offset built from it is int64: row * stride passes 2^31 on long sequences, and so may a
+    stride * ALIGN. tl.cast, not .to: triton passes a stride of 1 as a constexpr int."""
+    return tl.cast(stride, tl.int64) * ALIGN
+
+
+@triton.jit
 def key_range(row_lo, row_hi, Nk, causal_off, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys a block of query rows [row_lo, row_hi] reads: [0, full) are visible to every row (no mask),
     [full, end) need the causal / bounds mask. row_hi < row_lo means no rows: empty range."""

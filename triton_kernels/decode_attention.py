@@ -15,7 +15,7 @@ import functools
 import torch
 
 from ._common import LOG2E, block_d, check_tensors, dot_precision, interpreting, on_device, stride_align, strides, \
-    tl, triton
+    tl, triton, wide
 
 # Keys per split at least this many (a split's fixed cost must stay small next to its reads);
 # tiny under the interpreter so small test caches still span several splits.
@@ -45,21 +45,31 @@ def num_splits(cap: int, heads: int, device: torch.device) -> int:
 
 
 @triton.jit
+def _length(Lengths, b, g, stride_lb, stride_lh, CAP):
+    """lengths[b, g] clamped to [0, CAP]: the kernels stay inside the cache whatever lengths holds (the
+    public range check is skipped under torch.compile and graph capture); valid lengths are unchanged."""
+    return tl.minimum(tl.maximum(tl.load(Lengths + b * stride_lb + g * stride_lh), 0), CAP)
+
+
+@triton.jit
 def _split_kernel(Q, K, V, Lengths, Table, PartO, PartLse,
                   stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd, stride_lb, stride_lh, stride_tb, stride_th, stride_tp,
-                  Hkv, Hq, GROUP, CHUNK, NUM_SPLITS, qk_scale,
+                  Hkv, Hq, GROUP, CHUNK, NUM_SPLITS, CAP, NUM_PAGES, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                   PRECISION: tl.constexpr, ALIGN: tl.constexpr, PAGE: tl.constexpr):
     """Keys [split * CHUNK, min((split + 1) * CHUNK, length)) of one (batch, kv head) for its GROUP
     query heads: PartO[b, h, split] = softmax-weighted V of those keys, PartLse = their log2 LSE.
-    PAGE == 0: dense caches [B, Hkv, L_cap, D]. PAGE > 0: K, V are page pools [num_pages, PAGE, D]
-    (stride_kb / stride_kn: page / slot strides; stride_kh unused) addressed through Table."""
+    PAGE == 0: dense caches [B, Hkv, CAP, D]. PAGE > 0: K, V are page pools [NUM_PAGES, PAGE, D]
+    (stride_kb / stride_kn: page / slot strides; stride_kh unused) addressed through Table.
+    Strides of q, k, v but the last come divided by ALIGN (see _common.stride_align): offsets are int64
+    sums of int64 index * stride products, times ALIGN."""
+    stride_qd, stride_kd, stride_vd = wide(stride_qd, 1), wide(stride_kd, 1), wide(stride_vd, 1)
     bg = tl.program_id(0)  # B * Hkv on axis 0: axis 1 is limited to 65535
     split = tl.program_id(1)
     b = (bg // Hkv).to(tl.int64)
     g = (bg % Hkv).to(tl.int64)
-    length = tl.load(Lengths + b * stride_lb + g * stride_lh)
+    length = _length(Lengths, b, g, stride_lb, stride_lh, CAP)
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, length)  # start >= end: a split past the length, no work
 
@@ -72,7 +82,7 @@ def _split_kernel(Q, K, V, Lengths, Table, PartO, PartLse,
     # tl.dot needs at least 16 rows: rows past the group are zeros and never stored.
     q = tl.load(Q + (b * stride_qb + heads[:, None] * stride_qh) * ALIGN + offs_d[None, :] * stride_qd,
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-    if PAGE == 0:  # row offsets in int64 (start * stride may pass 2^31); the loop then steps the pointers
+    if PAGE == 0:  # the loop then steps the pointers by int64 tile strides
         rows_n = start.to(tl.int64) + offs_n
         k_ptrs = K + (b * stride_kb + g * stride_kh + rows_n[:, None] * stride_kn) * ALIGN + offs_d[None, :] * stride_kd
         v_ptrs = V + (b * stride_vb + g * stride_vh + rows_n[:, None] * stride_vn) * ALIGN + offs_d[None, :] * stride_vd
@@ -87,11 +97,12 @@ def _split_kernel(Q, K, V, Lengths, Table, PartO, PartLse,
         if PAGE == 0:
             k = tl.load(k_ptrs, mask=ok[:, None] & d_ok[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=ok[:, None] & d_ok[None, :], other=0.0)
-            k_ptrs += BLOCK_N * stride_kn * ALIGN
-            v_ptrs += BLOCK_N * stride_vn * ALIGN
+            k_ptrs += wide(stride_kn, BLOCK_N * ALIGN)
+            v_ptrs += wide(stride_vn, BLOCK_N * ALIGN)
         else:  # keys past `end` read no table entry (it may be -1) and no page
             j = n0 + offs_n
-            page = tl.load(table + (j // PAGE) * stride_tp, mask=ok, other=0).to(tl.int64)
+            page = tl.load(table + (j // PAGE) * stride_tp, mask=ok, other=0)
+            page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1).to(tl.int64)  # outside the pool: nearest page
             slot = (j % PAGE).to(tl.int64)
             k = tl.load(K + ((page * stride_kb + slot * stride_kn) * ALIGN)[:, None] + offs_d[None, :] * stride_kd,
                         mask=ok[:, None] & d_ok[None, :], other=0.0)
@@ -117,13 +128,13 @@ def _split_kernel(Q, K, V, Lengths, Table, PartO, PartLse,
 
 @triton.jit
 def _merge_kernel(PartO, PartLse, Lengths, Out, stride_lb, stride_lh, stride_ob, stride_oh, stride_od,
-                  Hq, GROUP, CHUNK, NUM_SPLITS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  Hq, GROUP, CHUNK, NUM_SPLITS, CAP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_S: tl.constexpr, ALIGN: tl.constexpr):
     """Out[b, h] = LSE-weighted mean of the partial outputs of the splits that saw keys; 0 when none did."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
-    length = tl.load(Lengths + b * stride_lb + (h // GROUP) * stride_lh)
+    length = _length(Lengths, b, h // GROUP, stride_lb, stride_lh, CAP)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < tl.cdiv(length, CHUNK)  # the splits the split kernel wrote
@@ -169,12 +180,12 @@ def launch(q, k, v, lengths, table, Hkv, cap, scale):
     with on_device(q):
         _split_kernel[(B * Hkv, splits)](
             q2, k, v, lengths, table, part_o, part_lse, *strides(q2, align), *k_strides, *v_strides,
-            *lengths.stride(), *t_strides, Hkv, Hq, Hq // Hkv, chunk, splits, scale * LOG2E,
+            *lengths.stride(), *t_strides, Hkv, Hq, Hq // Hkv, chunk, splits, cap, k.shape[0], scale * LOG2E,
             HEAD_DIM=D, BLOCK_D=bd, BLOCK_G=max(16, triton.next_power_of_2(Hq // Hkv)), BLOCK_N=block_n,
             PRECISION=dot_precision(q.dtype), ALIGN=align, PAGE=page, num_warps=4, num_stages=2 if fp32 else 3)
         out2 = out[:, :, 0]
         out_align = stride_align(out2)
         _merge_kernel[(B * Hq,)](
             part_o, part_lse, lengths, out2, *lengths.stride(), *strides(out2, out_align), Hq, Hq // Hkv, chunk,
-            splits, HEAD_DIM=D, BLOCK_D=bd, BLOCK_S=triton.next_power_of_2(splits), ALIGN=out_align, num_warps=4)
+            splits, cap, HEAD_DIM=D, BLOCK_D=bd, BLOCK_S=triton.next_power_of_2(splits), ALIGN=out_align, num_warps=4)
     return out

@@ -2,7 +2,7 @@
 reference (vtattn/reference/gather_tokens.py)."""
 import torch
 
-from ._common import interpreting, on_device, tl, triton
+from ._common import interpreting, on_device, tl, triton, wide
 from .select_tokens import device_reason
 
 
@@ -15,6 +15,7 @@ def supports(x, indices, cu_seqlens, total) -> str | None:
 @triton.jit
 def _gather_tokens(X, Indices, Cu, Out, stride_xb, stride_xn, stride_xc, stride_ib, stride_ik, B, N, K, C, rows,
                    PACKED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr):
+    stride_xn, stride_xc = wide(stride_xn, 1), wide(stride_xc, 1)  # int64 offsets: they may pass 2^31
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     if PACKED:  # sample of each packed row: how many samples end at or before it (as searchsorted)
         b = tl.zeros([BLOCK_R], tl.int64)

@@ -8,7 +8,7 @@ import torch
 
 from ._common import (LOG2E, LOG2E_K, Tuned, block_d, check_tensors, dot_precision, finish_lse, fp32_tiles,
                       interpreting, key_range, on_device, online_softmax, stride_align, strides, tiles, tl,
-                      triton, tune_key)
+                      triton, tune_key, wide)
 
 FEW_ROWS = 16  # up to this many rows without lse take the one-read-of-K path
 # Keys per program of the few-rows path (a multiple of every BLOCK_N below). Small under the
@@ -32,13 +32,12 @@ def _load_rows(Rows, b, slots, R, Nq, stride_rb, stride_rr, HAS_ROWS: tl.constex
 
 
 @triton.jit
-def _load_q(Q, b, h, rows, ok, stride_qb, stride_qh, stride_qm, stride_qd,
-            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr):
-    """Rows of q (zeros where not ok); strides but the last divided by ALIGN (see _common.stride_align)."""
+def _load_q(Q, b, h, rows, ok, stride_qb, stride_qh, stride_qm, stride_qd, HEAD_DIM: tl.constexpr,
+            BLOCK_D: tl.constexpr):
+    """Rows of q (zeros where not ok); int64 strides in elements."""
     offs_d = tl.arange(0, BLOCK_D)
-    row_offs = (b * stride_qb + h * stride_qh + rows[:, None] * stride_qm) * ALIGN
-    return tl.load(Q + row_offs + offs_d[None, :] * stride_qd, mask=ok[:, None] & (offs_d < HEAD_DIM)[None, :],
-                   other=0.0)
+    return tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   mask=ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
 
 
 @triton.jit
@@ -55,17 +54,20 @@ def _row_lse_kernel(Q, K, Rows, Lse,
                     stride_rb, stride_rr, Hq, Nq, Nk, R, GROUP, qk_scale, TUNE_KEY,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ROWS: tl.constexpr,
                     PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Lse [B, Hq, R] (natural log) of the selected rows: flash attention's max/sum-exp without V."""
+    """Lse [B, Hq, R] (natural log) of the selected rows: flash attention's max/sum-exp without V. Strides
+    of q and k but the last come divided by ALIGN (see _common.stride_align); all become int64."""
+    stride_qb, stride_qh, stride_qm = wide(stride_qb, ALIGN), wide(stride_qh, ALIGN), wide(stride_qm, ALIGN)
+    stride_kb, stride_kh, stride_kn = wide(stride_kb, ALIGN), wide(stride_kh, ALIGN), wide(stride_kn, ALIGN)
+    stride_qd, stride_kd = wide(stride_qd, 1), wide(stride_kd, 1)
     num_m = tl.cdiv(R, BLOCK_M)
     b, h, kvh, tile_m = _head(tl.program_id(0), num_m, Hq, GROUP)
     slots = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows, ok = _load_rows(Rows, b, slots, R, Nq, stride_rb, stride_rr, HAS_ROWS)
-    q = _load_q(Q, b, h, rows, ok, stride_qb, stride_qh, stride_qm, stride_qd, HEAD_DIM, BLOCK_D, ALIGN)
+    q = _load_q(Q, b, h, rows, ok, stride_qb, stride_qh, stride_qm, stride_qd, HEAD_DIM, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    k_ptrs = K + (b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn) * ALIGN \
-        + offs_d[None, :] * stride_kd
+    k_ptrs = K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
 
     causal_off = Nk - Nq
     full, end = key_range(tl.min(tl.where(ok, rows, Nq), 0), tl.max(tl.where(ok, rows, -1), 0), Nk, causal_off,
@@ -73,12 +75,12 @@ def _row_lse_kernel(Q, K, Rows, Lse,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, full, BLOCK_N):
-        k = tl.load(k_ptrs + start_n * stride_kn * ALIGN, mask=d_ok[None, :], other=0.0)
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         m_i, l_i, _, _ = online_softmax(m_i, l_i, qk, False)
     for start_n in range(full, end, BLOCK_N):
         cols = start_n + offs_n
-        k = tl.load(k_ptrs + start_n * stride_kn * ALIGN, mask=(cols < Nk)[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=(cols < Nk)[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         visible = (cols < Nk)[None, :]
         if CAUSAL:
@@ -109,13 +111,18 @@ def _column_sums_kernel(Q, K, Lse, Rows, Out,
                         HAS_ROWS: tl.constexpr, LSE_BY_SLOT: tl.constexpr, PRECISION: tl.constexpr,
                         ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Out[b, h, j] = sum over slots of exp(s[row, j] - lse[row]); one key tile per program, which loops
-    over all row tiles itself (deterministic, no atomics). Lse is indexed by slot or by row."""
+    over all row tiles itself (deterministic, no atomics). Lse is indexed by slot or by row. Strides of q
+    and k but the last come divided by ALIGN (see _common.stride_align); all become int64."""
+    stride_qb, stride_qh, stride_qm = wide(stride_qb, ALIGN), wide(stride_qh, ALIGN), wide(stride_qm, ALIGN)
+    stride_kb, stride_kh, stride_kn = wide(stride_kb, ALIGN), wide(stride_kh, ALIGN), wide(stride_kn, ALIGN)
+    stride_qd, stride_kd = wide(stride_qd, 1), wide(stride_kd, 1)
+    stride_ln = wide(stride_ln, 1)
     num_n = tl.cdiv(Nk, BLOCK_N)
     b, h, kvh, tile_n = _head(tl.program_id(0), num_n, Hq, GROUP)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = tl.load(K + (b * stride_kb + kvh * stride_kh + cols[:, None] * stride_kn) * ALIGN
-                + offs_d[None, :] * stride_kd, mask=(cols < Nk)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    k = tl.load(K + b * stride_kb + kvh * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=(cols < Nk)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     causal_off = Nk - Nq
     start = 0
     if CAUSAL:
@@ -125,7 +132,7 @@ def _column_sums_kernel(Q, K, Lse, Rows, Out,
     for r0 in range(start, R, BLOCK_M):
         slots = r0 + tl.arange(0, BLOCK_M)
         rows, ok = _load_rows(Rows, b, slots, R, Nq, stride_rb, stride_rr, HAS_ROWS)
-        q = _load_q(Q, b, h, rows, ok, stride_qb, stride_qh, stride_qm, stride_qd, HEAD_DIM, BLOCK_D, ALIGN)
+        q = _load_q(Q, b, h, rows, ok, stride_qb, stride_qh, stride_qm, stride_qd, HEAD_DIM, BLOCK_D)
         if LSE_BY_SLOT:
             lse_pos = slots
         else:
@@ -163,21 +170,24 @@ def _few_rows_logits_kernel(Q, K, Rows, S, Mpart, Lpart, stride_s,
                             PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_R: tl.constexpr,
                             CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
     """For one chunk of keys: log2-domain logits of the R rows into S [B, Hq, R, >= Nk] (-inf = invisible)
-    and each row's (max, sum-exp) over the chunk into Mpart/Lpart [B, Hq, R, n_chunks]."""
+    and each row's (max, sum-exp) over the chunk into Mpart/Lpart [B, Hq, R, n_chunks]. Strides of q and k
+    but the last come divided by ALIGN (see _common.stride_align); all become int64."""
+    stride_qb, stride_qh, stride_qm = wide(stride_qb, ALIGN), wide(stride_qh, ALIGN), wide(stride_qm, ALIGN)
+    stride_kb, stride_kh, stride_kn = wide(stride_kb, ALIGN), wide(stride_kh, ALIGN), wide(stride_kn, ALIGN)
+    stride_qd, stride_kd = wide(stride_qd, 1), wide(stride_kd, 1)
     b, h, kvh, chunk = _head(tl.program_id(0), n_chunks, Hq, GROUP)
     slots = tl.arange(0, BLOCK_R)
     rows, ok = _load_rows(Rows, b, slots, R, Nq, stride_rb, stride_rr, True)
-    q = _load_q(Q, b, h, rows, ok, stride_qb, stride_qh, stride_qm, stride_qd, HEAD_DIM, BLOCK_D, ALIGN)
+    q = _load_q(Q, b, h, rows, ok, stride_qb, stride_qh, stride_qm, stride_qd, HEAD_DIM, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k_ptrs = K + (b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn) * ALIGN \
-        + offs_d[None, :] * stride_kd
+    k_ptrs = K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     slot_base = (b * Hq + h) * R + slots
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     for start_n in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, Nk), BLOCK_N):
         cols = start_n + offs_n
-        k = tl.load(k_ptrs + start_n * stride_kn * ALIGN, mask=(cols < Nk)[:, None] & (offs_d < HEAD_DIM)[None, :],
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=(cols < Nk)[:, None] & (offs_d < HEAD_DIM)[None, :],
                     other=0.0)
         visible = ok[:, None] & (cols < Nk)[None, :]
         if CAUSAL:

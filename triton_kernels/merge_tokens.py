@@ -5,7 +5,7 @@ _merge_assign: per tile of tokens, a running argmax of cosine similarity over ti
 kept slot, its own row plus its assigned rows (tile sums in a fixed order: deterministic)."""
 import torch
 
-from ._common import interpreting, on_device, tl, triton
+from ._common import interpreting, on_device, tl, triton, wide
 from .select_tokens import device_reason
 
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's clamp: a zero key has cosine 0 with everything
@@ -22,7 +22,7 @@ def supports(x, keys, indices, mask, weighted) -> str | None:
 
 @triton.jit
 def _load_keys(Keys, rows, ok, d, D, stride_kn, stride_kc, DOT_DTYPE: tl.constexpr):
-    v = tl.load(Keys + rows.to(tl.int64)[:, None] * stride_kn + d[None, :] * stride_kc,
+    v = tl.load(Keys + rows[:, None] * stride_kn + d[None, :] * stride_kc,
                 mask=ok[:, None] & (d < D)[None, :], other=0.0)
     return v.to(DOT_DTYPE)
 
@@ -31,6 +31,7 @@ def _load_keys(Keys, rows, ok, d, D, stride_kn, stride_kc, DOT_DTYPE: tl.constex
 def _merge_assign(Keys, Indices, Mask, Assign, Weight, stride_kb, stride_kn, stride_kc, stride_ib, stride_ik,
                   stride_mb, stride_mn, N, D, K, WEIGHTED: tl.constexpr, DOT_DTYPE: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    stride_kn, stride_kc = wide(stride_kn, 1), wide(stride_kc, 1)  # int64 offsets: they may pass 2^31
     b = tl.program_id(1).to(tl.int64)
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     keys = Keys + b * stride_kb
@@ -75,6 +76,7 @@ def _merge_assign(Keys, Indices, Mask, Assign, Weight, stride_kb, stride_kn, str
 @triton.jit
 def _merge_reduce(X, Indices, Assign, Weight, Out, stride_xb, stride_xn, stride_xc, stride_ib, stride_ik, N, C, K,
                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    stride_xn, stride_xc = wide(stride_xn, 1), wide(stride_xc, 1)  # int64 offsets: they may pass 2^31
     slot = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -83,12 +85,12 @@ def _merge_reduce(X, Indices, Assign, Weight, Out, stride_xb, stride_xn, stride_
     valid = (tok >= 0) & (tok < N)
     acc = tl.load(x + tok * stride_xn + c * stride_xc, mask=valid & (c < C), other=0.0).to(tl.float32)
     w_sum = 1.0
+    tile = x + tl.arange(0, BLOCK_N)[:, None] * stride_xn + c[None, :] * stride_xc  # the first tile's rows
     for n0 in range(0, N, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         hit = valid & (tl.load(Assign + b * N + n, mask=n < N, other=-1) == tok)
         w = tl.load(Weight + b * N + n, mask=hit, other=0.0)
-        rows = tl.load(x + n[:, None] * stride_xn + c[None, :] * stride_xc, mask=hit[:, None] & (c < C)[None, :],
-                       other=0.0)
+        rows = tl.load(tile + n0 * stride_xn, mask=hit[:, None] & (c < C)[None, :], other=0.0)
         acc += tl.sum(w[:, None] * rows.to(tl.float32), 0)
         w_sum += tl.sum(w, 0)
     out = tl.where(valid, acc / w_sum, 0.0)

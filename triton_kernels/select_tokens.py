@@ -5,7 +5,7 @@ keeps rank < k; a running cumsum over the token tiles gives ascending slots. O(L
 of L tokens: the CUDA kernel (radix select) is the fast path, this one serves the rest."""
 import torch
 
-from ._common import TRITON_ERROR, interpreting, on_device, tl, triton
+from ._common import TRITON_ERROR, interpreting, on_device, tl, triton, wide
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -46,6 +46,7 @@ def score_key(x):
 def _select_tokens(Scores, Budgets, Offsets, Indices, Mask, Counts,
                    stride_sb, stride_sn, stride_bb, stride_bs, S, N, K,
                    SORT: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_S: tl.constexpr):
+    stride_sn = wide(stride_sn, 1)  # int64 offsets: they may pass 2^31
     s = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     start = tl.load(Offsets + s)

@@ -2,7 +2,7 @@
 import torch
 
 from ._common import (LOG2E, Tuned, block_d, check_tensors, dot_precision, on_device, stride_align, strides, tl,
-                      triton, tune_key)
+                      triton, tune_key, wide)
 from .attention import _space, sweep_keys
 
 
@@ -23,11 +23,12 @@ def _varlen_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
                        PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr):
     """One query tile of one (sequence, head) per program; tiles past the sequence's end store
-    nothing. Strides but the last come divided by ALIGN (see _common.stride_align)."""
-    stride_qt, stride_qh = stride_qt * ALIGN, stride_qh * ALIGN
-    stride_kt, stride_kh = stride_kt * ALIGN, stride_kh * ALIGN
-    stride_vt, stride_vh = stride_vt * ALIGN, stride_vh * ALIGN
-    stride_ot, stride_oh = stride_ot * ALIGN, stride_oh * ALIGN
+    nothing. Strides but the last come divided by ALIGN (see _common.stride_align); all become int64
+    (offsets may pass 2^31)."""
+    stride_qt, stride_qh, stride_qd = wide(stride_qt, ALIGN), wide(stride_qh, ALIGN), wide(stride_qd, 1)
+    stride_kt, stride_kh, stride_kd = wide(stride_kt, ALIGN), wide(stride_kh, ALIGN), wide(stride_kd, 1)
+    stride_vt, stride_vh, stride_vd = wide(stride_vt, ALIGN), wide(stride_vh, ALIGN), wide(stride_vd, 1)
+    stride_ot, stride_oh, stride_od = wide(stride_ot, ALIGN), wide(stride_oh, ALIGN), wide(stride_od, 1)
     num_m = tl.cdiv(MAX_SEQ, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m  # query tiles of one (sequence, head) adjacent: its K/V stay in L2

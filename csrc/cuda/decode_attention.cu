@@ -10,6 +10,9 @@
 //
 // The split count depends on shapes and the SM count only, never on lengths: no host sync, so
 // the op can be captured in a CUDA graph. Splits that start past a head's length return at once.
+// Nor are lengths or page ids range-checked here (that would sync): the kernels clamp them into the
+// cache, so values the public checks would refuse (skipped under torch.compile and graph capture)
+// stay memory-safe; valid ones are unchanged.
 //
 // paged_decode_attention is the same kernels with another key address mapping (PagedRows): the
 // caches are page pools [num_pages, page_size, D] and key j of (b, g) is row j % page_size of page
@@ -48,6 +51,8 @@ struct DecodeParams {
   void* out;        // [B, Hq, 1, D] contiguous
   int64_t q_sb, q_sh, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, len_sb, len_sh, t_sb, t_sh, t_sp;
   int Hkv, group, D, chunk, splits, page;
+  int cap;        // key slots per (b, g): L_cap, or max_pages * page_size
+  int num_pages;  // paged: pages in the pools
   float scale_log2;
 };
 
@@ -61,6 +66,11 @@ __device__ __forceinline__ T from_float(float x) {
 template <typename T>
 __device__ __forceinline__ uint4 load16(const T* p, bool valid) {
   return valid ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0u, 0u, 0u, 0u);
+}
+
+// lengths[b, g] clamped to [0, cap]: both kernels must agree on it.
+__device__ __forceinline__ int length_of(const DecodeParams& p, int b, int g) {
+  return min(max(p.lengths[b * p.len_sb + g * p.len_sh], 0), p.cap);
 }
 
 // Where key j of (b, g) lives: element offsets of its K and V rows from the cache bases.
@@ -77,7 +87,8 @@ struct PagedRows {  // pools [num_pages, page_size, D]: k_sb / v_sb are the page
   const int32_t* table;
   __device__ PagedRows(const DecodeParams& p, int b, int g) : table(p.table + b * p.t_sb + g * p.t_sh) {}
   __device__ void at(const DecodeParams& p, int j, int64_t& ko, int64_t& vo) const {
-    const int64_t page = __ldg(table + (j / p.page) * p.t_sp), slot = j % p.page;
+    // An id outside the pool reads its nearest page (as the reference).
+    const int64_t page = min(max(__ldg(table + (j / p.page) * p.t_sp), 0), p.num_pages - 1), slot = j % p.page;
     ko = page * p.k_sb + slot * p.k_sn, vo = page * p.v_sb + slot * p.v_sn;
   }
 };
@@ -95,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bg = blockIdx.x, split = blockIdx.y, b = bg / p.Hkv, g = bg % p.Hkv;
-  const int length = p.lengths[b * p.len_sb + g * p.len_sh];
+  const int length = length_of(p, b, g);
   const int start = split * p.chunk, end = min(start + p.chunk, length);
   if (start >= end) return;  // the whole CTA: past this head's length (the merge skips the split)
 
@@ -207,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
 template <typename T>
 __global__ void __launch_bounds__(kThreads) decode_merge_kernel(const DecodeParams p) {
   const int bh = blockIdx.x, Hq = p.Hkv * p.group, b = bh / Hq, h = bh % Hq;
-  const int length = p.lengths[b * p.len_sb + (h / p.group) * p.len_sh];
+  const int length = length_of(p, b, h / p.group);
   const int used = (length + p.chunk - 1) / p.chunk;  // the splits the split kernel wrote
   const float* lse = p.part_lse + static_cast<int64_t>(bh) * p.splits;
   float m = -INFINITY;
@@ -247,8 +258,8 @@ void launch(const DecodeParams& p, dim3 grid, int B_Hq, cudaStream_t stream) {
 }
 
 // Checks shared by both layouts: q [B, Hq, 1, D] on CUDA, GQA group and head dim the kernel takes,
-// lengths int32 [B, Hkv] on q's device. Lengths are not range-checked (that would sync): the public
-// function checks them.
+// lengths int32 [B, Hkv] on q's device. Lengths are not range-checked (that would sync): the kernels
+// clamp them.
 void check_decode(const char* op, const at::Tensor& q, const at::Tensor& lengths, int64_t Hkv) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 4 && q.size(2) == 1, op, ": q must be a CUDA [B, Hq, 1, D] tensor, got ",
               q.sizes(), " on ", q.device());
@@ -307,6 +318,8 @@ at::Tensor run_decode(const at::Tensor& q_in, const at::Tensor& k_in, const at::
   p.len_sb = lengths.stride(0), p.len_sh = lengths.stride(1);
   p.Hkv = static_cast<int>(Hkv), p.group = static_cast<int>(Hq / Hkv), p.D = static_cast<int>(D);
   p.chunk = static_cast<int>(chunk), p.splits = static_cast<int>(splits);
+  p.cap = static_cast<int>(cap);
+  p.num_pages = static_cast<int>(std::min<int64_t>(k.size(0), std::numeric_limits<int>::max()));  // ids are int32
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
 
   const dim3 grid(static_cast<unsigned>(B * Hkv), static_cast<unsigned>(splits));
@@ -349,7 +362,7 @@ at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_
                   block_table.dim() == 3 && block_table.size(0) == q.size(0),
               op, ": block_table must be int32 [B, Hkv, max_pages] on q's device, got ", block_table.scalar_type(),
               " ", block_table.sizes());
-  // Page ids are not range-checked here either (a sync): the public function checks the used ones.
+  // Page ids are not range-checked here either (a sync): the kernels clamp them into the pool.
   check_decode(op, q, lengths, block_table.size(1));
   return run_decode(q, k_pages, v_pages, lengths, block_table, block_table.size(1),
                     block_table.size(2) * k_pages.size(1), scale);

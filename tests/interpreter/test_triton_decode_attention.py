@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vtattn.reference as ref
-from helpers import OUT_TOL, poisoned_outputs
+from helpers import OUT_TOL, bad_decode_inputs, poisoned_outputs, run_forced
 from vtattn.triton_kernels import decode_attention as triton_decode
 
 
@@ -56,10 +56,14 @@ def test_decode_attention_supports():
     assert "interpreter" in triton_decode.supports(*bf, lens, 0.125)
 
 
-def test_decode_attention_key_offsets_past_int32():
+@pytest.mark.parametrize("one_split", [False, True])
+def test_decode_attention_key_offsets_past_int32(one_split, monkeypatch):
     """Key 64's row starts at element 2^31 of the cache (row stride 2^25): the tile's row offsets must be
-    int64 (an int32 start * stride wrapped to -2^31 and read far outside the cache). One 4 GiB storage,
-    allocated but untouched except for the 65 rows used; k and v are views of it."""
+    int64 (an int32 start * stride wrapped to -2^31 and read far outside the cache), and so must the step
+    from tile to tile (one split: both 64-key tiles in one program). One 4 GiB storage, allocated but
+    untouched except for the 65 rows used; k and v are views of it."""
+    if one_split:
+        monkeypatch.setattr(triton_decode, "num_splits", lambda *args: 1)
     S, L, D = 1 << 25, 65, 16
     try:
         store = torch.empty((L - 1) * S + 2 * D, dtype=torch.float16)
@@ -75,3 +79,14 @@ def test_decode_attention_key_offsets_past_int32():
     out = triton_decode.decode_attention(q, k, v, lens, D ** -0.5)
     want = ref.decode_attention(q.double(), k.double(), v.double(), lens, D ** -0.5)
     torch.testing.assert_close(out.double(), want, atol=OUT_TOL[torch.float16], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_out_of_range_lengths_act_clamped(dtype):
+    """Past the public checks (torch.compile, graph capture) the kernels stay inside the cache: lengths act
+    clamped to [0, L_cap]. Called as the registered op, which checks nothing; reading past the cache gives NaN."""
+    args, clamped = bad_decode_inputs("cpu", dtype)
+    with poisoned_outputs():
+        out = run_forced("triton", torch.ops.vtattn.decode_attention, *args, 0.125)
+    want = ref.decode_attention(*(t.double() if t.is_floating_point() else t for t in clamped), 0.125)
+    torch.testing.assert_close(out.double(), want, atol=OUT_TOL[dtype], rtol=0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vtattn.reference as ref
-from helpers import OUT_TOL, poisoned_outputs
+from helpers import OUT_TOL, bad_decode_inputs, poisoned_outputs, run_forced
 from vtattn.triton_kernels import paged_decode_attention as triton_paged
 
 
@@ -56,3 +56,34 @@ def test_paged_decode_attention_supports():
     assert triton_paged.supports(q, k, v, table, lens, 0.125) is None
     bf = [t.bfloat16() for t in (q, k, v)]
     assert "interpreter" in triton_paged.supports(*bf, table, lens, 0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_out_of_range_inputs_act_clamped(dtype):
+    """Past the public checks (torch.compile, graph capture) the kernels stay inside the pool: lengths act
+    clamped to [0, max_pages * page_size], used page ids to [0, num_pages). Called as the registered op,
+    which checks nothing; reading past the pool or the table gives NaN."""
+    args, clamped = bad_decode_inputs("cpu", dtype, paged=True)
+    with poisoned_outputs():
+        out = run_forced("triton", torch.ops.vtattn.paged_decode_attention, *args, 0.125)
+    want = ref.paged_decode_attention(*(t.double() if t.is_floating_point() else t for t in clamped), 0.125)
+    torch.testing.assert_close(out.double(), want, atol=OUT_TOL[dtype], rtol=0)
+
+
+def test_paged_decode_attention_pages_past_int32():
+    """Page 8 of the pool starts at element 2^31 (page stride 2^28): page * stride must be int64. One 4 GiB
+    storage, allocated but untouched except for the pages used; k and v are views of it."""
+    P, S, D = 9, 8, 16
+    try:
+        store = torch.empty(((P - 1) << 28) + S * 2 * D, dtype=torch.float16)
+    except RuntimeError as e:  # a host that refuses 4 GiB of address space
+        pytest.skip(f"cannot reserve 4 GiB: {e}")
+    k, v = (store.as_strided((P, S, D), (1 << 28, 2 * D, 1), i * D) for i in range(2))
+    g = torch.Generator().manual_seed(0)
+    for t in (k, v):
+        t.copy_(torch.randn(P, S, D, generator=g))
+    q = torch.randn(1, 2, 1, D, generator=g).half()
+    table, lens = torch.tensor([[[8, 0, 4]]], dtype=torch.int32), torch.tensor([[20]], dtype=torch.int32)
+    out = triton_paged.paged_decode_attention(q, k, v, table, lens, D ** -0.5)
+    want = ref.paged_decode_attention(q.double(), k.double(), v.double(), table, lens, D ** -0.5)
+    torch.testing.assert_close(out.double(), want, atol=OUT_TOL[torch.float16], rtol=0)

@@ -17,7 +17,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, block_table=None, scale=No
     scale: defaults to D ** -0.5.
     Returns [B, Hq, 1, D] in q's dtype. No host synchronisation in the op itself (CUDA-graph
     safe); the eager checks of lengths (and page ids) sync once, and are skipped under
-    torch.compile and while a CUDA graph is being captured.
+    torch.compile and while a CUDA graph is being captured. There, out-of-range lengths act clamped
+    to the capacity and page ids to the pool (memory-safe); the C++ CPU kernel refuses them.
     """
     if block_table is not None:
         if _checks.checking():
