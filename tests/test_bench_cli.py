@@ -97,3 +97,22 @@ def test_docs_page_is_generated_from_a_run(quick_run, tmp_path):
     md = out.read_text()
     assert md.startswith("# Benchmarks") and run["header"]["device"] in md
     assert md.count("| select_tokens | clip-l336:keep-0.1 |") == len(run["rows"])
+
+
+def test_custom_shapes_run_as_given_and_bad_ones_are_refused(capsys):
+    import torch
+
+    from vtattn.bench.cases import build_cases
+
+    name = "custom:B=2,Hq=8,Hkv=4,N=300,D=64,causal=1"
+    cases = build_cases(torch.device("cpu"), shapes=[name], level="cpu-quick")
+    assert {c.op for c in cases} >= {"attention", "varlen_attention", "index_attention"}
+    attention = next(c for c in cases if c.op == "attention")
+    assert (attention.shape["N"], attention.shape["Hkv"], attention.shape["causal"]) == (300, 4, True)
+    decode = build_cases(torch.device("cpu"), shapes=["llava7b-decode", "custom:N=200,D=64,decode=1"], level="tiny")
+    assert {c.op for c in decode} == {"decode_attention", "paged_decode_attention"} and len(decode) == 4
+    for bad, why in (("bogus", "unknown shape"), ("custom:N=10", "N and D are required"),
+                     ("custom:N=10,D=64,Hq=6,Hkv=4", "multiple of Hkv"), ("custom:N=10,D=x", "KEY=INT")):
+        with pytest.raises(SystemExit):
+            main(["--shapes", bad])
+        assert why in capsys.readouterr().err

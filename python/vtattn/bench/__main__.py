@@ -10,6 +10,20 @@ import torch
 BACKENDS = ("auto", "aten", "cuda", "triton", "cpp", "torch")  # "auto" = vtattn's own dispatch
 
 
+def _shapes(text):
+    """argparse type: a comma-separated list of shape names, "custom:..." last (it holds commas)."""
+    from .cases import CUSTOM, shape_of
+
+    head, custom, rest = text.partition(CUSTOM)
+    names = [x.strip() for x in head.split(",") if x.strip()] + ([custom + rest] if custom else [])
+    for name in names:
+        try:
+            shape_of(name)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e))
+    return names
+
+
 def _names(known):
     """argparse type: a comma-separated list of names from `known`."""
     def parse(text):
@@ -27,7 +41,9 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="vtattn-bench", description=__doc__)
     p.add_argument("--filter", metavar="REGEX", help='keep cases whose "op/case" matches, e.g. "attention/clip"')
     p.add_argument("--quick", action="store_true", help="shorter timing (and smaller shapes on CPU)")
-    p.add_argument("--shapes", metavar="NAME[,NAME]", type=_names(SHAPES), help=f"subset of {','.join(SHAPES)}")
+    p.add_argument("--shapes", metavar="NAME[,NAME]", type=_shapes,
+                   help=f"subset of {','.join(SHAPES)}, and/or one custom:B=2,Hq=16,Hkv=8,N=1000,D=64,causal=1 "
+                        "(last; decode=1 for a decode step against a cache of capacity N)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--backend", metavar="NAME[,NAME]", type=_names(BACKENDS),
                    help=f"vtattn backends to time, of {','.join(BACKENDS)} (default: auto,cuda,triton on CUDA, "

@@ -19,8 +19,13 @@ import vtattn
 SHAPES = {
     "clip-l336": dict(B=32, Hq=16, Hkv=16, N=577, D=64, causal=False),
     "siglip-so400m": dict(B=32, Hq=16, Hkv=16, N=729, D=72, causal=False),
+    "qwen2vl": dict(B=8, Hq=16, Hkv=16, N=1024, D=80, causal=False),  # its ViT on 448 x 448 images: 32 x 32 patches
     "llava7b-prefill": dict(B=1, Hq=32, Hkv=8, N=4096, D=128, causal=True),
+    # One decode step against a compact cache of capacity N whose lengths vary per (batch, kv head).
+    "llava7b-decode": dict(B=32, Hq=32, Hkv=8, N=16384, D=128, causal=False, decode=True),
 }
+DECODE_OPS = ("decode_attention", "paged_decode_attention")  # the ops of decode shapes, and only of those
+CUSTOM = "custom:"
 # Shape scaling per run level: CPU runs (and the CI smoke test) cannot afford the real shapes.
 LEVELS = {
     "full": dict(B=None, n_div=1, hq=None),
@@ -60,6 +65,29 @@ class Case:
     impls: list = field(default_factory=list)
     flops: float | None = None
     bytes_fn: Callable[[int], int] | None = None  # element size -> bytes moved (bandwidth-bound ops)
+
+
+def shape_of(name: str) -> dict:
+    """A shape by name: one of SHAPES, or "custom:B=2,Hq=16,Hkv=8,N=1000,D=64,causal=1" (N and D
+    required; B=1, Hq=16, Hkv=Hq, causal=0 by default; decode=1 for a decode step against a cache
+    of capacity N). Custom shapes run as given, on every device."""
+    if name in SHAPES:
+        return SHAPES[name]
+    if not name.startswith(CUSTOM):
+        raise ValueError(f"unknown shape {name!r}: one of {', '.join(SHAPES)} or {CUSTOM}KEY=VALUE,...")
+    s = dict(B=1, Hq=16, causal=0, decode=0)
+    for item in filter(None, name[len(CUSTOM):].split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("B", "Hq", "Hkv", "N", "D", "causal", "decode") or not value.isdigit():
+            raise ValueError(f"{name}: {item!r} is not KEY=INT with KEY one of B, Hq, Hkv, N, D, causal, decode")
+        s[key] = int(value)
+    s.setdefault("Hkv", s["Hq"])
+    if "N" not in s or "D" not in s:
+        raise ValueError(f"{name}: N and D are required")
+    if min(s["B"], s["Hq"], s["Hkv"], s["N"], s["D"]) < 1 or s["Hq"] % s["Hkv"]:
+        raise ValueError(f"{name}: B, Hq, Hkv, N, D must be >= 1 and Hq a multiple of Hkv")
+    s["causal"], s["decode"] = bool(s["causal"]), bool(s["decode"])
+    return s
 
 
 def scaled_shape(shape: dict, level: str) -> dict:
@@ -181,26 +209,19 @@ def _key_importance_cases(name, s, backends):
 # decode_attention: a LLaVA-7B-GQA-shaped decode step (32 query / 8 kv heads, D = 128) at batch 32
 # over a 16k-slot cache whose per-(batch, kv head) lengths vary 1k..16k (a compressed cache), scaled
 # with the level's sequence divisor. GB/s counts the kept K/V bytes read (+ q and out).
-DECODE = dict(B=32, Hq=32, Hkv=8, L_cap=16384, D=128)
-
-
 def _decode_lengths(B, Hkv, cap):
     g = torch.Generator().manual_seed(0)  # fixed: the byte count must not depend on the input copy
     return torch.randint(cap // 16, cap + 1, (B, Hkv), generator=g, dtype=torch.int32)
 
 
-def _decode_dims(name, s):
-    """(B, Hq, Hkv, D, L_cap, lengths) of the decode step at this level."""
-    ratio = s["N"] / SHAPES[name]["N"]
-    B, Hq, Hkv, D = max(1, round(DECODE["B"] * ratio)), DECODE["Hq"], DECODE["Hkv"], DECODE["D"]
-    cap = max(64, int(DECODE["L_cap"] * ratio))
+def _decode_dims(s):
+    """(B, Hq, Hkv, D, L_cap, lengths) of a decode shape."""
+    B, Hq, Hkv, D, cap = s["B"], s["Hq"], s["Hkv"], s["D"], max(64, s["N"])
     return B, Hq, Hkv, D, cap, _decode_lengths(B, Hkv, cap)
 
 
 def _decode_attention_cases(name, s, backends):
-    if name != "llava7b-prefill":  # one decode shape, derived from the LLM's dims
-        return []
-    B, Hq, Hkv, D, cap, lengths = _decode_dims(name, s)
+    B, Hq, Hkv, D, cap, lengths = _decode_dims(s)
     kept = int(lengths.sum())
 
     def make(device, dtype, seed):
@@ -218,7 +239,7 @@ def _decode_attention_cases(name, s, backends):
         return F.scaled_dot_product_attention(x["q"], k, v, attn_mask=x["mask"], enable_gqa=True)
 
     shape = {"B": B, "Hq": Hq, "Hkv": Hkv, "L_cap": cap, "D": D, "kept": round(kept / (B * Hkv * cap), 3)}
-    c = Case("decode_attention", f"{name}:decode", shape, make,
+    c = Case("decode_attention", name, shape, make,
              bytes_fn=lambda elt: 2 * kept * D * elt + 2 * B * Hq * D * elt)
     c.impls = _vtattn_impls(backends, lambda x: vtattn.decode_attention(x["q"], x["k"], x["v"], x["lengths"]))
     # gather-sdpa first: max err is taken against the first baseline, and it has the same semantics.
@@ -236,9 +257,7 @@ DECODE_PAGE_SIZE = 64
 
 
 def _paged_decode_attention_cases(name, s, backends):
-    if name != "llava7b-prefill":
-        return []
-    B, Hq, Hkv, D, cap, lengths = _decode_dims(name, s)
+    B, Hq, Hkv, D, cap, lengths = _decode_dims(s)
     page, max_pages = DECODE_PAGE_SIZE, -(-cap // DECODE_PAGE_SIZE)
     used = torch.arange(max_pages) * page < lengths[..., None]  # [B, Hkv, max_pages]
     kept, n_pages = int(lengths.sum()), int(used.sum())
@@ -266,7 +285,7 @@ def _paged_decode_attention_cases(name, s, backends):
 
     shape = {"B": B, "Hq": Hq, "Hkv": Hkv, "L_cap": cap, "D": D, "page_size": page,
              "kept": round(kept / (B * Hkv * cap), 3)}
-    c = Case("paged_decode_attention", f"{name}:decode-paged", shape, make,
+    c = Case("paged_decode_attention", f"{name}:paged", shape, make,
              bytes_fn=lambda elt: 2 * kept * D * elt + 2 * B * Hq * D * elt)
     c.impls = _vtattn_impls(backends, lambda x: vtattn.decode_attention(
         x["q"], x["k_pages"], x["v_pages"], x["lengths"], block_table=x["table"]))
@@ -295,7 +314,10 @@ def build_cases(device, shapes=None, backends=None, level="full", ops=None) -> l
         if ops and op not in ops:
             continue
         for name in shapes or SHAPES:
-            out += builder(name, scaled_shape(SHAPES[name], level), backends)
+            s = shape_of(name)
+            if bool(s.get("decode")) != (op in DECODE_OPS):
+                continue
+            out += builder(name, s if name.startswith(CUSTOM) else scaled_shape(s, level), backends)
     return out
 
 
