@@ -326,3 +326,58 @@ def test_fastv_twice_on_one_language_model_raises():
     ids, mask, pixels = _inputs()
     with torch.no_grad():
         assert model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits.shape[0] == 2
+
+
+def _kept_positions(cache, layer, b):
+    """Each kv head's kept original positions of sample b (the padding of -1 dropped)."""
+    pos = cache.kept_positions(layer)[b]
+    return [row[row >= 0].tolist() for row in pos]
+
+
+def test_fastv_with_kv_budget_one_gives_fastv_alone():
+    """A CompressedCache that keeps everything under FastV: FastV's tokens, and each layer holds
+    what FastV leaves it (all real tokens before layer K, FastV's kept ones from K on) plus the
+    decoded tokens, at their original positions."""
+    model = _model()
+    ids, mask, pixels = _inputs()
+    inputs, options = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels), dict(max_new_tokens=5,
+                                                                                         do_sample=False)
+    with torch.no_grad():
+        vtattn.patch.llava(model, method="fastv", layer=K, keep=0.25)
+        expected = model.generate(**inputs, **options)
+        kept = model._vtattn_patch.fastv.kept
+        vtattn.patch.llava(model, method="fastv", layer=K, keep=0.25, kv=vtattn.kv.LookM(budget=1.0, recent=0.1))
+        out = model.generate(**inputs, **options, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected)
+    cache, N = out.past_key_values, ids.shape[1]
+    assert isinstance(cache, vtattn.kv.CompressedCache)
+    for layer in range(4):
+        for b in range(2):
+            want = (mask[b].bool() if layer < K else kept[b]).nonzero()[:, 0].tolist() + [N, N + 1, N + 2, N + 3]
+            assert all(heads == want for heads in _kept_positions(cache, layer, b)), (layer, b)
+
+
+@pytest.mark.parametrize("vision_keep,merge", [(1.0, None), (0.5, "pivotal")])
+def test_fastv_with_kv_compresses_the_pruned_layers_and_samples_stay_independent(vision_keep, merge):
+    """LOOK-M on top of FastV (and of vision-side pruning): the pruned layers keep a subset of
+    FastV's tokens, every text token among them; a padded batch generates what each sample does
+    alone."""
+    model = vtattn.patch.llava(_model(), keep=vision_keep, fastv=vtattn.patch.FastV(layer=K, keep=0.5),
+                               kv=vtattn.kv.LookM(budget=0.2, recent=0.1, merge=merge))
+    ids, mask, pixels = _inputs()
+    options = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        batch = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **options)
+        fastv_kept, text = model._vtattn_patch.fastv.kept, model._vtattn_patch.fastv.kept.clone()
+        for b, images in enumerate([slice(0, 1), slice(1, 3)]):
+            real = mask[b].bool()
+            alone = model.generate(input_ids=ids[b:b + 1, real], pixel_values=pixels[images], **options)
+            assert torch.equal(alone.sequences[0, -5:], batch.sequences[b, -5:]), b
+    cache = batch.past_key_values
+    for b in range(2):
+        kept = set(fastv_kept[b].nonzero()[:, 0].tolist())
+        for heads in _kept_positions(cache, K, b):
+            prompt = [p for p in heads if p < fastv_kept.shape[1]]
+            assert set(prompt) < kept  # a strict subset: LOOK-M evicted image tokens too
+    held = [int((cache.kept_positions(layer) >= 0).sum()) for layer in range(4)]
+    assert held[K] < held[K - 1]  # FastV's and LOOK-M's evictions add up

@@ -312,8 +312,6 @@ def test_llava_kv_bad_arguments():
     for kw in (dict(kv=kv.LookM(0.2, 0.1)), dict(method="fastv", layer=1, keep=0.5)):
         with pytest.raises(NotImplementedError, match="sliding_window=16"):
             vtattn.patch.llava(windowed, **kw)
-    with pytest.raises(NotImplementedError, match="fastv and kv"):
-        vtattn.patch.llava(llava(), method="fastv", layer=1, keep=0.5, kv=kv.LookM(0.2, 0.1))
     model = vtattn.patch.llava(llava(), kv=kv.SnapKV(0.5, window=500))
     ids, mask = prompts([[36]])
     with pytest.raises(ValueError, match="window=500"), torch.no_grad():
@@ -343,6 +341,11 @@ def test_llava_kv_on_cuda_fp16():
     assert out.shape == (2, ids.shape[1] + 20)  # 20 steps: past the headroom, pages grew
     full = 2 * 2 * 2 * 2 * (ids.shape[1] + 20) * 64 * 2  # k and v, batch, layers, kv heads, tokens, D, fp16
     assert cache.kv_bytes() < 0.7 * full
+    with torch.no_grad():  # with FastV from layer 1: its pruned layer compresses its own kept tokens
+        vtattn.patch.llava(model, fastv=vtattn.patch.FastV(layer=1, keep=0.5), kv=kv.LookM(budget=0.2, recent=0.1))
+        out = model.generate(**inputs, max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
+    held = [int((out.past_key_values.kept_positions(i) >= 0).sum()) for i in range(2)]
+    assert out.sequences.shape == (2, ids.shape[1] + 20) and held[1] < held[0]
 
 
 def test_lookm_budget_01_on_the_4_image_prompt_takes_under_a_quarter_of_the_cache():

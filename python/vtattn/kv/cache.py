@@ -13,6 +13,8 @@ Positions stay those of the uncompressed sequence: keys are cached after RoPE, a
 `get_seq_length()` (and the mask sizes) count every token the layer was given, kept or not, so
 `generate`'s cache_position / position ids continue from the uncompressed length. Padding (from
 the attention mask) is never kept."""
+from typing import NamedTuple
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -22,6 +24,16 @@ from ._claim import LAST
 from .merge import merge_kv
 from .pages import Pages
 from .policies import Policy
+
+
+class Frame(NamedTuple):
+    """A prefill that holds a subsequence of the prompt, in order (FastV's pruned layers): each
+    row's original position (int64 [B, L]), the prompt's length (decode tokens continue from
+    it) and the rows' modality (in place of the cache's, which is the whole prompt's)."""
+    positions: torch.Tensor
+    length: int
+    modality: torch.Tensor | None
+
 
 class CompressedCache(Cache):
     """policy: a `vtattn.kv` policy for every layer, a list with one per layer (None keeps that
@@ -71,6 +83,7 @@ class CompressedLayer(CacheLayerMixin):
         super().__init__()
         self.cache, self.index, self.policy = cache, index, policy
         self.seen = 0  # tokens given to this layer: the uncompressed length
+        self.offset = 0  # original position of row `seen` minus `seen` (> 0 under FastV: fewer rows)
         self.pages = None
 
     def lazy_initialization(self, key_states, value_states):
@@ -89,19 +102,22 @@ class CompressedLayer(CacheLayerMixin):
             self.keys, self.values = key_states, value_states
             out = key_states, value_states
         else:
-            self.pages.append(key_states, value_states, self.seen)
+            self.pages.append(key_states, value_states, self.seen + self.offset)
             out = self.pages.k, self.pages.v
         self.seen += key_states.shape[-2]
         LAST.set((self, out[0]))
         return out
 
-    def attend(self, q, k, v, mask, scale):
+    def attend(self, q, k, v, mask, scale, frame=None):
         """Attention of q [B, Hq, n, D] over this layer after `update` returned (k, v): the prefill
-        (then compression), or the kept KV plus the new tokens. Returns [B, Hq, n, D]."""
+        (then compression), or the kept KV plus the new tokens. Returns [B, Hq, n, D]. A prefill
+        of a subsequence of the prompt (FastV's pruned layers) gives its `Frame`."""
         if self.pages is None:
             valid = _valid_keys(mask, k.shape[2])
             out, lse = _prefill_attention(q, k, v, valid, scale)
-            self._compress(q, k, v, lse, valid, scale)
+            if frame is not None:
+                self.offset = frame.length - self.seen
+            self._compress(q, k, v, lse, valid, scale, frame)
             self.keys = self.values = None
             return out
         p = self.pages
@@ -109,18 +125,18 @@ class CompressedLayer(CacheLayerMixin):
         if n == 1:  # a decode step: the paged split-KV kernel, no host sync
             return vtattn.decode_attention(q, p.k, p.v, p.lengths, block_table=p.table, scale=scale)
         B, H = p.lengths.shape
-        start = self.seen - n
+        start = self.seen - n + self.offset
         # several new tokens (stored already): original positions give exact causality among them
         return vtattn.index_attention(q, p.k.view(1, 1, -1, D).expand(B, H, -1, -1),
                                       p.v.view(1, 1, -1, D).expand(B, H, -1, -1), p.slots(), kv_counts=p.lengths,
                                       q_positions=torch.arange(start, start + n, device=q.device),
                                       kv_positions=p.pos.view(-1), causal=True, scale=scale)
 
-    def _compress(self, q, k, v, lse, valid, scale):
+    def _compress(self, q, k, v, lse, valid, scale, frame):
         B, H, L, D = k.shape
         if scale != D ** -0.5:  # the policies score with the default scale
             q = q * (scale * D ** 0.5)
-        modality = self.cache.modality
+        modality = self.cache.modality if frame is None else frame.modality
         if modality is not None and tuple(modality.shape) != (B, L):
             raise ValueError(f"CompressedCache.modality must be [B, L] = {(B, L)} for this prefill, "
                              f"got {tuple(modality.shape)}")
@@ -140,7 +156,9 @@ class CompressedLayer(CacheLayerMixin):
         else:
             at = indices.clamp(min=0)[..., None].expand(*indices.shape, D)
             k_rows, v_rows = k.gather(2, at), v.gather(2, at)
-        self.pages = Pages(k_rows, v_rows, indices, counts, self.cache.page_size, self.cache.room)
+        positions = indices if frame is None else torch.where(  # kept positions are the prompt's
+            indices >= 0, frame.positions[:, None, :].expand(B, H, L).gather(2, indices.clamp(min=0)), -1)
+        self.pages = Pages(k_rows, v_rows, positions, counts, self.cache.page_size, self.cache.room)
 
     @property
     def nbytes(self):
@@ -159,7 +177,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def reset(self):
         self.keys = self.values = self.pages = None
-        self.seen = 0
+        self.seen = self.offset = 0
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx):

@@ -15,6 +15,9 @@ kwargs (mask, RoPE tables, position ids):
   causality follows the original positions, so samples may keep different numbers of tokens
   without a padded mask. A sample's kept tokens are right-aligned in the pruned cache; the
   leading slots of a shorter sample are never listed.
+- With a `vtattn.kv.CompressedCache` (kv= as well), a layer >= K hands its prefill to the cache
+  layer instead, with the slots' original positions and padding (a `Frame`): it compresses FastV's
+  kept tokens and attends over what it keeps, prefill and decode.
 """
 import contextvars
 import sys
@@ -26,6 +29,7 @@ import torch
 import vtattn
 from vtattn import selection as policy
 
+from ..kv._claim import claim
 from . import _install
 
 NAME = "vtattn_fastv"
@@ -152,9 +156,11 @@ class Runner:
         if images is None:
             raise NotImplementedError("FastV finds the image tokens in input_ids: pass input_ids, not inputs_embeds")
         from transformers import DynamicCache
-        if cache is not None and not isinstance(cache, DynamicCache):
-            raise NotImplementedError(f"FastV needs a DynamicCache (layers keep different lengths), "
-                                      f"got {type(cache).__name__}")
+
+        from ..kv.cache import CompressedCache
+        if cache is not None and not isinstance(cache, (DynamicCache, CompressedCache)):
+            raise NotImplementedError(f"FastV needs a DynamicCache or a vtattn.kv.CompressedCache (layers keep "
+                                      f"different lengths), got {type(cache).__name__}")
         N = images.shape[1]
         real = torch.ones_like(images) if mask is None else mask.bool()
         pads = (~real).sum(1)
@@ -266,6 +272,17 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             step.scores = _scores(step, query, key, scaling)
         return _original(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                  **kwargs)
+    layer = claim(key)
+    if layer is not None:  # a vtattn.kv.CompressedCache layer: it compresses, then reads what it keeps
+        frame = None
+        if step.images is not None:  # the prefill: this layer holds the kept tokens, right-aligned
+            from ..kv.cache import Frame
+            record, modality = step.record, layer.cache.modality
+            frame = Frame(record.index, record.length,
+                          None if modality is None else modality.gather(1, record.index))
+            attention_mask = record.real[:, None, None, :]
+        out = layer.attend(query, key, value, attention_mask, scaling, frame)
+        return out.transpose(1, 2), None
     if key.shape[2] != step.record.index.shape[1]:
         raise RuntimeError(f"a FastV layer holds {key.shape[2]} keys, its record {step.record.index.shape[1]}")
     if step.kv is None:  # the same for every layer >= K

@@ -34,9 +34,6 @@ def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, a
                         f"got {type(model).__name__}")
     fastv = _fastv.resolve(method, fastv, layer, keep)
     base = model if isinstance(model, (LlavaModel, LlavaNextModel)) else model.model
-    if fastv is not None and kv is not None:
-        raise NotImplementedError("fastv and kv together are not supported yet: FastV's pruned layers keep "
-                                  "their own (uncompressed) cache")
     window = getattr(base.config.text_config, "sliding_window", None)
     if window and (fastv is not None or kv is not None):  # their attention paths see every key
         raise NotImplementedError(f"fastv / kv need full attention in the LLM; its config has sliding_window="
