@@ -65,7 +65,7 @@ cd "$TREE"
 export PYTHONPATH=$TREE/python
 "$VENV/bin/python" -m vtattn info >info.txt && head -8 info.txt
 status=0
-"$VENV/bin/python" -m pytest tests -q --ignore=tests/interpreter -p no:cacheprovider || status=1
+"$VENV/bin/python" -m pytest tests -q -p no:cacheprovider || status=1
 TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest tests/interpreter -q -p no:cacheprovider || status=1
 "$VENV/bin/python" -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider || status=1
 exit $status

@@ -13,7 +13,7 @@ run() {  # pytest exits 5 when it collects nothing: that is not a failure of the
   "$@"; local rc=$?
   if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then status=$rc; echo "FAILED: $*"; fi
 }
-run python -m pytest tests -q --ignore=tests/interpreter -p no:cacheprovider
+run python -m pytest tests -q -p no:cacheprovider
 run env TRITON_INTERPRET=1 python -m pytest tests/interpreter -q -p no:cacheprovider
 run python -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider
 [ "${VTATTN_TEST_OLDEST:-1}" = 0 ] || run bash scripts/oldest_env.sh test

@@ -6,6 +6,11 @@ import torch
 # Autotuning compiles every config of a Triton kernel for each new shape: minutes of a GPU run.
 # Tests launch the first config; test_triton_configs.py proves every config right.
 os.environ.setdefault("VTATTN_TRITON_AUTOTUNE", "0")
+# tests/interpreter sets TRITON_INTERPRET=1 for its whole process when collected: it runs alone
+# (`TRITON_INTERPRET=1 pytest tests/interpreter`), else every Triton test of `pytest tests` (the
+# GPU run too) would run under the interpreter instead of on the device.
+if os.environ.get("TRITON_INTERPRET") != "1":
+    collect_ignore = ["interpreter"]
 
 
 def pytest_runtest_setup(item):

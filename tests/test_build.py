@@ -46,3 +46,10 @@ def test_binary_holds_sm80_and_sm90a_code():
     for arch in _ext.build_info()["cuda_archs"]:
         assert f"sm_{arch}" in listing, f"no sm_{arch} code in {C.__file__}:\n{listing}"
     assert {"80", "90a"} <= set(_ext.build_info()["cuda_archs"])
+
+
+@pytest.mark.parametrize("run", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_the_interpreter_suite_stays_out_of_other_runs(run):
+    """`pytest tests` (the CPU run, and `-m gpu`) leaves tests/interpreter out: its conftest turns the
+    Triton interpreter on for the whole process, which would run every Triton GPU test on the CPU."""
+    assert os.environ.get("TRITON_INTERPRET") != "1"
