@@ -2,8 +2,9 @@
 # The oldest versions vtattn supports, which are also the lent GPU machine's (../shared/ENV.md):
 # Python 3.12, torch 2.11.0 (CUDA 13.0 build), triton 3.6.0, transformers 5.17.0, in .venv-oldest.
 #   scripts/oldest_env.sh test      CPU-only build there, then the CPU, interpreter and
-#                                   benchmark-smoke suites (scripts/test.sh runs it: CI checks the
-#                                   lower bounds of the supported versions)
+#                                   benchmark-smoke suites and the Triton sm_90 compile
+#                                   (scripts/test.sh runs it: CI checks the lower bounds of the
+#                                   supported versions)
 #   scripts/oldest_env.sh prebuild  build the extension for sm_90a there into .prebuilt/ (ignored),
 #                                   with a stamp of its sources: carried to the GPU machine
 #                                   (run carry=[".prebuilt"]), it spares scripts/gpu_check.sh the
@@ -68,4 +69,5 @@ status=0
 "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider || status=1
 TRITON_INTERPRET=1 "$VENV/bin/python" -m pytest tests/interpreter -q -p no:cacheprovider || status=1
 "$VENV/bin/python" -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider || status=1
+"$VENV/bin/python" scripts/compile_triton.py --all-configs || status=1
 exit $status
