@@ -28,8 +28,16 @@ case $MODE in
 esac
 
 if [ ! -x "$VENV/bin/python" ]; then
-  py=$(PYENV_VERSION=3.12.1 command -v python3.12 || command -v python3.12 || command -v python3)
-  "$py" -m venv "$VENV"
+  # Python 3.12 as on the device: pyenv's if it has one, else any on PATH, else python3.
+  PYENV_VERSION=$(pyenv versions --bare 2>/dev/null | grep -m1 '^3\.12' || true)
+  export PYENV_VERSION
+  for py in python3.12 python3; do
+    if "$py" -c '' 2>/dev/null; then
+      "$py" -m venv "$VENV"
+      break
+    fi
+  done
+  unset PYENV_VERSION
 fi
 # numpy < 2.3: triton 3.6's interpreter fails under newer numpy (its bug; the GPU path is unaffected).
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.11.0 triton==3.6.0 \
