@@ -4,8 +4,8 @@ The interpreter (tests/interpreter) checks what the kernels compute, not whether
 construct that interprets but does not compile (a method on a constexpr argument, a dtype the
 backend rejects) otherwise shows only on a lent GPU. Each launcher runs on CPU tensors against a
 stand-in driver that reports an sm_90 target; kernels are compiled (warm-up), never launched.
-fp16 and bf16 at head dims 64 and 72 with each kernel's first config; --all-configs adds every
-autotuning config in bf16. Run in its own process: the stand-in driver replaces triton's."""
+fp16, bf16 and fp32 at head dims 64 and 72 with each kernel's first config; --all-configs adds
+every autotuning config in bf16 and fp32. Run in its own process: the stand-in driver replaces triton's."""
 import argparse
 import collections
 import os
@@ -16,6 +16,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
+
+
+KERNELS = {"_attention_fwd_kernel", "_block_sparse_fwd_kernel", "_column_sums_kernel", "_few_rows_logits_kernel",
+           "_few_rows_normalize_kernel", "_gather_tokens", "_index_fwd_kernel", "_merge_assign", "_merge_kernel",
+           "_merge_reduce", "_row_lse_kernel", "_select_tokens", "_split_kernel", "_varlen_fwd_kernel"}
 
 
 class _Sm90:
@@ -86,15 +91,18 @@ def main():
         return [space[min(int(os.environ.get("VTATTN_TRITON_CONFIG", 0)), len(space) - 1)]]
 
     _common.Tuned.configs = forced
-    runs = [(h, D, 0) for h in (torch.float16, torch.bfloat16) for D in (64, 72)]
-    if a.all_configs:
-        runs += [(torch.bfloat16, 72, i) for i in range(1, 13)]  # 13: the largest space (attention's)
+    runs = [(h, D, 0) for h in (torch.float16, torch.bfloat16, torch.float32) for D in (64, 72)]
+    if a.all_configs:  # 13: the largest 16-bit space (attention's), 3 the largest fp32 one
+        runs += [(torch.bfloat16, 72, i) for i in range(1, 13)] + [(torch.float32, 72, i) for i in (1, 2)]
     for h, D, config in runs:
         os.environ["VTATTN_TRITON_CONFIG"] = str(config)
         try:
             _launch_all(h, D)
         except Exception as e:
             sys.exit(f"compile_triton: {h} D={D} config {config}: {type(e).__name__}: {e}")
+    missing = KERNELS - set(compiled)
+    if missing:  # a launcher that no longer reaches its kernel would otherwise pass unnoticed
+        sys.exit(f"compile_triton: never compiled: {', '.join(sorted(missing))}")
     print(f"compile_triton: triton {triton.__version__}, sm_90: {sum(compiled.values())} launches compiled, "
           f"{len(compiled)} kernels ({', '.join(sorted(compiled))})")
 

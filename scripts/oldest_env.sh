@@ -43,6 +43,13 @@ fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.11.0 triton==3.6.0 \
   transformers==5.17.0 "numpy<2.3" setuptools wheel ninja pytest pytest-benchmark expecttest tqdm matplotlib
 
+if [ "$MODE" = prebuild ]; then  # the device loads only a build for its Python and torch
+  "$VENV/bin/python" -c 'import sys, torch
+sys.exit(None if sys.version_info[:2] == (3, 12) and torch.__version__ == "2.11.0+cu130" else
+         f"prebuild needs Python 3.12 and torch 2.11.0+cu130 (the GPU machine), got {sys.version.split()[0]} "
+         f"and {torch.__version__}: remove .venv-oldest and provide a Python 3.12")'
+fi
+
 mkdir -p "$TREE"
 rm -rf "$TREE/csrc" "$TREE/python" "$TREE/triton_kernels" "$TREE/tests" "$TREE/benchmarks"
 # cp -p keeps the sources' times: ninja recompiles only what changed since the last build here.
@@ -50,6 +57,7 @@ git ls-files -co --exclude-standard -z | xargs -0 cp -p --parents -t "$TREE"
 ln -sfn ../../triton_kernels "$TREE/python/vtattn/triton_kernels"  # what an editable install maps
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 log=$TREE/build.log
+built_from=$(cd "$TREE" && stamp)  # the copy that is compiled, whatever the checkout does meanwhile
 echo "oldest_env $MODE: building in $TREE (log: $log)"
 if ! (cd "$TREE" && env CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" CPATH="$site/nvidia/cu13/include" \
       MAX_JOBS="${MAX_JOBS:-2}" "${BUILD_ENV[@]}" \
@@ -65,7 +73,7 @@ if [ "$MODE" = prebuild ]; then
   # Host debug info is half the file and nothing on the device reads it; the kernels' line info stays.
   strip --strip-debug -o ".prebuilt/$(basename "$so")" "$so"
   cp "$TREE/python/vtattn/_build_info.py" .prebuilt/
-  stamp >.prebuilt/STAMP
+  echo "$built_from" >.prebuilt/STAMP
   echo "prebuilt: $(ls .prebuilt | tr '\n' ' ')($(du -sh .prebuilt | cut -f1)), stamp $(cat .prebuilt/STAMP)"
   exit 0
 fi

@@ -17,7 +17,7 @@ def quick_run(tmp_path_factory):
     """One real `--quick` run of a small case on the CPU: (json path, loaded run)."""
     d = tmp_path_factory.mktemp("bench")
     path = d / "run.json"
-    assert main(["--filter", CASE, "--quick", "--json", str(path), "--csv", str(d / "run.csv")]) == 0
+    assert main(["--filter", CASE, "--quick", "--device", "cpu", "--json", str(path), "--csv", str(d / "run.csv")]) == 0
     return path, json.loads(path.read_text())
 
 
@@ -53,6 +53,9 @@ def test_compare_flags_rows_slower_than_the_spread(quick_run, tmp_path):
     assert "SLOWER" in bench_compare.format_compare(pairs, "old.json")
 
 
+FAKE_PEAKS = {"copy_gbps": 1.0, "matmul_tflops": 1.0, "matmul_dtype": "fp32", "matmul_shape": "1x1x1"}
+
+
 def _fake_rows(case, device, dtype, peaks, quick=False):
     row = dict.fromkeys(("role", "reps", "tflops", "gbps", "pct_peak", "baseline", "baseline_ms", "speedup",
                          "max_err", "note", "skipped"))
@@ -63,7 +66,7 @@ def _fake_rows(case, device, dtype, peaks, quick=False):
 def test_resume_runs_only_the_cases_a_cut_run_lacks(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(runner, "run_case", lambda case, *a, **k: ran.append(case.name) or _fake_rows(case, *a))
-    monkeypatch.setattr(peak, "measure_peaks", lambda *a: {"copy_gbps": 1.0, "matmul_tflops": 1.0, "matmul_dtype": "fp32", "matmul_shape": "1x1x1"})
+    monkeypatch.setattr(peak, "measure_peaks", lambda *a: FAKE_PEAKS)
     path = tmp_path / "run.json"
     args = ["--filter", "select_tokens/clip-l336", "--quick"]
     main(args + ["--json", str(path), "--time-budget", "0"])  # out of time before the first case
@@ -116,3 +119,28 @@ def test_custom_shapes_run_as_given_and_bad_ones_are_refused(capsys):
         with pytest.raises(SystemExit):
             main(["--shapes", bad])
         assert why in capsys.readouterr().err
+
+
+def test_sigterm_ends_the_run_with_its_files(tmp_path, monkeypatch):
+    """`timeout` sends SIGTERM: the run stops in the case it is in and still writes its JSON (with the
+    unfinished cases) and CSV."""
+    import os
+    import signal
+
+    ran = []
+
+    def case_then_term(case, *a, **k):
+        ran.append(case.name)
+        if len(ran) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _fake_rows(case, *a)
+
+    monkeypatch.setattr(runner, "run_case", case_then_term)
+    monkeypatch.setattr(peak, "measure_peaks", lambda *a: FAKE_PEAKS)
+    before = signal.getsignal(signal.SIGTERM)
+    path = tmp_path / "run.json"
+    assert main(["--filter", "select_tokens/clip-l336", "--quick", "--json", str(path), "--csv",
+                 str(tmp_path / "run.csv")]) == 0
+    run = json.loads(path.read_text())
+    assert len(ran) == 2 and len(run["rows"]) == 1 and len(run["header"]["unfinished"]) == 2
+    assert (tmp_path / "run.csv").exists() and signal.getsignal(signal.SIGTERM) is before

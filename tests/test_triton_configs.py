@@ -1,7 +1,7 @@
 """Every autotuning config of every Triton attention kernel computes the reference result: the
 autotuner may pick any of them on a user's GPU, while the other tests run only the first
-(VTATTN_TRITON_AUTOTUNE=0, conftest.py). bf16, causal, several tiles: the paths the interpreter
-cannot run (bf16 dots) at sizes where the largest tiles still leave ragged edges."""
+(VTATTN_TRITON_AUTOTUNE=0, conftest.py). bf16 (the dots the interpreter cannot run) and fp32
+(its own small tiles), causal, at sizes where the largest tiles still leave ragged edges."""
 import pytest
 import torch
 
@@ -10,35 +10,32 @@ from helpers import OUT_TOL, rand_qkv, run_forced
 from test_block_sparse_attention import random_lists
 from test_index_attention import make as make_index
 
-DTYPE = torch.bfloat16
-
-
-def _attention():
-    q, k, v = rand_qkv(1, 4, 2, 300, 333, 80, DTYPE, "cuda", "strided")
+def _attention(dtype):
+    q, k, v = rand_qkv(1, 4, 2, 300, 333, 80, dtype, "cuda", "strided")
     return vtattn.attention, (q, k, v), dict(causal=True)
 
 
-def _varlen():
+def _varlen(dtype):
     cu = torch.tensor([0, 77, 290, 301], dtype=torch.int32, device="cuda")
-    q, k, v = (t[0].transpose(0, 1) for t in rand_qkv(1, 4, 2, 301, 301, 72, DTYPE, "cuda", "strided"))
+    q, k, v = (t[0].transpose(0, 1) for t in rand_qkv(1, 4, 2, 301, 301, 72, dtype, "cuda", "strided"))
     return vtattn.varlen_attention, (q, k, v, cu, cu), dict(causal=True, max_seqlen_q=213, max_seqlen_k=213)
 
 
-def _index():
-    q, k, v, idx, kw = make_index(5, DTYPE, "cuda")
+def _index(dtype):
+    q, k, v, idx, kw = make_index(5, dtype, "cuda")
     return vtattn.index_attention, (q, k, v, idx), {**kw, "causal": True}
 
 
 def _key_importance(rows):
-    def make():
-        q, k, _ = rand_qkv(2, 4, 2, 290, 290, 64, DTYPE, "cuda", "sliced")
+    def make(dtype):
+        q, k, _ = rand_qkv(2, 4, 2, 290, 290, 64, dtype, "cuda", "sliced")
         r = torch.arange(0, 290, 3, device="cuda") if rows == "many" else rows
         return vtattn.key_importance, (q, k), dict(rows=r, causal=True)
     return make
 
 
-def _block_sparse():
-    q, k, v = rand_qkv(1, 2, 2, 300, 300, 64, DTYPE, "cuda", "contiguous")
+def _block_sparse(dtype):
+    q, k, v = rand_qkv(1, 2, 2, 300, 300, 64, dtype, "cuda", "contiguous")
     num, idx = random_lists(1, 2, 300, 300, 128, torch.Generator().manual_seed(0))
     return vtattn.block_sparse_attention, (q, k, v, num.cuda(), idx.cuda()), dict(block_size=128, causal=True)
 
@@ -46,16 +43,18 @@ def _block_sparse():
 OPS = {"attention": _attention, "varlen_attention": _varlen, "index_attention": _index,
        "key_importance-row0": _key_importance(0), "key_importance-many-rows": _key_importance("many"),
        "key_importance-all": _key_importance("all"), "block_sparse_attention": _block_sparse}
-MOST_CONFIGS = 13  # the largest 16-bit space (triton_kernels/attention.py: _space); the rest repeat their last
+# (dtype, config): the largest spaces are 13 configs in 16 bits (attention's _space), 3 in fp32;
+# a kernel with fewer runs its last for the rest.
+CONFIGS = [(torch.bfloat16, i) for i in range(13)] + [(torch.float32, i) for i in range(3)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", range(MOST_CONFIGS))
+@pytest.mark.parametrize("dtype,config", CONFIGS, ids=[f"{str(d)[6:]}-{i}" for d, i in CONFIGS])
 @pytest.mark.parametrize("op", OPS)
-def test_every_triton_config_matches_the_reference(monkeypatch, op, config):
+def test_every_triton_config_matches_the_reference(monkeypatch, op, dtype, config):
     monkeypatch.setenv("VTATTN_TRITON_CONFIG", str(config))
-    fn, args, kw = OPS[op]()
+    fn, args, kw = OPS[op](dtype)
     got = run_forced("triton", fn, *args, **kw)
     want = run_forced("torch", fn, *args, **kw)
-    atol, rtol = (1e-4, 1e-3) if op.startswith("key_importance") else (OUT_TOL[DTYPE],) * 2
+    atol, rtol = (1e-4, 1e-3) if op.startswith("key_importance") else (OUT_TOL[dtype],) * 2
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)

@@ -1,8 +1,11 @@
 """`python -m vtattn.bench` / `vtattn-bench`: time vtattn's ops against the baselines a user
 would otherwise pick, on whatever device is present, and print a table (plus JSON / CSV)."""
 import argparse
+import contextlib
 import re
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -78,6 +81,28 @@ def _progress(items):
     return lines()
 
 
+class _Stopped(BaseException):  # not an Exception: a case's error handling must let it through
+    pass
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM (a time limit's `timeout`) ends the run like a spent --time-budget: the table, the
+    files and the unfinished cases are still written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise _Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     a = _parse(argv)
     from . import report
@@ -104,15 +129,25 @@ def main(argv=None) -> int:
     else:
         h["peaks"] = measure_peaks(device, dtype, a.quick)
     print(report.format_header(h), flush=True)
-    left = []
-    for i, case in enumerate(_progress(cases)):
-        if a.time_budget is not None and time.perf_counter() - started > a.time_budget:
-            left = cases[i:]
-            break
-        rows += [{**r, "git_commit": commit} for r in run_case(case, device, dtype, h["peaks"], a.quick)]
-        h["elapsed_s"] = round(time.perf_counter() - t0, 1)
-        if a.json:  # after every case: a run cut short still leaves its rows
-            report.write_json(a.json, h, rows)
+    left, longest = [], 0.0
+    with _stop_on_sigterm():
+        for i, case in enumerate(_progress(cases)):
+            # no case that would not end within the budget if it took as long as the longest so far
+            if a.time_budget is not None and time.perf_counter() - started + longest > a.time_budget:
+                left = cases[i:]
+                break
+            t_case = time.perf_counter()
+            try:
+                new = run_case(case, device, dtype, h["peaks"], a.quick)
+            except _Stopped:
+                left = cases[i:]
+                print(f"stopped (SIGTERM) in {case.op}/{case.name}", file=sys.stderr)
+                break
+            longest = max(longest, time.perf_counter() - t_case)
+            rows += [{**r, "git_commit": commit} for r in new]
+            h["elapsed_s"] = round(time.perf_counter() - t0, 1)
+            if a.json:  # after every case: a run cut short still leaves its rows
+                report.write_json(a.json, h, rows)
     h["elapsed_s"] = round(time.perf_counter() - t0, 1)
     h.pop("unfinished", None)  # a resumed run's list is stale now
     if left:
@@ -124,7 +159,7 @@ def main(argv=None) -> int:
     print(f"\n{len(cases) - len(left)} cases, {len(rows)} rows in {h['elapsed_s']} s; speedup = fastest baseline / "
           "median; % peak of the measured matmul (TFLOP/s) or copy (GB/s) peak")
     if left:
-        print(f"time budget reached: {len(left)} cases not run (--resume {a.json or 'RUN.json'} runs them)")
+        print(f"out of time: {len(left)} cases not run (--resume {a.json or 'RUN.json'} runs them)")
     if any(r["op"] in ("vision_tower", "e2e") for r in rows):
         from .scenarios import NOTE
         print(NOTE + (" CPU: scaled-down models, one thread (see each row's shape)." if level != "full" else ""))
