@@ -50,6 +50,7 @@ KEEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
 FASTV = dict(method="fastv", layer=2, keep=0.25)
 KV_BUDGETS = (1.0, 0.5, 0.2, 0.1)
 KV_RECENT = 0.1
+COMBINED_BUDGET = 0.2  # LOOK-M's budget with FastV (the 4-image scenarios)
 TTFT_BATCHES, DECODE_BATCHES = (1, 8), (1, 16)
 CPU_BATCH = 2  # on CPU every batch above 1 runs at 2; the case keeps the real batch's name
 PROMPT = 64  # text tokens beside the images, unless a scenario says otherwise
@@ -129,6 +130,10 @@ def _variants(which):
         out.append((f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(FASTV), "FastV"))
     out += [(f"lookm-{b}", "vtattn", lambda b=b: dict(kv=vtattn.kv.LookM(budget=b, recent=KV_RECENT)),
              "KV compression") for b in KV_BUDGETS]
+    if which == "kv":  # both in the LLM: FastV's layers compress what FastV kept
+        out.append((f"fastv-{FASTV['keep']}+lookm-{COMBINED_BUDGET}", "vtattn", lambda: dict(
+            fastv=vtattn.patch.FastV(layer=FASTV["layer"], keep=FASTV["keep"]),
+            kv=vtattn.kv.LookM(budget=COMBINED_BUDGET, recent=KV_RECENT)), "FastV with KV compression"))
     return out
 
 
