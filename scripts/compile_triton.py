@@ -47,9 +47,9 @@ def _launch_all(h, D):
                                        select_tokens, varlen_attention)
     q, k = torch.randn(2, 4, 100, D, dtype=h), torch.randn(2, 2, 120, D, dtype=h)
     attention.attention(q, k, k, True, 0.1)
+    rows = lambda n: torch.arange(n).expand(2, n).contiguous()  # noqa: E731
     index_attention.index_attention(q, k, k, torch.arange(120).expand(2, 2, 120).contiguous(),
-                                    torch.full((2, 2), 120, dtype=torch.int32), torch.arange(100).expand(2, 100).contiguous(),
-                                    torch.arange(120).expand(2, 120).contiguous(), True, 0.1)
+                                    torch.full((2, 2), 120, dtype=torch.int32), rows(100), rows(120), True, 0.1)
     block_sparse_attention.block_sparse_attention(q, k, k, torch.ones(1, 1, 1, dtype=torch.int32),
                                                   torch.zeros(1, 1, 1, 1, dtype=torch.int32), 128, True, 0.1)
     key_importance.key_importance(q, k, None, None, True, 0.1)  # rows="all"

@@ -87,10 +87,10 @@ def test_resume_runs_only_the_cases_a_cut_run_lacks(tmp_path, monkeypatch):
     bench_docs.main([str(path), "--out", str(tmp_path / "b.md"), "--plots", str(tmp_path)])
     assert "Continued" in (tmp_path / "b.md").read_text()
 
-    run["header"]["torch"] = "2.0.0"
-    path.write_text(json.dumps(run))
-    with pytest.raises(SystemExit, match="torch"):
-        main(args + ["--resume", str(path)])
+    for key, other in (("torch", "2.0.0"), ("backends", ["torch"])):
+        path.write_text(json.dumps({**run, "header": {**run["header"], key: other}}))
+        with pytest.raises(SystemExit, match=key):
+            main(args + ["--resume", str(path)])
 
 
 def test_docs_page_is_generated_from_a_run(quick_run, tmp_path):

@@ -106,7 +106,7 @@ def _stop_on_sigterm():
 def main(argv=None) -> int:
     a = _parse(argv)
     from . import report
-    from .cases import DTYPE_NAMES, DTYPES, build_cases
+    from .cases import DTYPE_NAMES, DTYPES, build_cases, default_backends
     from .peak import header, measure_peaks
     from .runner import run_case
 
@@ -114,11 +114,12 @@ def main(argv=None) -> int:
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     level = "full" if device.type == "cuda" else ("cpu-quick" if a.quick else "cpu")
     t0 = started = time.perf_counter()
-    cases = build_cases(device, shapes=a.shapes, backends=a.backend, level=level)
+    backends = a.backend or default_backends(device)
+    cases = build_cases(device, shapes=a.shapes, backends=backends, level=level)
     if a.filter:
         cases = [c for c in cases if re.search(a.filter, f"{c.op}/{c.name}")]
     h = header(device)
-    h.update(dtype=DTYPE_NAMES[dtype], quick=a.quick, scaled=None if level == "full" else level,
+    h.update(dtype=DTYPE_NAMES[dtype], backends=backends, quick=a.quick, scaled=None if level == "full" else level,
              argv=sys.argv[1:] if argv is None else list(argv))
     commit = h["git_commit"]
     rows = []

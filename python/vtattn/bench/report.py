@@ -72,12 +72,13 @@ def write_csv(path, rows):
 def resume(path, header, cases):
     """(header, rows, cases still to run) to continue the run recorded at `path`: its header (measured
     peaks included) and rows are kept, and the cases it has rows for are dropped. A run of another
-    device, torch or timing level cannot be continued: its rows would not compare. The commit may
+    device, torch, dtype, backend set or timing level cannot be continued: its rows would not
+    compare (--filter and --shapes may differ: they choose what still runs). The commit may
     have moved on (a device session is short): each row keeps the commit it was measured at."""
     with open(path) as f:
         run = json.load(f)
     old = run["header"]
-    for k in ("device", "torch", "triton", "dtype", "quick", "scaled"):
+    for k in ("device", "torch", "triton", "dtype", "backends", "quick", "scaled"):
         if old.get(k) != header.get(k):
             raise SystemExit(f"--resume {path}: its {k} is {old.get(k)!r}, this run's is {header.get(k)!r}")
     old.setdefault("resumed", []).append({k: header[k] for k in ("date", "argv", "git_commit")})
