@@ -176,6 +176,12 @@ def wide(stride, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def wide4(stride_b, stride_h, stride_n, stride_d, ALIGN: tl.constexpr):
+    """The four strides of a [B, H, N, D] tensor as `stride_align` passes them, back in elements as int64."""
+    return wide(stride_b, ALIGN), wide(stride_h, ALIGN), wide(stride_n, ALIGN), wide(stride_d, 1)
+
+
+@triton.jit
 def key_range(row_lo, row_hi, Nk, causal_off, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys a block of query rows [row_lo, row_hi] reads: [0, full) are visible to every row (no mask),
     [full, end) need the causal / bounds mask. row_hi < row_lo means no rows: empty range."""

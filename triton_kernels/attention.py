@@ -2,7 +2,7 @@
 import torch
 
 from ._common import (LOG2E, Tuned, block_d, check_tensors, dot_precision, finish_lse, fp32_tiles, key_range,
-                      on_device, online_softmax, stride_align, strides, tiles, tl, triton, tune_key, wide)
+                      on_device, online_softmax, stride_align, strides, tiles, tl, triton, tune_key, wide4)
 
 
 def supports(q, k, v, causal, scale) -> str | None:
@@ -89,12 +89,10 @@ def _attention_fwd_kernel(Q, K, V, Out, Lse,
                           BLOCK_N: tl.constexpr):
     """out = softmax(scale q k^T) v and the rows' lse; one query tile per program. Strides but the
     last come divided by ALIGN (see _common.stride_align); all become int64 (offsets may pass 2^31)."""
-    stride_qb, stride_qh, stride_qm = wide(stride_qb, ALIGN), wide(stride_qh, ALIGN), wide(stride_qm, ALIGN)
-    stride_kb, stride_kh, stride_kn = wide(stride_kb, ALIGN), wide(stride_kh, ALIGN), wide(stride_kn, ALIGN)
-    stride_vb, stride_vh, stride_vn = wide(stride_vb, ALIGN), wide(stride_vh, ALIGN), wide(stride_vn, ALIGN)
-    stride_ob, stride_oh, stride_om = wide(stride_ob, ALIGN), wide(stride_oh, ALIGN), wide(stride_om, ALIGN)
-    stride_qd, stride_kd = wide(stride_qd, 1), wide(stride_kd, 1)
-    stride_vd, stride_od = wide(stride_vd, 1), wide(stride_od, 1)
+    stride_qb, stride_qh, stride_qm, stride_qd = wide4(stride_qb, stride_qh, stride_qm, stride_qd, ALIGN)
+    stride_kb, stride_kh, stride_kn, stride_kd = wide4(stride_kb, stride_kh, stride_kn, stride_kd, ALIGN)
+    stride_vb, stride_vh, stride_vn, stride_vd = wide4(stride_vb, stride_vh, stride_vn, stride_vd, ALIGN)
+    stride_ob, stride_oh, stride_om, stride_od = wide4(stride_ob, stride_oh, stride_om, stride_od, ALIGN)
     # 1-D grid, query tiles of one head adjacent (K/V stay in L2); GQA heads of a group are adjacent too.
     num_m = tl.cdiv(Nq, BLOCK_M)
     pid = tl.program_id(0)

@@ -6,7 +6,7 @@ import functools
 import torch
 
 from ._common import (LOG2E, Tuned, block_d, check_tensors, dot_precision, finish_lse, on_device, stride_align,
-                      strides, tl, triton, tune_key, wide)
+                      strides, tl, triton, tune_key, wide4)
 from .attention import _space, key_tile
 
 MIN_TILE = 16  # the smallest tl.dot tile: block_size must be a multiple of it
@@ -37,12 +37,10 @@ def _block_sparse_fwd_kernel(Q, K, V, Out, Lse, Num, Idx,
     per program, over its block's listed key blocks in BLOCK_N tiles. Block-list strides may be 0
     (shared over batch / heads). Strides of q/k/v/out but the last come divided by ALIGN; all become
     int64 (offsets may pass 2^31)."""
-    stride_qb, stride_qh, stride_qm = wide(stride_qb, ALIGN), wide(stride_qh, ALIGN), wide(stride_qm, ALIGN)
-    stride_kb, stride_kh, stride_kn = wide(stride_kb, ALIGN), wide(stride_kh, ALIGN), wide(stride_kn, ALIGN)
-    stride_vb, stride_vh, stride_vn = wide(stride_vb, ALIGN), wide(stride_vh, ALIGN), wide(stride_vn, ALIGN)
-    stride_ob, stride_oh, stride_om = wide(stride_ob, ALIGN), wide(stride_oh, ALIGN), wide(stride_om, ALIGN)
-    stride_qd, stride_kd = wide(stride_qd, 1), wide(stride_kd, 1)
-    stride_vd, stride_od = wide(stride_vd, 1), wide(stride_od, 1)
+    stride_qb, stride_qh, stride_qm, stride_qd = wide4(stride_qb, stride_qh, stride_qm, stride_qd, ALIGN)
+    stride_kb, stride_kh, stride_kn, stride_kd = wide4(stride_kb, stride_kh, stride_kn, stride_kd, ALIGN)
+    stride_vb, stride_vh, stride_vn, stride_vd = wide4(stride_vb, stride_vh, stride_vn, stride_vd, ALIGN)
+    stride_ob, stride_oh, stride_om, stride_od = wide4(stride_ob, stride_oh, stride_om, stride_od, ALIGN)
     num_m = tl.cdiv(Nq, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m

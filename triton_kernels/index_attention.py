@@ -3,7 +3,7 @@ rows are loaded by index (no gathered K/V copy), the causal mask by original pos
 import torch
 
 from ._common import (LOG2E, Tuned, block_d, check_tensors, dot_precision, on_device, stride_align, strides, tl,
-                      triton, tune_key, wide)
+                      triton, tune_key, wide4)
 from .attention import _space, attn_tile
 
 
@@ -28,12 +28,10 @@ def _index_fwd_kernel(Q, K, V, Out, Idx, Cnt, QPos, KPos,
                       BLOCK_N: tl.constexpr):
     """One query tile of one (batch, head) per program over the head's listed keys. Strides but
     the last come divided by ALIGN (see _common.stride_align); all become int64 (offsets may pass 2^31)."""
-    stride_qb, stride_qh, stride_qm = wide(stride_qb, ALIGN), wide(stride_qh, ALIGN), wide(stride_qm, ALIGN)
-    stride_kb, stride_kh, stride_kn = wide(stride_kb, ALIGN), wide(stride_kh, ALIGN), wide(stride_kn, ALIGN)
-    stride_vb, stride_vh, stride_vn = wide(stride_vb, ALIGN), wide(stride_vh, ALIGN), wide(stride_vn, ALIGN)
-    stride_ob, stride_oh, stride_om = wide(stride_ob, ALIGN), wide(stride_oh, ALIGN), wide(stride_om, ALIGN)
-    stride_qd, stride_kd = wide(stride_qd, 1), wide(stride_kd, 1)
-    stride_vd, stride_od = wide(stride_vd, 1), wide(stride_od, 1)
+    stride_qb, stride_qh, stride_qm, stride_qd = wide4(stride_qb, stride_qh, stride_qm, stride_qd, ALIGN)
+    stride_kb, stride_kh, stride_kn, stride_kd = wide4(stride_kb, stride_kh, stride_kn, stride_kd, ALIGN)
+    stride_vb, stride_vh, stride_vn, stride_vd = wide4(stride_vb, stride_vh, stride_vn, stride_vd, ALIGN)
+    stride_ob, stride_oh, stride_om, stride_od = wide4(stride_ob, stride_oh, stride_om, stride_od, ALIGN)
     num_m = tl.cdiv(Nq, BLOCK_M)
     pid = tl.program_id(0)
     bh = pid // num_m

@@ -8,7 +8,7 @@ import torch
 
 from ._common import (LOG2E, LOG2E_K, Tuned, block_d, check_tensors, dot_precision, finish_lse, fp32_tiles,
                       interpreting, key_range, on_device, online_softmax, stride_align, strides, tiles, tl,
-                      triton, tune_key, wide)
+                      triton, tune_key, wide, wide4)
 
 FEW_ROWS = 16  # up to this many rows without lse take the one-read-of-K path
 # Keys per program of the few-rows path (a multiple of every BLOCK_N below). Small under the
@@ -56,9 +56,8 @@ def _row_lse_kernel(Q, K, Rows, Lse,
                     PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Lse [B, Hq, R] (natural log) of the selected rows: flash attention's max/sum-exp without V. Strides
     of q and k but the last come divided by ALIGN (see _common.stride_align); all become int64."""
-    stride_qb, stride_qh, stride_qm = wide(stride_qb, ALIGN), wide(stride_qh, ALIGN), wide(stride_qm, ALIGN)
-    stride_kb, stride_kh, stride_kn = wide(stride_kb, ALIGN), wide(stride_kh, ALIGN), wide(stride_kn, ALIGN)
-    stride_qd, stride_kd = wide(stride_qd, 1), wide(stride_kd, 1)
+    stride_qb, stride_qh, stride_qm, stride_qd = wide4(stride_qb, stride_qh, stride_qm, stride_qd, ALIGN)
+    stride_kb, stride_kh, stride_kn, stride_kd = wide4(stride_kb, stride_kh, stride_kn, stride_kd, ALIGN)
     num_m = tl.cdiv(R, BLOCK_M)
     b, h, kvh, tile_m = _head(tl.program_id(0), num_m, Hq, GROUP)
     slots = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -113,9 +112,8 @@ def _column_sums_kernel(Q, K, Lse, Rows, Out,
     """Out[b, h, j] = sum over slots of exp(s[row, j] - lse[row]); one key tile per program, which loops
     over all row tiles itself (deterministic, no atomics). Lse is indexed by slot or by row. Strides of q
     and k but the last come divided by ALIGN (see _common.stride_align); all become int64."""
-    stride_qb, stride_qh, stride_qm = wide(stride_qb, ALIGN), wide(stride_qh, ALIGN), wide(stride_qm, ALIGN)
-    stride_kb, stride_kh, stride_kn = wide(stride_kb, ALIGN), wide(stride_kh, ALIGN), wide(stride_kn, ALIGN)
-    stride_qd, stride_kd = wide(stride_qd, 1), wide(stride_kd, 1)
+    stride_qb, stride_qh, stride_qm, stride_qd = wide4(stride_qb, stride_qh, stride_qm, stride_qd, ALIGN)
+    stride_kb, stride_kh, stride_kn, stride_kd = wide4(stride_kb, stride_kh, stride_kn, stride_kd, ALIGN)
     stride_ln = wide(stride_ln, 1)
     num_n = tl.cdiv(Nk, BLOCK_N)
     b, h, kvh, tile_n = _head(tl.program_id(0), num_n, Hq, GROUP)
@@ -172,9 +170,8 @@ def _few_rows_logits_kernel(Q, K, Rows, S, Mpart, Lpart, stride_s,
     """For one chunk of keys: log2-domain logits of the R rows into S [B, Hq, R, >= Nk] (-inf = invisible)
     and each row's (max, sum-exp) over the chunk into Mpart/Lpart [B, Hq, R, n_chunks]. Strides of q and k
     but the last come divided by ALIGN (see _common.stride_align); all become int64."""
-    stride_qb, stride_qh, stride_qm = wide(stride_qb, ALIGN), wide(stride_qh, ALIGN), wide(stride_qm, ALIGN)
-    stride_kb, stride_kh, stride_kn = wide(stride_kb, ALIGN), wide(stride_kh, ALIGN), wide(stride_kn, ALIGN)
-    stride_qd, stride_kd = wide(stride_qd, 1), wide(stride_kd, 1)
+    stride_qb, stride_qh, stride_qm, stride_qd = wide4(stride_qb, stride_qh, stride_qm, stride_qd, ALIGN)
+    stride_kb, stride_kh, stride_kn, stride_kd = wide4(stride_kb, stride_kh, stride_kn, stride_kd, ALIGN)
     b, h, kvh, chunk = _head(tl.program_id(0), n_chunks, Hq, GROUP)
     slots = tl.arange(0, BLOCK_R)
     rows, ok = _load_rows(Rows, b, slots, R, Nq, stride_rb, stride_rr, True)
