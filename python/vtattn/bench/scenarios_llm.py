@@ -50,7 +50,7 @@ KEEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
 FASTV = dict(method="fastv", layer=2, keep=0.25)
 KV_BUDGETS = (1.0, 0.5, 0.2, 0.1)
 KV_RECENT = 0.1
-COMBINED_BUDGET = 0.2  # LOOK-M's budget with FastV (the 4-image scenarios)
+COMBINED_BUDGET = 0.2  # LOOK-M's budget with FastV and with decode-time eviction (the 4-image scenarios)
 TTFT_BATCHES, DECODE_BATCHES = (1, 8), (1, 16)
 CPU_BATCH = 2  # on CPU every batch above 1 runs at 2; the case keeps the real batch's name
 PROMPT = 64  # text tokens beside the images, unless a scenario says otherwise
@@ -121,7 +121,7 @@ def _record_cache(impl, cache):
     impl.note = " ".join(filter(None, [impl.note, f"kv {n / 2**20:.3g} MiB"]))
 
 
-def _variants(which):
+def _variants(which, new_tokens):
     """(row name, role, patch kwargs (a function: built inside the row's ctx) or None for the
     unpatched model, the name of a variant whose API may be missing)."""
     out = [("unpatched-sdpa", "baseline", None, None)]
@@ -134,6 +134,10 @@ def _variants(which):
         out.append((f"fastv-{FASTV['keep']}+lookm-{COMBINED_BUDGET}", "vtattn", lambda: dict(
             fastv=vtattn.patch.FastV(layer=FASTV["layer"], keep=FASTV["keep"]),
             kv=vtattn.kv.LookM(budget=COMBINED_BUDGET, recent=KV_RECENT)), "FastV with KV compression"))
+        every = new_tokens // 4  # 8 (2 on CPU): 3 evictions in a decode row, their cost (no saving this short)
+        out.append((f"lookm-{COMBINED_BUDGET}+decode-h2o", "vtattn", lambda: dict(kv=vtattn.kv.DecodeH2O(
+            vtattn.kv.LookM(budget=COMBINED_BUDGET, recent=KV_RECENT), every=every, recent=every)),
+            "decode-time eviction"))
     return out
 
 
@@ -186,7 +190,7 @@ def _scenario_cases(transformers, scenario_name, scenario, level):
 
     def impls(kind, B):
         out = []
-        for row, role, kw, pending in _variants(scenario.get("variants", "all")):
+        for row, role, kw, pending in _variants(scenario.get("variants", "all"), new_tokens):
             if kw is None:
                 inner = lambda: attn_impl(model(), "sdpa")
             else:

@@ -1,14 +1,14 @@
 """Multimodal KV-cache compression: prefill keep-set policies (policies.py), budgets (budgets.py),
-LOOK-M merging (merge.py) and `CompressedCache` (cache.py, paged storage in pages.py), the
-transformers Cache that holds only what a policy kept. Budgets per layer come from one policy per
+LOOK-M merging (merge.py), decode-time eviction (decode.py) and `CompressedCache` (cache.py,
+paged storage in pages.py), the transformers Cache that holds only what a policy kept. Budgets per layer come from one policy per
 layer, e.g. `CompressedCache([kv.SnapKV(b) for b in kv.pyramid(num_layers, 0.2)])`."""
 from . import budgets
 from .budgets import pyramid
 from .merge import merge_kv
-from .policies import H2O, AdaKV, KeepSet, KeyNorm, LookM, Modality, SnapKV, StreamingLLM
+from .policies import H2O, AdaKV, DecodeH2O, KeepSet, KeyNorm, LookM, Modality, SnapKV, StreamingLLM
 
 __all__ = ["CompressedCache", "KeepSet", "LookM", "SnapKV", "H2O", "KeyNorm", "StreamingLLM", "Modality", "AdaKV",
-           "pyramid", "merge_kv", "budgets"]
+           "DecodeH2O", "pyramid", "merge_kv", "budgets"]
 
 
 def __getattr__(name):

@@ -12,7 +12,7 @@ only the kept KV. Another attention implementation cannot read the pages: the ne
 Positions stay those of the uncompressed sequence: keys are cached after RoPE, and
 `get_seq_length()` (and the mask sizes) count every token the layer was given, kept or not, so
 `generate`'s cache_position / position ids continue from the uncompressed length. Padding (from
-the attention mask) is never kept."""
+the attention mask) is never kept. A `DecodeH2O` policy also evicts while decoding (decode.py)."""
 from typing import NamedTuple
 
 import torch
@@ -21,9 +21,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 import vtattn
 
 from ._claim import LAST
+from .decode import evict, prompt_mass
 from .merge import merge_kv
 from .pages import Pages
-from .policies import Policy
+from .policies import DecodeH2O, Policy
 
 
 class Frame(NamedTuple):
@@ -85,6 +86,8 @@ class CompressedLayer(CacheLayerMixin):
         self.seen = 0  # tokens given to this layer: the uncompressed length
         self.offset = 0  # original position of row `seen` minus `seen` (> 0 under FastV: fewer rows)
         self.pages = None
+        self.base = None  # DecodeH2O: host int64 [B, Hkv], each head's length after the prefill
+        self.queries = []  # DecodeH2O: the decode queries since its last eviction, [B, Hq, n, D] each
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -123,14 +126,28 @@ class CompressedLayer(CacheLayerMixin):
         p = self.pages
         n, D = q.shape[2], q.shape[3]
         if n == 1:  # a decode step: the paged split-KV kernel, no host sync
-            return vtattn.decode_attention(q, p.k, p.v, p.lengths, block_table=p.table, scale=scale)
-        B, H = p.lengths.shape
-        start = self.seen - n + self.offset
-        # several new tokens (stored already): original positions give exact causality among them
-        return vtattn.index_attention(q, p.k.view(1, 1, -1, D).expand(B, H, -1, -1),
-                                      p.v.view(1, 1, -1, D).expand(B, H, -1, -1), p.slots(), kv_counts=p.lengths,
-                                      q_positions=torch.arange(start, start + n, device=q.device),
-                                      kv_positions=p.pos.view(-1), causal=True, scale=scale)
+            out = vtattn.decode_attention(q, p.k, p.v, p.lengths, block_table=p.table, scale=scale)
+        else:
+            B, H = p.lengths.shape
+            start = self.seen - n + self.offset
+            # several new tokens (stored already): original positions give exact causality among them
+            out = vtattn.index_attention(q, p.k.view(1, 1, -1, D).expand(B, H, -1, -1),
+                                         p.v.view(1, 1, -1, D).expand(B, H, -1, -1), p.slots(), kv_counts=p.lengths,
+                                         q_positions=torch.arange(start, start + n, device=q.device),
+                                         kv_positions=p.pos.view(-1), causal=True, scale=scale)
+        if isinstance(self.policy, DecodeH2O):
+            self._decoded(q, scale)
+        return out
+
+    def _decoded(self, q, scale):
+        """DecodeH2O: note the step's queries; every `every` tokens, score them and evict."""
+        D = q.shape[-1]
+        self.queries.append(q if scale == D ** -0.5 else q * (scale * D ** 0.5))
+        n = sum(x.shape[2] for x in self.queries)
+        if n >= self.policy.every:
+            queries, self.queries = torch.cat(self.queries, 2), []
+            self.pages = evict(self.pages, queries, self.seen - n + self.offset, self.base, self.policy.recent,
+                               self.cache.room)
 
     def _compress(self, q, k, v, lse, valid, scale, frame):
         B, H, L, D = k.shape
@@ -143,9 +160,10 @@ class CompressedLayer(CacheLayerMixin):
         rows = [None] * B if valid is None else [valid[b].nonzero()[:, 0] for b in range(B)]
         if valid is None and self.policy is not None:
             keep = self.policy.select(q, k, modality=modality, lse=lse)
-            indices, counts = keep.indices, keep.counts
+            indices, counts, ranked = keep.indices, keep.counts, keep.scores
         else:  # padding: each sample alone on its own tokens, as it would be without the others
             indices, counts = _per_sample(self.policy, q, k, lse, modality, rows)
+            ranked = None
         merge = getattr(self.policy, "merge", None)
         if merge is not None:
             image = torch.ones_like(k[..., 0], dtype=torch.bool) if modality is None else \
@@ -158,7 +176,12 @@ class CompressedLayer(CacheLayerMixin):
             k_rows, v_rows = k.gather(2, at), v.gather(2, at)
         positions = indices if frame is None else torch.where(  # kept positions are the prompt's
             indices >= 0, frame.positions[:, None, :].expand(B, H, L).gather(2, indices.clamp(min=0)), -1)
-        self.pages = Pages(k_rows, v_rows, positions, counts, self.cache.page_size, self.cache.room)
+        scores = None
+        if isinstance(self.policy, DecodeH2O):
+            scores = prompt_mass(self.policy, ranked, q, k, lse).gather(2, indices.clamp(min=0))
+        self.pages = Pages(k_rows, v_rows, positions, counts, self.cache.page_size, self.cache.room, scores)
+        if scores is not None:
+            self.base = self.pages.host_lengths.clone()
 
     @property
     def nbytes(self):
@@ -176,7 +199,8 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self):
-        self.keys = self.values = self.pages = None
+        self.keys = self.values = self.pages = self.base = None
+        self.queries = []
         self.seen = self.offset = 0
         self.is_initialized = False
 
@@ -185,12 +209,18 @@ class CompressedLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices):
         if self.pages is not None:
-            self.pages.take(torch.as_tensor(indices, device=self.pages.k.device).long())
+            self._take(torch.as_tensor(indices, device=self.pages.k.device).long())
 
     def batch_repeat_interleave(self, repeats):
         if self.pages is not None:
             B = self.pages.lengths.shape[0]
-            self.pages.take(torch.arange(B, device=self.pages.k.device).repeat_interleave(repeats))
+            self._take(torch.arange(B, device=self.pages.k.device).repeat_interleave(repeats))
+
+    def _take(self, rows):
+        self.pages.take(rows)
+        self.queries = [x[rows] for x in self.queries]
+        if self.base is not None:
+            self.base = self.base[rows.cpu()]
 
 
 def _valid_keys(mask, L):

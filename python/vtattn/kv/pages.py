@@ -7,7 +7,9 @@ pages its kept tokens need plus `room` tokens of headroom, so the bytes allocate
 fraction, not the longest head. Appending a decode token writes one slot per head (no copy of the
 cache); when the headroom runs out every head gets another `room` tokens of pages (one pool copy
 per `room` steps). Page allocation is host-side: the head lengths are read once, when the pages
-are built, and tracked on the host after that (every append adds the same count to every head)."""
+are built (not at all when given on the host), and tracked on the host after that (every append
+adds the same count to every head). With `scores`, a fp32 pool `score [P, page_size]` follows the
+tokens (decode-time eviction's accumulated attention mass; appended tokens start at 0)."""
 import torch
 
 
@@ -20,9 +22,10 @@ def _table(npages):
 
 
 class Pages:
-    def __init__(self, k_rows, v_rows, positions, counts, page_size, room):
-        """k_rows, v_rows [B, H, K, D]: each head's kept rows, valid up to counts [B, H] (int64);
-        positions int64 [B, H, K]: their original positions."""
+    def __init__(self, k_rows, v_rows, positions, counts, page_size, room, scores=None):
+        """k_rows, v_rows [B, H, K, D]: each head's kept rows, valid up to counts [B, H] (int64, on
+        the host or the device); positions int64 [B, H, K]: their original positions; scores: None
+        or fp32 [B, H, K], the rows' scores."""
         B, H, K, D = k_rows.shape
         device = k_rows.device
         self.page_size, self.chunk = page_size, room
@@ -36,11 +39,15 @@ class Pages:
         self.table = _table(self.npages).to(device)
         self.lengths = counts.to(device=device, dtype=torch.int32)
         t = torch.arange(K, device=device)
-        stored = t < counts[..., None]
+        stored = t < self.lengths[..., None]
         slots = self._slots(t.expand(B, H, K))[stored]
         self.k.view(-1, D)[slots] = k_rows[stored]
         self.v.view(-1, D)[slots] = v_rows[stored]
         self.pos.view(-1)[slots] = positions[stored]
+        self.score = None
+        if scores is not None:
+            self.score = torch.zeros(total, page_size, device=device)
+            self.score.view(-1)[slots] = scores[stored].float()
 
     def _slots(self, t):
         """Flat slot index (page * page_size + offset) of each head's token t [B, H, n] (valid t)."""
@@ -57,6 +64,8 @@ class Pages:
         self.k.view(-1, D)[slots] = k.reshape(-1, D)
         self.v.view(-1, D)[slots] = v.reshape(-1, D)
         self.pos.view(-1)[slots] = (start + torch.arange(n, device=k.device)).repeat(t.shape[0] * t.shape[1])
+        if self.score is not None:
+            self.score.view(-1)[slots] = 0
         self.lengths += n
         self.host_lengths += n
         self.room -= n
@@ -79,6 +88,8 @@ class Pages:
         self.k = torch.cat([self.k, self.k.new_empty(grow, ps, self.k.shape[-1])])
         self.v = torch.cat([self.v, self.v.new_empty(grow, ps, self.v.shape[-1])])
         self.pos = torch.cat([self.pos, self.pos.new_full((grow, ps), -1)])
+        if self.score is not None:
+            self.score = torch.cat([self.score, self.score.new_zeros(grow, ps)])
 
     def slots(self):
         """int64 [B, H, L] flat slot of each head's tokens, -1 past its length (L = longest head)."""
@@ -99,6 +110,8 @@ class Pages:
         used = table >= 0
         pages = table[used]
         self.k, self.v, self.pos = self.k[pages], self.v[pages], self.pos[pages]
+        if self.score is not None:
+            self.score = self.score[pages]
         self.npages = self.npages[rows.cpu()]
         self.table = _table(self.npages).to(self.k.device)
         self.lengths = self.lengths[rows]

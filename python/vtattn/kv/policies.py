@@ -92,6 +92,14 @@ def _check_inputs(q, k, modality):
             raise TypeError(f"modality must be bool (True = image) or integer span ids, got {modality.dtype}")
 
 
+def _inner(policy):
+    """A wrapper's policy: a prefill policy (decode-time eviction wraps, never is wrapped)."""
+    if not isinstance(policy, Policy) or isinstance(policy, DecodeH2O):
+        raise TypeError(f"policy must be a vtattn.kv prefill policy (LookM, SnapKV, ...; DecodeH2O goes outermost), "
+                        f"got {type(policy).__name__}")
+    return policy
+
+
 def _positions(k):
     return torch.arange(k.shape[2], device=k.device)
 
@@ -216,7 +224,8 @@ class Modality(Policy):
         if max_per_image is not None and (isinstance(max_per_image, bool) or not isinstance(max_per_image, int)
                                           or max_per_image < 0):
             raise ValueError(f"max_per_image must be None or an int >= 0, got {max_per_image!r}")
-        self.policy, self.keep_text, self.max_per_image = policy, keep_text, max_per_image
+        self.policy = _inner(policy)
+        self.keep_text, self.max_per_image = keep_text, max_per_image
 
     def _plan(self, q, k, modality, lse, causal):
         if modality is None:
@@ -243,10 +252,34 @@ class AdaKV(Policy):
     def __init__(self, policy, floor=0.2):
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
             raise ValueError(f"floor must be a fraction in [0, 1], got {floor!r}")
-        self.policy, self.floor = policy, float(floor)
+        self.policy, self.floor = _inner(policy), float(floor)
 
     def _plan(self, q, k, modality, lse, causal):
         return self.policy._plan(q, k, modality, lse, causal)
 
     def _keep(self, plan):
         return plan.forced | adakv_allocate(plan.scores, plan.allowed & ~plan.forced, plan.free, self.floor)
+
+
+class DecodeH2O(Policy):
+    """Around a prefill policy (which chooses the prompt's keep-set as it would alone): every
+    `every` decode tokens, each (batch, kv head) drops its lowest-scored tokens outside its last
+    `recent` until it is back to the length the prefill left it (ties: the older goes first); a
+    head never drops into its last `recent` tokens, so it settles at max(prefill length, recent).
+    Must be the outermost wrapper (AdaKV/Modality go inside it). See `decode.py`."""
+
+    def __init__(self, policy, every=32, recent=32):
+        for name, n, low in (("every", every, 1), ("recent", recent, 0)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < low:
+                raise ValueError(f"{name} must be an int >= {low} (decode tokens), got {n!r}")
+        self.policy, self.every, self.recent = _inner(policy), every, recent
+
+    @property
+    def merge(self):
+        return getattr(self.policy, "merge", None)
+
+    def _plan(self, q, k, modality, lse, causal):
+        return self.policy._plan(q, k, modality, lse, causal)
+
+    def _keep(self, plan):
+        return self.policy._keep(plan)

@@ -1,0 +1,66 @@
+"""Decode-time eviction, H2O-style, for layers whose policy is a `DecodeH2O` (policies.py): it
+keeps a `CompressedCache` layer at a constant size while it generates.
+
+A token's score is the attention mass it has received (GQA mean): from every prompt row, then from
+every decode query. H2O adds each step's attention row to the scores and evicts one token; here
+the cache keeps the last `every` decode queries and, every `every` tokens, computes their rows in
+one pass over the kept keys (exact: no eviction happened since those queries ran, so the keys they
+saw are the cache's keys at positions <= theirs), adds them, and evicts `every` tokens per head.
+every=1 is H2O's per-step rule. The pass costs what `every` decode steps' attention costs, in
+fp32, plus one copy of the layer's kept KV into new pages."""
+import torch
+
+from ..ops.key_importance import key_importance
+from .policies import H2O, AdaKV, LookM, Modality
+from .pages import Pages
+
+_MAX_LOGITS = 1 << 25  # fp32 logits per chunk of queries (128 MiB)
+
+
+def prompt_mass(policy, ranked, q, k, lse):
+    """fp32 [B, Hkv, L]: the mass every prompt row gives each key, GQA mean. `ranked`, the scores
+    the prefill policy ranked by (None when it ran per sample for padding), when they are exactly
+    that (LOOK-M, H2O with reduce="mean")."""
+    inner = policy.policy
+    while isinstance(inner, (AdaKV, Modality)):
+        inner = inner.policy
+    if ranked is not None and isinstance(inner, (LookM, H2O)) and inner.reduce == "mean":
+        return ranked
+    B, Hkv, L = k.shape[:3]  # padded rows have LSE +inf: they give nothing
+    return key_importance(q, k, rows="all", lse=lse, causal=True).view(B, Hkv, -1, L).mean(2)
+
+
+def evict(pages, queries, start, base, recent, room):
+    """New Pages for `pages` after adding the mass of queries [B, Hq, n, D] (scaled for the default
+    scale, at positions start..start+n-1) and evicting down to `base` (host int64 [B, Hkv])."""
+    slots = pages.slots()
+    B, H, Lm = slots.shape
+    D = pages.k.shape[-1]
+    valid, flat = slots >= 0, slots.clamp(min=0)
+    pos = pages.pos.view(-1)[flat]
+    keys = pages.k.view(-1, D)[flat].float()
+    Hq, n = queries.shape[1], queries.shape[2]
+    G = Hq // H
+    q = queries.view(B, H, G, n, D).float()
+    mass = torch.zeros(B, H, Lm, device=slots.device)
+    step = max(1, _MAX_LOGITS // max(1, B * Hq * Lm))
+    for i in range(0, n, step):
+        qpos = start + torch.arange(i, min(i + step, n), device=slots.device)
+        s = (q[:, :, :, i:i + step] * D ** -0.5) @ keys[:, :, None].transpose(-1, -2)  # [B, H, G, c, Lm]
+        s = s.masked_fill(~valid[:, :, None, None] | (pos[:, :, None, None] > qpos[:, None]), float("-inf"))
+        mass += s.softmax(-1).sum((2, 3)) / G
+    score = torch.where(valid, pages.score.view(-1)[flat] + mass, 0)
+
+    lengths = pages.host_lengths
+    drop = torch.minimum(lengths - base, lengths - recent).clamp(min=0)
+    t = torch.arange(Lm, device=slots.device)
+    candidate = t < (pages.lengths[..., None] - recent)
+    order = score.masked_fill(~candidate, float("inf")).argsort(dim=-1, stable=True)  # lowest first
+    rank = torch.empty_like(order).scatter_(-1, order, t.expand(B, H, Lm))
+    keep = valid & ~(candidate & (rank < drop.to(slots.device)[..., None]))
+    counts = lengths - drop
+    K = int(counts.max()) if counts.numel() else 0
+    kept = torch.where(keep, t, Lm).sort(-1).values[..., :K].clamp(max=max(Lm - 1, 0))  # ascending
+    at = flat.gather(-1, kept)
+    return Pages(pages.k.view(-1, D)[at], pages.v.view(-1, D)[at], pos.gather(-1, kept), counts,
+                 pages.page_size, room, scores=score.gather(-1, kept))
