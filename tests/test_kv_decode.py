@@ -20,16 +20,16 @@ class StepwiseH2O:
     each decode step adds its attention rows (GQA mean) to the scores, every `every` tokens the
     lowest-scored tokens outside the last `recent` go until the head is back to its prefill length."""
 
-    def __init__(self, k, v, pos, score, every, recent):
+    def __init__(self, k, v, pos, score, every, recent, scale):
         self.k, self.v, self.pos, self.score = k.double(), v.double(), pos, score.double()
-        self.base, self.every, self.recent, self.pending = len(pos), every, recent, 0
+        self.base, self.every, self.recent, self.scale, self.pending = len(pos), every, recent, scale, 0
 
     def step(self, q, k, v, pos):
         """q [G, n, D] at positions pos [n]; returns the output [G, n, D] and, on an eviction
         step, the positions it evicts (else None)."""
         self.k, self.v = torch.cat([self.k, k.double()]), torch.cat([self.v, v.double()])
         self.pos, self.score = torch.cat([self.pos, pos]), torch.cat([self.score, self.score.new_zeros(len(pos))])
-        s = q.double() @ self.k.T * q.shape[-1] ** -0.5
+        s = q.double() @ self.k.T * self.scale
         p = s.masked_fill(self.pos[None, None] > pos[None, :, None], float("-inf")).softmax(-1)
         self.score += p.sum((0, 1)) / q.shape[0]
         self.pending += len(pos)
@@ -47,31 +47,35 @@ class StepwiseH2O:
         self.k, self.v, self.pos, self.score = self.k[at], self.v[at], self.pos[at], self.score[at]
 
 
-def _prefill(policy, q, k, v, valid):
-    """Per (b, h) StepwiseH2O states after the prefill policy ran on each sample's real tokens."""
+def _prefill(policy, q, k, v, valid, scale):
+    """Per (b, h) StepwiseH2O states after the prefill policy ran on each sample's real tokens
+    (policies score with the default scale: q is rescaled for them, as the cache does)."""
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
     heads = []
     for b in range(B):
         r = valid[b].nonzero()[:, 0]
-        keep = policy.policy.select(q[b:b + 1, :, r], k[b:b + 1, :, r])
-        mass = naive_probs(q[b:b + 1, :, r], k[b:b + 1, :, r], True, D ** -0.5).sum(2)
+        keep = policy.policy.select(q[b:b + 1, :, r] * (scale * D ** 0.5), k[b:b + 1, :, r])
+        mass = naive_probs(q[b:b + 1, :, r], k[b:b + 1, :, r], True, scale).sum(2)
         mass = mass.view(Hkv, Hq // Hkv, -1).mean(1)
         heads.append([])
         for h in range(Hkv):
             i = keep.indices[0, h][keep.indices[0, h] >= 0]
-            heads[b].append(StepwiseH2O(k[b, h, r[i]], v[b, h, r[i]], r[i], mass[h, i], policy.every, policy.recent))
+            heads[b].append(StepwiseH2O(k[b, h, r[i]], v[b, h, r[i]], r[i], mass[h, i], policy.every, policy.recent,
+                                         scale))
     return heads
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("every,recent", [(1, 2), (3, 2), (3, 10)])  # 10: more than the prefill keeps
+# recent 10: more than the prefill keeps; scale 0.4: not the default (the cache rescales q)
+@pytest.mark.parametrize("every,recent,scale", [(1, 2, None), (3, 2, 0.4), (3, 10, None)])
 @pytest.mark.parametrize("inner", [kv.H2O(6, 2), kv.SnapKV(0.4, window=3)], ids=["h2o", "snapkv"])
-def test_decode_h2o_matches_stepwise_h2o(inner, every, recent, padded, device):
+def test_decode_h2o_matches_stepwise_h2o(inner, every, recent, scale, padded, device):
     g = torch.Generator().manual_seed(5)
     B, Hq, Hkv, L, D = 2, 4, 2, 21, 16
     q, k, v = (torch.randn(B, h, L, D, generator=g, dtype=torch.float64).float() for h in (Hq, Hkv, Hkv))
+    scale = scale or D ** -0.5
     valid = torch.ones(B, L, dtype=torch.bool)
     if padded:
         valid[1, :5] = False
@@ -80,15 +84,15 @@ def test_decode_h2o_matches_stepwise_h2o(inner, every, recent, padded, device):
     cache = CompressedCache(policy, page_size=4, room=3)
     cache.update(k.to(device), v.to(device), 0)
     layer = cache.layers[0]
-    layer.attend(q.to(device), k.to(device), v.to(device), None if mask is None else mask.to(device), D ** -0.5)
-    heads = _prefill(policy, q, k, v, valid)
+    layer.attend(q.to(device), k.to(device), v.to(device), None if mask is None else mask.to(device), scale)
+    heads = _prefill(policy, q, k, v, valid, scale)
     tol = 1e-5 if device == "cpu" else 2e-3  # tf32 kernels on the GPU
     for step in range(10):
         n = 2 if step == 4 else 1
         qn, kn, vn = (torch.randn(B, h, n, D, generator=g) for h in (Hq, Hkv, Hkv))
         new = torch.arange(layer.seen, layer.seen + n)
         layer.update(kn.to(device), vn.to(device))
-        out = layer.attend(qn.to(device), None, None, None, D ** -0.5).cpu()
+        out = layer.attend(qn.to(device), None, None, None, scale).cpu()
         kept = layer.pages.positions().cpu()
         for b in range(B):
             for h in range(Hkv):
