@@ -150,3 +150,58 @@ def manual_logits(model, input_ids, mask, spans, image_features, implicit=False)
         logits = type(model).forward(model, inputs_embeds=embeds, attention_mask=short,
                                      position_ids=pos.clamp(min=0)).logits
     return logits, short
+
+
+def lookm_reference(attn, image, valid, budget, recent, kv_heads=2):
+    """LOOK-M's rule on eager attentions [B, Hq, L, L] of one layer: per sample, on its real
+    tokens; kept original positions per [b][kv head]."""
+    B, Hq, L, _ = attn.shape
+    out = []
+    for b in range(B):
+        r = valid[b].nonzero()[:, 0]
+        n = len(r)
+        s = attn[b][:, r][:, :, r].sum(1).view(kv_heads, Hq // kv_heads, n).mean(1)
+        window = torch.arange(n) >= n - int(recent * n)
+        text = ~image[b, r]
+        free = max(int(budget * n) - int((text & ~window).sum()), 0)
+        heads = []
+        for h in range(kv_heads):
+            cand = [j for j in range(n) if not (window[j] or text[j])]
+            top = sorted(cand, key=lambda j: (-float(s[h, j]), j))[:free]
+            heads.append(sorted([int(r[j]) for j in range(n) if window[j] or text[j]] + [int(r[j]) for j in top]))
+        out.append(heads)
+    return out
+
+
+# Qwen2-VL: token ids inside VOCAB + 32 (text tokens stay below IMAGE).
+QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 151, 152, 153, 154
+
+
+def qwen2_vl(seed=0):
+    """A tiny random Qwen2-VL (M-RoPE LLM with 4 heads / 2 kv heads, 2-layer ViT, 2x2 merger)."""
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB + 32, pad_token_id=PAD, bos_token_id=1, eos_token_id=None,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE,
+                                        video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
+                                        vision_end_token_id=QWEN_END)
+    return _seeded(transformers.Qwen2VLForConditionalGeneration, config, seed)
+
+
+def qwen2_vl_inputs(grids, seed=0):
+    """Left-padded Qwen2-VL inputs: row b holds one image of patch grid grids[b] = (h, w) (even;
+    h * w / 4 tokens after the merger) between random text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b, (h, w) in enumerate(grids):
+        text = torch.randint(1, IMAGE, (3 + 2 * b + 3,), generator=g).tolist()
+        rows.append(text[:3 + 2 * b] + [QWEN_START] + [QWEN_IMAGE] * (h * w // 4) + [QWEN_END] + text[3 + 2 * b:])
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    pixels = torch.randn(sum(h * w for h, w in grids), 3 * 2 * 14 * 14, generator=g)
+    return dict(input_ids=input_ids, attention_mask=mask, pixel_values=pixels,
+                image_grid_thw=torch.tensor([[1, h, w] for h, w in grids]),
+                mm_token_type_ids=(input_ids == QWEN_IMAGE).int())  # as the processor gives: M-RoPE

@@ -6,7 +6,7 @@ import torch
 
 import vtattn
 from vtattn import kv
-from _vlm import llava, prompts
+from _vlm import llava, lookm_reference, prompts
 from helpers import backend_params
 
 transformers = pytest.importorskip("transformers")
@@ -210,26 +210,6 @@ def test_cache_bad_arguments_and_wrong_attention():
 
 # ---- the drop-in on a tiny LLaVA ------------------------------------------------------------------
 
-def _lookm_reference(attn, image, valid, budget, recent):
-    """LOOK-M's rule on eager attentions [B, Hq, L, L] of one layer: per sample, on its real tokens."""
-    B, Hq, L, _ = attn.shape
-    out = []
-    for b in range(B):
-        r = valid[b].nonzero()[:, 0]
-        n = len(r)
-        s = attn[b][:, r][:, :, r].sum(1).view(2, Hq // 2, n).mean(1)  # 2 kv heads
-        window = torch.arange(n) >= n - int(recent * n)
-        text = ~image[b, r]
-        free = max(int(budget * n) - int((text & ~window).sum()), 0)
-        heads = []
-        for h in range(2):
-            cand = [j for j in range(n) if not (window[j] or text[j])]
-            top = sorted(cand, key=lambda j: (-float(s[h, j]), j))[:free]
-            heads.append(sorted([int(r[j]) for j in range(n) if window[j] or text[j]] + [int(r[j]) for j in top]))
-        out.append(heads)
-    return out
-
-
 def test_llava_kv_lookm_kept_sets_match_eager_rule():
     model = llava()
     ids, mask = prompts([[36], [36, 36]])
@@ -244,7 +224,7 @@ def test_llava_kv_lookm_kept_sets_match_eager_rule():
     cache = out.past_key_values
     assert isinstance(cache, CompressedCache)
     for layer, attn in enumerate(eager.attentions):
-        ref = _lookm_reference(attn.double(), ids == 100, mask.bool(), 0.3, 0.1)
+        ref = lookm_reference(attn.double(), ids == 100, mask.bool(), 0.3, 0.1)
         got = cache.kept_positions(layer)
         for b in range(2):
             for h in range(2):

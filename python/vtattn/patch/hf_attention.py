@@ -52,9 +52,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if attention_mask is not None or (dropout and module.training):
         if probe is not None:
             raise NotImplementedError("vtattn score probes need unmasked attention without dropout")
-        # Masked attention (the LLM's causal/padding mask) runs PyTorch SDPA for now: vtattn's
-        # in-LLM kernels (pruned / sparse / compressed-KV attention) come with a later issue.
-        # Never eager: that is the path this package exists to avoid.
+        # Masked attention outside a CompressedCache (a padded LLM batch on a plain cache): an
+        # arbitrary 4-D mask has no vtattn kernel, so PyTorch SDPA runs it with that mask (never
+        # eager: the path this package exists to avoid). FastV and the cache route their own.
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)

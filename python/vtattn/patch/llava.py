@@ -12,7 +12,7 @@ import torch
 
 from . import _install, fastv as _fastv
 from ._sequence import Shrink
-from .hf_attention import NAME, register_hf_attention
+from .kv import Compression
 from .vision import Selector
 
 
@@ -35,23 +35,21 @@ def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, a
     fastv = _fastv.resolve(method, fastv, layer, keep)
     base = model if isinstance(model, (LlavaModel, LlavaNextModel)) else model.model
     window = getattr(base.config.text_config, "sliding_window", None)
-    if window and (fastv is not None or kv is not None):  # their attention paths see every key
-        raise NotImplementedError(f"fastv / kv need full attention in the LLM; its config has sliding_window="
-                                  f"{window}")
+    if window and fastv is not None:  # its attention path sees every key
+        raise NotImplementedError(f"fastv needs full attention in the LLM; its config has sliding_window={window}")
     vision = method != "fastv"
     options = dict(keep=keep, method=method, ensemble_layers=ensemble_layers, merge=merge, alpha=alpha)
     state = _Patch(base, options if vision else None, anyres=isinstance(base, LlavaNextModel))
     if vision:
         state.selector(base.config.vision_feature_layer, base.config.vision_feature_select_strategy)  # check now
     if kv is not None:
-        from ..kv.cache import CompressedCache
-        CompressedCache(kv)  # checks the policy now
+        state.kv = Compression(base.language_model.config, kv)  # checks the policy and the LLM now
     # A previous patch comes off before this one changes anything: its uninstall restores the
-    # LLM's attention implementation, which compress_kv must then record, not "vtattn".
+    # LLM's attention implementation, which Compression.install must then record, not "vtattn".
     _install.unpatch(model)
     try:
         if kv is not None:
-            state.compress_kv(kv)
+            state.kv.install()
         state.fastv = _fastv.Runner(base, fastv) if fastv is not None else None
     except BaseException:
         state.uninstall()
@@ -72,6 +70,7 @@ def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, a
 
 class _Patch(_install.State):
     fastv = None  # the FastV Runner, when pruning inside the LLM too
+    kv = None  # the kv.Compression, when compressing the KV cache
 
     def __init__(self, base, options, anyres):
         """options: the vision-side selection's, None for none (FastV alone)."""
@@ -79,15 +78,6 @@ class _Patch(_install.State):
         self.selectors = {}
         # cache object -> the Shrink of the prefill that filled it; gone with the cache.
         self.continuations = weakref.WeakKeyDictionary()
-        # caches a prefill replaced by a CompressedCache (generate goes on with the returned one)
-        self.replaced = weakref.WeakSet()
-        self.kv = self.attn_implementation = None
-
-    def compress_kv(self, policy):
-        register_hf_attention()
-        text = self.base.language_model.config
-        self.kv, self.attn_implementation = policy, text._attn_implementation
-        text._attn_implementation = NAME
 
     def selector(self, layer, strategy):
         if strategy not in ("default", "full"):
@@ -115,21 +105,7 @@ class _Patch(_install.State):
         """The unpatched forward, through FastV when configured (images: [B, N] bool, the image
         tokens of the language model's input)."""
         if self.kv is not None:
-            name, cache = _install.cache_arg(kwargs)
-            if cache is not None and cache in self.replaced and cache.get_seq_length() == 0:
-                mask = kwargs.get("attention_mask")
-                new = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
-                if mask is None or mask.shape[-1] != new:  # not a new prompt: a continuation with no past
-                    raise ValueError("this cache was replaced by a vtattn.kv.CompressedCache at the prefill and "
-                                     "holds nothing: continue with the cache the prefill returned "
-                                     "(outputs.past_key_values; outputs.cache from transformers 5.25 on), or "
-                                     "pass none / a new cache for a new prompt")
-            if cache is None or cache.get_seq_length() == 0:  # a prefill
-                compressed = self._compressed_cache(cache)
-                if cache is not None and compressed is not cache:
-                    self.replaced.add(cache)
-                cache = kwargs[name or self.cache_name] = compressed
-                cache.modality = images
+            self.kv.prepare(input_ids, images, kwargs, self.cache_name)
         if self.fastv is None:
             return self.original(input_ids, **kwargs)
         return self.fastv(self.original, input_ids, images, kwargs)
@@ -138,7 +114,7 @@ class _Patch(_install.State):
         if self.fastv is not None:
             self.fastv.remove()
         if self.kv is not None:
-            self.base.language_model.config._attn_implementation = self.attn_implementation
+            self.kv.uninstall()
 
     def prefill(self, input_ids, kwargs):
         if input_ids is None:
@@ -165,14 +141,6 @@ class _Patch(_install.State):
             if filled is not None:
                 self.continuations[filled] = shrink
         return out
-
-    def _compressed_cache(self, cache):
-        """The prefill's cache: the caller's CompressedCache, else a new one in place of an empty
-        cache (generate's DynamicCache): generate goes on with the one the forward returns."""
-        from ..kv.cache import CompressedCache
-        if isinstance(cache, CompressedCache):
-            return cache
-        return CompressedCache(self.kv)
 
     def _features(self, selector, pixel_values, image_sizes):
         """LLaVA: one view per image, every image the same budget (one batched selection)."""
