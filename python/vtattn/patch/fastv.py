@@ -1,4 +1,4 @@
-"""FastV inside a LLaVA model's language model: from decoder layer K on, the image tokens that the
+"""FastV inside a VLM's language model: from decoder layer K on, the image tokens that the
 last prompt token attended to least at layer K-1 (mean over heads) leave the sequence.
 
 How it runs in a transformers Llama-style decoder, whose layer loop hands every layer the same
@@ -78,11 +78,11 @@ def resolve(method, fastv, layer, keep):
 
 
 class Runner:
-    """FastV installed on a Llava(Next)Model's language model (hooks stay until `remove`)."""
+    """FastV installed on a language model (a decoder with `layers`; hooks stay until `remove`)."""
 
-    def __init__(self, base, options):
+    def __init__(self, decoder, options):
         from transformers import AttentionInterface
-        layers = base.language_model.layers
+        layers = decoder.layers
         if options.layer >= len(layers):
             raise ValueError(f"FastV layer must be < the {len(layers)} decoder layers, got {options.layer}")
         self.attn = [layer.self_attn for layer in layers]
@@ -111,7 +111,7 @@ class Runner:
             attn.config = config
 
     def __call__(self, forward, input_ids, images, kwargs):
-        """Run `forward(input_ids, **kwargs)` (one LLaVA forward) with FastV. images: [B, N] bool,
+        """Run `forward(input_ids, **kwargs)` (one model forward) with FastV. images: [B, N] bool,
         the image tokens of the language model's input (None without input_ids)."""
         if kwargs.get("labels") is not None:
             raise NotImplementedError("FastV shortens the sequence inside the LLM: labels are not supported")

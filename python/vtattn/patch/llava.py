@@ -12,7 +12,7 @@ import torch
 
 from . import _install, fastv as _fastv
 from ._sequence import Shrink
-from .kv import Compression
+from .llm import Compression, check_full_attention
 from .vision import Selector
 
 
@@ -34,9 +34,8 @@ def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, a
                         f"got {type(model).__name__}")
     fastv = _fastv.resolve(method, fastv, layer, keep)
     base = model if isinstance(model, (LlavaModel, LlavaNextModel)) else model.model
-    window = getattr(base.config.text_config, "sliding_window", None)
-    if window and fastv is not None:  # its attention path sees every key
-        raise NotImplementedError(f"fastv needs full attention in the LLM; its config has sliding_window={window}")
+    if fastv is not None or kv is not None:
+        check_full_attention(base.language_model.config)
     vision = method != "fastv"
     options = dict(keep=keep, method=method, ensemble_layers=ensemble_layers, merge=merge, alpha=alpha)
     state = _Patch(base, options if vision else None, anyres=isinstance(base, LlavaNextModel))
@@ -50,7 +49,7 @@ def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, a
     try:
         if kv is not None:
             state.kv.install()
-        state.fastv = _fastv.Runner(base, fastv) if fastv is not None else None
+        state.fastv = _fastv.Runner(base.language_model, fastv) if fastv is not None else None
     except BaseException:
         state.uninstall()
         raise

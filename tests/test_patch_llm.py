@@ -1,12 +1,12 @@
-"""`vtattn.patch.kv`: KV-cache compression on models beyond LLaVA, a tiny random Qwen2-VL (M-RoPE,
-image tokens by id) and a text-only Llama, against the unpatched model and LOOK-M's rule on eager
-attentions; bad arguments and unpatching."""
+"""`vtattn.patch.llm`: FastV and KV-cache compression on models beyond LLaVA, a tiny random Qwen2-VL
+(M-RoPE, image tokens by id) and a text-only Llama, against the unpatched model and FastV's and
+LOOK-M's rules on eager attentions; bad arguments and unpatching."""
 import pytest
 import torch
 
 import vtattn
 from vtattn import kv
-from _vlm import QWEN_IMAGE, lookm_reference, qwen2_vl, qwen2_vl_inputs, text_config
+from _vlm import QWEN_IMAGE, lookm_reference, qwen2_vl, qwen2_vl_inputs, text_config, topk
 
 transformers = pytest.importorskip("transformers")
 from vtattn.kv.cache import CompressedCache  # noqa: E402  (needs transformers)
@@ -30,13 +30,13 @@ def test_qwen2vl_budget_one_gives_the_unpatched_tokens_and_unpatch_restores(poli
     x = qwen2_vl_inputs(GRIDS)
     with torch.no_grad():
         expected = model.generate(**x, **GENERATE).sequences
-        vtattn.patch.kv(model, policy)
+        vtattn.patch.llm(model, kv=policy)
         got = model.generate(**x, **GENERATE)
     assert torch.equal(got.sequences, expected)
     cache = got.past_key_values
     assert isinstance(cache, CompressedCache) and torch.equal(cache.modality, x["input_ids"] == QWEN_IMAGE)
     assert model.model.language_model.config._attn_implementation == "vtattn"
-    vtattn.patch.kv(model, policy)  # a second patch replaces the first
+    vtattn.patch.llm(model, kv=policy)  # a second patch replaces the first
     vtattn.patch.unpatch(model)
     assert model.model.language_model.config._attn_implementation == "sdpa" and "forward" not in model.__dict__
 
@@ -49,7 +49,7 @@ def test_qwen2vl_lookm_kept_sets_match_eager_rule():
         lm.config._attn_implementation = "eager"
         eager = model(**x, output_attentions=True)
         lm.config._attn_implementation = "sdpa"
-        vtattn.patch.kv(model, kv.LookM(budget=0.4, recent=0.1))
+        vtattn.patch.llm(model, kv=kv.LookM(budget=0.4, recent=0.1))
         out = model(**x)
     cache = out.past_key_values
     for layer, attn in enumerate(eager.attentions):
@@ -65,7 +65,7 @@ def test_qwen2vl_lookm_kept_sets_match_eager_rule():
                                     kv.DecodeH2O(kv.SnapKV(0.5, window=2), every=2, recent=2)],
                          ids=["lookm", "decode-h2o"])
 def test_qwen2vl_generate_batch_equals_each_sample_alone(policy):
-    model = vtattn.patch.kv(qwen2_vl(), policy)
+    model = vtattn.patch.llm(qwen2_vl(), kv=policy)
     x = qwen2_vl_inputs(GRIDS)
     with torch.no_grad():
         both = model.generate(**x, **GENERATE)
@@ -88,42 +88,104 @@ def test_text_only_llama_with_snapkv_and_without_modality():
     options = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
     with torch.no_grad():
         expected = model.generate(input_ids=ids, attention_mask=mask, **options)
-        vtattn.patch.kv(model, kv.StreamingLLM(sinks=4, window=30))  # keeps everything: the same tokens
+        vtattn.patch.llm(model, kv=kv.StreamingLLM(sinks=4, window=30))  # keeps everything: the same tokens
         assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **options), expected)
-        vtattn.patch.kv(model, kv.SnapKV(0.5, window=3))
+        vtattn.patch.llm(model, kv=kv.SnapKV(0.5, window=3))
         both = model.generate(input_ids=ids, attention_mask=mask, **options)
         for b in range(2):
             alone = model.generate(input_ids=ids[b:b + 1, mask[b].bool()], **options)
             assert torch.equal(alone[0, -5:], both[b, -5:]), b
-        vtattn.patch.kv(model, kv.LookM(0.5, 0.1))  # no image token id in a text model's config
+        vtattn.patch.llm(model, kv=kv.LookM(0.5, 0.1))  # no image token id in a text model's config
         with pytest.raises(ValueError, match="LookM needs modality"):
             model.generate(input_ids=ids, attention_mask=mask, **options)
 
 
-def test_patch_kv_bad_arguments():
+def test_patch_llm_bad_arguments():
+    with pytest.raises(ValueError, match="kv= .* and/or fastv="):
+        vtattn.patch.llm(qwen2_vl())
+    with pytest.raises(TypeError, match="fastv must be a vtattn.patch.FastV"):
+        vtattn.patch.llm(qwen2_vl(), fastv=0.5)
+    with pytest.raises(ValueError, match="image_token_id"):  # FastV on a text model
+        vtattn.patch.llm(transformers.LlamaForCausalLM(text_config()), fastv=vtattn.patch.FastV(layer=1))
     with pytest.raises(TypeError, match="get_decoder"):
-        vtattn.patch.kv(torch.nn.Linear(2, 2), kv.H2O(0.5, 0))
+        vtattn.patch.llm(torch.nn.Linear(2, 2), kv=kv.H2O(0.5, 0))
     model = qwen2_vl()
     with pytest.raises(TypeError, match="policy"):
-        vtattn.patch.kv(model, "snapkv")
+        vtattn.patch.llm(model, kv="snapkv")
     with pytest.raises(TypeError, match="image_token_id"):
-        vtattn.patch.kv(model, kv.H2O(0.5, 0), image_token_id="<image>")
+        vtattn.patch.llm(model, kv=kv.H2O(0.5, 0), image_token_id="<image>")
     assert "forward" not in model.__dict__  # nothing installed by a refused patch
     windowed = transformers.LlamaForCausalLM(text_config())
     windowed.config.sliding_window = 16
     with pytest.raises(NotImplementedError, match="sliding_window=16"):
-        vtattn.patch.kv(windowed, kv.H2O(0.5, 0))
+        vtattn.patch.llm(windowed, kv=kv.H2O(0.5, 0))
     sliding = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=2, vocab_size=128, use_sliding_window=True,
                                        max_window_layers=1)
     with pytest.raises(NotImplementedError, match="sliding_attention"):
-        vtattn.patch.kv(transformers.Qwen2ForCausalLM(sliding), kv.H2O(0.5, 0))
+        vtattn.patch.llm(transformers.Qwen2ForCausalLM(sliding), kv=kv.H2O(0.5, 0))
 
 
-def test_patch_kv_image_token_id_overrides_the_config():
+def test_patch_llm_image_token_id_overrides_the_config():
     model = qwen2_vl()
     x = qwen2_vl_inputs(GRIDS[:1])
-    vtattn.patch.kv(model, kv.LookM(budget=0.5, recent=0.1), image_token_id=[7, QWEN_IMAGE])
+    vtattn.patch.llm(model, kv=kv.LookM(budget=0.5, recent=0.1), image_token_id=[7, QWEN_IMAGE])
     with torch.no_grad():
         cache = model(**x).past_key_values
     assert torch.equal(cache.modality, (x["input_ids"] == 7) | (x["input_ids"] == QWEN_IMAGE))
+
+
+# ---- FastV (layer K = 1 of the tiny Qwen2-VL's 2) ------------------------------------------------
+
+def _fastv_reference(model, x, keep):
+    """FastV's rule on the unpatched model's eager attentions: layer K-1's last prompt row, head
+    mean, the top round(keep * n) of each sample's n image tokens. Returns kept tokens [B, N]."""
+    lm = model.model.language_model
+    lm.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            attentions = model(**x, output_attentions=True).attentions
+    finally:
+        lm.config._attn_implementation = "sdpa"
+    scores = attentions[0][:, :, -1].mean(1)
+    ids = x["input_ids"]
+    kept = x["attention_mask"].bool() & (ids != QWEN_IMAGE)
+    for b in range(len(ids)):
+        image = (ids[b] == QWEN_IMAGE).nonzero()[:, 0]
+        kept[b, image[topk(scores[b, image], max(1, round(keep * len(image))))]] = True
+    return kept
+
+
+def test_qwen2vl_fastv_follows_the_eager_rule_and_keep_all_is_the_unpatched_model():
+    model = qwen2_vl()
+    x = qwen2_vl_inputs(GRIDS)
+    expected = _fastv_reference(model, x, 0.5)
+    with torch.no_grad():
+        unpatched = model.generate(**x, **GENERATE).sequences
+        vtattn.patch.llm(model, fastv=vtattn.patch.FastV(layer=1, keep=0.5))
+        model(**x)
+        assert torch.equal(model._vtattn_patch.fastv.kept, expected)
+        vtattn.patch.llm(model, fastv=vtattn.patch.FastV(layer=1, keep=1.0))
+        assert torch.equal(model.generate(**x, **GENERATE).sequences, unpatched)
+    vtattn.patch.unpatch(model)
+    layers = model.model.language_model.layers
+    assert layers[1]._forward_pre_hooks == {}  # FastV's hook and its attention routing are gone
+    assert all(layer.self_attn.config is model.config.text_config for layer in layers)
+
+
+@pytest.mark.parametrize("policy", [None, kv.LookM(budget=0.5, recent=0.1)], ids=["fastv", "fastv+kv"])
+def test_qwen2vl_fastv_generate_batch_equals_each_sample_alone(policy):
+    model = vtattn.patch.llm(qwen2_vl(), fastv=vtattn.patch.FastV(layer=1, keep=0.5), kv=policy)
+    x = qwen2_vl_inputs(GRIDS)
+    with torch.no_grad():
+        both = model.generate(**x, **GENERATE)
+        kept = model._vtattn_patch.fastv.kept
+        for b in range(2):
+            alone = model.generate(**_alone(x, b), **GENERATE)
+            assert torch.equal(alone.sequences[0, -6:], both.sequences[b, -6:]), b
+    assert (kept & (x["input_ids"] == QWEN_IMAGE)).sum(1).tolist() == [2, 4]  # half of 4 and of 8
+    if policy is not None:  # the pruned layer compressed FastV's tokens: a subset of them, per head
+        pos = both.past_key_values.kept_positions(1)
+        for b in range(2):
+            held = set(pos[b][pos[b] >= 0].tolist()) - set(range(x["input_ids"].shape[1], 10**6))
+            assert held < set(kept[b].nonzero()[:, 0].tolist())

@@ -1,32 +1,49 @@
-"""KV-cache compression as a drop-in: `vtattn.patch.kv(model, policy)` for any transformers causal LM
-or VLM whose language model attends through transformers' attention interface with full
-attention (Llama, Mistral, Qwen2, Qwen2-VL, Qwen2.5-VL, LLaVA, ...), and `Compression`, the same
-for `vtattn.patch.llava(kv=...)`.
+"""In-LLM methods as a drop-in for any transformers causal LM or VLM whose language model attends
+through transformers' attention interface with full attention (Llama, Mistral, Qwen2, Qwen2-VL,
+Qwen2.5-VL, LLaVA, ...): `vtattn.patch.llm(model, kv=..., fastv=...)`, and `Compression`, the KV
+part that `vtattn.patch.llava(kv=...)` shares.
 
-The language model runs attn_implementation="vtattn"; a prefill (a call with no cache, or an
-empty one) gets a `vtattn.kv.CompressedCache` in place of its cache, whose modality is the
-prompt's image (and video) tokens, and `generate` goes on with the cache the forward returns."""
+KV compression: the language model runs attn_implementation="vtattn"; a prefill (a call with no
+cache, or an empty one) gets a `vtattn.kv.CompressedCache` in place of its cache, whose modality
+is the prompt's image (and video) tokens, and `generate` goes on with the cache the forward
+returns. FastV: `fastv.Runner` on the language model's decoder layers."""
 import weakref
 
-from . import _install
+from . import _install, fastv as _fastv
 from .hf_attention import NAME, register_hf_attention
 
 
-def kv(model, policy, *, image_token_id=None):
-    """Patch a transformers model in place and return it: every prefill's KV cache becomes a
-    `vtattn.kv.CompressedCache(policy)` (a `vtattn.kv` policy, or one per decoder layer, None =
-    keep a layer whole). image_token_id: the token id(s) that mark image tokens, for the policies
-    that need modality (LookM, Modality, merging); default: the config's `image_token_id` (or
+def llm(model, *, kv=None, fastv=None, image_token_id=None):
+    """Patch a transformers model in place and return it. kv: a `vtattn.kv` policy (or one per
+    decoder layer, None = keep a layer whole): every prefill's KV cache becomes a
+    `vtattn.kv.CompressedCache(kv)`; fastv: a `vtattn.patch.FastV` pruning image tokens from its
+    decoder layer on (then the pruned layers' cache holds, and compresses, FastV's kept tokens).
+    image_token_id: the token id(s) of image tokens (FastV's candidates; modality for the KV
+    policies that need it: LookM, Modality, merging); default: the config's `image_token_id` (or
     `image_token_index`) and `video_token_id`. `vtattn.patch.unpatch(model)` restores it."""
+    if kv is None and fastv is None:
+        raise ValueError("vtattn.patch.llm needs kv= (a vtattn.kv policy) and/or fastv= (a vtattn.patch.FastV)")
+    if fastv is not None and not isinstance(fastv, _fastv.FastV):
+        raise TypeError(f"fastv must be a vtattn.patch.FastV, got {type(fastv).__name__}")
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None or not hasattr(decoder, "config"):
-        raise TypeError(f"vtattn.patch.kv needs a transformers model with a decoder (get_decoder()), got "
-                        f"{type(model).__name__}")
-    ids = _image_tokens(model.config, image_token_id)
-    compression = Compression(decoder.config, policy)
-    state = _KV(compression, ids)
+    if decoder is None or not hasattr(decoder, "config") or not hasattr(decoder, "layers"):
+        raise TypeError(f"vtattn.patch.llm needs a transformers model with a decoder (get_decoder() with "
+                        f"layers), got {type(model).__name__}")
+    state = _LLM(_image_tokens(model.config, image_token_id))
+    if fastv is not None and not state.image_ids:
+        raise ValueError(f"FastV prunes image tokens: pass image_token_id= ({type(model).__name__}'s config names "
+                         "none)")
+    check_full_attention(decoder.config)
+    if kv is not None:
+        state.kv = Compression(decoder.config, kv)  # checks the policy now
     _install.unpatch(model)  # first: a previous patch restores the attention implementation it set
-    compression.install()
+    try:
+        if kv is not None:
+            state.kv.install()
+        state.fastv = _fastv.Runner(decoder, fastv) if fastv is not None else None
+    except BaseException:
+        state.uninstall()
+        raise
 
     def forward(input_ids=None, **kwargs):
         return state(input_ids, **kwargs)
@@ -35,13 +52,13 @@ def kv(model, policy, *, image_token_id=None):
 
 
 def check_full_attention(config):
-    """Refuse a language model with sliding-window (or other non-full) attention layers: the
-    compressed cache's attention reads every kept key."""
+    """Refuse a language model with sliding-window (or other non-full) attention layers: FastV's and
+    the compressed cache's attention read every kept key."""
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
     other = sorted({t for t in types or () if t != "full_attention"})
     if other or (window and types is None):
-        raise NotImplementedError(f"KV compression needs full attention in the language model; its config has "
+        raise NotImplementedError(f"FastV and KV compression need full attention in the language model; its config has "
                                   + (f"layer_types {other}" if other else f"sliding_window={window}"))
 
 
@@ -52,7 +69,6 @@ class Compression:
     def __init__(self, config, policy):
         from ..kv.cache import CompressedCache
         CompressedCache(policy)  # checks the policy now
-        check_full_attention(config)
         self.config, self.policy, self.previous, self.installed = config, policy, None, False
         self.replaced = weakref.WeakSet()  # caches a prefill replaced (generate goes on with the new one)
 
@@ -86,19 +102,27 @@ class Compression:
             compressed.modality = images
 
 
-class _KV(_install.State):
-    def __init__(self, compression, image_ids):
-        self.compression, self.image_ids = compression, image_ids
+class _LLM(_install.State):
+    kv = fastv = None  # the Compression and the FastV Runner, each when configured
+
+    def __init__(self, image_ids):
+        self.image_ids = image_ids
 
     def __call__(self, input_ids=None, **kwargs):
         images = None
-        if input_ids is not None and self.image_ids:
+        if input_ids is not None and self.image_ids:  # none: no modality (LookM then says it needs one)
             images = (input_ids[..., None] == input_ids.new_tensor(self.image_ids)).any(-1)
-        self.compression.prepare(input_ids, images, kwargs, self.cache_name)
-        return self.original(input_ids, **kwargs)
+        if self.kv is not None:
+            self.kv.prepare(input_ids, images, kwargs, self.cache_name)
+        if self.fastv is None:
+            return self.original(input_ids, **kwargs)
+        return self.fastv(self.original, input_ids, images, kwargs)
 
     def uninstall(self):
-        self.compression.uninstall()
+        if self.fastv is not None:
+            self.fastv.remove()
+        if self.kv is not None:
+            self.kv.uninstall()
 
 
 def _image_tokens(config, given):
