@@ -189,3 +189,24 @@ def test_qwen2vl_fastv_generate_batch_equals_each_sample_alone(policy):
         for b in range(2):
             held = set(pos[b][pos[b] >= 0].tolist()) - set(range(x["input_ids"].shape[1], 10**6))
             assert held < set(kept[b].nonzero()[:, 0].tolist())
+
+
+@pytest.mark.gpu
+def test_qwen2vl_on_cuda_fp16():
+    """On CUDA (LLM head dim 64, GQA): KV budget 1.0 keeps the unpatched logits; FastV with
+    decode-time eviction generates past the cache's headroom, the pruned layer holding less."""
+    model = qwen2_vl(hidden=256).to("cuda", torch.float16)
+    x = {k: v.cuda() for k, v in qwen2_vl_inputs([(8, 8), (8, 12)]).items()}  # 16 and 24 image tokens
+    x["pixel_values"] = x["pixel_values"].half()
+    with torch.no_grad():
+        before = model(**x).logits[:, -1].float()
+        vtattn.patch.llm(model, kv=kv.LookM(budget=1.0, recent=0.1))
+        torch.testing.assert_close(model(**x).logits[:, -1].float(), before, atol=5e-2, rtol=5e-2)
+        vtattn.patch.llm(model, fastv=vtattn.patch.FastV(layer=1, keep=0.5),
+                         kv=kv.DecodeH2O(kv.LookM(budget=0.6, recent=0.1), every=4, recent=4))
+        out = model.generate(**x, max_new_tokens=40, min_new_tokens=40, do_sample=False, return_dict_in_generate=True)
+    assert out.sequences.shape == (2, x["input_ids"].shape[1] + 40)
+    held = [int((out.past_key_values.kept_positions(i) >= 0).sum()) for i in range(2)]
+    assert held[1] < held[0]
+    for layer in out.past_key_values.layers:  # 39 decode tokens: back at the prefill's length + 3
+        assert ((layer.pages.positions() >= 0).sum(-1).cpu() <= layer.base.clamp(min=4) + 3).all()
