@@ -26,6 +26,7 @@ import torch
 import vtattn
 from vtattn.patch._install import output_cache
 
+from . import scenarios_qwen
 from .cases import Case, Impl
 from .scenarios import (FEATURE_LAYER, SCALE, TOWERS, attn_impl, build_model, level_of, patched, scaled_config,
                         shared_model, single_thread, transformers_or_none, with_memory)
@@ -45,6 +46,9 @@ SCENARIOS = {  # name -> LLM kv heads, images per prompt, anyres (LLaVA-NeXT: ba
     # The KV-compression case of LOOK-M's setting: 4 images (2304 tokens) + 200 text tokens.
     "llava7b-4img": dict(kv_heads=32, images=4, anyres=False, prompt=200, variants="kv"),
     "llava7b-gqa-4img": dict(kv_heads=8, images=4, anyres=False, prompt=200, variants="kv"),
+    # Qwen2-VL-7B (GQA, M-RoPE), 4 images of 448 x 448 (1024 tokens) + 200 text tokens: the in-LLM
+    # methods through vtattn.patch.llm (scenarios_qwen.py).
+    "qwen2vl7b-4img": dict(family="qwen2vl", images=4, prompt=200, variants="llm"),
 }
 KEEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
 FASTV = dict(method="fastv", layer=2, keep=0.25)
@@ -59,7 +63,7 @@ PROMPT = 64  # text tokens beside the images, unless a scenario says otherwise
 LEVEL_SCALE = {"full": "full", "cpu": "cpu-quick", "cpu-quick": "tiny", "tiny": "tiny"}
 CPU_LLM_LAYERS = 4
 # Timed calls per row after the untimed probe: few, as a full-size row takes up to seconds
-# (about 8 minutes for all e2e rows on an H100, estimated from their FLOPs).
+# (about 10 minutes for all e2e rows on an H100, estimated from their FLOPs).
 REPS = {"ttft": 3, "decode": 2}
 NEW_TOKENS = {"full": 32, "cpu": 8}
 
@@ -123,14 +127,18 @@ def _record_cache(impl, cache):
 
 def _variants(which, new_tokens):
     """(row name, role, patch kwargs (a function: built inside the row's ctx) or None for the
-    unpatched model, the name of a variant whose API may be missing)."""
+    unpatched model, the name of a variant whose API may be missing). which: "all" (LLaVA: vision
+    selection, FastV, KV budgets), "kv" (LLaVA: KV rows) or "llm" (vtattn.patch.llm: FastV, KV rows)."""
     out = [("unpatched-sdpa", "baseline", None, None)]
     if which == "all":  # keep=1.0 is a reference: the targets are ratios to it.
         out += [(f"keep-{k}", "reference" if k == 1.0 else "vtattn", lambda k=k: dict(keep=k), None) for k in KEEPS]
         out.append((f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(FASTV), "FastV"))
+    if which == "llm":
+        out.append((f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(
+            fastv=vtattn.patch.FastV(layer=FASTV["layer"], keep=FASTV["keep"])), None))
     out += [(f"lookm-{b}", "vtattn", lambda b=b: dict(kv=vtattn.kv.LookM(budget=b, recent=KV_RECENT)),
              "KV compression") for b in KV_BUDGETS]
-    if which == "kv":  # both in the LLM: FastV's layers compress what FastV kept
+    if which in ("kv", "llm"):  # both in the LLM: FastV's layers compress what FastV kept
         out.append((f"fastv-{FASTV['keep']}+lookm-{COMBINED_BUDGET}", "vtattn", lambda: dict(
             fastv=vtattn.patch.FastV(layer=FASTV["layer"], keep=FASTV["keep"]),
             kv=vtattn.kv.LookM(budget=COMBINED_BUDGET, recent=KV_RECENT)), "FastV with KV compression"))
@@ -154,29 +162,41 @@ def e2e_cases(name, s, backends):
 
 
 def _scenario_cases(transformers, scenario_name, scenario, level):
-    config, image_token = _config(transformers, scenario, level)
-    vision, text = config.vision_config, config.text_config
+    qwen = scenario.get("family") == "qwen2vl"
+    if qwen:
+        config, image_token = scenarios_qwen.config(transformers, LEVEL_SCALE[level],
+                                                    None if level == "full" else CPU_LLM_LAYERS)
+        cls, key, patch = transformers.Qwen2VLForConditionalGeneration, ("e2e", "qwen2vl", level), vtattn.patch.llm
+        patches = scenarios_qwen.grid(LEVEL_SCALE[level])
+        per_image, tower_layers = patches ** 2 // 4 + 2, config.vision_config.depth  # + vision start / end
+    else:
+        config, image_token = _config(transformers, scenario, level)
+        cls = (transformers.LlavaNextForConditionalGeneration if scenario["anyres"]
+               else transformers.LlavaForConditionalGeneration)
+        key = ("e2e", scenario["anyres"], scenario["kv_heads"], level)  # llava7b and its video share the model
+        patch, per_image = vtattn.patch.llava, _image_tokens(config, scenario)
+        tower_layers = config.vision_config.num_hidden_layers
+    text = config.text_config
     at = {}  # device and dtype: make_inputs is the first to know them
-    cls = (transformers.LlavaNextForConditionalGeneration if scenario["anyres"]
-           else transformers.LlavaForConditionalGeneration)
     build = lambda device, dtype: build_model(cls, config, device, dtype)
-    key = ("e2e", scenario["anyres"], scenario["kv_heads"], level)  # llava7b and its video share the model
     model = lambda: shared_model(key, build, *at["dt"])
-    per_image = _image_tokens(config, scenario)
-    side, images = vision.image_size, scenario["images"]
+    images = scenario["images"]
     scale = SCALE[LEVEL_SCALE[level]]["side"]
     prompt = max(1, scenario.get("prompt", PROMPT) // scale ** 2)  # keeps the image : text ratio
     new_tokens = NEW_TOKENS["full" if level == "full" else "cpu"]
-    base_shape = {"images": images, "views": 5 if scenario["anyres"] else 1, "image_tokens": images * per_image,
+    base_shape = {"images": images, "views": 5 if scenario.get("anyres") else 1, "image_tokens": images * per_image,
                   "prompt": prompt, "llm_layers": text.num_hidden_layers, "llm_width": text.hidden_size,
                   "heads": text.num_attention_heads, "kv_heads": text.num_key_value_heads,
-                  "tower_layers": vision.num_hidden_layers, "scaled": None if level == "full" else LEVEL_SCALE[level],
+                  "tower_layers": tower_layers, "scaled": None if level == "full" else LEVEL_SCALE[level],
                   "cpu_threads": None if level == "full" else 1}
 
     def make_inputs(B):
         def make(device, dtype, seed):
             at["dt"] = device, dtype
             g = torch.Generator(device=device).manual_seed(seed)
+            if qwen:
+                return scenarios_qwen.inputs(config, B, images, prompt, patches, device, dtype, g)
+            side = config.vision_config.image_size
             text_ids = torch.randint(1, image_token, (B, prompt), device=device, generator=g)
             image_ids = torch.full((B, images * per_image), image_token, device=device)
             ids = torch.cat([text_ids[:, :1], image_ids, text_ids[:, 1:]], 1)  # <s> <image>... prompt
@@ -194,7 +214,7 @@ def _scenario_cases(transformers, scenario_name, scenario, level):
             if kw is None:
                 inner = lambda: attn_impl(model(), "sdpa")
             else:
-                inner = lambda kw=kw, pending=pending: patched(vtattn.patch.llava, model(), pending=pending, **kw())
+                inner = lambda kw=kw, pending=pending: patched(patch, model(), pending=pending, **kw())
             impl = Impl(row, None, role=role, ctx=lambda inner=inner: single_thread(model(), inner),
                         stats=dict(kv_bytes=None))
             if kind == "ttft":
