@@ -24,17 +24,19 @@ def _alone(x, b):
                 image_grid_thw=x["image_grid_thw"][b:b + 1], mm_token_type_ids=x["mm_token_type_ids"][b:b + 1, real])
 
 
+@pytest.mark.parametrize("num_beams", [1, 2])
 @pytest.mark.parametrize("policy", [kv.LookM(budget=1.0, recent=0.1, merge="pivotal"), kv.H2O(1.0, 0)])
-def test_qwen2vl_budget_one_gives_the_unpatched_tokens_and_unpatch_restores(policy):
+def test_qwen2vl_budget_one_gives_the_unpatched_tokens_and_unpatch_restores(policy, num_beams):
     model = qwen2_vl()
     x = qwen2_vl_inputs(GRIDS)
     with torch.no_grad():
-        expected = model.generate(**x, **GENERATE).sequences
+        expected = model.generate(**x, **GENERATE, num_beams=num_beams).sequences
         vtattn.patch.llm(model, kv=policy)
-        got = model.generate(**x, **GENERATE)
+        got = model.generate(**x, **GENERATE, num_beams=num_beams)
     assert torch.equal(got.sequences, expected)
     cache = got.past_key_values
-    assert isinstance(cache, CompressedCache) and torch.equal(cache.modality, x["input_ids"] == QWEN_IMAGE)
+    images = (x["input_ids"] == QWEN_IMAGE).repeat_interleave(num_beams, 0)  # generate expands for beams
+    assert isinstance(cache, CompressedCache) and torch.equal(cache.modality, images)
     assert model.model.language_model.config._attn_implementation == "vtattn"
     vtattn.patch.llm(model, kv=policy)  # a second patch replaces the first
     vtattn.patch.unpatch(model)
@@ -210,3 +212,18 @@ def test_qwen2vl_on_cuda_fp16():
     assert held[1] < held[0]
     for layer in out.past_key_values.layers:  # 39 decode tokens: back at the prefill's length + 3
         assert ((layer.pages.positions() >= 0).sum(-1).cpu() <= layer.base.clamp(min=4) + 3).all()
+
+
+def test_qwen2vl_with_attn_implementation_vtattn_matches_sdpa():
+    """attn_implementation="vtattn" on every sub-config: the ViT (one call per image, unmasked) and
+    the unpadded causal LLM run vtattn.attention; the logits match SDPA's."""
+    vtattn.patch.register_hf_attention()
+    model = qwen2_vl()
+    x = qwen2_vl_inputs(GRIDS[1:])
+    configs = [m.config for m in model.modules() if hasattr(m, "config")]
+    with torch.no_grad():
+        expected = model(**x).logits
+        for c in configs:
+            c._attn_implementation = "vtattn"
+        got = model(**x).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
