@@ -177,14 +177,14 @@ def lookm_reference(attn, image, valid, budget, recent, kv_heads=2):
 QWEN_IMAGE, QWEN_VIDEO, QWEN_START, QWEN_END = 151, 152, 153, 154
 
 
-def qwen2_vl(seed=0, hidden=32):
+def qwen2_vl(seed=0, hidden=32, vision_width=32):
     """A tiny random Qwen2-VL (M-RoPE LLM with 4 heads of hidden / 4 dims, 2 kv heads; 2-layer
-    ViT, its 2x2 merger projecting to hidden)."""
+    ViT with 4 heads of vision_width / 4 dims, its 2x2 merger projecting to hidden)."""
     d = hidden // 4
     text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=VOCAB + 32, pad_token_id=PAD, bos_token_id=1, eos_token_id=None,
                 rope_scaling={"type": "mrope", "mrope_section": [d // 4, d // 8, d // 8]})
-    vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14,
+    vision = dict(depth=2, embed_dim=vision_width, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE,
                                         video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,

@@ -195,13 +195,18 @@ def test_qwen2vl_fastv_generate_batch_equals_each_sample_alone(policy):
 
 @pytest.mark.gpu
 def test_qwen2vl_on_cuda_fp16():
-    """On CUDA (LLM head dim 64, GQA): KV budget 1.0 keeps the unpatched logits; FastV with
-    decode-time eviction generates past the cache's headroom, the pruned layer holding less."""
-    model = qwen2_vl(hidden=256).to("cuda", torch.float16)
+    """On CUDA (LLM head dim 64, GQA; ViT head dim 80): the ViT on attn_implementation="vtattn" and
+    KV budget 1.0 keep the unpatched logits; FastV with decode-time eviction generates past the
+    cache's headroom, the pruned layer holding less."""
+    model = qwen2_vl(hidden=256, vision_width=320).to("cuda", torch.float16)  # ViT head dim 80
     x = {k: v.cuda() for k, v in qwen2_vl_inputs([(8, 8), (8, 12)]).items()}  # 16 and 24 image tokens
     x["pixel_values"] = x["pixel_values"].half()
     with torch.no_grad():
         before = model(**x).logits[:, -1].float()
+        vtattn.patch.register_hf_attention()
+        model.config.vision_config._attn_implementation = "vtattn"  # the ViT on vtattn's kernels
+        torch.testing.assert_close(model(**x).logits[:, -1].float(), before, atol=5e-2, rtol=5e-2)
+        model.config.vision_config._attn_implementation = "sdpa"
         vtattn.patch.llm(model, kv=kv.LookM(budget=1.0, recent=0.1))
         torch.testing.assert_close(model(**x).logits[:, -1].float(), before, atol=5e-2, rtol=5e-2)
         vtattn.patch.llm(model, fastv=vtattn.patch.FastV(layer=1, keep=0.5),
