@@ -192,6 +192,21 @@ def qwen2_vl(seed=0, hidden=32, vision_width=32):
     return _seeded(transformers.Qwen2VLForConditionalGeneration, config, seed)
 
 
+def qwen2_5_vl(seed=0):
+    """A tiny random Qwen2.5-VL: the Qwen2-VL LLM; a ViT with window attention (56-pixel windows:
+    2 x 2 merge groups) in block 0 and full attention in block 1."""
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB + 32, pad_token_id=PAD, bos_token_id=1, eos_token_id=None,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})
+    vision = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=4, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=56,
+                  fullatt_block_indexes=[1])
+    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IMAGE,
+                                           video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_START,
+                                           vision_end_token_id=QWEN_END)
+    return _seeded(transformers.Qwen2_5_VLForConditionalGeneration, config, seed)
+
+
 def qwen2_vl_inputs(grids, seed=0):
     """Left-padded Qwen2-VL inputs: row b holds one image of patch grid grids[b] = (h, w) (even;
     h * w / 4 tokens after the merger) between random text tokens."""

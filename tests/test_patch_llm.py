@@ -6,7 +6,7 @@ import torch
 
 import vtattn
 from vtattn import kv
-from _vlm import QWEN_IMAGE, lookm_reference, qwen2_vl, qwen2_vl_inputs, text_config, topk
+from _vlm import QWEN_IMAGE, lookm_reference, qwen2_5_vl, qwen2_vl, qwen2_vl_inputs, text_config, topk
 
 transformers = pytest.importorskip("transformers")
 from vtattn.kv.cache import CompressedCache  # noqa: E402  (needs transformers)
@@ -192,6 +192,21 @@ def test_qwen2vl_fastv_generate_batch_equals_each_sample_alone(policy):
             held = set(pos[b][pos[b] >= 0].tolist()) - set(range(x["input_ids"].shape[1], 10**6))
             assert held < set(kept[b].nonzero()[:, 0].tolist())
 
+
+
+def test_qwen25vl_fastv_and_kv():
+    """Qwen2.5-VL (window-attention ViT, the same M-RoPE LLM): keep / budget 1.0 generate the
+    unpatched tokens; FastV with KV compression generates, batched, what each sample does alone."""
+    model = qwen2_5_vl()
+    x = qwen2_vl_inputs(GRIDS)
+    with torch.no_grad():
+        expected = model.generate(**x, **GENERATE).sequences
+        vtattn.patch.llm(model, fastv=vtattn.patch.FastV(layer=1, keep=1.0), kv=kv.LookM(budget=1.0, recent=0.1))
+        assert torch.equal(model.generate(**x, **GENERATE).sequences, expected)
+        vtattn.patch.llm(model, fastv=vtattn.patch.FastV(layer=1, keep=0.5), kv=kv.LookM(budget=0.4, recent=0.1))
+        both = model.generate(**x, **GENERATE).sequences
+        for b in range(2):
+            assert torch.equal(model.generate(**_alone(x, b), **GENERATE).sequences[0, -6:], both[b, -6:]), b
 
 @pytest.mark.gpu
 def test_qwen2vl_on_cuda_fp16():
