@@ -246,7 +246,7 @@ def test_llava_next_matches_manual_pipeline(method):
     _close(out.logits, expected, short)
 
 
-def test_llava_next_keep_all_generate_and_merge():
+def test_llava_next_keep_all_generate_merge_and_kv():
     model = llava_next()
     views, pixels, packed, spans, ids, mask = _next_inputs(model)
     inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=SIZES)
@@ -260,6 +260,14 @@ def test_llava_next_keep_all_generate_and_merge():
             vtattn.patch.llava(model, keep=0.3, method=method, merge="mean")
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
             assert out.shape == (2, ids.shape[1] + 4)
+        # KV compression on the anyres sequence: budget 1.0 keeps the tokens; with pruning and
+        # decode-time eviction it generates
+        vtattn.patch.llava(model, kv=vtattn.kv.LookM(budget=1.0, recent=0.1))
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), tokens)
+        vtattn.patch.llava(model, keep=0.5, method="hired", kv=vtattn.kv.DecodeH2O(
+            vtattn.kv.LookM(budget=0.3, recent=0.1, merge="weighted"), every=2, recent=2))
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert out.shape == (2, ids.shape[1] + 4)
 
 
 @pytest.mark.gpu
