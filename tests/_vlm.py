@@ -222,3 +222,12 @@ def qwen2_vl_inputs(grids, seed=0):
     return dict(input_ids=input_ids, attention_mask=mask, pixel_values=pixels,
                 image_grid_thw=torch.tensor([[1, h, w] for h, w in grids]),
                 mm_token_type_ids=(input_ids == QWEN_IMAGE).int())  # as the processor gives: M-RoPE
+
+
+def qwen2_vl_alone(x, grids, b):
+    """Sample b of qwen2_vl_inputs(grids) = x, unpadded, with its own image."""
+    real = x["attention_mask"][b].bool()
+    first = sum(h * w for h, w in grids[:b])
+    h, w = grids[b]
+    return dict(input_ids=x["input_ids"][b:b + 1, real], pixel_values=x["pixel_values"][first:first + h * w],
+                image_grid_thw=x["image_grid_thw"][b:b + 1], mm_token_type_ids=x["mm_token_type_ids"][b:b + 1, real])

@@ -6,22 +6,14 @@ import torch
 
 import vtattn
 from vtattn import kv
-from _vlm import QWEN_IMAGE, lookm_reference, qwen2_5_vl, qwen2_vl, qwen2_vl_inputs, text_config, topk
+from _vlm import (QWEN_IMAGE, lookm_reference, qwen2_5_vl, qwen2_vl, qwen2_vl_alone, qwen2_vl_inputs, text_config,
+                  topk)
 
 transformers = pytest.importorskip("transformers")
 from vtattn.kv.cache import CompressedCache  # noqa: E402  (needs transformers)
 
 GRIDS = [(4, 4), (4, 8)]  # 4 and 8 image tokens: a padded batch
 GENERATE = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, return_dict_in_generate=True)
-
-
-def _alone(x, b):
-    """Sample b of qwen2_vl_inputs(GRIDS) unpadded, with its own image."""
-    real = x["attention_mask"][b].bool()
-    first = sum(h * w for h, w in GRIDS[:b])
-    h, w = GRIDS[b]
-    return dict(input_ids=x["input_ids"][b:b + 1, real], pixel_values=x["pixel_values"][first:first + h * w],
-                image_grid_thw=x["image_grid_thw"][b:b + 1], mm_token_type_ids=x["mm_token_type_ids"][b:b + 1, real])
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])
@@ -72,7 +64,7 @@ def test_qwen2vl_generate_batch_equals_each_sample_alone(policy):
     with torch.no_grad():
         both = model.generate(**x, **GENERATE)
         for b in range(2):
-            alone = model.generate(**_alone(x, b), **GENERATE)
+            alone = model.generate(**qwen2_vl_alone(x, GRIDS, b), **GENERATE)
             assert torch.equal(alone.sequences[0, -6:], both.sequences[b, -6:]), b
     L = x["input_ids"].shape[1]
     assert both.past_key_values.get_seq_length() == L + 5  # positions continue from the uncompressed length
@@ -183,7 +175,7 @@ def test_qwen2vl_fastv_generate_batch_equals_each_sample_alone(policy):
         both = model.generate(**x, **GENERATE)
         kept = model._vtattn_patch.fastv.kept
         for b in range(2):
-            alone = model.generate(**_alone(x, b), **GENERATE)
+            alone = model.generate(**qwen2_vl_alone(x, GRIDS, b), **GENERATE)
             assert torch.equal(alone.sequences[0, -6:], both.sequences[b, -6:]), b
     assert (kept & (x["input_ids"] == QWEN_IMAGE)).sum(1).tolist() == [2, 4]  # half of 4 and of 8
     if policy is not None:  # the pruned layer compressed FastV's tokens: a subset of them, per head
@@ -206,7 +198,8 @@ def test_qwen25vl_fastv_and_kv():
         vtattn.patch.llm(model, fastv=vtattn.patch.FastV(layer=1, keep=0.5), kv=kv.LookM(budget=0.4, recent=0.1))
         both = model.generate(**x, **GENERATE).sequences
         for b in range(2):
-            assert torch.equal(model.generate(**_alone(x, b), **GENERATE).sequences[0, -6:], both[b, -6:]), b
+            alone = model.generate(**qwen2_vl_alone(x, GRIDS, b), **GENERATE).sequences
+            assert torch.equal(alone[0, -6:], both[b, -6:]), b
 
 @pytest.mark.gpu
 def test_qwen2vl_on_cuda_fp16():

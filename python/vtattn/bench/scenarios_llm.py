@@ -46,9 +46,9 @@ SCENARIOS = {  # name -> LLM kv heads, images per prompt, anyres (LLaVA-NeXT: ba
     # The KV-compression case of LOOK-M's setting: 4 images (2304 tokens) + 200 text tokens.
     "llava7b-4img": dict(kv_heads=32, images=4, anyres=False, prompt=200, variants="kv"),
     "llava7b-gqa-4img": dict(kv_heads=8, images=4, anyres=False, prompt=200, variants="kv"),
-    # Qwen2-VL-7B (GQA, M-RoPE), 4 images of 448 x 448 (1024 tokens) + 200 text tokens: the in-LLM
-    # methods through vtattn.patch.llm (scenarios_qwen.py).
-    "qwen2vl7b-4img": dict(family="qwen2vl", images=4, prompt=200, variants="llm"),
+    # Qwen2-VL-7B (GQA, M-RoPE), 4 images of 448 x 448 (1024 tokens) + 200 text tokens, through
+    # vtattn.patch.qwen2_vl: vision-side keep, FastV, KV rows (scenarios_qwen.py).
+    "qwen2vl7b-4img": dict(family="qwen2vl", images=4, prompt=200, variants="qwen"),
 }
 KEEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
 FASTV = dict(method="fastv", layer=2, keep=0.25)
@@ -128,17 +128,19 @@ def _record_cache(impl, cache):
 def _variants(which, new_tokens):
     """(row name, role, patch kwargs (a function: built inside the row's ctx) or None for the
     unpatched model, the name of a variant whose API may be missing). which: "all" (LLaVA: vision
-    selection, FastV, KV budgets), "kv" (LLaVA: KV rows) or "llm" (vtattn.patch.llm: FastV, KV rows)."""
+    selection, FastV, KV budgets), "kv" (LLaVA: KV rows) or "qwen" (patch.qwen2_vl: vision-side
+    keep below 1, FastV, KV rows)."""
     out = [("unpatched-sdpa", "baseline", None, None)]
     if which == "all":  # keep=1.0 is a reference: the targets are ratios to it.
         out += [(f"keep-{k}", "reference" if k == 1.0 else "vtattn", lambda k=k: dict(keep=k), None) for k in KEEPS]
         out.append((f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(FASTV), "FastV"))
-    if which == "llm":
+    if which == "qwen":  # keep=1.0 is the unpatched model there (nothing to patch)
+        out += [(f"keep-{k}", "vtattn", lambda k=k: dict(keep=k), None) for k in KEEPS if k < 1.0]
         out.append((f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(
             fastv=vtattn.patch.FastV(layer=FASTV["layer"], keep=FASTV["keep"])), None))
     out += [(f"lookm-{b}", "vtattn", lambda b=b: dict(kv=vtattn.kv.LookM(budget=b, recent=KV_RECENT)),
              "KV compression") for b in KV_BUDGETS]
-    if which in ("kv", "llm"):  # both in the LLM: FastV's layers compress what FastV kept
+    if which in ("kv", "qwen"):  # both in the LLM: FastV's layers compress what FastV kept
         out.append((f"fastv-{FASTV['keep']}+lookm-{COMBINED_BUDGET}", "vtattn", lambda: dict(
             fastv=vtattn.patch.FastV(layer=FASTV["layer"], keep=FASTV["keep"]),
             kv=vtattn.kv.LookM(budget=COMBINED_BUDGET, recent=KV_RECENT)), "FastV with KV compression"))
@@ -166,7 +168,8 @@ def _scenario_cases(transformers, scenario_name, scenario, level):
     if qwen:
         config, image_token = scenarios_qwen.config(transformers, LEVEL_SCALE[level],
                                                     None if level == "full" else CPU_LLM_LAYERS)
-        cls, key, patch = transformers.Qwen2VLForConditionalGeneration, ("e2e", "qwen2vl", level), vtattn.patch.llm
+        cls, key = transformers.Qwen2VLForConditionalGeneration, ("e2e", "qwen2vl", level)
+        patch = vtattn.patch.qwen2_vl
         patches = scenarios_qwen.grid(LEVEL_SCALE[level])
         per_image, tower_layers = patches ** 2 // 4 + 2, config.vision_config.depth  # + vision start / end
     else:

@@ -1,14 +1,15 @@
 """The Qwen2-VL-7B end-to-end scenario's model and inputs (scenarios_llm runs its rows): the real
 config with random weights, images of 448 x 448 (32 x 32 patches, 256 tokens after the 2 x 2
-merger), patched with `vtattn.patch.llm` (FastV, KV compression: Qwen2-VL has no vision-side
-pruning here). Scaled down on CPU like the LLaVA scenarios, the head dims kept (128 in the LLM:
-M-RoPE's sections need it; 80 in the ViT)."""
+merger), patched with `vtattn.patch.qwen2_vl` (vision-side keep, FastV, KV compression). Scaled
+down on CPU like the LLaVA scenarios, the head dims kept (128 in the LLM: M-RoPE's sections need
+it; 80 in the ViT)."""
 import torch
 
 from .scenarios import SCALE
 
 QWEN2VL7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                 num_key_value_heads=4, vocab_size=152064, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+                 num_key_value_heads=4, vocab_size=152064,
+                 rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
 VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
               temporal_patch_size=2, in_channels=3)
 SIDE = 448

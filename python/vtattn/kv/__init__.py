@@ -1,7 +1,8 @@
 """Multimodal KV-cache compression: prefill keep-set policies (policies.py), budgets (budgets.py),
 LOOK-M merging (merge.py), decode-time eviction (decode.py) and `CompressedCache` (cache.py,
-paged storage in pages.py), the transformers Cache that holds only what a policy kept. Budgets per layer come from one policy per
-layer, e.g. `CompressedCache([kv.SnapKV(b) for b in kv.pyramid(num_layers, 0.2)])`."""
+paged storage in pages.py), the transformers Cache that holds only what a policy kept. Budgets per
+layer come from one policy per layer, e.g.
+`CompressedCache([kv.SnapKV(b) for b in kv.pyramid(num_layers, 0.2)])`."""
 from . import budgets
 from .budgets import pyramid
 from .merge import merge_kv

@@ -49,6 +49,16 @@ def install(module, forward, state):
     return module
 
 
+def hide_parameter(module, name):
+    """Leave `name` out of the patched forward's visible signature. generate (transformers >= 5.23)
+    encodes the images itself, unpruned, before the prefill when forward declares
+    `mm_encoder_outputs`; without it generate hands pixel_values to the prefill forward (as 5.17
+    always does), where the vision-side pruning happens."""
+    signature = inspect.signature(module.forward)
+    module.forward.__signature__ = signature.replace(
+        parameters=[p for p in signature.parameters.values() if p.name != name])
+
+
 def unpatch(module):
     """Restore a model (or tower) patched by vtattn.patch; a no-op on an unpatched one."""
     state = module.__dict__.pop(_ATTR, None)

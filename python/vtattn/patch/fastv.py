@@ -78,7 +78,9 @@ def resolve(method, fastv, layer, keep):
 
 
 class Runner:
-    """FastV installed on a language model (a decoder with `layers`; hooks stay until `remove`)."""
+    """FastV installed on a language model (a decoder with `layers`; hooks stay until `remove`).
+    options: a FastV, or any object with `layer` 0 for a selection at the LLM's input whose
+    `choose` each call gives (vision-side scores: `vtattn.patch.qwen2_vl`)."""
 
     def __init__(self, decoder, options):
         from transformers import AttentionInterface
@@ -100,19 +102,21 @@ class Runner:
         # configs per call races between threads); outside a FastV step of this runner it runs
         # the model's own attention.
         self.pruned = frozenset(self.attn[options.layer:])
-        self.configs = [attn.config for attn in self.attn[options.layer - 1:]]
-        for attn in self.attn[options.layer - 1:]:
+        self.first = max(options.layer - 1, 0)  # layer K-1 scores (none at K = 0)
+        self.configs = [attn.config for attn in self.attn[self.first:]]
+        for attn in self.attn[self.first:]:
             attn.config = _Routed(attn.config)
 
     def remove(self):
         for hook in self.hooks:
             hook.remove()
-        for attn, config in zip(self.attn[self.options.layer - 1:], self.configs):
+        for attn, config in zip(self.attn[self.first:], self.configs):
             attn.config = config
 
-    def __call__(self, forward, input_ids, images, kwargs):
+    def __call__(self, forward, input_ids, images, kwargs, choose=None):
         """Run `forward(input_ids, **kwargs)` (one model forward) with FastV. images: [B, N] bool,
-        the image tokens of the language model's input (None without input_ids)."""
+        the image tokens of the language model's input (None without input_ids). choose: for a
+        prefill, a function giving the kept image tokens [B, N] bool in place of FastV's rule."""
         if kwargs.get("labels") is not None:
             raise NotImplementedError("FastV shortens the sequence inside the LLM: labels are not supported")
         mask = kwargs.get("attention_mask")
@@ -129,6 +133,7 @@ class Runner:
             return out
         if record is None or new_cache:
             step = self._prefill(cache, images, mask)
+            step.choose = choose
         else:
             pixel_values = kwargs.get("pixel_values")
             if pixel_values is not None and pixel_values.numel():  # (generated image-token ids are text)
@@ -166,7 +171,8 @@ class Runner:
         pads = (~real).sum(1)
         if not torch.equal(real, torch.arange(N, device=real.device) >= pads[:, None]):
             raise NotImplementedError("FastV needs left padding: each attention-mask row zeros then ones")
-        return _Step(images=images, real=real, pads=pads.tolist(), probe=self.attn[self.options.layer - 1])
+        probe = self.attn[self.options.layer - 1] if self.options.layer else None
+        return _Step(images=images, real=real, pads=pads.tolist(), probe=probe)
 
     def _prune(self, layer, args, kwargs):
         """Pre-hook of layers >= K. In a prefill, the first of them selects the kept tokens and
@@ -194,11 +200,14 @@ class Runner:
         [B, M] into the full sequence (right-aligned; a shorter row's leading slots are 0)."""
         images, real = step.images, step.real
         B, N = images.shape
-        counts = torch.tensor([self.options.budget(n) for n in images.sum(1).tolist()], device=images.device)
-        chosen = torch.zeros_like(images)
-        if bool(counts.any()):  # select_tokens keeps >= 1 per sample: a zero budget is masked after
-            scores = step.scores.masked_fill(~images, -1.0)  # probabilities are >= 0: images first
-            chosen = vtattn.select_tokens(scores, counts.clamp(min=1)).mask & images & (counts > 0)[:, None]
+        if step.choose is not None:
+            chosen = step.choose() & images
+        else:
+            counts = torch.tensor([self.options.budget(n) for n in images.sum(1).tolist()], device=images.device)
+            chosen = torch.zeros_like(images)
+            if bool(counts.any()):  # select_tokens keeps >= 1 per sample: a zero budget is masked after
+                scores = step.scores.masked_fill(~images, -1.0)  # probabilities are >= 0: images first
+                chosen = vtattn.select_tokens(scores, counts.clamp(min=1)).mask & images & (counts > 0)[:, None]
         kept = real & (~images | chosen)
         self.kept = kept
         length = kept.sum(1)
@@ -213,11 +222,12 @@ class Runner:
 
 class _Step:
     """One forward under FastV. A prefill has images / real / pads / probe (layer K-1's attention)
-    and fills scores, layer_kwargs and record; a decode step has only the record."""
+    or `choose` (the kept image tokens from elsewhere, at K = 0) and fills scores, layer_kwargs and
+    record; a decode step has only the record."""
 
     def __init__(self, images=None, real=None, pads=None, probe=None, record=None):
         self.images, self.real, self.pads, self.probe, self.record = images, real, pads, probe, record
-        self.scores = self.layer_kwargs = self.kv = None
+        self.scores = self.layer_kwargs = self.kv = self.choose = None
         self.pruned = frozenset()  # the attention modules of layers >= K
 
 

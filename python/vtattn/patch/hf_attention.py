@@ -20,12 +20,14 @@ NAME = "vtattn"
 class Probe:
     """What to record at one attention module: `scores = key_importance(q, k, rows=rows,
     reduce_heads=reduce)` ([B, N] fp32; none when rows is None) and, with `keys=True`, the
-    module's attention keys head-concatenated ([B, N, H * D])."""
+    module's attention keys head-concatenated ([B, N, H * D]). With `parts` a list, every call's
+    scores are appended to it (a module called once per image, as Qwen2-VL's ViT)."""
     rows: object = 0
     reduce: str = "mean"
     keys: bool = False
     scores: torch.Tensor | None = None
     key_states: torch.Tensor | None = None
+    parts: list | None = None
 
 
 _PROBES = contextvars.ContextVar("vtattn_probes", default=None)
@@ -67,6 +69,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         out, lse = vtattn.attention(query, key, value, causal=causal, scale=scaling, return_lse=True)
         probe.scores = vtattn.key_importance(query, key, rows=probe.rows, lse=lse, scale=scaling,
                                              causal=causal, reduce_heads=probe.reduce)
+        if probe.parts is not None:
+            probe.parts.append(probe.scores)
     if probe is not None and probe.keys:
         probe.key_states = key.transpose(1, 2).flatten(2)
     return out.transpose(1, 2), None  # free: out is laid out [B, N, H, D] in memory

@@ -5,7 +5,6 @@ attention with score probes, keeps the selected tokens of each view before the p
 the shortened sequence's embeddings, attention mask and positions, and runs the unpatched forward
 on them. Decode steps that continue that cache get their mask and positions translated from the
 caller's (original-length) frame to the shortened one, so `generate` works unchanged."""
-import inspect
 import weakref
 
 import torch
@@ -58,12 +57,7 @@ def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, a
         return state(input_ids, **kwargs)
 
     _install.install(model, forward, state)
-    # generate (transformers >= 5.23) encodes the images itself, unpruned, before the prefill when
-    # forward declares `mm_encoder_outputs`; without it generate hands pixel_values to the prefill
-    # forward (as 5.17 always does), where the pruning happens.
-    signature = inspect.signature(model.forward)
-    model.forward.__signature__ = signature.replace(
-        parameters=[p for p in signature.parameters.values() if p.name != "mm_encoder_outputs"])
+    _install.hide_parameter(model, "mm_encoder_outputs")
     return model
 
 

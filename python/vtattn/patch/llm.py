@@ -25,14 +25,21 @@ def llm(model, *, kv=None, fastv=None, image_token_id=None):
         raise ValueError("vtattn.patch.llm needs kv= (a vtattn.kv policy) and/or fastv= (a vtattn.patch.FastV)")
     if fastv is not None and not isinstance(fastv, _fastv.FastV):
         raise TypeError(f"fastv must be a vtattn.patch.FastV, got {type(fastv).__name__}")
+    return install(model, kv, fastv, image_token_id)
+
+
+def install(model, kv, stage, image_token_id, vision=None):
+    """Patch `model`'s language model: KV compression with policy `kv` and/or a pruning `stage`
+    (`fastv.Runner`'s options: a FastV, or layer 0 with `vision`, whose `scoring` gives each
+    prefill its kept image tokens); None for none."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is None or not hasattr(decoder, "config") or not hasattr(decoder, "layers"):
-        raise TypeError(f"vtattn.patch.llm needs a transformers model with a decoder (get_decoder() with "
+        raise TypeError(f"vtattn.patch needs a transformers model with a decoder (get_decoder() with "
                         f"layers), got {type(model).__name__}")
-    state = _LLM(_image_tokens(model.config, image_token_id))
-    if fastv is not None and not state.image_ids:
-        raise ValueError(f"FastV prunes image tokens: pass image_token_id= ({type(model).__name__}'s config names "
-                         "none)")
+    state = _LLM(_image_tokens(model.config, image_token_id), vision)
+    if stage is not None and not state.image_ids:
+        raise ValueError(f"pruning image tokens needs their ids: pass image_token_id= ({type(model).__name__}'s "
+                         "config names none)")
     check_full_attention(decoder.config)
     if kv is not None:
         state.kv = Compression(decoder.config, kv)  # checks the policy now
@@ -40,7 +47,7 @@ def llm(model, *, kv=None, fastv=None, image_token_id=None):
     try:
         if kv is not None:
             state.kv.install()
-        state.fastv = _fastv.Runner(decoder, fastv) if fastv is not None else None
+        state.fastv = _fastv.Runner(decoder, stage) if stage is not None else None
     except BaseException:
         state.uninstall()
         raise
@@ -48,7 +55,10 @@ def llm(model, *, kv=None, fastv=None, image_token_id=None):
     def forward(input_ids=None, **kwargs):
         return state(input_ids, **kwargs)
 
-    return _install.install(model, forward, state)
+    _install.install(model, forward, state)
+    if vision is not None:
+        _install.hide_parameter(model, "mm_encoder_outputs")
+    return model
 
 
 def check_full_attention(config):
@@ -105,8 +115,8 @@ class Compression:
 class _LLM(_install.State):
     kv = fastv = None  # the Compression and the FastV Runner, each when configured
 
-    def __init__(self, image_ids):
-        self.image_ids = image_ids
+    def __init__(self, image_ids, vision):
+        self.image_ids, self.vision = image_ids, vision
 
     def __call__(self, input_ids=None, **kwargs):
         images = None
@@ -116,7 +126,10 @@ class _LLM(_install.State):
             self.kv.prepare(input_ids, images, kwargs, self.cache_name)
         if self.fastv is None:
             return self.original(input_ids, **kwargs)
-        return self.fastv(self.original, input_ids, images, kwargs)
+        if self.vision is None or not self.vision.prefill(images, kwargs):
+            return self.fastv(self.original, input_ids, images, kwargs)
+        with self.vision.scoring(images, kwargs) as choose:
+            return self.fastv(self.original, input_ids, images, kwargs, choose)
 
     def uninstall(self):
         if self.fastv is not None:

@@ -1,0 +1,91 @@
+"""Visual-token pruning for transformers' Qwen2-VL and Qwen2.5-VL: `vtattn.patch.qwen2_vl(model,
+keep=0.25)`, alone or with KV compression (`kv=`).
+
+Each image keeps its top `keep` merged tokens by the attention they receive in the ViT's last
+full-attention block: mean over the image's rows and the heads, summed over the tokens of each
+spatial merge group (DESIGN's rule for encoders without [CLS]). The scores come from that very
+call of the ViT, run on vtattn attention (`key_importance` from its LSE): no eager attention, no
+second pass. The other image tokens leave the sequence at the LLM's input with FastV's mechanics
+(`fastv.Runner` at layer 0): kept tokens keep their M-RoPE positions (gaps where tokens left), and
+what `generate` sees (masks, positions) stays in the full sequence's frame."""
+import contextlib
+
+import torch
+
+import vtattn
+from vtattn import selection as policy
+
+from .llm import install, llm
+from .hf_attention import Probe, probing
+from .vision import vtattn_attention
+
+
+def qwen2_vl(model, *, keep=1.0, kv=None, fastv=None, image_token_id=None):
+    """Patch a Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration in place and
+    return it. keep: a ratio in (0, 1] (each image keeps max(1, round(keep * n)) of its n tokens)
+    or an int count per image (at most the largest image's); kv: as `vtattn.patch.llm`; fastv: a
+    `vtattn.patch.FastV` instead of keep (one pruning stage). `vtattn.patch.unpatch` restores it."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    if not isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)):
+        raise TypeError(f"vtattn.patch.qwen2_vl supports transformers' Qwen2-VL and Qwen2.5-VL "
+                        f"(...ForConditionalGeneration), got {type(model).__name__}")
+    policy.check_keep(keep)
+    if keep == 1.0 and not isinstance(keep, int):
+        if kv is None and fastv is None:
+            raise ValueError("nothing to patch: pass keep < 1.0, kv= and/or fastv=")
+        return llm(model, kv=kv, fastv=fastv, image_token_id=image_token_id)
+    if fastv is not None:
+        raise NotImplementedError("keep= and fastv= are two pruning stages; vtattn.patch.qwen2_vl runs one: "
+                                  "pass keep (vision-side) or fastv")
+    return install(model, kv, _AtInput, image_token_id, vision=ViTScores(model.model.visual, keep))
+
+
+class _AtInput:
+    """`fastv.Runner`'s options for a selection at the LLM's input."""
+    layer = 0
+
+
+class ViTScores:
+    """The kept image tokens of a prefill, scored in the ViT's last full-attention block."""
+
+    def __init__(self, visual, keep):
+        full = getattr(visual.config, "fullatt_block_indexes", None)  # Qwen2.5-VL: window attention elsewhere
+        self.visual, self.keep, self.windowed = visual, keep, full is not None
+        self.block = visual.blocks[max(full) if full else len(visual.blocks) - 1].attn
+        self.unit = visual.spatial_merge_size ** 2
+
+    @staticmethod
+    def prefill(images, kwargs):
+        """Whether this call encodes images (vision-side pruning applies)."""
+        pixels = kwargs.get("pixel_values")
+        return pixels is not None and pixels.numel() > 0 and images is not None
+
+    @contextlib.contextmanager
+    def scoring(self, images, kwargs):
+        """Around the model's forward: the ViT on vtattn attention with a probe on the scored block;
+        yields the function FastV's layer-0 hook calls for the kept image tokens [B, N]."""
+        if kwargs.get("pixel_values_videos") is not None:
+            raise NotImplementedError("vtattn.patch.qwen2_vl(keep=...) prunes images; videos are not supported")
+        grid = kwargs.get("image_grid_thw")
+        probe = Probe(rows="all", reduce="mean", parts=[])
+        with vtattn_attention(self.visual), probing({self.block: probe}):
+            yield lambda: self._chosen(torch.cat([p[0] for p in probe.parts]), grid, images)
+
+    def _chosen(self, scores, grid, images):
+        """scores [P]: the block's patches in its order (Qwen2.5-VL: window order) -> kept image
+        tokens [B, N] bool, top-k per image."""
+        units = scores.view(-1, self.unit).sum(-1)  # a merge group's patches are consecutive
+        if self.windowed:  # units in window order -> the merger's output order
+            from transformers.vision_utils import get_vision_window_index
+            c = self.visual.config
+            order, _ = get_vision_window_index(grid, spatial_merge_size=c.spatial_merge_size,
+                                               window_size=c.window_size, patch_size=c.patch_size)
+            units = torch.empty_like(units).scatter_(0, order.to(units.device), units)
+        counts = (grid.prod(-1) // self.unit).tolist()
+        if sum(counts) != int(images.sum()):
+            raise ValueError(f"image_grid_thw gives {sum(counts)} image tokens, input_ids holds {int(images.sum())}")
+        budgets = torch.tensor([[policy.budget(self.keep, n, max(counts)) for n in counts]])
+        kept = vtattn.select_tokens(units[None], budgets.to(units.device), segments=counts).mask[0]
+        chosen = torch.zeros_like(images)
+        chosen[images] = kept
+        return chosen
