@@ -98,17 +98,37 @@ def test_kept_tokens_follow_the_vit_rule_and_logits_the_manual_pipeline(family):
         torch.testing.assert_close(out.logits[b, -1], got, atol=1e-4, rtol=1e-4)  # batched = alone
 
 
+@pytest.mark.parametrize("num_beams", [1, 2])
 @pytest.mark.parametrize("family", BUILDERS)
-def test_keep_every_token_is_the_unpatched_model(family):
+def test_keep_every_token_is_the_unpatched_model(family, num_beams):
     model = BUILDERS[family]()
     x = qwen2_vl_inputs(GRIDS)
     with torch.no_grad():
-        expected = model.generate(**x, **GENERATE)
+        expected = model.generate(**x, **GENERATE, num_beams=num_beams)
         vtattn.patch.qwen2_vl(model, keep=8)  # an int count: every image keeps all of its (<= 8) tokens
-        assert torch.equal(model.generate(**x, **GENERATE), expected)
-        assert bool(model._vtattn_patch.fastv.kept[x["attention_mask"].bool()].all())
+        assert torch.equal(model.generate(**x, **GENERATE, num_beams=num_beams), expected)
+        real = x["attention_mask"].bool().repeat_interleave(num_beams, 0)  # generate expands for beams
+        assert bool(model._vtattn_patch.fastv.kept[real].all())
     vtattn.patch.unpatch(model)
     assert model.model.visual.config._attn_implementation == "sdpa" and "forward" not in model.__dict__
+
+
+def test_generate_expansion_repeats_whole_images_per_sample():
+    """Beams / num_return_sequences: each sample's images (patch rows, grid rows) repeat after the
+    sample's own, also for a sample with two images (the patch keeps pixel_values for the prefill)."""
+    model = vtattn.patch.qwen2_vl(qwen2_vl(), keep=0.5)
+    one, two = qwen2_vl_inputs([(4, 4)], seed=1), qwen2_vl_inputs([(4, 8)], seed=2)
+    ids = torch.cat([one["input_ids"], two["input_ids"]], 1)  # row 0: two images
+    pad = torch.zeros(1, ids.shape[1] - one["input_ids"].shape[1], dtype=ids.dtype)
+    ids = torch.cat([ids, torch.cat([pad, one["input_ids"]], 1)])  # row 1: one, left-padded
+    pixels = torch.cat([one["pixel_values"], two["pixel_values"], one["pixel_values"] + 1])
+    grid = torch.tensor([[1, 4, 4], [1, 4, 8], [1, 4, 4]])
+    _, out = model._expand_inputs_for_generation(expand_size=2, input_ids=ids, pixel_values=pixels,
+                                                 image_grid_thw=grid, attention_mask=(ids > 0).long())
+    row0 = pixels[:48]
+    assert torch.equal(out["pixel_values"], torch.cat([row0, row0, pixels[48:], pixels[48:]]))
+    assert torch.equal(out["image_grid_thw"], grid[[0, 1, 0, 1, 2, 2]])
+    assert out["attention_mask"].shape[0] == 4
 
 
 @pytest.mark.parametrize("policy", [None, kv.DecodeH2O(kv.LookM(budget=0.5, recent=0.1), every=2, recent=2)],
@@ -150,6 +170,8 @@ def test_text_only_prompt_and_bad_arguments():
     x = qwen2_vl_inputs(GRIDS)
     with pytest.raises(NotImplementedError, match="videos"), torch.no_grad():
         model(**x, pixel_values_videos=x["pixel_values"], video_grid_thw=x["image_grid_thw"])
+    with pytest.raises(NotImplementedError, match="pass pixel_values"), torch.no_grad():
+        model(input_ids=x["input_ids"], attention_mask=x["attention_mask"])  # image tokens, no images
 
 
 @pytest.mark.gpu

@@ -58,6 +58,7 @@ def install(model, kv, stage, image_token_id, vision=None):
     _install.install(model, forward, state)
     if vision is not None:
         _install.hide_parameter(model, "mm_encoder_outputs")
+        vision.attach()
     return model
 
 
@@ -136,6 +137,8 @@ class _LLM(_install.State):
             self.fastv.remove()
         if self.kv is not None:
             self.kv.uninstall()
+        if self.vision is not None:
+            self.vision.detach()
 
 
 def _image_tokens(config, given):

@@ -9,8 +9,10 @@ second pass. The other image tokens leave the sequence at the LLM's input with F
 (`fastv.Runner` at layer 0): kept tokens keep their M-RoPE positions (gaps where tokens left), and
 what `generate` sees (masks, positions) stays in the full sequence's frame."""
 import contextlib
+import functools
 
 import torch
+import torch.nn.functional as F
 
 import vtattn
 from vtattn import selection as policy
@@ -37,22 +39,40 @@ def qwen2_vl(model, *, keep=1.0, kv=None, fastv=None, image_token_id=None):
     if fastv is not None:
         raise NotImplementedError("keep= and fastv= are two pruning stages; vtattn.patch.qwen2_vl runs one: "
                                   "pass keep (vision-side) or fastv")
-    return install(model, kv, _AtInput, image_token_id, vision=ViTScores(model.model.visual, keep))
+    return install(model, kv, _AtInput, image_token_id, vision=ViTScores(model, keep))
 
 
 class _AtInput:
-    """`fastv.Runner`'s options for a selection at the LLM's input."""
+    """`fastv.Runner`'s options for a selection at the LLM's input; its `choose` comes with each
+    prefill that brings pixel_values (FastV's own rule, `budget`, never applies)."""
     layer = 0
+
+    @staticmethod
+    def budget(n):
+        raise NotImplementedError("vtattn.patch.qwen2_vl(keep=...) scores the images in the ViT: pass pixel_values "
+                                  "with the prompt's image tokens (not pre-encoded features)")
 
 
 class ViTScores:
     """The kept image tokens of a prefill, scored in the ViT's last full-attention block."""
 
-    def __init__(self, visual, keep):
+    def __init__(self, model, keep):
+        visual = model.model.visual
         full = getattr(visual.config, "fullatt_block_indexes", None)  # Qwen2.5-VL: window attention elsewhere
-        self.visual, self.keep, self.windowed = visual, keep, full is not None
+        self.model, self.visual, self.keep, self.windowed = model, visual, keep, full is not None
         self.block = visual.blocks[max(full) if full else len(visual.blocks) - 1].attn
         self.unit = visual.spatial_merge_size ** 2
+
+    def attach(self):
+        """With the patch on: generate hands pixel_values to the prefill (not pre-encoded features,
+        `_install.hide_parameter`), so its batch expansion must repeat whole images; transformers
+        >= 5.23 leaves that to the pre-encoding and would repeat each patch row."""
+        from transformers import GenerationMixin
+        if type(self.model)._expand_inputs_for_generation is GenerationMixin._expand_inputs_for_generation:
+            self.model._expand_inputs_for_generation = functools.partial(_expand_by_image, self.model)
+
+    def detach(self):
+        self.model.__dict__.pop("_expand_inputs_for_generation", None)
 
     @staticmethod
     def prefill(images, kwargs):
@@ -89,3 +109,26 @@ class ViTScores:
         chosen = torch.zeros_like(images)
         chosen[images] = kept
         return chosen
+
+
+def _expand_by_image(model, expand_size=1, is_encoder_decoder=False, input_ids=None, **kwargs):
+    """generate's batch expansion (beams, num_return_sequences) with each sample's images, their
+    patch rows and grid rows, repeated whole after the sample's own."""
+    from transformers import GenerationMixin
+    pixels, grid = kwargs.pop("pixel_values", None), kwargs.pop("image_grid_thw", None)
+    expanded_ids, kwargs = GenerationMixin._expand_inputs_for_generation(model, expand_size, is_encoder_decoder,
+                                                                        input_ids, **kwargs)
+    if pixels is None or expand_size == 1 or input_ids is None:
+        kwargs.update(pixel_values=pixels, image_grid_thw=grid)
+        return expanded_ids, kwargs
+    image = input_ids == model.config.image_token_id
+    images_per_sample = (image & ~F.pad(image[:, :-1], (1, 0))).sum(1).tolist()  # runs of image tokens
+    rows = grid.prod(-1).tolist()
+    patches, grids, first, row = [], [], 0, 0
+    for n in images_per_sample:
+        r = sum(rows[first:first + n])
+        patches.append(pixels[row:row + r].repeat(expand_size, 1))
+        grids.append(grid[first:first + n].repeat(expand_size, 1))
+        first, row = first + n, row + r
+    kwargs.update(pixel_values=torch.cat(patches), image_grid_thw=torch.cat(grids))
+    return expanded_ids, kwargs
