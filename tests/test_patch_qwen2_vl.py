@@ -9,7 +9,8 @@ import torch
 
 import vtattn
 from vtattn import kv
-from _vlm import QWEN_IMAGE, qwen2_5_vl, qwen2_vl, qwen2_vl_alone, qwen2_vl_inputs, topk
+from _vlm import (QWEN_END, QWEN_IMAGE, QWEN_START, QWEN_VIDEO, qwen2_5_vl, qwen2_vl, qwen2_vl_alone, qwen2_vl_inputs,
+                  topk)
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,25 +45,29 @@ def _eager_vit_weights(model, x):
 
 
 def _reference_kept(model, x, keep):
-    """The rule: per image, the attention each patch receives (summed over rows, mean over heads),
-    summed per 2x2 merge group, merger order; top max(1, round(keep * n)) per image."""
-    units = torch.cat([w.sum(1).mean(0).view(-1, 4).sum(-1) for w in _eager_vit_weights(model, x)])
-    visual = model.model.visual
-    if getattr(visual.config, "fullatt_block_indexes", None):  # undo the window order as the model does
-        from transformers.vision_utils import get_vision_window_index
-        c = visual.config
-        order, _ = get_vision_window_index(x["image_grid_thw"], spatial_merge_size=2, window_size=c.window_size,
-                                           patch_size=c.patch_size)
-        units = units[torch.argsort(order)]
-    ids = x["input_ids"]
-    images = ids == QWEN_IMAGE
-    kept = x["attention_mask"].bool() & ~images
-    start = 0
-    for b in range(len(ids)):
-        where = images[b].nonzero()[:, 0]
-        mine = units[start:start + len(where)]
-        start += len(where)
-        kept[b, where[topk(mine, max(1, round(keep * len(where))))]] = True
+    """The rule: the attention each patch receives (summed over rows, mean over heads), summed per
+    2x2 merge group, in the merger's order; top max(1, round(keep * n)) per image and per video
+    frame (the ViT attends within one image / one frame)."""
+    weights = iter(_eager_vit_weights(model, x))  # one call per image, then per video frame
+    ids, visual = x["input_ids"], model.model.visual
+    kept = x["attention_mask"].bool() & ~((ids == QWEN_IMAGE) | (ids == QWEN_VIDEO))
+    for grid_key, token in (("image_grid_thw", QWEN_IMAGE), ("video_grid_thw", QWEN_VIDEO)):
+        if grid_key not in x:
+            continue
+        grid = x[grid_key]
+        calls = [next(weights) for t, _, _ in grid.tolist() for _ in range(t)]
+        units = torch.cat([w.sum(1).mean(0).view(-1, 4).sum(-1) for w in calls])
+        if getattr(visual.config, "fullatt_block_indexes", None):  # undo the window order as the merger does
+            from transformers.vision_utils import get_vision_window_index
+            c = visual.config
+            order, _ = get_vision_window_index(grid, spatial_merge_size=2, window_size=c.window_size,
+                                               patch_size=c.patch_size)
+            units = units[torch.argsort(order)]
+        frames = [h * w // 4 for t, h, w in grid.tolist() for _ in range(t)]
+        where = (ids == token).nonzero()  # [n, 2] (row, position), in the order the model fills them
+        for part, seg in zip(units.split(frames), where.split(frames)):
+            pick = seg[topk(part, max(1, round(keep * len(part))))]
+            kept[pick[:, 0], pick[:, 1]] = True
     return kept
 
 
@@ -96,6 +101,35 @@ def test_kept_tokens_follow_the_vit_rule_and_logits_the_manual_pipeline(family):
         real = x["attention_mask"][b].bool()
         torch.testing.assert_close(got, _manual_logits(model, alone, kept[b, real]), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out.logits[b, -1], got, atol=1e-4, rtol=1e-4)  # batched = alone
+
+
+def _video_inputs():
+    """One prompt with an image (4 tokens) and a 2-frame video (2 x 4 tokens), then text."""
+    g = torch.Generator().manual_seed(4)
+    text = torch.randint(1, 100, (5,), generator=g).tolist()
+    ids = torch.tensor([text[:2] + [QWEN_START] + [QWEN_IMAGE] * 4 + [QWEN_END] + [QWEN_START] + [QWEN_VIDEO] * 8
+                        + [QWEN_END] + text[2:]])
+    patch = 3 * 2 * 14 * 14
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                pixel_values=torch.randn(16, patch, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]]),
+                pixel_values_videos=torch.randn(32, patch, generator=g), video_grid_thw=torch.tensor([[2, 4, 4]]),
+                mm_token_type_ids=(ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int())
+
+
+@pytest.mark.parametrize("family", BUILDERS)
+def test_videos_keep_their_top_tokens_per_frame(family):
+    model = BUILDERS[family]()
+    x = _video_inputs()
+    expected = _reference_kept(model, x, 0.4)
+    with torch.no_grad():
+        unpatched = model.generate(**x, **GENERATE, num_beams=2)
+        vtattn.patch.qwen2_vl(model, keep=0.4)
+        model(**x)
+        assert torch.equal(model._vtattn_patch.fastv.kept, expected)
+        # round(0.4 * 4) = 2 of the image and of each frame (the whole video's 8 would keep 3)
+        assert int(expected.sum()) == x["input_ids"].shape[1] - 2 - 2 - 2
+        vtattn.patch.qwen2_vl(model, keep=4)  # every token of the image and of each frame
+        assert torch.equal(model.generate(**x, **GENERATE, num_beams=2), unpatched)
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])
@@ -168,8 +202,6 @@ def test_text_only_prompt_and_bad_arguments():
         vtattn.patch.qwen2_vl(model, keep=0.5, fastv=vtattn.patch.FastV(layer=1))
     vtattn.patch.qwen2_vl(model, keep=0.5)
     x = qwen2_vl_inputs(GRIDS)
-    with pytest.raises(NotImplementedError, match="videos"), torch.no_grad():
-        model(**x, pixel_values_videos=x["pixel_values"], video_grid_thw=x["image_grid_thw"])
     with pytest.raises(NotImplementedError, match="pass pixel_values"), torch.no_grad():
         model(input_ids=x["input_ids"], attention_mask=x["attention_mask"])  # image tokens, no images
 

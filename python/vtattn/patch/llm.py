@@ -129,7 +129,7 @@ class _LLM(_install.State):
             return self.original(input_ids, **kwargs)
         if self.vision is None or not self.vision.prefill(images, kwargs):
             return self.fastv(self.original, input_ids, images, kwargs)
-        with self.vision.scoring(images, kwargs) as choose:
+        with self.vision.scoring(input_ids, images, kwargs) as choose:
             return self.fastv(self.original, input_ids, images, kwargs, choose)
 
     def uninstall(self):

@@ -1,11 +1,12 @@
 """Visual-token pruning for transformers' Qwen2-VL and Qwen2.5-VL: `vtattn.patch.qwen2_vl(model,
 keep=0.25)`, alone or with KV compression (`kv=`).
 
-Each image keeps its top `keep` merged tokens by the attention they receive in the ViT's last
-full-attention block: mean over the image's rows and the heads, summed over the tokens of each
-spatial merge group (DESIGN's rule for encoders without [CLS]). The scores come from that very
-call of the ViT, run on vtattn attention (`key_importance` from its LSE): no eager attention, no
-second pass. The other image tokens leave the sequence at the LLM's input with FastV's mechanics
+Each image (and each video frame) keeps its top `keep` merged tokens by the attention they receive
+in the ViT's last full-attention block: summed over the image's (frame's) rows, mean over heads,
+summed over the tokens of each spatial merge group (DESIGN's rule for encoders without [CLS]).
+The scores come from that very call of the ViT, run on vtattn attention (`key_importance` from
+its LSE): no eager attention, no second pass. The other image tokens leave the sequence at the
+LLM's input with FastV's mechanics
 (`fastv.Runner` at layer 0): kept tokens keep their M-RoPE positions (gaps where tokens left), and
 what `generate` sees (masks, positions) stays in the full sequence's frame."""
 import contextlib
@@ -24,8 +25,8 @@ from .vision import vtattn_attention
 
 def qwen2_vl(model, *, keep=1.0, kv=None, fastv=None, image_token_id=None):
     """Patch a Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration in place and
-    return it. keep: a ratio in (0, 1] (each image keeps max(1, round(keep * n)) of its n tokens)
-    or an int count per image (at most the largest image's); kv: as `vtattn.patch.llm`; fastv: a
+    return it. keep: a ratio in (0, 1] (each image and video frame keeps max(1, round(keep * n)) of
+    its n tokens) or an int count per image / frame (at most the largest one's); kv: as `vtattn.patch.llm`; fastv: a
     `vtattn.patch.FastV` instead of keep (one pruning stage). `vtattn.patch.unpatch` restores it."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
     if not isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)):
@@ -76,24 +77,41 @@ class ViTScores:
 
     @staticmethod
     def prefill(images, kwargs):
-        """Whether this call encodes images (vision-side pruning applies)."""
-        pixels = kwargs.get("pixel_values")
-        return pixels is not None and pixels.numel() > 0 and images is not None
+        """Whether this call encodes images or videos (vision-side pruning applies)."""
+        return images is not None and any(kwargs.get(key) is not None and kwargs[key].numel() > 0
+                                          for key, _, _ in MODALITIES)
 
     @contextlib.contextmanager
-    def scoring(self, images, kwargs):
-        """Around the model's forward: the ViT on vtattn attention with a probe on the scored block;
-        yields the function FastV's layer-0 hook calls for the kept image tokens [B, N]."""
-        if kwargs.get("pixel_values_videos") is not None:
-            raise NotImplementedError("vtattn.patch.qwen2_vl(keep=...) prunes images; videos are not supported")
-        grid = kwargs.get("image_grid_thw")
+    def scoring(self, input_ids, images, kwargs):
+        """Around the model's forward: the ViT on vtattn attention with a probe on the scored block
+        (called per image, per video frame: images first, as the model encodes them); yields the
+        function FastV's layer-0 hook calls for the kept image and video tokens [B, N]."""
         probe = Probe(rows="all", reduce="mean", parts=[])
+        grids = {key: kwargs.get(grid) if kwargs.get(key) is not None else None for key, grid, _ in MODALITIES}
         with vtattn_attention(self.visual), probing({self.block: probe}):
-            yield lambda: self._chosen(torch.cat([p[0] for p in probe.parts]), grid, images)
+            yield lambda: self._chosen(torch.cat([p[0] for p in probe.parts]), grids, input_ids, images)
 
-    def _chosen(self, scores, grid, images):
-        """scores [P]: the block's patches in its order (Qwen2.5-VL: window order) -> kept image
-        tokens [B, N] bool, top-k per image."""
+    def _chosen(self, scores, grids, input_ids, images):
+        """scores [P]: the block's patches in its order (images', then videos'; Qwen2.5-VL: window
+        order) -> kept tokens [B, N] bool, top-k per image and per video frame."""
+        chosen, done = torch.zeros_like(images), 0
+        for key, _, token in MODALITIES:
+            grid = grids[key]
+            if grid is None:
+                continue
+            n = int(grid.prod(-1).sum())
+            units = self._units(scores[done:done + n], grid)
+            done += n
+            frames = [h * w // self.unit for t, h, w in grid.tolist() for _ in range(t)]  # segments
+            where = input_ids == getattr(self.model.config, token)
+            if sum(frames) != int(where.sum()):
+                raise ValueError(f"{key}'s grid gives {sum(frames)} tokens, input_ids holds {int(where.sum())}")
+            budgets = torch.tensor([[policy.budget(self.keep, f, max(frames)) for f in frames]])
+            chosen[where] = vtattn.select_tokens(units[None], budgets.to(units.device), segments=frames).mask[0]
+        return chosen
+
+    def _units(self, scores, grid):
+        """Patch scores [P] -> merge-group scores in the merger's output order."""
         units = scores.view(-1, self.unit).sum(-1)  # a merge group's patches are consecutive
         if self.windowed:  # units in window order -> the merger's output order
             from transformers.vision_utils import get_vision_window_index
@@ -101,34 +119,36 @@ class ViTScores:
             order, _ = get_vision_window_index(grid, spatial_merge_size=c.spatial_merge_size,
                                                window_size=c.window_size, patch_size=c.patch_size)
             units = torch.empty_like(units).scatter_(0, order.to(units.device), units)
-        counts = (grid.prod(-1) // self.unit).tolist()
-        if sum(counts) != int(images.sum()):
-            raise ValueError(f"image_grid_thw gives {sum(counts)} image tokens, input_ids holds {int(images.sum())}")
-        budgets = torch.tensor([[policy.budget(self.keep, n, max(counts)) for n in counts]])
-        kept = vtattn.select_tokens(units[None], budgets.to(units.device), segments=counts).mask[0]
-        chosen = torch.zeros_like(images)
-        chosen[images] = kept
-        return chosen
+        return units
+
+
+# (pixels, grid, the config's token id) of each modality the ViT encodes, in the model's order
+MODALITIES = (("pixel_values", "image_grid_thw", "image_token_id"),
+              ("pixel_values_videos", "video_grid_thw", "video_token_id"))
 
 
 def _expand_by_image(model, expand_size=1, is_encoder_decoder=False, input_ids=None, **kwargs):
-    """generate's batch expansion (beams, num_return_sequences) with each sample's images, their
-    patch rows and grid rows, repeated whole after the sample's own."""
+    """generate's batch expansion (beams, num_return_sequences) with each sample's images and
+    videos, their patch rows and grid rows, repeated whole after the sample's own."""
     from transformers import GenerationMixin
-    pixels, grid = kwargs.pop("pixel_values", None), kwargs.pop("image_grid_thw", None)
+    visual = {key: kwargs.pop(key, None) for pair in MODALITIES for key in pair[:2]}
     expanded_ids, kwargs = GenerationMixin._expand_inputs_for_generation(model, expand_size, is_encoder_decoder,
                                                                         input_ids, **kwargs)
-    if pixels is None or expand_size == 1 or input_ids is None:
-        kwargs.update(pixel_values=pixels, image_grid_thw=grid)
+    kwargs.update(visual)
+    if expand_size == 1 or input_ids is None:
         return expanded_ids, kwargs
-    image = input_ids == model.config.image_token_id
-    images_per_sample = (image & ~F.pad(image[:, :-1], (1, 0))).sum(1).tolist()  # runs of image tokens
-    rows = grid.prod(-1).tolist()
-    patches, grids, first, row = [], [], 0, 0
-    for n in images_per_sample:
-        r = sum(rows[first:first + n])
-        patches.append(pixels[row:row + r].repeat(expand_size, 1))
-        grids.append(grid[first:first + n].repeat(expand_size, 1))
-        first, row = first + n, row + r
-    kwargs.update(pixel_values=torch.cat(patches), image_grid_thw=torch.cat(grids))
+    for key, grid_key, token in MODALITIES:
+        pixels, grid = visual[key], visual[grid_key]
+        if pixels is None or grid is None:
+            continue
+        mine = input_ids == getattr(model.config, token)
+        per_sample = (mine & ~F.pad(mine[:, :-1], (1, 0))).sum(1).tolist()  # runs of its tokens
+        rows = grid.prod(-1).tolist()
+        patches, grids, first, row = [], [], 0, 0
+        for n in per_sample:
+            r = sum(rows[first:first + n])
+            patches.append(pixels[row:row + r].repeat(expand_size, 1))
+            grids.append(grid[first:first + n].repeat(expand_size, 1))
+            first, row = first + n, row + r
+        kwargs.update({key: torch.cat(patches), grid_key: torch.cat(grids)})
     return expanded_ids, kwargs
