@@ -6,9 +6,9 @@ in the ViT's last full-attention block: summed over the image's (frame's) rows, 
 summed over the tokens of each spatial merge group (DESIGN's rule for encoders without [CLS]).
 The scores come from that very call of the ViT, run on vtattn attention (`key_importance` from
 its LSE): no eager attention, no second pass. The other image tokens leave the sequence at the
-LLM's input with FastV's mechanics
-(`fastv.Runner` at layer 0): kept tokens keep their M-RoPE positions (gaps where tokens left), and
-what `generate` sees (masks, positions) stays in the full sequence's frame."""
+LLM's input with FastV's mechanics (`fastv.Runner` at layer 0): kept tokens keep their M-RoPE
+positions (gaps where tokens left), and what `generate` sees (masks, positions) stays in the full
+sequence's frame."""
 import contextlib
 import functools
 
