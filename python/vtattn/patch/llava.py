@@ -11,7 +11,7 @@ import torch
 
 from . import _install, fastv as _fastv
 from ._sequence import Shrink
-from .llm import Compression, check_full_attention
+from .llm import Compression, check_full_attention, mount
 from .vision import Selector
 
 
@@ -42,21 +42,7 @@ def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, a
         state.selector(base.config.vision_feature_layer, base.config.vision_feature_select_strategy)  # check now
     if kv is not None:
         state.kv = Compression(base.language_model.config, kv)  # checks the policy and the LLM now
-    # A previous patch comes off before this one changes anything: its uninstall restores the
-    # LLM's attention implementation, which Compression.install must then record, not "vtattn".
-    _install.unpatch(model)
-    try:
-        if kv is not None:
-            state.kv.install()
-        state.fastv = _fastv.Runner(base.language_model, fastv) if fastv is not None else None
-    except BaseException:
-        state.uninstall()
-        raise
-
-    def forward(input_ids=None, **kwargs):
-        return state(input_ids, **kwargs)
-
-    _install.install(model, forward, state)
+    mount(model, state, base.language_model, fastv)
     _install.hide_parameter(model, "mm_encoder_outputs")
     return model
 

@@ -43,9 +43,21 @@ def install(model, kv, stage, image_token_id, vision=None):
     check_full_attention(decoder.config)
     if kv is not None:
         state.kv = Compression(decoder.config, kv)  # checks the policy now
-    _install.unpatch(model)  # first: a previous patch restores the attention implementation it set
+    mount(model, state, decoder, stage)
+    if vision is not None:
+        _install.hide_parameter(model, "mm_encoder_outputs")
+        vision.attach()
+    return model
+
+
+def mount(model, state, decoder, stage):
+    """Put a patch `state` (a State whose `kv` is a Compression or None, called as the forward) on
+    `model`. A previous patch comes off first: its uninstall restores the language model's
+    attention implementation, which Compression.install must then record, not "vtattn". Then the
+    KV compression, the FastV runner on `decoder` for `stage` (None for none), the forward."""
+    _install.unpatch(model)
     try:
-        if kv is not None:
+        if state.kv is not None:
             state.kv.install()
         state.fastv = _fastv.Runner(decoder, stage) if stage is not None else None
     except BaseException:
@@ -56,10 +68,6 @@ def install(model, kv, stage, image_token_id, vision=None):
         return state(input_ids, **kwargs)
 
     _install.install(model, forward, state)
-    if vision is not None:
-        _install.hide_parameter(model, "mm_encoder_outputs")
-        vision.attach()
-    return model
 
 
 def check_full_attention(config):
