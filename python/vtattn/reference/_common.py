@@ -20,3 +20,10 @@ def logits(q, k, causal: bool, scale: float) -> torch.Tensor:
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q.to(acc), expand_kv(k, q.shape[1]).to(acc).transpose(-1, -2)) * scale
     return s.masked_fill(~visible_mask(q.shape[2], k.shape[2], causal, q.device), float("-inf"))
+
+
+def probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """exp(s - lse) per row; a row without visible keys (lse -inf) is all 0. NaN in a row's logits
+    or lse stays NaN (never zeroed: NaN input gives NaN output)."""
+    p = torch.exp(s - lse.to(s.dtype)[..., None])
+    return p.masked_fill(torch.isneginf(lse)[..., None], 0.0)

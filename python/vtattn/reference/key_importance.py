@@ -1,6 +1,6 @@
 import torch
 
-from ._common import logits
+from ._common import logits, probs
 
 
 def key_importance(q, k, lse, rows, causal: bool, scale: float):
@@ -9,7 +9,7 @@ def key_importance(q, k, lse, rows, causal: bool, scale: float):
     s = logits(q, k, causal, scale)
     if lse is None:
         lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.to(s.dtype)[..., None]).nan_to_num(0.0)
+    p = probs(s, lse)
     if rows is None:
         return p.sum(dim=2).float()
     B, H, Nq, Nk = p.shape
