@@ -7,12 +7,17 @@
 TORCH_LIBRARY(vtattn_C, m) {
   // Flash-style forward: out [B, Hq, Nq, D] in q's dtype, lse [B, Hq, Nq] fp32.
   // GQA (Hq % Hkv == 0); causal masks are aligned to the end (key j is visible
-  // to row i when j <= i + Nk - Nq); rows that see no key give out 0, lse -inf.
-  m.def("attention(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)");
-  // Sum over the chosen query rows of softmax(q k^T * scale) -> fp32 [B, Hq, Nk].
+  // to row i when j <= i + Nk - Nq); window w >= 0 also hides keys j < i + Nk - Nq - w
+  // (-1 = none); softcap c > 0 maps logits s to c tanh(s / c) (0 = off); sinks fp32 [Hq]
+  // (contiguous, q's device) add exp(sink_h) to every row's denominator. Rows that see no
+  // key give out 0, lse -inf (the sink with sinks).
+  m.def("attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, float softcap, int window, "
+        "Tensor? sinks) -> (Tensor, Tensor)");
+  // Sum over the chosen query rows of attention's probabilities (same options) -> fp32 [B, Hq, Nk].
   // rows: int64 [B, R] of row indices, -1 entries skipped; None = every row.
   // lse: fp32 [B, Hq, Nq] of the rows' log-sum-exp; None = computed here.
-  m.def("key_importance(Tensor q, Tensor k, Tensor? lse, Tensor? rows, bool causal, float scale) -> Tensor");
+  m.def("key_importance(Tensor q, Tensor k, Tensor? lse, Tensor? rows, bool causal, float scale, float softcap, "
+        "int window, Tensor? sinks) -> Tensor");
   // Segmented top-k of scores [B, N] -> (indices int64 [B, max_keep], mask bool [B, N], counts int64 [B]).
   // budgets: int64 [B, S] kept per (sample, segment), clamped to the segment; segments: S lengths
   // summing to N. Ties to the lower index; indices ascending (sort) or per segment by descending
@@ -26,8 +31,9 @@ TORCH_LIBRARY(vtattn_C, m) {
   m.def("merge_tokens(Tensor x, Tensor keys, Tensor indices, Tensor mask, bool weighted) -> Tensor");
   // Packed q [Tq, Hq, D], k/v [Tk, Hkv, D]; sequence b spans cu_seqlens_*[b]..[b+1] (int32 [B + 1]).
   // -> out [Tq, Hq, D] contiguous, lse fp32 [Hq, Tq]; causal end-aligned per sequence; max_seqlen_q
-  // (>= the longest query sequence) sizes the launch.
-  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, bool causal, float scale) -> (Tensor, Tensor)");
+  // (>= the longest query sequence) sizes the launch; softcap, window, sinks as attention's.
+  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
+        "bool causal, float scale, float softcap, int window, Tensor? sinks) -> (Tensor, Tensor)");
   // Attention of q [B, Hq, Nq, D] over the keys kv_indices int64 [B, Hkv, L] (first kv_counts int32
   // [B, Hkv] entries) of k/v [B, Hkv, Nk, D]; causal: visible iff kv_positions[b, j] <= q_positions[b, i]
   // (int64 [B, Nk], [B, Nq]). -> out [B, Hq, Nq, D] over [B, Nq, Hq, D] memory; no visible key: 0.

@@ -12,22 +12,45 @@ OUT_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch
 PROB_TOL = {torch.float32: 1e-5, torch.float16: 5e-5, torch.bfloat16: 5e-5, torch.float64: 1e-10}
 
 
-def naive_probs(q, k, causal, scale):
-    """float64 softmax(q k^T * scale) [B, Hq, Nq, Nk], head by head; rows without keys are 0."""
+def naive_logits(q, k, causal, scale, softcap=0.0, window=-1):
+    """float64 logits [B, Hq, Nq, Nk], head by head: c * tanh(s / c) when softcap c > 0; keys a row
+    does not see (causal: j > i + Nk - Nq; window w >= 0: j < i + Nk - Nq - w) at -inf."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    probs = torch.zeros(B, Hq, Nq, Nk, dtype=torch.float64, device=q.device)
-    for h in range(Hq):
-        s = q[:, h].double() @ k[:, h // (Hq // Hkv)].double().transpose(-1, -2) * scale
-        if causal:  # row i sees key j iff j <= i + Nk - Nq
-            hidden = torch.arange(Nk, device=q.device)[None, :] > torch.arange(Nq, device=q.device)[:, None] + Nk - Nq
-            s = s.masked_fill(hidden, float("-inf"))
-        probs[:, h] = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return probs
+    s = torch.stack([q[:, h].double() @ k[:, h // (Hq // Hkv)].double().transpose(-1, -2) * scale
+                     for h in range(Hq)], 1)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    pos = torch.arange(Nq, device=q.device)[:, None] + Nk - Nq  # row i's own position among the keys
+    j = torch.arange(Nk, device=q.device)[None, :]
+    if causal:
+        s = s.masked_fill(j > pos, float("-inf"))
+    if window >= 0:
+        s = s.masked_fill(j < pos - window, float("-inf"))
+    return s
 
 
-def naive_attention(q, k, v, causal, scale):
-    p = naive_probs(q, k, causal, scale)
+def _with_sinks(s, sinks):
+    """s [B, Hq, Nq, Nk] with each head's sink logit as an extra column Nk (None: s)."""
+    if sinks is None:
+        return s
+    return torch.cat([s, sinks.double().to(s.device)[:, None, None].expand(*s.shape[:-1], 1)], -1)
+
+
+def naive_probs(q, k, causal, scale, softcap=0.0, window=-1, sinks=None):
+    """float64 softmax [B, Hq, Nq, Nk] of naive_logits, the sinks [Hq] joining each row's softmax
+    (their column dropped after); rows without keys (nor sink) are 0."""
+    s = _with_sinks(naive_logits(q, k, causal, scale, softcap, window), sinks)
+    return torch.softmax(s, dim=-1).nan_to_num(0.0)[..., :k.shape[2]]
+
+
+def naive_lse(q, k, causal, scale, softcap=0.0, window=-1, sinks=None):
+    """float64 log-sum-exp [B, Hq, Nq] of each row's logits and sink."""
+    return torch.logsumexp(_with_sinks(naive_logits(q, k, causal, scale, softcap, window), sinks), -1)
+
+
+def naive_attention(q, k, v, causal, scale, softcap=0.0, window=-1, sinks=None):
+    p = naive_probs(q, k, causal, scale, softcap, window, sinks)
     out = p @ v.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return out
 

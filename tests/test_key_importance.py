@@ -48,7 +48,7 @@ def test_key_importance_matches_eager_probabilities(device, backend, dtype, case
     B, Hq, Hkv, Nq, Nk, D, causal = CASES[case]
     q, k, _ = rand_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, device, LAYOUTS[case % 3])
     scale = D ** -0.5
-    skip_unless_supported(KEY_IMPORTANCE, (q, k, None, None, causal, scale), backend)
+    skip_unless_supported(KEY_IMPORTANCE, (q, k, None, None, causal, scale, 0.0, -1, None), backend)
     before = [q.clone(), k.clone()]
     probs = naive_probs(q, k, causal, scale)
     lse = vtattn.reference.attention(q, k, k, causal, scale)[1]
@@ -62,6 +62,51 @@ def test_key_importance_matches_eager_probabilities(device, backend, dtype, case
             torch.testing.assert_close(got.double(), want, atol=tol, rtol=1e-4,
                                        msg=lambda m: f"rows={name} lse={given_lse is not None}: {m}")
     assert torch.equal(q, before[0]) and torch.equal(k, before[1])
+
+
+# (B, Hq, Hkv, Nq, Nk, D, causal, softcap, window, sinks)
+OPTION_CASES = [
+    (2, 4, 2, 17, 17, 64, True, 5.0, None, False),
+    (1, 2, 1, 33, 70, 72, False, None, 9, False),
+    (1, 4, 2, 40, 25, 80, True, None, 0, True),  # the first 15 rows see no key
+    (2, 2, 2, 50, 50, 64, False, 20.0, 30, True),
+]
+
+
+@pytest.mark.parametrize("device,backend", backend_params(KEY_IMPORTANCE))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(OPTION_CASES)))
+def test_key_importance_options_match_eager_probabilities(device, backend, dtype, case):
+    """The scores are the probabilities of the model's real attention: softcapped logits, the window,
+    the sink in the denominator; with the lse of `attention` with the same options too."""
+    B, Hq, Hkv, Nq, Nk, D, causal, softcap, window, use_sinks = OPTION_CASES[case]
+    q, k, v = rand_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, device, LAYOUTS[case % 3], seed=case)
+    k = k * 3  # sharp rows: a wrong cap, window or sink shows
+    scale = D ** -0.5
+    sinks = torch.randn(Hq, generator=torch.Generator().manual_seed(case)).to(device) if use_sinks else None
+    opts = (softcap or 0.0, -1 if window is None else window, sinks)
+    skip_unless_supported(KEY_IMPORTANCE, (q, k, None, None, causal, scale, *opts), backend)
+    probs = naive_probs(q, k, causal, scale, *opts)
+    lse = vtattn.reference.attention(q, k, v, causal, scale, *opts)[1]
+    kw = dict(causal=causal, softcap=softcap, window=window, sinks=sinks)
+    for name, (rows, row_sets) in _rows_variants(B, Nq, device).items():
+        if name not in ("cls", "last", "all", "few", "many"):
+            continue
+        want = _expected(probs, row_sets)
+        for given_lse in (None, lse):
+            got = run_forced(backend, vtattn.key_importance, q, k, rows=rows, lse=given_lse, **kw)
+            tol = PROB_TOL[dtype] * max(1, len(row_sets[0]) ** 0.5)
+            torch.testing.assert_close(got.double(), want, atol=tol, rtol=1e-4,
+                                       msg=lambda m: f"rows={name} lse={given_lse is not None}: {m}")
+
+
+def test_key_importance_with_sinks_sums_below_one():
+    """With a sink each row's probabilities sum to 1 - exp(sink - lse): the mass the sink takes."""
+    q, k, v = rand_qkv(1, 2, 2, 9, 12, 64, torch.float32)
+    sinks = torch.tensor([1.0, -1.0])
+    lse = vtattn.attention(q, k, v, return_lse=True, sinks=sinks)[1]
+    got = vtattn.key_importance(q, k, rows="all", sinks=sinks).sum(-1)
+    torch.testing.assert_close(got, (1 - torch.exp(sinks[:, None] - lse)).sum(-1))
 
 
 @pytest.mark.parametrize("D", [64, 72])
@@ -86,10 +131,12 @@ def test_reduce_heads():
 def test_reference_matches_float64():
     q, k, _ = rand_qkv(2, 4, 2, 21, 30, 80, torch.float64, layout="strided")
     rows = torch.tensor([[3, -1, 3], [0, 20, -1]])
+    sinks = torch.randn(4, dtype=torch.float64)
     for causal in (False, True):
-        probs = naive_probs(q, k, causal, 0.2)
-        got = vtattn.reference.key_importance(q, k, None, rows, causal, 0.2)
-        torch.testing.assert_close(got.double(), _expected(probs, [[3, 3], [0, 20]]), atol=1e-6, rtol=0)
+        for opts in ((0.0, -1, None), (1.5, 6, sinks), (0.0, 0, sinks)):
+            probs = naive_probs(q, k, causal, 0.2, *opts)
+            got = vtattn.reference.key_importance(q, k, None, rows, causal, 0.2, *opts)
+            torch.testing.assert_close(got.double(), _expected(probs, [[3, 3], [0, 20]]), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -98,8 +145,11 @@ def test_opcheck(device):
     q, k, _ = rand_qkv(2, 4, 2, 17, 23, 64, dtype, device, layout="strided")
     lse = vtattn.attention(q, k, k, return_lse=True)[1]
     rows = torch.tensor([[0, 5, -1], [16, 2, 2]], device=device)
-    for args in ((q, k, None, None, False, 0.125), (q, k, lse, rows, False, 0.125),
-                 (q, k, None, rows[:, :1].contiguous(), True, 0.125)):
+    off = (0.0, -1, None)
+    on = (3.0, 4, torch.randn(4, device=device))
+    for args in ((q, k, None, None, False, 0.125, *off), (q, k, lse, rows, False, 0.125, *off),
+                 (q, k, None, rows[:, :1].contiguous(), True, 0.125, *off), (q, k, None, rows, True, 0.125, *on),
+                 (q, k, None, None, False, 0.125, *on)):
         torch.library.opcheck(torch.ops.vtattn.key_importance.default, args)
 
 
@@ -112,6 +162,11 @@ def test_meta_tensors_and_compile():
     fn = torch.compile(lambda q, k: vtattn.key_importance(q, k, rows=0, reduce_heads="mean"),
                        fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(fn(q, k), vtattn.key_importance(q, k, rows=0, reduce_heads="mean"))
+    sinks = torch.randn(4)
+    fn = torch.compile(lambda q, k, s: vtattn.key_importance(q, k, rows="all", causal=True, softcap=2.0, window=3,
+                                                             sinks=s), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(q, k, sinks), vtattn.key_importance(q, k, rows="all", causal=True, softcap=2.0,
+                                                                      window=3, sinks=sinks))
 
 
 BAD = [
@@ -130,6 +185,9 @@ BAD = [
     (dict(rows=0, lse=torch.zeros(2, 4, 9, dtype=torch.float64)), TypeError, "lse must have dtype"),
     (dict(rows=0, lse=torch.zeros(2, 4, 8)), ValueError, "lse must have shape"),
     (dict(rows=torch.tensor([0]).to("meta")), ValueError, "rows is on meta"),
+    (dict(rows=0, softcap=-1.0), ValueError, "softcap must be"),
+    (dict(rows=0, window=1.5), ValueError, "window must be an int"),
+    (dict(rows=0, sinks=torch.zeros(2)), ValueError, "sinks must have one logit per query head"),
 ]
 
 

@@ -3,7 +3,7 @@ import torch
 
 import vtattn
 from vtattn._registry import VARLEN_ATTENTION
-from helpers import (DTYPES, OUT_TOL, backend_params, naive_attention, poisoned_outputs, run_forced,
+from helpers import (DTYPES, OUT_TOL, backend_params, naive_attention, naive_lse, poisoned_outputs, run_forced,
                      skip_unless_supported)
 
 # (query lengths, key lengths, Hq, Hkv, D, causal): odd sizes, empty sequences, a single key,
@@ -40,20 +40,18 @@ def make(case, dtype, device="cpu", layout="contiguous", seed=0):
     return q, k, v, cu(lq, device), cu(lk, device), causal
 
 
-def naive(q, k, v, cu_q, cu_k, causal, scale):
+def naive(q, k, v, cu_q, cu_k, causal, scale, softcap=0.0, window=-1, sinks=None):
     """float64 out [Tq, Hq, D] and lse [Hq, Tq], sequence by sequence."""
     out = torch.zeros(q.shape, dtype=torch.float64)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64)
     bq, bk = cu_q.tolist(), cu_k.tolist()
+    sinks = None if sinks is None else sinks.cpu()
     for b in range(len(bq) - 1):
         qs, ks, vs = (x[lo:hi].cpu().double().transpose(0, 1)[None]
                       for x, lo, hi in ((q, *bq[b:b + 2]), (k, *bk[b:b + 2]), (v, *bk[b:b + 2])))
-        out[bq[b]:bq[b + 1]] = naive_attention(qs, ks, vs, causal, scale)[0].transpose(0, 1)
-        s = qs @ ks.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2) * scale
-        if causal:
-            nq, nk = s.shape[-2:]
-            s = s.masked_fill(torch.arange(nk) > torch.arange(nq)[:, None] + nk - nq, float("-inf"))
-        lse[:, bq[b]:bq[b + 1]] = torch.logsumexp(s, -1)[0]
+        opts = (softcap, window, sinks)
+        out[bq[b]:bq[b + 1]] = naive_attention(qs, ks, vs, causal, scale, *opts)[0].transpose(0, 1)
+        lse[:, bq[b]:bq[b + 1]] = naive_lse(qs, ks, causal, scale, *opts)[0]
     return out, lse
 
 
@@ -64,7 +62,7 @@ def test_varlen_matches_float64(device, backend, dtype, case):
     q, k, v, cu_q, cu_k, causal = make(case, dtype, device, LAYOUTS[case % 3], seed=case)
     scale = q.shape[-1] ** -0.5
     max_q = max(CASES[case][0])
-    skip_unless_supported(VARLEN_ATTENTION, (q, k, v, cu_q, cu_k, max_q, causal, scale), backend)
+    skip_unless_supported(VARLEN_ATTENTION, (q, k, v, cu_q, cu_k, max_q, causal, scale, 0.0, -1, None), backend)
     before = [t.clone() for t in (q, k, v, cu_q, cu_k)]
     with poisoned_outputs():
         out, lse = run_forced(backend, vtattn.varlen_attention, q, k, v, cu_q, cu_k, causal=causal,
@@ -83,7 +81,7 @@ def test_varlen_matches_float64(device, backend, dtype, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_sequence_without_keys_is_zero_with_lse_minus_inf(device, backend, dtype):
     q, k, v, cu_q, cu_k, _ = make(2, dtype, device)  # sequence 1: 9 rows, no keys
-    skip_unless_supported(VARLEN_ATTENTION, (q, k, v, cu_q, cu_k, 9, False, 0.125), backend)
+    skip_unless_supported(VARLEN_ATTENTION, (q, k, v, cu_q, cu_k, 9, False, 0.125, 0.0, -1, None), backend)
     out, lse = run_forced(backend, vtattn.varlen_attention, q, k, v, cu_q, cu_k, return_lse=True)
     assert torch.all(out[5:14] == 0) and torch.all(lse[:, 5:14] == float("-inf"))
     assert torch.isfinite(lse[:, :5]).all() and torch.isfinite(lse[:, 14:]).all()
@@ -111,13 +109,53 @@ def test_cuda_several_tiles(D, dtype, causal):
 @pytest.mark.gpu
 def test_cuda_refuses_fp32_and_dispatch_falls_back():
     q, k, v, cu_q, cu_k, causal = make(1, torch.float32, "cuda")
-    args = (q, k, v, cu_q, cu_k, 33, causal, 0.125)
+    args = (q, k, v, cu_q, cu_k, 33, causal, 0.125, 0.0, -1, None)
     assert "fp32 goes to Triton" in VARLEN_ATTENTION["cuda"].supports(*args)
     assert VARLEN_ATTENTION["cuda"].supports(*(t.half() if t.is_floating_point() else t for t in args[:5]),
                                              *args[5:]) is None
     out = vtattn.varlen_attention(q, k, v, cu_q, cu_k, causal=causal)
     torch.testing.assert_close(out.cpu().double(), naive(q, k, v, cu_q, cu_k, causal, 72 ** -0.5)[0],
                                atol=OUT_TOL[torch.float32], rtol=OUT_TOL[torch.float32])
+
+
+# (case of CASES, softcap, window, sinks): each option alone and together, over empty sequences,
+# sequences without keys (lse = the sink), Nq != Nk both ways and a window of 0.
+OPTION_CASES = [(1, 5.0, None, False), (3, None, 6, False), (2, None, None, True), (4, 20.0, 0, True),
+                (1, None, 3, True)]
+
+
+@pytest.mark.parametrize("device,backend", backend_params(VARLEN_ATTENTION))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opt", range(len(OPTION_CASES)))
+def test_varlen_options_match_float64(device, backend, dtype, opt):
+    case, softcap, window, use_sinks = OPTION_CASES[opt]
+    q, k, v, cu_q, cu_k, causal = make(case, dtype, device, LAYOUTS[opt % 3], seed=opt)
+    k = k * 3  # sharp rows: a wrong cap, window or sink shows
+    Hq, scale = q.shape[1], q.shape[-1] ** -0.5
+    sinks = torch.randn(Hq, generator=torch.Generator().manual_seed(opt)).to(device) if use_sinks else None
+    opts = (softcap or 0.0, -1 if window is None else window, sinks)
+    max_q = max(CASES[case][0])
+    skip_unless_supported(VARLEN_ATTENTION, (q, k, v, cu_q, cu_k, max_q, causal, scale, *opts), backend)
+    with poisoned_outputs():
+        out, lse = run_forced(backend, vtattn.varlen_attention, q, k, v, cu_q, cu_k, causal=causal, return_lse=True,
+                              softcap=softcap, window=window, sinks=sinks)
+    want_out, want_lse = naive(q, k, v, cu_q, cu_k, causal, scale, *opts)
+    tol = OUT_TOL[dtype]
+    torch.testing.assert_close(out.cpu().double(), want_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.cpu().double(), want_lse, atol=1e-4, rtol=1e-5)
+
+
+def test_options_equal_attention_per_sequence():
+    q, k, v, cu_q, cu_k, _ = make(4, torch.float32)
+    sinks = torch.randn(3)
+    opts = dict(causal=True, softcap=3.0, window=20, sinks=sinks)
+    out, lse = vtattn.varlen_attention(q, k, v, cu_q, cu_k, return_lse=True, **opts)
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for b in range(3):
+        seq = lambda x, c: x[c[b]:c[b + 1]].transpose(0, 1)[None]  # noqa: E731
+        want, want_lse = vtattn.attention(seq(q, bq), seq(k, bk), seq(v, bk), return_lse=True, **opts)
+        torch.testing.assert_close(out[bq[b]:bq[b + 1]], want[0].transpose(0, 1))
+        torch.testing.assert_close(lse[:, bq[b]:bq[b + 1]], want_lse[0])
 
 
 def test_equals_attention_on_one_sequence():
@@ -131,10 +169,11 @@ def test_equals_attention_on_one_sequence():
 def test_reference_matches_float64():
     for case in (1, 3):
         q, k, v, cu_q, cu_k, causal = make(case, torch.float64, layout="strided")
-        out, lse = vtattn.reference.varlen_attention(q, k, v, cu_q, cu_k, 40, causal, 0.3)
-        want_out, want_lse = naive(q, k, v, cu_q, cu_k, causal, 0.3)
-        torch.testing.assert_close(out, want_out)
-        torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-6)
+        for opts in ((0.0, -1, None), (2.0, 4, torch.randn(q.shape[1], dtype=torch.float64))):
+            out, lse = vtattn.reference.varlen_attention(q, k, v, cu_q, cu_k, 40, causal, 0.3, *opts)
+            want_out, want_lse = naive(q, k, v, cu_q, cu_k, causal, 0.3, *opts)
+            torch.testing.assert_close(out, want_out)
+            torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-6)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -142,22 +181,29 @@ def test_opcheck(device):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     for case in (1, 4):
         q, k, v, cu_q, cu_k, _ = make(case, dtype, device, "strided")
-        for causal in (False, True):
+        sinks = torch.randn(q.shape[1], device=device)
+        for causal, opts in ((False, (0.0, -1, None)), (True, (0.0, -1, None)), (True, (4.0, 3, sinks))):
             torch.library.opcheck(torch.ops.vtattn.varlen_attention.default,
-                                  (q, k, v, cu_q, cu_k, max(CASES[case][0]), causal, 0.125))
+                                  (q, k, v, cu_q, cu_k, max(CASES[case][0]), causal, 0.125, *opts))
 
 
 def test_meta_tensors_and_compile():
     q = torch.empty(50, 4, 72, device="meta", dtype=torch.float16)
     k = torch.empty(30, 2, 72, device="meta", dtype=torch.float16)
     cu_q = torch.empty(3, dtype=torch.int32, device="meta")
-    out, lse = torch.ops.vtattn.varlen_attention(q, k, k, cu_q, cu_q, 40, False, 0.1)
+    out, lse = torch.ops.vtattn.varlen_attention(q, k, k, cu_q, cu_q, 40, False, 0.1, 0.0, -1, None)
     assert out.shape == (50, 4, 72) and lse.shape == (4, 50) and out.device.type == "meta"
 
     q, k, v, cu_q, cu_k, _ = make(1, torch.float32)
     fn = torch.compile(lambda q, k, v, a, b: vtattn.varlen_attention(q, k, v, a, b, max_seqlen_q=33, causal=True),
                        fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(fn(q, k, v, cu_q, cu_k), vtattn.varlen_attention(q, k, v, cu_q, cu_k, causal=True))
+    opts = dict(causal=True, softcap=2.0, window=5)
+    fn = torch.compile(lambda q, k, v, a, b, s: vtattn.varlen_attention(q, k, v, a, b, max_seqlen_q=33, sinks=s,
+                                                                        **opts), fullgraph=True, backend="aot_eager")
+    sinks = torch.randn(q.shape[1])
+    torch.testing.assert_close(fn(q, k, v, cu_q, cu_k, sinks),
+                               vtattn.varlen_attention(q, k, v, cu_q, cu_k, sinks=sinks, **opts))
     without = torch.compile(lambda q, k, v, a, b: vtattn.varlen_attention(q, k, v, a, b), fullgraph=True,
                             backend="aot_eager")
     with pytest.raises(Exception, match="max_seqlen_q must be given under torch.compile"):
@@ -186,6 +232,16 @@ def test_bad_inputs_raise_naming_the_argument(bad):
     make_args, exc, msg = BAD[bad]
     with pytest.raises(exc, match=msg):
         vtattn.varlen_attention(*make_args(q, k, v, cu_q, cu_k))
+
+
+def test_bad_options():
+    q, k, v, cu_q, cu_k, _ = make(1, torch.float32)
+    with pytest.raises(ValueError, match="window must be an int >= 0"):
+        vtattn.varlen_attention(q, k, v, cu_q, cu_k, window=-3)
+    with pytest.raises(ValueError, match="softcap must be"):
+        vtattn.varlen_attention(q, k, v, cu_q, cu_k, softcap=-2.0)
+    with pytest.raises(ValueError, match=r"sinks must have one logit per query head, \[4\]"):
+        vtattn.varlen_attention(q, k, v, cu_q, cu_k, sinks=torch.zeros(2))
 
 
 def test_bad_max_seqlen():

@@ -29,6 +29,7 @@ except ImportError as exc:  # the kernel modules must still import; supports() r
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+MAX_GRID_YZ = 65535  # CUDA's limit of grid axes 1 and 2 (axis 0: 2^31 - 1)
 LOG2E = 1.4426950408889634  # logits are prescaled to the log2 domain (exp2 is the fast path)
 LOG2E_K = tl.constexpr(LOG2E)  # in kernels: globals read there must be constexpr
 LN2 = tl.constexpr(0.6931471805599453)
@@ -181,10 +182,41 @@ def wide4(stride_b, stride_h, stride_n, stride_d, ALIGN: tl.constexpr):
     return wide(stride_b, ALIGN), wide(stride_h, ALIGN), wide(stride_n, ALIGN), wide(stride_d, 1)
 
 
+def fill_empty_lse(lse: torch.Tensor, sinks) -> torch.Tensor:
+    """lse ([B, Hq, N] or [Hq, T]) of rows that see no key: -inf, or their head's sink logit."""
+    return lse.fill_(float("-inf")) if sinks is None else lse.copy_(sinks[:, None].expand_as(lse))
+
+
+def window_arg(window: int, Nk: int) -> int:
+    """The window as kernels take it: -1 (off) where it hides nothing (no row's position passes Nk - 1,
+    so w >= Nk - 1 sees every key from 0), which also keeps w within int32."""
+    return window if 0 <= window < Nk - 1 else -1
+
+
+def logit_scales(scale: float, softcap: float) -> tuple[float, float]:
+    """(qk_scale, cap) for kernels whose logits live in the log2 domain: q.k * qk_scale is the logit, or
+    with a softcap c the tanh argument s / c, mapped back by cap_logits to c * tanh(s / c) * log2(e)."""
+    if softcap > 0:
+        return scale / softcap, softcap * LOG2E
+    return scale * LOG2E, 1.0
+
+
 @triton.jit
-def key_range(row_lo, row_hi, Nk, causal_off, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys a block of query rows [row_lo, row_hi] reads: [0, full) are visible to every row (no mask),
-    [full, end) need the causal / bounds mask. row_hi < row_lo means no rows: empty range."""
+def cap_logits(qk, cap, SOFTCAP: tl.constexpr):
+    """qk from logit_scales' qk_scale, as log2-domain logits: cap * tanh(qk) under a softcap, else qk.
+    tanh(x) = 1 - 2 / (exp(2x) + 1) saturates to +-1 (exp2 overflows to inf, or goes to 0); NaN stays NaN."""
+    if SOFTCAP:
+        qk = (1.0 - 2.0 / (tl.math.exp2(qk * (2.0 * LOG2E_K)) + 1.0)) * cap
+    return qk
+
+
+@triton.jit
+def key_range(row_lo, row_hi, Nk, causal_off, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """Key tiles a block of query rows [row_lo, row_hi] reads, as (lo, mid, full, end): [mid, full) is visible
+    to every row (no mask); [lo, mid) (the window's left edge) and [max(mid, full), end) (the causal diagonal,
+    the ragged last tile) need the mask. Tiles left of lo (outside every row's window) and from end on
+    (right of every row's causal limit) are skipped. row_hi < row_lo means no rows: empty ranges."""
     if CAUSAL:
         end = tl.minimum(row_hi + causal_off + 1, Nk)
         full = tl.minimum(row_lo + causal_off + 1, Nk)
@@ -193,7 +225,24 @@ def key_range(row_lo, row_hi, Nk, causal_off, CAUSAL: tl.constexpr, BLOCK_N: tl.
         full = Nk
     end = tl.where(row_hi >= row_lo, tl.maximum(end, 0), 0)
     full = tl.minimum(tl.maximum(full, 0) // BLOCK_N * BLOCK_N, end)
-    return full, end
+    lo = 0
+    mid = 0
+    if WINDOW:  # row i sees keys from i + causal_off - window
+        mid = tl.minimum(tl.cdiv(tl.maximum(row_hi + causal_off - window, 0), BLOCK_N) * BLOCK_N, end)
+        lo = tl.minimum(tl.maximum(row_lo + causal_off - window, 0) // BLOCK_N * BLOCK_N, mid)
+    return lo, mid, full, end
+
+
+@triton.jit
+def visible_keys(rows, cols, Nk, causal_off, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[M, N] (or [1, N]) bool: key cols[n] exists and is visible to query row rows[m] (causal: up to the
+    row's own position rows + causal_off; window: from window keys before it)."""
+    visible = (cols < Nk)[None, :]
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= rows[:, None] + causal_off)
+    if WINDOW:
+        visible = visible & (cols[None, :] >= rows[:, None] + (causal_off - window))
+    return visible
 
 
 @triton.jit
@@ -207,6 +256,16 @@ def online_softmax(m_i, l_i, qk, MASKED: tl.constexpr):
     p = tl.math.exp2(qk - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
+
+
+@triton.jit
+def add_sink(m_i, l_i, sink):
+    """Fold a log2-domain sink logit (a key without value) into the running max and sum. Returns
+    (m, l, alpha) with alpha rescaling what was accumulated before."""
+    m_new = tl.maximum(m_i, sink)
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a -inf sink on a row without keys
+    alpha = tl.math.exp2(m_i - m_sub)
+    return m_new, l_i * alpha + tl.math.exp2(sink - m_sub), alpha
 
 
 @triton.jit

@@ -6,9 +6,9 @@ plus per-chunk (max, sum-exp) partials in one read of K, then a normalising pass
 many rows -> a row-LSE kernel (the QK^T half of flash attention), then the column kernel."""
 import torch
 
-from ._common import (LOG2E, LOG2E_K, Tuned, block_d, check_tensors, dot_precision, finish_lse, fp32_tiles,
-                      interpreting, key_range, on_device, online_softmax, stride_align, strides, tiles, tl,
-                      triton, tune_key, wide, wide4)
+from ._common import (LOG2E_K, Tuned, add_sink, block_d, cap_logits, check_tensors, dot_precision, finish_lse,
+                      fp32_tiles, interpreting, key_range, logit_scales, on_device, online_softmax, stride_align,
+                      strides, tiles, tl, triton, tune_key, visible_keys, wide, wide4, window_arg)
 
 FEW_ROWS = 16  # up to this many rows without lse take the one-read-of-K path
 # Keys per program of the few-rows path (a multiple of every BLOCK_N below). Small under the
@@ -16,7 +16,7 @@ FEW_ROWS = 16  # up to this many rows without lse take the one-read-of-K path
 _CHUNK = 32 if interpreting() else 256
 
 
-def supports(q, k, lse, rows, causal, scale) -> str | None:
+def supports(q, k, lse, rows, causal, scale, softcap=0.0, window=-1, sinks=None) -> str | None:
     """None when this backend can run the inputs, else why not (one line)."""
     return check_tensors(q, k)
 
@@ -49,13 +49,15 @@ def _head(pid, num_tiles, Hq, GROUP):
 
 
 @triton.jit(do_not_specialize=["TUNE_KEY"])
-def _row_lse_kernel(Q, K, Rows, Lse,
+def _row_lse_kernel(Q, K, Rows, Sinks, Lse,
                     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                    stride_rb, stride_rr, Hq, Nq, Nk, R, GROUP, qk_scale, TUNE_KEY,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_ROWS: tl.constexpr,
-                    PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Lse [B, Hq, R] (natural log) of the selected rows: flash attention's max/sum-exp without V. Strides
-    of q and k but the last come divided by ALIGN (see _common.stride_align); all become int64."""
+                    stride_rb, stride_rr, Hq, Nq, Nk, R, GROUP, qk_scale, cap, window, TUNE_KEY,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+                    WINDOW: tl.constexpr, HAS_SINK: tl.constexpr, HAS_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+                    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Lse [B, Hq, R] (natural log) of the selected rows: flash attention's max/sum-exp without V (and the
+    head's sink, when HAS_SINK). Strides of q and k but the last come divided by ALIGN (see
+    _common.stride_align); all become int64."""
     stride_qb, stride_qh, stride_qm, stride_qd = wide4(stride_qb, stride_qh, stride_qm, stride_qd, ALIGN)
     stride_kb, stride_kh, stride_kn, stride_kd = wide4(stride_kb, stride_kh, stride_kn, stride_kd, ALIGN)
     num_m = tl.cdiv(R, BLOCK_M)
@@ -69,23 +71,37 @@ def _row_lse_kernel(Q, K, Rows, Lse,
     k_ptrs = K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
 
     causal_off = Nk - Nq
-    full, end = key_range(tl.min(tl.where(ok, rows, Nq), 0), tl.max(tl.where(ok, rows, -1), 0), Nk, causal_off,
-                          CAUSAL, BLOCK_N)
+    lo, mid, full, end = key_range(tl.min(tl.where(ok, rows, Nq), 0), tl.max(tl.where(ok, rows, -1), 0), Nk,
+                                   causal_off, window, CAUSAL, WINDOW, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(0, full, BLOCK_N):
+    for start_n in range(lo, mid, BLOCK_N):  # the window's left edge
+        m_i, l_i = _masked_lse_tile(m_i, l_i, q, k_ptrs, stride_kn, start_n, rows, Nk, causal_off, qk_scale, cap,
+                                    window, CAUSAL, SOFTCAP, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    for start_n in range(mid, full, BLOCK_N):  # visible to every row
         k = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = cap_logits(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, cap, SOFTCAP)
         m_i, l_i, _, _ = online_softmax(m_i, l_i, qk, False)
-    for start_n in range(full, end, BLOCK_N):
-        cols = start_n + offs_n
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=(cols < Nk)[:, None] & d_ok[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = (cols < Nk)[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= rows[:, None] + causal_off)
-        m_i, l_i, _, _ = online_softmax(m_i, l_i, tl.where(visible, qk, float("-inf")), True)
+    for start_n in range(tl.maximum(mid, full), end, BLOCK_N):  # the causal diagonal, the ragged last tile
+        m_i, l_i = _masked_lse_tile(m_i, l_i, q, k_ptrs, stride_kn, start_n, rows, Nk, causal_off, qk_scale, cap,
+                                    window, CAUSAL, SOFTCAP, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    if HAS_SINK:
+        m_i, l_i, _ = add_sink(m_i, l_i, tl.load(Sinks + h) * LOG2E_K)
     tl.store(Lse + (b * Hq + h) * R + slots, finish_lse(m_i, l_i), mask=slots < R)
+
+
+@triton.jit
+def _masked_lse_tile(m_i, l_i, q, k_ptrs, stride_kn, start_n, rows, Nk, causal_off, qk_scale, cap, window,
+                     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Keys [start_n, start_n + BLOCK_N) into the rows' running max and sum, invisible keys masked."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k = tl.load(k_ptrs + start_n * stride_kn, mask=(cols < Nk)[:, None] & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :],
+                other=0.0)
+    qk = cap_logits(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, cap, SOFTCAP)
+    visible = visible_keys(rows, cols, Nk, causal_off, window, CAUSAL, WINDOW)
+    m_i, l_i, _, _ = online_softmax(m_i, l_i, tl.where(visible, qk, float("-inf")), True)
+    return m_i, l_i
 
 
 def _flash_space(esize, bd):
@@ -97,7 +113,7 @@ def _flash_space(esize, bd):
     return tiles((128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3))
 
 
-_row_lse = Tuned(_row_lse_kernel, key=["TUNE_KEY", "BLOCK_D", "CAUSAL", "HAS_ROWS"], space=_flash_space,
+_row_lse = Tuned(_row_lse_kernel, key=["TUNE_KEY", "BLOCK_D", "CAUSAL", "WINDOW", "HAS_ROWS"], space=_flash_space,
                  smem=lambda c, stages: c["BLOCK_M"] + c["BLOCK_N"] * stages,  # q + pipelined k
                  interp=({"BLOCK_M": 32, "BLOCK_N": 16}, 4, 1))
 
@@ -105,10 +121,11 @@ _row_lse = Tuned(_row_lse_kernel, key=["TUNE_KEY", "BLOCK_D", "CAUSAL", "HAS_ROW
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _column_sums_kernel(Q, K, Lse, Rows, Out,
                         stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                        stride_lb, stride_lh, stride_ln, stride_rb, stride_rr, Hq, Nq, Nk, R, GROUP, qk_scale,
-                        TUNE_KEY, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                        HAS_ROWS: tl.constexpr, LSE_BY_SLOT: tl.constexpr, PRECISION: tl.constexpr,
-                        ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        stride_lb, stride_lh, stride_ln, stride_rb, stride_rr, Hq, Nq, Nk, R, GROUP, qk_scale, cap,
+                        window, TUNE_KEY, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, HAS_ROWS: tl.constexpr,
+                        LSE_BY_SLOT: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Out[b, h, j] = sum over slots of exp(s[row, j] - lse[row]); one key tile per program, which loops
     over all row tiles itself (deterministic, no atomics). Lse is indexed by slot or by row. Strides of q
     and k but the last come divided by ALIGN (see _common.stride_align); all become int64."""
@@ -123,11 +140,14 @@ def _column_sums_kernel(Q, K, Lse, Rows, Out,
                 mask=(cols < Nk)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     causal_off = Nk - Nq
     start = 0
-    if CAUSAL:
-        if not HAS_ROWS:  # rows above the first that sees this tile's first key add nothing
+    stop = R
+    if not HAS_ROWS:
+        if CAUSAL:  # rows above the first that sees this tile's first key add nothing
             start = tl.maximum(tile_n * BLOCK_N - causal_off, 0) // BLOCK_M * BLOCK_M
+        if WINDOW:  # nor do rows below the last whose window reaches this tile's last key
+            stop = tl.minimum(tile_n * BLOCK_N + BLOCK_N - causal_off + window, R)
     col_sum = tl.zeros([BLOCK_N], tl.float32)
-    for r0 in range(start, R, BLOCK_M):
+    for r0 in range(start, stop, BLOCK_M):
         slots = r0 + tl.arange(0, BLOCK_M)
         rows, ok = _load_rows(Rows, b, slots, R, Nq, stride_rb, stride_rr, HAS_ROWS)
         q = _load_q(Q, b, h, rows, ok, stride_qb, stride_qh, stride_qm, stride_qd, HEAD_DIM, BLOCK_D)
@@ -138,10 +158,8 @@ def _column_sums_kernel(Q, K, Lse, Rows, Out,
         lse = tl.load(Lse + b * stride_lb + h * stride_lh + lse_pos * stride_ln, mask=ok, other=float("-inf"))
         ok = ok & (lse != float("-inf"))  # a row without visible keys adds nothing
         lse = tl.where(ok, lse * LOG2E_K, 0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = ok[:, None] & (cols < Nk)[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= rows[:, None] + causal_off)
+        qk = cap_logits(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, cap, SOFTCAP)
+        visible = ok[:, None] & visible_keys(rows, cols, Nk, causal_off, window, CAUSAL, WINDOW)
         col_sum += tl.sum(tl.where(visible, tl.math.exp2(qk - lse[:, None]), 0.0), 0)
     tl.store(Out + (b * Hq + h) * Nk + cols, col_sum, mask=cols < Nk)
 
@@ -155,7 +173,8 @@ def _column_space(esize, bd):  # BLOCK_M: query rows per step, BLOCK_N: keys per
     return tiles((64, 64, 4, 3), (16, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2))
 
 
-_column_sums = Tuned(_column_sums_kernel, key=["TUNE_KEY", "BLOCK_D", "CAUSAL", "HAS_ROWS"], space=_column_space,
+_column_sums = Tuned(_column_sums_kernel, key=["TUNE_KEY", "BLOCK_D", "CAUSAL", "WINDOW", "HAS_ROWS"],
+                     space=_column_space,
                      smem=lambda c, stages: c["BLOCK_N"] + c["BLOCK_M"] * stages,  # k + pipelined q
                      interp=({"BLOCK_M": 16, "BLOCK_N": 32}, 4, 1))
 
@@ -163,10 +182,10 @@ _column_sums = Tuned(_column_sums_kernel, key=["TUNE_KEY", "BLOCK_D", "CAUSAL", 
 @triton.jit(do_not_specialize=["TUNE_KEY"])
 def _few_rows_logits_kernel(Q, K, Rows, S, Mpart, Lpart, stride_s,
                             stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                            stride_rb, stride_rr, Hq, Nq, Nk, R, n_chunks, GROUP, qk_scale, TUNE_KEY,
+                            stride_rb, stride_rr, Hq, Nq, Nk, R, n_chunks, GROUP, qk_scale, cap, window, TUNE_KEY,
                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                            PRECISION: tl.constexpr, ALIGN: tl.constexpr, BLOCK_R: tl.constexpr,
-                            CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
+                            SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+                            BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
     """For one chunk of keys: log2-domain logits of the R rows into S [B, Hq, R, >= Nk] (-inf = invisible)
     and each row's (max, sum-exp) over the chunk into Mpart/Lpart [B, Hq, R, n_chunks]. Strides of q and k
     but the last come divided by ALIGN (see _common.stride_align); all become int64."""
@@ -186,10 +205,9 @@ def _few_rows_logits_kernel(Q, K, Rows, S, Mpart, Lpart, stride_s,
         cols = start_n + offs_n
         k = tl.load(k_ptrs + start_n * stride_kn, mask=(cols < Nk)[:, None] & (offs_d < HEAD_DIM)[None, :],
                     other=0.0)
-        visible = ok[:, None] & (cols < Nk)[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= rows[:, None] + (Nk - Nq))
-        qk = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
+        visible = ok[:, None] & visible_keys(rows, cols, Nk, Nk - Nq, window, CAUSAL, WINDOW)
+        qk = cap_logits(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, cap, SOFTCAP)
+        qk = tl.where(visible, qk, float("-inf"))
         m_i, l_i, _, _ = online_softmax(m_i, l_i, qk, True)
         tl.store(S + slot_base[:, None] * stride_s + cols[None, :], qk,
                  mask=(slots < R)[:, None] & (cols < Nk)[None, :])
@@ -204,15 +222,18 @@ def _few_rows_space(esize, bd):
                                                    (64, 2, 3), (32, 4, 2)]]
 
 
-_few_rows_logits = Tuned(_few_rows_logits_kernel, key=["TUNE_KEY", "BLOCK_D", "CAUSAL"], space=_few_rows_space,
+_few_rows_logits = Tuned(_few_rows_logits_kernel, key=["TUNE_KEY", "BLOCK_D", "CAUSAL", "WINDOW"],
+                         space=_few_rows_space,
                          smem=lambda c, stages: FEW_ROWS + c["BLOCK_N"] * stages,  # q + pipelined k
                          interp=({"BLOCK_N": 16}, 4, 1))
 
 
 @triton.jit
-def _few_rows_normalize_kernel(S, Mpart, Lpart, Out, stride_s, Nk, R, n_chunks, BLOCK_R: tl.constexpr,
-                               CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Combine the partials into each row's log2 lse, then write sum_r exp2(S - lse_r) for one chunk."""
+def _few_rows_normalize_kernel(S, Mpart, Lpart, Sinks, Out, stride_s, Hq, Nk, R, n_chunks, HAS_SINK: tl.constexpr,
+                               BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_C: tl.constexpr):
+    """Combine the partials (and the head's sink, when HAS_SINK) into each row's log2 lse, then write
+    sum_r exp2(S - lse_r) for one chunk."""
     pid = tl.program_id(0)
     bh = (pid // n_chunks).to(tl.int64)
     chunk = pid % n_chunks
@@ -229,24 +250,29 @@ def _few_rows_normalize_kernel(S, Mpart, Lpart, Out, stride_s, Nk, R, n_chunks, 
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # -inf - -inf is NaN
         l = l * tl.math.exp2(m - m_sub) + tl.sum(lp * tl.math.exp2(mp - m_sub[:, None]), 1)
         m = m_new
-    has_keys = l > 0.0  # rows without visible keys (and padding) add nothing
+    if HAS_SINK:
+        m, l, _ = add_sink(m, l, tl.load(Sinks + bh % Hq) * LOG2E_K)
+    # rows without visible keys (and padding slots) add nothing; a NaN row (l NaN) stays NaN
+    has_keys = (l != 0.0) & (slots < R)
     lse = tl.where(has_keys, m + tl.math.log2(tl.where(has_keys, l, 1.0)), 0.0)
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, Nk), BLOCK_N):
         cols = start_n + offs_n
         s = tl.load(S + slot_base[:, None] * stride_s + cols[None, :], mask=has_keys[:, None] & (cols < Nk)[None, :],
                     other=float("-inf"))
-        tl.store(Out + bh * Nk + cols, tl.sum(tl.math.exp2(s - lse[:, None]), 0), mask=cols < Nk)
+        p = tl.where(s == float("-inf"), 0.0, tl.math.exp2(s - lse[:, None]))  # unseen keys: 0, even in a NaN row
+        tl.store(Out + bh * Nk + cols, tl.sum(p, 0), mask=cols < Nk)
 
 
-_few_rows_normalize = Tuned(_few_rows_normalize_kernel, key=["BLOCK_R"], smem=None,
+_few_rows_normalize = Tuned(_few_rows_normalize_kernel, key=["BLOCK_R", "HAS_SINK"], smem=None,
                             space=lambda esize, bd: [({"BLOCK_N": 128, "BLOCK_C": 64}, 4, 1)],
                             interp=({"BLOCK_N": 16, "BLOCK_C": 2}, 4, 1))
 
 
-def key_importance(q, k, lse, rows, causal: bool, scale: float):
+def key_importance(q, k, lse, rows, causal: bool, scale: float, softcap: float = 0.0, window: int = -1, sinks=None):
     """fp32 [B, Hq, Nk]: per key, the sum over rows (int64 [B, R], -1 skipped; None = all rows) of the
-    softmax probability; lse (fp32 [B, Hq, Nq], any strides) is used when given, else computed."""
+    softmax probability; lse (fp32 [B, Hq, Nq], any strides) is used when given, else computed (with the
+    sinks, fp32 contiguous [Hq] or None)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     R = Nq if rows is None else rows.shape[1]
@@ -258,9 +284,10 @@ def key_importance(q, k, lse, rows, causal: bool, scale: float):
     align = stride_align(q, k)
     qk_args = (*strides(q, align), *strides(k, align))
     sizes = (Hq, Nq, Nk, R)
-    consts = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=bool(causal), PRECISION=dot_precision(q.dtype),
-                  ALIGN=align)
-    qk_scale = scale * LOG2E
+    window = window_arg(window, Nk)
+    consts = dict(HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=bool(causal), SOFTCAP=softcap > 0, WINDOW=window >= 0,
+                  PRECISION=dot_precision(q.dtype), ALIGN=align)
+    logit_args = (*logit_scales(scale, softcap), window)
     with on_device(q):
         if lse is None and has_rows and R <= FEW_ROWS:
             n_chunks = triton.cdiv(Nk, _CHUNK)
@@ -271,20 +298,20 @@ def key_importance(q, k, lse, rows, causal: bool, scale: float):
             l_part = torch.empty_like(m_part)
             grid = (B * Hq * n_chunks,)
             _few_rows_logits[grid](q, k, rows, s, m_part, l_part, s.stride(2), *qk_args, *row_strides, *sizes, n_chunks,
-                                   Hq // Hkv, qk_scale, tune_key(Nk, B * Hq), BLOCK_R=block_r, CHUNK=_CHUNK,
+                                   Hq // Hkv, *logit_args, tune_key(Nk, B * Hq), BLOCK_R=block_r, CHUNK=_CHUNK,
                                    **consts)
-            _few_rows_normalize[grid](s, m_part, l_part, out, s.stride(2), Nk, R, n_chunks, BLOCK_R=block_r,
-                                      CHUNK=_CHUNK)
+            _few_rows_normalize[grid](s, m_part, l_part, sinks, out, s.stride(2), Hq, Nk, R, n_chunks,
+                                      HAS_SINK=sinks is not None, BLOCK_R=block_r, CHUNK=_CHUNK)
             return out
         lse_by_slot = False
         if lse is None:  # rows' own lse, indexed by slot
             lse = torch.empty((B, Hq, R), dtype=torch.float32, device=q.device)
             lse_by_slot = True
             grid = lambda meta: (B * Hq * triton.cdiv(R, meta["BLOCK_M"]),)  # noqa: E731
-            _row_lse[grid](q, k, rows, lse, *qk_args, *row_strides, *sizes, Hq // Hkv, qk_scale,
-                           tune_key(R, Nk, B * Hq), HAS_ROWS=has_rows, **consts)
+            _row_lse[grid](q, k, rows, sinks, lse, *qk_args, *row_strides, *sizes, Hq // Hkv, *logit_args,
+                           tune_key(R, Nk, B * Hq), HAS_SINK=sinks is not None, HAS_ROWS=has_rows, **consts)
         grid = lambda meta: (B * Hq * triton.cdiv(Nk, meta["BLOCK_N"]),)  # noqa: E731
         _column_sums[grid](q, k, lse, rows, out, *qk_args, *lse.stride(), *row_strides, *sizes, Hq // Hkv,
-                           qk_scale, tune_key(R, Nk, B * Hq), HAS_ROWS=has_rows, LSE_BY_SLOT=lse_by_slot,
+                           *logit_args, tune_key(R, Nk, B * Hq), HAS_ROWS=has_rows, LSE_BY_SLOT=lse_by_slot,
                            **consts)
     return out

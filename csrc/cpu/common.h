@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,9 +56,46 @@ constexpr int64_t kBN = 64;  // keys per tile
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 
-// Keys [0, visible_end(i)) are visible to row i: end-aligned causal mask.
-inline int64_t visible_end(int64_t row, int64_t nq, int64_t nk, bool causal) {
-  return causal ? std::clamp<int64_t>(row + nk - nq + 1, 0, nk) : nk;
+// The arguments of the attention family that shape each row's softmax (docs/internals.md).
+struct Opts {
+  bool causal = false;
+  float scale = 1.f;
+  float softcap = 0.f;         // > 0: logits s -> softcap * tanh(s / softcap)
+  int64_t window = -1;         // < 0: no left bound
+  const float* sinks = nullptr;  // [Hq] fp32 logits joining every row's normaliser, or none
+
+  float sink(int64_t h) const { return sinks ? sinks[h] : kNegInf; }
+};
+
+// Row i of a sequence of Nq rows over Nk keys sees keys [begin(i), end(i)): causal is end-aligned,
+// a window keeps keys j >= i + Nk - Nq - window.
+struct Visible {
+  int64_t off, nk;  // off = Nk - Nq: row i's own position among the keys
+  bool causal;
+  int64_t window;
+  Visible(const Opts& o, int64_t nq, int64_t nk_) : off(nk_ - nq), nk(nk_), causal(o.causal), window(o.window) {}
+  int64_t begin(int64_t i) const { return window < 0 ? 0 : std::clamp<int64_t>(i + off - window, 0, nk); }
+  int64_t end(int64_t i) const { return causal ? std::clamp<int64_t>(i + off + 1, 0, nk) : nk; }
+};
+
+// Checks the option arguments of the attention-family kernels; messages name the argument.
+inline void check_opts(const char* op, double softcap, int64_t window, const std::optional<at::Tensor>& sinks,
+                       int64_t Hq) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be finite and >= 0 (0 = off), got ",
+              softcap);
+  TORCH_CHECK(window >= -1, op, ": window must be >= 0, or -1 for none, got ", window);
+  if (sinks) {
+    TORCH_CHECK(sinks->device().is_cpu() && sinks->scalar_type() == at::kFloat && sinks->dim() == 1 &&
+                    sinks->size(0) == Hq && sinks->is_contiguous(),
+                op, ": sinks must be a contiguous CPU float32 [Hq] tensor with Hq = ", Hq, ", got ",
+                sinks->scalar_type(), " ", sinks->sizes(), " on ", sinks->device());
+  }
+}
+
+inline Opts make_opts(bool causal, double scale, double softcap, int64_t window,
+                      const std::optional<at::Tensor>& sinks) {
+  return Opts{causal, static_cast<float>(scale), static_cast<float>(softcap), window,
+              sinks ? sinks->const_data_ptr<float>() : nullptr};
 }
 
 // Checks shared by attention and key_importance; messages name the argument.
@@ -146,11 +184,11 @@ struct Tiles {
   VTATTN_INLINE static Vec load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
   VTATTN_INLINE static void store(float* p, Vec x) { *reinterpret_cast<Vec*>(p) = x; }
   VTATTN_INLINE static Vec splat(float x) { return Vec{} + x; }
-  // Lane l of the vector at offset j is valid when j + l < n.
-  VTATTN_INLINE static IVec valid(int64_t j, int64_t n) {
+  // Lane l of the vector at offset j is valid when lo <= j + l < hi.
+  VTATTN_INLINE static IVec valid(int64_t j, int64_t lo, int64_t hi) {
     IVec idx;
     for (int l = 0; l < W; ++l) idx[l] = l;
-    return idx < static_cast<int32_t>(n - j);
+    return (idx >= static_cast<int32_t>(lo - j)) & (idx < static_cast<int32_t>(hi - j));
   }
   VTATTN_INLINE static float hsum(Vec x) {
     float t = 0.f;
@@ -179,6 +217,23 @@ struct Tiles {
     const IVec bits = (__builtin_convertvector(k, IVec) + 127) << 23;
     const Vec e = x < -87.3f ? Vec{} : p * (Vec)bits;
     return x == x ? e : x;
+  }
+
+  // tanh(x) to a few ulp: an odd Taylor polynomial below |x| = 0.3 (terms past x^11 are
+  // < 1e-8 relative there), else (1 - e) / (1 + e) with e = exp(-2|x|), which no longer loses
+  // bits to cancellation. NaN propagates, +-inf give +-1.
+  VTATTN_INLINE static Vec tanh(Vec x) {
+    const Vec a = x < 0.f ? -x : x;
+    const Vec x2 = x * x;
+    Vec p = splat(-1382.f / 155925.f);
+    p = p * x2 + 62.f / 2835.f;
+    p = p * x2 - 17.f / 315.f;
+    p = p * x2 + 2.f / 15.f;
+    p = p * x2 - 1.f / 3.f;
+    p = p * x2 + 1.f;
+    const Vec e = exp(-2.f * a);
+    const Vec t = (1.f - e) / (1.f + e);
+    return a < 0.3f ? x * p : (x < 0.f ? -t : t);
   }
 
   // s[m, kBN] = q[m, dp] . kt[dp, kBN]; m % kRowGroup == 0, dp % kLanes == 0.
@@ -227,12 +282,18 @@ struct Tiles {
     }
   }
 
-  // Max of x[0, n), -inf when n == 0. NaNs are skipped (maxps semantics);
+  // x[0, n) = softcap * tanh(x / softcap); n % W == 0.
+  VTATTN_INLINE static void softcap(float* x, int64_t n, float cap) {
+    const float inv = 1.f / cap;
+    for (int64_t j = 0; j < n; j += W) store(x + j, cap * tanh(load(x + j) * inv));
+  }
+
+  // Max of x[lo, hi), -inf when empty. NaNs are skipped (maxps semantics);
   // RowStats::add makes sure they still reach the output.
-  VTATTN_INLINE static float max_of(const float* x, int64_t n) {
+  VTATTN_INLINE static float max_of(const float* x, int64_t lo, int64_t hi) {
     Vec lane = splat(kNegInf);
     for (int64_t j = 0; j < kBN; j += W) {
-      const Vec xj = valid(j, n) ? load(x + j) : splat(kNegInf);
+      const Vec xj = valid(j, lo, hi) ? load(x + j) : splat(kNegInf);
       lane = xj > lane ? xj : lane;
     }
     float m = kNegInf;
@@ -240,21 +301,21 @@ struct Tiles {
     return m;
   }
 
-  // x[j] = exp(x[j] - shift) for j < n, 0 for n <= j < kBN; returns their sum.
-  VTATTN_INLINE static float exp_shift_sum(float* x, int64_t n, float shift) {
+  // x[j] = exp(x[j] - shift) for lo <= j < hi, 0 elsewhere in [0, kBN); returns their sum.
+  VTATTN_INLINE static float exp_shift_sum(float* x, int64_t lo, int64_t hi, float shift) {
     Vec sum{};
     for (int64_t j = 0; j < kBN; j += W) {
-      const Vec e = valid(j, n) ? exp(load(x + j) - shift) : Vec{};
+      const Vec e = valid(j, lo, hi) ? exp(load(x + j) - shift) : Vec{};
       store(x + j, e);
       sum += e;
     }
     return hsum(sum);
   }
 
-  // acc[j] += exp(x[j] - shift) for j < n.
-  VTATTN_INLINE static void add_exp_shift(const float* x, int64_t n, float shift, float* acc) {
+  // acc[j] += exp(x[j] - shift) for lo <= j < hi.
+  VTATTN_INLINE static void add_exp_shift(const float* x, int64_t lo, int64_t hi, float shift, float* acc) {
     for (int64_t j = 0; j < kBN; j += W)
-      store(acc + j, load(acc + j) + (valid(j, n) ? exp(load(x + j) - shift) : Vec{}));
+      store(acc + j, load(acc + j) + (valid(j, lo, hi) ? exp(load(x + j) - shift) : Vec{}));
   }
 };
 
@@ -262,9 +323,10 @@ struct Tiles {
 struct TileOps {
   void (*qk)(const float*, int64_t, int64_t, const float*, float*);
   void (*pv)(const float*, int64_t, const float*, int64_t, float*);
-  float (*max_of)(const float*, int64_t);
-  float (*exp_shift_sum)(float*, int64_t, float);
-  void (*add_exp_shift)(const float*, int64_t, float, float*);
+  void (*softcap)(float*, int64_t, float);
+  float (*max_of)(const float*, int64_t, int64_t);
+  float (*exp_shift_sum)(float*, int64_t, int64_t, float);
+  void (*add_exp_shift)(const float*, int64_t, int64_t, float, float*);
 };
 
 // Non-inline wrappers of Tiles<W> carrying the target attribute ATTR.
@@ -275,12 +337,16 @@ struct TileOps {
   ATTR void NAME##_pv(const float* p, int64_t m, const float* v, int64_t dp, float* acc) {                    \
     Tiles<W>::pv(p, m, v, dp, acc);                                                                           \
   }                                                                                                           \
-  ATTR float NAME##_max_of(const float* x, int64_t n) { return Tiles<W>::max_of(x, n); }                      \
-  ATTR float NAME##_exp_shift_sum(float* x, int64_t n, float shift) { return Tiles<W>::exp_shift_sum(x, n, shift); } \
-  ATTR void NAME##_add_exp_shift(const float* x, int64_t n, float shift, float* acc) {                        \
-    Tiles<W>::add_exp_shift(x, n, shift, acc);                                                                \
+  ATTR void NAME##_softcap(float* x, int64_t n, float cap) { Tiles<W>::softcap(x, n, cap); }                 \
+  ATTR float NAME##_max_of(const float* x, int64_t lo, int64_t hi) { return Tiles<W>::max_of(x, lo, hi); }    \
+  ATTR float NAME##_exp_shift_sum(float* x, int64_t lo, int64_t hi, float shift) {                            \
+    return Tiles<W>::exp_shift_sum(x, lo, hi, shift);                                                         \
   }                                                                                                           \
-  const TileOps NAME{NAME##_qk, NAME##_pv, NAME##_max_of, NAME##_exp_shift_sum, NAME##_add_exp_shift};
+  ATTR void NAME##_add_exp_shift(const float* x, int64_t lo, int64_t hi, float shift, float* acc) {           \
+    Tiles<W>::add_exp_shift(x, lo, hi, shift, acc);                                                           \
+  }                                                                                                           \
+  const TileOps NAME{NAME##_qk, NAME##_pv, NAME##_softcap, NAME##_max_of, NAME##_exp_shift_sum,               \
+                     NAME##_add_exp_shift};
 
 VTATTN_TILE_OPS(baseline, , 4)
 #ifdef VTATTN_X86_LEVELS
@@ -314,25 +380,43 @@ struct RowStats {
   float max = kNegInf;
   float sum = 0.f;
 
-  // Adds the tile row s[0, kBN) of which s[0, n) are visible logits; leaves
-  // exp(s - new max) there and zeros after. Returns the factor that rescales
+  // Adds the tile row s[0, kBN) of which s[lo, hi) are visible logits; leaves
+  // exp(s - new max) there and zeros elsewhere. Returns the factor that rescales
   // anything accumulated against the old max.
-  float add(const TileOps& ops, float* s, int64_t n) {
-    const float m_new = std::max(max, ops.max_of(s, n));  // stays NaN once NaN
+  float add(const TileOps& ops, float* s, int64_t lo, int64_t hi) {
+    const float m_new = std::max(max, ops.max_of(s, lo, hi));  // stays NaN once NaN
     if (m_new == kNegInf) {
       // Every logit so far is -inf or NaN: exp gives 0 unless one is NaN,
       // which must poison the row (max_of skipped it).
-      if (std::any_of(s, s + n, [](float x) { return x != x; })) max = sum = std::numeric_limits<float>::quiet_NaN();
+      if (std::any_of(s + std::min(lo, hi), s + hi, [](float x) { return x != x; }))
+        max = sum = std::numeric_limits<float>::quiet_NaN();
       std::fill(s, s + kBN, 0.f);
       return max == max ? 1.f : max;
     }
     const float alpha = std::exp(max - m_new);
-    sum = sum * alpha + ops.exp_shift_sum(s, n, m_new);
+    sum = sum * alpha + ops.exp_shift_sum(s, lo, hi, m_new);
     max = m_new;
     return alpha;
   }
+  float add(const TileOps& ops, float* s, int64_t n) { return add(ops, s, 0, n); }
   bool empty() const { return max == kNegInf; }  // no visible key so far
-  float lse() const { return empty() ? kNegInf : max + std::log(sum); }
+
+  // With a sink logit (-inf = none) joining the denominator: the row's lse, and the factor that
+  // turns what was accumulated against `max` into probabilities. Without sink and keys: -inf, 0.
+  float lse(float sink = kNegInf) const {
+    const float m = top(sink);
+    if (m == kNegInf) return kNegInf;
+    return m + std::log(sum * std::exp(max - m) + std::exp(sink - m));
+  }
+  float norm(float sink = kNegInf) const {
+    const float m = top(sink);
+    if (m == kNegInf) return 0.f;
+    const float scaled = std::exp(max - m);  // 0 for a row without keys: out 0
+    return scaled / (sum * scaled + std::exp(sink - m));
+  }
+
+ private:
+  float top(float sink) const { return max != max || sink != sink ? max + sink : std::max(max, sink); }
 };
 
 // One thread's scratch for a block of up to kBM query rows of flash-style attention.
@@ -344,23 +428,26 @@ struct BlockScratch {
 
 // Rows i0 .. i0 + m - 1 of a sequence of Nq queries (scaled, in w.qb, mp = m padded) against its
 // Nk keys, which start at row k0 of ks / vs: the online softmax into w.acc and w.stats, with the
-// end-aligned causal rule. Shared by the dense and varlen kernels.
+// visibility and softcap of `o`. Shared by the dense and varlen kernels.
 template <typename T>
 void attend_block(const TileOps& ops, const Slice<T>& ks, const Slice<T>& vs, int64_t k0, int64_t i0, int64_t m,
-                  int64_t mp, int64_t Nq, int64_t Nk, bool causal, int64_t D, int64_t dp, BlockScratch& w) {
+                  int64_t mp, int64_t Nq, int64_t Nk, const Opts& o, int64_t D, int64_t dp, BlockScratch& w) {
   std::fill(w.acc.begin(), w.acc.end(), 0.f);
   std::fill(w.stats, w.stats + kBM, RowStats{});
-  // The block's last row sees the most keys; tiles past it are skipped.
-  const int64_t kend = visible_end(i0 + m - 1, Nq, Nk, causal);
-  for (int64_t j0 = 0; j0 < kend; j0 += kBN) {
+  // The block's first row sees the earliest key, its last row the latest: tiles outside are skipped.
+  const Visible vis(o, Nq, Nk);
+  const int64_t kend = vis.end(i0 + m - 1);
+  for (int64_t j0 = vis.begin(i0) / kBN * kBN; j0 < kend; j0 += kBN) {
     const int64_t n = std::min(kBN, Nk - j0);
     load_keys_t(ks, k0 + j0, n, D, dp, w.kt.data());
     load_rows(vs, n, kBN, [&](int64_t r) { return k0 + j0 + r; }, D, dp, 1.f, w.vb.data());
     ops.qk(w.qb.data(), mp, dp, w.kt.data(), w.s.data());
+    if (o.softcap > 0.f) ops.softcap(w.s.data(), mp * kBN, o.softcap);
     for (int64_t r = 0; r < m; ++r) {
-      const int64_t vis = std::clamp<int64_t>(visible_end(i0 + r, Nq, Nk, causal) - j0, 0, n);
+      const int64_t lo = std::clamp<int64_t>(vis.begin(i0 + r) - j0, 0, n);
+      const int64_t hi = std::clamp<int64_t>(vis.end(i0 + r) - j0, 0, n);
       // the row then holds unnormalised probabilities, 0 for masked and padded keys
-      const float alpha = w.stats[r].add(ops, w.s.data() + r * kBN, vis);
+      const float alpha = w.stats[r].add(ops, w.s.data() + r * kBN, lo, hi);
       if (alpha != 1.f)
         for (int64_t c = 0; c < dp; ++c) w.acc[r * dp + c] *= alpha;
     }

@@ -1,5 +1,6 @@
 // CPU key_importance: scores[b, h, j] = sum over the chosen query rows i of
-// softmax(scale * q k^T)[i, j], exact (normalised by each row's log-sum-exp),
+// the attention probabilities P[i, j] (softcap, window and sinks as attention's),
+// exact (normalised by each row's log-sum-exp),
 // without an [Nq, Nk] buffer. Every output element is summed by exactly one
 // task, in a fixed row order, so results do not depend on the thread count.
 //
@@ -76,8 +77,9 @@ void merge(RowStats& a, const RowStats& o) {
 // lse_sel[(b * Hq + h) * R + r] = log-sum-exp of row rows[b][r], flash style:
 // tasks are (b, h, block of kBM listed rows).
 template <typename T>
-void row_lse(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const RowLists& rows, bool causal,
-             float scale, float* lse_sel) {
+void row_lse(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const RowLists& rows, const Opts& o,
+             float* lse_sel) {
+  const Visible vis(o, sh.Nq, sh.Nk);
   const TileOps& ops = tile_ops();
   const int64_t R = rows.max_count, nblk = ceil_div(R, kBM);
   at::parallel_for(0, sh.B * sh.Hq * nblk, 1, [&](int64_t begin, int64_t end) {
@@ -91,20 +93,23 @@ void row_lse(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const Ro
       const int64_t* idx = rows.of(b) + r0;
       const Slice<T> qs(q, b, h), ks(k, b, h / sh.group);
 
-      load_rows(qs, m, mp, [&](int64_t r) { return idx[r]; }, sh.D, sh.dp, scale, qb.data());
+      load_rows(qs, m, mp, [&](int64_t r) { return idx[r]; }, sh.D, sh.dp, o.scale, qb.data());
       std::fill(stats, stats + kBM, RowStats{});
-      int64_t kend = 0;
-      for (int64_t r = 0; r < m; ++r) kend = std::max(kend, visible_end(idx[r], sh.Nq, sh.Nk, causal));
-      for (int64_t j0 = 0; j0 < kend; j0 += kBN) {
+      int64_t kbegin = sh.Nk, kend = 0;  // the keys any of the (unordered) rows sees
+      for (int64_t r = 0; r < m; ++r) {
+        kbegin = std::min(kbegin, vis.begin(idx[r]));
+        kend = std::max(kend, vis.end(idx[r]));
+      }
+      for (int64_t j0 = kbegin / kBN * kBN; j0 < kend; j0 += kBN) {
         const int64_t n = std::min(kBN, sh.Nk - j0);
         load_keys_t(ks, j0, n, sh.D, sh.dp, kt.data());
         ops.qk(qb.data(), mp, sh.dp, kt.data(), s.data());
-        for (int64_t r = 0; r < m; ++r) {
-          const int64_t vis = std::clamp<int64_t>(visible_end(idx[r], sh.Nq, sh.Nk, causal) - j0, 0, n);
-          stats[r].add(ops, s.data() + r * kBN, vis);
-        }
+        if (o.softcap > 0.f) ops.softcap(s.data(), mp * kBN, o.softcap);
+        for (int64_t r = 0; r < m; ++r)
+          stats[r].add(ops, s.data() + r * kBN, std::clamp<int64_t>(vis.begin(idx[r]) - j0, 0, n),
+                       std::clamp<int64_t>(vis.end(idx[r]) - j0, 0, n));
       }
-      for (int64_t r = 0; r < m; ++r) lse_sel[bh * R + r0 + r] = stats[r].lse();
+      for (int64_t r = 0; r < m; ++r) lse_sel[bh * R + r0 + r] = stats[r].lse(o.sink(h));
     }
   });
 }
@@ -112,13 +117,14 @@ void row_lse(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const Ro
 // scores[b, h, tile] = sum over the listed rows of exp(s - lse_sel), the logits
 // recomputed per tile: tasks are (b, h, key tile), each looping over all rows.
 template <typename T>
-void column_sums(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const RowLists& rows, bool causal,
-                 float scale, const float* lse_sel, float* out) {
+void column_sums(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const RowLists& rows, const Opts& o,
+                 const float* lse_sel, float* out) {
   const TileOps& ops = tile_ops();
+  const Visible vis(o, sh.Nq, sh.Nk);
   const int64_t R = rows.max_count;
   at::parallel_for(0, sh.B * sh.Hq * sh.ntiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qb(kBM * sh.dp), kt(sh.dp * kBN), s(kBM * kBN);
-    int64_t vis[kBM];
+    int64_t lo[kBM], hi[kBM];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % sh.ntiles, bh = task / sh.ntiles, b = bh / sh.Hq, h = bh % sh.Hq;
       const int64_t j0 = t * kBN, n = std::min(kBN, sh.Nk - j0);
@@ -133,17 +139,17 @@ void column_sums(const at::Tensor& q, const at::Tensor& k, const Shape& sh, cons
         bool any = false;
         for (int64_t r = 0; r < m; ++r) {
           // A row that sees no key (lse -inf) contributes nothing.
-          vis[r] = lse_b[r0 + r] == kNegInf
-                       ? 0
-                       : std::clamp<int64_t>(visible_end(idx[r], sh.Nq, sh.Nk, causal) - j0, 0, n);
-          any = any || vis[r] > 0;
+          lo[r] = std::clamp<int64_t>(vis.begin(idx[r]) - j0, 0, n);
+          hi[r] = lse_b[r0 + r] == kNegInf ? 0 : std::clamp<int64_t>(vis.end(idx[r]) - j0, 0, n);
+          any = any || lo[r] < hi[r];
         }
         if (!any) continue;
-        load_rows(qs, m, mp, [&](int64_t r) { return idx[r]; }, sh.D, sh.dp, scale, qb.data());
+        load_rows(qs, m, mp, [&](int64_t r) { return idx[r]; }, sh.D, sh.dp, o.scale, qb.data());
         ops.qk(qb.data(), mp, sh.dp, kt.data(), s.data());
+        if (o.softcap > 0.f) ops.softcap(s.data(), mp * kBN, o.softcap);
         float part[kBN] = {};
         for (int64_t r = 0; r < m; ++r)
-          if (vis[r] > 0) ops.add_exp_shift(s.data() + r * kBN, vis[r], lse_b[r0 + r], part);
+          if (lo[r] < hi[r]) ops.add_exp_shift(s.data() + r * kBN, lo[r], hi[r], lse_b[r0 + r], part);
         for (int64_t j = 0; j < n; ++j) total[j] += part[j];
       }
       float* o = out + bh * sh.Nk + j0;
@@ -156,17 +162,20 @@ void column_sums(const at::Tensor& q, const at::Tensor& k, const Shape& sh, cons
 // per-tile statistics, which are merged into each row's lse before a pass over
 // the kept logits sums the probabilities.
 template <typename T>
-void few_rows(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const RowLists& rows, bool causal,
-              float scale, float* out) {
+void few_rows(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const RowLists& rows, const Opts& o,
+              float* out) {
   const TileOps& ops = tile_ops();
   const int64_t R = rows.max_count, Rp = round_up(R, kRowGroup), Nkp = sh.ntiles * kBN;
   const int64_t BH = sh.B * sh.Hq;
   std::vector<float> logits(BH * Rp * Nkp);
   std::vector<RowStats> tile_stats(BH * R * sh.ntiles);
   std::vector<float> lse(BH * R);
-  auto vis_of = [&](int64_t b, int64_t r, int64_t j0) {
-    return std::clamp<int64_t>(visible_end(rows.of(b)[r], sh.Nq, sh.Nk, causal) - j0, 0,
-                               std::min(kBN, sh.Nk - j0));
+  const Visible vis(o, sh.Nq, sh.Nk);
+  // Row r of batch b sees tile keys [lo, hi) of the tile at j0.
+  auto range_of = [&](int64_t b, int64_t r, int64_t j0) {
+    const int64_t n = std::min(kBN, sh.Nk - j0), i = rows.of(b)[r];
+    return std::pair<int64_t, int64_t>{std::clamp<int64_t>(vis.begin(i) - j0, 0, n),
+                                       std::clamp<int64_t>(vis.end(i) - j0, 0, n)};
   };
 
   at::parallel_for(0, BH * sh.ntiles, 1, [&](int64_t begin, int64_t end) {
@@ -177,14 +186,16 @@ void few_rows(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const R
       if (m == 0) continue;
       const int64_t* idx = rows.of(b);
       const Slice<T> qs(q, b, h), ks(k, b, h / sh.group);
-      load_rows(qs, m, round_up(m, kRowGroup), [&](int64_t r) { return idx[r]; }, sh.D, sh.dp, scale, qb.data());
+      load_rows(qs, m, round_up(m, kRowGroup), [&](int64_t r) { return idx[r]; }, sh.D, sh.dp, o.scale, qb.data());
       load_keys_t(ks, j0, std::min(kBN, sh.Nk - j0), sh.D, sh.dp, kt.data());
       float s[kFewRows * kBN];
       ops.qk(qb.data(), round_up(m, kRowGroup), sh.dp, kt.data(), s);
+      if (o.softcap > 0.f) ops.softcap(s, round_up(m, kRowGroup) * kBN, o.softcap);
       for (int64_t r = 0; r < m; ++r) {
         float* row = s + r * kBN;
         std::copy(row, row + kBN, logits.data() + (bh * Rp + r) * Nkp + j0);
-        tile_stats[(bh * R + r) * sh.ntiles + t].add(ops, row, vis_of(b, r, j0));  // overwrites row: copied first
+        const auto [lo, hi] = range_of(b, r, j0);
+        tile_stats[(bh * R + r) * sh.ntiles + t].add(ops, row, lo, hi);  // overwrites row: copied first
       }
     }
   });
@@ -194,7 +205,7 @@ void few_rows(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const R
       for (int64_t r = 0; r < R; ++r) {
         RowStats total;
         for (int64_t t = 0; t < sh.ntiles; ++t) merge(total, tile_stats[(bh * R + r) * sh.ntiles + t]);
-        lse[bh * R + r] = total.lse();
+        lse[bh * R + r] = total.lse(o.sink(bh % sh.Hq));
       }
   });
 
@@ -204,8 +215,9 @@ void few_rows(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const R
       const int64_t j0 = t * kBN, n = std::min(kBN, sh.Nk - j0);
       float total[kBN] = {};  // at most kFewRows terms: fp32 is plenty
       for (int64_t r = 0; r < rows.count(b); ++r) {
-        const int64_t vis = lse[bh * R + r] == kNegInf ? 0 : vis_of(b, r, j0);
-        if (vis > 0) ops.add_exp_shift(logits.data() + (bh * Rp + r) * Nkp + j0, vis, lse[bh * R + r], total);
+        const auto [lo, hi] = range_of(b, r, j0);
+        if (lo < hi && lse[bh * R + r] != kNegInf)
+          ops.add_exp_shift(logits.data() + (bh * Rp + r) * Nkp + j0, lo, hi, lse[bh * R + r], total);
       }
       std::copy(total, total + n, out + bh * sh.Nk + j0);
     }
@@ -213,10 +225,12 @@ void few_rows(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const R
 }
 
 at::Tensor key_importance_cpu(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& lse,
-                              const std::optional<at::Tensor>& rows, bool causal, double scale) {
+                              const std::optional<at::Tensor>& rows, bool causal, double scale, double softcap,
+                              int64_t window, const std::optional<at::Tensor>& sinks) {
   const char* op = "vtattn key_importance";
   check_qk(op, q, k);
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2);
+  check_opts(op, softcap, window, sinks, Hq);
   if (rows) {
     TORCH_CHECK(rows->device().is_cpu(), op, ": rows must be a CPU tensor, got ", rows->device());
     TORCH_CHECK(rows->scalar_type() == at::kLong, op, ": rows must be int64, got ", rows->scalar_type());
@@ -232,11 +246,11 @@ at::Tensor key_importance_cpu(const at::Tensor& q, const at::Tensor& k, const st
   const RowLists lists = make_row_lists(rows, B, Nq);  // also bounds-checks the indices
   const Shape sh(q, k);
   auto out = at::empty({B, Hq, sh.Nk}, q.options().dtype(at::kFloat));
-  const float fscale = static_cast<float>(scale);
+  const Opts o = make_opts(causal, scale, softcap, window, sinks);
 
   VTATTN_DISPATCH_FLOAT_TYPES(q.scalar_type(), "vtattn_key_importance_cpu", [&] {
     if (!lse && lists.max_count <= kFewRows) {
-      few_rows<scalar_t>(q, k, sh, lists, causal, fscale, out.data_ptr<float>());
+      few_rows<scalar_t>(q, k, sh, lists, o, out.data_ptr<float>());
       return;
     }
     const int64_t R = lists.max_count;
@@ -247,9 +261,9 @@ at::Tensor key_importance_cpu(const at::Tensor& q, const at::Tensor& k, const st
         for (int64_t h = 0; h < Hq; ++h)
           for (int64_t r = 0; r < lists.count(b); ++r) lse_sel[(b * Hq + h) * R + r] = acc[b][h][lists.of(b)[r]];
     } else {
-      row_lse<scalar_t>(q, k, sh, lists, causal, fscale, lse_sel.data());
+      row_lse<scalar_t>(q, k, sh, lists, o, lse_sel.data());
     }
-    column_sums<scalar_t>(q, k, sh, lists, causal, fscale, lse_sel.data(), out.data_ptr<float>());
+    column_sums<scalar_t>(q, k, sh, lists, o, lse_sel.data(), out.data_ptr<float>());
   });
   return out;
 }

@@ -4,6 +4,7 @@
 // empty (the task grid is sized by the longest sequence).
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -14,7 +15,7 @@ namespace {
 
 template <typename T>
 void varlen_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int32_t* cq,
-                   const int32_t* ck, int64_t B, int64_t longest, bool causal, float scale, at::Tensor& out,
+                   const int32_t* ck, int64_t B, int64_t longest, const Opts& o, at::Tensor& out,
                    at::Tensor& lse) {
   // [1, H, T, D] views so that Slice reads one head's packed rows.
   const at::Tensor q4 = q.unsqueeze(0).transpose(1, 2), k4 = k.unsqueeze(0).transpose(1, 2),
@@ -34,15 +35,16 @@ void varlen_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       if (i0 >= Nq) continue;
       const int64_t m = std::min(kBM, Nq - i0), mp = round_up(m, kRowGroup);
       const Slice<T> qs(q4, 0, h), ks(k4, 0, h / group), vs(v4, 0, h / group);
-      load_rows(qs, m, mp, [&](int64_t r) { return q0 + i0 + r; }, D, dp, scale, w.qb.data());
-      attend_block(ops, ks, vs, k0, i0, m, mp, Nq, Nk, causal, D, dp, w);
+      load_rows(qs, m, mp, [&](int64_t r) { return q0 + i0 + r; }, D, dp, o.scale, w.qb.data());
+      attend_block(ops, ks, vs, k0, i0, m, mp, Nq, Nk, o, D, dp, w);
+      const float sink = o.sink(h);
 
       for (int64_t r = 0; r < m; ++r) {
         const int64_t row = q0 + i0 + r;
-        T* o = out_p + (row * Hq + h) * D;
-        const float inv = w.stats[r].empty() ? 0.f : 1.f / w.stats[r].sum;  // no keys: 0, lse -inf
-        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(w.acc[r * dp + c] * inv);
-        lse_p[h * Tq + row] = w.stats[r].lse();
+        T* out_row = out_p + (row * Hq + h) * D;
+        const float inv = w.stats[r].norm(sink);  // no keys: 0, lse -inf or the sink
+        for (int64_t c = 0; c < D; ++c) out_row[c] = static_cast<T>(w.acc[r * dp + c] * inv);
+        lse_p[h * Tq + row] = w.stats[r].lse(sink);
       }
     }
   });
@@ -67,11 +69,13 @@ int64_t check_cu(const char* name, const at::Tensor& cu, int64_t B, int64_t tota
 std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v, const at::Tensor& cu_q,
                                                         const at::Tensor& cu_k, int64_t max_seqlen_q, bool causal,
-                                                        double scale) {
+                                                        double scale, double softcap, int64_t window,
+                                                        const std::optional<at::Tensor>& sinks) {
   // The 4-D checks of attention on [1, H, T, D] views.
   check_qk("vtattn varlen_attention", q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2));
   TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == q.scalar_type() && v.sizes() == k.sizes(),
               "vtattn varlen_attention: v must be a CPU tensor with k's dtype and shape");
+  check_opts("vtattn varlen_attention", softcap, window, sinks, q.size(1));
   const int64_t B = cu_q.numel() - 1;
   const int64_t longest = check_cu("cu_seqlens_q", cu_q, B, q.size(0));
   check_cu("cu_seqlens_k", cu_k, B, k.size(0));
@@ -81,8 +85,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_cpu(const at::Tensor& q, con
   auto lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   if (longest == 0) return {out, lse};  // no query rows at all
   VTATTN_DISPATCH_FLOAT_TYPES(q.scalar_type(), "vtattn_varlen_attention_cpu", [&] {
-    varlen_kernel<scalar_t>(q, k, v, cq.const_data_ptr<int32_t>(), ck.const_data_ptr<int32_t>(), B, longest, causal,
-                            static_cast<float>(scale), out, lse);
+    varlen_kernel<scalar_t>(q, k, v, cq.const_data_ptr<int32_t>(), ck.const_data_ptr<int32_t>(), B, longest,
+                            make_opts(causal, scale, softcap, window, sinks), out, lse);
   });
   return {out, lse};
 }

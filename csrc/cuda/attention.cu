@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "flash_fwd.cuh"
@@ -48,13 +49,29 @@ void check_q_k(const at::Tensor& q, const at::Tensor& k, const char* op) {
               prop->minor);
 }
 
+void check_options(const at::Tensor& q, double softcap, int64_t window, const std::optional<at::Tensor>& sinks,
+                   const char* op) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be finite and >= 0 (0 = off), got ",
+              softcap);
+  TORCH_CHECK(window >= -1, op, ": window must be >= 0, or -1 for none, got ", window);
+  if (sinks) {
+    TORCH_CHECK(sinks->device() == q.device() && sinks->scalar_type() == at::kFloat && sinks->dim() == 1 &&
+                    sinks->size(0) == q.size(1) && sinks->is_contiguous(),
+                op, ": sinks must be a contiguous float32 [Hq] tensor on q's device with Hq = ", q.size(1), ", got ",
+                sinks->scalar_type(), " ", sinks->sizes(), " on ", sinks->device());
+  }
+}
+
 }  // namespace host
 
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                  const at::Tensor& v_in, bool causal, double scale) {
+                                                  const at::Tensor& v_in, bool causal, double scale,
+                                                  double softcap, int64_t window,
+                                                  const std::optional<at::Tensor>& sinks) {
   host::check_q_k(q_in, k_in, "attention");
+  host::check_options(q_in, softcap, window, sinks, "attention");
   TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
               "attention: the CUDA kernel runs fp16/bf16 on tensor cores, got q dtype ", q_in.scalar_type(),
               " (fp32 goes to Triton)");
@@ -67,13 +84,17 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
   c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_in.size(1), Nk = k_in.size(2);
+  const plan::Plan lp = plan::flash(plan::device_limits(*at::cuda::getCurrentDeviceProperties()), Nq, Hq, B, D,
+                                    q_in.element_size(), false, 0);
+  TORCH_CHECK(lp.ok(), "attention: ", lp.error);
   // Token-major like SDPA's output: transformers' next transpose(1, 2) is then free.
   at::Tensor out = at::empty({B, Nq, Hq, D}, q_in.options()).transpose(1, 2);
   at::Tensor lse = at::empty({B, Hq, Nq}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  if (Nk == 0) {  // no keys: every row sees nothing
+  if (Nk == 0) {  // no keys: every row sees nothing (its lse is the sink, if any)
     out.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
+    if (sinks) lse.copy_(sinks->view({1, Hq, 1}).expand_as(lse));
+    else lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
 
@@ -95,10 +116,11 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q_in, const 
   p.Hq = static_cast<int>(Hq), p.D = static_cast<int>(D), p.group = static_cast<int>(Hq / Hkv);
   p.causal = causal;
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
+  p.opt = AttnOptions::make(scale, softcap, window, sinks ? sinks->data_ptr<float>() : nullptr, Nk);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_half_dp(q.scalar_type() == at::kBFloat16, D, [&](auto tag, auto dp) {
-    C10_CUDA_CHECK((launch_flash_fwd<decltype(tag), decltype(dp)::value, false>(p, static_cast<int>(B), stream)));
+    C10_CUDA_CHECK((launch_flash_fwd<decltype(tag), decltype(dp)::value, false>(p, lp.launch[0], stream)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, lse};

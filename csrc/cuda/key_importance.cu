@@ -1,5 +1,7 @@
 // CUDA launcher and kernels of vtattn_C::key_importance: scores[b, h, j] = sum over the chosen
-// query rows i of softmax(scale * q k^T)[i, j], without materialising [Nq, Nk]. Three paths:
+// query rows i of attention's probabilities P[i, j] (softmax of the scaled, optionally softcapped
+// logits over the visible keys, sinks joining the denominator), without materialising [Nq, Nk].
+// Three paths:
 //
 //  few rows (R <= 16, any dtype; the [CLS] row, FastV's last token): memory-bound, K read once.
 //    Kernel 1 (SIMT, 16-byte loads) writes the rows' logits of a key chunk to a small fp32 buffer
@@ -25,7 +27,8 @@
 namespace vtattn {
 namespace {
 
-constexpr int kFewRows = 16;     // at most this many rows take the few-rows path
+// Threads, tiles and the paths' grids: csrc/include/launch_plan.h (plan::key_importance).
+using plan::kFewRows;            // at most this many rows take the few-rows path
 constexpr int kFewMaxD = 128;    // staged q row width of the few-rows kernel (>= every head dim)
 
 // Query row at position `pos` of `rows` ([nrows] of one batch, nullptr = identity), or -1 when the
@@ -50,11 +53,14 @@ struct FewRowsParams {
   int R, Nq, Nk, Hq, D, group, nchunks;
   bool causal;
   float scale_log2;
+  float cap_in, cap_out;  // softcap c: logit x (log2) -> cap_out * tanh_from_2u_log2e(x * cap_in); cap_out 0 = off
+  int window;             // -1 = none
 };
 
 // TPK threads share one key: each loads 16 bytes of its row (D <= TPK * 16 / sizeof(T)) and the
 // partial dot products are summed with shuffles. Every thread keeps KPT keys' loads in flight.
-constexpr int kFewThreads = 128, kFewKeysPerThread = 8;
+using plan::kFewThreads;
+using plan::kFewKeysPerThread;
 template <int TPK> constexpr int few_chunk_keys() { return kFewThreads / TPK * kFewKeysPerThread; }
 
 template <typename T, int TPK>
@@ -108,7 +114,10 @@ __global__ void __launch_bounds__(kFewThreads) few_rows_logits_kernel(const FewR
       for (int o = TPK / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
       if (lk == 0) {
         const int i = s_row[r];
-        const bool visible = j < p.Nk && i >= 0 && !(p.causal && j > i + off);
+        const bool visible =
+            j < p.Nk && i >= 0 && !(p.causal && j > i + off) && !(p.window >= 0 && j < i + off - p.window);
+        // not tanhf: --use_fast_math makes it tanh.approx (2^-11), too coarse for fp32 scores
+        if (p.cap_out > 0.f) dot = p.cap_out * tanh_from_2u_log2e(dot * p.cap_in);
         s_logit[r][jj] = visible ? dot : -INFINITY;
       }
     }
@@ -145,16 +154,22 @@ struct FewRowsFinishParams {
   const float* lse;     // [B, Hq, Nq] any strides, natural log; nullptr = from part
   int64_t lse_sb, lse_sh, lse_sn;
   const int64_t* rows;
-  float* out;  // [B, Hq, Nk]
+  const float* sinks;  // [Hq] natural-log sink logits joining the computed lse, or nullptr
+  float* out;          // [B, Hq, Nk]
   int R, Nq, Nk, Hq, nchunks;
 };
 
-constexpr int kFinishThreads = 256, kFinishKeys = 1024;
+using plan::kFinishKeys;
+using plan::kFinishThreads;
 
-// Merges the (max, sum-exp) pair (m2, s2) into (m, s), log2 domain.
+// Merges the (max, sum-exp) pair (m2, s2) into (m, s), log2 domain. A sum is NaN once a logit
+// was NaN (max skips NaN): that NaN survives every merge.
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
   const float mn = fmaxf(m, m2);
-  if (mn == -INFINITY) return;  // both empty
+  if (mn == -INFINITY) {  // both without a finite logit: sums 0 or NaN
+    s += s2;
+    return;
+  }
   s = s * exp2_approx(m - mn) + s2 * exp2_approx(m2 - mn);
   m = mn;
 }
@@ -180,7 +195,8 @@ __global__ void __launch_bounds__(kFinishThreads) few_rows_finish_kernel(const F
         const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
         lse_merge(m, s, m2, s2);
       }
-      if (m != -INFINITY && s > 0.f) lse2 = m + log2f(s);
+      if (p.sinks && p.sinks[h] != -INFINITY) lse_merge(m, s, p.sinks[h] * kLog2e, 1.f);  // exp2(0) = 1 at its max
+      if (s != 0.f) lse2 = m + log2f(s);  // NaN stays NaN
     }
     if (lane == 0) s_lse2[r] = lse2;
   }
@@ -190,7 +206,10 @@ __global__ void __launch_bounds__(kFinishThreads) few_rows_finish_kernel(const F
   const int j_end = min(p.Nk, (blockIdx.y + 1) * kFinishKeys);
   for (int j = blockIdx.y * kFinishKeys + tid; j < j_end; j += kFinishThreads) {
     float acc = 0.f;
-    for (int r = 0; r < p.R; ++r) acc += exp2_approx(logits[static_cast<int64_t>(r) * p.Nk + j] - s_lse2[r]);
+    for (int r = 0; r < p.R; ++r) {  // a hidden key (-inf) adds 0, also to a row whose lse is NaN
+      const float x = logits[static_cast<int64_t>(r) * p.Nk + j];
+      acc += x == -INFINITY ? 0.f : exp2_approx(x - s_lse2[r]);
+    }
     p.out[static_cast<int64_t>(bh) * p.Nk + j] = acc;
   }
 }
@@ -210,12 +229,16 @@ struct ColParams {
   int nrows, Nq, Nk, Hq, D, group;
   bool causal;
   float scale_log2;
+  AttnOptions opt;  // softcap and window, read by the OPT instantiation (sinks are in the lse)
 };
 
 // 4 warps x 32 keys (MT = 2 blocks of 16): every Q fragment read from shared memory feeds two mmas.
-constexpr int kColWarps = 4, kColMT = 2, kColKeys = 16 * kColMT * kColWarps, kColRows = 64;
+using plan::kColKeys;
+using plan::kColWarps;
+constexpr int kColMT = 2, kColRows = 64;
+static_assert(kColKeys == 16 * kColMT * kColWarps, "a CTA's keys: MT row blocks of 16 per warp");
 
-template <typename T, int DP>
+template <typename T, int DP, bool OPT>
 __global__ void __launch_bounds__(kColWarps * 32) key_colsum_kernel(const ColParams p) {
   constexpr int NT = kColWarps * 32, MT = kColMT, BK = kColKeys, BR = kColRows, STR = DP + 8, NB = BR / 8;
   static_assert(BK == 2 * BR, "the K tile is staged in the two Q stages");
@@ -243,9 +266,13 @@ __global__ void __launch_bounds__(kColWarps * 32) key_colsum_kernel(const ColPar
     for (int ks = 0; ks < DP / 16; ++ks) load_a_frag<STR>(kf[mt][ks], sbuf, wkey + mt * 16, ks * 16, lane);
   __syncthreads();  // sbuf becomes the Q ring
 
-  // Contiguous causal rows before the first one that sees key n0 contribute nothing here.
+  // Contiguous causal rows before the first one that sees key n0 contribute nothing here, nor do
+  // rows whose window starts after the CTA's last key.
   const int first = (p.causal && !rows) ? max(0, n0 - off) / BR : 0;
-  const int n_tiles = (p.nrows + BR - 1) / BR;
+  const int all_tiles = (p.nrows + BR - 1) / BR;
+  const int n_tiles = OPT && p.opt.window >= 0 && !rows
+                          ? min(all_tiles, max(0, n0 + BK - 1 - off + p.opt.window) / BR + 1)
+                          : all_tiles;
   auto stage = [&](int tile, int buf) {
     const int r0 = tile * BR;
     if (tid < BR) {
@@ -296,8 +323,16 @@ __global__ void __launch_bounds__(kColWarps * 32) key_colsum_kernel(const ColPar
 #pragma unroll
           for (int hr = 0; hr < 2; ++hr) {
             const int j = n0 + wkey + mt * 16 + (lane >> 2) + hr * 8;
-            const float pr = exp2_approx(s[mt][nb][2 * hr + e] * p.scale_log2 - lse2);
-            colsum[mt][hr] += (p.causal && j > i + off) ? 0.f : pr;
+            if constexpr (OPT) {
+              const float x = p.opt.cap_out > 0.f
+                                  ? p.opt.cap_out * tanh_from_2u_log2e(s[mt][nb][2 * hr + e] * p.opt.cap_in)
+                                  : s[mt][nb][2 * hr + e] * p.scale_log2;
+              const bool hidden = (p.causal && j > i + off) || (p.opt.window >= 0 && j < i + off - p.opt.window);
+              colsum[mt][hr] += hidden ? 0.f : exp2_approx(x - lse2);
+            } else {
+              const float pr = exp2_approx(s[mt][nb][2 * hr + e] * p.scale_log2 - lse2);
+              colsum[mt][hr] += (p.causal && j > i + off) ? 0.f : pr;
+            }
           }
         }
       }
@@ -320,26 +355,26 @@ __global__ void __launch_bounds__(kColWarps * 32) key_colsum_kernel(const ColPar
 // ---------------------------------------------------------------------------------------------
 // Host.
 
+// The few-rows kernel for T's key rows of p.D elements, launched as `l` (plan::key_importance); a
+// plan whose key chunks are not the kernel's is refused as an invalid configuration.
 template <typename T>
-void launch_few_rows(const FewRowsParams& p, int64_t BH, cudaStream_t stream) {
+cudaError_t launch_few_rows(const FewRowsParams& p, const plan::Launch& l, cudaStream_t stream) {
   auto go = [&](auto kernel, int keys_per_chunk) {
-    const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>((p.Nk + keys_per_chunk - 1) / keys_per_chunk));
-    kernel<<<grid, kFewThreads, 0, stream>>>(p);
+    if (l.grid[1] != (p.Nk + keys_per_chunk - 1) / keys_per_chunk) return cudaErrorInvalidConfiguration;
+    return plan::launch(l, kernel, stream, p);
   };
   const int cpk = p.D / (16 / static_cast<int>(sizeof(T)));  // 16-byte chunks per key row
-  if (cpk <= 8) go(few_rows_logits_kernel<T, 8>, few_chunk_keys<8>());
-  else if (cpk <= 16) go(few_rows_logits_kernel<T, 16>, few_chunk_keys<16>());
-  else if constexpr (sizeof(T) == 4) go(few_rows_logits_kernel<T, 32>, few_chunk_keys<32>());  // fp32, D > 64
-}
-
-int few_rows_chunk_keys(int64_t D, at::ScalarType dtype) {
-  const int64_t cpk = D * c10::elementSize(dtype) / 16;
-  return cpk <= 8 ? few_chunk_keys<8>() : cpk <= 16 ? few_chunk_keys<16>() : few_chunk_keys<32>();
+  if (cpk <= 8) return go(few_rows_logits_kernel<T, 8>, few_chunk_keys<8>());
+  if (cpk <= 16) return go(few_rows_logits_kernel<T, 16>, few_chunk_keys<16>());
+  if constexpr (sizeof(T) == 4) return go(few_rows_logits_kernel<T, 32>, few_chunk_keys<32>());  // fp32, D > 64
+  return cudaErrorInvalidConfiguration;
 }
 
 at::Tensor key_importance_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const std::optional<at::Tensor>& lse,
-                               const std::optional<at::Tensor>& rows_in, bool causal, double scale) {
+                               const std::optional<at::Tensor>& rows_in, bool causal, double scale, double softcap,
+                               int64_t window, const std::optional<at::Tensor>& sinks) {
   host::check_q_k(q_in, k_in, "key_importance");
+  host::check_options(q_in, softcap, window, sinks, "key_importance");
   const at::ScalarType dtype = q_in.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
               "key_importance: q dtype must be float16, bfloat16 or float32, got ", dtype);
@@ -365,6 +400,9 @@ at::Tensor key_importance_cuda(const at::Tensor& q_in, const at::Tensor& k_in, c
   c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor out = at::empty({B, Hq, Nk}, q_in.options().dtype(at::kFloat));
   const int64_t R = rows_in ? rows_in->size(1) : Nq;
+  const plan::Plan lp = plan::key_importance(plan::device_limits(*at::cuda::getCurrentDeviceProperties()), B, Hq, Nk,
+                                             R, D, q_in.element_size(), lse.has_value());
+  TORCH_CHECK(lp.ok(), "key_importance: ", lp.error);
   if (out.numel() == 0) return out;
   if (R == 0 || Nq == 0) return out.zero_();  // no rows (Nq == 0 leaves only skipped entries)
 
@@ -373,12 +411,11 @@ at::Tensor key_importance_cuda(const at::Tensor& q_in, const at::Tensor& k_in, c
   const at::Tensor rows = rows_in ? rows_in->contiguous() : at::Tensor();
   const int64_t* rows_ptr = rows_in ? rows.data_ptr<int64_t>() : nullptr;
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
+  const AttnOptions opt = AttnOptions::make(scale, softcap, window, sinks ? sinks->data_ptr<float>() : nullptr, Nk);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  if (R <= kFewRows) {
-    const int chunk_keys = few_rows_chunk_keys(D, dtype);
-    const int64_t nchunks = (Nk + chunk_keys - 1) / chunk_keys;
-    TORCH_CHECK(nchunks <= kMaxGridYZ, "key_importance: Nk = ", Nk, " is too long for the few-rows kernel");
+  if (R <= kFewRows) {  // lp: the logits kernel, then the finishing one
+    const int64_t nchunks = lp.launch[0].grid[1];
     at::Tensor logits = at::empty({B * Hq, R, Nk}, out.options());
     at::Tensor part = lse ? at::Tensor() : at::empty({B * Hq, R, nchunks, 2}, out.options());
     FewRowsParams p{};
@@ -390,33 +427,36 @@ at::Tensor key_importance_cuda(const at::Tensor& q_in, const at::Tensor& k_in, c
     p.R = static_cast<int>(R), p.Nq = static_cast<int>(Nq), p.Nk = static_cast<int>(Nk);
     p.Hq = static_cast<int>(Hq), p.D = static_cast<int>(D), p.group = static_cast<int>(Hq / Hkv);
     p.nchunks = static_cast<int>(nchunks), p.causal = causal, p.scale_log2 = scale_log2;
-    if (dtype == at::kHalf) launch_few_rows<__half>(p, B * Hq, stream);
-    else if (dtype == at::kBFloat16) launch_few_rows<__nv_bfloat16>(p, B * Hq, stream);
-    else launch_few_rows<float>(p, B * Hq, stream);
+    p.cap_in = softcap > 0 ? static_cast<float>(2.0 / softcap) : 0.f;  // dot is already in the log2 domain
+    p.cap_out = softcap > 0 ? static_cast<float>(softcap * kLog2e) : 0.f;
+    p.window = opt.window;
+    if (dtype == at::kHalf) C10_CUDA_CHECK(launch_few_rows<__half>(p, lp.launch[0], stream));
+    else if (dtype == at::kBFloat16) C10_CUDA_CHECK(launch_few_rows<__nv_bfloat16>(p, lp.launch[0], stream));
+    else C10_CUDA_CHECK(launch_few_rows<float>(p, lp.launch[0], stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     FewRowsFinishParams f{};
-    f.logits = p.logits, f.part = p.part, f.rows = rows_ptr, f.out = out.data_ptr<float>();
+    f.logits = p.logits, f.part = p.part, f.rows = rows_ptr, f.sinks = opt.sinks, f.out = out.data_ptr<float>();
     if (lse) {
       f.lse = lse->data_ptr<float>();
       f.lse_sb = lse->stride(0), f.lse_sh = lse->stride(1), f.lse_sn = lse->stride(2);
     }
     f.R = p.R, f.Nq = p.Nq, f.Nk = p.Nk, f.Hq = p.Hq, f.nchunks = p.nchunks;
-    const dim3 grid(static_cast<unsigned>(B * Hq), static_cast<unsigned>((Nk + kFinishKeys - 1) / kFinishKeys));
-    few_rows_finish_kernel<<<grid, kFinishThreads, 0, stream>>>(f);
+    C10_CUDA_CHECK(plan::launch(lp.launch[1], few_rows_finish_kernel, stream, f));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
   }
 
-  TORCH_CHECK(dtype != at::kFloat, "key_importance: the CUDA kernels run float32 only for at most ", kFewRows,
-              " rows (got ", R, "); more rows run fp16/bf16 on tensor cores (fp32 goes to Triton)");
+  // lp: the flash kernel's LSE of the rows (without a given lse), then the column kernel; the plan
+  // refused float32 here (more rows run fp16/bf16 on tensor cores; fp32 goes to Triton).
+  const plan::Launch& col = lp.launch[lp.n - 1];
   ColParams c{};
   c.q = q.data_ptr(), c.k = k.data_ptr(), c.rows = rows_ptr, c.out = out.data_ptr<float>();
   c.q_sb = q.stride(0), c.q_sh = q.stride(1), c.q_sn = q.stride(2);
   c.k_sb = k.stride(0), c.k_sh = k.stride(1), c.k_sn = k.stride(2);
   c.nrows = static_cast<int>(R), c.Nq = static_cast<int>(Nq), c.Nk = static_cast<int>(Nk);
   c.Hq = static_cast<int>(Hq), c.D = static_cast<int>(D), c.group = static_cast<int>(Hq / Hkv);
-  c.causal = causal, c.scale_log2 = scale_log2;
+  c.causal = causal, c.scale_log2 = scale_log2, c.opt = opt;
 
   at::Tensor row_lse;  // keeps the LSE-only kernel's output alive until the column kernel is queued
   if (lse) {
@@ -430,9 +470,9 @@ at::Tensor key_importance_cuda(const at::Tensor& q_in, const at::Tensor& k_in, c
     f.lse = row_lse.data_ptr<float>(), f.rows = rows_ptr;
     f.q_sb = c.q_sb, f.q_sh = c.q_sh, f.q_sn = c.q_sn, f.k_sb = c.k_sb, f.k_sh = c.k_sh, f.k_sn = c.k_sn;
     f.nrows = c.nrows, f.Nq = c.Nq, f.Nk = c.Nk, f.Hq = c.Hq, f.D = c.D, f.group = c.group;
-    f.causal = causal, f.scale_log2 = scale_log2;
+    f.causal = causal, f.scale_log2 = scale_log2, f.opt = opt;
     dispatch_half_dp(dtype == at::kBFloat16, D, [&](auto tag, auto dp) {
-      C10_CUDA_CHECK((launch_flash_fwd<decltype(tag), decltype(dp)::value, true>(f, static_cast<int>(B), stream)));
+      C10_CUDA_CHECK((launch_flash_fwd<decltype(tag), decltype(dp)::value, true>(f, lp.launch[0], stream)));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     c.lse = f.lse;
@@ -440,9 +480,11 @@ at::Tensor key_importance_cuda(const at::Tensor& q_in, const at::Tensor& k_in, c
     c.lse_by_pos = true;
   }
   dispatch_half_dp(dtype == at::kBFloat16, D, [&](auto tag, auto dp) {
-    const dim3 grid(static_cast<unsigned>((Nk + kColKeys - 1) / kColKeys), static_cast<unsigned>(Hq),
-                    static_cast<unsigned>(B));
-    key_colsum_kernel<decltype(tag), decltype(dp)::value><<<grid, kColWarps * 32, 0, stream>>>(c);
+    // Sinks live in the lse: the plain kernel runs them.
+    if (opt.cap_out > 0.f || opt.window >= 0)
+      C10_CUDA_CHECK(plan::launch(col, key_colsum_kernel<decltype(tag), decltype(dp)::value, true>, stream, c));
+    else
+      C10_CUDA_CHECK(plan::launch(col, key_colsum_kernel<decltype(tag), decltype(dp)::value, false>, stream, c));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

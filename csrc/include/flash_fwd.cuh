@@ -13,6 +13,8 @@
 //   bool empty() const                    nothing to do (the CTA returns before any barrier)
 //   int n_keys, key_end                   key slots 0..n_keys-1; slots >= key_end are invisible
 //                                         to every row of the CTA (causal tile skipping)
+//   int key_begin                         (kOptions only) slots < key_begin are invisible to every
+//                                         row (window tile skipping)
 //   const T* q_row(r), k_row(j), v_row(j) global rows (D elements) or nullptr for zeros; k/v_row
 //                                         are only asked for j < n_keys
 //   void stage_keys<BN, NT>(n0, buf, tid) per key tile, before the barrier that publishes it
@@ -21,25 +23,62 @@
 //   bool visible(rk, j, slot) const       key j (slot = buf * BN + j - n0) visible to the row
 //   float* lse_at(r), T* out_at(r)        where tile row r's results go, or nullptr
 // Every Params has the element pointers q, k, v (v unused when LSE_ONLY), the head dim D and
-// scale_log2 = scale * log2(e).
+// scale_log2 = scale * log2(e). A Tile that declares `static constexpr bool kOptions = true` also
+// runs the options of the attention family (softcap, left window, sinks; Params::opt): a
+// compile-time switch, so the instantiations without them are the plain kernel.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include "launch_plan.h"
 #include "tile_mma.cuh"
 
 namespace vtattn {
+
+// Softcap, sliding (left) window and attention sinks (docs/internals.md), as the kernels use them.
+struct AttnOptions {
+  float cap_in = 0.f;   // softcap c > 0: log2-domain logit of q.k = cap_out * tanh_from_2u_log2e(q.k * cap_in)
+  float cap_out = 0.f;  // (cap_in = 2 log2(e) scale / c, cap_out = c log2(e)); 0 = off
+  int window = -1;      // >= 0: keys j < i + Nk - Nq - window are hidden from row i; -1 = none
+  const float* sinks = nullptr;  // [Hq] fp32 natural-log logits joining each row's denominator
+
+  // `max_keys` bounds every sequence's key count: a window that reaches past it hides nothing.
+  static AttnOptions make(double scale, double softcap, long long window, const float* sinks, long long max_keys) {
+    AttnOptions o;
+    if (softcap > 0) {
+      o.cap_in = static_cast<float>(2.0 * 1.4426950408889634 * scale / softcap);
+      o.cap_out = static_cast<float>(softcap * 1.4426950408889634);
+    }
+    o.window = window >= 0 && window < max_keys ? static_cast<int>(window) : -1;
+    o.sinks = sinks;
+    return o;
+  }
+  bool any() const { return cap_out > 0.f || window >= 0 || sinks != nullptr; }
+};
+
+// tanh(u) given y = 2 log2(e) u, from one exp2: (1 - e) / (1 + e) with e = 2^-|y|, sign
+// restored. Absolute error ~1e-7 (ex2.approx), plenty for fp16/bf16; NaN propagates, +-inf -> +-1.
+__device__ __forceinline__ float tanh_from_2u_log2e(float y) {
+  const float e = exp2_approx(-fabsf(y));
+  return copysignf(__fdividef(1.f - e, 1.f + e), y);
+}
+
+template <typename Tile, typename = void> struct TileOptions : std::false_type {};
+template <typename Tile>
+struct TileOptions<Tile, std::void_t<decltype(Tile::kOptions)>> : std::bool_constant<Tile::kOptions> {};
 
 // DP = head dim padded to a multiple of 16. Each warp owns MT = BM / (16 * WARPS) blocks of 16
 // rows. DP 64/80: MT = 2 with Q fragments held in registers (each K/V fragment read from shared
 // memory feeds two mmas; ~255 registers, 2 CTAs per SM). DP 128: the fp32 output alone takes 64
 // registers per row block, so MT = 1, 8 warps, and Q fragments are re-read from shared memory
 // each k step to stay within 128 registers (2 CTAs of 8 warps per SM).
-// Shared memory (flash_smem_bytes) at DP 128 is 104448 bytes, above the 99 KiB opt-in of sm_86 /
-// sm_89: python/vtattn/_cuda_caps.py mirrors BM / BN to refuse those devices (keep in sync).
+// Tile sizes, threads and shared memory are those of the launch plan (csrc/include/launch_plan.h:
+// plan::flash), which the launchers launch with and check_launches checks. At DP 128 the shared
+// memory is 104448 bytes, above the 99 KiB opt-in of sm_86 / sm_89: the plan refuses those devices
+// (python/vtattn/_cuda_caps.py mirrors it to send the inputs to Triton instead).
 template <int DP> struct FlashCfg {
   static_assert(DP == 64 || DP == 80 || DP == 128, "instantiated head dims");
-  static constexpr int BM = 128, BN = 64, WARPS = DP == 128 ? 8 : 4, MIN_CTAS = 2;
+  static constexpr int BM = plan::kFlashBM, BN = plan::kFlashBN, WARPS = plan::flash_threads(DP) / 32, MIN_CTAS = 2;
   static constexpr bool Q_IN_REGS = DP != 128;
 };
 
@@ -47,6 +86,7 @@ template <typename T, int DP, bool LSE_ONLY, typename Tile>
 __global__ void __launch_bounds__(FlashCfg<DP>::WARPS * 32, FlashCfg<DP>::MIN_CTAS)
     flash_fwd_kernel(const typename Tile::Params p) {
   constexpr int BM = FlashCfg<DP>::BM, BN = FlashCfg<DP>::BN, NW = FlashCfg<DP>::WARPS;
+  constexpr bool OPT = TileOptions<Tile>::value;
   constexpr bool QREG = FlashCfg<DP>::Q_IN_REGS || LSE_ONLY;  // no output accumulators: room for Q
   constexpr int NT = NW * 32, MT = BM / (16 * NW), STR = DP + 8, NB = BN / 8, DB = DP / 8;
   static_assert(BM == 16 * MT * NW, "warps tile the query rows");
@@ -62,6 +102,8 @@ __global__ void __launch_bounds__(FlashCfg<DP>::WARPS * 32, FlashCfg<DP>::MIN_CT
   Tile tile(p, m0, BM, blockIdx.y, blockIdx.z, extra);
   if (tile.empty()) return;  // uniform over the CTA, before any barrier
   const int n_tiles = (tile.key_end + BN - 1) / BN;
+  int t0 = 0;  // first key tile: those wholly left of every row's window are skipped
+  if constexpr (OPT) t0 = tile.key_begin / BN;
   const T* fallback = static_cast<const T*>(p.q);
 
   load_tile_async<BM, DP, STR, NT>(sQ, [&](int r) { return tile.q_row(r); }, p.D, fallback, tid);
@@ -77,7 +119,7 @@ __global__ void __launch_bounds__(FlashCfg<DP>::WARPS * 32, FlashCfg<DP>::MIN_CT
           p.D, fallback, tid);
     tile.template stage_keys<BN, NT>(n0, buf, tid);
   };
-  if (n_tiles > 0) load_kv(0, 0);
+  if (t0 < n_tiles) load_kv(t0, 0);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -113,8 +155,8 @@ __global__ void __launch_bounds__(FlashCfg<DP>::WARPS * 32, FlashCfg<DP>::MIN_CT
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) m_run[mt][hr] = -INFINITY, l_run[mt][hr] = 0.f;
 
-  for (int t = 0; t < n_tiles; ++t) {
-    const int buf = t & 1;
+  for (int t = t0; t < n_tiles; ++t) {
+    const int buf = (t - t0) & 1;
     // Prefetch tile t+1 into the other stage; the barrier that ended iteration t-1 guarantees
     // every warp is done reading it. An empty group keeps the wait count uniform.
     if (t + 1 < n_tiles) load_kv(t + 1, buf ^ 1);
@@ -138,6 +180,8 @@ __global__ void __launch_bounds__(FlashCfg<DP>::WARPS * 32, FlashCfg<DP>::MIN_CT
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float x = s[mt][nb][2 * hr + e] * p.scale_log2;
+            if constexpr (OPT)  // softcap on the scaled logits, before masking
+              if (p.opt.cap_out > 0.f) x = p.opt.cap_out * tanh_from_2u_log2e(s[mt][nb][2 * hr + e] * p.opt.cap_in);
             if (need_mask) {
               const int jl = nb * 8 + (lane & 3) * 2 + e, j = n0 + jl;
               if (j >= tile.n_keys || (causal_tile && !tile.visible(row_k[mt][hr], j, buf * BN + jl))) x = -INFINITY;
@@ -172,15 +216,28 @@ __global__ void __launch_bounds__(FlashCfg<DP>::WARPS * 32, FlashCfg<DP>::MIN_CT
     __syncthreads();  // stage `buf` is refilled by the next iteration's prefetch
   }
 
+  // l is 0 for a row without visible keys (out 0, lse -inf), NaN once a logit was NaN.
+  float sink2 = -INFINITY;  // the sink logit (log2 domain) joins every row's denominator
+  if constexpr (OPT)
+    if (p.opt.sinks) sink2 = p.opt.sinks[blockIdx.y] * kLog2e;  // grid y: the query head
   float inv_l[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const float l = quad_sum(l_run[mt][hr]);
-      inv_l[mt][hr] = l > 0.f ? 1.f / l : 0.f;  // no visible key: out 0
+      float l = quad_sum(l_run[mt][hr]), m = m_run[mt][hr];
+      if constexpr (OPT) {
+        // total = l 2^m + 2^sink2, kept as (top, l) relative to top = max(m, sink2).
+        const float top = fmaxf(m, sink2), top_use = top == -INFINITY ? 0.f : top;
+        const float scaled = exp2_approx(m - top_use);  // 0 without visible keys
+        l = l * scaled + exp2_approx(sink2 - top_use);
+        inv_l[mt][hr] = l == 0.f ? 0.f : scaled / l;
+        m = top_use;
+      } else {
+        inv_l[mt][hr] = l == 0.f ? 0.f : 1.f / l;
+      }
       float* lse = tile.lse_at(wrow + mt * 16 + (lane >> 2) + hr * 8);
-      if ((lane & 3) == 0 && lse) *lse = l > 0.f ? (m_run[mt][hr] + log2f(l)) * kLn2 : -INFINITY;
+      if ((lane & 3) == 0 && lse) *lse = l == 0.f ? -INFINITY : (m + log2f(l)) * kLn2;
     }
   }
 
@@ -217,18 +274,17 @@ constexpr size_t flash_smem_bytes() {
          Tile::kExtraSmem;
 }
 
-// Launches `grid` (x: query tiles of BM rows, y: query heads, z: problems) on `stream`; the
-// caller checks the launch error.
+// Launches the kernel as plan::flash planned it (grid x: query tiles of BM rows, y: query heads,
+// z: problems) on `stream`; the caller checks the launch error. A plan whose threads or shared
+// memory are not this instantiation's (the launcher planned another head dim, dtype or Tile) is
+// refused as an invalid configuration rather than launched.
 template <typename T, int DP, bool LSE_ONLY, typename Tile>
-cudaError_t launch_flash(const typename Tile::Params& p, dim3 grid, cudaStream_t stream) {
+cudaError_t launch_flash(const typename Tile::Params& p, const plan::Launch& l, cudaStream_t stream) {
   constexpr size_t smem = flash_smem_bytes<T, DP, LSE_ONLY, Tile>();
-  auto kernel = flash_fwd_kernel<T, DP, LSE_ONLY, Tile>;
-  // More than the default 48 KiB of dynamic shared memory needs an explicit opt-in.
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, FlashCfg<DP>::WARPS * 32, smem, stream>>>(p);
-  return cudaSuccess;
+  static_assert(smem == plan::flash_smem(DP, sizeof(T), LSE_ONLY, Tile::kExtraSmem), "the plan's layout");
+  if (l.dyn_smem != static_cast<int64_t>(smem) || l.block != FlashCfg<DP>::WARPS * 32)
+    return cudaErrorInvalidConfiguration;
+  return plan::launch(l, flash_fwd_kernel<T, DP, LSE_ONLY, Tile>, stream, p);
 }
 
 // ---- dense [B, H, N, D] rows: attention, and key_importance's gathered rows ----
@@ -245,12 +301,14 @@ struct FlashParams {
   int nrows, Nq, Nk, Hq, D, group;                                // group = Hq / Hkv
   bool causal;
   float scale_log2;  // scale * log2(e)
+  AttnOptions opt;   // read only by DenseTile<T, true>
 };
 
-template <typename T> struct DenseTile {
+template <typename T, bool OPT = false> struct DenseTile {
   using Params = FlashParams;
-  using RowKey = int;  // the row's causal horizon: keys j <= it are visible
+  using RowKey = int;  // the row's horizon i + Nk - Nq: keys j <= it are visible under causal
   static constexpr size_t kExtraSmem = 0;
+  static constexpr bool kOptions = OPT;
 
   const T *q, *k, *v;
   const int64_t* rows;
@@ -258,6 +316,7 @@ template <typename T> struct DenseTile {
   T* out;
   int64_t q_sn, k_sn, v_sn, out_sn;
   int m0, nrows, Nq, off, n_keys, key_end;  // off: key j is visible to row i iff j <= i + off
+  int key_begin = 0, window = -1, lo_last = 0;  // OPT: the window, the left bound of the last row
   bool causal;
 
   __device__ __forceinline__ DenseTile(const Params& p, int m0_, int BM, int h, int b, void*)
@@ -271,6 +330,12 @@ template <typename T> struct DenseTile {
         m0(m0_), nrows(p.nrows), Nq(p.Nq), off(p.Nk - p.Nq), n_keys(p.Nk), key_end(p.Nk), causal(p.causal) {
     // With contiguous causal rows, keys past the last row's horizon are invisible to the whole tile.
     if (causal && !rows) key_end = max(0, min(n_keys, m0 + BM + off));
+    if constexpr (OPT) {
+      window = p.opt.window;
+      lo_last = m0 + BM - 1 + off - window;
+      // With contiguous rows, keys before the first row's window are invisible to the whole tile.
+      if (window >= 0 && !rows) key_begin = max(0, m0 + off - window);
+    }
   }
   __device__ __forceinline__ bool empty() const { return false; }
   // Query row read by tile row r, or -1 (past the end, or a skipped / out-of-range index).
@@ -290,18 +355,24 @@ template <typename T> struct DenseTile {
   template <int BN, int NT> __device__ __forceinline__ void stage_keys(int, int, int) {}
   __device__ __forceinline__ RowKey row_key(int r) const { return row_index(r) + off; }
   __device__ __forceinline__ bool needs_causal(int n0, int BN) const {
+    if constexpr (OPT)
+      if (window >= 0 && (rows != nullptr || n0 < lo_last)) return true;
     return causal && (rows != nullptr || n0 + BN - 1 > m0 + off);
   }
-  __device__ __forceinline__ bool visible(RowKey horizon, int j, int) const { return j <= horizon; }
+  __device__ __forceinline__ bool visible(RowKey horizon, int j, int) const {
+    if constexpr (OPT) return (!causal || j <= horizon) && (window < 0 || j >= horizon - window);
+    return j <= horizon;
+  }
   __device__ __forceinline__ float* lse_at(int r) const { return m0 + r < nrows ? lse + m0 + r : nullptr; }
   __device__ __forceinline__ T* out_at(int r) const { return m0 + r < Nq ? out + (m0 + r) * out_sn : nullptr; }
 };
 
-// Dense launch over grid (ceil(nrows / BM), Hq, B).
+// Dense launch as plan::flash(nrows, Hq, B, ...) planned it; the option-aware kernel only when an
+// option is on.
 template <typename T, int DP, bool LSE_ONLY>
-cudaError_t launch_flash_fwd(const FlashParams& p, int B, cudaStream_t stream) {
-  const dim3 grid((p.nrows + FlashCfg<DP>::BM - 1) / FlashCfg<DP>::BM, p.Hq, B);
-  return launch_flash<T, DP, LSE_ONLY, DenseTile<T>>(p, grid, stream);
+cudaError_t launch_flash_fwd(const FlashParams& p, const plan::Launch& l, cudaStream_t stream) {
+  return p.opt.any() ? launch_flash<T, DP, LSE_ONLY, DenseTile<T, true>>(p, l, stream)
+                     : launch_flash<T, DP, LSE_ONLY, DenseTile<T, false>>(p, l, stream);
 }
 
 }  // namespace vtattn

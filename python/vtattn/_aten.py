@@ -5,7 +5,10 @@ are the fastest dense kernels; vtattn's own kernels serve everything else."""
 import torch
 
 
-def attention_supports(q, k, v, causal, scale) -> str | None:
+def attention_supports(q, k, v, causal, scale, softcap, window, sinks) -> str | None:
+    for name, on in (("softcap", softcap > 0), ("window", window >= 0), ("sinks", sinks is not None)):
+        if on:
+            return f"{name} is not implemented in PyTorch's fused attention kernels"
     if q.device.type != "cuda":
         return "PyTorch's fused attention kernels need CUDA tensors"
     if q.shape[1] != k.shape[1]:
@@ -28,7 +31,8 @@ def _lead_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def attention(q, k, v, causal, scale):
+def attention(q, k, v, causal, scale, softcap, window, sinks):
+    """Only runs what attention_supports accepts: softcap, window and sinks are off."""
     q, k, v = (_lead_contiguous(t) for t in (q, k, v))
     if q.dtype in (torch.float16, torch.bfloat16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(

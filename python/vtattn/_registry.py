@@ -4,7 +4,7 @@ import torch
 
 import importlib
 
-from . import _aten, _ext, reference
+from . import _aten, _autograd, _ext, reference
 from ._dispatch import Backend, run
 
 _lib = torch.library.Library("vtattn", "DEF")
@@ -52,12 +52,16 @@ def _triton_backend(op):
     return Backend(supports, lambda *args: getattr(_triton(op), op)(*args))
 
 
-def _define(op, schema, backends, fake, sample):
+def _define(op, schema, backends, fake, sample, grad=True):
     """Define torch.ops.vtattn.<op>: schema, fake impl, and a CPU/CUDA impl that dispatches.
-    `sample(device, dtype)` builds small arguments on which `vtattn info` asks each backend."""
+    `sample(device, dtype)` builds small arguments on which `vtattn info` asks each backend.
+    grad: register the op's autograd (its backward, or the refusal of grad-requiring inputs; see
+    _autograd); False for ops whose outputs carry no gradient by nature (indices, masks)."""
     _lib.define(schema)
     name = f"vtattn::{op}"
     torch.library.register_fake(name, fake, lib=_lib)
+    if grad:
+        _autograd.register(op, _lib)
 
     def impl(*args):
         return run(op, backends, *args)
@@ -93,7 +97,7 @@ def _sample_qkv(device, dtype):
 
 # ---- attention -----------------------------------------------------------------------------
 
-def _attention_fake(q, k, v, causal, scale):
+def _attention_fake(q, k, v, causal, scale, softcap, window, sinks):
     B, H, N, D = q.shape
     return q.new_empty(B, N, H, D).transpose(1, 2), q.new_empty(B, H, N, dtype=torch.float32)
 
@@ -104,7 +108,8 @@ def _with_layout(backend):
 
 ATTENTION = _define(
     "attention",
-    "attention(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)",
+    "attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, float softcap, int window, Tensor? sinks) "
+    "-> (Tensor, Tensor)",
     {
         "aten": _with_layout(Backend(_aten.attention_supports, _aten.attention)),
         "cuda": _with_layout(_compiled("attention", "cuda")),
@@ -113,19 +118,20 @@ ATTENTION = _define(
         "torch": _with_layout(_reference(reference.attention)),
     },
     _attention_fake,
-    lambda device, dtype: (*_sample_qkv(device, dtype), False, 0.125),
+    lambda device, dtype: (*_sample_qkv(device, dtype), False, 0.125, 0.0, -1, None),
 )
 
 
 # ---- key_importance ------------------------------------------------------------------------
 
-def _key_importance_fake(q, k, lse, rows, causal, scale):
+def _key_importance_fake(q, k, lse, rows, causal, scale, softcap, window, sinks):
     return q.new_empty(q.shape[0], q.shape[1], k.shape[2], dtype=torch.float32)
 
 
 KEY_IMPORTANCE = _define(
     "key_importance",
-    "key_importance(Tensor q, Tensor k, Tensor? lse, Tensor? rows, bool causal, float scale) -> Tensor",
+    "key_importance(Tensor q, Tensor k, Tensor? lse, Tensor? rows, bool causal, float scale, float softcap, "
+    "int window, Tensor? sinks) -> Tensor",
     {
         "cuda": _compiled("key_importance", "cuda"),
         "cpp": _compiled("key_importance", "cpu"),
@@ -133,7 +139,7 @@ KEY_IMPORTANCE = _define(
         "torch": _reference(reference.key_importance),
     },
     _key_importance_fake,
-    lambda device, dtype: (*_sample_qkv(device, dtype)[:2], None, None, False, 0.125),
+    lambda device, dtype: (*_sample_qkv(device, dtype)[:2], None, None, False, 0.125, 0.0, -1, None),
 )
 
 
@@ -158,6 +164,7 @@ SELECT_TOKENS = _define(
     _select_tokens_fake,
     lambda device, dtype: (torch.zeros(2, 64, device=device, dtype=dtype),
                            torch.full((2, 2), 4, dtype=torch.int64, device=device), [32, 32], 8, True),
+    grad=False,  # indices, a mask and counts
 )
 
 
@@ -209,20 +216,20 @@ MERGE_TOKENS = _define(
 
 # ---- varlen_attention ----------------------------------------------------------------------
 
-def _varlen_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale):
+def _varlen_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap, window, sinks):
     return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 def _sample_varlen(device, dtype):
     q = torch.zeros(24, 2, 64, device=device, dtype=dtype)
     cu = torch.tensor([0, 8, 24], dtype=torch.int32, device=device)
-    return q, q, q, cu, cu, 16, False, 0.125
+    return q, q, q, cu, cu, 16, False, 0.125, 0.0, -1, None
 
 
 VARLEN_ATTENTION = _define(
     "varlen_attention",
     "varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
-    "bool causal, float scale) -> (Tensor, Tensor)",
+    "bool causal, float scale, float softcap, int window, Tensor? sinks) -> (Tensor, Tensor)",
     {
         "cuda": _compiled("varlen_attention", "cuda"),
         "cpp": _compiled("varlen_attention", "cpu"),
@@ -290,7 +297,7 @@ DECODE_ATTENTION = _define(
 # ---- block_sparse_attention ----------------------------------------------------------------
 
 def _block_sparse_attention_fake(q, k, v, kv_num_blocks, kv_indices, block_size, causal, scale):
-    return _attention_fake(q, k, v, causal, scale)
+    return _attention_fake(q, k, v, causal, scale, 0.0, -1, None)
 
 
 def _sample_block_sparse(device, dtype):

@@ -30,12 +30,12 @@ CASES = [
 LSE_TOL = {torch.float32: 1e-5, torch.float16: 1e-4}
 
 
-def _check(q, k, v, causal):
+def _check(q, k, v, causal, softcap=0.0, window=-1, sinks=None):
     scale = q.shape[-1] ** -0.5
     before = [t.clone() for t in (q, k, v)]
     with poisoned_outputs():  # unwritten output elements would be NaN
-        out, lse = triton_attention.attention(q, k, v, causal, scale)
-    want_out, want_lse = ref.attention(q, k, v, causal, scale)
+        out, lse = triton_attention.attention(q, k, v, causal, scale, softcap, window, sinks)
+    want_out, want_lse = ref.attention(q, k, v, causal, scale, softcap, window, sinks)
     assert out.shape == q.shape and out.dtype == q.dtype and out.transpose(1, 2).is_contiguous()  # token-major, as SDPA
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32 and lse.is_contiguous()
     assert not out.isnan().any() and not lse.isnan().any()
@@ -48,6 +48,33 @@ def _check(q, k, v, causal):
 def test_attention_matches_reference(case):
     B, Hq, Hkv, Nq, Nk, D, causal, dtype, layout = case
     _check(*rand_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, layout=layout, seed=Nq * 1000 + Nk), causal)
+
+
+# (B, Hq, Hkv, Nq, Nk, D, causal, dtype, softcap, window, sinks): windows narrower than a key tile (16
+# here), across several tiles, 0 (the own key only) and covering every key; Nq != Nk both ways.
+OPTION_CASES = [
+    (1, 2, 1, 40, 70, 64, True, torch.float32, 4.0, None, False),
+    (2, 2, 2, 33, 50, 72, False, torch.float32, None, 5, False),
+    (1, 4, 2, 50, 33, 64, True, torch.float32, None, 20, True),  # the first 17 rows see no key
+    (1, 2, 1, 65, 65, 80, True, torch.float16, 30.0, 0, True),
+    (1, 2, 2, 20, 90, 64, False, torch.float32, 0.5, 37, True),
+    (2, 2, 1, 17, 17, 64, False, torch.float16, None, 100, True),
+]
+
+
+@pytest.mark.parametrize("case", range(len(OPTION_CASES)))
+def test_attention_options_match_reference(case):
+    B, Hq, Hkv, Nq, Nk, D, causal, dtype, softcap, window, use_sinks = OPTION_CASES[case]
+    q, k, v = rand_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, layout=("strided", "contiguous")[case % 2], seed=case)
+    sinks = torch.randn(Hq, generator=torch.Generator().manual_seed(case)) if use_sinks else None
+    _check(q, k * 3, v, causal, softcap or 0.0, -1 if window is None else window, sinks)
+
+
+def test_attention_sinks_without_keys():
+    q, k, v = rand_qkv(1, 2, 1, 5, 0, 64, torch.float32, seed=0)
+    sinks = torch.tensor([0.5, -1.0])
+    out, lse = triton_attention.attention(q, k, v, False, 0.125, 0.0, -1, sinks)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(lse[0], sinks[:, None].expand(2, 5))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -76,6 +103,7 @@ def test_attention_bf16_under_interpreter():
 def test_supports_reasons(monkeypatch):
     q, k, v = rand_qkv(1, 2, 1, 4, 4, 64, torch.float16, seed=3)
     assert triton_attention.supports(q, k, v, True, 0.125) is None
+    assert triton_attention.supports(q, k, v, True, 0.125, 5.0, 3, torch.zeros(2)) is None
     assert triton_key_importance.supports(q, k, None, None, True, 0.125) is None
     bf = [t.bfloat16() for t in (q, k, v)]
     assert "interpreter" in triton_attention.supports(*bf, True, 0.125)

@@ -40,11 +40,11 @@ def _rows(kind, B, Nq, g):
     return None  # "all"
 
 
-def _check(q, k, lse, rows, causal):
+def _check(q, k, lse, rows, causal, *opts):
     scale = q.shape[-1] ** -0.5
     with poisoned_outputs():  # unwritten outputs (and buffers read before written) would be NaN
-        got = triton_key_importance.key_importance(q, k, lse, rows, causal, scale)
-    want = ref.key_importance(q, k, lse, rows, causal, scale)
+        got = triton_key_importance.key_importance(q, k, lse, rows, causal, scale, *opts)
+    want = ref.key_importance(q, k, lse, rows, causal, scale, *opts)
     assert got.shape == want.shape and got.dtype == torch.float32 and got.is_contiguous()
     assert not got.isnan().any()
     n_rows = q.shape[2] if rows is None else rows.shape[1]
@@ -62,6 +62,27 @@ def test_key_importance_matches_reference(case, kind):
     _check(q, k, None, rows, causal)
     _check(q, k, ref.attention(q, k, k, causal, D ** -0.5)[1], rows, causal)
     assert torch.equal(q, before[0]) and torch.equal(k, before[1])
+
+
+# (case of CASES, softcap, window, sinks): each option alone and together, a window of 0 and one
+# narrower than a key tile; the first rows of case 3 see no key.
+OPTIONS = [(1, 4.0, -1, False), (2, 0.0, 5, False), (3, 0.0, 20, True), (4, 30.0, 0, True), (5, 1.0, 40, True)]
+
+
+@pytest.mark.parametrize("opt", range(len(OPTIONS)))
+@pytest.mark.parametrize("kind", ["all", "cls", "few", "many"])
+def test_key_importance_options_match_reference(opt, kind):
+    """Every path: the row-LSE, few-rows and column kernels fold softcap, window and sinks in (with a
+    given lse the sinks are already in it)."""
+    case, softcap, window, use_sinks = OPTIONS[opt]
+    B, Hq, Hkv, Nq, Nk, D, causal, dtype, layout = CASES[case]
+    q, k, _ = rand_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, layout=layout, seed=opt)
+    k = k * 3
+    sinks = torch.randn(Hq, generator=torch.Generator().manual_seed(opt)) if use_sinks else None
+    rows = _rows(kind, B, Nq, torch.Generator().manual_seed(Nq))
+    opts = (softcap, window, sinks)
+    _check(q, k, None, rows, causal, *opts)
+    _check(q, k, ref.attention(q, k, k, causal, D ** -0.5, *opts)[1], rows, causal, *opts)
 
 
 def test_key_importance_larger():

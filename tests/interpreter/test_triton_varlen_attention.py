@@ -45,7 +45,31 @@ def test_triton_varlen_matches_reference(dtype, case, layout):
     torch.testing.assert_close(lse.double(), want_lse.double(), atol=1e-4, rtol=1e-5)
 
 
+# (case, dtype, softcap, window, sinks): each option alone and together, a window of 0.
+OPTIONS = [(0, torch.float32, 5.0, None, False), (1, torch.float32, None, 3, True), (2, torch.float16, 20.0, 0, True),
+           (0, torch.float32, None, 8, True)]
+
+
+@pytest.mark.parametrize("opt", range(len(OPTIONS)))
+def test_triton_varlen_options_match_reference(opt):
+    case, dtype, softcap, window, use_sinks = OPTIONS[opt]
+    q, k, v, cu_q, cu_k, causal = _inputs(case, dtype, "strided")
+    sinks = torch.randn(q.shape[1], generator=torch.Generator().manual_seed(opt)) if use_sinks else None
+    k = k * 3
+    with poisoned_outputs():
+        out, lse = run_forced("triton", vtattn.varlen_attention, q, k, v, cu_q, cu_k, causal=causal, return_lse=True,
+                              softcap=softcap, window=window, sinks=sinks)
+    want, want_lse = vtattn.reference.varlen_attention(q.double(), k.double(), v.double(), cu_q, cu_k, 0, causal,
+                                                       q.shape[-1] ** -0.5, softcap or 0.0,
+                                                       -1 if window is None else window, sinks)
+    torch.testing.assert_close(out.double(), want, atol=OUT_TOL[dtype], rtol=OUT_TOL[dtype])
+    torch.testing.assert_close(lse.double(), want_lse.double(), atol=1e-4, rtol=1e-5)
+
+
 def test_triton_opcheck():
     q, k, v, cu_q, cu_k, causal = _inputs(0, torch.float32, "strided")
     with vtattn.use_backend("triton"):
-        torch.library.opcheck(torch.ops.vtattn.varlen_attention.default, (q, k, v, cu_q, cu_k, 20, causal, 0.125))
+        torch.library.opcheck(torch.ops.vtattn.varlen_attention.default,
+                              (q, k, v, cu_q, cu_k, 20, causal, 0.125, 0.0, -1, None))
+        torch.library.opcheck(torch.ops.vtattn.varlen_attention.default,
+                              (q, k, v, cu_q, cu_k, 20, causal, 0.125, 2.0, 4, torch.randn(q.shape[1])))

@@ -103,12 +103,13 @@ def scaled_shape(shape: dict, level: str) -> dict:
     return s
 
 
-def visible_pairs(nq: int, nk: int, causal: bool) -> int:
-    """Exact count of (i, j) with key j visible to row i (causal aligned to the end)."""
-    if not causal:
+def visible_pairs(nq: int, nk: int, causal: bool, window: int = -1) -> int:
+    """Exact count of (i, j) with key j visible to row i (causal and a left window aligned to the end)."""
+    if not causal and window < 0:
         return nq * nk
-    off = nk - nq  # row i sees keys 0 .. i + off, clipped to [0, nk]
-    return sum(min(nk, max(0, i + off + 1)) for i in range(nq))
+    off = nk - nq  # row i sees keys [i + off - window, i + off] (causal / window), clipped to [0, nk)
+    return sum(max(0, (min(nk, i + off + 1) if causal else nk) - (max(0, i + off - window) if window >= 0 else 0))
+               for i in range(nq))
 
 
 def _qkv_maker(s, with_v=True):
@@ -162,7 +163,63 @@ def _attention_cases(name, s, backends):
              flops=4 * s["B"] * s["Hq"] * s["D"] * visible_pairs(s["N"], s["N"], causal))
     c.impls = _vtattn_impls(backends, lambda x: vtattn.attention(x["q"], x["k"], x["v"], causal=causal))
     c.impls += [_sdpa_impl(tag, s) for tag in SDPA_BACKENDS]
-    return [c]
+    return [c] + (_attention_option_cases(name, s, backends) if causal else [])
+
+
+# Decoder layers with attention options, on the causal shapes: Gemma2-like (logit softcap 50, a sliding
+# window of half the prompt) and GPT-OSS-like (a 128-token sliding window and a learned sink per head).
+# SDPA has none of these: the baseline is transformers' eager attention, what those models run.
+ATTENTION_OPTIONS = {"gemma2": lambda n: dict(softcap=50.0, window=n // 2 - 1, sinks=False),
+                     "gpt-oss": lambda n: dict(softcap=None, window=127, sinks=True)}
+
+
+def _attention_option_cases(name, s, backends):
+    cases = []
+    for label, make_opts in ATTENTION_OPTIONS.items():
+        opts = make_opts(s["N"])
+        window = opts["window"] if opts["window"] < s["N"] - 1 else -1
+
+        def make(device, dtype, seed, opts=opts):
+            x = _qkv_maker(s)(device, dtype, seed)
+            if opts["sinks"]:
+                g = torch.Generator(device=device).manual_seed(seed + 1)
+                x["sinks"] = torch.randn(s["Hq"], device=device, generator=g)
+            return x
+
+        c = Case("attention", f"{name}:{label}", {**s, **opts}, make,
+                 flops=4 * s["B"] * s["Hq"] * s["D"] * visible_pairs(s["N"], s["N"], True, window))
+        call = lambda x, opts=opts: vtattn.attention(x["q"], x["k"], x["v"], causal=True, softcap=opts["softcap"],
+                                                     window=opts["window"], sinks=x.get("sinks"))
+        c.impls = _vtattn_impls(backends, call)
+        c.impls.append(Impl("eager", lambda x, opts=opts: _eager_attention(x, s, opts["softcap"]), role="baseline",
+                            prep=lambda x, w=window: _add_window_mask(x, s, w)))
+        cases.append(c)
+    return cases
+
+
+def _add_window_mask(x, s, window):
+    """The additive causal (and left-window) mask transformers' eager attention gets."""
+    i = torch.arange(s["N"], device=x["q"].device)
+    hidden = (i[None, :] > i[:, None]) | ((i[None, :] < i[:, None] - window) if window >= 0 else False)
+    mask = torch.zeros(hidden.shape, device=x["q"].device, dtype=x["q"].dtype).masked_fill(hidden, float("-inf"))
+    return {**x, "mask": mask[None, None]}
+
+
+def _eager_attention(x, s, softcap):
+    """transformers' eager attention with Gemma2's softcap and GPT-OSS's sinks (a sink column joins the fp32
+    softmax, then is dropped): logits in the input dtype, kv heads repeated."""
+    g = s["Hq"] // s["Hkv"]
+    k, v = x["k"].repeat_interleave(g, 1), x["v"].repeat_interleave(g, 1)
+    logits = torch.matmul(x["q"], k.transpose(-1, -2)) * s["D"] ** -0.5
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits + x["mask"]
+    if "sinks" in x:
+        sink = x["sinks"].to(logits.dtype)[None, :, None, None].expand(*logits.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([logits, sink], -1), dim=-1, dtype=torch.float32)[..., :-1]
+    else:
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def _eager_probs(x, s):

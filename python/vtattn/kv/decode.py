@@ -26,8 +26,9 @@ def prompt_mass(policy, ranked, q, k, lse):
         inner = inner.policy
     if ranked is not None and isinstance(inner, (LookM, H2O)) and inner.reduce == "mean":
         return ranked
-    B, Hkv, L = k.shape[:3]  # padded rows have LSE +inf: they give nothing
-    return key_importance(q, k, rows="all", lse=lse, causal=True).view(B, Hkv, -1, L).mean(2)
+    B, Hkv, L = k.shape[:3]
+    real = ~torch.isposinf(lse[:, 0])  # padded rows carry LSE +inf (cache._prefill_attention): left out
+    return key_importance(q, k, rows=real, lse=lse, causal=True).view(B, Hkv, -1, L).mean(2)
 
 
 def evict(pages, queries, start, base, recent, room):

@@ -3,18 +3,25 @@ import torch
 from . import _checks
 
 
-def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+def attention(q, k, v, *, causal=False, scale=None, return_lse=False, softcap=None, window=None, sinks=None):
     """Flash-style attention forward: `softmax(q k^T * scale) v` without an N x N tensor.
 
     q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D] with Hq a multiple of Hkv (GQA); fp16/bf16/fp32.
     causal: key j is visible to row i when j <= i + Nk - Nq (aligned to the end, as
     FlashAttention); a row that sees no key returns 0 (and LSE -inf).
     scale: defaults to D ** -0.5.
+    softcap: c > 0 caps the logits as c * tanh(s / c) (Gemma2's attn_logit_softcapping); None/0: off.
+    window: w >= 0 hides keys j < i + Nk - Nq - w (a left window of w keys before the row's own
+      position, FlashAttention's window_size=(w, ...); transformers' sliding_window=W is w = W - 1).
+    sinks: [Hq] float, one learned logit per query head joining the softmax denominator without a
+      value (GPT-OSS); a row that sees no key then has LSE sinks[h].
     Returns out [B, Hq, Nq, D] (memory laid out as [B, Nq, Hq, D], like SDPA), and with
-    return_lse=True also the fp32 log-sum-exp of each row's scaled logits, [B, Hq, Nq].
+    return_lse=True also the fp32 log-sum-exp of each row's (capped) logits and sink, [B, Hq, Nq].
+    Differentiable (q, k, v, sinks; the LSE too).
     """
     if _checks.checking():
         _checks.attention_inputs(q, k, v)
     scale = _checks.resolve_scale(scale, q.shape[-1])
-    out, lse = torch.ops.vtattn.attention(q, k, v, bool(causal), scale)
+    softcap, window, sinks = _checks.attention_options(softcap, window, sinks, q, q.shape[1])
+    out, lse = torch.ops.vtattn.attention(q, k, v, bool(causal), scale, softcap, window, sinks)
     return (out, lse) if return_lse else out

@@ -5,18 +5,22 @@ from . import _checks
 _REDUCE = {"mean": lambda s: s.mean(1), "sum": lambda s: s.sum(1), "max": lambda s: s.amax(1)}
 
 
-def key_importance(q, k, *, rows, lse=None, scale=None, causal=False, reduce_heads=None):
+def key_importance(q, k, *, rows, lse=None, scale=None, causal=False, reduce_heads=None, softcap=None, window=None,
+                   sinks=None):
     """Exact attention mass each key receives from chosen query rows, without an N x N tensor.
 
     scores[b, h, j] = sum over the chosen rows i of softmax(q k^T * scale)[b, h, i, j]: the same
     numbers as eager attention's `attentions[..., i, :]` summed over i.
 
     q: [B, Hq, Nq, D]; k: [B, Hkv, Nk, D] (GQA allowed).
-    rows: an int (0 for [CLS]; negatives count from the end), a slice, a LongTensor of row
+    rows: an int (0 for [CLS]; negatives count from the end), a slice (any step), a LongTensor of row
       indices ([R] shared or [B, R] per sample; duplicates count twice), a bool mask [B, Nq]
       (or [Nq]), or "all" (column sums).
-    lse: optional fp32 [B, Hq, Nq] from `attention(..., return_lse=True)`; saves recomputing it.
+    lse: optional fp32 [B, Hq, Nq] from `attention(..., return_lse=True)`; saves recomputing it (NaN or
+      +inf in a selected row is refused; -inf marks a row without keys).
     causal: row i sees keys j <= i + Nk - Nq.
+    softcap, window, sinks: as `attention`: the scores are that call's probabilities (e.g. Gemma2's
+      softcapped or GPT-OSS's sink-normalised attention weights); a given lse replaces the rows' own.
     reduce_heads: None -> fp32 [B, Hq, Nk]; "mean" | "sum" | "max" -> fp32 [B, Nk].
     """
     check = _checks.checking()
@@ -32,8 +36,11 @@ def key_importance(q, k, *, rows, lse=None, scale=None, causal=False, reduce_hea
                                  f"got {tuple(lse.shape)}")
     B, _, Nq, D = q.shape
     index = _row_index(rows, B, Nq, q.device, check)
+    if check and lse is not None:
+        _checks.lse_values(lse, index)
     scale = _checks.resolve_scale(scale, D)
-    scores = torch.ops.vtattn.key_importance(q, k, lse, index, bool(causal), scale)
+    softcap, window, sinks = _checks.attention_options(softcap, window, sinks, q, q.shape[1])
+    scores = torch.ops.vtattn.key_importance(q, k, lse, index, bool(causal), scale, softcap, window, sinks)
     return scores if reduce_heads is None else _REDUCE[reduce_heads](scores)
 
 
@@ -50,10 +57,13 @@ def _row_index(rows, B, Nq, device, check):
             raise IndexError(f"rows={rows} is out of range for {Nq} query rows")
         return torch.full((B, 1), rows % Nq, dtype=torch.int64, device=device)
     if isinstance(rows, slice):
-        index = torch.arange(Nq, device=device)[rows]
-        if index.numel() == 0:
+        try:
+            picked = range(Nq)[rows]  # any step, negative ones too
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"rows={rows} is not a valid slice: {e}") from None
+        if not picked:
             raise ValueError(f"rows={rows} selects no query row (Nq={Nq})")
-        return index.expand(B, -1).contiguous()
+        return torch.arange(picked.start, picked.stop, picked.step, device=device).expand(B, -1).contiguous()
     if isinstance(rows, (list, tuple)):
         rows = torch.tensor(rows, dtype=torch.int64, device=device)
     if not isinstance(rows, torch.Tensor):
@@ -66,14 +76,14 @@ def _row_index(rows, B, Nq, device, check):
         if rows.shape[-1] != Nq:
             raise ValueError(f"rows (bool mask) must have Nq={Nq} columns, got {tuple(rows.shape)}")
         mask = rows.expand(B, Nq)
-        if check and not bool(mask.any(-1).all()):
+        if check and _checks.concrete(mask) and not bool(mask.any(-1).all()):
             raise ValueError("rows (bool mask) selects no query row for some batch items")
         return torch.where(mask, torch.arange(Nq, device=device), -1)
     if rows.dtype.is_floating_point or rows.dtype.is_complex:
         raise TypeError(f"rows must be an integer or bool tensor, got {rows.dtype}")
     if rows.shape[-1] == 0:
         raise ValueError("rows selects no query row (empty index tensor)")
-    if check and bool(((rows < -Nq) | (rows >= Nq)).any()):
+    if check and _checks.concrete(rows) and bool(((rows < -Nq) | (rows >= Nq)).any()):
         raise IndexError(f"rows has indices out of range for {Nq} query rows")
     rows = rows.to(torch.int64)
     return torch.where(rows < 0, rows + Nq, rows).expand(B, -1).contiguous()

@@ -4,12 +4,15 @@ from . import _checks
 
 
 def _cu_seqlens(name, cu, total, device):
-    """cu_seqlens int32 [B + 1], 0 first, non-decreasing, ending at `total`; returns the lengths."""
+    """cu_seqlens int32 [B + 1], 0 first, non-decreasing, ending at `total`; returns the lengths (None
+    where the values cannot be read: meta / fake tensors)."""
     _checks.tensor(name, cu, 1, (torch.int32,))
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
     if cu.numel() == 0:
         raise ValueError(f"{name} must have B + 1 >= 1 entries, got none")
+    if not _checks.concrete(cu):
+        return None
     lens = cu.diff()
     if cu[0].item() != 0 or bool((lens < 0).any()):
         raise ValueError(f"{name} must start at 0 and be non-decreasing, got {cu.tolist()}")
@@ -28,7 +31,7 @@ def _max_seqlen(name, given, lens):
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
-                     scale=None, return_lse=False):
+                     scale=None, return_lse=False, softcap=None, window=None, sinks=None):
     """Attention over a batch of variable-length sequences packed along the token dim, with no padding.
 
     q: [Tq, Hq, D]; k, v: [Tk, Hkv, D] (Hq a multiple of Hkv: GQA); fp16/bf16/fp32, any strides.
@@ -40,8 +43,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     accepted for FlashAttention compatibility.
     causal: end-aligned within each sequence (row i of a sequence sees key j iff j <= i + Nk - Nq).
     scale: defaults to D ** -0.5.
+    softcap, window, sinks: as `attention` (the window end-aligned within each sequence).
     Returns out [Tq, Hq, D] (contiguous, q's dtype) and with return_lse=True also the fp32
-    log-sum-exp [Hq, Tq] (FlashAttention's varlen layout: heads first).
+    log-sum-exp [Hq, Tq] (FlashAttention's varlen layout: heads first). Differentiable (q, k, v, sinks).
     """
     if _checks.checking():
         for n, t in {"q": q, "k": k, "v": v}.items():
@@ -50,15 +54,20 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         _checks.attention_inputs(*(t.transpose(0, 1)[None] for t in (q, k, v)))
         lens_q = _cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
         lens_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
-        if lens_q.numel() != lens_k.numel():
-            raise ValueError(f"cu_seqlens_q has {lens_q.numel() + 1} entries but cu_seqlens_k has "
-                             f"{lens_k.numel() + 1} (both B + 1)")
-        max_seqlen_q = _max_seqlen("max_seqlen_q", max_seqlen_q, lens_q)
-        _max_seqlen("max_seqlen_k", max_seqlen_k, lens_k)
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k has "
+                             f"{cu_seqlens_k.numel()} (both B + 1)")
+        if lens_q is not None and lens_k is not None:
+            max_seqlen_q = _max_seqlen("max_seqlen_q", max_seqlen_q, lens_q)
+            _max_seqlen("max_seqlen_k", max_seqlen_k, lens_k)
+        elif max_seqlen_q is None:
+            raise ValueError("max_seqlen_q must be given when cu_seqlens_q is a meta / fake tensor (it sizes the "
+                             "launch; finding it would read the values)")
     elif max_seqlen_q is None:
         raise ValueError("max_seqlen_q must be given under torch.compile (it sizes the launch; finding it "
                          "would read cu_seqlens_q on the host)")
     scale = _checks.resolve_scale(scale, q.shape[-1])
+    softcap, window, sinks = _checks.attention_options(softcap, window, sinks, q, q.shape[1])
     out, lse = torch.ops.vtattn.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                                 bool(causal), scale)
+                                                 bool(causal), scale, softcap, window, sinks)
     return (out, lse) if return_lse else out

@@ -1,19 +1,59 @@
 """`attn_implementation="vtattn"` for transformers models, and the score probes the patches use.
 
 transformers calls `fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kw)`
-with [B, H, N, D] tensors and wants `(out [B, N, H, D], weights)`. Unmasked attention (vision
-towers) runs `vtattn.attention`; where a probe asks for it, the same call's LSE gives exact
-attention scores through `vtattn.key_importance`, so a tower never needs eager attention."""
+with [B, H, N, D] tensors and wants `(out [B, N, H, D], weights)`. Each call runs vtattn's kernels
+when they compute exactly what the model's own attention computes, and otherwise an exact fallback
+(counted in `calls` with its reason):
+
+- kernels: `vtattn.attention` (unmasked calls, and the masks of `hf_masks` without padding: causal,
+  sliding-window causal, bidirectional; logit softcap, attention sinks `s_aux`) or
+  `vtattn.varlen_attention` (the same masks on a padded batch);
+- SDPA (transformers' own `sdpa_attention_forward`, with SDPA's own mask): relative position bias,
+  dropout in training, packed-sequence kwargs, masks of other patterns, shapes the kernels lack;
+- the model's own eager function (with eager's mask): what SDPA cannot do either (softcap or sinks
+  with such a mask), `output_attentions=True` (returns the weights), `head_mask`, and any keyword
+  this module does not know (warned once). A model without one refuses those by name.
+
+Where no mask is given the call follows SDPA's rules exactly: causal only with more than one query,
+and then over the first Nq keys (a fresh static cache hands over its whole capacity).
+Where a probe asks for it, the call's LSE gives exact attention scores through
+`vtattn.key_importance`, so a tower never needs eager attention."""
+import collections
 import contextlib
 import contextvars
+import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 import vtattn
 from ..kv._claim import claim
+from .hf_masks import LazyMask
 
 NAME = "vtattn"
+
+# Keywords a model may pass that change nothing here: flash-attention hints, what the mask already
+# says, or what the module already used (encoder states for cross-attention keys); transformers'
+# SDPA and eager functions ignore them too. Anything else is handled below by name, or sends the
+# call to the model's eager function.
+HARMLESS = frozenset({"position_ids", "use_cache", "output_hidden_states", "output_router_logits",
+                      "num_items_in_batch", "return_dict", "cache_position", "deterministic", "seq_idx",
+                      "encoder_hidden_states"})
+HANDLED = frozenset({"softcap", "s_aux", "sliding_window", "position_bias", "head_mask", "output_attentions",
+                     "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
+PACKED = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+calls = collections.Counter()
+"""Attention calls since the last `counting()`: "attention" / "varlen_attention" (vtattn's kernels),
+"cache" (a vtattn.kv.CompressedCache layer), "sdpa: <reason>" / "eager: <reason>" (fallbacks)."""
+
+
+@contextlib.contextmanager
+def counting():
+    """Clear `calls` and yield it (not counted under torch.compile)."""
+    calls.clear()
+    yield calls
 
 
 @dataclass
@@ -44,42 +84,222 @@ def probing(probes):
         _PROBES.reset(token)
 
 
-def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                      is_causal=None, **kwargs):
+def _count(key):
+    if not torch.compiler.is_compiling():
+        calls[key] += 1
+
+
+_WARNED = set()
+
+
+def _given(key, value):
+    """Whether a keyword asks for something: None, False (and a softcap of 0) ask for nothing."""
+    return value is not None and value is not False and not (key == "softcap" and value == 0)
+
+
+def _warn_once(key, message):
+    if key not in _WARNED and not torch.compiler.is_compiling():
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      **kwargs):
     layer = claim(key)  # keys a vtattn.kv.CompressedCache layer just returned
     if layer is not None:
-        return layer.attend(query, key, value, attention_mask, scaling).transpose(1, 2), None
+        return _cached(layer, module, query, key, value, attention_mask, scaling, kwargs)
+    if isinstance(attention_mask, LazyMask) and torch.compiler.is_compiling():
+        attention_mask = attention_mask.spec.sdpa()  # built outside the graph: planning it would sync
     probes = _PROBES.get()
     probe = probes.get(module) if probes else None
-    if attention_mask is not None or (dropout and module.training):
-        if probe is not None:
-            raise NotImplementedError("vtattn score probes need unmasked attention without dropout")
-        # Masked attention outside a CompressedCache (a padded LLM batch on a plain cache): an
-        # arbitrary 4-D mask has no vtattn kernel, so PyTorch SDPA runs it with that mask (never
-        # eager: the path this package exists to avoid). FastV and the cache route their own.
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    # vtattn aligns a causal mask to the end (row i sees keys j <= i + Nk - Nq): right for
-    # decoding against a cache, where transformers leaves the mask out.
+    softcap = kwargs.get("softcap") or None  # 0: off, as None
+    sinks = kwargs.get("s_aux")
+    eager = _eager_reason(module, query, sinks, kwargs)
+    run = eager or _kernel_call(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
+    if isinstance(run, _Run):
+        if probe is None or run.varlen is None:
+            return _run_kernel(run, query, key, value, scaling, softcap, sinks, probe), None
+        run = "a padded batch"
+    if probe is not None:
+        raise NotImplementedError(f"vtattn score probes need vtattn's kernel on an unpadded call; this one: {run}")
+    if eager is None and softcap is None and sinks is None:  # SDPA does the rest exactly
+        _count(f"sdpa: {run}")
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    if eager is None:  # SDPA has neither softcap nor sinks
+        eager = f"{run} with {'softcap' if softcap is not None else 's_aux'}"
+    return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, eager)
+
+
+def _eager_reason(module, query, sinks, kwargs):
+    """Why this call must run the model's eager function, or None."""
+    unknown = sorted(k for k, v in kwargs.items() if k not in HARMLESS and k not in HANDLED and _given(k, v))
+    if unknown:
+        return f"keyword {unknown[0]!r}"
+    if kwargs.get("output_attentions"):
+        return "output_attentions"
+    if kwargs.get("head_mask") is not None:
+        return "head_mask"
+    if sinks is not None and (not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) != (query.shape[1],)):
+        return f"s_aux of shape {tuple(getattr(sinks, 'shape', ()))}"
+    return None
+
+
+@dataclass
+class _Run:
+    """A call vtattn's kernels compute exactly: keys [:end] (see hf_masks.Plan), FlashAttention's
+    left window (None: off), and the padded batch's plan for varlen_attention (None: attention)."""
+    causal: bool
+    window: int | None
+    end: int
+    varlen: tuple | None = None
+
+
+def _kernel_call(module, query, key, value, mask, dropout, is_causal, kwargs):
+    """The _Run for a call vtattn's kernels compute exactly, else the reason (a str) they do not."""
+    if kwargs.get("position_bias") is not None:
+        return "position_bias"
+    if dropout and module.training:
+        return "dropout"
+    if any(kwargs.get(k) is not None for k in PACKED):
+        return "packed sequences (cu_seq_lens)"
+    reason = _shape_reason(query, key, value)
+    if reason is not None:
+        return reason
+    Nq, Nk = query.shape[2], key.shape[2]
+    if isinstance(mask, LazyMask):
+        if mask.shape[0] != query.shape[0] or mask.shape[2] != Nq or mask.shape[3] != Nk:
+            return f"mask of shape {tuple(mask.shape)} for {Nq} queries and {Nk} keys"
+        plan = mask.spec.plan()
+        if isinstance(plan, str):
+            return plan
+        window = None if mask.spec.window is None else mask.spec.window - 1  # W keys = the row + W - 1 before
+        run = _Run(mask.spec.kind == "causal", window, plan.end, plan.varlen)
+    elif mask is not None:
+        return "an explicit mask"
+    else:  # SDPA's rules without a mask: causal only with several queries, aligned top-left
+        causal = Nq > 1 and bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        if causal and Nk < Nq:
+            return "causal with fewer keys than queries"
+        run = _Run(causal, None, Nq if causal else Nk)
+    return run
+
+
+def _shape_reason(query, key, value):
+    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in (torch.float16, torch.bfloat16,
+                                                                            torch.float32):
+        return f"dtypes {query.dtype}, {key.dtype}, {value.dtype}"
+    if value.shape != key.shape or query.shape[0] != key.shape[0] or query.shape[-1] != key.shape[-1]:
+        return f"shapes q {tuple(query.shape)}, k {tuple(key.shape)}, v {tuple(value.shape)}"
+    if key.shape[1] == 0 or query.shape[1] % key.shape[1] or 0 in query.shape or key.shape[2] == 0:
+        return f"shapes q {tuple(query.shape)}, k {tuple(key.shape)}"
+    return None
+
+
+def _run_kernel(run, query, key, value, scaling, softcap, sinks, probe):
+    """out [B, Nq, H, D] of the kernel call `run`."""
+    options = dict(softcap=softcap, window=run.window, sinks=sinks)
+    if run.varlen is not None:
+        _count("varlen_attention")
+        return _varlen(query, key, value, run, scaling, softcap, sinks)
+    _count("attention")
+    key, value = key[:, :, :run.end], value[:, :, :run.end]
     if probe is None or probe.rows is None:
-        out = vtattn.attention(query, key, value, causal=causal, scale=scaling)
+        out = vtattn.attention(query, key, value, causal=run.causal, scale=scaling, **options)
     else:  # the LSE of this very call turns q k^T into exact probabilities, row by row
-        out, lse = vtattn.attention(query, key, value, causal=causal, scale=scaling, return_lse=True)
-        probe.scores = vtattn.key_importance(query, key, rows=probe.rows, lse=lse, scale=scaling,
-                                             causal=causal, reduce_heads=probe.reduce)
+        out, lse = vtattn.attention(query, key, value, causal=run.causal, scale=scaling, return_lse=True,
+                                    **options)
+        # Scores feed a discrete choice of tokens: no gradient flows through them.
+        probe.scores = vtattn.key_importance(query.detach(), key.detach(), rows=probe.rows, lse=lse.detach(),
+                                             scale=scaling, causal=run.causal, reduce_heads=probe.reduce, **options)
         if probe.parts is not None:
             probe.parts.append(probe.scores)
     if probe is not None and probe.keys:
         probe.key_states = key.transpose(1, 2).flatten(2)
-    return out.transpose(1, 2), None  # free: out is laid out [B, N, H, D] in memory
+    return out.transpose(1, 2)  # free: out is laid out [B, N, H, D] in memory
+
+
+def _varlen(query, key, value, run, scaling, softcap, sinks):
+    """A padded batch: every query row against its sequence's visible keys, packed. Calls the
+    registered op: the public function's cu_seqlens checks would sync in every layer, and these
+    cu_seqlens are built valid (once per mask, hf_masks.Plan)."""
+    B, Hq, Nq, D = query.shape
+    batch, index, cu_k = run.varlen
+    q = query.transpose(1, 2).reshape(B * Nq, Hq, D)
+    k, v = (t.transpose(1, 2)[batch, index] for t in (key, value))
+    cu_q = torch.arange(0, (B + 1) * Nq, Nq, dtype=torch.int32, device=query.device)
+    scale = D ** -0.5 if scaling is None else float(scaling)
+    out, _ = torch.ops.vtattn.varlen_attention(q, k, v, cu_q, cu_k, Nq, run.causal, scale, float(softcap or 0.0),
+                                               -1 if run.window is None else run.window,
+                                               None if sinks is None else sinks.to(torch.float32).contiguous())
+    return out.view(B, Nq, Hq, D)
+
+
+def _sdpa(module, query, key, value, mask, dropout, scaling, is_causal, kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if isinstance(mask, LazyMask):
+        mask = mask.spec.sdpa()
+    keep = {k: v for k, v in kwargs.items() if k in HARMLESS or k in ("position_bias", *PACKED)}
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **keep)
+
+
+def _eager(module, query, key, value, mask, dropout, scaling, is_causal, kwargs, reason):
+    """The model's own eager attention, with the mask eager attention would get."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        if reason != "output_attentions":
+            raise NotImplementedError(f"attn_implementation='vtattn' cannot run {type(module).__name__} with "
+                                      f"{reason}: no vtattn kernel or SDPA does, and its module has no "
+                                      "eager_attention_forward")
+        _warn_once(("output_attentions", type(module)),
+                   f"attn_implementation='vtattn' returns no attention weights for {type(module).__name__} (its "
+                   "module has no eager_attention_forward); use attn_implementation='eager' for them")
+        kwargs = {k: v for k, v in kwargs.items() if k != "output_attentions"}
+        return attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                 is_causal=is_causal, **kwargs)
+    if reason.startswith("keyword"):
+        _warn_once((reason, type(module)), f"attn_implementation='vtattn' runs {type(module).__name__}'s eager "
+                   f"attention for its {reason} (vtattn does not know it)")
+    _count(f"eager: {reason}")
+    out, weights = eager(module, query, key, value, _eager_mask(mask, query, key, module, is_causal),
+                         dropout=dropout, scaling=scaling, **kwargs)
+    return out, weights if kwargs.get("output_attentions") else None  # as SDPA, unless asked for
+
+
+def _eager_mask(mask, query, key, module, is_causal):
+    """The additive mask eager attention needs for what SDPA would do with `mask` (None: SDPA's
+    top-left causal rule when causal with several queries)."""
+    if isinstance(mask, LazyMask):
+        return mask.spec.eager()
+    low = torch.finfo(query.dtype).min
+    if mask is None:
+        Nq, Nk = query.shape[2], key.shape[2]
+        if Nq == 1 or not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+            return None
+        visible = torch.ones(Nq, Nk, dtype=torch.bool, device=query.device).tril()
+        return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~visible, low)[None, None]
+    if mask.dtype == torch.bool:
+        return torch.zeros((), dtype=query.dtype, device=mask.device).masked_fill(~mask, low)
+    return mask
+
+
+def _cached(layer, module, query, key, value, mask, scaling, kwargs):
+    """A vtattn.kv.CompressedCache layer attends over what it keeps (plain causal attention only)."""
+    extra = sorted(k for k, v in kwargs.items() if k not in HARMLESS and k != "sliding_window" and _given(k, v))
+    if extra or (isinstance(mask, LazyMask) and mask.spec.window is not None):
+        what = extra[0] if extra else "a sliding window"
+        raise NotImplementedError(f"a vtattn.kv.CompressedCache cannot attend with {what} ({type(module).__name__})")
+    _count("cache")
+    if isinstance(mask, LazyMask):
+        mask = mask.spec.sdpa()
+    return layer.attend(query, key, value, mask, scaling).transpose(1, 2), None
 
 
 def register_hf_attention():
-    """Register "vtattn" with transformers' AttentionInterface (and SDPA-style mask creation for
-    it, which masked models such as the LLM need), so `attn_implementation="vtattn"` works for any
-    model. Idempotent."""
+    """Register "vtattn" with transformers' AttentionInterface and its mask function with
+    AttentionMaskInterface (`hf_masks.mask_function`), so `attn_implementation="vtattn"` works for
+    any model. Idempotent."""
     from transformers import AttentionInterface, AttentionMaskInterface
+    from .hf_masks import mask_function
     AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, AttentionMaskInterface()["sdpa"])
+    AttentionMaskInterface.register(NAME, mask_function)

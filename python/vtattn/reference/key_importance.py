@@ -1,14 +1,16 @@
 import torch
 
-from ._common import logits, probs
+from ._common import logits, probs, row_lse
 
 
-def key_importance(q, k, lse, rows, causal: bool, scale: float):
-    """fp32 [B, Hq, Nk]: sum over the rows `rows` ([B, R] int64, -1 skipped; None = all)
-    of softmax(scale * q k^T); `lse` ([B, Hq, Nq]) replaces the rows' own log-sum-exp when given."""
-    s = logits(q, k, causal, scale)
+def key_importance(q, k, lse, rows, causal: bool, scale: float, softcap: float = 0.0, window: int = -1,
+                   sinks=None):
+    """fp32 [B, Hq, Nk]: sum over the rows `rows` ([B, R] int64, -1 skipped; None = all) of the
+    attention probabilities of `attention` with the same options (softcap, window, sinks); `lse`
+    ([B, Hq, Nq]) replaces the rows' own log-sum-exp (sinks included) when given."""
+    s = logits(q, k, causal, scale, softcap, window)
     if lse is None:
-        lse = torch.logsumexp(s, dim=-1)
+        lse = row_lse(s, sinks)
     p = probs(s, lse)
     if rows is None:
         return p.sum(dim=2).float()

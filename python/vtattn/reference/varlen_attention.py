@@ -3,10 +3,11 @@ import torch
 from .attention import attention
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, causal: bool, scale: float):
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, causal: bool, scale: float,
+                     softcap: float = 0.0, window: int = -1, sinks=None):
     """Packed q [Tq, Hq, D], k/v [Tk, Hkv, D]; sequence b is rows cu_seqlens_*[b]:cu_seqlens_*[b+1].
     (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq] fp32); each sequence is plain `attention`
-    (causal end-aligned within the sequence); max_seqlen_q is only a launch hint for kernels."""
+    (causal and window end-aligned within the sequence); max_seqlen_q is only a launch hint for kernels."""
     out = q.new_zeros(q.shape)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
     bq, bk = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -15,7 +16,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, cau
         if q1 == q0:
             continue
         seq = lambda x, lo, hi: x[lo:hi].transpose(0, 1)[None]  # noqa: E731  [1, H, N, D]
-        o, s = attention(seq(q, q0, q1), seq(k, k0, k1), seq(v, k0, k1), causal, scale)
+        o, s = attention(seq(q, q0, q1), seq(k, k0, k1), seq(v, k0, k1), causal, scale, softcap, window, sinks)
         out[q0:q1] = o[0].transpose(0, 1)
         lse[:, q0:q1] = s[0]
     return out, lse
