@@ -44,7 +44,8 @@ def _selection(B, N, keep, segments, device, seed):
     g = torch.Generator().manual_seed(seed)
     scores = torch.randn(B, N, generator=g).to(device)
     if keep == "per_sample":
-        keep = torch.randint(1, N + 1, (B,), generator=g).to(device)
+        return vtattn.select_tokens(scores, keep_tokens=torch.randint(1, N + 1, (B,), generator=g).to(device),
+                                    segments=segments)
     return vtattn.select_tokens(scores, keep, segments=segments)
 
 
@@ -89,7 +90,7 @@ def test_reference_packed_layout():
 
 def test_opcheck():
     x = make_x(3, 17, 24, torch.float32, "cpu", "transposed")
-    sel = vtattn.select_tokens(torch.randn(3, 17), torch.tensor([2, 5, 1]))
+    sel = vtattn.select_tokens(torch.randn(3, 17), keep_tokens=torch.tensor([2, 5, 1]))
     for args in ((x, sel.indices, None, 0), (x.half(), sel.indices, sel.cu_seqlens, 8),
                  (x[:, :, ::3], sel.indices[:, :2], None, 0)):
         torch.library.opcheck(torch.ops.vtattn.gather_tokens.default, args)
@@ -112,7 +113,7 @@ def test_meta_tensors_and_compile():
 
 def test_bad_inputs():
     x = torch.randn(2, 12, 8)
-    sel = vtattn.select_tokens(torch.randn(2, 12), 3)
+    sel = vtattn.select_tokens(torch.randn(2, 12), keep_tokens=3)
     before = x.clone()
     with pytest.raises(ValueError, match="x must be 3-D"):
         vtattn.gather_tokens(x[0], sel)

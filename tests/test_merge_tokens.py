@@ -75,9 +75,9 @@ def test_merge_matches_naive(device, backend, dtype, case, mode):
     B, N, C, Ck, keep = CASES[case]
     x = make_x(B, N, C, dtype, device, ("contiguous", "transposed", "sliced")[case % 3], seed=case)
     g = torch.Generator().manual_seed(case)
-    if keep == "per_sample":
-        keep = torch.randint(1, N + 1, (B,), generator=g).to(device)
-    sel = vtattn.select_tokens(torch.randn(B, N, generator=g).to(device), keep)
+    keep = ({"keep_tokens": torch.randint(1, N + 1, (B,), generator=g).to(device)} if keep == "per_sample"
+            else {"keep": keep})
+    sel = vtattn.select_tokens(torch.randn(B, N, generator=g).to(device), **keep)
     keys = make_keys(x.shape, sel, Ck, dtype if case % 2 else torch.float32, device, seed=case)
     skip_unless_supported(MERGE_TOKENS, (x, keys, sel.indices, sel.mask, mode == "weighted"), backend)
     want, gap = naive_merge(x, keys, sel, mode == "weighted")
@@ -92,7 +92,7 @@ def test_merge_matches_naive(device, backend, dtype, case, mode):
 
 def test_reference_matches_naive():
     x = torch.randn(2, 30, 6, dtype=torch.float64)
-    sel = vtattn.select_tokens(torch.randn(2, 30), torch.tensor([4, 9]), sort=False)
+    sel = vtattn.select_tokens(torch.randn(2, 30), keep_tokens=torch.tensor([4, 9]), sort=False)
     keys = make_keys(x.shape, sel, 8, torch.float64, "cpu", seed=3)
     for weighted in (False, True):
         got = vtattn.reference.merge_tokens(x, keys, sel.indices, sel.mask, weighted)
@@ -109,7 +109,7 @@ def test_keep_all_is_gather():
 
 def test_opcheck():
     x = make_x(2, 17, 24, torch.float32, "cpu", "transposed")
-    sel = vtattn.select_tokens(torch.randn(2, 17), torch.tensor([3, 6]))
+    sel = vtattn.select_tokens(torch.randn(2, 17), keep_tokens=torch.tensor([3, 6]))
     keys = torch.randn(2, 17, 8)
     for args in ((x, keys, sel.indices, sel.mask, False), (x.half(), keys, sel.indices, sel.mask, True),
                  (x, keys[:, :, ::2], sel.indices, sel.mask, True)):
@@ -131,7 +131,7 @@ def test_meta_tensors_and_compile():
 
 def test_bad_inputs():
     x, keys = torch.randn(2, 12, 8), torch.randn(2, 12, 4)
-    sel = vtattn.select_tokens(torch.randn(2, 12), 3)
+    sel = vtattn.select_tokens(torch.randn(2, 12), keep_tokens=3)
     before = (x.clone(), keys.clone())
     with pytest.raises(ValueError, match="keys must be 3-D"):
         vtattn.merge_tokens(x, sel, keys=keys[0])

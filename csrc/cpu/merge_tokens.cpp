@@ -63,13 +63,16 @@ void assign_kernel(const at::Tensor& keys, const at::Tensor& indices, const at::
         for (int64_t s = 0; s < S; ++s) {
           const int64_t idx = ip[b * indices.stride(0) + s * indices.stride(1)];
           if (idx < 0 || idx >= N) continue;
-          const float* c = &kept[(b * S + s) * D];
           const float dot = dot_fixed_order(q.data(), &kept[(b * S + s) * D], D);
-          if (best < 0 || dot > best_cos || (dot == best_cos && idx < best)) best = idx, best_cos = dot;
+          // A NaN similarity ranks below every number: a NaN / inf key moves no other token.
+          const float rank = std::isnan(dot) ? kNegInf : dot;
+          if (best < 0 || rank > best_cos || (rank == best_cos && idx < best)) best = idx, best_cos = rank;
         }
       }
       assign[t] = best;
-      weight[t] = best < 0 ? 0.f : weighted ? std::max(best_cos, 0.f) : 1.f;
+      // best_cos is -inf only when every similarity was NaN (cosines are >= -1): the weight is NaN then.
+      const float cos = best_cos == kNegInf ? std::numeric_limits<float>::quiet_NaN() : best_cos;
+      weight[t] = best < 0 ? 0.f : weighted ? std::max(cos, 0.f) : 1.f;
     }
   });
 }

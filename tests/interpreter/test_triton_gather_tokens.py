@@ -24,9 +24,8 @@ def _x(B, N, C, dtype, layout):
 @pytest.mark.parametrize("keep", [0.3, "per_sample"])
 def test_triton_gather_matches_reference(dtype, layout, keep):
     B, N, C = 3, 23, 37
-    if keep == "per_sample":
-        keep = torch.tensor([1, N, 7])
-    sel = vtattn.select_tokens(torch.randn(B, N), keep)
+    keep = {"keep_tokens": torch.tensor([1, N, 7])} if keep == "per_sample" else {"keep": keep}
+    sel = vtattn.select_tokens(torch.randn(B, N), **keep)
     x = _x(B, N, C, dtype, layout)
     for packed in (False, True):
         with poisoned_outputs():
@@ -37,7 +36,7 @@ def test_triton_gather_matches_reference(dtype, layout, keep):
 
 def test_triton_opcheck():
     x = torch.randn(2, 9, 6)
-    sel = vtattn.select_tokens(torch.randn(2, 9), torch.tensor([2, 5]))
+    sel = vtattn.select_tokens(torch.randn(2, 9), keep_tokens=torch.tensor([2, 5]))
     with vtattn.use_backend("triton"):
         for args in ((x, sel.indices, None, 0), (x, sel.indices, sel.cu_seqlens, 7)):
             torch.library.opcheck(torch.ops.vtattn.gather_tokens.default, args)

@@ -15,7 +15,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 def _inputs(B, N, C, Ck, keep, x_dtype, key_dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    sel = vtattn.select_tokens(torch.randn(B, N, generator=g), keep)
+    budget = {"keep_tokens": keep} if isinstance(keep, torch.Tensor) else {"keep": keep}
+    sel = vtattn.select_tokens(torch.randn(B, N, generator=g), **budget)
     keys = torch.randn(B, N, Ck, generator=g)
     for b in range(B):  # pruned keys near a kept key: clear winners; one exact tie between two kept keys
         kept = sel.indices[b, :int(sel.counts[b])]

@@ -1,7 +1,9 @@
 """Argument checks shared by the public functions: clear errors that name the argument."""
 import math
+import numbers
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -9,6 +11,14 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def checking() -> bool:
     """Validation runs eagerly only: under torch.compile the fake impls carry the shapes."""
     return not torch.compiler.is_compiling()
+
+
+def concrete(t: torch.Tensor) -> bool:
+    """Whether t's values can be read for a value check: not on meta, not a fake tensor (shape
+    propagation outside torch.compile), not while a CUDA graph is captured (the read would sync)."""
+    if t.device.type == "meta" or is_fake(t):
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def tensor(name, x, ndim=None, dtypes=None):
@@ -21,6 +31,9 @@ def tensor(name, x, ndim=None, dtypes=None):
 
 
 def same_device(named: dict):
+    for n, t in named.items():
+        if t is not None:
+            tensor(n, t)
     devices = {n: t.device for n, t in named.items() if t is not None}
     first = next(iter(devices))
     for n, d in devices.items():
@@ -78,18 +91,17 @@ def decode_inputs(q, k_cache, v_cache, lengths):
             raise ValueError(f"{n} needs a unit-stride last dim, got strides {named[n].stride()}")
     if tuple(lengths.shape) != (B, Hkv):
         raise ValueError(f"lengths must be [B, Hkv] = {[B, Hkv]}, got {list(lengths.shape)}")
-    # The range check syncs: skipped on meta tensors and while a CUDA graph is being captured.
-    capturing = lengths.is_cuda and torch.cuda.is_current_stream_capturing()
-    if lengths.numel() and lengths.device.type != "meta" and not capturing \
-            and not bool(((lengths >= 0) & (lengths <= cap)).all()):
+    # The range check syncs: skipped on meta / fake tensors and while a CUDA graph is being captured.
+    if lengths.numel() and concrete(lengths) and not bool(((lengths >= 0) & (lengths <= cap)).all()):
         raise ValueError(f"lengths must lie in [0, L_cap={cap}], got min {int(lengths.min())}, "
                          f"max {int(lengths.max())}")
+
 
 def paged_decode_inputs(q, k_pages, v_pages, block_table, lengths):
     """q [B, Hq, 1, D]; page pools [num_pages, page_size, D] of q's dtype with a unit last stride;
     block_table int32 [B, Hkv, max_pages] with Hq a multiple of Hkv; lengths int32 [B, Hkv] in
     [0, max_pages * page_size] and the used table entries in [0, num_pages) (those two value checks
-    sync with the device: skipped on meta tensors and while a CUDA graph is being captured)."""
+    sync with the device: skipped on meta / fake tensors and while a CUDA graph is being captured)."""
     named = {"q": q, "k_cache": k_pages, "v_cache": v_pages}
     tensor("q", q, 4, FLOAT_DTYPES)
     for n in ("k_cache", "v_cache"):
@@ -120,8 +132,7 @@ def paged_decode_inputs(q, k_pages, v_pages, block_table, lengths):
         raise ValueError(f"q's {Hq} heads must be a multiple of block_table's {Hkv} kv heads (GQA)")
     if tuple(lengths.shape) != (B, Hkv):
         raise ValueError(f"lengths must be [B, Hkv] = {[B, Hkv]}, got {list(lengths.shape)}")
-    capturing = lengths.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not lengths.numel() or lengths.device.type == "meta" or capturing:
+    if not lengths.numel() or not concrete(lengths):
         return
     cap = max_pages * page
     if not bool(((lengths >= 0) & (lengths <= cap)).all()):
@@ -135,24 +146,108 @@ def paged_decode_inputs(q, k_pages, v_pages, block_table, lengths):
                          f"{g}] = {int(lengths[b, g])}) but outside the pool's [0, num_pages={num_pages})")
 
 
+def attention_options(softcap, window, sinks, q, heads: int):
+    """The attention family's options in op form: (softcap float, 0.0 = off; window int, -1 = off;
+    sinks fp32 contiguous [heads] on q's device, or None). Scalar and metadata checks only (no sync)."""
+    if softcap is None:
+        softcap = 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0 or None: off), got {softcap}")
+    if window is None:
+        window = -1
+    elif isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (keys left of the row's own position) or None, got {window!r}")
+    window = int(window)
+    if sinks is not None:
+        tensor("sinks", sinks, 1)
+        if not sinks.dtype.is_floating_point:
+            raise TypeError(f"sinks must be a float tensor, got {sinks.dtype}")
+        if sinks.shape[0] != heads:
+            raise ValueError(f"sinks must have one logit per query head, [{heads}], got {tuple(sinks.shape)}")
+        same_device({"q": q, "sinks": sinks})
+        sinks = sinks.to(torch.float32).contiguous()
+    return softcap, window, sinks
+
+
 def resolve_scale(scale, head_dim) -> float:
     if scale is None:
         return head_dim ** -0.5
+    if isinstance(scale, bool) or not (isinstance(scale, numbers.Real) or
+                                       (isinstance(scale, torch.Tensor) and scale.numel() == 1)):
+        raise TypeError(f"scale must be a float or None, got {scale!r}")
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
 
 
+def lse_values(lse, rows):
+    """A user-supplied lse [B, Hq, Nq] must be finite or -inf (a row without keys) in the rows read
+    (rows: None = all, else int64 [B, R], -1 skipped): +inf would silently zero every score of a row.
+    One sync; skipped where the values cannot be read."""
+    if not lse.numel() or not concrete(lse):
+        return
+    read = torch.ones_like(lse, dtype=torch.bool)
+    if rows is not None:
+        read = torch.zeros(lse.shape[0], lse.shape[2] + 1, dtype=torch.bool, device=lse.device)
+        read = read.scatter_(1, torch.where(rows >= 0, rows, lse.shape[2]), True)[:, None, :-1].expand_as(lse)
+    bad = read & (lse.isnan() | lse.isposinf())
+    if bool(bad.any()):
+        at = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"lse must be finite (or -inf for a row without keys) in the rows read, got "
+                         f"{float(lse[at])} at lse{list(at)}")
+
+
 def selection(sel, x, name):
-    """A select_tokens result that fits x [B, N, ...] (on x's device)."""
+    """A select_tokens result that fits x [B, N, ...] (on x's device), values included (one sync,
+    skipped where they cannot be read): an index out of range would silently become a zero row, a
+    mask that disagrees with the indices a wrong merge."""
     fields = ("indices", "mask", "counts", "cu_seqlens")
     if not all(isinstance(getattr(sel, f, None), torch.Tensor) for f in fields):
         raise TypeError(f"selection must be a vtattn.Selection (select_tokens' result), got {type(sel).__name__}")
     B, N = x.shape[:2]
-    if sel.indices.dim() != 2 or sel.indices.shape[0] != B or sel.indices.dtype != torch.int64:
-        raise ValueError(f"selection.indices must be int64 [B={B}, K], got {sel.indices.dtype} "
-                         f"{tuple(sel.indices.shape)}")
-    if tuple(sel.mask.shape) != (B, N):
-        raise ValueError(f"selection.mask is {tuple(sel.mask.shape)} but {name} has B, N = {(B, N)}")
-    same_device({name: x, "selection": sel.indices})
+    ind, mask, counts, cu = sel.indices, sel.mask, sel.counts, sel.cu_seqlens
+    if ind.dtype != torch.int64:
+        raise TypeError(f"selection.indices must be torch.int64, got {ind.dtype}")
+    if ind.dim() != 2 or ind.shape[0] != B:
+        raise ValueError(f"selection.indices must be int64 [B={B}, K] to fit {name}, got shape {list(ind.shape)}")
+    for field, t, dtype, shape in (("mask", mask, torch.bool, (B, N)), ("counts", counts, torch.int64, (B,)),
+                                   ("cu_seqlens", cu, torch.int32, (B + 1,))):
+        if t.dtype != dtype:
+            raise TypeError(f"selection.{field} must be {dtype}, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"selection.{field} is {list(t.shape)} but must be {list(shape)} to fit {name} "
+                             f"(B, N = {B}, {N})")
+    same_device({name: x, "selection": ind, "selection.mask": mask, "selection.counts": counts,
+                 "selection.cu_seqlens": cu})
+    if B == 0 or not concrete(ind):
+        return
+    K = ind.shape[1]
+    listed = torch.arange(K, device=ind.device) < counts[:, None]  # [B, K]
+    bad_index = torch.where(listed, (ind < 0) | (ind >= N), ind != -1)
+    hits = torch.zeros(B, N + 1, dtype=torch.int64, device=ind.device)  # how often each token is listed
+    hits = hits.scatter_add_(1, torch.where(listed & ~bad_index, ind, N), torch.ones_like(ind))[:, :N]
+    cumsum = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    facts = torch.stack([((counts < 0) | (counts > K)).any(), bad_index.any(), (hits != mask).any(),
+                         (cu.long() != cumsum).any(), cu[-1].long()]).tolist()  # the one sync
+    counts_bad, index_bad, mask_bad, cu_bad, cu_total = facts
+    if counts_bad:
+        b = int(((counts < 0) | (counts > K)).nonzero()[0])
+        raise ValueError(f"selection.counts must lie in [0, K={K}], got counts[{b}] = {int(counts[b])}")
+    if index_bad:
+        b, k = bad_index.nonzero()[0].tolist()
+        what = f"in [0, N={N}) (slot {k} < counts[{b}] = {int(counts[b])})" if k < counts[b] else \
+            f"-1 (padding: slot {k} >= counts[{b}] = {int(counts[b])})"
+        raise ValueError(f"selection.indices[{b}, {k}] = {int(ind[b, k])} must be {what}")
+    if mask_bad:
+        b, i = (hits != mask).nonzero()[0].tolist()
+        raise ValueError(f"selection.mask[{b}, {i}] = {bool(mask[b, i])} but token {i} is listed {int(hits[b, i])} "
+                         f"times in selection.indices[{b}, :counts[{b}]] (the mask must mark each listed token once)")
+    if cu_bad:
+        raise ValueError(f"selection.cu_seqlens must be [0, cumsum(counts)] = {cumsum.tolist()}, got {cu.tolist()}")
+    total = getattr(sel, "total", None)
+    if total is not None and total != cu_total:
+        raise ValueError(f"selection.total = {total} but the counts sum to {cu_total}")

@@ -50,15 +50,21 @@ def _check_blocks(q, k, kv_num_blocks, kv_indices, block_size):
     if tuple(kv_indices.shape) != (Bm, Hm, qb, kb):
         raise ValueError(f"kv_indices must be [{Bm}, {Hm}, Q_blocks={qb}, K_blocks={kb}] (Nk={Nk}, "
                          f"block_size={block_size}), got {tuple(kv_indices.shape)}")
-    if kv_num_blocks.numel() and bool(((kv_num_blocks < 0) | (kv_num_blocks > kb)).any()):
-        raise ValueError(f"kv_num_blocks must lie in [0, K_blocks={kb}], got min {int(kv_num_blocks.min())} "
-                         f"max {int(kv_num_blocks.max())}")
+    if not kv_num_blocks.numel() or not _checks.concrete(kv_num_blocks):
+        return
+    # The values: one sync (the kernels trust them).
+    bad_num = (kv_num_blocks < 0) | (kv_num_blocks > kb)
     listed = torch.arange(kb, device=q.device) < kv_num_blocks[..., None]
     bad = listed & ((kv_indices < 0) | (kv_indices >= kb))
-    if bool(bad.any()):
-        raise ValueError(f"kv_indices must lie in [0, K_blocks={kb}) within kv_num_blocks, got "
-                         f"{int(kv_indices[bad][0])} at {tuple(bad.nonzero()[0].tolist())}")
     # A repeated block would count its keys twice in the kernels but once in the dense mask.
     srt = torch.where(listed, kv_indices, -1 - torch.arange(kb, device=q.device, dtype=torch.int32)).sort(-1).values
-    if bool((srt[..., 1:] == srt[..., :-1]).any()):
+    num_bad, index_bad, repeated = torch.stack([bad_num.any(), bad.any(),
+                                                (srt[..., 1:] == srt[..., :-1]).any()]).tolist()
+    if num_bad:
+        raise ValueError(f"kv_num_blocks must lie in [0, K_blocks={kb}], got min {int(kv_num_blocks.min())} "
+                         f"max {int(kv_num_blocks.max())}")
+    if index_bad:
+        raise ValueError(f"kv_indices must lie in [0, K_blocks={kb}) within kv_num_blocks, got "
+                         f"{int(kv_indices[bad][0])} at {tuple(bad.nonzero()[0].tolist())}")
+    if repeated:
         raise ValueError("kv_indices lists a key block twice for one query block")

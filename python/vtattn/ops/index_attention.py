@@ -49,18 +49,27 @@ def index_attention(q, k, v, kv_indices, *, kv_counts=None, q_positions=None, kv
         _checks.tensor("kv_counts", kv_counts, 2, (torch.int32,))
         if tuple(kv_counts.shape) != (B, Hkv):
             raise ValueError(f"kv_counts must be [{B}, {Hkv}], got {tuple(kv_counts.shape)}")
-        if bool(((kv_counts < 0) | (kv_counts > L)).any()):
-            raise ValueError(f"kv_counts must lie in [0, L={L}], got min {kv_counts.min().item()} "
-                             f"max {kv_counts.max().item()}")
     kv_indices = kv_indices.to(torch.int64).contiguous()
-    if _checks.checking():
-        listed = torch.arange(L, device=q.device) < kv_counts[..., None]
-        bad = listed & ((kv_indices < 0) | (kv_indices >= Nk))
-        if bool(bad.any()):
-            raise ValueError(f"kv_indices must lie in [0, Nk={Nk}) within kv_counts, got "
-                             f"{kv_indices[bad][0].item()} at {tuple(bad.nonzero()[0].tolist())}")
+    if _checks.checking() and kv_counts.numel() and _checks.concrete(kv_counts):
+        _check_lists(kv_indices, kv_counts, Nk)
     q_positions = _positions("q_positions", q_positions, B, Nq, torch.arange(Nq, device=q.device) + (Nk - Nq))
     kv_positions = _positions("kv_positions", kv_positions, B, Nk, torch.arange(Nk, device=q.device))
     scale = _checks.resolve_scale(scale, q.shape[-1])
     return torch.ops.vtattn.index_attention(q, k, v, kv_indices, kv_counts.contiguous(), q_positions, kv_positions,
                                             bool(causal), scale)
+
+
+def _check_lists(kv_indices, kv_counts, Nk):
+    """kv_counts in [0, L], listed indices in [0, Nk): one sync (a bad value is a wrong answer or, in
+    the GPU kernels, a row of zeros)."""
+    L = kv_indices.shape[2]
+    bad_count = (kv_counts < 0) | (kv_counts > L)
+    listed = torch.arange(L, device=kv_indices.device) < kv_counts[..., None]
+    bad = listed & ((kv_indices < 0) | (kv_indices >= Nk))
+    count_bad, index_bad = torch.stack([bad_count.any(), bad.any()]).tolist()
+    if count_bad:
+        raise ValueError(f"kv_counts must lie in [0, L={L}], got min {kv_counts.min().item()} "
+                         f"max {kv_counts.max().item()}")
+    if index_bad:
+        raise ValueError(f"kv_indices must lie in [0, Nk={Nk}) within kv_counts, got "
+                         f"{kv_indices[bad][0].item()} at {tuple(bad.nonzero()[0].tolist())}")

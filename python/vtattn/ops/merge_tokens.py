@@ -10,7 +10,10 @@ def merge_tokens(x, selection, *, keys, mode="mean"):
     cosine similarity with its own (keys [B, N, Ck]; ties to the lower kept index), VisionZip /
     PruMerge style, without an [N, K] similarity tensor. mode "mean": out_c = (x_c + sum x_i) /
     (1 + n_c); "weighted": out_c = (x_c + sum w_i x_i) / (1 + sum w_i), w_i = max(cos_i, 0).
-    Returns [B, K] rows like `gather_tokens` (zero past counts[b]), in x's dtype (fp32 sums).
+    Returns [B, K] rows like `gather_tokens` (zero past counts[b]), in x's dtype (fp32 sums). The
+    selection's values are checked eagerly (one host sync; skipped under torch.compile and on meta).
+    NaN / inf in a token reaches only the slot it joins; a NaN similarity never wins the argmax (a
+    token whose similarities are all NaN joins the lowest kept index, weight NaN when weighted).
     """
     if _checks.checking():
         float_dtypes = _checks.FLOAT_DTYPES + (torch.float64,)

@@ -1,6 +1,6 @@
 import torch
 
-from ._common import expand_kv, logits
+from ._common import expand_kv, logits, probs
 
 
 def block_mask(kv_num_blocks, kv_indices, block_size: int, nq: int, nk: int) -> torch.Tensor:
@@ -19,10 +19,16 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
     """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]; kv_num_blocks int32 [B or 1, Hq or 1, Q_blocks], kv_indices
     int32 [B or 1, Hq or 1, Q_blocks, K_blocks] (broadcast over batch / heads). Row i sees key j iff j's
     block is listed for i's block and, causal, j <= i + Nk - Nq. (out [B, Hq, Nq, D] in q's dtype,
-    lse [B, Hq, Nq] fp32); rows that see no key: out 0, lse -inf."""
-    s = logits(q, k, causal, scale)
-    s = s.masked_fill(~block_mask(kv_num_blocks, kv_indices, block_size, q.shape[2], k.shape[2]), float("-inf"))
+    lse [B, Hq, Nq] fp32); rows that see no key: out 0, lse -inf. Keys of unlisted blocks are never
+    read: NaN there never reaches the output."""
+    listed = block_mask(kv_num_blocks, kv_indices, block_size, q.shape[2], k.shape[2])  # [B', H', Nq, Nk]
+    s = logits(q, k, causal, scale).masked_fill(~listed, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows without keys: -inf - -inf
-    out = torch.matmul(p, expand_kv(v, q.shape[1]).to(p.dtype))
+    p = probs(s, lse)
+    v = expand_kv(v, q.shape[1]).to(p.dtype)
+    out = p.new_empty(*p.shape[:3], v.shape[-1])
+    # A query block lists the same keys for all its rows: zero the value rows it does not list (0 * NaN is NaN).
+    for r0 in range(0, q.shape[2], block_size):
+        rows = slice(r0, r0 + block_size)
+        out[:, :, rows] = torch.matmul(p[:, :, rows], v.masked_fill(~listed[:, :, r0, :, None], 0.0))
     return out.to(q.dtype), lse.float()

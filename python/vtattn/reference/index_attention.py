@@ -1,25 +1,27 @@
 import torch
 
-from ._common import expand_kv
+from ._common import acc_dtype, expand_kv, probs
 
 
 def index_attention(q, k, v, kv_indices, kv_counts, q_positions, kv_positions, causal: bool, scale: float):
     """q [B, Hq, Nq, D]; k/v [B, Hkv, Nk, D]; kv_indices int64 [B, Hkv, L] whose first kv_counts[b, h]
     (int32 [B, Hkv]) entries list the keys (batch b, kv head h) attends to (in any order, a repeated
     index counts twice). causal: listed key j is visible to row i iff kv_positions[b, j] <= q_positions[b, i]
-    (int64 [B, Nk], [B, Nq]). Returns out [B, Hq, Nq, D] in q's dtype; rows that see no key give 0."""
+    (int64 [B, Nk], [B, Nq]). Returns out [B, Hq, Nq, D] in q's dtype; rows that see no key give 0.
+    Unlisted keys are never read: NaN there never reaches the output."""
     B, Hkv, L = kv_indices.shape
     Hq = q.shape[1]
     listed = torch.arange(L, device=q.device) < kv_counts[..., None].long()  # [B, Hkv, L]
     idx = torch.where(listed, kv_indices, 0)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q)
     take = lambda x: torch.gather(x, 2, idx[..., None].expand(-1, -1, -1, x.shape[-1])).to(acc)  # noqa: E731
-    kg, vg = expand_kv(take(k), Hq), expand_kv(take(v), Hq)
+    kg = expand_kv(take(k), Hq)
+    vg = expand_kv(take(v).masked_fill(~listed[..., None], 0.0), Hq)  # 0 * NaN would be NaN
     s = torch.matmul(q.to(acc), kg.transpose(-1, -2)) * scale  # [B, Hq, Nq, L]
     visible = expand_kv(listed[..., None, :], Hq)  # [B, Hq, 1, L]
     if causal:
         kpos = torch.gather(kv_positions, 1, idx.flatten(1)).view(B, Hkv, 1, L)
         visible = visible & expand_kv(kpos <= q_positions[:, None, :, None], Hq)
     s = s.masked_fill(~visible, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows without keys: 0
+    p = probs(s, torch.logsumexp(s, dim=-1))
     return torch.matmul(p, vg).to(q.dtype)
