@@ -29,7 +29,7 @@ def _block_sparse_fwd_kernel(Q, K, V, Out, Lse, Num, Idx,
                              stride_vb, stride_vh, stride_vn, stride_vd,
                              stride_ob, stride_oh, stride_om, stride_od,
                              stride_nb, stride_nh, stride_nm, stride_ib, stride_ih, stride_im, stride_ik,
-                             Hq, Nq, Nk, GROUP, qk_scale, TUNE_KEY,
+                             Hq, Nq, Nk, GROUP, KV_BLOCKS, qk_scale, TUNE_KEY,
                              BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                              CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -51,7 +51,9 @@ def _block_sparse_fwd_kernel(Q, K, V, Out, Lse, Num, Idx,
     row_lo = tile_m * BLOCK_M
     row_hi = tl.minimum(row_lo + BLOCK_M, Nq) - 1
     q_block = row_lo // BLOCK_SIZE
-    count = tl.load(Num + b * stride_nb + h * stride_nh + q_block * stride_nm)
+    # Block lists go unvalidated under torch.compile and internal calls: a count is clamped to the
+    # list's KV_BLOCKS entries and a block outside the keys is skipped, never read.
+    count = tl.minimum(tl.maximum(tl.load(Num + b * stride_nb + h * stride_nh + q_block * stride_nm), 0), KV_BLOCKS)
     idx_base = Idx + b * stride_ib + h * stride_ih + q_block * stride_im
 
     offs_m = row_lo + tl.arange(0, BLOCK_M)
@@ -76,8 +78,9 @@ def _block_sparse_fwd_kernel(Q, K, V, Out, Lse, Num, Idx,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for j in range(0, count):
         k_block = tl.load(idx_base + j * stride_ik)
-        lo = k_block * BLOCK_SIZE
-        hi = tl.minimum(lo + BLOCK_SIZE, end)  # empty when the whole block is hidden (causal)
+        block_ok = (k_block >= 0) & (k_block < tl.cdiv(Nk, BLOCK_SIZE))
+        lo = tl.where(block_ok, k_block, 0) * BLOCK_SIZE
+        hi = tl.where(block_ok, tl.minimum(lo + BLOCK_SIZE, end), lo)  # empty: hidden (causal) or skipped
         for start_n in range(lo, hi, BLOCK_N):
             if start_n + BLOCK_N <= full:  # no mask: every row sees the whole tile
                 acc, m_i, l_i = key_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, start_n, offs_m, Nk,
@@ -122,7 +125,8 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
         _kernel(block_size)[grid](
             q, k, v, out, lse, num, idx,
             *strides(q, align), *strides(k, align), *strides(v, align), *strides(out, align),
-            *num.stride(), *idx.stride(), Hq, Nq, Nk, Hq // Hkv, scale * LOG2E, tune_key(Nq, Nk, B * Hq),
+            *num.stride(), *idx.stride(), Hq, Nq, Nk, Hq // Hkv, idx.shape[3], scale * LOG2E,
+            tune_key(Nq, Nk, B * Hq),
             BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_D=block_d(D), CAUSAL=bool(causal),
             PRECISION=dot_precision(q.dtype), ALIGN=align)
     return out, lse

@@ -39,7 +39,9 @@ def _index_fwd_kernel(Q, K, V, Out, Idx, Cnt, QPos, KPos,
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     kvh = h // GROUP
-    count = tl.load(Cnt + b * Hkv + kvh)
+    # Counts and indices go unvalidated under torch.compile and internal calls: a count is clamped to
+    # [0, L] and an index outside [0, Nk) is skipped, never read (results for such lists are unspecified).
+    count = tl.minimum(tl.maximum(tl.load(Cnt + b * Hkv + kvh), 0), L)
     idx_base = Idx + (b * Hkv + kvh) * L
 
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -60,6 +62,8 @@ def _index_fwd_kernel(Q, K, V, Out, Idx, Cnt, QPos, KPos,
     for start_n in range(0, count, BLOCK_N):
         listed = start_n + offs_n < count
         idx = tl.load(idx_base + start_n + offs_n, mask=listed, other=0)
+        listed = listed & (idx >= 0) & (idx < Nk)
+        idx = tl.where(listed, idx, 0)
         kv_mask = listed[:, None] & d_ok[None, :]
         k = tl.load(k_base + idx[:, None] * stride_kn, mask=kv_mask, other=0.0)
         v = tl.load(v_base + idx[:, None] * stride_vn, mask=kv_mask, other=0.0)

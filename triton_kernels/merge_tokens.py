@@ -5,7 +5,7 @@ _merge_assign: per tile of tokens, a running argmax of cosine similarity over ti
 kept slot, its own row plus its assigned rows (tile sums in a fixed order: deterministic)."""
 import torch
 
-from ._common import interpreting, on_device, tl, triton, wide
+from ._common import MAX_GRID_YZ, interpreting, on_device, tl, triton, wide
 from .select_tokens import device_reason
 
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize's clamp: a zero key has cosine 0 with everything
@@ -17,6 +17,8 @@ def supports(x, keys, indices, mask, weighted) -> str | None:
             return f"{name} must be floating, got {t.dtype}"
     if keys.dtype == torch.bfloat16 and interpreting():
         return "the Triton interpreter computes bf16 tl.dot wrongly"
+    if x.shape[0] > MAX_GRID_YZ:
+        return f"the Triton kernels take batch <= {MAX_GRID_YZ} (grid axis 1), got {x.shape[0]}"
     return device_reason(x, keys, indices, mask)
 
 
@@ -31,7 +33,9 @@ def _load_keys(Keys, rows, ok, d, D, stride_kn, stride_kc, DOT_DTYPE: tl.constex
 def _merge_assign(Keys, Indices, Mask, Assign, Weight, stride_kb, stride_kn, stride_kc, stride_ib, stride_ik,
                   stride_mb, stride_mn, N, D, K, WEIGHTED: tl.constexpr, DOT_DTYPE: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    stride_kn, stride_kc = wide(stride_kn, 1), wide(stride_kc, 1)  # int64 offsets: they may pass 2^31
+    # int64 offsets: index * stride products may pass 2^31
+    stride_kn, stride_kc, stride_mn, stride_ik = wide(stride_kn, 1), wide(stride_kc, 1), wide(stride_mn, 1), \
+        wide(stride_ik, 1)
     b = tl.program_id(1).to(tl.int64)
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     keys = Keys + b * stride_kb
@@ -57,7 +61,8 @@ def _merge_assign(Keys, Indices, Mask, Assign, Weight, stride_kb, stride_kn, str
             dot = tl.dot(q, tl.trans(kk), dot, input_precision=PRECISION)
             k_sq += tl.sum(kk.to(tl.float32) * kk.to(tl.float32), 1)
         cos = dot * q_inv[:, None] * (1.0 / tl.maximum(tl.sqrt(k_sq), NORM_EPS))[None, :]
-        cos = tl.where(valid[None, :], cos, float("-inf"))
+        # A NaN similarity ranks below every number (a NaN / inf key moves no other token).
+        cos = tl.where(valid[None, :] & (cos == cos), cos, float("-inf"))
         # The tile's best, ties to the lower kept token index; then against the running best.
         tile_best = tl.max(cos, 1)
         tile_tok = tl.min(tl.where(valid[None, :] & (cos == tile_best[:, None]), tok[None, :], N), 1)
@@ -65,8 +70,8 @@ def _merge_assign(Keys, Indices, Mask, Assign, Weight, stride_kb, stride_kn, str
         best = tl.where(better, tile_best, best)
         best_tok = tl.where(better, tile_tok, best_tok)
     merged = pruned & (best_tok >= 0)
-    if WEIGHTED:
-        w = tl.maximum(best, 0.0)
+    if WEIGHTED:  # best is -inf only when every similarity was NaN (cosines are >= -1): weight NaN
+        w = tl.where(best == float("-inf"), float("nan"), tl.maximum(best, 0.0))
     else:
         w = tl.full([BLOCK_I], 1.0, tl.float32)
     tl.store(Assign + b * N + i, tl.where(merged, best_tok, -1), mask=i < N)
@@ -76,7 +81,8 @@ def _merge_assign(Keys, Indices, Mask, Assign, Weight, stride_kb, stride_kn, str
 @triton.jit
 def _merge_reduce(X, Indices, Assign, Weight, Out, stride_xb, stride_xn, stride_xc, stride_ib, stride_ik, N, C, K,
                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    stride_xn, stride_xc = wide(stride_xn, 1), wide(stride_xc, 1)  # int64 offsets: they may pass 2^31
+    # int64 offsets: index * stride products may pass 2^31
+    stride_xn, stride_xc, stride_ik = wide(stride_xn, 1), wide(stride_xc, 1), wide(stride_ik, 1)
     slot = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)

@@ -5,7 +5,7 @@ keeps rank < k; a running cumsum over the token tiles gives ascending slots. O(L
 of L tokens: the CUDA kernel (radix select) is the fast path, this one serves the rest."""
 import torch
 
-from ._common import TRITON_ERROR, interpreting, on_device, tl, triton, wide
+from ._common import MAX_GRID_YZ, TRITON_ERROR, interpreting, on_device, tl, triton, wide
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -31,6 +31,8 @@ def device_ints(values, device) -> torch.Tensor:
 def supports(scores, budgets, segments, max_keep, sort) -> str | None:
     if scores.dtype not in FLOAT_DTYPES:
         return f"scores must be floating, got {scores.dtype}"
+    if scores.shape[0] > MAX_GRID_YZ:
+        return f"the Triton kernel takes batch <= {MAX_GRID_YZ} (grid axis 1), got {scores.shape[0]}"
     return device_reason(scores, budgets)
 
 

@@ -27,18 +27,17 @@
 #include <type_traits>
 
 #include "host_checks.h"
+#include "launch_plan.h"
 #include "launch_utils.cuh"
 #include "mma_sm80.cuh"
 
 namespace vtattn {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kMaxGroup = 8;       // query heads per kv head handled by one CTA (larger: Triton)
-constexpr int kChunkAlign = 128;   // split sizes are multiples of every tile size
-constexpr int kMinChunk = 256;     // a split's fixed cost stays small next to its reads
-constexpr int kMaxSplits = 128;
-constexpr int kCtasPerSm = 8;      // CTAs wanted per SM when every head is full
+// Threads, group limit and the split rule: csrc/include/launch_plan.h (plan::decode_attention).
+constexpr int kThreads = plan::kDecodeThreads;
+constexpr int kMaxGroup = plan::kDecodeMaxGroup;  // query heads per kv head handled by one CTA (larger: Triton)
+constexpr int kChunkAlign = plan::kDecodeChunkAlign;  // split sizes are multiples of every tile size
 
 struct DecodeParams {
   const void* q;
@@ -236,24 +235,24 @@ __global__ void __launch_bounds__(kThreads) decode_merge_kernel(const DecodePara
 }
 
 template <typename T, int TPK, typename Rows>
-void launch_split(const DecodeParams& p, dim3 grid, cudaStream_t stream) {
+void launch_split(const DecodeParams& p, const plan::Launch& l, cudaStream_t stream) {
   const int gp = p.group <= 1 ? 1 : p.group <= 2 ? 2 : p.group <= 4 ? 4 : 8;
   switch (gp) {
-    case 1: decode_split_kernel<T, TPK, 1, Rows><<<grid, kThreads, 0, stream>>>(p); break;
-    case 2: decode_split_kernel<T, TPK, 2, Rows><<<grid, kThreads, 0, stream>>>(p); break;
-    case 4: decode_split_kernel<T, TPK, 4, Rows><<<grid, kThreads, 0, stream>>>(p); break;
-    default: decode_split_kernel<T, TPK, 8, Rows><<<grid, kThreads, 0, stream>>>(p); break;
+    case 1: C10_CUDA_CHECK(plan::launch(l, decode_split_kernel<T, TPK, 1, Rows>, stream, p)); break;
+    case 2: C10_CUDA_CHECK(plan::launch(l, decode_split_kernel<T, TPK, 2, Rows>, stream, p)); break;
+    case 4: C10_CUDA_CHECK(plan::launch(l, decode_split_kernel<T, TPK, 4, Rows>, stream, p)); break;
+    default: C10_CUDA_CHECK(plan::launch(l, decode_split_kernel<T, TPK, 8, Rows>, stream, p)); break;
   }
 }
 
 template <typename T, typename Rows>
-void launch(const DecodeParams& p, dim3 grid, int B_Hq, cudaStream_t stream) {
+void launch(const DecodeParams& p, const plan::Plan& lp, cudaStream_t stream) {
   const int pieces = p.D * static_cast<int>(sizeof(T)) / 16;  // 16-byte pieces of a row
-  if (pieces <= 8) launch_split<T, 8, Rows>(p, grid, stream);
-  else if (pieces <= 16) launch_split<T, 16, Rows>(p, grid, stream);
-  else launch_split<T, 32, Rows>(p, grid, stream);
+  if (pieces <= 8) launch_split<T, 8, Rows>(p, lp.launch[0], stream);
+  else if (pieces <= 16) launch_split<T, 16, Rows>(p, lp.launch[0], stream);
+  else launch_split<T, 32, Rows>(p, lp.launch[0], stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  decode_merge_kernel<T><<<B_Hq, kThreads, 0, stream>>>(p);
+  C10_CUDA_CHECK(plan::launch(lp.launch[1], decode_merge_kernel<T>, stream, p));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -282,21 +281,17 @@ void check_decode(const char* op, const at::Tensor& q, const at::Tensor& lengths
 at::Tensor run_decode(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                       const at::Tensor& lengths, const at::Tensor& table, int64_t Hkv, int64_t cap, double scale) {
   const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(3);
-  TORCH_CHECK(B * Hkv < std::numeric_limits<int>::max() && cap < std::numeric_limits<int>::max(),
-              "decode_attention: B * Hkv and the cache capacity must fit in int32");
   c10::cuda::CUDAGuard guard(q_in.device());
+  const plan::DecodePlan lp =
+      plan::decode_attention(plan::device_limits(*at::cuda::getCurrentDeviceProperties()), B, Hq, Hkv, cap, D);
+  TORCH_CHECK(lp.ok(), "decode_attention: ", lp.error);
   at::Tensor out = at::empty({B, Hq, 1, D}, q_in.options());
-  if (out.numel() == 0 || cap == 0 || k_in.numel() == 0) return out.zero_();
+  if (lp.n == 0 || k_in.numel() == 0) return out.zero_();  // no query head, no key slot or an empty pool
   const at::Tensor q = host::ready_for_16B_loads(q_in);
   const at::Tensor k = host::ready_for_16B_loads(k_in);
   const at::Tensor v = host::ready_for_16B_loads(v_in);
 
-  const int sms = at::cuda::getDeviceProperties(q.device().index())->multiProcessorCount;
-  const int64_t want = std::max<int64_t>(1, (int64_t{kCtasPerSm} * sms + B * Hkv - 1) / (B * Hkv));
-  const int64_t most = std::max<int64_t>(1, std::min<int64_t>((cap + kMinChunk - 1) / kMinChunk, kMaxSplits));
-  const int64_t per_split = (cap + std::min(want, most) - 1) / std::min(want, most);
-  const int64_t chunk = (per_split + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
-  const int64_t splits = (cap + chunk - 1) / chunk;
+  const int64_t chunk = lp.chunk, splits = lp.splits;
   at::Tensor part_o = at::empty({B * Hq * splits, D}, q.options().dtype(at::kFloat));
   at::Tensor part_lse = at::empty({B * Hq * splits}, q.options().dtype(at::kFloat));
 
@@ -322,18 +317,16 @@ at::Tensor run_decode(const at::Tensor& q_in, const at::Tensor& k_in, const at::
   p.num_pages = static_cast<int>(std::min<int64_t>(k.size(0), std::numeric_limits<int>::max()));  // ids are int32
   p.scale_log2 = static_cast<float>(scale) * kLog2e;
 
-  const dim3 grid(static_cast<unsigned>(B * Hkv), static_cast<unsigned>(splits));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int B_Hq = static_cast<int>(B * Hq);
   const auto dtype = q.scalar_type();
   if (paged) {
-    if (dtype == at::kFloat) launch<float, PagedRows>(p, grid, B_Hq, stream);
-    else if (dtype == at::kHalf) launch<__half, PagedRows>(p, grid, B_Hq, stream);
-    else launch<__nv_bfloat16, PagedRows>(p, grid, B_Hq, stream);
+    if (dtype == at::kFloat) launch<float, PagedRows>(p, lp, stream);
+    else if (dtype == at::kHalf) launch<__half, PagedRows>(p, lp, stream);
+    else launch<__nv_bfloat16, PagedRows>(p, lp, stream);
   } else {
-    if (dtype == at::kFloat) launch<float, DenseRows>(p, grid, B_Hq, stream);
-    else if (dtype == at::kHalf) launch<__half, DenseRows>(p, grid, B_Hq, stream);
-    else launch<__nv_bfloat16, DenseRows>(p, grid, B_Hq, stream);
+    if (dtype == at::kFloat) launch<float, DenseRows>(p, lp, stream);
+    else if (dtype == at::kHalf) launch<__half, DenseRows>(p, lp, stream);
+    else launch<__nv_bfloat16, DenseRows>(p, lp, stream);
   }
   return out;
 }

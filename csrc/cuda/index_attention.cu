@@ -39,8 +39,8 @@ struct IndexParams {
 template <typename T> struct IndexTile {
   using Params = IndexParams;
   using RowKey = int64_t;  // the row's original position
-  static constexpr int kBN = FlashCfg<64>::BN;  // key tile of every instantiation
-  static constexpr size_t kExtraSmem = 2 * kBN * sizeof(int64_t);  // key positions, per stage
+  static constexpr int kBN = plan::kFlashBN;  // key tile of every instantiation
+  static constexpr size_t kExtraSmem = 2 * kBN * sizeof(int64_t);  // key positions, per stage (kIndexExtraSmem)
 
   const T *q, *k, *v;
   const int64_t *idx, *q_pos, *kv_pos;
@@ -97,6 +97,8 @@ template <typename T> struct IndexTile {
   __device__ __forceinline__ T* out_at(int r) const { return m0 + r < Nq ? out + (m0 + r) * out_sn : nullptr; }
 };
 
+constexpr int64_t kIndexExtraSmem = 2 * plan::kFlashBN * sizeof(int64_t);  // IndexTile's, for the plan
+
 // An integer tensor of `dtype` and `sizes` on q's device, made contiguous.
 at::Tensor int_arg(const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef sizes, const at::Tensor& q,
                    const char* name) {
@@ -127,6 +129,9 @@ at::Tensor index_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, 
   const at::Tensor kp = int_arg(kv_positions, at::kLong, {B, Nk}, q_in, "kv_positions");
 
   c10::cuda::CUDAGuard guard(q_in.device());
+  const plan::Plan lp = plan::flash(plan::device_limits(*at::cuda::getCurrentDeviceProperties()), Nq, Hq, B, D,
+                                    q_in.element_size(), false, kIndexExtraSmem);
+  TORCH_CHECK(lp.ok(), "index_attention: ", lp.error);
   at::Tensor out = at::empty({B, Nq, Hq, D}, q_in.options()).transpose(1, 2);  // token-major
   if (out.numel() == 0) return out;
   if (Nk == 0 || L == 0) return out.zero_();  // no key can be listed
@@ -151,9 +156,8 @@ at::Tensor index_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in, 
   dispatch_half_dp(q.scalar_type() == at::kBFloat16, D, [&](auto tag, auto dp) {
     using T = decltype(tag);
     constexpr int DP = decltype(dp)::value;
-    const dim3 grid(static_cast<unsigned>((Nq + FlashCfg<DP>::BM - 1) / FlashCfg<DP>::BM), static_cast<unsigned>(Hq),
-                    static_cast<unsigned>(B));
-    C10_CUDA_CHECK((launch_flash<T, DP, false, IndexTile<T>>(p, grid, stream)));
+    static_assert(IndexTile<T>::kExtraSmem == kIndexExtraSmem, "the plan's extra shared memory");
+    C10_CUDA_CHECK((launch_flash<T, DP, false, IndexTile<T>>(p, lp.launch[0], stream)));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -21,6 +21,7 @@
 #include <limits>
 #include <tuple>
 
+#include "launch_plan.h"
 #include "launch_utils.cuh"
 #include "score_key.h"
 
@@ -31,9 +32,9 @@ constexpr unsigned kFull = 0xffffffffu;
 
 // ---- select_tokens ----------------------------------------------------------------------------
 
-constexpr int kSelectThreads = 256;
-constexpr int kMaxSegments = kSelectThreads;  // one thread per segment sums the budgets
-constexpr int kMaxSegmentLen = 16384;         // 8 bytes of shared memory per token (key, kept list)
+// Threads, segment limits and shared memory: csrc/include/launch_plan.h (plan::select_tokens).
+using plan::kMaxSegments;
+using plan::kSelectThreads;
 
 struct Segments {  // passed by value: no device copy of the layout, so no host sync
   int count;
@@ -180,36 +181,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_tokens_cuda(const at::Tens
   TORCH_CHECK(budgets.scalar_type() == at::kLong && budgets.dim() == 2 && budgets.size(0) == B &&
                   budgets.size(1) == S,
               "select_tokens: budgets must be int64 [B, S] = [", B, ", ", S, "], got ", budgets.sizes());
-  TORCH_CHECK(S >= 1 && S <= kMaxSegments, "select_tokens: the CUDA kernel takes 1 to ", kMaxSegments,
-              " segments, got ", S);
-  TORCH_CHECK(B <= kMaxGridYZ, "select_tokens: the CUDA kernel takes B <= ", kMaxGridYZ, ", got ", B);
   TORCH_CHECK(max_keep >= 0 && max_keep <= N, "select_tokens: max_keep must be in [0, N], got ", max_keep);
-  Segments seg{};
-  seg.count = static_cast<int>(S);
   int64_t longest = 0;
   for (int64_t i = 0; i < S; ++i) {
-    TORCH_CHECK(segments[i] >= 0 && segments[i] <= kMaxSegmentLen,
-                "select_tokens: the CUDA kernel takes segments of 0 to ", kMaxSegmentLen, " tokens, got ", segments[i]);
-    seg.offset[i + 1] = seg.offset[i] + static_cast<int>(segments[i]);
+    TORCH_CHECK(segments[i] >= 0, "select_tokens: segment lengths must be >= 0, got ", segments[i]);
     longest = std::max(longest, segments[i]);
   }
+  c10::cuda::CUDAGuard guard(scores.device());
+  const plan::Device device = plan::device_limits(*at::cuda::getCurrentDeviceProperties());
+  const plan::Plan lp = plan::select_tokens(device, B, S, longest);
+  TORCH_CHECK(lp.ok(), "select_tokens: ", lp.error);
+  Segments seg{};
+  seg.count = static_cast<int>(S);
+  for (int64_t i = 0; i < S; ++i) seg.offset[i + 1] = seg.offset[i] + static_cast<int>(segments[i]);
   TORCH_CHECK(seg.offset[S] == N, "select_tokens: segments must sum to N = ", N);
 
-  c10::cuda::CUDAGuard guard(scores.device());
   auto indices = at::empty({B, max_keep}, scores.options().dtype(at::kLong));
   auto mask = at::empty({B, N}, scores.options().dtype(at::kBool));
   auto counts = at::empty({B}, scores.options().dtype(at::kLong));
-  if (B == 0) return {indices, mask, counts};
-  const size_t smem = 8 * longest;
+  if (lp.n == 0) return {indices, mask, counts};  // B == 0
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "vtattn_select_tokens_cuda", [&] {
-    auto kernel = select_kernel<scalar_t>;
-    if (smem > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<dim3(S, B), kSelectThreads, smem, stream>>>(
-        scores.const_data_ptr<scalar_t>(), scores.stride(0), scores.stride(1), budgets.const_data_ptr<int64_t>(),
-        budgets.stride(0), budgets.stride(1), seg, static_cast<int>(N), static_cast<int>(max_keep), sort,
-        indices.data_ptr<int64_t>(), mask.data_ptr<bool>(), counts.data_ptr<int64_t>());
+    C10_CUDA_CHECK(plan::launch(
+        lp.launch[0], select_kernel<scalar_t>, stream, scores.const_data_ptr<scalar_t>(), scores.stride(0),
+        scores.stride(1), budgets.const_data_ptr<int64_t>(), budgets.stride(0), budgets.stride(1), seg,
+        static_cast<int>(N), static_cast<int>(max_keep), sort, indices.data_ptr<int64_t>(), mask.data_ptr<bool>(),
+        counts.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {indices, mask, counts};
@@ -217,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_tokens_cuda(const at::Tens
 
 // ---- gather_tokens ----------------------------------------------------------------------------
 
-constexpr int kGatherWarps = 4;
+using plan::kGatherWarps;
 
 // Output row r: padded layout -> (b, k) = (r / K, r % K); packed -> the sample whose cu_seqlens
 // range holds r (binary search, as torch.searchsorted in the reference). Rows of x are `units`
@@ -253,15 +250,15 @@ __global__ void __launch_bounds__(kGatherWarps * 32)
 }
 
 template <typename U>
-void launch_gather(const at::Tensor& x, const at::Tensor& indices, const int* cu, int64_t rows, at::Tensor& out,
-                   int64_t unit_bytes, cudaStream_t stream) {
+void launch_gather(const plan::Launch& l, const at::Tensor& x, const at::Tensor& indices, const int* cu, int64_t rows,
+                   at::Tensor& out, int64_t unit_bytes, cudaStream_t stream) {
   const int64_t per = unit_bytes / x.element_size();  // elements per unit (1 unless 16-byte chunks)
   const int64_t sxc = per == 1 ? x.stride(2) : 1;
-  gather_kernel<U><<<(rows + kGatherWarps - 1) / kGatherWarps, kGatherWarps * 32, 0, stream>>>(
-      static_cast<const U*>(x.const_data_ptr()), x.stride(0) / per, x.stride(1) / per, sxc, x.size(2) / per,
-      static_cast<int>(x.size(0)), static_cast<int>(x.size(1)), static_cast<int>(indices.size(1)),
-      indices.const_data_ptr<int64_t>(), indices.stride(0), indices.stride(1), cu, rows,
-      static_cast<U*>(out.data_ptr()));
+  C10_CUDA_CHECK(plan::launch(l, gather_kernel<U>, stream, static_cast<const U*>(x.const_data_ptr()),
+                              x.stride(0) / per, x.stride(1) / per, sxc, x.size(2) / per, static_cast<int>(x.size(0)),
+                              static_cast<int>(x.size(1)), static_cast<int>(indices.size(1)),
+                              indices.const_data_ptr<int64_t>(), indices.stride(0), indices.stride(1), cu, rows,
+                              static_cast<U*>(out.data_ptr())));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -285,26 +282,29 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& indices,
   const bool packed = cu.defined();
   auto out = packed ? at::empty({total, C}, x.options()) : at::empty({B, K, C}, x.options());
   const int64_t rows = packed ? (B > 0 ? total : 0) : B * K;
-  if (rows == 0 || C == 0) return out.zero_();
+  const plan::Plan lp = plan::gather_tokens(rows, C);
+  TORCH_CHECK(lp.ok(), "gather_tokens: ", lp.error);
+  if (lp.n == 0) return out.zero_();
+  const plan::Launch& l = lp.launch[0];
   const int* cu_ptr = packed ? cu.const_data_ptr<int>() : nullptr;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // 16-byte chunks when a row is whole chunks at 16-byte aligned addresses.
   const bool chunks = x.stride(2) == 1 && (C * size) % 16 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
                       (x.stride(0) * size) % 16 == 0 && (x.stride(1) * size) % 16 == 0;
-  if (chunks) launch_gather<uint4>(x, indices, cu_ptr, rows, out, 16, stream);
-  else if (size == 2) launch_gather<uint16_t>(x, indices, cu_ptr, rows, out, 2, stream);
-  else if (size == 4) launch_gather<uint32_t>(x, indices, cu_ptr, rows, out, 4, stream);
-  else if (size == 8) launch_gather<uint64_t>(x, indices, cu_ptr, rows, out, 8, stream);
-  else if (size == 1) launch_gather<uint8_t>(x, indices, cu_ptr, rows, out, 1, stream);
+  if (chunks) launch_gather<uint4>(l, x, indices, cu_ptr, rows, out, 16, stream);
+  else if (size == 2) launch_gather<uint16_t>(l, x, indices, cu_ptr, rows, out, 2, stream);
+  else if (size == 4) launch_gather<uint32_t>(l, x, indices, cu_ptr, rows, out, 4, stream);
+  else if (size == 8) launch_gather<uint64_t>(l, x, indices, cu_ptr, rows, out, 8, stream);
+  else if (size == 1) launch_gather<uint8_t>(l, x, indices, cu_ptr, rows, out, 1, stream);
   else TORCH_CHECK(false, "gather_tokens: unsupported element size ", size);
   return out;
 }
 
 // ---- merge_tokens -----------------------------------------------------------------------------
 
-constexpr int kTile = 64;  // tokens x kept tokens per similarity tile; a thread owns 4 x 4 of it
+constexpr int kTile = plan::kMergeTile;  // tokens x kept tokens per similarity tile; a thread owns 4 x 4 of it
 constexpr int kChunk = 32;  // key channels per shared-memory stage
-constexpr int kAssignThreads = 256;
+using plan::kAssignThreads;
 constexpr float kNormEps = 1e-12f;  // F.normalize's clamp: a zero key has cosine 0 with everything
 
 // (cos, token) beats (best_cos, best) : higher cosine, ties to the lower kept token index.
@@ -387,14 +387,15 @@ __global__ void __launch_bounds__(kAssignThreads)
       const int i = i0 + ty + 16 * r;
       if (i >= N) continue;
       const bool merged = pruned(i) && best[r] >= 0;
-      assign[b * N + i] = merged ? best[r] : -1;
-      weight[b * N + i] = !merged ? 0.f : weighted ? fmaxf(best_cos[r], 0.f) : 1.f;
+      const int64_t at = static_cast<int64_t>(b) * N + i;  // B * N may pass 2^31
+      assign[at] = merged ? best[r] : -1;
+      weight[at] = !merged ? 0.f : weighted ? fmaxf(best_cos[r], 0.f) : 1.f;
     }
   }
 }
 
-constexpr int kReduceThreads = 128;
-constexpr int kReduceVec = 8;  // channels per thread: a block covers 1024 channels of one kept slot
+using plan::kReduceThreads;
+using plan::kReduceVec;  // channels per thread: a block covers 1024 channels of one kept slot
 
 // out[b, c] = (x[kept c] + sum over i assigned to it, in token order, of w_i x_i) / (1 + sum w_i).
 template <typename T>
@@ -416,6 +417,8 @@ __global__ void __launch_bounds__(kReduceThreads)
   }
   const int idx = static_cast<int>(v);
   const T* xb = x + b * sxb;
+  const int* assign_b = assign + static_cast<int64_t>(b) * N;  // B * N may pass 2^31
+  const float* weight_b = weight + static_cast<int64_t>(b) * N;
   float acc[kReduceVec];
   for (int e = 0; e < kReduceVec; ++e) {
     const int ch = ch0 + e * kReduceThreads;
@@ -425,7 +428,7 @@ __global__ void __launch_bounds__(kReduceThreads)
   for (int base = 0; base < N; base += kReduceThreads) {
     // Compact this chunk's tokens assigned to the slot, in token order.
     const int i = base + tid;
-    const bool hit = i < N && assign[b * N + i] == idx;
+    const bool hit = i < N && assign_b[i] == idx;
     const unsigned ballot = __ballot_sync(kFull, hit);
     if (lane == 0) warp_hits[warp] = __popc(ballot);
     __syncthreads();
@@ -434,7 +437,7 @@ __global__ void __launch_bounds__(kReduceThreads)
       pos += w < warp ? warp_hits[w] : 0;
       hits += warp_hits[w];
     }
-    if (hit) list[pos] = i, list_w[pos] = weight[b * N + i];
+    if (hit) list[pos] = i, list_w[pos] = weight_b[i];
     __syncthreads();
     for (int p = 0; p < hits; ++p) {
       const float w = list_w[p];
@@ -468,33 +471,32 @@ at::Tensor merge_tokens_cuda(const at::Tensor& x, const at::Tensor& keys, const 
                   mask.size(1) == x.size(1),
               "merge_tokens: mask must be bool [B, N], got ", mask.sizes());
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), K = indices.size(1);
-  TORCH_CHECK(B <= kMaxGridYZ, "merge_tokens: the CUDA kernels take B <= ", kMaxGridYZ, ", got ", B);
-  TORCH_CHECK(N < std::numeric_limits<int>::max() && K < std::numeric_limits<int>::max() &&
-                  C < std::numeric_limits<int>::max() && keys.size(2) < std::numeric_limits<int>::max(),
-              "merge_tokens: sizes must fit in int32");
+  TORCH_CHECK(C < std::numeric_limits<int>::max() && keys.size(2) < std::numeric_limits<int>::max(),
+              "merge_tokens: channel counts must fit in int32");
+  const plan::Plan lp = plan::merge_tokens(B, N, C, K);
+  TORCH_CHECK(lp.ok(), "merge_tokens: ", lp.error);
   c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({B, K, C}, x.options());
-  if (out.numel() == 0) return out;
+  if (lp.n == 0) return out;  // empty output
   auto assign = at::empty({B, N}, x.options().dtype(at::kInt));
   auto weight = at::empty({B, N}, x.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (N > 0) {
+  if (lp.n == 2) {  // N > 0: the assignment pass
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "vtattn_merge_assign_cuda", [&] {
-      merge_assign_kernel<scalar_t><<<dim3((N + kTile - 1) / kTile, B), kAssignThreads, 0, stream>>>(
-          keys.const_data_ptr<scalar_t>(), keys.stride(0), keys.stride(1), keys.stride(2), static_cast<int>(N),
-          static_cast<int>(keys.size(2)), indices.const_data_ptr<int64_t>(), indices.stride(0), indices.stride(1),
-          static_cast<int>(K), mask.const_data_ptr<bool>(), mask.stride(0), mask.stride(1), weighted,
-          assign.data_ptr<int>(), weight.data_ptr<float>());
+      C10_CUDA_CHECK(plan::launch(lp.launch[0], merge_assign_kernel<scalar_t>, stream, keys.const_data_ptr<scalar_t>(),
+                                  keys.stride(0), keys.stride(1), keys.stride(2), static_cast<int>(N),
+                                  static_cast<int>(keys.size(2)), indices.const_data_ptr<int64_t>(), indices.stride(0),
+                                  indices.stride(1), static_cast<int>(K), mask.const_data_ptr<bool>(), mask.stride(0),
+                                  mask.stride(1), weighted, assign.data_ptr<int>(), weight.data_ptr<float>()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  const int channel_blocks = static_cast<int>((C + kReduceThreads * kReduceVec - 1) / (kReduceThreads * kReduceVec));
-  TORCH_CHECK(channel_blocks <= kMaxGridYZ, "merge_tokens: too many channels for the CUDA kernel: ", C);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vtattn_merge_reduce_cuda", [&] {
-    merge_reduce_kernel<scalar_t><<<dim3(K, B, channel_blocks), kReduceThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), static_cast<int>(N), static_cast<int>(C),
-        indices.const_data_ptr<int64_t>(), indices.stride(0), indices.stride(1), static_cast<int>(K),
-        assign.const_data_ptr<int>(), weight.const_data_ptr<float>(), out.data_ptr<scalar_t>());
+    C10_CUDA_CHECK(plan::launch(lp.launch[lp.n - 1], merge_reduce_kernel<scalar_t>, stream,
+                                x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
+                                static_cast<int>(N), static_cast<int>(C), indices.const_data_ptr<int64_t>(),
+                                indices.stride(0), indices.stride(1), static_cast<int>(K), assign.const_data_ptr<int>(),
+                                weight.const_data_ptr<float>(), out.data_ptr<scalar_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

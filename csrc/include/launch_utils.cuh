@@ -7,16 +7,15 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "launch_plan.h"
+
 namespace vtattn {
 
 constexpr int kMaxHeadDim = 128;   // largest padded head dim instantiated
-constexpr int kMaxGridYZ = 65535;  // CUDA limit of gridDim.y / gridDim.z
+constexpr int kMaxGridYZ = static_cast<int>(plan::kMaxGridYZ);  // CUDA limit of gridDim.y / gridDim.z
 
 // Padded head dim for the tensor-core kernels (a multiple of 16 >= D), 0 when unsupported.
-inline int padded_head_dim(int64_t D) {
-  if (D <= 0 || D % 8 != 0 || D > kMaxHeadDim) return 0;
-  return D <= 64 ? 64 : D <= 80 ? 80 : 128;
-}
+inline int padded_head_dim(int64_t D) { return plan::flash_padded_dim(D); }
 
 // Calls fn(T{}, std::integral_constant<int, DP>{}) with T = __half or __nv_bfloat16 and DP the
 // padded head dim of D (which the caller has checked).

@@ -24,11 +24,8 @@ def _device_reason(q) -> str | None:
 
 
 def _built_archs() -> list[str]:
-    try:
-        from ._build_info import BUILD_INFO
-    except ImportError:
-        return []
-    return list(BUILD_INFO.get("cuda_archs") or [])
+    from ._ext import build_info
+    return list(build_info().get("cuda_archs") or [])
 
 
 def _runs_on(arch: str, major: int, minor: int) -> bool:
@@ -55,10 +52,14 @@ def _shape_reason(q, k) -> str | None:
     return None
 
 
+# The limits below mirror the launch plans of csrc/include/launch_plan.h, which the CUDA launchers
+# enforce (they raise) and `python -m vtattn.check_launches` checks; tests/test_check_launches.py
+# compares these functions with the plans on each architecture's limits.
+#
 # The flash kernel (csrc/include/flash_fwd.cuh) stages a BM x (DP + 8) Q tile and two K and two V
 # stages of BN x (DP + 8) halves in shared memory (plus IndexTile's key positions). At DP = 128
 # that is 104448 bytes, more than the 99 KiB a block may opt in to on sm_86 / sm_89 (A10, A40, L4,
-# L40, RTX 30xx / 40xx): cudaFuncSetAttribute would fail there, so refuse and let Triton run it.
+# L40, RTX 30xx / 40xx): refuse there and let Triton run it.
 FLASH_BM, FLASH_BN = 128, 64
 INDEX_EXTRA_SMEM = 2 * FLASH_BN * 8  # IndexTile: int64 key positions, two stages
 
@@ -69,34 +70,54 @@ def flash_smem_bytes(d: int, extra: int = 0) -> int:
     return (FLASH_BM + 4 * FLASH_BN) * (dp + 8) * 2 + extra
 
 
+def _smem_optin(device) -> int | None:
+    """Bytes of shared memory a block may opt in to (None: a torch too old to say; the launch reports it)."""
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+
+
 def _flash_smem_reason(device, d: int, extra: int = 0) -> str | None:
     need = flash_smem_bytes(d, extra)
-    have = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
-    if have is not None and need > have:  # None: a torch too old to say; the launch reports it
+    have = _smem_optin(device)
+    if have is not None and need > have:
         return (f"CUDA flash kernel needs {need} bytes of shared memory per block for head dim {d}, "
                 f"the device allows {have}")
     return None
 
 
-def attention_supports(q, k, v, causal, scale) -> str | None:
+def _sinks_reason(q, sinks) -> str | None:
+    """The kernels read sinks as fp32 [Hq] in place (the public functions convert them)."""
+    if sinks is None:
+        return None
+    if sinks.device != q.device or sinks.dtype != torch.float32 or sinks.dim() != 1 or not sinks.is_contiguous():
+        return "CUDA kernels need sinks as a contiguous float32 [Hq] tensor on q's device"
+    return None
+
+
+def attention_supports(q, k, v, causal, scale, softcap=0.0, window=-1, sinks=None) -> str | None:
     """fp16/bf16 on tensor cores, head dims that are multiples of 8 up to 128 (64/72/80/128 ...),
-    GQA, causal (end-aligned), any strides, compute capability >= 8.0."""
+    GQA, causal (end-aligned), softcap, left window, sinks, any strides, compute capability >= 8.0."""
     if q.dtype not in _HALF:
         return "CUDA kernel runs fp16/bf16 on tensor cores; fp32 goes to Triton"
-    return _device_reason(q) or _shape_reason(q, k) or _flash_smem_reason(q.device, q.shape[-1])
+    return (_device_reason(q) or _shape_reason(q, k) or _sinks_reason(q, sinks)
+            or _flash_smem_reason(q.device, q.shape[-1]))
 
 
-def key_importance_supports(q, k, lse, rows, causal, scale) -> str | None:
+def key_importance_supports(q, k, lse, rows, causal, scale, softcap=0.0, window=-1, sinks=None) -> str | None:
     """At most 16 rows (rows [B, R] with R <= 16, or Nq <= 16 for all rows): fp16/bf16/fp32 (SIMT,
     one read of K, Nk up to 65535 chunks of 16..128 keys). More rows: fp16/bf16 on tensor cores.
-    Head dims that are multiples of 8 up to 128; GQA; causal; lse given or not; any strides."""
+    Head dims that are multiples of 8 up to 128; GQA; causal; softcap, left window, sinks; lse given
+    or not; any strides."""
     if q.dtype not in _HALF + (torch.float32,):
         return f"CUDA kernels run fp16/bf16/fp32, got {q.dtype}"
+    if (reason := _sinks_reason(q, sinks)) is not None:
+        return reason
     n_rows = rows.shape[1] if rows is not None else q.shape[2]
     if q.dtype == torch.float32 and n_rows > FEW_ROWS:
         return (f"CUDA kernels run fp32 only for at most {FEW_ROWS} rows (got {n_rows}); "
                 "more rows run fp16/bf16 on tensor cores, fp32 goes to Triton")
     reason = _device_reason(q) or _shape_reason(q, k)
+    if reason is None and q.shape[0] * q.shape[1] >= _INT32:
+        return "CUDA kernels need B * Hq that fits in int32 (a CTA per query head on grid x)"
     if reason is None and n_rows <= FEW_ROWS:
         # The few-rows kernel puts key chunks on grid y: 128 threads, 8 keys each, shared by
         # 8/16/32 threads per key (one 16-byte piece of the key row each).
@@ -111,7 +132,14 @@ def key_importance_supports(q, k, lse, rows, causal, scale) -> str | None:
 _FLOATS = _HALF + (torch.float32, torch.float64)
 MAX_SEGMENTS = 256  # select_tokens: one thread per segment sums the budgets (and a by-value table)
 MAX_SEGMENT_LEN = 16384  # select_tokens: a segment's keys and kept list in shared memory (8 bytes/token)
+SELECT_STATIC_SMEM = 4096  # a bound of the kernel's static shared memory (plan::kSelectStaticSmem)
 _INT32 = 2**31 - 1
+
+
+def select_max_segment(smem_optin: int) -> int:
+    """The longest segment select_tokens' CUDA kernel holds with `smem_optin` bytes of shared memory
+    per block (plan::select_max_segment): 16384 on sm_80 / sm_90, 12160 on sm_86 / sm_89."""
+    return min(MAX_SEGMENT_LEN, max(0, (smem_optin - SELECT_STATIC_SMEM) // 8))
 
 
 def select_tokens_supports(scores, budgets, segments, max_keep, sort) -> str | None:
@@ -125,13 +153,21 @@ def select_tokens_supports(scores, budgets, segments, max_keep, sort) -> str | N
         return f"CUDA kernel takes segments of at most {MAX_SEGMENT_LEN} tokens (shared memory), got {max(segments)}"
     if scores.shape[0] > MAX_GRID_YZ:
         return f"CUDA kernel takes batch <= {MAX_GRID_YZ}, got {scores.shape[0]}"
-    return _device_reason(scores)
+    reason = _device_reason(scores)
+    optin = _smem_optin(scores.device) if reason is None else None
+    if optin is not None and max(segments, default=0) > select_max_segment(optin):
+        return (f"CUDA kernel takes segments of at most {select_max_segment(optin)} tokens on this device "
+                f"(shared memory), got {max(segments)}")
+    return reason
 
 
 def gather_tokens_supports(x, indices, cu_seqlens, total) -> str | None:
     """Any dtype and strides (16-byte copies when rows allow); N and K below 2^31."""
     if max(x.shape[1], indices.shape[1]) >= _INT32:
         return "CUDA kernel needs N and K that fit in int32"
+    rows = (total if x.shape[0] else 0) if cu_seqlens is not None else x.shape[0] * indices.shape[1]
+    if -(-rows // 4) > _INT32:  # a warp per row, 4 per block on grid x
+        return f"CUDA kernel copies at most {4 * _INT32} rows, got {rows}"
     return _device_reason(x)
 
 
@@ -153,11 +189,11 @@ DECODE_MAX_GROUP = 8  # query heads per kv head held in one CTA's registers
 def decode_attention_supports(q, k_cache, v_cache, lengths, scale) -> str | None:
     """fp16/bf16/fp32 (SIMT, 16-byte loads), head dims that are multiples of 8 up to 128, at most 8
     query heads per kv head, any strides (a cache whose rows are not 16-byte aligned is copied)."""
-    return _decode_reason(q, k_cache.shape[1], k_cache.shape[0] * k_cache.shape[1], k_cache.shape[2])
+    return _decode_reason(q, k_cache.shape[1], k_cache.shape[2])
 
 
-def _decode_reason(q, hkv, heads, cap) -> str | None:
-    """What the split-KV decode kernel needs: `heads` = B * Hkv programs over `cap` key slots."""
+def _decode_reason(q, hkv, cap) -> str | None:
+    """What the split-KV decode kernel needs: B * Hkv programs over `cap` key slots, B * Hq merges."""
     if q.dtype not in _HALF + (torch.float32,):
         return f"CUDA kernel runs fp16/bf16/fp32, got {q.dtype}"
     group = q.shape[1] // max(hkv, 1)
@@ -166,8 +202,8 @@ def _decode_reason(q, hkv, heads, cap) -> str | None:
     d = q.shape[-1]
     if d % 8 or not 0 < d <= 128:
         return f"CUDA kernel needs a head dim that is a multiple of 8 and at most 128, got {d}"
-    if max(heads, cap) >= _INT32:
-        return "CUDA kernel needs B * Hkv and the cache capacity to fit in int32"
+    if max(q.shape[0] * q.shape[1], cap) >= _INT32:  # the merge kernel: a CTA per query head
+        return "CUDA kernel needs B * Hq and the cache capacity to fit in int32"
     return _device_reason(q)
 
 
@@ -176,16 +212,18 @@ def paged_decode_attention_supports(q, k_pages, v_pages, block_table, lengths, s
     groups; any page size and pool strides (a pool whose rows are not 16-byte aligned is copied)."""
     if k_pages.dim() != 3 or block_table.dim() != 3:
         return "CUDA kernel takes [num_pages, page_size, D] pools and a [B, Hkv, max_pages] table"
-    B, hkv, max_pages = block_table.shape
-    return _decode_reason(q, hkv, B * hkv, max_pages * k_pages.shape[1])
+    _, hkv, max_pages = block_table.shape
+    return _decode_reason(q, hkv, max_pages * k_pages.shape[1])
 
 
 # ---- varlen and index attention (csrc/cuda/varlen_attention.cu, index_attention.cu) ----
 # The flash kernel of `attention` with other row/key addressing: the same dtypes and head dims.
 
-def varlen_attention_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale) -> str | None:
+def varlen_attention_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap=0.0,
+                              window=-1, sinks=None) -> str | None:
     """fp16/bf16 on tensor cores, packed [T, H, D] with head dims that are multiples of 8 up to 128,
-    GQA, causal (end-aligned per sequence), any strides; at most 65535 sequences."""
+    GQA, causal (end-aligned per sequence), softcap, left window, sinks, any strides; at most 65535
+    sequences."""
     if q.dtype not in _HALF:
         return "CUDA kernel runs fp16/bf16 on tensor cores; fp32 goes to Triton"
     if q.dim() != 3 or k.dim() != 3:
@@ -198,7 +236,7 @@ def varlen_attention_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     if max_seqlen_q >= _INT32:
         return "CUDA kernel needs max_seqlen_q that fits in int32"
     return (_device_reason(q) or _shape_reason(q.transpose(0, 1)[None], k.transpose(0, 1)[None])
-            or _flash_smem_reason(q.device, q.shape[-1]))
+            or _sinks_reason(q, sinks) or _flash_smem_reason(q.device, q.shape[-1]))
 
 
 def index_attention_supports(q, k, v, kv_indices, kv_counts, q_positions, kv_positions, causal, scale) -> str | None:

@@ -1,16 +1,24 @@
-"""Backend choice: each backend declares whether it supports the inputs and, if not, why."""
+"""Backend choice: each backend declares whether it supports the inputs and, if not, why. The
+order backends are tried in is data (vtattn/_dispatch_table.py, per op and CUDA architecture),
+rewritten from a benchmark run by `python -m vtattn.bench --emit-dispatch`."""
+import functools
 import os
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
 
+from . import _dispatch_table
+
 BACKENDS = ("aten", "cuda", "cpp", "triton", "torch")
-# Fastest first; the reference ("torch") runs everything.
-DEFAULT_ORDER = {"cuda": ("aten", "cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
 
 class BackendUnavailable(RuntimeError):
     """A forced backend cannot run the given inputs (the message says why)."""
+
+
+class ReferenceFallbackWarning(UserWarning):
+    """CUDA tensors ran on the pure-PyTorch reference: no kernel took the inputs (N x N memory)."""
 
 
 class Backend(NamedTuple):
@@ -55,16 +63,59 @@ class use_backend:
         _forced = self._previous
 
 
-def _device_kind(args) -> str:
+@functools.cache
+def _arch(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+def _device_key(args) -> str:
+    """"cpu", or the architecture of the CUDA tensors' device ("sm_90")."""
     t = next(a for a in args if isinstance(a, torch.Tensor))
-    return "cuda" if t.device.type == "cuda" else "cpu"
+    if t.device.type != "cuda":
+        return "cpu"
+    return _arch(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-def explain(backends: dict[str, Backend], args) -> dict[str, str | None]:
-    """Every backend's answer for these inputs, in default order (None = would run)."""
-    order = DEFAULT_ORDER[_device_kind(args)]
-    names = [n for n in order if n in backends] + [n for n in backends if n not in order]
-    return {n: backends[n].supports(*args) for n in names}
+def order(op: str, key: str, table: dict | None = None) -> tuple:
+    """Backends to try for `op` on a device key ("cpu", "cuda" or "sm_90"), fastest first."""
+    table = _dispatch_table.ORDER if table is None else table
+    for k in (key, "cpu" if key == "cpu" else "cuda"):
+        rows = table.get(k, {})
+        if op in rows or "*" in rows:
+            return tuple(rows.get(op, rows.get("*")))
+    raise KeyError(f"the dispatch table has no order for {op} on {key}")
+
+
+def _ordered(op: str, backends: dict[str, Backend], key: str) -> list[str]:
+    """The op's backends in dispatch order; any the table does not name go just before the reference."""
+    first = [n for n in order(op, key) if n in backends and n != "torch"]
+    return first + [n for n in backends if n not in first and n != "torch"] + ["torch"] * ("torch" in backends)
+
+
+def explain(backends: dict[str, Backend], args, op: str = "*") -> dict[str, str | None]:
+    """Every backend's answer for these inputs, in dispatch order (None = would run)."""
+    return {n: backends[n].supports(*args) for n in _ordered(op, backends, _device_key(args))}
+
+
+_warned: set = set()
+
+
+def _strict() -> bool:
+    return os.environ.get("VTATTN_STRICT", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _fell_back(op: str, refusals: dict[str, str]):
+    """CUDA inputs reached the reference: raise under VTATTN_STRICT=1, else warn once per (op, reasons)."""
+    reasons = "; ".join(f"{n}: {r}" for n, r in refusals.items())
+    message = (f"vtattn.{op}: no CUDA/Triton kernel takes these inputs, so the pure-PyTorch reference runs them "
+               f"(N x N memory, slow): {reasons}. `python -m vtattn info` shows each backend's answer; "
+               "VTATTN_STRICT=1 makes this an error.")
+    if _strict():
+        raise BackendUnavailable(message)
+    if (op, reasons) not in _warned:
+        _warned.add((op, reasons))
+        warnings.warn(message, ReferenceFallbackWarning, stacklevel=2)
 
 
 def choose(op: str, backends: dict[str, Backend], args) -> str:
@@ -77,10 +128,16 @@ def choose(op: str, backends: dict[str, Backend], args) -> str:
         if reason is not None:
             raise BackendUnavailable(f"vtattn.{op}: backend {forced!r} cannot run these inputs: {reason}")
         return forced
-    for name in DEFAULT_ORDER[_device_kind(args)]:
-        if name in backends and backends[name].supports(*args) is None:
+    key = _device_key(args)
+    refusals = {}
+    for name in _ordered(op, backends, key):
+        reason = backends[name].supports(*args)
+        if reason is None:
+            if name == "torch" and key != "cpu":
+                _fell_back(op, refusals)
             return name
-    raise BackendUnavailable(f"vtattn.{op}: no backend supports these inputs: {explain(backends, args)}")
+        refusals[name] = reason
+    raise BackendUnavailable(f"vtattn.{op}: no backend supports these inputs: {explain(backends, args, op)}")
 
 
 def run(op: str, backends: dict[str, Backend], *args):
