@@ -24,7 +24,7 @@ def run_bench(benchmark):
     the L2 flushed and the next input copy picked in pedantic's (untimed) setup."""
     import vtattn
     from vtattn.bench.cases import ALL_BACKENDS, DTYPE_NAMES, Skip, build_cases, input_bytes, n_copies
-    from vtattn.bench.timing import flush_l2
+    from vtattn.bench.timing import cpu_threads, flush_l2
 
     def run(op, case_name, impl_name):
         cuda = torch.cuda.is_available()
@@ -39,7 +39,8 @@ def run_bench(benchmark):
         # Model-level rows (their own timer) take up to seconds a call; the probe warms them up.
         rounds, warmup = (3, 0) if impl.timer is not None else (50, 5) if cuda else (5, 1)
         try:
-            with impl.ctx():
+            # inference is what is timed (the models' weights require grad); CPU: one thread, as the runner
+            with torch.no_grad(), cpu_threads(device), impl.ctx():
                 try:
                     xs = cycle([impl.prep(x) if impl.prep else x for x in copies])
                     impl.call(next(xs))  # refusals, compilation and autotuning: untimed

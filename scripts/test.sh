@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: set up .venv, build vtattn (CUDA kernels included), then run the CPU tests,
+# The test command: set up .venv, build vtattn (CUDA kernels included; the build is reused while its
+# sources, torch and options are unchanged), then run the CPU tests,
 # the Triton interpreter tests (own process), the benchmark smoke test and the sm_90 compile of the
 # Triton kernels (scripts/compile_triton.py); then all of it again on the oldest supported torch /
 # triton / transformers (scripts/oldest_env.sh; skip with VTATTN_TEST_OLDEST=0).
@@ -7,15 +8,23 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh || { echo "setup/build failed"; exit 1; }
 . "${VTATTN_VENV:-.venv}/bin/activate"
+# The build above had to include the CUDA kernels: tests/test_build.py checks that they are in _C.
+export VTATTN_REQUIRE_CUDA=${VTATTN_REQUIRE_CUDA:-1}
 
+T0=$SECONDS
 status=0
 run() {  # pytest exits 5 when it collects nothing: that is not a failure of the suite
+  echo "[test +$((SECONDS - T0))s] $*"
   "$@"; local rc=$?
   if [ $rc -ne 0 ] && [ $rc -ne 5 ]; then status=$rc; echo "FAILED: $*"; fi
 }
 run python -m pytest tests -q -p no:cacheprovider
 run env TRITON_INTERPRET=1 python -m pytest tests/interpreter -q -p no:cacheprovider
 run python -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider
-run python scripts/compile_triton.py --all-configs  # the Triton kernels lower for sm_90 (no GPU needed)
+run python scripts/compile_triton.py --all-configs --record build/triton_launches.json  # they lower for sm_90
+run python scripts/compile_triton.py --all-configs --arch 80 --record build/triton_launches.json  # and sm_80
+run python -m vtattn.check_launches  # every CUDA / Triton launch fits sm_80..sm_90 (ptxas reports of the build)
+run bash scripts/gpu_check.sh build/gpu-check-dry-run dry-run  # the first GPU call, rehearsed without a GPU
 [ "${VTATTN_TEST_OLDEST:-1}" = 0 ] || run bash scripts/oldest_env.sh test
+echo "[test done in $((SECONDS - T0))s]"
 exit $status

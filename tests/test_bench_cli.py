@@ -31,26 +31,38 @@ def test_quick_run_writes_the_documented_row_fields(quick_run):
             assert field in r, field
         assert r["op"] == "select_tokens" and r["device"] == "cpu" and r["dtype"] == "fp32"
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["ci_low_ms"] <= r["median_ms"] <= r["ci_high_ms"] and r["ci_level"] >= 0.95
+        assert r["reps"] >= 10 and r["calls_per_rep"] >= 1 and r["converged"] in (True, False)
         assert r["baseline"] == "torch-topk" and r["speedup"] > 0
+        if r["backend"] != "torch-topk":  # the ratio's interval holds the ratio
+            lo, hi = r["speedup_ci"]
+            assert lo <= r["speedup"] <= hi and r["speedup_noise"] == (lo <= 1 <= hi)
     h = run["header"]
     assert h["peaks"]["copy_gbps"] > 0 and h["scaled"] == "cpu-quick" and h["git_commit"]
+    assert h["cpu_threads"] == 1 and h["timing"]["target"] > 0
     assert (path.parent / "run.csv").read_text().startswith("op,")
 
 
 def test_compare_flags_rows_slower_than_the_spread(quick_run, tmp_path):
     _, run = quick_run
     old = copy.deepcopy(run)
-    slow, same = old["rows"][0], old["rows"][1]
-    # The recorded run was faster beyond both spreads for one row, and overlapping for the other.
-    slow.update(median_ms=slow["p20_ms"] / 4, p20_ms=slow["p20_ms"] / 5, p80_ms=slow["p20_ms"] / 3)
-    same.update(p20_ms=same["p20_ms"] / 2, p80_ms=same["p80_ms"] * 2)
+    slow, same, legacy = old["rows"][0], old["rows"][1], old["rows"][2]
+    # The recorded run was faster beyond both intervals for one row, and overlapping for the other.
+    lo = slow["ci_low_ms"]
+    slow.update(median_ms=lo / 4, ci_low_ms=lo / 5, ci_high_ms=lo / 3)
+    same.update(ci_low_ms=same["ci_low_ms"] / 2, ci_high_ms=same["ci_high_ms"] * 2)
+    # A run recorded before the intervals: p20-p80 stand in for them.
+    for k in ("ci_low_ms", "ci_high_ms"):
+        del legacy[k]
+    legacy.update(p20_ms=legacy["median_ms"] / 100, p80_ms=legacy["median_ms"] / 50)
     (tmp_path / "old.json").write_text(json.dumps(old))
     pairs = bench_compare.compare(run["rows"], tmp_path / "old.json")
     flags = {r["backend"]: slower for r, _, _, slower in pairs}
-    assert flags[slow["backend"]] is True and flags[same["backend"]] is False
+    assert flags[slow["backend"]] is True and flags[same["backend"]] is False and flags[legacy["backend"]] is True
     ratio = {r["backend"]: x for r, _, x, _ in pairs}[slow["backend"]]
     assert ratio == pytest.approx(run["rows"][0]["median_ms"] / slow["median_ms"])
-    assert "SLOWER" in bench_compare.format_compare(pairs, "old.json")
+    text = bench_compare.format_compare(pairs, "old.json")
+    assert "SLOWER" in text and "~ (noise)" in text
 
 
 FAKE_PEAKS = {"copy_gbps": 1.0, "matmul_tflops": 1.0, "matmul_dtype": "fp32", "matmul_shape": "1x1x1"}

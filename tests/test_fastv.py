@@ -93,7 +93,8 @@ def test_fastv_matches_eager_rule_and_manual_pipeline(keep):
     kept = _reference_kept(model, ids, embeds, mask, keep)
     real = mask.bool()
     expected = torch.stack([_manual_logits(model, embeds[b][real[b]], kept[b][real[b]]) for b in range(2)])
-    vtattn.patch.llava(model, method="fastv", layer=K, keep=keep)
+    vtattn.patch.llava(model, method="fastv", layer=K, **({"keep": keep} if isinstance(keep, float) else
+                                                          {"keep_tokens": keep}))
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions(mask))
     assert torch.equal(model._vtattn_patch.fastv.kept, kept)

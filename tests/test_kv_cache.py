@@ -1,6 +1,8 @@
 """vtattn.kv.CompressedCache, LOOK-M merging and the `kv=` drop-in: keep-sets against the rules on
 eager attention, merge formulas against float64 loops, decode reads against attention over the
 kept rows, paging (growth, beams), memory accounting, and generate against the unpatched model."""
+import inspect
+
 import pytest
 import torch
 
@@ -11,6 +13,10 @@ from helpers import backend_params
 
 transformers = pytest.importorskip("transformers")
 from vtattn.kv.cache import CompressedCache, CompressedLayer  # noqa: E402  (needs transformers)
+
+# The cache argument of forward / generate: `cache` in newer transformers (5.25, where the old name warns),
+# `past_key_values` in older ones (5.17).
+CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def _images(n, seed=1):
@@ -98,7 +104,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("policy", [None, kv.SnapKV(0.4, window=3), kv.H2O(5, 2)])
+@pytest.mark.parametrize("policy", [None, kv.SnapKV(0.4, window=3), kv.H2O(budget_tokens=5, recent_tokens=2)])
 def test_layer_compresses_then_appends_and_reads(policy, device):
     g = torch.Generator().manual_seed(0)
     B, Hq, Hkv, L, D = 2, 4, 2, 23, 16 if device == "cpu" else 64
@@ -272,7 +278,7 @@ def test_llava_kv_memory_and_positions():
     given = CompressedCache(kv.LookM(budget=0.1, recent=0.1), page_size=4, room=4)  # the caller's cache is used
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=_images(4), max_new_tokens=3,
-                             do_sample=False, return_dict_in_generate=True, past_key_values=given)
+                             do_sample=False, return_dict_in_generate=True, **{CACHE: given})
     cache = out.past_key_values
     assert cache is given
     L = ids.shape[1]
@@ -317,7 +323,7 @@ def test_llava_kv_on_cuda_fp16():
         torch.testing.assert_close(model(**inputs).logits[:, -1].float(), before, atol=5e-2, rtol=5e-2)
         vtattn.patch.llava(model, kv=kv.LookM(budget=0.2, recent=0.1, merge="pivotal"))
         cache = CompressedCache(kv.LookM(budget=0.2, recent=0.1, merge="pivotal"), room=8)
-        out = model.generate(**inputs, max_new_tokens=20, do_sample=False, past_key_values=cache)
+        out = model.generate(**inputs, max_new_tokens=20, do_sample=False, **{CACHE: cache})
     assert out.shape == (2, ids.shape[1] + 20)  # 20 steps: past the headroom, pages grew
     full = 2 * 2 * 2 * 2 * (ids.shape[1] + 20) * 64 * 2  # k and v, batch, layers, kv heads, tokens, D, fp16
     assert cache.kv_bytes() < 0.7 * full
@@ -343,11 +349,11 @@ def test_lookm_budget_01_on_the_4_image_prompt_takes_under_a_quarter_of_the_cach
     cache.modality = image
     L, per_token = ids.shape[1], 2 * 2 * 2 * 32 * 4  # k and v, layers, kv heads, D, fp32
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, use_cache=True, **{CACHE: cache})
         assert cache.kv_bytes() <= 0.25 * L * per_token
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(64):
-            token = model(token, past_key_values=cache, use_cache=True).logits.argmax(-1)
+            token = model(token, use_cache=True, **{CACHE: cache}).logits.argmax(-1)
     assert cache.get_seq_length() == L + 64
     assert cache.kv_bytes() <= 0.25 * (L + 64) * per_token
 
@@ -379,13 +385,13 @@ def test_llava_kv_reusing_a_replaced_cache_raises():
     def loop(own):
         cache = transformers.DynamicCache(config=model.config.text_config) if own else None
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, past_key_values=cache)
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, **{CACHE: cache})
             cache = cache if own else out.past_key_values
             token, m = out.logits[:, -1:].argmax(-1), mask
             tokens = [token]
             for _ in range(3):
                 m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
-                token = model(input_ids=token, attention_mask=m, past_key_values=cache).logits[:, -1:].argmax(-1)
+                token = model(input_ids=token, attention_mask=m, **{CACHE: cache}).logits[:, -1:].argmax(-1)
                 tokens.append(token)
         return torch.cat(tokens, 1)
 
@@ -404,5 +410,5 @@ def test_llava_kv_an_empty_cache_reused_for_new_prompts():
     cache = transformers.DynamicCache(config=model.config.text_config)
     options = dict(input_ids=ids, attention_mask=mask, pixel_values=_images(1), max_new_tokens=3, do_sample=False)
     with torch.no_grad():
-        first = model.generate(**options, past_key_values=cache)
-        assert torch.equal(model.generate(**options, past_key_values=cache), first)
+        first = model.generate(**options, **{CACHE: cache})
+        assert torch.equal(model.generate(**options, **{CACHE: cache}), first)

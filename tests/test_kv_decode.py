@@ -70,7 +70,7 @@ def _prefill(policy, q, k, v, valid, scale):
 @pytest.mark.parametrize("padded", [False, True])
 # recent 10: more than the prefill keeps; scale 0.4: not the default (the cache rescales q)
 @pytest.mark.parametrize("every,recent,scale", [(1, 2, None), (3, 2, 0.4), (3, 10, None)])
-@pytest.mark.parametrize("inner", [kv.H2O(6, 2), kv.SnapKV(0.4, window=3)], ids=["h2o", "snapkv"])
+@pytest.mark.parametrize("inner", [kv.H2O(budget_tokens=6, recent_tokens=2), kv.SnapKV(0.4, window=3)], ids=["h2o", "snapkv"])
 def test_decode_h2o_matches_stepwise_h2o(inner, every, recent, scale, padded, device):
     g = torch.Generator().manual_seed(5)
     B, Hq, Hkv, L, D = 2, 4, 2, 21, 16
@@ -141,7 +141,7 @@ def test_decode_h2o_beams_take_their_pending_queries():
     B, Hq, Hkv, L, D = 2, 2, 1, 15, 8
     q, k, v = (torch.randn(B, h, L, D, generator=g) for h in (Hq, Hkv, Hkv))
     steps = [tuple(torch.randn(B, h, 1, D, generator=g) for h in (Hq, Hkv, Hkv)) for _ in range(5)]
-    policy = kv.DecodeH2O(kv.H2O(4, 1), every=4, recent=1)
+    policy = kv.DecodeH2O(kv.H2O(budget_tokens=4, recent_tokens=1), every=4, recent=1)
 
     def run(rows, reorder_at):
         cache = CompressedCache(policy, page_size=4, room=2)
@@ -166,13 +166,13 @@ def test_decode_h2o_bad_arguments():
     with pytest.raises(TypeError, match="policy"):
         kv.DecodeH2O("h2o")
     with pytest.raises(ValueError, match="every"):
-        kv.DecodeH2O(kv.H2O(4, 1), every=0)
+        kv.DecodeH2O(kv.H2O(budget_tokens=4, recent_tokens=1), every=0)
     with pytest.raises(ValueError, match="recent"):
-        kv.DecodeH2O(kv.H2O(4, 1), recent=-1)
+        kv.DecodeH2O(kv.H2O(budget_tokens=4, recent_tokens=1), recent=-1)
     with pytest.raises(TypeError, match="outermost"):
-        kv.AdaKV(kv.DecodeH2O(kv.H2O(4, 1)))
+        kv.AdaKV(kv.DecodeH2O(kv.H2O(budget_tokens=4, recent_tokens=1)))
     with pytest.raises(TypeError, match="outermost"):
-        kv.DecodeH2O(kv.DecodeH2O(kv.H2O(4, 1)))
+        kv.DecodeH2O(kv.DecodeH2O(kv.H2O(budget_tokens=4, recent_tokens=1)))
 
 
 @pytest.mark.parametrize("fastv", [None, 1], ids=["kv", "fastv+kv"])

@@ -68,7 +68,8 @@ def test_lookm(L, group, seed, budget, recent):
         for h in range(HKV):
             imgs = [j for j in range(L) if image[b, j] and j not in window]
             ref[b, h] = window | text | top(s[b, h], imgs, hh - len(text - window))
-    check(kv.LookM(budget, recent, merge="pivotal").select(q, k, modality=image), ref, s, s)
+    window = {"recent_tokens": recent} if isinstance(recent, int) else {"recent": recent}
+    check(kv.LookM(budget, merge="pivotal", **window).select(q, k, modality=image), ref, s, s)
 
 
 @pytest.mark.parametrize("L,group,seed", CASES)
@@ -169,7 +170,7 @@ def test_image_spans():
 @pytest.mark.parametrize("make_policy", [lambda: kv.LookM(1.0, 0.0), lambda: kv.SnapKV(1.0, window=5),
                                          lambda: kv.H2O(1.0, 0.0), lambda: kv.KeyNorm(1.0),
                                          lambda: kv.AdaKV(kv.SnapKV(1.0, window=5), floor=0.3),
-                                         lambda: kv.AdaKV(kv.Modality(kv.H2O(1.0, 3), max_per_image=100))])
+                                         lambda: kv.AdaKV(kv.Modality(kv.H2O(1.0, recent_tokens=3), max_per_image=100))])
 def test_budget_one_keeps_everything(make_policy):
     q, k, image = make(37, 2, 11)
     keep = make_policy().select(q, k, modality=image)
@@ -179,7 +180,7 @@ def test_budget_one_keeps_everything(make_policy):
 def test_pyramid():
     ratios = kv.pyramid(8, 0.25)
     assert ratios == sorted(ratios, reverse=True) and abs(sum(ratios) / 8 - 0.25) < 1e-12
-    counts = kv.pyramid(7, 100)
+    counts = kv.pyramid(7, mean_budget_tokens=100)
     assert counts == sorted(counts, reverse=True) and sum(counts) == 700 and all(isinstance(c, int) for c in counts)
     assert kv.pyramid(1, 0.6) == [0.6]
     with pytest.raises(ValueError, match="exceeds 1"):

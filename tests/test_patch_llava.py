@@ -60,7 +60,7 @@ def test_llava_siglip_mean_received(monkeypatch):
     attentions, hidden = eager_attentions(model.model.vision_tower, pixels)
     kept = [topk(s, 9) for s in reference_scores("mean_received", attentions, 2, drop=0)]
     expected, short = manual_logits(model, ids, mask, [36] * 3, _kept_features(model, hidden[-1], kept, 0))
-    vtattn.patch.llava(model, keep=9)  # auto: SigLIP has no [CLS]
+    vtattn.patch.llava(model, keep_tokens=9)  # auto: SigLIP has no [CLS]
     calls = []
     for name in ("attention", "key_importance"):  # the tower runs on vtattn, one layer probed
         op = getattr(vtattn, name)
@@ -79,7 +79,7 @@ def test_llava_merge_and_labels():
     layer = model.model.vision_tower.encoder.layers[2]
     keys = layer.self_attn.k_proj(layer.layer_norm1(hidden[2]))[:, 1:].detach()
     scores = reference_scores("cls", attentions, 2)
-    selection = vtattn.select_tokens(scores, torch.full((3,), 9))
+    selection = vtattn.select_tokens(scores, keep_tokens=torch.full((3,), 9))
     merged = vtattn.merge_tokens(hidden[-2][:, 1:], selection, keys=keys, mode="weighted")
     features = list(model.model.multi_modal_projector(merged))
     expected, short = manual_logits(model, ids, mask, [36] * 3, features)
@@ -142,8 +142,11 @@ def test_llava_generate_continues_shortened_cache(num_beams, spans):
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(keep=0), ValueError, "keep"), (dict(keep=1.5), ValueError, "keep"),
-    (dict(method="cls_ensemble", ensemble_layers=[7]), IndexError, "ensemble layer 7"),
-    (dict(method="unknown"), ValueError, "unknown method"), (dict(merge="sum"), ValueError, "merge")])
+    (dict(keep=1), ValueError, "ambiguous"), (dict(keep=0.5, keep_tokens=9), ValueError, "not both"),
+    (dict(keep=0.5, method="cls_ensemble", ensemble_layers=[7]), IndexError, "ensemble layer 7"),
+    (dict(method="unknown"), ValueError, "unknown method .*'fastv'"),
+    (dict(keep=0.5, merge="sum"), ValueError, "merge"), (dict(), ValueError, "nothing to do"),
+    (dict(method="cls"), ValueError, "nothing to do")])
 def test_llava_bad_arguments(kwargs, error, match):
     model = llava()
     with pytest.raises(error, match=match):

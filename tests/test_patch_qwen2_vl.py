@@ -128,7 +128,7 @@ def test_videos_keep_their_top_tokens_per_frame(family):
         assert torch.equal(model._vtattn_patch.fastv.kept, expected)
         # round(0.4 * 4) = 2 of the image and of each frame (the whole video's 8 would keep 3)
         assert int(expected.sum()) == x["input_ids"].shape[1] - 2 - 2 - 2
-        vtattn.patch.qwen2_vl(model, keep=4)  # every token of the image and of each frame
+        vtattn.patch.qwen2_vl(model, keep_tokens=4)  # every token of the image and of each frame
         assert torch.equal(model.generate(**x, **GENERATE, num_beams=2), unpatched)
 
 
@@ -139,7 +139,7 @@ def test_keep_every_token_is_the_unpatched_model(family, num_beams):
     x = qwen2_vl_inputs(GRIDS)
     with torch.no_grad():
         expected = model.generate(**x, **GENERATE, num_beams=num_beams)
-        vtattn.patch.qwen2_vl(model, keep=8)  # an int count: every image keeps all of its (<= 8) tokens
+        vtattn.patch.qwen2_vl(model, keep_tokens=8)  # every image keeps all of its (<= 8) tokens
         assert torch.equal(model.generate(**x, **GENERATE, num_beams=num_beams), expected)
         real = x["attention_mask"].bool().repeat_interleave(num_beams, 0)  # generate expands for beams
         assert bool(model._vtattn_patch.fastv.kept[real].all())
@@ -196,7 +196,7 @@ def test_text_only_prompt_and_bad_arguments():
             hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)), keep=0.5)
     with pytest.raises(ValueError, match="keep"):
         vtattn.patch.qwen2_vl(model, keep=1.5)
-    with pytest.raises(ValueError, match="nothing to patch"):
+    with pytest.raises(ValueError, match="nothing to do"):
         vtattn.patch.qwen2_vl(model)
     with pytest.raises(NotImplementedError, match="two pruning stages"):
         vtattn.patch.qwen2_vl(model, keep=0.5, fastv=vtattn.patch.FastV(layer=1))
@@ -215,7 +215,7 @@ def test_qwen2vl_keep_on_cuda_fp16():
     x["pixel_values"] = x["pixel_values"].half()
     with torch.no_grad():
         before = model(**x).logits[:, -1].float()
-        vtattn.patch.qwen2_vl(model, keep=24)
+        vtattn.patch.qwen2_vl(model, keep_tokens=24)
         torch.testing.assert_close(model(**x).logits[:, -1].float(), before, atol=5e-2, rtol=5e-2)
         vtattn.patch.qwen2_vl(model, keep=0.25, kv=kv.LookM(budget=0.5, recent=0.1))
         out = model.generate(**x, max_new_tokens=20, do_sample=False, return_dict_in_generate=True)

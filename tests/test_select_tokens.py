@@ -52,7 +52,8 @@ CASES = [
 
 
 def _keep(keep, B, segments, N, device):
-    """The public keep and the per-(sample, segment) counts it means."""
+    """The public keep argument ({"keep": ratio} or {"keep_tokens": counts}) and the per-(sample,
+    segment) counts it means."""
     segments = segments or [N]
     if keep == "per_sample":
         g = torch.Generator().manual_seed(B * N)
@@ -60,10 +61,10 @@ def _keep(keep, B, segments, N, device):
         counts[:, 0] = counts[:, 0].clamp(min=1)  # every sample keeps something
         counts[0] = torch.tensor(segments)  # one sample keeps everything
         public = counts if len(segments) > 1 else counts[:, 0]
-        return public.to(device), counts.tolist()
+        return {"keep_tokens": public.to(device)}, counts.tolist()
     if isinstance(keep, float):
-        return keep, [[max(1, round(keep * n)) for n in segments]] * B
-    return keep, [[keep] * len(segments)] * B
+        return {"keep": keep}, [[max(1, round(keep * n)) for n in segments]] * B
+    return {"keep_tokens": keep}, [[keep] * len(segments)] * B
 
 
 @pytest.mark.parametrize("device,backend", backend_params(SELECT_TOKENS))
@@ -78,14 +79,14 @@ def test_select_matches_naive(device, backend, dtype, case, sort):
     skip_unless_supported(SELECT_TOKENS, (scores, budgets_t, segments or [N], 1, sort), backend)
     before = scores.clone()
     with poisoned_outputs():
-        sel = run_forced(backend, vtattn.select_tokens, scores, keep, segments=segments, sort=sort)
+        sel = run_forced(backend, vtattn.select_tokens, scores, **keep, segments=segments, sort=sort)
     indices, mask, counts = naive_select(scores.cpu(), budgets, segments or [N], sort)
     assert torch.equal(sel.indices.cpu(), indices)
     assert torch.equal(sel.mask.cpu(), mask)
     assert torch.equal(sel.counts.cpu(), counts)
     assert sel.cu_seqlens.dtype == torch.int32 and sel.cu_seqlens.tolist() == [0] + counts.cumsum(0).tolist()
-    assert sel.total == (int(counts.sum()) if len(set(counts.tolist())) == 1 or not isinstance(keep, torch.Tensor)
-                         else None)
+    tensor = isinstance(keep.get("keep_tokens"), torch.Tensor)
+    assert sel.total == (int(counts.sum()) if len(set(counts.tolist())) == 1 or not tensor else None)
     assert torch.equal(scores, before)
 
 
@@ -96,10 +97,10 @@ def test_deterministic_under_ties(device, backend):
     args = (scores, torch.full((4, 1), 250, device=device), [577], 250, True)
     skip_unless_supported(SELECT_TOKENS, args, backend)
     for sort, order in ((True, [*range(50), *range(100, 300)]), (False, [*range(100, 300), *range(50)])):
-        first = run_forced(backend, vtattn.select_tokens, scores, 250, sort=sort)
+        first = run_forced(backend, vtattn.select_tokens, scores, keep_tokens=250, sort=sort)
         assert first.indices.tolist() == [order] * 4
         for _ in range(3):
-            again = run_forced(backend, vtattn.select_tokens, scores, 250, sort=sort)
+            again = run_forced(backend, vtattn.select_tokens, scores, keep_tokens=250, sort=sort)
             assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
@@ -137,26 +138,33 @@ def test_meta_tensors_and_compile():
 BAD = [
     (lambda s: (s[0], 0.5), {}, ValueError, "scores must be 2-D"),
     (lambda s: (s.long(), 0.5), {}, TypeError, "scores must have dtype"),
-    (lambda s: (s, 0.0), {}, ValueError, r"keep must be in \(0, 1\]"),
-    (lambda s: (s, 1.5), {}, ValueError, r"keep must be in \(0, 1\]"),
-    (lambda s: (s, float("nan")), {}, ValueError, r"keep must be in \(0, 1\]"),
-    (lambda s: (s, 0), {}, ValueError, "keep must be >= 1"),
+    (lambda s: (s, 0.0), {}, ValueError, r"keep must be a ratio in \(0, 1\]"),
+    (lambda s: (s, 1.5), {}, ValueError, r"keep must be a ratio in \(0, 1\]"),
+    (lambda s: (s, float("nan")), {}, ValueError, r"keep must be a ratio in \(0, 1\]"),
+    (lambda s: (s, 0), {}, ValueError, r"keep must be a ratio in \(0, 1\]"),
+    (lambda s: (s, 1), {}, ValueError, "keep=1 is ambiguous"),
     (lambda s: (s, True), {}, TypeError, "keep must be a float ratio"),
     (lambda s: (s, "all"), {}, TypeError, "keep must be a float ratio"),
-    (lambda s: (s, 13), {}, ValueError, "keep=13 is more than the 12 tokens"),
-    (lambda s: (s, 5), {"segments": [4, 8]}, ValueError, "keep=5 is more than the 4 tokens"),
+    (lambda s: (s,), {}, TypeError, "needs keep= .* or keep_tokens="),
+    (lambda s: (s, 0.5), {"keep_tokens": 3}, ValueError, "not both"),
+    (lambda s: (s,), {"keep_tokens": 0}, ValueError, "keep_tokens must be an int >= 1"),
+    (lambda s: (s,), {"keep_tokens": 2.0}, TypeError, "keep_tokens must be an int"),
+    (lambda s: (s,), {"keep_tokens": 13}, ValueError, "keep_tokens=13 is more than the 12 tokens"),
+    (lambda s: (s,), {"keep_tokens": 5, "segments": [4, 8]}, ValueError,
+     "keep_tokens=5 is more than the 4 tokens"),
     (lambda s: (s, 0.5), {"segments": [4, 7]}, ValueError, "segments sum to 11"),
     (lambda s: (s, 0.5), {"segments": [4, 0, 8]}, ValueError, "no empty segment"),
     (lambda s: (s, 0.5), {"segments": 12}, TypeError, "segments must be a list"),
     (lambda s: (s, 0.5), {"segments": [4.0, 8.0]}, TypeError, "segments must be a list"),
-    (lambda s: (s, torch.tensor([1.0, 2.0])), {}, TypeError, "keep must be an integer tensor"),
-    (lambda s: (s, torch.tensor([1, 2, 3])), {}, ValueError, r"keep must have shape \[B\]"),
-    (lambda s: (s, torch.tensor([1, 2])), {"segments": [4, 8]}, ValueError, r"give \[B, S\]"),
-    (lambda s: (s, torch.tensor([1, -2])), {}, ValueError, "keep has negative counts"),
-    (lambda s: (s, torch.tensor([1, 13])), {}, ValueError, "more tokens than a segment has"),
-    (lambda s: (s, torch.tensor([[1, 9], [4, 1]])), {"segments": [4, 8]}, ValueError, "more tokens than a segment"),
-    (lambda s: (s, torch.tensor([3, 0])), {}, ValueError, "keeps no token of sample 1"),
-    (lambda s: (s, torch.tensor([1, 2], device="meta")), {}, ValueError, "keep is on meta"),
+    (lambda s: (s,), {"keep_tokens": torch.tensor([1.0, 2.0])}, TypeError, "keep_tokens must be an integer tensor"),
+    (lambda s: (s,), {"keep_tokens": torch.tensor([1, 2, 3])}, ValueError, r"keep_tokens must have shape \[B\]"),
+    (lambda s: (s,), {"keep_tokens": torch.tensor([1, 2]), "segments": [4, 8]}, ValueError, r"give \[B, S\]"),
+    (lambda s: (s,), {"keep_tokens": torch.tensor([1, -2])}, ValueError, "keep_tokens has negative counts"),
+    (lambda s: (s,), {"keep_tokens": torch.tensor([1, 13])}, ValueError, "more tokens than a segment has"),
+    (lambda s: (s,), {"keep_tokens": torch.tensor([[1, 9], [4, 1]]), "segments": [4, 8]}, ValueError,
+     "more tokens than a segment"),
+    (lambda s: (s,), {"keep_tokens": torch.tensor([3, 0])}, ValueError, "keeps no token of sample 1"),
+    (lambda s: (s,), {"keep_tokens": torch.tensor([1, 2], device="meta")}, ValueError, "keep_tokens is on meta"),
     (lambda s: (s.index_fill(1, torch.tensor([3]), float("nan")), 0.5), {}, ValueError, "scores contains NaN"),
     (lambda s: (s[:, :0], 0.5), {}, ValueError, "no tokens"),
 ]

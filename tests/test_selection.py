@@ -120,7 +120,8 @@ def test_clip_tower_matches_eager(method, keep):
     tower = _tower(clip_config(layers=6))
     pixels = torch.randn(3, 3, 84, 84)
     attentions, hidden = eager_attentions(tower, pixels)
-    vtattn.patch.vision_tower(tower, keep=keep, method=method, feature_layer=-2)
+    budget = {"keep": keep} if isinstance(keep, float) else {"keep_tokens": keep}
+    vtattn.patch.vision_tower(tower, **budget, method=method, feature_layer=-2)
     with torch.no_grad():
         out = tower(pixels)
     k = policy.budget(keep, 36)
@@ -134,7 +135,7 @@ def test_tower_rows():
     tower = _tower(clip_config())
     pixels = torch.randn(2, 3, 84, 84)
     attentions, _ = eager_attentions(tower, pixels)
-    vtattn.patch.vision_tower(tower, keep=15, method="rows", feature_layer=-1)
+    vtattn.patch.vision_tower(tower, keep_tokens=15, method="rows", feature_layer=-1)
     with torch.no_grad():
         out = tower(pixels)
     scores = reference_scores("cls", attentions, 3)
@@ -178,6 +179,7 @@ def test_tower_unpatch():
 
 @pytest.mark.parametrize("kwargs, error", [
     (dict(keep=0), ValueError), (dict(keep=1.5), ValueError), (dict(keep=0.5, method="nope"), ValueError),
+    (dict(keep=1), ValueError), (dict(keep_tokens=0), ValueError), (dict(method="cls"), TypeError),
     (dict(keep=0.5, method="cls_ensemble", ensemble_layers=[4]), IndexError),
     (dict(keep=0.5, merge="max"), ValueError), (dict(keep=0.5, feature_layer=0), ValueError),
     (dict(keep=0.5, method="hired", alpha=2.0), ValueError)])
@@ -239,3 +241,38 @@ def test_tower_merge_keys_from_the_feature_layer():
     assert out.selection.indices.tolist() == [topk(s, 9).tolist() for s in scores]
     merged = vtattn.merge_tokens(hidden[-2][:, 1:], out.selection, keys=keys, mode="weighted")
     torch.testing.assert_close(out.features, merged, atol=1e-5, rtol=1e-5)
+
+
+def test_budget_spellings():
+    """keep / budget / recent take ratios, keep_tokens / budget_tokens / recent_tokens counts; an int
+    ratio is the old spelling of a count (FutureWarning, pointing at the caller), except 1, which
+    is ambiguous (1.0 keeps everything)."""
+    from vtattn import kv
+    scores = torch.randn(2, 12)
+    assert vtattn.select_tokens(scores, 0.25).indices.shape == (2, 3)
+    with pytest.warns(FutureWarning, match="spell it keep_tokens=5") as record:
+        old = vtattn.select_tokens(scores, 5)
+    assert record[0].filename == __file__
+    assert torch.equal(old.indices, vtattn.select_tokens(scores, keep_tokens=5).indices)
+    with pytest.warns(FutureWarning, match="keep_tokens=<tensor>"):
+        vtattn.select_tokens(scores, torch.tensor([2, 3]))
+    with pytest.raises(ValueError, match="keep=1 is ambiguous"):
+        vtattn.select_tokens(scores, 1)
+    assert vtattn.patch.FastV(keep_tokens=3).budget(10) == 3 and vtattn.patch.FastV(keep=0.5).budget(10) == 5
+    assert vtattn.patch.FastV().keep == 0.5 and vtattn.patch.FastV(keep=0).budget(10) == 0
+    with pytest.warns(FutureWarning, match="keep_tokens=3"):
+        assert vtattn.patch.FastV(keep=3) == vtattn.patch.FastV(keep_tokens=3)
+    with pytest.raises(ValueError, match="ambiguous"):
+        vtattn.patch.FastV(keep=1)
+    policy = kv.LookM(budget_tokens=50, recent_tokens=4)
+    assert (policy.budget, policy.recent) == (50, 4)
+    with pytest.warns(FutureWarning, match="budget_tokens=50"):
+        assert kv.H2O(50, 0.1).budget == 50
+    with pytest.raises(ValueError, match="recent=1 is ambiguous"):
+        kv.H2O(0.5, 1)
+    with pytest.raises(TypeError, match="budget_tokens="):
+        kv.SnapKV()
+    with pytest.raises(ValueError, match="not both"):
+        kv.KeyNorm(0.5, budget_tokens=4)
+    assert kv.pyramid(2, mean_budget_tokens=10, beta=2) == [15, 5]
+

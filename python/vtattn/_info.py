@@ -1,6 +1,7 @@
-"""What was built, what loads, and which backend each op would use here (and why not others)."""
+"""What was built, what loads from where, and which backend each op would use here (and why not others)."""
 import importlib.metadata
 import sys
+from pathlib import Path
 
 import torch
 
@@ -22,23 +23,27 @@ def info() -> dict:
     for op, table in _registry.OPS.items():
         for device, dtype in devices:
             args = _registry.SAMPLES[op](device, dtype)
-            answers = _dispatch.explain(table, args)
+            answers = _dispatch.explain(table, args, op)
             try:
                 chosen = _dispatch.choose(op, table, args)
             except _dispatch.BackendUnavailable as e:
                 chosen = f"none ({e})"
             backends[f"{op}[{device},{str(dtype).removeprefix('torch.')}]"] = {
                 "chosen": chosen, "refusals": {n: r for n, r in answers.items() if r}}
+    reason = _ext.load()
+    so, why = _ext.location()
     return {
         "vtattn": _ext.build_info().get("version") or _version("vtattn"),
-        "python": sys.version.split()[0],
+        "vtattn_path": str(Path(__file__).resolve().parent),
+        "python": f"{sys.version.split()[0]} ({sys.prefix})",
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": _version("triton"),
         "transformers": _version("transformers"),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "compiled_kernels": reason or "loaded",
+        "compiled_path": f"{so} ({why})" if so else None,
         "build": _ext.build_info(),
-        "compiled_kernels": _ext.load() or "loaded",
         "forced_backend": _dispatch.forced_backend(),
         "backends": backends,
     }

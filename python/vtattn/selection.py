@@ -17,6 +17,9 @@ encoder has one. Methods (docs/selection.md gives the exact rules):
                   rows with the highest total first, the rest of the budget by score.
   "auto"          "cls" when the encoder has a [CLS] token, else "mean_received".
 """
+import numbers
+import warnings
+
 import torch
 
 METHODS = ("auto", "cls", "cls_ensemble", "hired", "mean_received", "rows")
@@ -24,14 +27,44 @@ MERGE_MODES = (None, "mean", "weighted")
 _NEEDS_CLS = ("cls", "cls_ensemble", "hired")
 
 
+def resolve_keep(ratio, count, *, name="keep", count_name="keep_tokens", zero=False, default=None,
+                 stacklevel=3):
+    """One budget from a ratio argument `name` (a float in (0, 1], or [0, 1] when `zero`) and a
+    count argument `count_name` (an int >= 1, or >= 0): the float ratio, the int count, or
+    `default` when neither is given. An int given as the ratio is a count spelled the old way:
+    1 is refused (1.0 keeps everything, a count of 1 one token); larger ints still count tokens,
+    with a FutureWarning."""
+    if ratio is not None and count is not None:
+        raise ValueError(f"pass {name}= (a ratio) or {count_name}= (a token count), not both")
+    if count is not None:
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+            raise TypeError(f"{count_name} must be an int token count, got {count!r}")
+        if count < (0 if zero else 1):
+            raise ValueError(f"{count_name} must be an int {'>= 0' if zero else '>= 1'}, got {count}")
+        return int(count)
+    if ratio is None:
+        return default
+    span = "[0, 1]" if zero else "(0, 1]"
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise TypeError(f"{name} must be a float ratio in {span} (a token count is {count_name}=), got {ratio!r}")
+    if isinstance(ratio, numbers.Integral) and ratio >= 1:
+        if ratio == 1:
+            raise ValueError(f"{name}=1 is ambiguous: {name}=1.0 keeps every token, {count_name}=1 keeps one")
+        warnings.warn(f"{name}={ratio} (an int) is read as a token count: spell it {count_name}={ratio} "
+                      f"({name} takes ratios in {span}; ints will be refused)", FutureWarning, stacklevel=stacklevel)
+        return int(ratio)
+    ratio = float(ratio)
+    if not ((0.0 <= ratio if zero else 0.0 < ratio) and ratio <= 1.0):
+        raise ValueError(f"{name} must be a ratio in {span} (a token count is {count_name}=), got {ratio}")
+    return ratio
+
+
 def check_keep(keep):
-    """keep: a ratio in (0, 1] (float) or a positive token count (int)."""
+    """A resolved keep (`resolve_keep`): a float ratio in (0, 1] or an int count >= 1."""
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep must be a float ratio in (0, 1] or a positive int count, got {keep!r}")
-    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be a ratio in (0, 1] (or a positive int count), got {keep}")
-    if isinstance(keep, int) and keep < 1:
-        raise ValueError(f"keep must be a positive token count (or a ratio in (0, 1]), got {keep}")
+        raise TypeError(f"keep must be a float ratio in (0, 1] or an int count, got {keep!r}")
+    if (isinstance(keep, float) and not 0.0 < keep <= 1.0) or (isinstance(keep, int) and keep < 1):
+        raise ValueError(f"keep must be a ratio in (0, 1] or a count >= 1, got {keep}")
 
 
 def budget(keep, n, full=None):

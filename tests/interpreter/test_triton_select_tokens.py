@@ -32,9 +32,10 @@ def test_triton_select_matches_reference(dtype, case, sort):
         keep[:, 0] = keep[:, 0].clamp(min=1)
     elif keep == "per_sample":
         keep = torch.randint(1, N + 1, (B,), generator=g)
+    keep = {"keep": keep} if isinstance(keep, float) else {"keep_tokens": keep}  # a ratio, else counts
     with poisoned_outputs():
-        got = run_forced("triton", vtattn.select_tokens, scores, keep, segments=segments, sort=sort)
-    want = run_forced("torch", vtattn.select_tokens, scores, keep, segments=segments, sort=sort)
+        got = run_forced("triton", vtattn.select_tokens, scores, **keep, segments=segments, sort=sort)
+    want = run_forced("torch", vtattn.select_tokens, scores, **keep, segments=segments, sort=sort)
     for name, a, b in zip(got._fields, got, want):
         assert torch.equal(a, b), name
 

@@ -10,7 +10,7 @@ import os
 import sys
 
 from . import plots
-from .report import format_header
+from .report import LEGEND, explain, format_header, ms, shape_text, skip_reason, speedup, spread
 
 
 E2E_LEGEND = ("`<scenario>-ttft:B<n>`: time to first token (the prefill forward). `<scenario>-decode:B<n>`: "
@@ -24,8 +24,36 @@ def _cell(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def _md(text):
+    return str(text).replace("|", "/")
+
+
 def _note(r):
-    return (r.get("note") or "").replace("|", "/")
+    return _md(r.get("note") or "" if r.get("median_ms") is not None else skip_reason(r))
+
+
+def _kernel_rows(rows):
+    out = ["| op | case | shape | backend | median ms | ±95% | n | TFLOP/s | GB/s | % peak | vs | speedup | note |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    for r in rows:
+        out.append(f"| {r['op']} | {r['case']} | {shape_text(r['shape'])} | {r['backend']} | {ms(r['median_ms'])} | "
+                   f"{spread(r)} | {_cell(r.get('reps'), 'd')} | {_cell(r['tflops'], '.3g')} | "
+                   f"{_cell(r['gbps'], '.3g')} | {_cell(r['pct_peak'], '.3g')} | {r['baseline'] or '-'} | "
+                   f"{speedup(r)} | {_note(r)} |")
+    return out
+
+
+def _e2e_rows(rows):
+    out = ["| case | variant | B | median ms | ±95% | n | tok/s | peak GiB | KV MiB | speedup | skipped |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        kv = r.get("kv_bytes")
+        out.append(f"| {r['case']} | {r['backend']} | {r['shape']['B']} | {ms(r['median_ms'])} | {spread(r)} | "
+                   f"{_cell(r.get('reps'), 'd')} | {_cell(r.get('tok_s'), '.4g')} | "
+                   f"{_cell(r.get('peak_gib'), '.2f')} | "
+                   f"{_cell(None if kv is None else kv / 2**20, '.4g')} | {speedup(r)} | "
+                   f"{'' if r.get('median_ms') is not None else _md(skip_reason(r))} |")
+    return out
 
 
 def markdown(run, source, plot_paths, md_dir) -> str:
@@ -41,28 +69,63 @@ def markdown(run, source, plot_paths, md_dir) -> str:
     if any(r["op"] in ("vision_tower", "e2e") for r in rows):
         out += ["`vision_tower` and `e2e` rows time random-weight models built from the real configs: the "
                 "timings and memory are real, they say nothing of accuracy.", ""]
+    out += [f"{LEGEND}.", ""] + [f"- {line}" for line in explain(rows, h)] + [""]
     out += [f"![{os.path.basename(p)}]({os.path.relpath(p, md_dir)})" for p in plot_paths] + [""]
     kernels, e2e = [r for r in rows if r["op"] != "e2e"], [r for r in rows if r["op"] == "e2e"]
     if kernels:
-        out += ["| op | case | dtype | backend | median ms | p20-p80 ms | TFLOP/s | GB/s | % peak | vs | speedup "
-                "| note |", "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
-    for r in kernels:
-        spread = "-" if r["p20_ms"] is None else f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}"
-        out.append(f"| {r['op']} | {r['case']} | {r['dtype']} | {r['backend']} | {_cell(r['median_ms'], '.3f')} | "
-                   f"{spread} | {_cell(r['tflops'], '.3g')} | {_cell(r['gbps'], '.3g')} | "
-                   f"{_cell(r['pct_peak'], '.3g')} | {r['baseline'] or '-'} | {_cell(r['speedup'], '.2f')} | "
-                   f"{_note(r)} |")
+        out += _kernel_rows(kernels)
     if e2e:
-        out += ["", "## End-to-end scenarios", "", E2E_LEGEND, "",
-                "| case | variant | B | median ms | tok/s | peak GiB | KV MiB | speedup | skipped |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in e2e:
-        kv = r.get("kv_bytes")
-        out.append(f"| {r['case']} | {r['backend']} | {r['shape']['B']} | {_cell(r['median_ms'], '.1f')} | "
-                   f"{_cell(r.get('tok_s'), '.4g')} | {_cell(r.get('peak_gib'), '.2f')} | "
-                   f"{_cell(None if kv is None else kv / 2**20, '.4g')} | {_cell(r['speedup'], '.2f')} | "
-                   f"{(r.get('skipped') or '').replace('|', '/')} |")
+        out += ["", "## End-to-end scenarios", "", E2E_LEGEND, ""] + _e2e_rows(e2e)
     return "\n".join(out) + "\n"
+
+
+def _first_vtattn(group):
+    """The row that stands for vtattn in a case: `auto` (its own dispatch) or the first vtattn one."""
+    mine = [r for r in group if r.get("role") == "vtattn"]
+    return next((r for r in mine if r["backend"] == "auto"), mine[0] if mine else None)
+
+
+def summary(run, plot_paths, md_dir) -> str:
+    """The results folder's short page: per kernel case vtattn's row against the fastest baseline,
+    the end-to-end speedups as a case x variant grid, the notes and the plots."""
+    h, rows = run["header"], run["rows"]
+    cases = {}
+    for r in rows:
+        cases.setdefault((r["op"], r["case"]), []).append(r)
+    out = [f"# vtattn benchmark: {h['device']}, {h['date']}", "", "```", format_header(h), "```", "",
+           "Every row and field: `run.json`, `run.csv`; the full tables, in this folder: `python -m "
+           "vtattn.bench.docs run.json --out full.md --plots .`.", ""]
+    kernel = [(k, _first_vtattn(g)) for k, g in cases.items() if k[0] != "e2e"]
+    kernel = [(k, r) for k, r in kernel if r is not None]
+    if kernel:
+        out += ["## Kernels and towers: vtattn against the fastest baseline", "",
+                "| op | case | shape | backend | median ms | ±95% | n | baseline | speedup |",
+                "|---|---|---|---|---:|---:|---:|---|---:|"]
+        for (op, case), r in kernel:
+            timed = r.get("median_ms") is not None
+            out.append(f"| {op} | {case} | {shape_text(r['shape'])} | {r['backend']} | {ms(r['median_ms'])} | "
+                       f"{spread(r)} | {_cell(r.get('reps'), 'd')} | {r.get('baseline') or '-'} | "
+                       f"{speedup(r) if timed else _md(skip_reason(r))} |")
+        out.append("")
+    e2e = {k[1]: g for k, g in cases.items() if k[0] == "e2e"}
+    if e2e:
+        variants = list(dict.fromkeys(r["backend"] for g in e2e.values() for r in g if r.get("role") != "baseline"))
+        out += ["## End-to-end: speedup over the unpatched model at the same batch", "",
+                "| case | shape | " + " | ".join(variants) + " |", "|---|---|" + "---:|" * len(variants)]
+        for case, g in e2e.items():
+            by = {r["backend"]: r for r in g}
+            cells = [("-" if v not in by else speedup(by[v]) if by[v].get("median_ms") is not None else "skipped")
+                     for v in variants]
+            out.append(f"| {case} | {shape_text(g[0]['shape'])} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["## Reading these numbers", "", f"- {LEGEND}."] + [f"- {line}" for line in explain(rows, h)] + [""]
+    out += [f"![{os.path.basename(p)}]({os.path.relpath(p, md_dir)})" for p in plot_paths]
+    return "\n".join(out) + "\n"
+
+
+def write_summary(path, run, plot_paths):
+    with open(path, "w") as f:
+        f.write(summary(run, plot_paths, os.path.dirname(os.path.abspath(path))))
 
 
 def main(argv=None) -> int:

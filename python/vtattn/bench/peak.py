@@ -102,4 +102,9 @@ def header(device) -> dict:
         h["clocks_fields"] = "sm, mem, max sm, max mem"
     else:
         h["cpu_threads"] = torch.get_num_threads()
+        h["cpu_count"] = os.cpu_count()
+        try:  # other processes' load: the header says how busy the machine was
+            h["load_avg"] = round(os.getloadavg()[0], 2)
+        except OSError:
+            h["load_avg"] = None
     return h

@@ -1,9 +1,16 @@
-"""PNG plots of a run (`--plot DIR`, or from a recorded JSON: `vtattn.bench.docs`)."""
+"""PNG plots of a run (`--plot DIR` / `--out DIR`, or from a recorded JSON: `vtattn.bench.docs`).
+
+Conventions: one colour per batch size (speedup plots) or per backend (kernel plots); markers are
+named in each figure's legend, which sits outside the axes; points of different shapes are never
+joined by a line; error bars are the 95% intervals of the run (speedup: of the ratio), and a hollow
+marker is a speedup whose interval contains 1 (noise)."""
+import math
 import os
 import re
 from collections import defaultdict
 
 ELT = {"bf16": 2, "fp16": 2, "fp32": 4}
+MARKERS = "osD^vP*Xh<>p"
 
 
 def _plt():
@@ -18,82 +25,162 @@ def _title(header, what):
     return f"{what}\n{header['device']}{scaled}"
 
 
-def _e2e_speedups(rows, variant):
-    """{metric: {"scenario Bn": [(x, speedup)]}} over the e2e rows whose backend fullmatches
-    `variant` (x = its one number), metric "ttft" or "decode" from the case name."""
-    out = defaultdict(lambda: defaultdict(list))
+def _e2e_points(rows, variant):
+    """{(scenario, metric, batch): [(x, row)]} over the timed e2e rows whose backend fullmatches
+    `variant` (x = its one number); metric "ttft" or "decode" and batch "B<n>" from the case name."""
+    out = defaultdict(list)
     for r in rows:
         v = re.fullmatch(variant, r["backend"])
-        c = re.fullmatch(r"(.+)-(ttft|decode):(B\d+)", r["case"])
-        if r["op"] == "e2e" and v and c and r["speedup"] is not None:
-            out[c[2]][f"{c[1]} {c[3]}"].append((float(v[1]), r["speedup"]))
+        c = re.fullmatch(r"(.+)-(ttft|decode):B(\d+)", r["case"])
+        if r["op"] == "e2e" and v and c and r.get("speedup") is not None:
+            out[c[1], c[2], int(c[3])].append((float(v[1]), r))
     return out
 
 
-def _speedup_panels(header, lines, xticks, xlabel, what, path, points=None):
-    """One panel per metric (time to first token, decode): a line per scenario (colour) and batch
-    (B1 solid, the larger dashed), and optionally single points (FastV) as crosses in its colour."""
-    metrics = [m for m in ("ttft", "decode") if m in lines]
-    if not metrics:
+def _errorbar(ax, xs, rs, color, marker, ms=6, line=True):
+    """Speedups with their intervals; hollow markers for those within noise."""
+    ys = [r["speedup"] for r in rs]
+    lo = [y - (r.get("speedup_ci") or [y, y])[0] for y, r in zip(ys, rs)]
+    hi = [(r.get("speedup_ci") or [y, y])[1] - y for y, r in zip(ys, rs)]
+    if line:
+        ax.plot(xs, ys, "-", color=color, lw=1, alpha=0.6)
+    ax.errorbar(xs, ys, yerr=[lo, hi], fmt="none", ecolor=color, elinewidth=0.8, capsize=2)
+    for x, y, r in zip(xs, ys, rs):
+        face = "white" if r.get("speedup_noise") else color
+        ax.plot([x], [y], marker, color=color, mfc=face, ms=ms, mew=1.5)
+
+
+def _speedup_grid(header, rows, variant, xticks, xlabel, what, path, extra=None, kv_row=False):
+    """A panel per (metric, scenario): rows time to first token and decode steps (and KV MiB),
+    columns the scenarios; one colour per batch; `extra` (a backend pattern, e.g. FastV) as its
+    own labelled marker."""
+    pts = _e2e_points(rows, variant)
+    if not pts:
         return None
+    extra_pts = _e2e_points(rows, extra[0]) if extra else {}
+    scenarios = list(dict.fromkeys(s for s, _, _ in pts))
+    metrics = [m for m in ("ttft", "decode") if any(k[1] == m for k in pts)]
+    batches = sorted({b for _, _, b in pts})
+    colour = {b: f"C{i}" for i, b in enumerate(batches)}
+    panels = metrics + (["kv"] if kv_row else [])
     plt = _plt()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.8), squeeze=False)
-    scenarios = sorted({label.split()[0] for m in metrics for label in lines[m]})
-    for ax, metric in zip(axes[0], metrics):
-        for label, pts in sorted(lines[metric].items()):
-            scenario, batch = label.split()
-            style = dict(color=f"C{scenarios.index(scenario)}", ls="-" if batch == "B1" else "--")
-            xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, marker="o", label=label, **style)
-            for x, y in (points or {}).get(metric, {}).get(label, []):
-                ax.plot([x], [y], "x", color=style["color"], ms=9, mew=2)
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xscale("log")
-        ax.set_xticks(xticks, labels=[str(x) for x in xticks])
-        ax.invert_xaxis()
-        ax.set(xlabel=xlabel, ylabel="speedup vs unpatched model (x)",
-               title="time to first token" if metric == "ttft" else "decode steps")
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(len(panels), len(scenarios), figsize=(2.9 * len(scenarios) + 0.8, 2.5 * len(panels) + 1.2),
+                             squeeze=False, sharex=True, sharey="row")
+    for j, scenario in enumerate(scenarios):
+        for i, metric in enumerate(panels):
+            ax = axes[i][j]
+            for b in batches:
+                if metric == "kv":
+                    _kv_line(ax, rows, scenario, b, pts, colour[b])
+                    continue
+                series = sorted(pts.get((scenario, metric, b), []), key=lambda p: -p[0])
+                if series:
+                    _errorbar(ax, [x for x, _ in series], [r for _, r in series], colour[b], "o")
+                for x, r in extra_pts.get((scenario, metric, b), []):  # beside its x: never on a keep point
+                    _errorbar(ax, [x * 0.85], [r], colour[b], "X", ms=8, line=False)
+            if not ax.get_lines():
+                ax.text(0.5, 0.5, "no rows in this run", transform=ax.transAxes, ha="center", color="grey", fontsize=8)
+            elif metric != "kv":
+                ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_xscale("log")
+            ax.set_xticks(xticks, labels=[f"{x:g}" for x in xticks])
+            ax.minorticks_off()
+            if i == 0:
+                ax.set_title(scenario, fontsize=9)
+            if j == 0:
+                ax.set_ylabel({"ttft": "speedup, time to\nfirst token (x)", "decode": "speedup, decode\nsteps (x)",
+                               "kv": "KV cache MiB\n(after prefill)"}[metric], fontsize=8)
+            if i == len(panels) - 1 and j == len(scenarios) // 2:
+                ax.set_xlabel(xlabel, fontsize=9)
+            ax.tick_params(labelsize=7)
+    axes[0][0].invert_xaxis()  # shared: all of them; the kept share falls left to right
+    handles = [plt.Line2D([], [], color=colour[b], marker="o", ls="-", label=_batch_label(b, pts)) for b in batches]
+    handles.append(plt.Line2D([], [], color="grey", marker="o", mfc="white", ls="none",
+                              label="hollow: interval contains 1 (noise)"))
+    if extra:
+        handles.append(plt.Line2D([], [], color="black", marker="X", ls="none", ms=8, label=extra[1]))
+    if kv_row:
+        handles.append(plt.Line2D([], [], color="grey", ls=":", label="KV MiB of the unpatched model"))
     fig.suptitle(_title(header, what), fontsize=10)
+    _legend_below(fig, handles)
     return _save(fig, path)
 
 
+def _batch_label(b, pts):
+    """'batch 8', or 'batch 8 (runs at 2)' where the run scaled it down (CPU)."""
+    ran = {r["shape"]["B"] for (_, _, bb), ps in pts.items() if bb == b for _, r in ps}
+    return f"batch {b}" if ran == {b} else f"batch {b} (runs at {', '.join(map(str, sorted(ran)))})"
+
+
+def _kv_line(ax, rows, scenario, b, pts, color):
+    """KV MiB after the prefill at each budget (the ttft rows), and the unpatched model's as a
+    dotted line."""
+    series = sorted(pts.get((scenario, "ttft", b), []), key=lambda p: -p[0])
+    kv = [(x, r["kv_bytes"] / 2**20) for x, r in series if r.get("kv_bytes")]
+    if kv:
+        ax.plot([x for x, _ in kv], [y for _, y in kv], "o-", color=color, lw=1, ms=5)
+    base = next((r for r in rows if r["op"] == "e2e" and r["case"] == f"{scenario}-ttft:B{b}"
+                 and r.get("role") == "baseline" and r.get("kv_bytes")), None)
+    if base:
+        ax.axhline(base["kv_bytes"] / 2**20, color=color, lw=1, ls=":")
+
+
 def speedup_vs_keep(header, rows, path):
-    """End-to-end scenarios: speedup over the unpatched model at each keep ratio; FastV crosses."""
-    return _speedup_panels(header, _e2e_speedups(rows, r"keep-([\d.]+)"), [0.05, 0.1, 0.25, 0.5, 1.0],
-                           "keep ratio (visual tokens kept)", "Speedup vs keep (random weights; x: FastV)", path,
-                           points=_e2e_speedups(rows, r"fastv-([\d.]+)"))
+    """End-to-end scenarios: speedup over the unpatched model at each keep ratio; FastV as X."""
+    return _speedup_grid(header, rows, r"keep-([\d.]+)", [0.05, 0.1, 0.25, 0.5, 1.0],
+                         "keep ratio (visual tokens kept)", "Speedup vs keep (random weights)", path,
+                         extra=(r"fastv-([\d.]+)", "FastV (keep 0.25 after layer 2)"))
 
 
 def speedup_vs_kv_budget(header, rows, path):
-    """End-to-end scenarios: speedup over the unpatched model at each LOOK-M KV budget."""
-    return _speedup_panels(header, _e2e_speedups(rows, r"lookm-([\d.]+)"), [0.1, 0.2, 0.5, 1.0],
-                           "KV budget (share of the prompt's cache kept)", "Speedup vs KV budget (LOOK-M, random "
-                           "weights)", path)
+    """End-to-end scenarios: speedup over the unpatched model at each LOOK-M KV budget, and the KV
+    memory it leaves."""
+    return _speedup_grid(header, rows, r"lookm-([\d.]+)", [0.1, 0.2, 0.5, 1.0],
+                         "KV budget (share of the prompt's cache kept)", "Speedup and KV memory vs KV budget "
+                         "(LOOK-M, random weights)", path, kv_row=True)
+
+
+def _shape_label(r):
+    s = r["shape"]
+    return f"{r['case'].split(':')[0]}\nN={s['N']} B={s['B']}"
 
 
 def time_vs_length(header, rows, path):
-    """Attention-like ops: median time at each shape's sequence length, one line per backend."""
+    """Attention-like ops: median time of each shape, the shapes in order of sequence length as
+    categories (each is its own model: B, heads and D differ too, so no line joins them), a marker
+    per backend, dodged sideways so none hides another."""
     ops = [op for op in ("attention", "key_importance") if any(r["op"] == op for r in rows)]
     series = defaultdict(list)
     for r in rows:
-        if r["op"] in ops and r["median_ms"] is not None and "N" in r["shape"]:
+        if r["op"] in ops and r.get("median_ms") is not None and "N" in r["shape"]:
             rows_ = r["shape"].get("rows")  # key_importance: one score row ("0" / "last") or all
             panel = r["op"] + ("" if rows_ is None else " rows=all" if rows_ == "all" else " one row")
-            series[(panel, r["backend"])].append((r["shape"]["N"], r["median_ms"]))
-    panels = sorted({op for op, _ in series})
+            series[panel, r["backend"]].append(r)
+    panels = sorted({p for p, _ in series})
     if not panels:
         return None
+    backends = list(dict.fromkeys(b for _, b in series))
+    style = {b: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, b in enumerate(backends)}
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        for (op, backend), pts in sorted(series.items()):
-            if op == panel:
-                xs, ys = zip(*sorted(pts))
-                ax.plot(xs, ys, "o-", label=backend)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="median ms", title=panel)
-        ax.legend(fontsize=7)
-    fig.suptitle(_title(header, "Time vs sequence length (each point one benchmark shape)"), fontsize=10)
+        mine = [b for b in backends if (panel, b) in series]
+        shapes = sorted({(r["shape"]["N"], _shape_label(r)) for b in mine for r in series[panel, b]})
+        where = {label: i for i, (_, label) in enumerate(shapes)}
+        for k, b in enumerate(mine):
+            color, marker = style[b]
+            dx = 0.12 * (k - (len(mine) - 1) / 2)
+            for r in series[panel, b]:
+                lo, hi = r.get("ci_low_ms"), r.get("ci_high_ms")
+                err = None if lo is None else [[r["median_ms"] - lo], [hi - r["median_ms"]]]
+                ax.errorbar([where[_shape_label(r)] + dx], [r["median_ms"]], yerr=err, fmt=marker, color=color, ms=6,
+                            capsize=2)
+        ax.set(yscale="log", ylabel="median ms", title=panel, xlim=(-0.6, len(shapes) - 0.4))
+        ax.set_xticks(range(len(shapes)), labels=[label for _, label in shapes], fontsize=7)
+        ax.grid(axis="y", which="major", lw=0.4, alpha=0.5)
+    handles = [plt.Line2D([], [], color=style[b][0], marker=style[b][1], ls="none", label=b) for b in backends]
+    fig.suptitle(_title(header, "Median time per benchmark shape (bars: 95% interval)"), fontsize=10)
+    _legend_below(fig, handles)
     return _save(fig, path)
 
 
@@ -108,42 +195,81 @@ def _io_bytes(r):
     return None
 
 
+def _spread_labels(ys, gap):
+    """Label heights (axes fraction) near `ys`, at least `gap` apart, within [0, 1]."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    out = [0.0] * len(ys)
+    last = -math.inf
+    for i in order:
+        out[i] = last = max(ys[i], last + gap)
+    top = max(out) if out else 0
+    if top > 1:  # pushed out at the top: shift down, then re-space from the top
+        last = math.inf
+        for i in reversed(order):
+            out[i] = last = min(out[i] - (top - 1), last - gap)
+    return out
+
+
 def roofline(header, rows, path):
     """vtattn kernels with a FLOP count, at their arithmetic intensity (FLOPs / compulsory bytes),
-    under the run's measured copy-bandwidth and matmul ceilings."""
+    under the run's measured copy-bandwidth and matmul ceilings. Colour per op, marker per backend,
+    one label per case in a column beside the axes, joined to its points."""
     peaks = header["peaks"]
-    pts = []
+    cases = defaultdict(list)
     for r in rows:
-        if r["role"] == "vtattn" and r["tflops"] is not None and (b := _io_bytes(r)):
-            pts.append((r["tflops"] * r["median_ms"] * 1e9 / b, r["tflops"], f"{r['op']} {r['case']} {r['backend']}"))
-    if not pts:
+        if r.get("role") == "vtattn" and r.get("tflops") is not None and (b := _io_bytes(r)):
+            cases[r["op"], r["case"]].append((r["tflops"] * r["median_ms"] * 1e9 / b, r["tflops"], r))
+    if not cases:
         return None
     plt = _plt()
     bw, top = peaks["copy_gbps"] / 1e3, peaks["matmul_tflops"]  # TB/s, TFLOP/s
     ridge = top / bw  # FLOP/byte where the two ceilings meet
-    xs = [min(p[0] for p in pts + [(ridge,)]) / 4, ridge, max(p[0] for p in pts + [(ridge,)]) * 4]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    allx = [p[0] for ps in cases.values() for p in ps] + [ridge]
+    ally = [p[1] for ps in cases.values() for p in ps] + [top]
+    xs = [min(allx) / 4, ridge, max(allx) * 4]
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     ax.plot(xs, [min(x * bw, top) for x in xs], "k-", lw=1.5,
             label=f"measured ceilings: copy {peaks['copy_gbps']:.0f} GB/s, matmul {top:.3g} TFLOP/s")
-    for x, y, label in pts:
-        ax.plot(x, y, "o")
-        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ops = list(dict.fromkeys(op for op, _ in cases))
+    backends = list(dict.fromkeys(p[2]["backend"] for ps in cases.values() for p in ps))
+    for (op, _), ps in cases.items():
+        for x, y, r in ps:
+            ax.plot(x, y, MARKERS[backends.index(r["backend"]) % len(MARKERS)], color=f"C{ops.index(op)}", ms=6)
     ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP / byte)", ylabel="TFLOP/s",
            title=_title(header, "Roofline (vtattn kernels)"))
-    ax.legend(fontsize=8, loc="best")
+    ax.set_xlim(xs[0], xs[-1])  # fixed before the labels are placed: autoscaling would move the points
+    ax.set_ylim(min(ally) / 1.5, max(ally) * 1.5)
+    fig.subplots_adjust(left=0.1, right=0.66, top=0.88, bottom=0.12)
+    to_axes = lambda x, y: ax.transAxes.inverted().transform(ax.transData.transform((x, y)))
+    anchors = [max(ps, key=lambda p: p[0])[:2] for ps in cases.values()]  # each case's rightmost point
+    heights = _spread_labels([to_axes(x, y)[1] for x, y in anchors], gap=0.045)
+    for ((op, case), _), (x, y), h in zip(cases.items(), anchors, heights):
+        ax.annotate(f"{op} {case}", (x, y), xytext=(1.03, h), textcoords="axes fraction", fontsize=7,
+                    va="center", color=f"C{ops.index(op)}",
+                    arrowprops=dict(arrowstyle="-", lw=0.4, color="lightgrey", shrinkA=0, shrinkB=3))
+    handles = [plt.Line2D([], [], color="grey", marker=MARKERS[i % len(MARKERS)], ls="none", label=b)
+               for i, b in enumerate(backends)]
+    ax.legend(handles=[ax.get_lines()[0]] + handles, fontsize=7, loc="lower right")
     return _save(fig, path)
 
 
+def _legend_below(fig, handles):
+    """The figure's legend under its axes, in as many rows as its width needs (~2.8 in an entry),
+    and the axes laid out above it."""
+    ncol = max(1, min(len(handles), int(fig.get_figwidth() // 2.8)))
+    rows = -(-len(handles) // ncol)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, (0.1 + 0.22 * rows) / fig.get_figheight(), 1, 1))
+
+
 def _save(fig, path):
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     _plt().close(fig)
     return path
 
 
 PLOTS = {"speedup_vs_keep.png": speedup_vs_keep, "speedup_vs_kv_budget.png": speedup_vs_kv_budget,
-         "time_vs_length.png": time_vs_length,
-         "roofline.png": roofline}
+         "time_vs_length.png": time_vs_length, "roofline.png": roofline}
 
 
 def write_all(header, rows, out_dir) -> list:

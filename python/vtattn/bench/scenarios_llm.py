@@ -30,7 +30,7 @@ from . import scenarios_qwen
 from .cases import Case, Impl
 from .scenarios import (FEATURE_LAYER, SCALE, TOWERS, attn_impl, build_model, level_of, patched, scaled_config,
                         shared_model, single_thread, transformers_or_none, with_memory)
-from .timing import summary, time_reps
+from .timing import time_reps
 
 LLAMA7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
@@ -62,8 +62,9 @@ PROMPT = 64  # text tokens beside the images, unless a scenario says otherwise
 # and the LLM's layers there: 4, so that FastV's layer 2 has layers after it.
 LEVEL_SCALE = {"full": "full", "cpu": "cpu-quick", "cpu-quick": "tiny", "tiny": "tiny"}
 CPU_LLM_LAYERS = 4
-# Timed calls per row after the untimed probe: few, as a full-size row takes up to seconds
-# (about 10 minutes for all e2e rows on an H100, estimated from their FLOPs).
+# Timed calls per row after the untimed probe on a GPU: few, as a full-size row takes up to seconds
+# (about 10 minutes for all e2e rows on an H100, estimated from their FLOPs). CPU rows sample until
+# their spread is small (timing.CPU_BUDGETS).
 REPS = {"ttft": 3, "decode": 2}
 NEW_TOKENS = {"full": 32, "cpu": 8}
 
@@ -245,7 +246,7 @@ def _prefill(impl, model):
         # None: logits at different keeps are not comparable, so the runner computes no max_err.
 
     impl.call = call
-    impl.timer = lambda fns, device, quick: time_reps(fns, device, REPS["ttft"])
+    impl.timer = lambda fns, device, quick: time_reps(fns, device, REPS["ttft"], quick)
 
 
 def _decode(impl, model, B, new_tokens):
@@ -259,8 +260,8 @@ def _decode(impl, model, B, new_tokens):
 
     def timer(fns, device, quick):
         del clock.laps[:]  # drop the probe's
-        time_reps(fns, device, REPS["decode"])  # whole generate calls: the clock keeps their decode part
-        t = summary([s * 1e3 for s in clock.laps])
+        # whole generate calls, each sample the clock's lap: their decode part
+        t = time_reps(fns, device, REPS["decode"], quick, measured=lambda: clock.laps[-1] * 1e3)
         impl.stats["tok_s"] = B * (new_tokens - 1) / (t.median_ms / 1e3)
         return t
 

@@ -1,13 +1,30 @@
-"""Timers. Each takes a list of zero-argument callables, one per input copy, and rotates among
-them so that no repetition finds its inputs left in cache by the previous one."""
+"""Timers and their statistics. Each timer takes a list of zero-argument callables, one per input
+copy, and rotates among them so that no repetition finds its inputs left in cache by the previous one.
+
+Every Timing carries its sample count and the 95% confidence interval of its median (order
+statistics: no assumption on the distribution, which on a shared CPU is anything but normal).
+
+CPU timings: one sample is a block of calls lasting >= SAMPLE_S, sampled until the interval's
+half-width is within `target` of the median or the row's time cap has passed (`converged` says
+which). Short samples matter on a shared machine: a time slice lost to another process (whole
+scheduler ticks, 4 ms at HZ=250) lands in one sample, which the median ignores, where a block of
+1000 calls (torch.utils.benchmark's choice for a 0.08 ms op) averages it into every sample. The
+thread count is the caller's: more threads than idle cores make each parallel region wait for a
+descheduled worker, quantising times to those ticks (see `python -m vtattn.bench --help`)."""
+import contextlib
+import functools
+import gc
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import cycle
 
 import torch
 
 _FLUSH_BYTES = 256 << 20  # larger than any GPU's L2 (H100: 50 MB)
 _flush_buf = {}
+CI_LEVEL = 0.95
+SAMPLE_S = 1e-4  # shortest CPU sample: perf_counter's ~100 ns overhead stays below 0.1%
 
 
 @dataclass
@@ -15,12 +32,123 @@ class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
-    reps: int
+    reps: int  # samples
+    ci_low_ms: float  # interval of the median, coverage ci_level (below CI_LEVEL when reps < 6)
+    ci_high_ms: float
+    ci_level: float
+    calls_per_rep: int = 1
+    converged: bool | None = None  # CPU: the interval reached the target within the time cap; None: no target
+    target: float | None = field(default=None, repr=False)
+    samples: list = field(default_factory=list, repr=False)  # sorted
+
+    @property
+    def rel_ci(self) -> float:
+        """Half-width of the interval relative to the median."""
+        return (self.ci_high_ms - self.ci_low_ms) / 2 / self.median_ms if self.median_ms > 0 else math.inf
 
 
-def summary(times_ms) -> Timing:
-    q = torch.tensor(times_ms, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
-    return Timing(median_ms=q[1].item(), p20_ms=q[0].item(), p80_ms=q[2].item(), reps=len(times_ms))
+@dataclass(frozen=True)
+class Budget:
+    """When adaptive sampling stops: once min_reps samples and min_s seconds are in, as soon as
+    the interval is within +-target of the median; at max_s in any case (with >= 3 samples)."""
+    target: float
+    min_reps: int
+    min_s: float
+    max_s: float
+    warmup_s: float = 0.0
+
+
+# Kernels: sub-ms to tens of ms a call. Models (vision_tower, e2e): tens of ms to seconds a call.
+CPU_BUDGETS = {
+    ("kernel", False): Budget(target=0.02, min_reps=10, min_s=0.2, max_s=2.0, warmup_s=0.05),
+    ("kernel", True): Budget(target=0.03, min_reps=10, min_s=0.05, max_s=0.5, warmup_s=0.02),
+    ("model", False): Budget(target=0.05, min_reps=6, min_s=0.0, max_s=4.0),
+    ("model", True): Budget(target=0.05, min_reps=6, min_s=0.0, max_s=2.0),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _ci_rank(n, level):
+    """(j, coverage) of median_ci for n samples."""
+    if n >= 60:
+        z = _z(level)
+        return max(1, math.floor((n - z * math.sqrt(n)) / 2)), level
+    cdf = lambda k: sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n  # P(Bin(n, 1/2) <= k)
+    j, cover = 1, (1 - 2 * cdf(0) if n > 1 else 0.0)
+    while j + 1 <= n // 2 and 1 - 2 * cdf(j) >= level:
+        j, cover = j + 1, 1 - 2 * cdf(j)
+    return j, cover
+
+
+def median_ci(sorted_xs, level=CI_LEVEL):
+    """(low, high, coverage): the order statistics x_(j) <= median <= x_(n+1-j) with the largest j
+    whose coverage P(j <= Bin(n, 1/2) <= n - j) is >= level; [min, max] and its lower coverage
+    when no j reaches it (n < 6 at 95%). Exact below 60 samples, the normal approximation above."""
+    j, cover = _ci_rank(len(sorted_xs), level)
+    return sorted_xs[j - 1], sorted_xs[len(sorted_xs) - j], cover
+
+
+@functools.lru_cache(maxsize=None)
+def _z(level):
+    """Two-sided normal quantile by bisection (no scipy)."""
+    lo, hi = 0.0, 10.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if math.erf(mid / math.sqrt(2)) < level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _quantile(s, q):
+    """Linear interpolation between order statistics (numpy's default)."""
+    pos = q * (len(s) - 1)
+    i = math.floor(pos)
+    return s[i] if i + 1 >= len(s) else s[i] + (s[i + 1] - s[i]) * (pos - i)
+
+
+def summary(times_ms, calls_per_rep=1, target=None) -> Timing:
+    """The statistics of samples; `converged` when a target is given."""
+    s = sorted(times_ms)
+    if not s:
+        raise ValueError("summary: no samples")
+    lo, hi, level = median_ci(s)
+    t = Timing(median_ms=_quantile(s, 0.5), p20_ms=_quantile(s, 0.2), p80_ms=_quantile(s, 0.8), reps=len(s),
+               ci_low_ms=lo, ci_high_ms=hi, ci_level=level, calls_per_rep=calls_per_rep, target=target, samples=s)
+    t.converged = None if target is None else t.rel_ci <= target
+    return t
+
+
+def pooled(a: Timing, b: Timing) -> Timing:
+    """One timing from two measurements of the same thing (at different times)."""
+    return summary(a.samples + b.samples, a.calls_per_rep, a.target)
+
+
+def sample_until(sample, budget: Budget, clock=time.perf_counter, calls_per_rep=1) -> Timing:
+    """Call `sample()` (one sample, in ms) until `budget` says stop. The interval is recomputed
+    after every 10% more samples, so its cost stays small against the samples'."""
+    times, start, check = [], clock(), budget.min_reps
+    while True:
+        times.append(sample())
+        n, elapsed = len(times), clock() - start
+        if n >= check and elapsed >= budget.min_s:
+            t = summary(times, calls_per_rep, budget.target)
+            if t.converged:
+                return t
+            check = n + max(1, n // 10)
+        if elapsed >= budget.max_s and n >= 3:
+            return summary(times, calls_per_rep, budget.target)
+
+
+@contextlib.contextmanager
+def cpu_threads(device, n=None):
+    """torch's threads on CPU for the block: n, default 1 (see the module's docstring), restored
+    after it. No-op on CUDA."""
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(n or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def flush_l2(device):
@@ -61,35 +189,57 @@ def time_cuda(fns, device, warmup_ms=25.0, rep_ms=100.0, max_reps=1000) -> Timin
     return summary([s.elapsed_time(e) for s, e in events])
 
 
-def time_cpu(fns, min_run_time=0.3, max_run_time=2.0) -> Timing:
-    """torch.utils.benchmark with all of torch's threads (its default is 1). adaptive_autorange
-    takes at least 4 blocks and more until their spread settles, so one slow call on a busy
-    machine does not become the median."""
-    from torch.utils.benchmark import Timer
-
+def time_cpu(fns, budget: Budget, clock=time.perf_counter) -> Timing:
+    """Warm up for budget.warmup_s (at least 2 calls), size the blocks from its median call, then
+    sample blocks adaptively. The garbage collector is off meanwhile (as in timeit): its pauses are not
+    the op's."""
     calls = cycle(fns)
-    step = lambda: next(calls)()
-    step()
-    timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    m = timer.adaptive_autorange(threshold=0.1, min_run_time=min_run_time, max_run_time=max_run_time)
-    return summary([t * 1e3 for t in m.times])
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0, each = clock(), []
+        while len(each) < 2 or clock() - t0 < budget.warmup_s:
+            t = clock()
+            next(calls)()
+            each.append(clock() - t)
+        per_call = max(sorted(each)[len(each) // 2], 1e-9)  # the median: a stall must not shrink the blocks
+        block = max(1, math.ceil(SAMPLE_S / per_call))
+
+        def sample():
+            t = clock()
+            for _ in range(block):
+                next(calls)()
+            return (clock() - t) * 1e3 / block
+
+        return sample_until(sample, budget, clock, calls_per_rep=block)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def time_fns(fns, device, quick=False) -> Timing:
     if device.type == "cuda":
         return time_cuda(fns, device, warmup_ms=10 if quick else 25, rep_ms=30 if quick else 100)
-    return time_cpu(fns, min_run_time=0.1, max_run_time=0.5) if quick else time_cpu(fns)
+    return time_cpu(fns, CPU_BUDGETS["kernel", bool(quick)])
 
 
-def time_reps(fns, device, reps) -> Timing:
-    """`reps` calls timed one by one (synchronized before and after): for model-level calls of up
-    to seconds, where the adaptive timers above would take minutes per row. The caller warms up."""
+def time_reps(fns, device, reps, quick=False, measured=None) -> Timing:
+    """Model-level calls of up to seconds, timed one by one (synchronized before and after); the
+    caller's probe call is the warm-up. CUDA: `reps` calls, as the adaptive timers would take
+    minutes per row. CPU: sampled until the spread is small or the row's cap (CPU_BUDGETS) has
+    passed. `measured()`, when given, returns the ms of the call just made that count (a decode
+    clock's lap) in place of the whole call's."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    calls, times = cycle(fns), []
-    for _ in range(reps):
+    calls = cycle(fns)
+
+    def sample():
         sync()
         t = time.perf_counter()
         next(calls)()
         sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    return summary(times)
+        return (time.perf_counter() - t) * 1e3 if measured is None else measured()
+
+    if device.type == "cuda":
+        return summary([sample() for _ in range(reps)])
+    return sample_until(sample, CPU_BUDGETS["model", bool(quick)])

@@ -1,26 +1,28 @@
 """KV budgets: token counts per layer, a pyramid schedule across layers, AdaKV's cross-head
 allocation, and modality-aware limits. Pure tensor code; `policies.py` gives the scoring.
 
-A budget is a float ratio in (0, 1] of the L prompt tokens or an int count >= 1 (as
-`vtattn.selection.check_keep`: `1` is one token, `1.0` is everything)."""
+A budget is given as a ratio of the L prompt tokens, `budget=0.2` in (0, 1], or as a count,
+`budget_tokens=100` (likewise `recent` / `recent_tokens` for windows, in [0, 1] / >= 0); inside,
+it is a float ratio or an int count (`vtattn.selection.resolve_keep`)."""
 import torch
 
-
-def check_budget(budget, name="budget"):
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise TypeError(f"{name} must be a float ratio in (0, 1] or a positive int count, got {budget!r}")
-    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
-        raise ValueError(f"{name} must be a ratio in (0, 1] (or a positive int count), got {budget}")
-    if isinstance(budget, int) and budget < 1:
-        raise ValueError(f"{name} must be a positive token count (or a ratio in (0, 1]), got {budget}")
+from ..selection import resolve_keep
 
 
-def check_window(window, name):
-    """A recent-window size: a ratio in [0, 1] or an int count >= 0."""
-    if isinstance(window, bool) or not isinstance(window, (int, float)):
-        raise TypeError(f"{name} must be a float ratio in [0, 1] or an int count, got {window!r}")
-    if (isinstance(window, float) and not 0.0 <= window <= 1.0) or (isinstance(window, int) and window < 0):
-        raise ValueError(f"{name} must be a ratio in [0, 1] or an int count >= 0, got {window}")
+def resolve_budget(budget, budget_tokens, name="budget", stacklevel=4):
+    """The float ratio or int count of `name` / `name`_tokens; one of them is required."""
+    out = resolve_keep(budget, budget_tokens, name=name, count_name=f"{name}_tokens", stacklevel=stacklevel)
+    if out is None:
+        raise TypeError(f"pass {name}= (a ratio in (0, 1] of the prompt) or {name}_tokens= (a token count)")
+    return out
+
+
+def resolve_window(recent, recent_tokens, name="recent"):
+    """A recent window: the float ratio in [0, 1] or int count >= 0 of `name` / `name`_tokens."""
+    out = resolve_keep(recent, recent_tokens, name=name, count_name=f"{name}_tokens", zero=True, stacklevel=4)
+    if out is None:
+        raise TypeError(f"pass {name}= (a ratio in [0, 1] of the prompt) or {name}_tokens= (a token count)")
+    return out
 
 
 def tokens(budget, n):
@@ -29,14 +31,15 @@ def tokens(budget, n):
     return int(budget * n) if isinstance(budget, float) else min(budget, n)
 
 
-def pyramid(num_layers, mean_budget, *, beta=20):
+def pyramid(num_layers, mean_budget=None, *, mean_budget_tokens=None, beta=20):
     """PyramidKV-style schedule: budgets decreasing linearly from the first layer to the last,
     from 2 * mean - mean / beta down to mean / beta, so the mean (the total) equals the uniform
-    schedule's. A ratio mean gives float ratios; a count mean gives ints summing to exactly
-    num_layers * mean (cumulative rounding). Returns a list, one budget per layer."""
+    schedule's. A ratio mean (`mean_budget`) gives float ratios (for `budget=`); a count mean
+    (`mean_budget_tokens`) gives ints (for `budget_tokens=`) summing to exactly num_layers * mean
+    (cumulative rounding). Returns a list, one budget per layer."""
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-    check_budget(mean_budget, "mean_budget")
+    mean_budget = resolve_budget(mean_budget, mean_budget_tokens, "mean_budget", stacklevel=4)
     if not beta >= 1:
         raise ValueError(f"beta must be >= 1, got {beta}")
     low = mean_budget / beta

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.key_importance import key_importance
-from .budgets import adakv_allocate, cap_per_image, check_budget, check_window, image_spans, tokens, top_free
+from .budgets import adakv_allocate, cap_per_image, image_spans, resolve_budget, resolve_window, tokens, top_free
 from .merge import MODES
 
 MERGE_MODES = (None,) + MODES
@@ -115,14 +115,15 @@ def _full(k, n):
 
 class LookM(Policy):
     """LOOK-M (text prior): score = attention mass from every prompt row. hh = int(budget * L),
-    rc = int(recent * L) (or counts): keep the last rc tokens, every text token and, where hh
-    exceeds the text tokens outside that window, the top image tokens by score to fill hh.
+    rc = int(recent * L) (or budget_tokens / recent_tokens): keep the last rc tokens, every text
+    token and, where hh exceeds the text tokens outside that window, the top image tokens by score
+    to fill hh.
     `merge` ("avg" | "pivotal" | "weighted" | None) is stored for the cache, which folds the
     evicted image KV into kept tokens; the keep-set does not depend on it. Needs `modality`."""
 
-    def __init__(self, budget, recent, merge=None, *, reduce="mean"):
-        check_budget(budget)
-        check_window(recent, "recent")
+    def __init__(self, budget=None, recent=None, merge=None, *, budget_tokens=None, recent_tokens=None,
+                 reduce="mean"):
+        budget, recent = resolve_budget(budget, budget_tokens), resolve_window(recent, recent_tokens)
         if merge not in MERGE_MODES:
             raise ValueError(f"merge must be None, 'avg', 'pivotal' or 'weighted', got {merge!r}")
         self.budget, self.recent, self.merge, self.reduce = budget, recent, merge, _check_reduce(reduce)
@@ -143,10 +144,10 @@ class SnapKV(Policy):
     along the keys before the window (1-D max/avg pool of odd `kernel`, same padding, as SnapKV
     pools only those); keep the window plus the top (budget tokens - window) of the rest (none when the
     budget is under the window: the window is always kept). The
-    window's own scores are returned unpooled (they are never ranked)."""
+    window's own scores are returned unpooled (they are never ranked). `window` counts query rows."""
 
-    def __init__(self, budget, window=32, kernel=7, pool="max", *, reduce="mean"):
-        check_budget(budget)
+    def __init__(self, budget=None, window=32, kernel=7, pool="max", *, budget_tokens=None, reduce="mean"):
+        budget = resolve_budget(budget, budget_tokens)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int count of query rows >= 1, got {window!r}")
         if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
@@ -171,11 +172,11 @@ class SnapKV(Policy):
 
 class H2O(Policy):
     """H2O: score = accumulated attention from every prompt row (column sums); keep the last
-    `recent` tokens plus the top int(budget * L) heavy hitters of the rest."""
+    `recent` tokens plus the top int(budget * L) heavy hitters of the rest (or recent_tokens /
+    budget_tokens)."""
 
-    def __init__(self, budget, recent, *, reduce="mean"):
-        check_budget(budget)
-        check_window(recent, "recent")
+    def __init__(self, budget=None, recent=None, *, budget_tokens=None, recent_tokens=None, reduce="mean"):
+        budget, recent = resolve_budget(budget, budget_tokens), resolve_window(recent, recent_tokens)
         self.budget, self.recent, self.reduce = budget, recent, _check_reduce(reduce)
 
     def _plan(self, q, k, modality, lse, causal):
@@ -188,9 +189,8 @@ class KeyNorm(Policy):
     """KNorm baseline: keep the keys with the LOWEST L2 norm (low-norm keys draw high attention,
     Devoto et al. 2024); scores are the negated norms so that higher still means keep."""
 
-    def __init__(self, budget):
-        check_budget(budget)
-        self.budget = budget
+    def __init__(self, budget=None, *, budget_tokens=None):
+        self.budget = resolve_budget(budget, budget_tokens)
 
     def _plan(self, q, k, modality, lse, causal):
         none = torch.zeros(k.shape[:3], dtype=torch.bool, device=k.device)

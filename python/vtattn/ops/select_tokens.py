@@ -1,9 +1,11 @@
 import numbers
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from .. import selection
 from . import _checks
 
 
@@ -21,13 +23,14 @@ class Selection(_Fields):
     total: int | None = None
 
 
-def select_tokens(scores, keep, *, segments=None, sort=True) -> Selection:
+def select_tokens(scores, keep=None, *, keep_tokens=None, segments=None, sort=True) -> Selection:
     """Keep the top-scoring tokens of every sample (and of every segment: crop, frame).
 
     scores: float [B, N], ranked in fp32; ties go to the lower index (deterministic).
-    keep: a ratio in (0, 1] (each segment keeps max(1, round(keep * length)) tokens, Python's
-      round), an int count per segment, or an integer tensor of counts: [B] per sample (one
-      segment) or [B, S] per (sample, segment). Tensor counts cost a host sync (the output width).
+    keep: a ratio in (0, 1]: each segment keeps max(1, round(keep * length)) tokens (Python's round).
+    keep_tokens (instead of keep): an int count per segment, or an integer tensor of counts: [B] per
+      sample (one segment) or [B, S] per (sample, segment). Tensor counts cost a host sync (the
+      output width). An int or a tensor passed as keep still counts tokens (FutureWarning; keep=1 raises).
     segments: None (one segment of N) or S segment lengths summing to N, shared by the batch.
     sort: True lists kept tokens in ascending (original) order; False segment by segment in
       descending-score order.
@@ -39,8 +42,8 @@ def select_tokens(scores, keep, *, segments=None, sort=True) -> Selection:
         _checks.tensor("scores", scores, 2, _checks.FLOAT_DTYPES + (torch.float64,))
     B, N = scores.shape
     segments = _segments(segments, N) if check else [N] if segments is None else [int(n) for n in segments]
-    budgets, max_keep, total = _budgets(keep, segments, B, scores.device, check)
-    if check and scores.device.type != "meta" and bool(scores.isnan().any()):
+    budgets, max_keep, total = _budgets(_keep(keep, keep_tokens), segments, B, scores.device, check)
+    if check and _checks.concrete(scores) and bool(scores.isnan().any()):
         raise ValueError("scores contains NaN")
     indices, mask, counts = torch.ops.vtattn.select_tokens(scores, budgets, segments, max_keep, bool(sort))
     selection = Selection(indices, mask, counts, F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0)))
@@ -64,22 +67,30 @@ def _segments(segments, N):
     return segments
 
 
+def _keep(keep, keep_tokens):
+    """The one budget of keep / keep_tokens: a float ratio, an int count or an integer tensor."""
+    if isinstance(keep, torch.Tensor) or isinstance(keep_tokens, torch.Tensor):
+        if keep is not None and keep_tokens is not None:
+            raise ValueError("pass keep= (a ratio) or keep_tokens= (counts), not both")
+        if keep is not None:
+            warnings.warn("select_tokens(keep=<tensor>) counts tokens: spell it keep_tokens=<tensor> (keep takes "
+                          "ratios in (0, 1])", FutureWarning, stacklevel=3)
+        return keep if keep is not None else keep_tokens
+    resolved = selection.resolve_keep(keep, keep_tokens, stacklevel=4)
+    if resolved is None:
+        raise TypeError("select_tokens needs keep= (a ratio in (0, 1]) or keep_tokens= (a count or a tensor of counts)")
+    return resolved
+
+
 def _budgets(keep, segments, B, device, check):
     """(budgets int64 [B, S], the output width K, the packed total when static else None)."""
     if isinstance(keep, torch.Tensor):
         return _tensor_budgets(keep, segments, B, device, check)
-    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
-        raise TypeError(f"keep must be a float ratio, an int count or an integer tensor, got {keep!r}")
-    if isinstance(keep, numbers.Integral):
-        k = int(keep)
-        if k < 1:
-            raise ValueError(f"keep must be >= 1 when an int count, got {k}")
-        if k > min(segments):
-            raise ValueError(f"keep={k} is more than the {min(segments)} tokens of the shortest segment")
-        per_segment = [k] * len(segments)
+    if isinstance(keep, int):
+        if keep > min(segments):
+            raise ValueError(f"keep_tokens={keep} is more than the {min(segments)} tokens of the shortest segment")
+        per_segment = [keep] * len(segments)
     else:
-        if not 0 < keep <= 1:
-            raise ValueError(f"keep must be in (0, 1] when a ratio, got {keep}")
         per_segment = [max(1, round(keep * n)) for n in segments]
     K = sum(per_segment)
     return _device_row(per_segment, device).expand(B, -1), K, B * K
@@ -98,15 +109,18 @@ def _device_row(values, device):
 def _tensor_budgets(keep, segments, B, device, check):
     S = len(segments)
     if keep.dtype == torch.bool or keep.dtype.is_floating_point or keep.dtype.is_complex:
-        raise TypeError(f"keep must be an integer tensor of counts when a tensor, got {keep.dtype}")
+        raise TypeError(f"keep_tokens must be an integer tensor of counts when a tensor, got {keep.dtype}")
     if keep.device != device:
-        raise ValueError(f"keep is on {keep.device} but scores is on {device}")
+        raise ValueError(f"keep_tokens is on {keep.device} but scores is on {device}")
     if keep.dim() == 1 and S > 1:
-        raise ValueError(f"keep of shape [B] gives one count per sample; with {S} segments give [B, S]")
+        raise ValueError(f"keep_tokens of shape [B] gives one count per sample; with {S} segments give [B, S]")
     if tuple(keep.shape) not in ((B,), (B, S)):
-        raise ValueError(f"keep must have shape [B] = ({B},) or [B, S] = ({B}, {S}), got {tuple(keep.shape)}")
+        raise ValueError(f"keep_tokens must have shape [B] = ({B},) or [B, S] = ({B}, {S}), got {tuple(keep.shape)}")
     budgets = keep.to(torch.int64).reshape(B, S)
     counts = budgets.sum(1)
+    if check and not _checks.concrete(keep):
+        raise ValueError("keep_tokens as a tensor sets the output width from its values, which a meta / fake tensor does "
+                         "not hold: pass an int count or a ratio")
     if not check:
         return budgets, int(counts.max()) if B else 0, None
     lengths = torch.tensor(segments, device=device)
@@ -114,9 +128,9 @@ def _tensor_budgets(keep, segments, B, device, check):
                          counts.max(), counts.min()]).tolist() if B else [0, 0, 0, 0, 0]  # one host sync
     negative, too_many, empty, K, K_min = facts
     if negative:
-        raise ValueError("keep has negative counts")
+        raise ValueError("keep_tokens has negative counts")
     if too_many:
-        raise ValueError(f"keep asks for more tokens than a segment has (segment lengths {segments})")
+        raise ValueError(f"keep_tokens asks for more tokens than a segment has (segment lengths {segments})")
     if empty:
-        raise ValueError(f"keep keeps no token of sample {int((counts == 0).nonzero()[0])}")
+        raise ValueError(f"keep_tokens keeps no token of sample {int((counts == 0).nonzero()[0])}")
     return budgets, K, B * K if K == K_min else None

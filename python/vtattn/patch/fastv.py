@@ -38,37 +38,37 @@ _STEP = contextvars.ContextVar("vtattn_fastv_step", default=None)
 
 @dataclass(frozen=True)
 class FastV:
-    """FastV's options. From decoder layer `layer` (K >= 1) on, each sample keeps `keep` of its
+    """FastV's options. From decoder layer `layer` (K >= 1) on, each sample keeps some of its
     image tokens, ranked by layer K-1's attention of the last prompt token (mean over heads):
-    a ratio in [0, 1] (max(1, round(keep * n)) of n tokens, none for 0) or an int count (at
-    most n). keep=0 drops every image token from layer K on."""
+    `keep`, a ratio in [0, 1] (max(1, round(keep * n)) of n tokens, none for 0; default 0.5), or
+    `keep_tokens`, an int count (at most n; 0 drops every image token from layer K on)."""
     layer: int = 2
-    keep: float = 0.5
+    keep: float | None = None
+    keep_tokens: int | None = None
 
     def __post_init__(self):
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
             raise TypeError(f"FastV layer must be an int, got {self.layer!r}")
         if self.layer < 1:
             raise ValueError(f"FastV layer must be >= 1 (layer K-1 scores the tokens), got {self.layer}")
-        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
-            raise TypeError(f"FastV keep must be a float ratio in [0, 1] or an int count, got {self.keep!r}")
-        if self.keep < 0 or (isinstance(self.keep, float) and self.keep > 1):
-            raise ValueError(f"FastV keep must be a ratio in [0, 1] or a count >= 0, got {self.keep}")
+        keep = policy.resolve_keep(self.keep, self.keep_tokens, zero=True, default=0.5, stacklevel=4)
+        object.__setattr__(self, "keep", keep if isinstance(keep, float) else None)  # frozen: normalised once
+        object.__setattr__(self, "keep_tokens", keep if isinstance(keep, int) else None)
 
     def budget(self, n):
         """Image tokens kept out of a sample's n."""
-        if n == 0 or self.keep == 0:
-            return 0
-        return policy.budget(self.keep, n) if isinstance(self.keep, float) else min(self.keep, n)
+        if self.keep_tokens is not None:
+            return min(self.keep_tokens, n)
+        return 0 if n == 0 or self.keep == 0 else policy.budget(self.keep, n)
 
 
-def resolve(method, fastv, layer, keep):
+def resolve(method, fastv, layer, keep, keep_tokens):
     """The FastV of `vtattn.patch.llava`'s arguments (None for none); method="fastv" is the
-    shorthand for FastV(layer, keep) alone."""
+    shorthand for FastV(layer, keep or keep_tokens) alone."""
     if method == "fastv":
         if fastv is not None:
             raise ValueError("pass either method='fastv' (with layer= and keep=) or fastv=FastV(...), not both")
-        return FastV(layer=2 if layer is None else layer, keep=keep)
+        return FastV(layer=2 if layer is None else layer, keep=keep, keep_tokens=keep_tokens)
     if layer is not None:
         raise ValueError("layer is FastV's decoder layer: pass it with method='fastv' "
                          "(or fastv=vtattn.patch.FastV(layer=...))")
@@ -207,7 +207,8 @@ class Runner:
             chosen = torch.zeros_like(images)
             if bool(counts.any()):  # select_tokens keeps >= 1 per sample: a zero budget is masked after
                 scores = step.scores.masked_fill(~images, -1.0)  # probabilities are >= 0: images first
-                chosen = vtattn.select_tokens(scores, counts.clamp(min=1)).mask & images & (counts > 0)[:, None]
+                chosen = (vtattn.select_tokens(scores, keep_tokens=counts.clamp(min=1)).mask & images
+                          & (counts > 0)[:, None])
         kept = real & (~images | chosen)
         self.kept = kept
         length = kept.sum(1)

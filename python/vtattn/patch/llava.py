@@ -9,33 +9,45 @@ import weakref
 
 import torch
 
+from vtattn import selection as policy
+
 from . import _install, fastv as _fastv
 from ._sequence import Shrink
 from .llm import Compression, check_full_attention, mount
 from .vision import Selector
 
 
-def llava(model, *, keep=1.0, method="auto", ensemble_layers=None, merge=None, alpha=0.5, kv=None, fastv=None,
-          layer=None):
+def llava(model, *, keep=None, keep_tokens=None, method="auto", ensemble_layers=None, merge=None, alpha=0.5,
+          kv=None, fastv=None, layer=None):
     """Patch a LlavaForConditionalGeneration / LlavaNextForConditionalGeneration (or their
-    Llava(Next)Model) in place and return it. keep: ratio in (0, 1] or int count per view (HiRED:
-    per image); method: see vtattn.selection; merge: None, "mean" or "weighted"; alpha: HiRED's
-    share for the base view; kv: a `vtattn.kv` policy (or one per LLM layer, None = keep a layer
-    whole): every prefill's KV cache becomes a `vtattn.kv.CompressedCache` holding what it keeps
-    (the LLM then runs attn_implementation="vtattn"); fastv: a vtattn.patch.FastV to prune inside
-    the LLM as well. method="fastv" with layer= and keep= is FastV alone (no pruning before the
-    projector). `vtattn.patch.unpatch(model)` restores it."""
+    Llava(Next)Model) in place and return it. keep: the ratio in (0, 1] of each view's tokens kept
+    before the projector, or keep_tokens: a count per view (HiRED: per image; keep=1.0 keeps every
+    token, running the tower on vtattn attention); method: see vtattn.selection; merge: None, "mean"
+    or "weighted"; alpha: HiRED's share for the base view; kv: a `vtattn.kv` policy (or one per LLM
+    layer, None = keep a layer whole): every prefill's KV cache becomes a `vtattn.kv.CompressedCache`
+    holding what it keeps (the LLM then runs attn_implementation="vtattn"); fastv: a
+    vtattn.patch.FastV to prune inside the LLM as well. method="fastv" with layer= and keep= (or
+    keep_tokens=) is FastV alone (no pruning before the projector). keep defaults to 1.0 with kv= or
+    fastv=; with none of keep, keep_tokens, kv and fastv there is nothing to do: ValueError.
+    `vtattn.patch.unpatch(model)` restores it."""
     from transformers import (LlavaForConditionalGeneration, LlavaModel, LlavaNextForConditionalGeneration,
                               LlavaNextModel)
     if not isinstance(model, (LlavaForConditionalGeneration, LlavaModel, LlavaNextForConditionalGeneration,
                               LlavaNextModel)):
         raise TypeError(f"vtattn.patch.llava supports transformers' Llava and LlavaNext models, "
                         f"got {type(model).__name__}")
-    fastv = _fastv.resolve(method, fastv, layer, keep)
+    if method not in policy.METHODS + ("fastv",):
+        raise ValueError(f"unknown method {method!r}; choose one of "
+                         f"{', '.join(map(repr, policy.METHODS + ('fastv',)))}")
+    fastv = _fastv.resolve(method, fastv, layer, keep, keep_tokens)
+    vision = method != "fastv"
+    if vision and keep is None and keep_tokens is None and fastv is None and kv is None:
+        raise ValueError("vtattn.patch.llava: nothing to do: pass keep= (the ratio of visual tokens to keep) or "
+                         "keep_tokens=, fastv= and/or kv=")
+    keep = policy.resolve_keep(keep, keep_tokens, default=1.0) if vision else None
     base = model if isinstance(model, (LlavaModel, LlavaNextModel)) else model.model
     if fastv is not None or kv is not None:
         check_full_attention(base.language_model.config)
-    vision = method != "fastv"
     options = dict(keep=keep, method=method, ensemble_layers=ensemble_layers, merge=merge, alpha=alpha)
     state = _Patch(base, options if vision else None, anyres=isinstance(base, LlavaNextModel))
     if vision:

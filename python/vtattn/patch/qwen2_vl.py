@@ -23,19 +23,21 @@ from .hf_attention import Probe, probing
 from .vision import vtattn_attention
 
 
-def qwen2_vl(model, *, keep=1.0, kv=None, fastv=None, image_token_id=None):
+def qwen2_vl(model, *, keep=None, keep_tokens=None, kv=None, fastv=None, image_token_id=None):
     """Patch a Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration in place and
     return it. keep: a ratio in (0, 1] (each image and video frame keeps max(1, round(keep * n)) of
-    its n tokens) or an int count per image / frame (at most the largest one's); kv: as `vtattn.patch.llm`; fastv: a
-    `vtattn.patch.FastV` instead of keep (one pruning stage). `vtattn.patch.unpatch` restores it."""
+    its n tokens) or keep_tokens: a count per image / frame (at most the largest one's); kv: as
+    `vtattn.patch.llm`; fastv: a `vtattn.patch.FastV` instead of keep (one pruning stage). Nothing
+    to do (no keep below 1.0, kv or fastv): ValueError. `vtattn.patch.unpatch` restores it."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
     if not isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)):
         raise TypeError(f"vtattn.patch.qwen2_vl supports transformers' Qwen2-VL and Qwen2.5-VL "
                         f"(...ForConditionalGeneration), got {type(model).__name__}")
-    policy.check_keep(keep)
+    keep = policy.resolve_keep(keep, keep_tokens, default=1.0)
     if keep == 1.0 and not isinstance(keep, int):
         if kv is None and fastv is None:
-            raise ValueError("nothing to patch: pass keep < 1.0, kv= and/or fastv=")
+            raise ValueError("vtattn.patch.qwen2_vl: nothing to do: pass keep < 1.0 (or keep_tokens=), kv= and/or "
+                             "fastv=")
         return llm(model, kv=kv, fastv=fastv, image_token_id=image_token_id)
     if fastv is not None:
         raise NotImplementedError("keep= and fastv= are two pruning stages; vtattn.patch.qwen2_vl runs one: "
@@ -107,7 +109,8 @@ class ViTScores:
             if sum(frames) != int(where.sum()):
                 raise ValueError(f"{key}'s grid gives {sum(frames)} tokens, input_ids holds {int(where.sum())}")
             budgets = torch.tensor([[policy.budget(self.keep, f, max(frames)) for f in frames]])
-            chosen[where] = vtattn.select_tokens(units[None], budgets.to(units.device), segments=frames).mask[0]
+            chosen[where] = vtattn.select_tokens(units[None], keep_tokens=budgets.to(units.device),
+                                                 segments=frames).mask[0]
         return chosen
 
     def _units(self, scores, grid):

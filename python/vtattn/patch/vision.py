@@ -112,7 +112,7 @@ class Selector:
         the kept rows of x [B, N, C] (merged when configured). Returns ([B, K, C], Selection)."""
         uniform = counts.dim() == 1 and bool((counts == counts[0]).all())  # counts live on the host
         keep = int(counts[0]) if uniform else counts.to(scores.device)  # an int: no device sync
-        sel = vtattn.select_tokens(scores, keep, segments=segments)
+        sel = vtattn.select_tokens(scores, keep_tokens=keep, segments=segments)
         if self.merge:
             return vtattn.merge_tokens(x, sel, keys=keys, mode=self.merge), sel
         return vtattn.gather_tokens(x, sel), sel
@@ -123,11 +123,15 @@ class SelectedFeatures(NamedTuple):
     selection: object       # vtattn Selection: indices [B, K] into the feature tokens, mask, counts
 
 
-def vision_tower(tower, *, keep, method="auto", feature_layer=-1, drop_cls=None, ensemble_layers=None,
-                 merge=None, alpha=0.5):
+def vision_tower(tower, *, keep=None, keep_tokens=None, method="auto", feature_layer=-1, drop_cls=None,
+                 ensemble_layers=None, merge=None, alpha=0.5):
     """Patch a bare CLIPVisionModel / SiglipVisionModel in place: `tower(pixel_values)` then returns
     SelectedFeatures(features, selection) for `hidden_states[feature_layer]` (the [CLS] token left
-    out when drop_cls, default: when the tower has one). `vtattn.patch.unpatch(tower)` restores it."""
+    out when drop_cls, default: when the tower has one): `keep` of its tokens (a ratio in (0, 1]) or
+    `keep_tokens` (a count). `vtattn.patch.unpatch(tower)` restores it."""
+    keep = policy.resolve_keep(keep, keep_tokens)
+    if keep is None:
+        raise TypeError("vtattn.patch.vision_tower needs keep= (a ratio in (0, 1]) or keep_tokens= (a count)")
     if drop_cls is None:
         drop_cls = hasattr(getattr(tower, "embeddings", None), "class_embedding")
     selector = Selector(tower, keep=keep, method=method, feature_layer=feature_layer, drop_cls=drop_cls,
