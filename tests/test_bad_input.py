@@ -12,6 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 import vtattn
 from vtattn import _registry
 from vtattn._dispatch import BackendUnavailable
+from vtattn.ops.select_tokens import _Uniform
 
 NAN, INF = float("nan"), float("inf")
 I32 = torch.int32
@@ -109,9 +110,7 @@ def _to_fake(mode, v):
         return mode.from_tensor(v)
     if not isinstance(v, tuple):
         return v
-    out = type(v)(*(mode.from_tensor(t) for t in v))
-    out.total = v.total  # a Selection's static packed length
-    return out
+    return type(v)(*(mode.from_tensor(t) for t in v))  # a Selection keeps its type (its static total)
 
 
 @pytest.mark.parametrize("name", VALID)
@@ -183,11 +182,8 @@ def _set(t, index, value):
 
 
 def _sel(n, **fields):
-    """n.sel with some fields replaced (a hand-made Selection: total unknown unless given)."""
-    total = fields.pop("total", None)
-    sel = n.sel._replace(**fields)
-    sel.total = total
-    return sel
+    """n.sel with some fields replaced: a hand-made Selection (total unknown)."""
+    return vtattn.Selection(*n.sel._replace(**fields))
 
 
 def _meta(*ts):
@@ -301,8 +297,8 @@ ERRORS = {
         "selection.cu_seqlens must be \\[0, cumsum\\(counts\\)\\]"),
     "gather-cu-dtype": (lambda n: c(G, n.x, _sel(n, cu_seqlens=n.sel.cu_seqlens.long())), TE,
         "selection.cu_seqlens must be torch.int32"),
-    "gather-total": (lambda n: c(G, n.x, _sel(n, total=99), packed=True), VE,
-        "selection.total = 99 but the counts sum to 8"),
+    "gather-total": (lambda n: c(G, n.x, _Uniform(*vtattn.select_tokens(n.scores, keep_tokens=torch.tensor([4, 2]))),
+                                 packed=True), VE, "selection.total = 8 but the counts sum to 6"),
     "gather-selection-meta": (lambda n: c(G, n.x, vtattn.Selection(*_meta(*n.sel))), VE, "selection is on meta"),
     "gather-packed-meta": (lambda n: c(G, n.x.to("meta"), vtattn.Selection(*_meta(*n.sel)), packed=True), VE,
         "needs the packed length sum\\(counts\\)"),

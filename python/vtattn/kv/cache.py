@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 import vtattn
 
-from ._claim import LAST
+from ._claim import LAST, publish
 from .decode import evict, prompt_mass
 from .merge import merge_kv
 from .pages import Pages
@@ -108,7 +108,7 @@ class CompressedLayer(CacheLayerMixin):
             self.pages.append(key_states, value_states, self.seen + self.offset)
             out = self.pages.k, self.pages.v
         self.seen += key_states.shape[-2]
-        LAST.set((self, out[0]))
+        publish(self, out[0])
         return out
 
     def attend(self, q, k, v, mask, scale, frame=None):

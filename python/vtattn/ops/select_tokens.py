@@ -18,9 +18,20 @@ class _Fields(NamedTuple):
 
 class Selection(_Fields):
     """The result of `select_tokens`. `total` is the packed token count sum(counts) when it is
-    known without reading the device (a static keep), else None."""
+    known without reading the device (every sample keeps K tokens: a static keep), else None."""
 
-    total: int | None = None
+    @property
+    def total(self) -> int | None:
+        return None
+
+
+class _Uniform(Selection):
+    """A Selection whose every sample keeps K = indices.shape[1] tokens, so total = B * K. A subclass,
+    not an instance attribute: torch 2.11's dynamo mis-guards attributes of a NamedTuple instance."""
+
+    @property
+    def total(self) -> int:
+        return self.indices.shape[0] * self.indices.shape[1]
 
 
 def select_tokens(scores, keep=None, *, keep_tokens=None, segments=None, sort=True) -> Selection:
@@ -46,9 +57,8 @@ def select_tokens(scores, keep=None, *, keep_tokens=None, segments=None, sort=Tr
     if check and _checks.concrete(scores) and bool(scores.isnan().any()):
         raise ValueError("scores contains NaN")
     indices, mask, counts = torch.ops.vtattn.select_tokens(scores, budgets, segments, max_keep, bool(sort))
-    selection = Selection(indices, mask, counts, F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0)))
-    selection.total = total
-    return selection
+    return (Selection if total is None else _Uniform)(indices, mask, counts,
+                                                       F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0)))
 
 
 def _segments(segments, N):

@@ -22,6 +22,7 @@ import collections
 import contextlib
 import contextvars
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -71,6 +72,9 @@ class Probe:
 
 
 _PROBES = contextvars.ContextVar("vtattn_probes", default=None)
+_probing = [0]  # open `probing` blocks in all threads: under torch.compile a zero skips reading _PROBES
+# (torch 2.11's dynamo cannot trace ContextVar.get)
+_probing_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -78,9 +82,13 @@ def probing(probes):
     """Within the block, the attention modules that are keys of `probes` ({module: Probe}) fill
     their Probe. A context variable, so concurrent threads each see their own probes."""
     token = _PROBES.set(probes)
+    with _probing_lock:
+        _probing[0] += 1
     try:
         yield probes
     finally:
+        with _probing_lock:
+            _probing[0] -= 1
         _PROBES.reset(token)
 
 
@@ -110,7 +118,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         return _cached(layer, module, query, key, value, attention_mask, scaling, kwargs)
     if isinstance(attention_mask, LazyMask) and torch.compiler.is_compiling():
         attention_mask = attention_mask.spec.sdpa()  # built outside the graph: planning it would sync
-    probes = _PROBES.get()
+    probes = _PROBES.get() if _probing[0] or not torch.compiler.is_compiling() else None
     probe = probes.get(module) if probes else None
     softcap = kwargs.get("softcap") or None  # 0: off, as None
     sinks = kwargs.get("s_aux")
@@ -300,6 +308,7 @@ def register_hf_attention():
     AttentionMaskInterface (`hf_masks.mask_function`), so `attn_implementation="vtattn"` works for
     any model. Idempotent."""
     from transformers import AttentionInterface, AttentionMaskInterface
-    from .hf_masks import mask_function
+    from .hf_masks import load, mask_function
+    load()
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, mask_function)

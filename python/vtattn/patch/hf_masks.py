@@ -16,6 +16,18 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils import _pytree as pytree
 
+_TRANSFORMERS = []  # [masking_utils, is_tracing], loaded by `load` (torch 2.11's dynamo cannot trace the import)
+
+
+def load():
+    """Import what the mask function needs from transformers; `register_hf_attention` calls it, outside
+    any compiled region."""
+    if not _TRANSFORMERS:
+        from transformers import masking_utils
+        from transformers.utils.import_utils import is_tracing
+        _TRANSFORMERS.extend([masking_utils, is_tracing])
+    return _TRANSFORMERS
+
 
 @dataclass
 class Plan:
@@ -50,7 +62,7 @@ class MaskSpec:
         """What transformers' `sdpa_mask` returns for these arguments (None where SDPA relies on
         is_causal). Under torch.compile (a mask built outside the compiled region, e.g. compiled
         decoder layers) it is traced into the graph, never cached."""
-        from transformers.masking_utils import sdpa_mask
+        sdpa_mask = load()[0].sdpa_mask
         if torch.compiler.is_compiling():
             return sdpa_mask(**self.kwargs)
         if "sdpa" not in self.dense_:
@@ -60,7 +72,7 @@ class MaskSpec:
     def full(self):
         """SDPA's boolean mask [B, 1, Nq, Nk], always materialised (what model code reading the mask sees)."""
         if "full" not in self.dense_:
-            from transformers.masking_utils import sdpa_mask
+            sdpa_mask = load()[0].sdpa_mask
             self.dense_["full"] = sdpa_mask(**{**self.kwargs, "allow_is_causal_skip": False,
                                                "allow_is_bidirectional_skip": False})
         return self.dense_["full"]
@@ -68,8 +80,7 @@ class MaskSpec:
     def eager(self):
         """What transformers' `eager_mask` returns (additive float mask, or None)."""
         if "eager" not in self.dense_:
-            from transformers.masking_utils import eager_mask
-            self.dense_["eager"] = eager_mask(**self.kwargs)
+            self.dense_["eager"] = load()[0].eager_mask(**self.kwargs)
         return self.dense_["eager"]
 
 
@@ -102,7 +113,7 @@ def _closure(fn, name):
 def structure(mask_function):
     """(kind, window) of a standard transformers mask function, else None. Recognised by identity
     (causal, bidirectional) and by the closures of `and_masks(sliding_window_overlay(W), causal)`."""
-    from transformers import masking_utils as mu
+    mu = load()[0]
     if mask_function is mu.causal_mask_function:
         return "causal", None
     if mask_function is mu.bidirectional_mask_function:
@@ -123,8 +134,7 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
                   attention_mask=None, **kwargs):
     """The `AttentionMaskInterface` entry of "vtattn": a LazyMask for the standard patterns, SDPA's
     own mask otherwise (and under torch.compile / tracing)."""
-    from transformers import masking_utils as mu
-    from transformers.utils.import_utils import is_tracing
+    mu, is_tracing = load()
     _check_interface(kwargs.get("config"))
     if mask_function is None:
         mask_function = mu.causal_mask_function
