@@ -1,8 +1,9 @@
 """Build vtattn._C: C++ CPU kernels always, CUDA kernels when torch has CUDA and a CUDA toolkit is found.
+Only the extension: the package's metadata and layout are in pyproject.toml.
 
     pip install --no-build-isolation -e .     (or without -e: a regular install)
 
-Environment:
+Environment (python/vtattn/_env.py describes every VTATTN_* variable):
   VTATTN_SKIP_CUDA=1         build the CPU kernels only
   VTATTN_CUDA_ARCHS="80;90a" CUDA targets (semicolon or comma separated)
   VTATTN_REQUIRE_CUDA=1      fail instead of building CPU-only when the CUDA part cannot be built (CI)
@@ -29,7 +30,6 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-VERSION = "0.1.0"
 # Seconds one file takes to compile on one core of the 2-core CPU machine (measured): the estimate.
 COST_CPP, COST_CU_PER_ARCH = 25, 30
 
@@ -39,7 +39,8 @@ def say(msg):
 
 
 def _ext_module():
-    """python/vtattn/_ext.py, loaded by path: the one definition of the build directory and stamp."""
+    """python/vtattn/_ext.py, loaded by path: the one definition of the build directory and stamp (and,
+    as its `_env`, python/vtattn/_env.py: the environment variables)."""
     spec = importlib.util.spec_from_file_location("_vtattn_ext", ROOT / "python" / "vtattn" / "_ext.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -95,9 +96,9 @@ def _nvcc_major(home):
         return None
 
 
-def _cuda_plan(torch, cpp_extension, archs):
+def _cuda_plan(torch, cpp_extension, archs, env):
     """(CUDA home to build with, or None and why the CUDA kernels are skipped)."""
-    if os.environ.get("VTATTN_SKIP_CUDA") == "1":
+    if env.flag("VTATTN_SKIP_CUDA"):
         return None, "VTATTN_SKIP_CUDA=1"
     if torch.version.cuda is None:
         return None, f"torch {torch.__version__} is a CPU build"
@@ -166,6 +167,15 @@ def _estimate(sources, temp, n_archs, flags):
     return len(todo), seconds / min(int(os.environ.get("MAX_JOBS") or cores), cores)
 
 
+def _check_packages(listed):
+    """pyproject.toml lists the packages (the Triton kernels live outside python/): every package
+    directory must be in that list, or an install would silently lack it."""
+    found = {f"vtattn.{p}" for p in find_packages(str(ROOT / "python" / "vtattn"))}
+    missing = sorted(found - set(listed or ()))
+    if missing:
+        sys.exit(f"vtattn: pyproject.toml's [tool.setuptools] packages lacks {', '.join(missing)}: add them")
+
+
 def main():
     try:
         import torch
@@ -182,14 +192,14 @@ def main():
     build = ext_tools.env_build_dir(ROOT)
     temp = build / "temp"
     archs = ext_tools.cuda_archs()
-    cuda_home, skip_reason = _cuda_plan(torch, cpp_extension, archs)
-    if cuda_home is None and os.environ.get("VTATTN_REQUIRE_CUDA") == "1":
+    cuda_home, skip_reason = _cuda_plan(torch, cpp_extension, archs, ext_tools._env)
+    if cuda_home is None and ext_tools._env.flag("VTATTN_REQUIRE_CUDA"):
         sys.exit(f"vtattn: VTATTN_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {skip_reason}")
 
     cpp_sources = ["csrc/ops.cpp", "csrc/build_info.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cu_sources = sorted(glob.glob("csrc/cuda/*.cu")) if cuda_home else []
     facts = {
-        "version": VERSION,
+        "version": None,  # the distribution's (pyproject.toml), known when building
         "git_commit": _git_commit(),
         "sources": ext_tools.source_stamp(ROOT),
         "python": sys.version.split()[0],
@@ -203,9 +213,6 @@ def main():
         "cuda_kernels": [Path(s).stem for s in cu_sources],
         "cpu_kernels": [Path(s).stem for s in cpp_sources if "/cpu/" in s],
     }
-    _write_if_changed(temp / "include" / "vtattn_build_info.h",
-                      "// Written by setup.py: this build's facts (csrc/build_info.cpp returns them).\n"
-                      f'#define VTATTN_BUILD_INFO R"vtattn({json.dumps(facts)})vtattn"\n')
     # No -std flag: torch picks the standard its headers need (C++20 from 2.14 on).
     cxx_flags = ["-O3", "-fopenmp"]
     include_dirs = [str(ROOT / "csrc" / "include"), str(temp / "include")]
@@ -231,6 +238,11 @@ def main():
         temporary one: no incremental build); an editable / --inplace build's _C goes there too."""
 
         def build_extensions(self):
+            _check_packages(self.distribution.packages)
+            facts["version"] = self.distribution.get_version()
+            _write_if_changed(temp / "include" / "vtattn_build_info.h",
+                              "// Written by setup.py: this build's facts (csrc/build_info.cpp returns them).\n"
+                              f'#define VTATTN_BUILD_INFO R"vtattn({json.dumps(facts)})vtattn"\n')
             # Said here, not above: pip runs setup.py for its metadata too, where nothing is built.
             if cuda_home is None:
                 say(f"building the CPU kernels only: {skip_reason}")
@@ -257,22 +269,10 @@ def main():
                 os.replace(dest.with_suffix(".tmp"), dest)
                 say(f"built {dest}")
 
-    setup(
-        name="vtattn",
-        version=VERSION,
-        description="Fused kernels for visual-token attention, selection and KV-cache compression in VLMs",
-        package_dir={"vtattn": "python/vtattn", "vtattn.triton_kernels": "triton_kernels"},
-        packages=["vtattn", "vtattn.triton_kernels"]
-        + [f"vtattn.{p}" for p in find_packages("python/vtattn")],
+    setup(  # metadata, packages and dependencies: pyproject.toml
         ext_modules=[ext],
         cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
         options={"build": {"build_base": str(build)}},  # a regular install's build/lib: per environment too
-        python_requires=">=3.10",
-        install_requires=["torch>=2.11"],
-        extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "pytest-benchmark", "numpy", "expecttest"],
-                        "bench": ["tqdm", "matplotlib"], "hf": ["transformers>=5.17"]},
-        entry_points={"console_scripts": ["vtattn-bench=vtattn.bench.__main__:main"]},
-        zip_safe=False,
     )
 
 

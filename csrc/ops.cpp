@@ -41,6 +41,11 @@ TORCH_LIBRARY(vtattn_C, m) {
   // One decode step: q [B, Hq, 1, D] over k_cache/v_cache [B, Hkv, L_cap, D] of which each (batch,
   // kv head) uses the first lengths[b, g] keys (int32 [B, Hkv], in [0, L_cap]; 0 gives zeros) -> [B, Hq, 1, D].
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor");
+  // Attention where query block m (block_size rows) sees only key blocks kv_indices[b, h, m, :kv_num_blocks[b, h, m]]
+  // (FlexAttention's BlockMask layout: int32 [B or 1, Hq or 1, Q_blocks(, K_blocks)]); causal also masks
+  // element by element (end-aligned). -> out [B, Hq, Nq, D] over [B, Nq, Hq, D] memory, lse fp32 [B, Hq, Nq].
+  m.def("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, int block_size, "
+        "bool causal, float scale) -> (Tensor, Tensor)");
   // decode_attention over a paged cache: k_pages/v_pages [num_pages, page_size, D], block_table int32
   // [B, Hkv, max_pages]; token t of (b, g) is k_pages[block_table[b, g, t / page_size], t % page_size].
   m.def("paged_decode_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, Tensor lengths, "

@@ -2,52 +2,111 @@
     python scripts/compile_triton.py [--all-configs] [--arch 90|80] [--record build/triton_launches.json]
 The interpreter (tests/interpreter) checks what the kernels compute, not whether they lower: a
 construct that interprets but does not compile (a method on a constexpr argument, a dtype the
-backend rejects) otherwise shows only on a lent GPU. Each launcher runs on CPU tensors against a
-stand-in driver that reports the target; kernels are compiled (warm-up), never launched.
-fp16, bf16 and fp32 at head dims 64 and 72 with each kernel's first config; --all-configs adds
-every autotuning config in bf16 and fp32. --record adds what each compiled launch needs (threads,
-registers from the cubin, shared memory, the config's estimate) to a JSON file that
-`python -m vtattn.check_launches` checks against each architecture's limits (one run per --arch:
-entries of other targets are kept). Run in its own process: the stand-in driver replaces triton's."""
+backend rejects) otherwise shows only on a lent GPU. Each launcher runs on CPU tensors with its
+kernels' launches captured, never run (the launcher modules' kernels and `Tuned.__getitem__` stand
+in for a moment; triton itself is untouched); each captured launch is then compiled ahead of time
+with triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch,
+32)), its arguments specialised as triton's JIT does (argument types by triton's mangle_type, ints
+equal to 1 as constants, 16-divisible ints and 16-byte aligned pointers marked so).
+fp16, bf16 and fp32 at head dims 64 and 72 with each autotuned kernel's first config; --all-configs
+adds every other config of each autotuned kernel's space in bf16 and fp32. --record adds what each
+compiled launch needs (threads, registers from the cubin, shared memory, the config's estimate) to
+a JSON file that `python -m vtattn.check_launches` checks against each architecture's limits (one
+run per --arch: entries of other targets are kept)."""
 import argparse
-import collections
+import contextlib
+import importlib
+import inspect
 import json
-import os
+import pkgutil
 import struct
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
-from triton.runtime.jit import JITFunction
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction, mangle_type
 
 
 KERNELS = {"_attention_fwd_kernel", "_block_sparse_fwd_kernel", "_column_sums_kernel", "_few_rows_logits_kernel",
            "_few_rows_normalize_kernel", "_gather_tokens", "_index_fwd_kernel", "_merge_assign", "_merge_kernel",
            "_merge_reduce", "_row_lse_kernel", "_select_tokens", "_split_kernel", "_varlen_fwd_kernel"}
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")  # launch keywords that are compile options
 
 
-class _Driver:
-    """The driver calls a launch makes before it compiles, for one target."""
-    def __init__(self, arch: int):
-        self.arch = arch
+class Launch(NamedTuple):
+    fn: JITFunction
+    tuned: Any  # the Tuned launching fn, or None for a direct launch
+    args: tuple
+    kwargs: dict
 
-    def get_current_device(self):
-        return 0
 
-    def get_current_stream(self, device=None):
-        return 0
+class _Direct:
+    """Stands in for a launcher module's jit function while launches are captured."""
+    def __init__(self, fn: JITFunction, launches: list):
+        self.fn, self._launches = fn, launches
 
-    def get_current_target(self):
-        return GPUTarget("cuda", self.arch, 32)
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._launches.append(Launch(self.fn, None, args, kwargs))
 
-    def get_active_torch_device(self):
-        return torch.device("cpu")
 
-    def is_active(self):
-        return True
+@contextlib.contextmanager
+def captured():
+    """Launches of every vtattn Triton kernel, recorded instead of run."""
+    from vtattn import triton_kernels
+    from vtattn.triton_kernels import _common
+    launches: list[Launch] = []
+    saved = []
+    real = lambda fn: fn.fn if isinstance(fn, _Direct) else fn  # noqa: E731
+    saved.append((_common.Tuned, "__getitem__", _common.Tuned.__getitem__))
+    _common.Tuned.__getitem__ = lambda self, grid: lambda *a, **kw: launches.append(Launch(real(self.fn), self, a, kw))
+    # Every module imported before any is patched: an import meanwhile would bind a stand-in.
+    modules = [importlib.import_module(f"vtattn.triton_kernels.{m.name}")
+               for m in pkgutil.iter_modules(triton_kernels.__path__)]
+    for module in modules:
+        for name, obj in list(vars(module).items()):
+            if isinstance(obj, JITFunction):
+                saved.append((module, name, obj))
+                setattr(module, name, _Direct(obj, launches))
+    try:
+        yield launches
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
+def specialize(fn: JITFunction, arguments: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of ASTSource for a launch's bound arguments, as the JIT makes them."""
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        value = arguments[p.name]
+        specialise = not p.do_not_specialize
+        kind = "constexpr" if p.is_constexpr else p.annotation_type or mangle_type(value, specialise)
+        if p.annotation_type and (kind == "u1" or kind[:2] in ("fp", "bf")):
+            specialise = False  # annotated floats and bools: never specialised
+        signature[p.name] = kind
+        if kind == "constexpr":  # a constexpr parameter, None, or an int equal to 1
+            constexprs[p.name], attrs[(i,)] = value, []
+        elif specialise and not isinstance(value, (bool, float)) and isinstance(value, (int, torch.Tensor)):
+            align = not p.do_not_specialize_on_alignment
+            n = value.data_ptr() if isinstance(value, torch.Tensor) else value
+            attrs[(i,)] = [["tt.divisibility", 16]] if align and n % 16 == 0 else []
+    return signature, constexprs, attrs
+
+
+def compile_launch(launch: Launch, meta: dict, arch: int):
+    """triton.compile of one captured launch, with the config's meta-parameters and options in `meta`."""
+    fn, kwargs = launch.fn, {**launch.kwargs, **meta}
+    params = {k: v for k, v in kwargs.items() if k not in _OPTIONS}
+    bound = inspect.signature(fn.fn).bind(*launch.args, **params)
+    bound.apply_defaults()
+    signature, constexprs, attrs = specialize(fn, bound.arguments)
+    options = {k: kwargs[k] for k in _OPTIONS if kwargs.get(k) is not None}
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                          options=options)
 
 
 def _launch_all(h, D):
@@ -110,72 +169,52 @@ def cubin_registers(cubin: bytes, name: str) -> int:
     return top
 
 
-def main():
+def configs(launch: Launch, all_configs: bool) -> list[tuple[int, int, dict]]:
+    """(index, space size, meta-parameters and options) to compile a launch with: a direct launch's
+    own; an autotuned kernel's first config, or every config of its space."""
+    if launch.tuned is None:
+        return [(0, 1, {})]
+    t = next(a for a in launch.args if isinstance(a, torch.Tensor))
+    space = launch.tuned.space(t.element_size(), launch.kwargs.get("BLOCK_D", 0))
+    picked = range(len(space)) if all_configs else range(1)
+    return [(i, len(space), {**space[i][0], "num_warps": space[i][1], "num_stages": space[i][2]}) for i in picked]
+
+
+def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--all-configs", action="store_true")
     p.add_argument("--arch", type=int, choices=(90, 80), default=90, help="compute capability to compile for")
     p.add_argument("--record", metavar="JSON", type=Path, help="add each compiled launch's resources to this file")
     a = p.parse_args()
-    os.environ.pop("TRITON_INTERPRET", None)
-    driver.set_active(_Driver(a.arch))
-    compiled = collections.Counter()
+    runs = [(h, D, False) for h in (torch.float16, torch.bfloat16, torch.float32) for D in (64, 72)]
+    if a.all_configs:
+        runs += [(torch.bfloat16, 72, True), (torch.float32, 72, True)]
+    compiled: dict[str, int] = {}
     records = {}
-    tuning = []  # the Tuned kernel whose launch is being compiled, and its config index
-    run = JITFunction.run
-
-    def warm_up(self, *args, grid, warmup, **kwargs):  # compile only
-        compiled[self.fn.__name__] += 1
-        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        md = kernel.metadata
-        esize = next(t.element_size() for t in args if isinstance(t, torch.Tensor))
-        bd = kwargs.get("BLOCK_D")
-        rec = {"kernel": self.fn.__name__, "target": a.arch, "esize": esize, "block_d": bd,
-               "meta": {k: v for k, v in kwargs.items() if k.startswith("BLOCK_") and k != "BLOCK_D"},
-               "num_warps": md.num_warps, "num_stages": md.num_stages, "shared": md.shared,
-               "registers": cubin_registers(kernel.asm["cubin"], md.name), "estimate": None, "index": 0,
-               "last": True}
-        if tuning:
-            tuned, index, size = tuning[-1]
-            rec.update(index=index, last=index == size - 1)
-            if tuned.smem is not None:
-                rec["estimate"] = esize * bd * tuned.smem(kwargs, md.num_stages)
-        records[json.dumps({k: rec[k] for k in ("kernel", "esize", "block_d", "meta", "num_warps", "num_stages")},
-                           sort_keys=True)] = rec
-        return kernel
-
-    JITFunction.run = warm_up
-    from vtattn.triton_kernels import _common
-
-    def forced(self, esize, bd, limit):  # no device: no shared-memory limit to filter configs by
-        space = self.space(esize, bd)
-        index = min(int(os.environ.get("VTATTN_TRITON_CONFIG", 0)), len(space) - 1)
-        tuning.append((self, index, len(space)))
-        return [space[index]]
-
-    getitem = _common.Tuned.__getitem__
-
-    def tuned_launch(self, grid):  # the config stays known while its launch compiles
-        launch = getitem(self, grid)
-
-        def run_one(*args, **kwargs):
-            self._tuners.clear()  # configs() again: it notes the config being compiled
-            try:
-                return launch(*args, **kwargs)
-            finally:
-                tuning.clear()
-        return run_one
-
-    _common.Tuned.configs = forced
-    _common.Tuned.__getitem__ = tuned_launch
-    runs = [(h, D, 0) for h in (torch.float16, torch.bfloat16, torch.float32) for D in (64, 72)]
-    if a.all_configs:  # 13: the largest 16-bit space (attention's), 3 the largest fp32 one
-        runs += [(torch.bfloat16, 72, i) for i in range(1, 13)] + [(torch.float32, 72, i) for i in (1, 2)]
-    for h, D, config in runs:
-        os.environ["VTATTN_TRITON_CONFIG"] = str(config)
-        try:
+    for h, D, every in runs:
+        with captured() as launches:
             _launch_all(h, D)
-        except Exception as e:
-            sys.exit(f"compile_triton: {h} D={D} config {config}: {type(e).__name__}: {e}")
+        for launch in launches:
+            esize = next(t.element_size() for t in launch.args if isinstance(t, torch.Tensor))
+            for index, size, meta in configs(launch, every):
+                name = launch.fn.__name__
+                try:
+                    kernel = compile_launch(launch, meta, a.arch)
+                except Exception as e:
+                    sys.exit(f"compile_triton: {h} D={D} {name} {meta}: {type(e).__name__}: {e}")
+                compiled[name] = compiled.get(name, 0) + 1
+                md, bd = kernel.metadata, launch.kwargs.get("BLOCK_D")
+                tuned_meta = {k: v for k, v in meta.items() if k.startswith("BLOCK_")}
+                rec = {"kernel": name, "target": a.arch, "esize": esize, "block_d": bd,
+                       "meta": {k: v for k, v in {**launch.kwargs, **tuned_meta}.items()
+                                if k.startswith("BLOCK_") and k != "BLOCK_D"},
+                       "num_warps": md.num_warps, "num_stages": md.num_stages, "shared": md.shared,
+                       "registers": cubin_registers(kernel.asm["cubin"], md.name), "estimate": None,
+                       "index": index, "last": index == size - 1}
+                if launch.tuned is not None and launch.tuned.smem is not None:
+                    rec["estimate"] = esize * bd * launch.tuned.smem(meta, md.num_stages)
+                records[json.dumps({k: rec[k] for k in ("kernel", "esize", "block_d", "meta", "num_warps",
+                                                        "num_stages")}, sort_keys=True)] = rec
     missing = KERNELS - set(compiled)
     if missing:  # a launcher that no longer reaches its kernel would otherwise pass unnoticed
         sys.exit(f"compile_triton: never compiled: {', '.join(sorted(missing))}")

@@ -241,12 +241,19 @@ def precompile(cache_dir: str, dtypes) -> int:
     """Compile the Triton cases' kernels for sm_90 into cache_dir (the device's triton, this machine)."""
     os.environ["TRITON_CACHE_DIR"] = os.path.abspath(cache_dir)
     os.environ.pop("TRITON_INTERPRET", None)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from compile_triton import _Driver
+    from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    driver.set_active(_Driver(90))
+    class _Driver:  # what a launch asks the driver before it compiles: the device's sm_90 (the JIT's own
+        # cache keys, which the device's launches look up, need the JIT's warm-up, not triton.compile)
+        get_current_device = staticmethod(lambda: 0)
+        get_current_stream = staticmethod(lambda device=None: 0)
+        get_current_target = staticmethod(lambda: GPUTarget("cuda", 90, 32))
+        get_active_torch_device = staticmethod(lambda: torch.device("cpu"))
+        is_active = staticmethod(lambda: True)
+
+    driver.set_active(_Driver())
     run_jit = JITFunction.run
     JITFunction.run = lambda self, *a, grid, warmup, **kw: run_jit(self, *a, grid=grid, warmup=True, **kw)
     from vtattn.triton_kernels import _common, decode_attention

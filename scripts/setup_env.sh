@@ -21,7 +21,7 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 
-DEPS="torch==2.14.1 triton ninja numpy pytest pytest-benchmark expecttest tqdm matplotlib transformers==5.25.0"
+DEPS="torch==2.14.1 triton ninja numpy pytest pytest-benchmark expecttest mypy==2.4.1 tqdm matplotlib transformers==5.25.0"
 if [ "$(cat "$VENV/.vtattn-deps" 2>/dev/null)" != "$DEPS" ]; then
   phase 2 "installing $DEPS (the first time ~1-3 min: torch is 5 GB)"
   python -m pip install -q --disable-pip-version-check $DEPS

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The test command: set up .venv, build vtattn (CUDA kernels included; the build is reused while its
-# sources, torch and options are unchanged), then run the CPU tests,
-# the Triton interpreter tests (own process), the benchmark smoke test and the sm_90 compile of the
-# Triton kernels (scripts/compile_triton.py); then all of it again on the oldest supported torch /
-# triton / transformers (scripts/oldest_env.sh; skip with VTATTN_TEST_OLDEST=0).
+# sources, torch and options are unchanged), then run the CPU tests, the Triton interpreter tests (own
+# process), the benchmark smoke test, mypy --strict of the public API and the sm_90 compile of the
+# Triton kernels (scripts/compile_triton.py), the vLLM plugin's suite (tests/vllm, in scripts/vllm_env.sh's
+# environment); then the main suites again, mypy aside, on the oldest supported
+# torch / triton / transformers (scripts/oldest_env.sh; skip with VTATTN_TEST_OLDEST=0).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh || { echo "setup/build failed"; exit 1; }
@@ -21,10 +22,16 @@ run() {  # pytest exits 5 when it collects nothing: that is not a failure of the
 run python -m pytest tests -q -p no:cacheprovider
 run env TRITON_INTERPRET=1 python -m pytest tests/interpreter -q -p no:cacheprovider
 run python -m pytest benchmarks -q --benchmark-disable -p no:cacheprovider
+run python -m mypy  # the public API, --strict (pyproject.toml's [tool.mypy] says what and why)
 run python scripts/compile_triton.py --all-configs --record build/triton_launches.json  # they lower for sm_90
 run python scripts/compile_triton.py --all-configs --arch 80 --record build/triton_launches.json  # and sm_80
 run python -m vtattn.check_launches  # every CUDA / Triton launch fits sm_80..sm_90 (ptxas reports of the build)
 run bash scripts/gpu_check.sh build/gpu-check-dry-run dry-run  # the first GPU call, rehearsed without a GPU
+if [ "${VTATTN_TEST_VLLM:-1}" != 0 ]; then  # the vLLM plugin's suite, in its own env (skip: VTATTN_TEST_VLLM=0)
+  run bash scripts/vllm_env.sh  # CPU kernels only there: no CUDA build to require
+  run env -u VIRTUAL_ENV VTATTN_REQUIRE_CUDA=0 "${VTATTN_VLLM_VENV:-.venv-vllm}/bin/python" -m pytest tests/vllm -q \
+    -p no:cacheprovider -W ignore::DeprecationWarning
+fi
 [ "${VTATTN_TEST_OLDEST:-1}" = 0 ] || run bash scripts/oldest_env.sh test
 echo "[test done in $((SECONDS - T0))s]"
 exit $status

@@ -34,8 +34,14 @@ def _seeded(cls, config, seed):
     return cls(config).eval()
 
 
-def llava(vision=None, strategy="default", layer=-2, seed=0):
-    config = transformers.LlavaConfig(vision_config=vision or clip_config(), text_config=text_config(),
+def llava(vision=None, strategy="default", layer=-2, seed=0, layers=None, hidden=None):
+    """layers / hidden: the LLM's depth and width (intermediate 2 x hidden) instead of text_config's."""
+    text = text_config()
+    if layers is not None:
+        text.num_hidden_layers = layers
+    if hidden is not None:
+        text.hidden_size, text.intermediate_size = hidden, 2 * hidden
+    config = transformers.LlavaConfig(vision_config=vision or clip_config(), text_config=text,
                                       image_token_index=IMAGE, vision_feature_layer=layer,
                                       vision_feature_select_strategy=strategy)
     return _seeded(transformers.LlavaForConditionalGeneration, config, seed)

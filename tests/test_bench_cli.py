@@ -156,3 +156,16 @@ def test_sigterm_ends_the_run_with_its_files(tmp_path, monkeypatch):
     run = json.loads(path.read_text())
     assert len(ran) == 2 and len(run["rows"]) == 1 and len(run["header"]["unfinished"]) == 2
     assert (tmp_path / "run.csv").exists() and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_case_and_row_names_are_the_same_at_every_level():
+    """pytest-benchmark's ids come from the full level (`impl_ids`); CI runs the tiny one: a name that
+    depends on the level (a length, a layer count) would be a row that no level can find."""
+    import torch
+    from vtattn.bench.cases import ALL_BACKENDS, build_cases
+    from vtattn.bench.scenarios import LEVELS
+
+    names = {lv: {(c.op, c.name, i.name) for c in build_cases(torch.device("cpu"), backends=ALL_BACKENDS, level=lv)
+                  for i in c.impls} for lv in LEVELS}
+    for lv in LEVELS:
+        assert names[lv] == names["full"], (lv, sorted(names[lv] ^ names["full"])[:6])

@@ -1,6 +1,7 @@
 """The benchmark's statistics (vtattn.bench.timing, runner's ratios) on synthetic samples and a fake
 clock: intervals that hold the median as often as they claim, sampling that stops when the spread
 is small or the row's cap has passed, and speedups that read as noise when their interval holds 1."""
+import contextlib
 import math
 import random
 
@@ -141,3 +142,45 @@ def test_speedups_whose_interval_holds_one_are_noise(monkeypatch):
     lo, hi = rows["fast"]["speedup_ci"]
     assert lo < 2.0 < hi and lo > 1
     assert rows["same"]["speedup_noise"] is True and rows["same"]["speedup_ci"][0] < 1 < rows["same"]["speedup_ci"][1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_triton", [True, False], ids=["do_bench", "torch-fallback"])
+def test_gpu_timer_rotates_inputs_and_times_each_call(monkeypatch, with_triton):
+    """time_cuda through triton.testing.do_bench (when importable) and through its torch fallback:
+    every input copy is used, and a call ~4x longer times ~4x longer."""
+    from vtattn.bench import timing
+    if with_triton:
+        pytest.importorskip("triton")
+        assert timing._do_bench is not None
+    else:
+        monkeypatch.setattr(timing, "_do_bench", None)
+    device = torch.device("cuda")
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(4096, 4096, device=device)
+    used = []
+    small = [lambda i=i: (used.append(i), a @ a) for i in range(3)]
+    t_small = timing.time_cuda(small, device, warmup_ms=5, rep_ms=20)
+    t_large = timing.time_cuda([lambda: b @ b], device, warmup_ms=5, rep_ms=20)
+    assert set(used) == {0, 1, 2} and t_small.reps >= 1 and t_small.median_ms > 0
+    assert 3 < t_large.median_ms / t_small.median_ms < 12
+    assert timing.l2_bytes(device) == torch.cuda.get_device_properties(device).L2_cache_size > 0
+
+
+def test_gpu_timer_hands_do_bench_a_rotating_call(monkeypatch):
+    """CPU stand-in for do_bench: time_cuda gives it one call that rotates over the input copies and
+    asks for every sample (return_mode="all"), whose statistics it returns."""
+    from vtattn.bench import timing
+    seen = {}
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        seen.update(warmup=warmup, rep=rep, mode=return_mode)
+        for _ in range(6):
+            fn()
+        return [1.0, 2.0, 3.0, 4.0, 5.0]
+
+    monkeypatch.setattr(timing, "_do_bench", fake_do_bench)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    used = []
+    t = timing.time_cuda([lambda i=i: used.append(i) for i in range(3)], torch.device("cuda"), warmup_ms=5, rep_ms=20)
+    assert seen == {"warmup": 5, "rep": 20, "mode": "all"}
+    assert used == [0, 1, 2, 0, 1, 2] and t.reps == 5 and t.median_ms == 3.0

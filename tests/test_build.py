@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vtattn import _ext
+from vtattn import _env, _ext
 
-REQUIRE_CUDA = os.environ.get("VTATTN_REQUIRE_CUDA") == "1"
+REQUIRE_CUDA = _env.flag("VTATTN_REQUIRE_CUDA")
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CPU_KERNELS = sorted(p.stem for p in CSRC.glob("cpu/*.cpp"))

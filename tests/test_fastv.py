@@ -6,20 +6,15 @@ import pytest
 import torch
 
 import vtattn
-from _vlm import (IMAGE, PINPOINTS, clip_config, eager, eager_attentions, llava_next, positions, prompts,
-                  reference_scores, shortened, text_config, topk, transformers)
+from _vlm import (IMAGE, PINPOINTS, eager, eager_attentions, llava, llava_next, positions,
+                  prompts, reference_scores, shortened, topk, transformers)
 
 K = 2
 SPANS = [[36], [36, 36]]  # row 0 left-padded, rows keep different numbers of tokens (ragged)
 
 
 def _model(seed=0, hidden=32):
-    text = text_config()
-    text.num_hidden_layers, text.hidden_size, text.intermediate_size = 4, hidden, 2 * hidden
-    config = transformers.LlavaConfig(vision_config=clip_config(), text_config=text, image_token_index=IMAGE,
-                                      vision_feature_layer=-2, vision_feature_select_strategy="default")
-    torch.manual_seed(seed)
-    return transformers.LlavaForConditionalGeneration(config).eval()
+    return llava(seed=seed, layers=4, hidden=hidden)
 
 
 def _inputs():
@@ -97,7 +92,7 @@ def test_fastv_matches_eager_rule_and_manual_pipeline(keep):
                                                           {"keep_tokens": keep}))
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions(mask))
-    assert torch.equal(model._vtattn_patch.fastv.kept, kept)
+    assert torch.equal(model._vtattn_patch.kept, kept)
     assert out.logits.shape[1] == int(kept.sum(1).max())  # the sequence shrank from layer K on
     _close(out.logits[:, -1], expected)
     with eager(model.model.language_model), torch.no_grad():  # layers < K keep the model's own attention
@@ -174,7 +169,7 @@ def test_fastv_composes_with_cls():
     vtattn.patch.llava(model, keep=0.5, method="cls", fastv=vtattn.patch.FastV(layer=K, keep=0.25))
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions(mask))
-        assert torch.equal(model._vtattn_patch.fastv.kept, kept)
+        assert torch.equal(model._vtattn_patch.kept, kept)
         _close(out.logits[:, -1], expected)
         tokens = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4,
                                 do_sample=False)[:, -4:]
@@ -346,7 +341,7 @@ def test_fastv_with_kv_budget_one_gives_fastv_alone():
     with torch.no_grad():
         vtattn.patch.llava(model, method="fastv", layer=K, keep=0.25)
         expected = model.generate(**inputs, **options)
-        kept = model._vtattn_patch.fastv.kept
+        kept = model._vtattn_patch.kept
         vtattn.patch.llava(model, method="fastv", layer=K, keep=0.25, kv=vtattn.kv.LookM(budget=1.0, recent=0.1))
         out = model.generate(**inputs, **options, return_dict_in_generate=True)
     assert torch.equal(out.sequences, expected)
@@ -369,7 +364,7 @@ def test_fastv_with_kv_compresses_the_pruned_layers_and_samples_stay_independent
     options = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
     with torch.no_grad():
         batch = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **options)
-        fastv_kept, text = model._vtattn_patch.fastv.kept, model._vtattn_patch.fastv.kept.clone()
+        fastv_kept, text = model._vtattn_patch.kept, model._vtattn_patch.kept.clone()
         for b, images in enumerate([slice(0, 1), slice(1, 3)]):
             real = mask[b].bool()
             alone = model.generate(input_ids=ids[b:b + 1, real], pixel_values=pixels[images], **options)

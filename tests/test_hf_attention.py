@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import vtattn
-from vtattn.kv import _claim
-from vtattn.patch import hf_attention, hf_masks
+from vtattn.patch import core, hf_attention, hf_masks
 
 transformers = pytest.importorskip("transformers")
 mu = transformers.masking_utils
@@ -193,10 +192,10 @@ def test_unknown_keywords_run_eager_or_are_refused():
 
 def test_compressed_cache_refuses_what_it_cannot_attend():
     q, k, v = qkv(Nq=3, Nk=3)
-    _claim.LAST.set((object(), k))  # as if a CompressedCache layer had just returned k
-    with pytest.raises(NotImplementedError, match="CompressedCache cannot attend with softcap"):
-        hf_attention.attention_forward(Attn(), q, k, v, None, softcap=2.0)
-    _claim.LAST.set(None)
+    with core.forward_context():
+        core.publish(object(), k)  # as if a CompressedCache layer had just returned k
+        with pytest.raises(NotImplementedError, match="CompressedCache cannot attend with softcap"):
+            hf_attention.attention_forward(Attn(), q, k, v, None, softcap=2.0)
 
 
 def test_probes_need_unpadded_masks():

@@ -13,6 +13,7 @@ from helpers import backend_params
 
 transformers = pytest.importorskip("transformers")
 from vtattn.kv.cache import CompressedCache, CompressedLayer  # noqa: E402  (needs transformers)
+from vtattn.patch.core import routed  # noqa: E402
 
 # The cache argument of forward / generate: `cache` in newer transformers (5.25, where the old name warns),
 # `past_key_values` in older ones (5.17).
@@ -359,8 +360,8 @@ def test_lookm_budget_01_on_the_4_image_prompt_takes_under_a_quarter_of_the_cach
 
 
 def test_llava_kv_repatch_keeps_vtattn_and_unpatch_restores():
-    """Patching kv= twice in a row: the second patch still runs the LLM on "vtattn" (the first one's
-    unpatch must not put the original back afterwards), and unpatch restores the original."""
+    """Patching kv= twice in a row: the second patch still routes the LLM's attention to vtattn's (the
+    first one's unpatch must not unroute it afterwards), and unpatch restores the original."""
     model = llava()
     lm = model.model.language_model
     ids, mask = prompts([[36], [36, 36]])
@@ -369,10 +370,10 @@ def test_llava_kv_repatch_keeps_vtattn_and_unpatch_restores():
         expected = model.generate(**inputs)
         vtattn.patch.llava(model, kv=kv.LookM(budget=0.3, recent=0.1))
         vtattn.patch.llava(model, kv=kv.LookM(budget=1.0, recent=0.1))
-        assert lm.config._attn_implementation == "vtattn"
+        assert all(routed(layer.self_attn) for layer in lm.layers)
         assert torch.equal(model.generate(**inputs), expected)
     vtattn.patch.unpatch(model)
-    assert lm.config._attn_implementation == "sdpa"
+    assert lm.config._attn_implementation == "sdpa" and not any(routed(layer.self_attn) for layer in lm.layers)
 
 
 def test_llava_kv_reusing_a_replaced_cache_raises():

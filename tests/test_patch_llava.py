@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vtattn
-from vtattn import selection as policy
+from vtattn import pruning
 from _vlm import (IMAGE, PINPOINTS, clip_config, eager_attentions, llava, llava_next, manual_logits,
                   positions, prompts, reference_scores, shortened, siglip_config, topk)
 
@@ -39,7 +39,7 @@ def test_llava_matches_manual_pipeline(method, strategy, options):
     attentions, hidden = eager_attentions(model.model.vision_tower, pixels)
     drop = int(strategy == "default")
     layers = [0, 2] if options else None
-    kept = [topk(s, policy.budget(0.25, n)) for s in reference_scores(method, attentions, 2, drop, layers)]
+    kept = [topk(s, pruning.budget(0.25, n)) for s in reference_scores(method, attentions, 2, drop, layers)]
     features = _kept_features(model, hidden[-2], kept, drop)
     expected, short = manual_logits(model, ids, mask, [n] * 3, features)
     vtattn.patch.llava(model, keep=0.25, method=method, **options)
@@ -299,8 +299,8 @@ def test_patched_models_on_cuda_bf16():
 
 
 def test_llava_tower_calls_from_threads_restore_the_attention_implementation():
-    """Concurrent patched calls share the tower's config: they take turns with its attention
-    implementation (a pre-hook sleeps to make the calls overlap)."""
+    """Concurrent patched calls (a pre-hook sleeps to make them overlap) run and leave the tower's
+    config untouched: its attention modules are routed once, at install."""
     import threading
     import time
     model = vtattn.patch.llava(llava(), keep=0.5)

@@ -6,6 +6,7 @@ import torch
 
 import vtattn
 from vtattn import kv
+from vtattn.patch.core import routed
 from _vlm import (QWEN_IMAGE, lookm_reference, qwen2_5_vl, qwen2_vl, qwen2_vl_alone, qwen2_vl_inputs, text_config,
                   topk)
 
@@ -29,10 +30,13 @@ def test_qwen2vl_budget_one_gives_the_unpatched_tokens_and_unpatch_restores(poli
     cache = got.past_key_values
     images = (x["input_ids"] == QWEN_IMAGE).repeat_interleave(num_beams, 0)  # generate expands for beams
     assert isinstance(cache, CompressedCache) and torch.equal(cache.modality, images)
-    assert model.model.language_model.config._attn_implementation == "vtattn"
+    layers = model.model.language_model.layers  # their attention routed to vtattn's, the model's config untouched
+    assert all(routed(layer.self_attn) for layer in layers)
+    assert model.model.language_model.config._attn_implementation == "sdpa"
     vtattn.patch.llm(model, kv=policy)  # a second patch replaces the first
     vtattn.patch.unpatch(model)
-    assert model.model.language_model.config._attn_implementation == "sdpa" and "forward" not in model.__dict__
+    assert not any(routed(layer.self_attn) for layer in layers) and "forward" not in model.__dict__
+    assert all(layer.self_attn.config is model.config.text_config for layer in layers)
 
 
 def test_qwen2vl_lookm_kept_sets_match_eager_rule():
@@ -158,7 +162,7 @@ def test_qwen2vl_fastv_follows_the_eager_rule_and_keep_all_is_the_unpatched_mode
         unpatched = model.generate(**x, **GENERATE).sequences
         vtattn.patch.llm(model, fastv=vtattn.patch.FastV(layer=1, keep=0.5))
         model(**x)
-        assert torch.equal(model._vtattn_patch.fastv.kept, expected)
+        assert torch.equal(model._vtattn_patch.kept, expected)
         vtattn.patch.llm(model, fastv=vtattn.patch.FastV(layer=1, keep=1.0))
         assert torch.equal(model.generate(**x, **GENERATE).sequences, unpatched)
     vtattn.patch.unpatch(model)
@@ -173,7 +177,7 @@ def test_qwen2vl_fastv_generate_batch_equals_each_sample_alone(policy):
     x = qwen2_vl_inputs(GRIDS)
     with torch.no_grad():
         both = model.generate(**x, **GENERATE)
-        kept = model._vtattn_patch.fastv.kept
+        kept = model._vtattn_patch.kept
         for b in range(2):
             alone = model.generate(**qwen2_vl_alone(x, GRIDS, b), **GENERATE)
             assert torch.equal(alone.sequences[0, -6:], both.sequences[b, -6:]), b

@@ -92,7 +92,7 @@ def test_kept_tokens_follow_the_vit_rule_and_logits_the_manual_pipeline(family):
     vtattn.patch.qwen2_vl(model, keep=0.5)
     with torch.no_grad():
         out = model(**x)
-    kept = model._vtattn_patch.fastv.kept
+    kept = model._vtattn_patch.kept
     assert torch.equal(kept, expected)
     for b in range(2):
         alone = qwen2_vl_alone(x, GRIDS, b)
@@ -125,7 +125,7 @@ def test_videos_keep_their_top_tokens_per_frame(family):
         unpatched = model.generate(**x, **GENERATE, num_beams=2)
         vtattn.patch.qwen2_vl(model, keep=0.4)
         model(**x)
-        assert torch.equal(model._vtattn_patch.fastv.kept, expected)
+        assert torch.equal(model._vtattn_patch.kept, expected)
         # round(0.4 * 4) = 2 of the image and of each frame (the whole video's 8 would keep 3)
         assert int(expected.sum()) == x["input_ids"].shape[1] - 2 - 2 - 2
         vtattn.patch.qwen2_vl(model, keep_tokens=4)  # every token of the image and of each frame
@@ -142,7 +142,7 @@ def test_keep_every_token_is_the_unpatched_model(family, num_beams):
         vtattn.patch.qwen2_vl(model, keep_tokens=8)  # every image keeps all of its (<= 8) tokens
         assert torch.equal(model.generate(**x, **GENERATE, num_beams=num_beams), expected)
         real = x["attention_mask"].bool().repeat_interleave(num_beams, 0)  # generate expands for beams
-        assert bool(model._vtattn_patch.fastv.kept[real].all())
+        assert bool(model._vtattn_patch.kept[real].all())
     vtattn.patch.unpatch(model)
     assert model.model.visual.config._attn_implementation == "sdpa" and "forward" not in model.__dict__
 
@@ -172,7 +172,7 @@ def test_generate_batch_equals_each_sample_alone(policy):
     x = qwen2_vl_inputs(GRIDS)
     with torch.no_grad():
         both = model.generate(**x, **GENERATE, return_dict_in_generate=True)
-        kept = model._vtattn_patch.fastv.kept  # the batch's (the runs alone replace it)
+        kept = model._vtattn_patch.kept  # the batch's (the runs alone replace it)
         for b in range(2):
             alone = model.generate(**qwen2_vl_alone(x, GRIDS, b), **GENERATE)
             assert torch.equal(alone[0, -5:], both.sequences[b, -5:]), b
@@ -220,6 +220,6 @@ def test_qwen2vl_keep_on_cuda_fp16():
         vtattn.patch.qwen2_vl(model, keep=0.25, kv=kv.LookM(budget=0.5, recent=0.1))
         out = model.generate(**x, max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
     assert out.sequences.shape == (2, x["input_ids"].shape[1] + 20)
-    kept = int(model._vtattn_patch.fastv.kept.sum())
+    kept = int(model._vtattn_patch.kept.sum())
     held = int((out.past_key_values.kept_positions(0) >= 0).sum())
     assert held < 2 * (kept + 2 * 19)  # 2 kv heads, 19 decoded tokens per sample: LOOK-M evicted more

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vtattn
-from vtattn import selection as policy
+from vtattn import pruning
 from _vlm import (clip_config, eager_attentions, reference_scores, siglip_config,
                   text_config, topk, transformers)
 
@@ -14,84 +14,84 @@ from _vlm import (clip_config, eager_attentions, reference_scores, siglip_config
 @pytest.mark.parametrize("keep", [0, 0.0, -0.5, 1.5, -3])
 def test_keep_out_of_range(keep):
     with pytest.raises(ValueError, match="keep"):
-        policy.check_keep(keep)
+        pruning.check_keep(keep)
 
 
 @pytest.mark.parametrize("keep", [True, "0.5", None])
 def test_keep_wrong_type(keep):
     with pytest.raises(TypeError, match="keep"):
-        policy.check_keep(keep)
+        pruning.check_keep(keep)
 
 
 def test_budget():
-    assert policy.budget(0.1, 576) == 58  # FasterVLM's 90% reduction
-    assert policy.budget(0.001, 576) == 1
-    assert policy.budget(1.0, 576) == 576
-    assert policy.budget(64, 40, full=576) == 40  # a view cut short keeps what it has
+    assert pruning.budget(0.1, 576) == 58  # FasterVLM's 90% reduction
+    assert pruning.budget(0.001, 576) == 1
+    assert pruning.budget(1.0, 576) == 576
+    assert pruning.budget(64, 40, full=576) == 40  # a view cut short keeps what it has
     with pytest.raises(ValueError, match="more than"):
-        policy.budget(600, 576)
+        pruning.budget(600, 576)
 
 
 def test_resolve_method():
-    assert policy.resolve_method("auto", has_cls=True) == "cls"
-    assert policy.resolve_method("auto", has_cls=False) == "mean_received"
-    assert policy.resolve_method("rows", has_cls=False) == "rows"
+    assert pruning.resolve_method("auto", has_cls=True) == "cls"
+    assert pruning.resolve_method("auto", has_cls=False) == "mean_received"
+    assert pruning.resolve_method("rows", has_cls=False) == "rows"
     with pytest.raises(ValueError, match="no \\[CLS\\]"):
-        policy.resolve_method("cls", has_cls=False)
+        pruning.resolve_method("cls", has_cls=False)
     with pytest.raises(ValueError, match="unknown method"):
-        policy.resolve_method("fastv", has_cls=True)
+        pruning.resolve_method("fastv", has_cls=True)
 
 
 def test_layers():
-    assert policy.feature_layer(-2, 24) == 22  # LLaVA-1.5 on CLIP-L
-    assert policy.feature_layer(-1, 24) == 23 and policy.feature_layer(5, 24) == 4
-    assert policy.ensemble_layers(None, 24, 22) == list(range(16, 23))  # VTC-CLS default
-    assert policy.ensemble_layers([-1, 3, 3], 24, 22) == [3, 23]
+    assert pruning.feature_layer(-2, 24) == 22  # LLaVA-1.5 on CLIP-L
+    assert pruning.feature_layer(-1, 24) == 23 and pruning.feature_layer(5, 24) == 4
+    assert pruning.ensemble_layers(None, 24, 22) == list(range(16, 23))  # VTC-CLS default
+    assert pruning.ensemble_layers([-1, 3, 3], 24, 22) == [3, 23]
     with pytest.raises(ValueError, match="embeddings"):
-        policy.feature_layer(0, 24)
+        pruning.feature_layer(0, 24)
     with pytest.raises(IndexError, match="out of range"):
-        policy.feature_layer(-26, 24)
+        pruning.feature_layer(-26, 24)
     with pytest.raises(IndexError, match="ensemble layer 24"):
-        policy.ensemble_layers([24], 24, 22)
+        pruning.ensemble_layers([24], 24, 22)
 
 
 def test_apportion():
-    assert policy.apportion(10, [1, 1, 1], [10, 10, 10]).tolist() == [4, 3, 3]  # ties to the lower index
-    assert policy.apportion(10, [0, 0], [10, 10]).tolist() == [5, 5]
-    assert policy.apportion(10, [8, 1, 1], [4, 9, 9]).tolist() == [4, 3, 3]  # capped, rest re-split
-    assert policy.apportion(0, [1, 2], [3, 3]).tolist() == [0, 0]
+    assert pruning.apportion(10, [1, 1, 1], [10, 10, 10]).tolist() == [4, 3, 3]  # ties to the lower index
+    assert pruning.apportion(10, [0, 0], [10, 10]).tolist() == [5, 5]
+    assert pruning.apportion(10, [8, 1, 1], [4, 9, 9]).tolist() == [4, 3, 3]  # capped, rest re-split
+    assert pruning.apportion(0, [1, 2], [3, 3]).tolist() == [0, 0]
     g = torch.Generator().manual_seed(1)
     for _ in range(50):
         w = torch.rand(5, generator=g)
         total = int(torch.randint(0, 40, (), generator=g))
-        share = policy.apportion(total, w, [40] * 5)
+        share = pruning.apportion(total, w, [40] * 5)
         assert int(share.sum()) == total
         assert ((share - total * w / w.sum()).abs() < 1).all()
     with pytest.raises(ValueError, match="exceeds"):
-        policy.apportion(7, [1, 1], [3, 3])
+        pruning.apportion(7, [1, 1], [3, 3])
 
 
 def test_hired_budgets():
     # total round(0.25 * 4 * 16) = 16: base round(0.5 * 16) = 8, crops 8 split 3:1:0:0 -> 6, 2, 0, 0
-    counts = policy.hired_budgets(0.25, 0.5, [16] * 4, torch.tensor([3.0, 1.0, 0.0]))
+    counts = pruning.hired_budgets(0.25, 0.5, [16] * 4, torch.tensor([3.0, 1.0, 0.0]))
     assert counts.tolist() == [8, 6, 2, 0]
     # every crop capped: the base view takes the remainder
-    assert policy.hired_budgets(1.0, 0.0, [16, 4, 4], [1.0, 1.0]).tolist() == [16, 4, 4]
+    assert pruning.hired_budgets(1.0, 0.0, [16, 4, 4], [1.0, 1.0]).tolist() == [16, 4, 4]
     with pytest.raises(ValueError, match="alpha"):
-        policy.hired_budgets(0.5, 1.5, [16, 16], [1.0])
+        pruning.hired_budgets(0.5, 1.5, [16, 16], [1.0])
 
 
 def test_region_mass():
     s = torch.arange(9.0)
-    assert policy.region_mass(s, 3, 1, 3).tolist() == [9.0, 12.0, 15.0]
-    assert policy.region_mass(s, 3, 2, 1).tolist() == [3.0, 33.0]  # rows [0, 1) and [1, 3)
+    assert pruning.region_mass(s, 3, 1, 3).tolist() == [9.0, 12.0, 15.0]
+    assert pruning.region_mass(s, 3, 2, 1).tolist() == [3.0, 33.0]  # rows [0, 1) and [1, 3)
 
 
 def test_rows_first():
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(3, 20, generator=g)
     counts = torch.tensor([7, 10, 3])
-    lifted = policy.rows_first(scores, 5, counts)
+    lifted = pruning.rows_first(scores, 5, counts)
     for b, k in enumerate(counts.tolist()):
         kept = topk(lifted[b], k)
         rows = topk(scores[b].view(4, 5).sum(1), k // 5)
@@ -102,7 +102,7 @@ def test_rows_first():
         assert kept.tolist() == expected.tolist()
     marked = scores.clone()
     marked[:, :5] = -1.0  # not part of the view: never lifted
-    assert (policy.rows_first(marked, 5, counts)[:, :5] == -1).all()
+    assert (pruning.rows_first(marked, 5, counts)[:, :5] == -1).all()
 
 
 # ---- bare vision towers ------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def test_clip_tower_matches_eager(method, keep):
     vtattn.patch.vision_tower(tower, **budget, method=method, feature_layer=-2)
     with torch.no_grad():
         out = tower(pixels)
-    k = policy.budget(keep, 36)
+    k = pruning.budget(keep, 36)
     expected = torch.stack([topk(s, k) for s in reference_scores(method, attentions, 4)])
     assert torch.equal(out.selection.indices, expected)
     kept = hidden[-2][:, 1:].gather(1, expected[..., None].expand(-1, -1, 32))
@@ -276,3 +276,13 @@ def test_budget_spellings():
         kv.KeyNorm(0.5, budget_tokens=4)
     assert kv.pyramid(2, mean_budget_tokens=10, beta=2) == [15, 5]
 
+
+
+def test_the_old_module_name_still_imports_with_a_deprecation_warning():
+    import importlib
+    import sys
+    sys.modules.pop("vtattn.selection", None)
+    vars(vtattn).pop("selection", None)
+    with pytest.warns(DeprecationWarning, match="vtattn.pruning"):
+        old = importlib.import_module("vtattn.selection")
+    assert old is pruning and vtattn.selection is pruning

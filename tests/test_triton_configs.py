@@ -58,3 +58,62 @@ def test_every_triton_config_matches_the_reference(monkeypatch, op, dtype, confi
     want = run_forced("torch", fn, *args, **kw)
     atol, rtol = (1e-4, 1e-3) if op.startswith("key_importance") else (OUT_TOL[dtype],) * 2
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+
+
+# ---- how a config is picked (CPU: no launch; the autotuner's pruning and the launch path) ----------
+
+def _tuned():
+    pytest.importorskip("triton")
+    from vtattn.triton_kernels import _common, attention
+    return _common, attention._attention_fwd
+
+
+def _cfg(c):
+    return (c.kwargs, c.num_warps, c.num_stages)
+
+
+def test_the_autotuner_holds_every_config_and_prunes_to_what_fits(monkeypatch):
+    import triton
+    _common, tuned = _tuned()
+    monkeypatch.setenv("VTATTN_TRITON_AUTOTUNE", "1")
+    monkeypatch.delenv("VTATTN_TRITON_CONFIG", raising=False)
+    tuner = tuned._autotuner
+    assert isinstance(tuner, triton.runtime.autotuner.Autotuner) and tuner.early_config_prune is not None
+    every = [_cfg(c) for c in tuner.configs]
+    assert all(c in every for e in (2, 4) for bd in (64, 128, 256) for c in tuned.space(e, bd))
+    assert "BLOCK_D" in tuner.keys
+    limit = 100 * 1024  # an sm_86-sized block: the largest bf16 tiles do not fit at head dim 128
+    monkeypatch.setattr(_common, "_launch_facts", lambda args, kwargs: (2, kwargs["BLOCK_D"], limit))
+    pruned = [_cfg(c) for c in tuner.early_config_prune(tuner.configs, {"Q": None}, BLOCK_D=128)]
+    fits = [c for c in tuned.space(2, 128) if 2 * 128 * tuned.smem(c[0], c[2]) <= limit]
+    assert pruned == fits and 1 < len(fits) < len(tuned.space(2, 128))
+
+
+@pytest.mark.parametrize("env,expect", [({"VTATTN_TRITON_AUTOTUNE": "0"}, "first"),
+                                        ({"VTATTN_TRITON_CONFIG": "99"}, "last"),
+                                        ({"VTATTN_TRITON_AUTOTUNE": "1"}, "autotune")])
+def test_one_config_launches_directly_and_several_autotune(monkeypatch, env, expect):
+    _common, tuned = _tuned()
+    monkeypatch.delenv("VTATTN_TRITON_CONFIG", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.name, kwargs))
+
+    monkeypatch.setattr(tuned, "fn", Recorder("direct"))
+    monkeypatch.setitem(tuned.__dict__, "_autotuner", Recorder("autotuner"))
+    monkeypatch.setattr(_common, "_launch_facts", lambda args, kwargs: (2, 128, 227 * 1024))
+    tuned[(1,)](torch.empty(1), BLOCK_D=128)
+    space = tuned.space(2, 128)
+    if expect == "autotune":
+        assert calls == [("autotuner", {"BLOCK_D": 128})]
+    else:
+        meta, warps, stages = space[0] if expect == "first" else space[-1]
+        assert calls == [("direct", {"BLOCK_D": 128, **meta, "num_warps": warps, "num_stages": stages,
+                                     "num_ctas": 1})]

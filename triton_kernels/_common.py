@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from .. import _env
+
 try:
     import triton
     import triton.language as tl
@@ -122,9 +124,16 @@ def _smem_limit(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
 
 
-def _forced_config():
-    i = os.environ.get("VTATTN_TRITON_CONFIG")
-    return None if i is None else int(i)
+Cfg = tuple[dict, int, int]  # (meta-parameters, num_warps, num_stages)
+# Every (element size, padded head dim) a launch can have: BLOCK_D is 0 for kernels without one.
+_ESIZES, _BLOCK_DS = (2, 4), (0, 16, 32, 64, 128, 256)
+
+
+def _launch_facts(args, kwargs) -> tuple[int, int, int]:
+    """(element size, BLOCK_D, shared-memory limit of the device) of a launch; the limit is 0 on CPU."""
+    t = next(a for a in args if isinstance(a, torch.Tensor))
+    limit = _smem_limit(torch.cuda.current_device()) if t.device.type == "cuda" else 0  # on_device(t)
+    return t.element_size(), kwargs.get("BLOCK_D", 0), limit
 
 
 class Tuned:
@@ -132,39 +141,61 @@ class Tuned:
 
     space(esize, block_d) lists (meta, num_warps, num_stages) for an element size and padded head
     dim, the default first and the smallest last; smem(meta, num_stages) estimates the BLOCK_D-wide
-    rows a config keeps in shared memory, to drop configs the device cannot hold. On a GPU:
-    @triton.autotune over what is left; only its first config with VTATTN_TRITON_AUTOTUNE=0 (fast
-    test runs), only config i (the last when there are fewer) with VTATTN_TRITON_CONFIG=i (the
-    tests prove every config right: autotuning may pick any). Under the interpreter: the single
-    small `interp` config (tuning there would take forever; small tiles exercise the multi-tile
-    paths on tiny inputs).
+    rows a config keeps in shared memory, to drop configs the device cannot hold (`configs`). On a
+    GPU: triton.autotune over every config of the space, whose early_config_prune keeps what
+    `configs` picks for the launch; with VTATTN_TRITON_AUTOTUNE=0 only the first config (fast test
+    runs), with VTATTN_TRITON_CONFIG=i only config i (the last when there are fewer: the tests prove
+    every config right, as autotuning may pick any). Under the interpreter: the single small `interp`
+    config (tuning there would take forever; small tiles exercise the multi-tile paths on tiny
+    inputs). A launch with one config to run skips the autotuner.
     Launch as kernel[grid](*args, BLOCK_D=..., **constexprs)."""
 
-    def __init__(self, fn, key, space, smem, interp):
+    def __init__(self, fn, key: list[str], space, smem, interp: Cfg):
         self.fn, self.key, self.space, self.smem, self.interp = fn, key, space, smem, interp
-        self._tuners = {}
+        self._fitting: dict[tuple[int, int, int], list[Cfg]] = {}  # space less what does not fit: pure, so kept
+        self._made: dict[str, "triton.Config"] = {}
 
-    def configs(self, esize: int, bd: int, smem_limit: int):
+    def configs(self, esize: int, bd: int, smem_limit: int) -> list[Cfg]:
+        """The configs a launch with these facts may run (one unless autotuning)."""
         if interpreting():
             return [self.interp]
-        space = self.space(esize, bd)
-        if self.smem is not None:
-            space = [c for c in space if esize * bd * self.smem(c[0], c[2]) <= smem_limit] or space[-1:]
-        forced = _forced_config()
+        space = self._fitting.get((esize, bd, smem_limit))
+        if space is None:
+            space = self.space(esize, bd)
+            if self.smem is not None:
+                space = [c for c in space if esize * bd * self.smem(c[0], c[2]) <= smem_limit] or space[-1:]
+            self._fitting[esize, bd, smem_limit] = space
+        forced = _env.integer("VTATTN_TRITON_CONFIG")
         if forced is not None:
             return [space[min(forced, len(space) - 1)]]
-        return space[:1] if os.environ.get("VTATTN_TRITON_AUTOTUNE", "1") == "0" else space
+        return space if _env.flag("VTATTN_TRITON_AUTOTUNE") else space[:1]
+
+    def _config(self, cfg: Cfg) -> "triton.Config":
+        meta, warps, stages = cfg
+        name = repr((sorted(meta.items()), warps, stages))
+        if name not in self._made:
+            self._made[name] = triton.Config(dict(meta), num_warps=warps, num_stages=stages)
+        return self._made[name]
+
+    def _prune(self, configs, named_args, **kwargs):
+        """early_config_prune: the configs `configs` picks for this launch."""
+        return [self._config(c) for c in self.configs(*_launch_facts(list(named_args.values()), kwargs))]
+
+    @functools.cached_property
+    def _autotuner(self):
+        # Its key holds the tensors' dtypes (triton adds them) and BLOCK_D: what the pruning reads, but
+        # for the device's shared-memory limit (one kind of GPU per process is assumed).
+        every = [self._config(c) for e in _ESIZES for bd in _BLOCK_DS for c in self.space(e, bd)]
+        return triton.autotune(configs=list({id(c): c for c in every}.values()),
+                               key=list(dict.fromkeys([*self.key, "BLOCK_D"])),
+                               prune_configs_by={"early_config_prune": self._prune})(self.fn)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            t = next(a for a in args if isinstance(a, torch.Tensor))
-            limit = _smem_limit(torch.cuda.current_device()) if t.device.type == "cuda" else 0  # on_device(t)
-            cache_key = (t.element_size(), kwargs.get("BLOCK_D", 0), limit, _forced_config())
-            if cache_key not in self._tuners:
-                space = self.configs(*cache_key[:3])
-                configs = [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in space]
-                self._tuners[cache_key] = triton.autotune(configs=configs, key=self.key)(self.fn)
-            return self._tuners[cache_key][grid](*args, **kwargs)
+            chosen = self.configs(*_launch_facts(args, kwargs))
+            if len(chosen) == 1:
+                return self.fn[grid](*args, **kwargs, **self._config(chosen[0]).all_kwargs())
+            return self._autotuner[grid](*args, **kwargs)
         return launch
 
 

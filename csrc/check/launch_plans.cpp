@@ -46,6 +46,8 @@ std::string plan_json(const std::string& op, const int64_t* a, int n, const vtat
     return to_json(p, ", \"chunk\": " + std::to_string(p.chunk) + ", \"splits\": " + std::to_string(p.splits));
   }
   if (op == "flash" && need(7)) return to_json(plan::flash(d, a[0], a[1], a[2], a[3], a[4], a[5] != 0, a[6]));
+  if (op == "block_sparse_attention" && need(7))
+    return to_json(plan::block_sparse_attention(d, a[0], a[1], a[2], a[3], a[4], a[5], a[6]));
   if (op == "key_importance" && need(7))
     return to_json(plan::key_importance(d, a[0], a[1], a[2], a[3], a[4], a[5], a[6] != 0));
   if (op == "select_max_segment" && need(0))

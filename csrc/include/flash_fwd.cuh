@@ -1,13 +1,14 @@
 // Torch-free FlashAttention-2 style forward on tensor cores (mma.sync m16n8k16, fp16/bf16 in,
 // fp32 accumulate), shared by attention.cu (out + lse), key_importance.cu (lse only, over
-// gathered rows), varlen_attention.cu and index_attention.cu.
+// gathered rows), varlen_attention.cu, index_attention.cu and block_sparse_attention.cu.
 //
 // One CTA owns BM query rows of one (problem, query head); each warp owns 16 * MT of them. K/V
 // tiles of BN keys stream through a two-stage cp.async ring.
 // Softmax runs in the log2 domain (logits pre-multiplied by scale * log2(e)).
 //
 // What differs between the ops — where query rows, keys and outputs live, and which keys a row
-// sees — is a Tile policy (DenseTile below; VarlenTile, IndexTile in their .cu files), built per
+// sees — is a Tile policy (DenseTile and BlockSparseTile below; VarlenTile, IndexTile in their .cu
+// files), built per
 // CTA by the kernel:
 //   Tile(const Params&, int m0, int BM, int h, int b, void* extra)   extra: kExtraSmem bytes
 //   bool empty() const                    nothing to do (the CTA returns before any barrier)
@@ -374,5 +375,88 @@ cudaError_t launch_flash_fwd(const FlashParams& p, const plan::Launch& l, cudaSt
   return p.opt.any() ? launch_flash<T, DP, LSE_ONLY, DenseTile<T, true>>(p, l, stream)
                      : launch_flash<T, DP, LSE_ONLY, DenseTile<T, false>>(p, l, stream);
 }
+
+// ---- block_sparse_attention: query block m sees the key blocks its list names ----
+
+struct BlockSparseParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;         // [B, Hq, Nq, D] stored token-major ([B, Nq, Hq, D] memory)
+  float* lse;        // [B, Hq, Nq] contiguous, natural log
+  const int* num;    // kv_num_blocks [Bm, Hm, Q_blocks], row stride 1
+  const int* idx;    // kv_indices [Bm, Hm, Q_blocks, K_blocks], last stride 1
+  int64_t q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn;  // element strides
+  int64_t num_sb, num_sh, idx_sb, idx_sh, idx_sm;                // list strides; 0 = shared by batch / heads
+  int Nq, Nk, Hq, D, group, block_size, k_blocks;                // block_size: a multiple of the CTA's rows
+  bool causal;
+  float scale_log2;
+};
+
+// Key slot j is key (j % block_size) of the (j / block_size)-th listed block, so a CTA (its BM rows in
+// one query block) streams only listed blocks, each whole key tile inside one block (block_size is a
+// multiple of BM, itself a multiple of BN). Lists are trusted like the Triton kernel's: the count is
+// clamped to [0, K_blocks] and a block outside [0, K_blocks) reads zeros and is hidden, so a bad list
+// gives wrong numbers, never an out-of-bounds read. Tiles of a ragged last block, across the causal
+// diagonal or of a bad block take the mask; listed blocks wholly above the diagonal are masked whole.
+template <typename T> struct BlockSparseTile {
+  using Params = BlockSparseParams;
+  using RowKey = int;  // the row's horizon i + Nk - Nq
+  static constexpr size_t kExtraSmem = 0;
+  static constexpr int kHidden = 0x7fffffff - 1024;  // key position of a bad block's slots: past every key
+
+  const T *q, *k, *v;
+  const int* list;  // the CTA's query block's listed key blocks
+  float* lse;
+  T* out;
+  int64_t q_sn, k_sn, v_sn, out_sn;
+  int m0, Nq, Nk, off, n_keys, key_end, bs, k_blocks;
+  int base0, base1;  // key position of each pipeline stage's first slot (stage_keys)
+  bool causal;
+
+  __device__ __forceinline__ BlockSparseTile(const Params& p, int m0_, int, int h, int b, void*)
+      : q(static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh),
+        k(static_cast<const T*>(p.k) + b * p.k_sb + (h / p.group) * p.k_sh),
+        v(static_cast<const T*>(p.v) + b * p.v_sb + (h / p.group) * p.v_sh),
+        list(p.idx + b * p.idx_sb + h * p.idx_sh + (m0_ / p.block_size) * p.idx_sm),
+        lse(p.lse + (static_cast<int64_t>(b) * p.Hq + h) * p.Nq),
+        out(static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.Nq * p.Hq + h) * p.D),
+        q_sn(p.q_sn), k_sn(p.k_sn), v_sn(p.v_sn), out_sn(static_cast<int64_t>(p.Hq) * p.D),
+        m0(m0_), Nq(p.Nq), Nk(p.Nk), off(p.Nk - p.Nq), bs(p.block_size), k_blocks(p.k_blocks), causal(p.causal) {
+    const int count = p.num[b * p.num_sb + h * p.num_sh + m0_ / p.block_size];
+    n_keys = key_end = min(max(count, 0), p.k_blocks) * p.block_size;
+    base0 = base1 = kHidden;
+  }
+  __device__ __forceinline__ bool empty() const { return false; }
+  // Key position of slot j (< n_keys), or kHidden for a block outside the keys.
+  __device__ __forceinline__ int key_pos(int j) const {
+    const int blk = list[j / bs];
+    return blk >= 0 && blk < k_blocks ? blk * bs + j % bs : kHidden;
+  }
+  __device__ __forceinline__ const T* q_row(int r) const { return m0 + r < Nq ? q + (m0 + r) * q_sn : nullptr; }
+  __device__ __forceinline__ const T* k_row(int j) const {
+    const int pos = key_pos(j);
+    return pos < Nk ? k + pos * k_sn : nullptr;
+  }
+  __device__ __forceinline__ const T* v_row(int j) const {
+    const int pos = key_pos(j);
+    return pos < Nk ? v + pos * v_sn : nullptr;
+  }
+  template <int BN, int NT> __device__ __forceinline__ void stage_keys(int n0, int buf, int) {
+    (buf ? base1 : base0) = key_pos(n0);  // the tile lies in one block: slot n0 + i is key base + i
+  }
+  __device__ __forceinline__ RowKey row_key(int r) const { return m0 + r + off; }
+  __device__ __forceinline__ bool needs_causal(int n0, int BN) const {
+    const int pos = key_pos(n0);
+    return pos + BN > Nk || (causal && pos + BN - 1 > m0 + off);
+  }
+  __device__ __forceinline__ bool visible(RowKey horizon, int, int slot) const {
+    constexpr int BN = plan::kFlashBN;
+    const int pos = (slot >= BN ? base1 : base0) + slot % BN;
+    return pos < Nk && (!causal || pos <= horizon);
+  }
+  __device__ __forceinline__ float* lse_at(int r) const { return m0 + r < Nq ? lse + m0 + r : nullptr; }
+  __device__ __forceinline__ T* out_at(int r) const { return m0 + r < Nq ? out + (m0 + r) * out_sn : nullptr; }
+};
 
 }  // namespace vtattn

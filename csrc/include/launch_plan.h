@@ -68,7 +68,7 @@ struct Plan {
   }
 };
 
-// ---- select_tokens, gather_tokens, merge_tokens (csrc/cuda/select_tokens.cu) ----
+// ---- select_tokens, gather_tokens, merge_tokens (csrc/cuda/{select,gather,merge}_tokens.cu) ----
 
 constexpr int kSelectThreads = 256;
 constexpr int kMaxSegments = kSelectThreads;  // one thread per segment sums the budgets
@@ -200,6 +200,20 @@ inline Plan flash(const Device& d, int64_t rows, int64_t heads, int64_t problems
   if (rows == 0 || heads == 0 || problems == 0) return p;
   return p.add("flash_fwd_kernel", cdiv(rows, kFlashBM), heads, problems, flash_threads(dp), smem,
                needs_opt_in(0, smem));  // all its shared memory is dynamic
+}
+
+// ---- block_sparse_attention (csrc/cuda/block_sparse_attention.cu): the flash kernel over listed
+// key blocks (BlockSparseTile): a CTA's rows must lie in one query block ----
+
+inline Plan block_sparse_attention(const Device& d, int64_t Nq, int64_t Nk, int64_t heads, int64_t batch, int64_t D,
+                                   int64_t esize, int64_t block_size) {
+  Plan p;
+  if (block_size <= 0 || block_size % kFlashBM != 0)  // kFlashBM is a multiple of kFlashBN
+    return p.fail("the CUDA kernel needs a block_size that is a multiple of %d, got %lld", kFlashBM,
+                  (long long)block_size);
+  if (cdiv(Nk, block_size) * block_size >= kInt32Max - 2048)  // key slots and positions are int
+    return p.fail("the CUDA kernel needs K_blocks * block_size below 2^31 - 2048, got Nk = %lld", (long long)Nk);
+  return flash(d, Nq, heads, batch, D, esize, false, 0);
 }
 
 // ---- key_importance (csrc/cuda/key_importance.cu) ----

@@ -7,12 +7,19 @@ from ._dispatch import BackendUnavailable, forced_backend, use_backend
 from ._info import info
 from .ops import (Selection, attention, block_sparse_attention, decode_attention, gather_tokens, index_attention,
                   key_importance, merge_tokens, select_tokens, varlen_attention)
-from . import kv, patch, selection, sparse  # noqa: F401  (patch imports transformers on use only)
+from . import kv, patch, pruning, sparse  # noqa: F401  (patch imports transformers on use only)
 
 __version__ = "0.1.0"
 
 __all__ = ["attention", "key_importance", "select_tokens", "gather_tokens", "merge_tokens", "Selection",
            "varlen_attention", "index_attention", "decode_attention", "block_sparse_attention",
-           "kv", "patch", "selection", "sparse",
+           "kv", "patch", "pruning", "sparse",
            "use_backend", "forced_backend", "BackendUnavailable",
            "info", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "selection":  # the old name of vtattn.pruning: importing it warns and aliases
+        import importlib
+        return importlib.import_module(".selection", __name__)
+    raise AttributeError(f"module 'vtattn' has no attribute {name!r}")

@@ -25,7 +25,7 @@ def build_check() -> int:
     return 0
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["build-check"]:
         sys.exit(build_check())
@@ -35,12 +35,16 @@ def main(argv=None):
     facts = info()
     backends = facts.pop("backends")
     build = facts.pop("build")
+    environment = facts.pop("environment")
     width = max(map(len, facts))
     for key, value in facts.items():
         print(f"{key:<{width}}  {value}")
     print("build:")
     for key, value in (build or {"(none)": "no vtattn._C loaded"}).items():
         print(f"  {key:<16}  {value}")
+    print("environment (python/vtattn/_env.py):")
+    for key, value in environment.items():
+        print(f"  {key:<22}  {value}")
     print("backends (op[device,dtype] -> chosen; why the others refuse):")
     for case, answer in backends.items():
         print(f"  {case}: {answer['chosen']}")

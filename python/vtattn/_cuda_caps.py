@@ -128,7 +128,7 @@ def key_importance_supports(q, k, lse, rows, causal, scale, softcap=0.0, window=
     return reason
 
 
-# ---- token selection (csrc/cuda/select_tokens.cu) ----
+# ---- token selection (csrc/cuda/select_tokens.cu, gather_tokens.cu, merge_tokens.cu) ----
 _FLOATS = _HALF + (torch.float32, torch.float64)
 MAX_SEGMENTS = 256  # select_tokens: one thread per segment sums the budgets (and a by-value table)
 MAX_SEGMENT_LEN = 16384  # select_tokens: a segment's keys and kept list in shared memory (8 bytes/token)
@@ -251,3 +251,21 @@ def index_attention_supports(q, k, v, kv_indices, kv_counts, q_positions, kv_pos
     if kv_indices.dim() == 3 and kv_indices.shape[2] >= _INT32:
         return "CUDA kernel needs an index list length L that fits in int32"
     return _device_reason(q) or _shape_reason(q, k) or _flash_smem_reason(q.device, q.shape[-1], INDEX_EXTRA_SMEM)
+
+
+# ---- block_sparse_attention (csrc/cuda/block_sparse_attention.cu): the flash kernel, BlockSparseTile ----
+
+def block_sparse_attention_supports(q, k, v, kv_num_blocks, kv_indices, block_size, causal, scale) -> str | None:
+    """fp16/bf16 on tensor cores, head dims that are multiples of 8 up to 128, GQA, causal, any strides;
+    block_size a multiple of 128 (the kernel's query tile: a tile's rows share one list), int32 lists on
+    q's device (plan::block_sparse_attention)."""
+    if q.dtype not in _HALF:
+        return "CUDA kernel runs fp16/bf16 on tensor cores; fp32 goes to Triton"
+    if block_size % FLASH_BM:
+        return f"CUDA kernel needs a block_size that is a multiple of {FLASH_BM}, got {block_size} (Triton runs it)"
+    for name, t in (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
+        if t.device != q.device or t.dtype != torch.int32:
+            return f"CUDA kernel needs {name} as int32 on q's device"
+    if -(-k.shape[2] // block_size) * block_size >= _INT32 - 2048:
+        return "CUDA kernel needs K_blocks * block_size below 2^31 - 2048"
+    return _device_reason(q) or _shape_reason(q, k) or _flash_smem_reason(q.device, q.shape[-1])

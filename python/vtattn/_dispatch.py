@@ -2,13 +2,12 @@
 order backends are tried in is data (vtattn/_dispatch_table.py, per op and CUDA architecture),
 rewritten from a benchmark run by `python -m vtattn.bench --emit-dispatch`."""
 import functools
-import os
 import warnings
 from typing import Callable, NamedTuple
 
 import torch
 
-from . import _dispatch_table
+from . import _dispatch_table, _env
 
 BACKENDS = ("aten", "cuda", "cpp", "triton", "torch")
 
@@ -39,7 +38,7 @@ def forced_backend() -> str | None:
     """The backend forced by use_backend(), else by VTATTN_BACKEND, else None (automatic)."""
     if _forced is not None:
         return None if _forced == "auto" else _forced
-    name = os.environ.get("VTATTN_BACKEND") or None
+    name = _env.get("VTATTN_BACKEND")
     _check_name(name)
     return name
 
@@ -102,7 +101,7 @@ _warned: set = set()
 
 
 def _strict() -> bool:
-    return os.environ.get("VTATTN_STRICT", "0").strip().lower() in ("1", "true", "yes", "on")
+    return _env.flag("VTATTN_STRICT")
 
 
 def _fell_back(op: str, refusals: dict[str, str]):
@@ -140,5 +139,89 @@ def choose(op: str, backends: dict[str, Backend], args) -> str:
     raise BackendUnavailable(f"vtattn.{op}: no backend supports these inputs: {explain(backends, args, op)}")
 
 
-def run(op: str, backends: dict[str, Backend], *args):
-    return backends[choose(op, backends, args)].run(*args)
+# The choice is cached per (op, forced backend, shape class): a hit costs a dict lookup instead of
+# asking every backend's supports() again. A shape class (`signature`) is what supports() may read:
+# dtypes, devices, contiguity, sizes and scalar arguments, less the sizes that grow while decoding
+# and that supports() only compares with fixed limits (an op's `shape_class`), so a growing cache
+# keeps its entry. The forced backend is part of the key (use_backend / VTATTN_BACKEND switch entries); a CUDA
+# fallback to the reference is never cached, so it warns (or raises under VTATTN_STRICT) as before.
+_chosen: dict = {}
+_MAX_CHOSEN = 4096
+_INT32_LIMIT = 2**31 - 1
+
+
+def _length_class(n: int) -> tuple:
+    return ("length", n == 0, n >= _INT32_LIMIT)
+
+
+def signature(args, lengths: dict | None = None) -> tuple:
+    """The shape class of an op's arguments; `lengths` maps an argument's index to its growing dims."""
+    out = []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            shape = tuple(a.shape)
+            if lengths and i in lengths:
+                shape = tuple(_length_class(n) if d in lengths[i] else n for d, n in enumerate(shape))
+            out.append((a.dtype, a.device, shape, a.is_contiguous()))
+        else:
+            out.append(tuple(a) if isinstance(a, list) else a)
+    return tuple(out)
+
+
+_generation = 0  # bumped by clear_cache: Direct handles choose again
+
+
+def clear_cache():
+    """Forget every cached backend choice (after loading or rebuilding kernels in a running process)."""
+    global _generation
+    _chosen.clear()
+    _generation += 1
+
+
+def _light(args) -> tuple:
+    """What a backend's supports() reads of a Direct call's tensors besides their growing lengths: one
+    handle serves every model and device of the process (a CPU and a CUDA model, fp32 and bf16, other
+    head dims or head counts), so these choose again."""
+    return tuple((a.dtype, a.device, a.dim(), a.shape[1] if a.dim() > 1 else 0, a.shape[-1] if a.dim() else 0,
+                  a.is_contiguous()) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+class Direct:
+    """An internal caller's handle on the registered op `torch.ops.vtattn.<op>`, for arguments it
+    built valid (a decode step's pages, lengths and lists): a call runs the backend the op would
+    choose, without the op's Python layers (its autograd wrapper, its impl, the choice's key: ~15 us
+    a call on CPU, per layer and step). The choice is made again when the arguments' dtypes, devices,
+    head counts or head dims (`_light`), the caller's `stamp` (what else it knows may change the
+    choice: a pool's size after growth) or the forced backend change, or after clear_cache(). Under
+    torch.compile, and for inputs that require grad, the registered op itself runs (its fake impl
+    traces; its autograd differentiates or refuses by name)."""
+    __slots__ = ("op", "_key", "_run")
+
+    def __init__(self, op: str):
+        self.op, self._key, self._run = op, None, None
+
+    def __call__(self, *args, stamp=None):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+            return getattr(torch.ops.vtattn, self.op)(*args)
+        key = (_forced, _env.get("VTATTN_BACKEND"), _generation, stamp, _light(args))
+        if key != self._key:
+            from ._registry import OPS  # the op's backends (_registry imports this module)
+            backends = OPS[self.op]
+            name = choose(self.op, backends, args)
+            self._run = backends[name].run
+            # a CUDA fallback to the reference is chosen on every call, so it warns (or raises) as the op does
+            self._key = key if name != "torch" or _device_key(args) == "cpu" else None
+        return self._run(*args)
+
+
+def run(op: str, backends: dict[str, Backend], *args, shape_class: Callable | None = None):
+    key = (op, _forced, _env.get("VTATTN_BACKEND"), shape_class(args) if shape_class else signature(args))
+    name = _chosen.get(key)
+    if name is None:
+        name = choose(op, backends, args)
+        if name != "torch" or _device_key(args) == "cpu":
+            if len(_chosen) >= _MAX_CHOSEN:
+                _chosen.clear()
+            _chosen[key] = name
+    return backends[name].run(*args)

@@ -10,7 +10,8 @@ package (a prebuilt copy); installed, the one beside the package. A build's fact
 targets, the hash of its sources) are compiled into it (csrc/build_info.cpp) and checked against
 the running torch after loading; `location()` says which file was loaded and why.
 
-setup.py loads this file by path (before vtattn is installed): no imports from vtattn here."""
+setup.py loads this file by path (before vtattn is installed): from vtattn only its sibling _env.py,
+which it then loads by path too."""
 import functools
 import hashlib
 import importlib.machinery
@@ -20,8 +21,25 @@ import logging
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
+
+
+def _load_by_path(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+try:
+    from . import _env
+except ImportError:  # loaded by path from setup.py: its sibling _env.py, by path too
+    _env = _load_by_path("_vtattn_env", Path(__file__).with_name("_env.py"))
 
 log = logging.getLogger("vtattn")
 
@@ -88,10 +106,11 @@ def _candidate() -> tuple[Path | None, str]:
                   f"{_rebuild()}" + (f" (builds for other environments: {', '.join(others)})" if others else ""))
 
 
-def _read_facts() -> dict:
+def _read_facts() -> dict[str, Any]:
     """The loaded library's build facts ({} for a library built before they were recorded)."""
     try:
-        return json.loads(torch.ops.vtattn_C.build_info())
+        facts: dict[str, Any] = json.loads(torch.ops.vtattn_C.build_info())
+        return facts
     except (AttributeError, RuntimeError):
         return {}
 
@@ -103,13 +122,16 @@ def _load_library() -> tuple[str | None, str | None, str]:
     """(why the compiled ops are unavailable or None, the file loaded or tried, why that file)."""
     module = sys.modules.get("vtattn._C")
     if module is not None:  # loaded before (load() again after cache_clear) or imported directly
-        path = Path(module.__file__)
+        path = Path(module.__file__ or "vtattn._C")
         why = _where[1] if _where[0] == str(path) else "imported directly"
     else:
-        path, why = _candidate()
-        if path is None:
+        candidate, why = _candidate()
+        if candidate is None:
             return why, None, why
+        path = candidate
         spec = importlib.util.spec_from_file_location("vtattn._C", path)
+        if spec is None:
+            return f"{path} is not a loadable extension module: {_rebuild()}", str(path), why
         try:
             sys.modules["vtattn._C"] = importlib.util.module_from_spec(spec)  # dlopen: registers the ops
         except (ImportError, OSError) as e:
@@ -143,7 +165,7 @@ def location() -> tuple[str | None, str]:
     return _where
 
 
-def build_info() -> dict:
+def build_info() -> dict[str, Any]:
     """The facts of the loaded vtattn._C (setup.py records them): {} when none is loaded."""
     return _read_facts() if location()[0] is not None else {}
 
@@ -157,11 +179,11 @@ def stale_reason(root: Path) -> str | None:
     facts = build_info()
     if facts.get("sources") != source_stamp(root):
         return "the sources (csrc/, setup.py) changed since the last build"
-    skip = os.environ.get("VTATTN_SKIP_CUDA") == "1"
+    skip = _env.flag("VTATTN_SKIP_CUDA")
     if skip and facts["with_cuda"]:
         return "VTATTN_SKIP_CUDA=1 but the last build has CUDA kernels"
     if not skip and not facts["with_cuda"]:
-        if os.environ.get("VTATTN_REQUIRE_CUDA") == "1" or facts["cuda_skip_reason"] == "VTATTN_SKIP_CUDA=1":
+        if _env.flag("VTATTN_REQUIRE_CUDA") or facts["cuda_skip_reason"] == "VTATTN_SKIP_CUDA=1":
             return f"the last build has no CUDA kernels ({facts['cuda_skip_reason']})"
     archs = cuda_archs()
     if facts["with_cuda"] and facts["cuda_archs"] != archs:
@@ -171,7 +193,7 @@ def stale_reason(root: Path) -> str | None:
 
 def cuda_archs() -> list[str]:
     """VTATTN_CUDA_ARCHS ("80;90a", semicolons or commas) as a list; the default is sm_80 and sm_90a."""
-    spec = os.environ.get("VTATTN_CUDA_ARCHS", "80;90a")
+    spec = _env.get("VTATTN_CUDA_ARCHS") or ""
     return [a.strip() for a in spec.replace(",", ";").split(";") if a.strip()]
 
 

@@ -2,20 +2,23 @@
 import importlib.metadata
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from . import _dispatch, _ext, _registry
+from . import _dispatch, _env, _ext, _registry
 
 
-def _version(pkg):
+def _version(pkg: str) -> str | None:
     try:
         return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def info() -> dict:
+def info() -> dict[str, Any]:
+    """Versions, where vtattn and its compiled part load from, the build's facts, the VTATTN_*
+    environment variables, and for each op and device the backend chosen and why the others refuse."""
     devices = [("cpu", torch.float32)]
     if torch.cuda.is_available():
         devices.append(("cuda", torch.bfloat16))
@@ -45,5 +48,6 @@ def info() -> dict:
         "compiled_path": f"{so} ({why})" if so else None,
         "build": _ext.build_info(),
         "forced_backend": _dispatch.forced_backend(),
+        "environment": _env.table(),
         "backends": backends,
     }

@@ -5,7 +5,7 @@ import torch
 import importlib
 
 from . import _aten, _autograd, _ext, reference
-from ._dispatch import Backend, run
+from ._dispatch import Backend, run, signature
 
 _lib = torch.library.Library("vtattn", "DEF")
 OPS: dict[str, dict] = {}  # op name -> its backends, filled by _define
@@ -52,11 +52,12 @@ def _triton_backend(op):
     return Backend(supports, lambda *args: getattr(_triton(op), op)(*args))
 
 
-def _define(op, schema, backends, fake, sample, grad=True):
+def _define(op, schema, backends, fake, sample, grad=True, shape_class=None):
     """Define torch.ops.vtattn.<op>: schema, fake impl, and a CPU/CUDA impl that dispatches.
     `sample(device, dtype)` builds small arguments on which `vtattn info` asks each backend.
     grad: register the op's autograd (its backward, or the refusal of grad-requiring inputs; see
-    _autograd); False for ops whose outputs carry no gradient by nature (indices, masks)."""
+    _autograd); False for ops whose outputs carry no gradient by nature (indices, masks).
+    shape_class: args -> the key the backend choice is cached under (default: `_dispatch.signature`)."""
     _lib.define(schema)
     name = f"vtattn::{op}"
     torch.library.register_fake(name, fake, lib=_lib)
@@ -64,7 +65,7 @@ def _define(op, schema, backends, fake, sample, grad=True):
         _autograd.register(op, _lib)
 
     def impl(*args):
-        return run(op, backends, *args)
+        return run(op, backends, *args, shape_class=shape_class)
 
     for key in ("CPU", "CUDA"):
         _lib.impl(op, impl, key)
@@ -119,6 +120,8 @@ ATTENTION = _define(
     },
     _attention_fake,
     lambda device, dtype: (*_sample_qkv(device, dtype), False, 0.125, 0.0, -1, None),
+    # Keys grow while decoding; supports() reads them only as Nk == 0, Nk == Nq and the int32 limit.
+    shape_class=lambda args: (signature(args, {1: (2,), 2: (2,)}), args[0].shape[2] == args[1].shape[2]),
 )
 
 
@@ -269,6 +272,7 @@ INDEX_ATTENTION = _define(
     },
     _index_attention_fake,
     _sample_index,
+    shape_class=lambda args: signature(args, {1: (2,), 2: (2,), 3: (2,), 6: (1,)}),  # keys and their lists grow
 )
 
 
@@ -291,6 +295,7 @@ DECODE_ATTENTION = _define(
     lambda device, dtype: (torch.zeros(2, 4, 1, 64, device=device, dtype=dtype),
                            *[torch.zeros(2, 2, 32, 64, device=device, dtype=dtype)] * 2,
                            torch.full((2, 2), 17, dtype=torch.int32, device=device), 0.125),
+    shape_class=lambda args: signature(args, {1: (2,), 2: (2,)}),  # the capacity, read only for the int32 limit
 )
 
 
@@ -311,6 +316,8 @@ BLOCK_SPARSE_ATTENTION = _define(
     "block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, int block_size, "
     "bool causal, float scale) -> (Tensor, Tensor)",
     {
+        "cuda": _compiled("block_sparse_attention", "cuda"),
+        "cpp": _compiled("block_sparse_attention", "cpu"),
         "triton": _triton_backend("block_sparse_attention"),
         "torch": _with_layout(_reference(reference.block_sparse_attention)),
     },
@@ -344,4 +351,6 @@ PAGED_DECODE_ATTENTION = _define(
     },
     _paged_decode_attention_fake,
     _sample_paged_decode,
+    # The pools and the table grow; supports() reads the capacity only for the int32 limit.
+    shape_class=lambda args: signature(args, {1: (0,), 2: (0,), 3: (2,)}),
 )

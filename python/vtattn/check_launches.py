@@ -150,6 +150,11 @@ def cuda_shapes() -> Iterator[tuple]:
                 for D in range(8, 144, 8):
                     for lse_only, extra in ((0, 0), (1, 0), (0, 1024)):  # attention / varlen, LSE only, index
                         yield "flash", (rows, heads, problems, D, 2, lse_only, extra)
+    for rows in (1, 128, 4097, BIG - 1):  # block_sparse_attention: the flash kernel over listed blocks
+        for heads, batch in ((1, 1), (32, 65535), (65536, 1)):
+            for D in (8, 64, 72, 128, 136):
+                for bs in (64, 128, 256, 1024):
+                    yield "block_sparse_attention", (rows, rows, heads, batch, D, 2, bs)
     for B, Hq in ((1, 1), (32, 16), (65535, 1), (65535, 65535)):
         for Nk in (0, 1, 577, 65535 * 32, 65535 * 128 + 1, BIG - 1):
             for R in (1, 16, 17, 4096):

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 import vtattn
 
+from .timing import l2_bytes
+
 SHAPES = {
     "clip-l336": dict(B=32, Hq=16, Hkv=16, N=577, D=64, causal=False),
     "siglip-so400m": dict(B=32, Hq=16, Hkv=16, N=729, D=72, causal=False),
@@ -391,14 +393,15 @@ def n_copies(device, per_copy_bytes) -> int:
     """Enough input copies on GPU that the set is several times the L2; 1 on CPU."""
     if device.type != "cuda":
         return 1
-    return max(2, min(4, math.ceil(3 * 50e6 / max(per_copy_bytes, 1))))
+    return max(2, min(4, math.ceil(3 * l2_bytes(device) / max(per_copy_bytes, 1))))
 
 
 # Model-level and selection cases build on Case / Impl above, hence imported last.
-from . import scenarios, scenarios_llm, select_cases, sparse_cases  # noqa: E402
+from . import decode_host, scenarios, scenarios_llm, select_cases, sparse_cases  # noqa: E402
 
 BUILDERS.update(select_cases.BUILDERS)
 BUILDERS.update(sparse_cases.BUILDERS)
 # Last: the kernel cases run before any large model is built.
 BUILDERS.update(scenarios.BUILDERS)
 BUILDERS.update(scenarios_llm.BUILDERS)
+BUILDERS.update(decode_host.BUILDERS)

@@ -1,4 +1,5 @@
-"""Regenerate docs/benchmarks.md (table + plots) from a recorded run:
+"""Write a Markdown page (table + plots; by default docs/benchmarks.md and docs/benchmarks/, made
+here: none is committed before a GPU run is) from a recorded run:
 
     python -m vtattn.bench.docs benchmarks/results/<device>-<date>-<commit>.json
 

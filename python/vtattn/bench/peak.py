@@ -4,14 +4,16 @@ import platform
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .. import _env
 from .cases import DTYPE_NAMES
 from .timing import time_fns
 
 
-def measure_peaks(device, dtype, quick=False) -> dict:
+def measure_peaks(device: torch.device, dtype: torch.dtype, quick: bool = False) -> dict[str, Any]:
     """Copy bandwidth (bytes read + written per second) and dense matmul throughput in `dtype`
     (fp32 on CPU): the ceilings that `pct_peak` is a percentage of."""
     cuda = device.type == "cuda"
@@ -33,7 +35,7 @@ def measure_peaks(device, dtype, quick=False) -> dict:
     }
 
 
-def _nvidia_smi(fields):
+def _nvidia_smi(fields: str) -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20)
@@ -42,7 +44,7 @@ def _nvidia_smi(fields):
         return None
 
 
-def _cpu_name():
+def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -53,7 +55,7 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 
-def _git_commit():
+def _git_commit() -> str | None:
     """The checkout's commit (+dirty) when running from one (editable installs): the commit
     recorded at build time goes stale as the tree moves on."""
     import vtattn
@@ -70,7 +72,7 @@ def _git_commit():
         return None
 
 
-def header(device) -> dict:
+def header(device: torch.device) -> dict[str, Any]:
     import vtattn
 
     try:
@@ -92,7 +94,7 @@ def header(device) -> dict:
         "python": platform.python_version(),
         "vtattn": info.get("vtattn") or info.get("version") or vtattn.__version__,
         # VTATTN_GIT_COMMIT: for a copy of the tree without .git (a lent GPU machine).
-        "git_commit": os.environ.get("VTATTN_GIT_COMMIT") or _git_commit() or info.get("build", {}).get("git_commit"),
+        "git_commit": _env.get("VTATTN_GIT_COMMIT") or _git_commit() or info.get("build", {}).get("git_commit"),
         "vtattn_info": info,
     }
     if device.type == "cuda":

@@ -20,6 +20,10 @@ def ms(v) -> str:
 def rate(r) -> str:
     if r.get("tok_s") is not None:  # e2e decode rows
         return f"{r['tok_s']:.3g} tok/s"
+    if r.get("req_s") is not None:  # e2e vllm rows: the batch's requests / its wall time
+        return f"{r['req_s']:.3g} req/s"
+    if r.get("host_us_layer") is not None:  # decode_host rows: host time over unpatched, per layer
+        return f"{r['host_us_layer']:+.3g} us/layer"
     if r.get("tflops") is not None:
         return f"{r['tflops']:.3g} TFLOP/s" if r["tflops"] >= 1 else f"{r['tflops'] * 1e3:.3g} GFLOP/s"
     if r.get("gbps") is not None:
@@ -106,6 +110,7 @@ _COLUMNS = [
     ("ci", "±95%", spread, True, None),
     ("n", "n", lambda r: _fmt(r.get("reps"), "d"), True, None),
     ("rate", "rate", rate, True, 3),
+    ("ttft", "TTFT ms", lambda r: ms(r.get("ttft_ms")), True, 5),
     ("pct", "%peak", lambda r: _fmt(r.get("pct_peak"), ".3g"), True, 1),
     ("kv", "KV MiB", lambda r: "-" if r.get("kv_bytes") is None else f"{r['kv_bytes'] / 2**20:.3g}", True, 4),
     ("peak", "peak GiB", lambda r: _fmt(r.get("peak_gib"), ".3g"), True, 2),
@@ -126,6 +131,7 @@ _WIDE_COLUMNS = [
     ("calls", "calls/n", lambda r: _fmt(r.get("calls_per_rep"), "d"), True),
     ("p20", "p20-p80 ms", lambda r: "-" if r.get("p20_ms") is None else f"{ms(r['p20_ms'])}-{ms(r['p80_ms'])}", True),
     ("rate", "rate", rate, True),
+    ("ttft", "TTFT ms", lambda r: ms(r.get("ttft_ms")), True),
     ("pct", "%peak", lambda r: _fmt(r.get("pct_peak"), ".3g"), True),
     ("kv", "KV MiB", lambda r: "-" if r.get("kv_bytes") is None else f"{r['kv_bytes'] / 2**20:.3g}", True),
     ("peak", "peak GiB", lambda r: _fmt(r.get("peak_gib"), ".3g"), True),
@@ -337,23 +343,23 @@ def explain(rows, header) -> list:
     slow = [r for r in timed if r["op"] == "block_sparse_attention" and r["backend"] == "auto"
             and (r.get("speedup") or 1) < 1 and not r.get("speedup_noise")]
     if cpu and slow:
-        out.append("block_sparse_attention `auto` is slower than dense SDPA on CPU: its kernels are CUDA / Triton; "
-                   "on CPU only the pure-PyTorch reference runs, which expands the block list into a dense mask "
-                   "and computes every score (it is the op's specification, not a fast path).")
+        out.append("block_sparse_attention `auto` is slower than dense SDPA on CPU in some rows: at low sparsity "
+                   "and short lengths the C++ kernel (fp32 tiles, vtattn's dense CPU kernel's) does not beat "
+                   "SDPA's CPU flash kernel; its saving shows against `attention-dense` and at high sparsity.")
     more = [r for r in timed if r["op"] == "e2e" and r["backend"] == "lookm-1.0" and r.get("kv_bytes")
             and (by.get(("e2e", r["case"], "unpatched-sdpa")) or {}).get("kv_bytes", r["kv_bytes"]) < r["kv_bytes"]]
     if more:
-        page, room = _kv_defaults()
+        page, _ = _kv_defaults()
         out.append(f"lookm-1.0 holds more KV memory than unpatched-sdpa: the compressed cache keeps every token "
-                   f"but stores each (batch, KV head) in pages of {page} tokens plus {room} tokens of decode "
-                   f"headroom; on short prompts (CPU's scaled models: tens of tokens) that rounding is a large "
-                   f"share, at real lengths (thousands of tokens) a few percent.")
+                   f"but stores each (batch, KV head) in whole pages of {page} tokens and grows by a quarter of a "
+                   f"head's length (at least a page); on short prompts (CPU's scaled models: tens of tokens) that "
+                   f"rounding is a large share, at real lengths (thousands of tokens) a few percent.")
     keep1 = [r for r in timed if r["op"] == "e2e" and r["backend"] in ("keep-1.0", "lookm-1.0")
              and r.get("speedup") is not None]
     if keep1:
         noise = sum(bool(r.get("speedup_noise")) for r in keep1)
-        out.append(f"keep-1.0 / lookm-1.0 keep every token: they should read ~1.0 against unpatched-sdpa (a gap is "
-                   f"the patch's own overhead); {noise} of {len(keep1)} such rows are within noise here.")
+        out.append(f"keep-1.0 / lookm-1.0 keep every token: they should read ~1.0 against unpatched-sdpa (vllm "
+                   f"rows: plain-vllm; a gap is the patch's own overhead); {noise} of {len(keep1)} such rows are within noise here.")
     if cpu and any(r["op"] in ("e2e", "vision_tower") for r in timed):
         out.append("e2e / vision_tower on CPU: tiny random-weight models (a few layers, tens of tokens), one "
                    "thread: fixed per-layer costs (Python, dispatch, generate's bookkeeping) dominate, so keep "

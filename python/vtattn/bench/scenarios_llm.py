@@ -15,6 +15,10 @@ Rows, per scenario and batch; every variant is one row:
   the whole generate); CUDA only, none on CPU. kv_bytes: K/V bytes the cache holds after that
   call: CompressedCache.kv_bytes() under a KV policy, else the dense cache's tensors.
 - speedup: the unpatched model's time at the same batch / the row's time.
+- llava7b's decode cases add `<variant>-static` (generate(cache_implementation="static"): a
+  StaticCache, or the static CompressedCache vtattn's KV stage makes of it; not compiled) and
+  `<variant>-compiled` (the same with transformers' CompileConfig, on CPU too; CUDA graphs on a
+  GPU), for the unpatched model and LOOK-M(0.1); the first call (untimed) compiles.
 Random weights: the timings and memory are real; the tokens say nothing of accuracy.
 
 A variant whose API this vtattn lacks (FastV, KV compression: being built) is a row with no
@@ -24,9 +28,9 @@ import time
 import torch
 
 import vtattn
-from vtattn.patch._install import output_cache
+from vtattn.patch.core import output_cache
 
-from . import scenarios_qwen
+from . import scenarios_qwen, scenarios_vllm
 from .cases import Case, Impl
 from .scenarios import (FEATURE_LAYER, SCALE, TOWERS, attn_impl, build_model, level_of, patched, scaled_config,
                         shared_model, single_thread, transformers_or_none, with_memory)
@@ -49,6 +53,9 @@ SCENARIOS = {  # name -> LLM kv heads, images per prompt, anyres (LLaVA-NeXT: ba
     # Qwen2-VL-7B (GQA, M-RoPE), 4 images of 448 x 448 (1024 tokens) + 200 text tokens, through
     # vtattn.patch.qwen2_vl: vision-side keep, FastV, KV rows (scenarios_qwen.py).
     "qwen2vl7b-4img": dict(family="qwen2vl", images=4, prompt=200, variants="qwen"),
+    # vLLM serving a batch of image prompts, plain and with vtattn.vllm's pruning: requests/s and time to
+    # first token, on a tiny LLaVA (scenarios_vllm.py); its rows are skipped where vLLM is not importable.
+    "vllm-llava": dict(family="vllm"),
 }
 KEEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
 FASTV = dict(method="fastv", layer=2, keep=0.25)
@@ -126,15 +133,20 @@ def _record_cache(impl, cache):
     impl.note = " ".join(filter(None, [impl.note, f"kv {n / 2**20:.3g} MiB"]))
 
 
-def _variants(which, new_tokens):
+def _variants(which, new_tokens, llm_layers):
     """(row name, role, patch kwargs (a function: built inside the row's ctx) or None for the
     unpatched model, the name of a variant whose API may be missing). which: "all" (LLaVA: vision
-    selection, FastV, KV budgets), "kv" (LLaVA: KV rows) or "qwen" (patch.qwen2_vl: vision-side
-    keep below 1, FastV, KV rows)."""
+    selection, FastV, visual-token exit, KV budgets), "kv" (LLaVA: KV rows) or "qwen" (patch.qwen2_vl:
+    vision-side keep below 1, FastV, visual-token exit, KV rows). The exit row (`exit-half`): every
+    visual token leaves the LLM at half its depth, K = llm_layers // 2, alone (the tower unpatched);
+    named by the fraction, not K, so the name is the same at every level."""
     out = [("unpatched-sdpa", "baseline", None, None)]
     if which == "all":  # keep=1.0 is a reference: the targets are ratios to it.
         out += [(f"keep-{k}", "reference" if k == 1.0 else "vtattn", lambda k=k: dict(keep=k), None) for k in KEEPS]
         out.append((f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(FASTV), "FastV"))
+    if which in ("all", "qwen"):
+        K = llm_layers // 2
+        out.append(("exit-half", "vtattn", lambda: dict(stages=[vtattn.patch.VisualExit(layer=K)]), "VisualExit"))
     if which == "qwen":  # keep=1.0 is the unpatched model there (nothing to patch)
         out += [(f"keep-{k}", "vtattn", lambda k=k: dict(keep=k), None) for k in KEEPS if k < 1.0]
         out.append((f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(
@@ -152,6 +164,25 @@ def _variants(which, new_tokens):
     return out
 
 
+STATIC_ROWS = ("llava7b",)  # the scenarios whose decode cases add the static-cache and compiled rows
+
+
+def _static_variants():
+    """(row, role, patch kwargs or None, generate options) of the static-cache rows: generate with
+    cache_implementation="static" (vtattn's KV stage turns it into a static CompressedCache) without
+    compilation, then compiled (transformers' CompileConfig, on every device: CUDA graphs on a GPU).
+    LOOK-M through the KV stage alone: the vision stage refuses a static cache (docs/kv.md)."""
+    from transformers import CompileConfig
+    compiled = CompileConfig()
+    compiled._compile_all_devices = True  # CPU too (transformers compiles on accelerators only)
+    lookm = lambda: dict(stages=[vtattn.patch.KVCompress(vtattn.kv.LookM(budget=0.1, recent=KV_RECENT))])  # noqa
+    out = []
+    for mode, options in (("static", dict(cache_implementation="static", disable_compile=True)),
+                          ("compiled", dict(cache_implementation="static", compile_config=compiled))):
+        out += [(f"unpatched-sdpa-{mode}", "vtattn", None, options), (f"lookm-0.1-{mode}", "vtattn", lookm, options)]
+    return out
+
+
 def e2e_cases(name, s, backends):
     """Every scenario's cases, once: on the LLaVA-7B attention shape, which gives the run level."""
     transformers = transformers_or_none()
@@ -165,6 +196,8 @@ def e2e_cases(name, s, backends):
 
 
 def _scenario_cases(transformers, scenario_name, scenario, level):
+    if scenario.get("family") == "vllm":
+        return scenarios_vllm.cases(scenario_name, level)
     qwen = scenario.get("family") == "qwen2vl"
     if qwen:
         config, image_token = scenarios_qwen.config(transformers, LEVEL_SCALE[level],
@@ -214,7 +247,7 @@ def _scenario_cases(transformers, scenario_name, scenario, level):
 
     def impls(kind, B):
         out = []
-        for row, role, kw, pending in _variants(scenario.get("variants", "all"), new_tokens):
+        for row, role, kw, pending in _variants(scenario.get("variants", "all"), new_tokens, text.num_hidden_layers):
             if kw is None:
                 inner = lambda: attn_impl(model(), "sdpa")
             else:
@@ -226,6 +259,16 @@ def _scenario_cases(transformers, scenario_name, scenario, level):
             else:
                 _decode(impl, model, B, new_tokens)
             out.append(with_memory(impl))
+        if kind == "decode" and scenario_name in STATIC_ROWS:
+            for row, role, kw, options in _static_variants():
+                if kw is None:
+                    inner = lambda: attn_impl(model(), "sdpa")
+                else:
+                    inner = lambda kw=kw: patched(patch, model(), pending="static KV cache", **kw())
+                impl = Impl(row, None, role=role, ctx=lambda inner=inner: single_thread(model(), inner),
+                            stats=dict(kv_bytes=None))
+                _decode(impl, model, B, new_tokens, options)
+                out.append(with_memory(impl))
         return out
 
     cases = []
@@ -249,13 +292,13 @@ def _prefill(impl, model):
     impl.timer = lambda fns, device, quick: time_reps(fns, device, REPS["ttft"], quick)
 
 
-def _decode(impl, model, B, new_tokens):
+def _decode(impl, model, B, new_tokens, options=None):
     clock = _DecodeClock()
     impl.stats["tok_s"] = None
 
     def call(x):
         out = model().generate(**x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               pad_token_id=0, streamer=clock, return_dict_in_generate=True)
+                               pad_token_id=0, streamer=clock, return_dict_in_generate=True, **(options or {}))
         _record_cache(impl, output_cache(out))
 
     def timer(fns, device, quick):

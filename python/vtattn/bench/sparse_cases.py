@@ -9,7 +9,8 @@ index_attention (per-head kept keys), each at keep ratios KEEPS of the shape's N
 - block_sparse: each query block keeps a random (1 - sparsity) share of the key blocks it can see
   (causal: up to the diagonal, which is always kept), per query head. Baselines: FlexAttention with
   the same BlockMask (built and compiled outside the timing; eager on CPU, where compiling it takes
-  minutes) and dense SDPA over every key.
+  minutes) and dense SDPA over every key. Plus the long-prompt ladder and the sparse-prefill
+  policies' rows of sparse_prefill_cases.py.
 FLOPs: 4 * Hq * D * visible (query, key) pairs, from the exact lists (fixed per case, not per seed).
 """
 from itertools import accumulate
@@ -199,8 +200,20 @@ def block_sparse_cases(name, s, backends):
             x["q"], x["k"], x["v"], is_causal=s["causal"], scale=s["D"] ** -0.5, enable_gqa=s["Hq"] != s["Hkv"]),
             role="baseline", note="every key"))
         cases.append(c)
-    return cases
+    from .sparse_prefill_cases import kernel_cases  # the long-prompt ladder (imports this module)
+    return cases + kernel_cases(name, s, backends)
+
+
+def sparse_policy_cases(name, s, backends):
+    from .sparse_prefill_cases import policy_cases
+    return policy_cases(name, s, backends)
+
+
+def sparse_prefill_e2e_cases(name, s, backends):
+    from .sparse_prefill_cases import video_cases
+    return video_cases(name, s, backends)
 
 
 BUILDERS = {"varlen_attention": varlen_cases, "index_attention": index_cases,
-            "block_sparse_attention": block_sparse_cases}
+            "block_sparse_attention": block_sparse_cases, "sparse_policy": sparse_policy_cases,
+            "sparse_prefill_e2e": sparse_prefill_e2e_cases}

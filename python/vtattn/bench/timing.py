@@ -1,6 +1,10 @@
 """Timers and their statistics. Each timer takes a list of zero-argument callables, one per input
 copy, and rotates among them so that no repetition finds its inputs left in cache by the previous one.
 
+GPU timings: `triton.testing.do_bench` when triton is importable (CUDA events around each call, the L2
+flushed before each, warm-up and repetitions sized from a first estimate), else the same procedure in
+torch (`time_cuda`'s fallback), flushing a buffer twice the device's L2 (its device properties).
+
 Every Timing carries its sample count and the 95% confidence interval of its median (order
 statistics: no assumption on the distribution, which on a shared CPU is anything but normal).
 
@@ -18,11 +22,16 @@ import math
 import time
 from dataclasses import dataclass, field
 from itertools import cycle
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-_FLUSH_BYTES = 256 << 20  # larger than any GPU's L2 (H100: 50 MB)
-_flush_buf = {}
+try:
+    from triton.testing import do_bench as _do_bench
+except ImportError:  # the torch-only fallback of time_cuda
+    _do_bench = None
+
+_flush_buf: dict[torch.device, torch.Tensor] = {}
 CI_LEVEL = 0.95
 SAMPLE_S = 1e-4  # shortest CPU sample: perf_counter's ~100 ns overhead stays below 0.1%
 
@@ -39,7 +48,7 @@ class Timing:
     calls_per_rep: int = 1
     converged: bool | None = None  # CPU: the interval reached the target within the time cap; None: no target
     target: float | None = field(default=None, repr=False)
-    samples: list = field(default_factory=list, repr=False)  # sorted
+    samples: list[float] = field(default_factory=list, repr=False)  # sorted
 
     @property
     def rel_ci(self) -> float:
@@ -68,19 +77,21 @@ CPU_BUDGETS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _ci_rank(n, level):
+def _ci_rank(n: int, level: float) -> tuple[int, float]:
     """(j, coverage) of median_ci for n samples."""
     if n >= 60:
         z = _z(level)
         return max(1, math.floor((n - z * math.sqrt(n)) / 2)), level
-    cdf = lambda k: sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n  # P(Bin(n, 1/2) <= k)
+    def cdf(k: int) -> float:  # P(Bin(n, 1/2) <= k)
+        return sum(math.comb(n, i) for i in range(k + 1)) / (1 << n)
+
     j, cover = 1, (1 - 2 * cdf(0) if n > 1 else 0.0)
     while j + 1 <= n // 2 and 1 - 2 * cdf(j) >= level:
         j, cover = j + 1, 1 - 2 * cdf(j)
     return j, cover
 
 
-def median_ci(sorted_xs, level=CI_LEVEL):
+def median_ci(sorted_xs: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float, float]:
     """(low, high, coverage): the order statistics x_(j) <= median <= x_(n+1-j) with the largest j
     whose coverage P(j <= Bin(n, 1/2) <= n - j) is >= level; [min, max] and its lower coverage
     when no j reaches it (n < 6 at 95%). Exact below 60 samples, the normal approximation above."""
@@ -89,7 +100,7 @@ def median_ci(sorted_xs, level=CI_LEVEL):
 
 
 @functools.lru_cache(maxsize=None)
-def _z(level):
+def _z(level: float) -> float:
     """Two-sided normal quantile by bisection (no scipy)."""
     lo, hi = 0.0, 10.0
     for _ in range(60):
@@ -98,14 +109,14 @@ def _z(level):
     return (lo + hi) / 2
 
 
-def _quantile(s, q):
+def _quantile(s: Sequence[float], q: float) -> float:
     """Linear interpolation between order statistics (numpy's default)."""
     pos = q * (len(s) - 1)
     i = math.floor(pos)
     return s[i] if i + 1 >= len(s) else s[i] + (s[i + 1] - s[i]) * (pos - i)
 
 
-def summary(times_ms, calls_per_rep=1, target=None) -> Timing:
+def summary(times_ms: Iterable[float], calls_per_rep: int = 1, target: float | None = None) -> Timing:
     """The statistics of samples; `converged` when a target is given."""
     s = sorted(times_ms)
     if not s:
@@ -122,10 +133,12 @@ def pooled(a: Timing, b: Timing) -> Timing:
     return summary(a.samples + b.samples, a.calls_per_rep, a.target)
 
 
-def sample_until(sample, budget: Budget, clock=time.perf_counter, calls_per_rep=1) -> Timing:
+def sample_until(sample: Callable[[], float], budget: Budget, clock: Callable[[], float] = time.perf_counter,
+                 calls_per_rep: int = 1) -> Timing:
     """Call `sample()` (one sample, in ms) until `budget` says stop. The interval is recomputed
     after every 10% more samples, so its cost stays small against the samples'."""
-    times, start, check = [], clock(), budget.min_reps
+    times: list[float] = []
+    start, check = clock(), budget.min_reps
     while True:
         times.append(sample())
         n, elapsed = len(times), clock() - start
@@ -139,7 +152,7 @@ def sample_until(sample, budget: Budget, clock=time.perf_counter, calls_per_rep=
 
 
 @contextlib.contextmanager
-def cpu_threads(device, n=None):
+def cpu_threads(device: torch.device, n: int | None = None) -> Iterator[None]:
     """torch's threads on CPU for the block: n, default 1 (see the module's docstring), restored
     after it. No-op on CUDA."""
     before = torch.get_num_threads()
@@ -151,19 +164,37 @@ def cpu_threads(device, n=None):
         torch.set_num_threads(before)
 
 
-def flush_l2(device):
-    """Overwrite the L2 cache with a buffer no kernel reads (a no-op on CPU)."""
+def l2_bytes(device: torch.device) -> int:
+    """The L2 cache size of a CUDA device (torch's device properties)."""
+    return int(torch.cuda.get_device_properties(device).L2_cache_size)
+
+
+def flush_l2(device: torch.device) -> None:
+    """Overwrite the L2 cache with a buffer no kernel reads, twice its size (a no-op on CPU)."""
     if device.type != "cuda":
         return
     if device not in _flush_buf:
-        _flush_buf[device] = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device=device)
+        _flush_buf[device] = torch.empty(max(2 * l2_bytes(device), 1 << 20), dtype=torch.int8, device=device)
     _flush_buf[device].zero_()
 
 
-def time_cuda(fns, device, warmup_ms=25.0, rep_ms=100.0, max_reps=1000) -> Timing:
-    """do_bench-style: CUDA events around each call, L2 flushed before each (outside the events)."""
-    sync = lambda: torch.cuda.synchronize(device)
+def time_cuda(fns: Sequence[Callable[[], object]], device: torch.device, warmup_ms: float = 25.0,
+              rep_ms: float = 100.0, max_reps: int = 1000) -> Timing:
+    """CUDA events around each call, the L2 flushed before each (outside the events): triton's
+    do_bench when triton is importable (its own repetition count), else the same in torch (at most
+    max_reps repetitions)."""
     calls = cycle(fns)
+    with torch.cuda.device(device):
+        if _do_bench is not None:
+            return summary(_do_bench(lambda: next(calls)(), warmup=warmup_ms, rep=rep_ms, return_mode="all"))
+        return _time_cuda_torch(calls, device, warmup_ms, rep_ms, max_reps)
+
+
+def _time_cuda_torch(calls: Iterator[Callable[[], object]], device: torch.device, warmup_ms: float, rep_ms: float,
+                     max_reps: int) -> Timing:
+    def sync() -> None:
+        torch.cuda.synchronize(device)
+
     next(calls)()
     flush_l2(device)  # allocates the buffer outside the estimate below
     sync()
@@ -189,7 +220,7 @@ def time_cuda(fns, device, warmup_ms=25.0, rep_ms=100.0, max_reps=1000) -> Timin
     return summary([s.elapsed_time(e) for s, e in events])
 
 
-def time_cpu(fns, budget: Budget, clock=time.perf_counter) -> Timing:
+def time_cpu(fns: Sequence[Callable[[], object]], budget: Budget, clock: Callable[[], float] = time.perf_counter) -> Timing:
     """Warm up for budget.warmup_s (at least 2 calls), size the blocks from its median call, then
     sample blocks adaptively. The garbage collector is off meanwhile (as in timeit): its pauses are not
     the op's."""
@@ -198,7 +229,7 @@ def time_cpu(fns, budget: Budget, clock=time.perf_counter) -> Timing:
     enabled = gc.isenabled()
     gc.disable()
     try:
-        t0, each = clock(), []
+        t0, each = clock(), list[float]()
         while len(each) < 2 or clock() - t0 < budget.warmup_s:
             t = clock()
             next(calls)()
@@ -206,7 +237,7 @@ def time_cpu(fns, budget: Budget, clock=time.perf_counter) -> Timing:
         per_call = max(sorted(each)[len(each) // 2], 1e-9)  # the median: a stall must not shrink the blocks
         block = max(1, math.ceil(SAMPLE_S / per_call))
 
-        def sample():
+        def sample() -> float:
             t = clock()
             for _ in range(block):
                 next(calls)()
@@ -218,22 +249,26 @@ def time_cpu(fns, budget: Budget, clock=time.perf_counter) -> Timing:
             gc.enable()
 
 
-def time_fns(fns, device, quick=False) -> Timing:
+def time_fns(fns: Sequence[Callable[[], object]], device: torch.device, quick: bool = False) -> Timing:
     if device.type == "cuda":
         return time_cuda(fns, device, warmup_ms=10 if quick else 25, rep_ms=30 if quick else 100)
     return time_cpu(fns, CPU_BUDGETS["kernel", bool(quick)])
 
 
-def time_reps(fns, device, reps, quick=False, measured=None) -> Timing:
+def time_reps(fns: Sequence[Callable[[], object]], device: torch.device, reps: int, quick: bool = False,
+              measured: Callable[[], float] | None = None) -> Timing:
     """Model-level calls of up to seconds, timed one by one (synchronized before and after); the
     caller's probe call is the warm-up. CUDA: `reps` calls, as the adaptive timers would take
     minutes per row. CPU: sampled until the spread is small or the row's cap (CPU_BUDGETS) has
     passed. `measured()`, when given, returns the ms of the call just made that count (a decode
     clock's lap) in place of the whole call's."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     calls = cycle(fns)
 
-    def sample():
+    def sample() -> float:
         sync()
         t = time.perf_counter()
         next(calls)()

@@ -3,10 +3,10 @@ allocation, and modality-aware limits. Pure tensor code; `policies.py` gives the
 
 A budget is given as a ratio of the L prompt tokens, `budget=0.2` in (0, 1], or as a count,
 `budget_tokens=100` (likewise `recent` / `recent_tokens` for windows, in [0, 1] / >= 0); inside,
-it is a float ratio or an int count (`vtattn.selection.resolve_keep`)."""
+it is a float ratio or an int count (`vtattn.pruning.resolve_keep`)."""
 import torch
 
-from ..selection import resolve_keep
+from ..pruning import resolve_keep
 
 
 def resolve_budget(budget, budget_tokens, name="budget", stacklevel=4):

@@ -1,11 +1,12 @@
 """`vtattn.kv.CompressedCache`: a transformers Cache that compresses each layer once, at prefill,
 to a per-(batch, kv head) keep-set, then stores it in pages (`pages.Pages`) and grows by appending.
 
-How a layer works with `attn_implementation="vtattn"` (`vtattn.patch.llava(model, kv=...)` sets
-it): the prefill's `update` returns the full keys/values; vtattn's attention function, handed those
-very tensors, runs the prompt's attention with its LSE, lets the layer's policy choose the keep-set
-from exact scores (`key_importance`, no L x L tensor), merges evicted image KV if the policy asks,
-and moves the kept rows to pages; the full prompt KV is then freed. Decode steps append and read
+How a layer works with `attn_implementation="vtattn"` (or the attention modules a
+`vtattn.patch.llava(model, kv=...)` routes to it): the prefill's `update` returns the full
+keys/values and publishes them in the forward's context (`vtattn.patch.core.publish`); vtattn's
+attention function, handed those very tensors, claims the layer, which runs the prompt's attention
+with its LSE, lets its policy choose the keep-set from exact scores (`key_importance`, no L x L
+tensor), merges evicted image KV if the policy asks, and moves the kept rows to pages; the full prompt KV is then freed. Decode steps append and read
 only the kept KV. Another attention implementation cannot read the pages: the next layer's
 `update` raises.
 
@@ -20,7 +21,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 import vtattn
 
-from ._claim import LAST, publish
+from .._dispatch import Direct
+from ..patch import core as _handoff  # the forward context vtattn's attention claims layers from
 from .decode import evict, prompt_mass
 from .merge import merge_kv
 from .pages import Pages
@@ -38,22 +40,43 @@ class Frame(NamedTuple):
 
 class CompressedCache(Cache):
     """policy: a `vtattn.kv` policy for every layer, a list with one per layer (None keeps that
-    layer whole, padding aside), or None (nothing evicted). page_size: tokens per page; room:
-    decode tokens of headroom each head gets (and gets again when it runs out). `modality` (bool
-    [B, L], True = image token, or span ids) must be set before the prefill for policies that need
-    it (LookM, Modality, merging); `vtattn.patch.llava` sets it."""
+    layer whole, padding aside), or None (nothing evicted). page_size: tokens per page.
 
-    def __init__(self, policy=None, *, page_size=16, room=32):
-        for name, n in (("page_size", page_size), ("room", room)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {n!r}")
-        for p in policy if isinstance(policy, (list, tuple)) else [policy]:
+    Dynamic (max_new_tokens=None): each head starts with room for `room` decode tokens (default:
+    what its last page leaves, at least one) and grows when it runs out (see `pages`).
+    Static (max_new_tokens=n): each head's capacity is fixed at the prefill, its kept tokens plus n,
+    rounded up to a page; lengths live on the device, a decode step reads and writes no host state,
+    so it traces under torch.compile and replays in a CUDA graph (`generate(...,
+    cache_implementation="static")` on a patched model makes one; `get_seq_length()` is then a
+    device tensor, as transformers' StaticCache's). Not with DecodeH2O (it evicts on host-side
+    counts). `modality` (bool [B, L], True = image token, or span ids) must be set before the prefill
+    for policies that need it (LookM, Modality, merging); the patches set it."""
+
+    def __init__(self, policy=None, *, page_size=16, room=None, max_new_tokens=None):
+        for name, n, low in (("page_size", page_size, 1), ("room", room, 1), ("max_new_tokens", max_new_tokens, 0)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < low):
+                raise ValueError(f"{name} must be an int >= {low}, got {n!r}")
+        if page_size is None:
+            raise ValueError("page_size must be an int >= 1, got None")
+        policies = policy if isinstance(policy, (list, tuple)) else [policy]
+        for p in policies:
             if p is not None and not isinstance(p, Policy):
                 raise TypeError(f"policy must be a vtattn.kv policy (LookM, SnapKV, ...), a list of them or None, "
                                 f"got {type(p).__name__}")
+        if max_new_tokens is not None and room is not None:
+            raise ValueError("room is the headroom of a growing cache; a static one (max_new_tokens=) has exactly "
+                             "max_new_tokens")
+        if max_new_tokens is not None and any(isinstance(p, DecodeH2O) for p in policies):
+            raise NotImplementedError("DecodeH2O evicts on host-side counts every `every` tokens: it needs the "
+                                      "dynamic CompressedCache (max_new_tokens=None), not a static one")
         super().__init__(layers=[])
-        self.policy, self.page_size, self.room = policy, page_size, room
+        self.policy, self.page_size, self.room, self.max_new_tokens = policy, page_size, room, max_new_tokens
         self.modality = None
+
+    @property
+    def static(self):
+        """Whether capacities are fixed at the prefill (max_new_tokens given)."""
+        return self.max_new_tokens is not None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         while len(self.layers) <= layer_idx:
@@ -70,6 +93,12 @@ class CompressedCache(Cache):
             raise ValueError(f"layer {layer_idx} has not been compressed yet (no prefill ran through it)")
         return layer.pages.positions()
 
+    def host_seq_length(self):
+        """`get_seq_length()` as the host counts it, never a sync (a static cache's is a device
+        tensor): the tokens eager steps gave layer 0. The prefill always counts; compiled steps and
+        CUDA graph replays do not, so it tells a new cache (0) from a filled one, not the length."""
+        return self.layers[0].seen if self.layers else 0
+
     def kv_bytes(self):
         """Bytes allocated for keys and values over all layers (pages, or uncompressed prefill KV)."""
         return sum(layer.nbytes for layer in self.layers)
@@ -77,64 +106,90 @@ class CompressedCache(Cache):
 
 class CompressedLayer(CacheLayerMixin):
     is_sliding = False
-    is_compileable = False
     is_croppable = False
 
     def __init__(self, cache, index, policy):
         super().__init__()
         self.cache, self.index, self.policy = cache, index, policy
-        self.seen = 0  # tokens given to this layer: the uncompressed length
+        self.is_compileable = cache.static
+        self.seen = 0  # tokens given to this layer: the uncompressed length (host; eager steps only when static)
+        self.seen_t = None  # static: the same count as a device int64 scalar, updated in place by every step
         self.offset = 0  # original position of row `seen` minus `seen` (> 0 under FastV: fewer rows)
         self.pages = None
-        self.base = None  # DecodeH2O: host int64 [B, Hkv], each head's length after the prefill
+        self._base = None  # DecodeH2O: numpy int64 [B, Hkv], each head's length after the prefill
         self.queries = []  # DecodeH2O: the decode queries since its last eviction, [B, Hq, n, D] each
+        self._decode, self._index = Direct("paged_decode_attention"), Direct("index_attention")
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self.cache.static:
+            self.seen_t = torch.zeros((), dtype=torch.int64, device=self.device)
         self.is_initialized = True
 
+    def _positions(self, n):
+        """The original positions of the n tokens given last: int64 [n] (device arithmetic when
+        static: a compiled step reads no host count)."""
+        if self.seen_t is None:
+            start = self.seen - n + self.offset
+            return torch.arange(start, start + n, device=self.device)
+        return self.seen_t + (self.offset - n) + torch.arange(n, device=self.device)
+
+    def _advance(self, n):
+        if self.seen_t is not None:
+            self.seen_t += n
+        if not torch.compiler.is_compiling():  # host state stays out of compiled graphs
+            self.seen += n
+
     def update(self, key_states, value_states, *args, **kwargs):
-        last = LAST.get()
+        last = _handoff.pending()
         if (self.pages is None and self.keys is not None) or (
-                last is not None and last[0].cache is self.cache and last[0].index == self.index - 1):
+                last is not None and last.cache is self.cache and last.index == self.index - 1):
             raise RuntimeError("CompressedCache: a layer's keys were not read by vtattn's attention; run the model "
-                               "with attn_implementation='vtattn' (vtattn.patch.llava(model, kv=...) sets it)")
+                               "with attn_implementation='vtattn', or patch it (vtattn.patch.llava / llm(model, kv=...))")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.pages is None:
             self.keys, self.values = key_states, value_states
             out = key_states, value_states
         else:
-            self.pages.append(key_states, value_states, self.seen + self.offset)
+            start = self.seen + self.offset if self.seen_t is None else \
+                self.seen_t if self.offset == 0 else self.seen_t + self.offset
+            self.pages.append(key_states, value_states, start)
             out = self.pages.k, self.pages.v
-        self.seen += key_states.shape[-2]
-        publish(self, out[0])
+        self._advance(key_states.shape[-2])
+        _handoff.publish(self, out[0])  # the attention call given these very keys lets this layer attend
         return out
 
-    def attend(self, q, k, v, mask, scale, frame=None):
+    def attend(self, q, k, v, mask, scale, frame=None, prefill=None):
         """Attention of q [B, Hq, n, D] over this layer after `update` returned (k, v): the prefill
         (then compression), or the kept KV plus the new tokens. Returns [B, Hq, n, D]. A prefill
-        of a subsequence of the prompt (FastV's pruned layers) gives its `Frame`."""
+        of a subsequence of the prompt (FastV's pruned layers) gives its `Frame`. `prefill`:
+        (q, k, v, scale) -> (out, lse) in place of the unpadded prompt's causal attention (the patch's
+        sparse prefill); compression then scores with its LSE."""
         if self.pages is None:
             valid = _valid_keys(mask, k.shape[2])
-            out, lse = _prefill_attention(q, k, v, valid, scale)
+            out, lse = prefill(q, k, v, scale) if prefill is not None and valid is None else \
+                _prefill_attention(q, k, v, valid, scale)
             if frame is not None:
                 self.offset = frame.length - self.seen
             self._compress(q, k, v, lse, valid, scale, frame)
             self.keys = self.values = None
             return out
+        # The registered ops' kernels (`_dispatch.Direct`), not the public functions: these arguments are
+        # valid by construction, and the public checks of lengths, page ids and index lists would read
+        # them on the host each step. The pool's size stamps the backend choice (growth may change it).
         p = self.pages
         n, D = q.shape[2], q.shape[3]
+        scale = D ** -0.5 if scale is None else float(scale)
         if n == 1:  # a decode step: the paged split-KV kernel, no host sync
-            out = vtattn.decode_attention(q, p.k, p.v, p.lengths, block_table=p.table, scale=scale)
+            out = self._decode(q, p.k, p.v, p.table, p.lengths, scale, stamp=p.k.shape[0])
         else:
             B, H = p.lengths.shape
-            start = self.seen - n + self.offset
             # several new tokens (stored already): original positions give exact causality among them
-            out = vtattn.index_attention(q, p.k.view(1, 1, -1, D).expand(B, H, -1, -1),
-                                         p.v.view(1, 1, -1, D).expand(B, H, -1, -1), p.slots(), kv_counts=p.lengths,
-                                         q_positions=torch.arange(start, start + n, device=q.device),
-                                         kv_positions=p.pos.view(-1), causal=True, scale=scale)
+            out = self._index(
+                q, p.k.view(1, 1, -1, D).expand(B, H, -1, -1), p.v.view(1, 1, -1, D).expand(B, H, -1, -1), p.slots(),
+                p.lengths, self._positions(n).expand(B, n).contiguous(), p.pos.view(1, -1).expand(B, -1).contiguous(),
+                True, scale, stamp=p.k.shape[0])
         if isinstance(self.policy, DecodeH2O):
             self._decoded(q, scale)
         return out
@@ -142,14 +197,18 @@ class CompressedLayer(CacheLayerMixin):
     def _decoded(self, q, scale):
         """DecodeH2O: note the step's queries; every `every` tokens, score them and evict."""
         D = q.shape[-1]
+        q = q.detach()  # scores only
         self.queries.append(q if scale == D ** -0.5 else q * (scale * D ** 0.5))
         n = sum(x.shape[2] for x in self.queries)
         if n >= self.policy.every:
             queries, self.queries = torch.cat(self.queries, 2), []
-            self.pages = evict(self.pages, queries, self.seen - n + self.offset, self.base, self.policy.recent,
-                               self.cache.room)
+            self.pages = evict(self.pages, queries, self.seen - n + self.offset, self._base, self.policy.recent,
+                               self._room())
 
     def _compress(self, q, k, v, lse, valid, scale, frame):
+        # The keep-set is a discrete choice and the cache is inference state: scores and stored rows carry
+        # no gradient (key_importance and merge_tokens refuse inputs that require grad).
+        q, k, v, lse = q.detach(), k.detach(), v.detach(), lse.detach()
         B, H, L, D = k.shape
         if scale != D ** -0.5:  # the policies score with the default scale
             q = q * (scale * D ** 0.5)
@@ -170,7 +229,7 @@ class CompressedLayer(CacheLayerMixin):
                 (modality if modality.dtype == torch.bool else modality >= 0)[:, None, :].expand(B, H, L)
             if valid is not None:
                 image = image & valid[:, None, :]
-            k_rows, v_rows = merge_kv(k, v, indices, image, merge)
+            k_rows, v_rows = merge_kv(k, v, indices, image, merge, getattr(self.policy, "merge_rule", "vtattn"))
         else:
             at = indices.clamp(min=0)[..., None].expand(*indices.shape, D)
             k_rows, v_rows = k.gather(2, at), v.gather(2, at)
@@ -179,9 +238,32 @@ class CompressedLayer(CacheLayerMixin):
         scores = None
         if isinstance(self.policy, DecodeH2O):
             scores = prompt_mass(self.policy, ranked, q, k, lse).gather(2, indices.clamp(min=0))
-        self.pages = Pages(k_rows, v_rows, positions, counts, self.cache.page_size, self.cache.room, scores)
+        self.pages = Pages(k_rows, v_rows, positions, counts, self.cache.page_size, self._room(), scores,
+                           fixed=self.cache.static)
         if scores is not None:
-            self.base = self.pages.host_lengths.clone()
+            self._base = self.pages.host_lengths.copy()
+        if self.cache.static:
+            self.limit = self.seen + self.cache.max_new_tokens
+            if not torch.compiler.is_compiling():  # CUDA graphs replay on these very tensors (cf. StaticLayer)
+                p = self.pages
+                for t in (p.k, p.v, p.pos, p.table, p.lengths, p.start, p.last, self.seen_t):
+                    torch._dynamo.mark_static_address(t)
+
+    def _room(self):
+        """Slots each head gets past its tokens: a static cache's max_new_tokens; a growing one's
+        `room` (default 1: what the last page leaves, grown on demand)."""
+        if self.cache.static:
+            return self.cache.max_new_tokens
+        return self.cache.room or 1
+
+    @property
+    def base(self):
+        """DecodeH2O: int64 [B, Hkv] (host), each head's length after the prefill; else None."""
+        return None if self._base is None else torch.from_numpy(self._base)
+
+    @base.setter
+    def base(self, value):
+        self._base = None if value is None else value.numpy()
 
     @property
     def nbytes(self):
@@ -190,18 +272,25 @@ class CompressedLayer(CacheLayerMixin):
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
     def get_seq_length(self):
-        return self.seen
+        """Tokens given to the layer (the uncompressed length): an int, a device tensor when static."""
+        return self.seen if self.seen_t is None else self.seen_t
 
     def get_mask_sizes(self, query_length):
+        # A static cache's masks keep one size from the prefill on (a compiled step sees one shape);
+        # compressed layers never read a decode step's mask.
+        if self.pages is not None and self.cache.static:
+            return self.limit, 0
         return self.seen + query_length, 0
 
     def get_max_length(self):
-        return -1
+        return self.limit if self.pages is not None and self.cache.static else -1
 
     def reset(self):
         self.keys = self.values = self.pages = self.base = None
         self.queries = []
         self.seen = self.offset = 0
+        if self.seen_t is not None:
+            self.seen_t.zero_()
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx):
@@ -219,8 +308,8 @@ class CompressedLayer(CacheLayerMixin):
     def _take(self, rows):
         self.pages.take(rows)
         self.queries = [x[rows] for x in self.queries]
-        if self.base is not None:
-            self.base = self.base[rows.cpu()]
+        if self._base is not None:
+            self._base = self._base[rows.cpu().numpy()]
 
 
 def _valid_keys(mask, L):

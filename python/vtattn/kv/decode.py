@@ -8,6 +8,7 @@ one pass over the kept keys (exact: no eviction happened since those queries ran
 saw are the cache's keys at positions <= theirs), adds them, and evicts `every` tokens per head.
 every=1 is H2O's per-step rule. The pass costs what `every` decode steps' attention costs, in
 fp32, plus one copy of the layer's kept KV into new pages."""
+import numpy as np
 import torch
 
 from ..ops.key_importance import key_importance
@@ -33,7 +34,8 @@ def prompt_mass(policy, ranked, q, k, lse):
 
 def evict(pages, queries, start, base, recent, room):
     """New Pages for `pages` after adding the mass of queries [B, Hq, n, D] (scaled for the default
-    scale, at positions start..start+n-1) and evicting down to `base` (host int64 [B, Hkv])."""
+    scale, at positions start..start+n-1) and evicting down to `base` (numpy int64 [B, Hkv]). The
+    counts are the host's (`pages.host_lengths`): no host sync."""
     slots = pages.slots()
     B, H, Lm = slots.shape
     D = pages.k.shape[-1]
@@ -53,14 +55,14 @@ def evict(pages, queries, start, base, recent, room):
     score = torch.where(valid, pages.score.view(-1)[flat] + mass, 0)
 
     lengths = pages.host_lengths
-    drop = torch.minimum(lengths - base, lengths - recent).clamp(min=0)
+    drop = np.maximum(np.minimum(lengths - base, lengths - recent), 0)
     t = torch.arange(Lm, device=slots.device)
     candidate = t < (pages.lengths[..., None] - recent)
     order = score.masked_fill(~candidate, float("inf")).argsort(dim=-1, stable=True)  # lowest first
     rank = torch.empty_like(order).scatter_(-1, order, t.expand(B, H, Lm))
-    keep = valid & ~(candidate & (rank < drop.to(slots.device)[..., None]))
+    keep = valid & ~(candidate & (rank < torch.from_numpy(drop).to(slots.device, non_blocking=True)[..., None]))
     counts = lengths - drop
-    K = int(counts.max()) if counts.numel() else 0
+    K = int(counts.max()) if counts.size else 0
     kept = torch.where(keep, t, Lm).sort(-1).values[..., :K].clamp(max=max(Lm - 1, 0))  # ascending
     at = flat.gather(-1, kept)
     return Pages(pages.k.view(-1, D)[at], pages.v.view(-1, D)[at], pos.gather(-1, kept), counts,

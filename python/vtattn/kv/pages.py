@@ -1,121 +1,171 @@
-"""One layer's compact KV storage: each (batch, kv head) owns its own pages.
+"""One layer's compact KV storage: each (batch, kv head) owns one contiguous run of pages.
 
-Pools k, v [P, page_size, D] hold every page of the layer; `table` int32 [B, Hkv, max_pages] lists
-a head's pages in order (-1 past its own), `lengths` int32 [B, Hkv] its tokens, `pos` int64
-[P, page_size] the original position of each stored token (-1 in unused slots). A head gets the
-pages its kept tokens need plus `room` tokens of headroom, so the bytes allocated follow the kept
-fraction, not the longest head. Appending a decode token writes one slot per head (no copy of the
-cache); when the headroom runs out every head gets another `room` tokens of pages (one pool copy
-per `room` steps). Page allocation is host-side: the head lengths are read once, when the pages
-are built (not at all when given on the host), and tracked on the host after that (every append
-adds the same count to every head). With `scores`, a fp32 pool `score [P, page_size]` follows the
-tokens (decode-time eviction's accumulated attention mass; appended tokens start at 0)."""
+Pools k, v [P, page_size, D] hold every page of the layer. Head (b, h) owns `capacity[b, h]` slots
+(whole pages) from flat slot `start[b, h]` on, its tokens first: token t of the head is flat slot
+`start + t`, so an append writes at `start + lengths` (device arithmetic: no host read), and the
+paged decode kernel reads the head through `table` int32 [B, Hkv, max_pages] (its pages in order,
+-1 past its own). `lengths` int32 [B, Hkv] counts each head's tokens, `pos` int64 [P, page_size]
+their original positions (-1 in unused slots); with `scores`, a fp32 pool `score` follows the
+tokens (decode-time eviction's accumulated attention mass; appended tokens start at 0).
+
+Capacity: each head gets its kept tokens plus `room` slots, rounded up to whole pages, so the bytes
+allocated follow each head's kept count (never the longest head's), within one page per head.
+A fixed layout (a static cache) never grows: `room` is the most tokens it will append, and its
+tensors keep their addresses (CUDA graphs replay on them). A growing layout tracks the lengths on
+the host (each append adds the same count to every head) and, when a head's free slots run out,
+moves into a larger layout: each head then gets a quarter of its length more (at least a page),
+so the copies add up to a constant number of copies of each token however long the decoding.
+Host-side state (lengths, capacities, starts) is numpy: reading or growing it never touches the
+device, so no decode step waits for one (growth and relayouts included)."""
+import numpy as np
 import torch
 
 
-def _table(npages):
-    """int32 [B, H, max_pages] for host int64 page counts [B, H]: pages numbered in (b, h) order."""
-    first = npages.flatten().cumsum(0) - npages.flatten()
-    cols = torch.arange(int(npages.max()) if npages.numel() else 0)
-    table = first.view(*npages.shape, 1) + cols
-    return torch.where(cols < npages[..., None], table, -1).to(torch.int32)
+def _round_up(n, m):
+    return (n + m - 1) // m * m
+
+
+def _device(array, device):
+    """A numpy array on `device`: a host-to-device copy, never a wait for the device."""
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
 
 
 class Pages:
-    def __init__(self, k_rows, v_rows, positions, counts, page_size, room, scores=None):
+    def __init__(self, k_rows, v_rows, positions, counts, page_size, room, scores=None, fixed=False):
         """k_rows, v_rows [B, H, K, D]: each head's kept rows, valid up to counts [B, H] (int64, on
         the host or the device); positions int64 [B, H, K]: their original positions; scores: None
-        or fp32 [B, H, K], the rows' scores."""
-        B, H, K, D = k_rows.shape
-        device = k_rows.device
-        self.page_size, self.chunk = page_size, room
-        self.host_lengths = counts.cpu()  # the one host sync of a compression
-        self.npages = (self.host_lengths + room + page_size - 1) // page_size
-        self.room = int((self.npages * page_size - self.host_lengths).min()) if counts.numel() else room
-        total = int(self.npages.sum())
-        self.k = k_rows.new_empty(total, page_size, D)
-        self.v = v_rows.new_empty(total, page_size, D)
-        self.pos = torch.full((total, page_size), -1, dtype=torch.int64, device=device)
-        self.table = _table(self.npages).to(device)
-        self.lengths = counts.to(device=device, dtype=torch.int32)
-        t = torch.arange(K, device=device)
-        stored = t < self.lengths[..., None]
-        slots = self._slots(t.expand(B, H, K))[stored]
-        self.k.view(-1, D)[slots] = k_rows[stored]
-        self.v.view(-1, D)[slots] = v_rows[stored]
-        self.pos.view(-1)[slots] = positions[stored]
-        self.score = None
-        if scores is not None:
-            self.score = torch.zeros(total, page_size, device=device)
-            self.score.view(-1)[slots] = scores[stored].float()
+        or fp32 [B, H, K]; room: slots each head gets past its kept rows; fixed: never grow."""
+        self.page_size, self.fixed = page_size, fixed
+        # int64 numpy [B, H]: the one host sync of a compression (none for counts given in numpy)
+        self.host_lengths = (counts if isinstance(counts, np.ndarray) else counts.cpu().numpy()).astype(np.int64)
+        self._allocate(self.host_lengths, _round_up(self.host_lengths + room, page_size), k_rows, scores is not None)
+        self._store(k_rows, v_rows, positions, scores)
 
-    def _slots(self, t):
-        """Flat slot index (page * page_size + offset) of each head's token t [B, H, n] (valid t)."""
-        page = self.table.long().gather(-1, (t // self.page_size).clamp(max=self.table.shape[-1] - 1))
-        return page * self.page_size + t % self.page_size
+    def _allocate(self, lengths, capacity, like, with_scores):
+        """Empty pools for numpy int64 `lengths` / `capacity` [B, H] (capacity in whole pages)."""
+        B, H = capacity.shape
+        ps, D, device = self.page_size, like.shape[-1], like.device
+        pages = capacity // ps
+        first = (np.cumsum(pages) - pages.ravel()).reshape(B, H)
+        cols = np.arange(pages.max() if pages.size else 0)
+        table = np.where(cols < pages[..., None], first[..., None] + cols, -1)
+        total = int(pages.sum())
+        self.capacity = capacity
+        self.room = int((capacity - lengths).min()) if lengths.size else 0
+        self.k = like.new_empty(total, ps, D)
+        self.v = like.new_empty(total, ps, D)
+        self.pos = torch.full((total, ps), -1, dtype=torch.int64, device=device)
+        self.score = torch.zeros(total, ps, device=device) if with_scores else None
+        self.table = _device(table.astype(np.int32), device)
+        self.lengths = torch.zeros(B, H, dtype=torch.int32, device=device)
+        self.host_start = first * ps
+        self.start = _device(self.host_start, device)
+        self.last = _device(np.maximum(self.host_start + capacity - 1, 0), device)  # writes stay in the head
+        self.next = torch.zeros(B, H, dtype=torch.int64, device=device)  # start + lengths: the next write
+        # flat views an append writes through, made once: each view is a dispatcher call (~1-3 us a step)
+        self._flat = self.k.view(-1, D), self.v.view(-1, D), self.pos.view(-1), self.next.view(-1)
+        self.width = int(capacity.max()) if capacity.size else 0
+
+    def _store(self, k_rows, v_rows, positions, scores):
+        """Write each head's first host_lengths[b, h] rows of [B, H, K, ...]. The rows to move are
+        listed on the host (the lengths are known there): no host sync."""
+        K, D = k_rows.shape[2], k_rows.shape[3]
+        device = self.k.device
+        stored = np.arange(K) < self.host_lengths[..., None]
+        src = _device(np.flatnonzero(stored), device)
+        dst = _device((self.host_start[..., None] + np.arange(K))[stored], device)
+        self.k.view(-1, D).index_copy_(0, dst, k_rows.reshape(-1, D).index_select(0, src).to(self.k.dtype))
+        self.v.view(-1, D).index_copy_(0, dst, v_rows.reshape(-1, D).index_select(0, src).to(self.v.dtype))
+        self.pos.view(-1).index_copy_(0, dst, positions.reshape(-1).index_select(0, src))
+        if scores is not None:
+            self.score.view(-1).index_copy_(0, dst, scores.reshape(-1).index_select(0, src).float())
+        self.lengths.copy_(_device(self.host_lengths, device))
+        self.next.copy_(self.start + self.lengths)
 
     def append(self, k, v, start):
-        """Store k, v [B, H, n, D] after each head's tokens, at original positions start..start+n-1."""
+        """Store k, v [B, H, n, D] after each head's tokens, at original positions start..start+n-1
+        (`start` an int, or an int64 device scalar: a static cache's count). No host sync; for one
+        token, five device ops."""
         n, D = k.shape[2], k.shape[3]
-        if n > self.room:
-            self._grow(n)
-        t = self.lengths[..., None].long() + torch.arange(n, device=k.device)
-        slots = self._slots(t).flatten()
-        self.k.view(-1, D)[slots] = k.reshape(-1, D)
-        self.v.view(-1, D)[slots] = v.reshape(-1, D)
-        self.pos.view(-1)[slots] = (start + torch.arange(n, device=k.device)).repeat(t.shape[0] * t.shape[1])
+        if k.requires_grad or v.requires_grad:  # the cache is inference state (as its compressed prefill)
+            k, v = k.detach(), v.detach()
+        if not torch.compiler.is_compiling():  # host bookkeeping stays out of compiled graphs
+            if n > self.room:
+                if self.fixed:
+                    raise RuntimeError(f"a static CompressedCache layer has room for {self.room} more tokens, "
+                                       f"{n} were appended (size it with max_new_tokens)")
+                self._grow(n)
+            self.host_lengths += n
+            self.room -= n
+        k_flat, v_flat, pos_flat, slots = self._flat
+        if n > 1:
+            slots = (self.next[..., None] + torch.arange(n, device=k.device)).view(-1)
+        if self.fixed:  # clamped to each head's last slot: replays and compiled steps skip the host check
+            slots = torch.minimum(slots.view(self.last.shape[0], self.last.shape[1], n), self.last[..., None]).view(-1)
+        k_flat.index_copy_(0, slots, k.reshape(-1, D))
+        v_flat.index_copy_(0, slots, v.reshape(-1, D))
+        if n == 1:
+            pos_flat.index_fill_(0, slots, start)
+        else:
+            positions = start + torch.arange(n, device=k.device)
+            pos_flat.index_copy_(0, slots, positions.expand(slots.shape[0] // n, n).reshape(-1))
         if self.score is not None:
-            self.score.view(-1)[slots] = 0
+            self.score.view(-1).index_fill_(0, slots, 0)
+        self.next += n
         self.lengths += n
-        self.host_lengths += n
-        self.room -= n
 
     def _grow(self, n):
-        ps = self.page_size
-        extra = (max(n, self.chunk) + ps - 1) // ps
-        B, H = self.npages.shape
-        P = self.k.shape[0]
-        cols = torch.arange(int((self.npages + extra).max()))
-        old = torch.full((B, H, len(cols)), -1, dtype=torch.int64)
-        old[..., :self.table.shape[-1]] = self.table.cpu()
-        new = P + torch.arange(B * H).view(B, H, 1) * extra + (cols - self.npages[..., None])
-        table = torch.where(cols < self.npages[..., None], old,
-                            torch.where(cols < (self.npages + extra)[..., None], new, -1))
-        self.table = table.to(device=self.k.device, dtype=torch.int32)
-        self.npages = self.npages + extra
-        self.room += extra * ps
-        grow = B * H * extra
-        self.k = torch.cat([self.k, self.k.new_empty(grow, ps, self.k.shape[-1])])
-        self.v = torch.cat([self.v, self.v.new_empty(grow, ps, self.v.shape[-1])])
-        self.pos = torch.cat([self.pos, self.pos.new_full((grow, ps), -1)])
-        if self.score is not None:
-            self.score = torch.cat([self.score, self.score.new_zeros(grow, ps)])
+        """Move into a layout where every head has room for n more tokens (and a quarter of its length)."""
+        lengths = self.host_lengths
+        extra = np.maximum(lengths // 4, max(self.page_size, n))
+        flat = self.slots().clamp(min=0)
+        D = self.k.shape[-1]
+        rows = [self.k.view(-1, D)[flat], self.v.view(-1, D)[flat], self.pos.view(-1)[flat]]
+        score = self.score.view(-1)[flat] if self.score is not None else None
+        self._allocate(lengths, _round_up(lengths + extra, self.page_size), self.k, score is not None)
+        self._store(*rows, score)
 
     def slots(self):
-        """int64 [B, H, L] flat slot of each head's tokens, -1 past its length (L = longest head)."""
-        B, H = self.lengths.shape
-        t = torch.arange(int(self.host_lengths.max()) if self.host_lengths.numel() else 0, device=self.k.device)
-        t = t.expand(B, H, len(t))
-        return torch.where(t < self.lengths[..., None], self._slots(t), -1)
+        """int64 [B, H, W] flat slot of each head's tokens, -1 past its length (W: the widest
+        capacity). No host sync."""
+        t = torch.arange(self.width, device=self.k.device)
+        return torch.where(t < self.lengths[..., None], self.start[..., None] + t, -1)
 
     def positions(self):
-        """int64 [B, H, L]: the original positions of each head's tokens in order, -1 padded."""
-        slots = self.slots()
+        """int64 [B, H, L]: the original positions of each head's tokens in order, -1 padded to the
+        longest head."""
+        slots = self.slots()[..., :int(self.lengths.max()) if self.lengths.numel() else 0]
         return torch.where(slots >= 0, self.pos.view(-1)[slots.clamp(min=0)], -1)
 
     def take(self, rows):
         """Keep batch rows `rows` (int64 [B'], repeats allowed: beams): each kept row gets its own
-        copy of its pages, so later appends of two beams never share a page."""
-        table = self.table[rows].long()
-        used = table >= 0
-        pages = table[used]
-        self.k, self.v, self.pos = self.k[pages], self.v[pages], self.pos[pages]
+        copy of its tokens, so later appends of two beams never share a slot. A fixed layout copies
+        in place (rows of equal capacities only: beams of one sample), from the device lengths."""
+        D = self.k.shape[-1]
+        host = rows.cpu().numpy()
+        pools = [self.k.view(-1, D), self.v.view(-1, D), self.pos.view(-1)]
         if self.score is not None:
-            self.score = self.score[pages]
-        self.npages = self.npages[rows.cpu()]
-        self.table = _table(self.npages).to(self.k.device)
-        self.lengths = self.lengths[rows]
-        self.host_lengths = self.host_lengths[rows.cpu()]
+            pools.append(self.score.view(-1))
+        if self.fixed:  # the tensors keep their addresses: CUDA graphs replay on them
+            if not np.array_equal(self.capacity[host], self.capacity):
+                raise NotImplementedError("a static CompressedCache can only reorder rows of equal capacity (beams "
+                                          "of one sample); use the dynamic CompressedCache")
+            cols = np.arange(self.width)
+            inside = cols < self.capacity[..., None]
+            src = _device((self.host_start[host][..., None] + cols)[inside], self.k.device)
+            dst = _device((self.host_start[..., None] + cols)[inside], self.k.device)
+            for pool in pools:
+                pool.index_copy_(0, dst, pool.index_select(0, src))
+            self.lengths.copy_(self.lengths[rows])
+            self.next.copy_(self.start + self.lengths)
+            self.host_lengths = self.host_lengths[host]
+            self.room = int((self.capacity - self.host_lengths).min()) if self.host_lengths.size else 0
+            return
+        flat = self.slots()[rows].clamp(min=0)
+        data = [pool[flat] for pool in pools]
+        self._allocate(self.host_lengths[host], self.capacity[host], self.k, self.score is not None)
+        self.host_lengths = self.host_lengths[host]
+        self._store(*data[:3], data[3] if len(data) > 3 else None)
 
     @property
     def nbytes(self):

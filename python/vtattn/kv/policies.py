@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..ops.key_importance import key_importance
 from .budgets import adakv_allocate, cap_per_image, image_spans, resolve_budget, resolve_window, tokens, top_free
-from .merge import MODES
+from .merge import MODES, RELEASE_MODES, RULES
 
 MERGE_MODES = (None,) + MODES
 
@@ -119,14 +119,20 @@ class LookM(Policy):
     token and, where hh exceeds the text tokens outside that window, the top image tokens by score
     to fill hh.
     `merge` ("avg" | "pivotal" | "weighted" | None) is stored for the cache, which folds the
-    evicted image KV into kept tokens; the keep-set does not depend on it. Needs `modality`."""
+    evicted image KV into kept tokens; the keep-set does not depend on it. `merge_rule`: "vtattn"
+    (every evicted image token merges, clamped weights) or "release" (LOOK-M's code: a similarity
+    filter, "avg" / "weighted" only; `merge.merge_kv_release`). Needs `modality`."""
 
     def __init__(self, budget=None, recent=None, merge=None, *, budget_tokens=None, recent_tokens=None,
-                 reduce="mean"):
+                 reduce="mean", merge_rule="vtattn"):
         budget, recent = resolve_budget(budget, budget_tokens), resolve_window(recent, recent_tokens)
         if merge not in MERGE_MODES:
             raise ValueError(f"merge must be None, 'avg', 'pivotal' or 'weighted', got {merge!r}")
+        if merge_rule not in RULES or (merge_rule == "release" and merge not in RELEASE_MODES):
+            raise ValueError(f"merge_rule must be 'vtattn', or 'release' with merge 'avg' / 'weighted', got "
+                             f"merge_rule={merge_rule!r} with merge={merge!r}")
         self.budget, self.recent, self.merge, self.reduce = budget, recent, merge, _check_reduce(reduce)
+        self.merge_rule = merge_rule
 
     def _plan(self, q, k, modality, lse, causal):
         if modality is None:
@@ -277,6 +283,10 @@ class DecodeH2O(Policy):
     @property
     def merge(self):
         return getattr(self.policy, "merge", None)
+
+    @property
+    def merge_rule(self):
+        return getattr(self.policy, "merge_rule", "vtattn")
 
     def _plan(self, q, k, modality, lse, causal):
         return self.policy._plan(q, k, modality, lse, causal)

@@ -1,6 +1,7 @@
 """Argument checks shared by the public functions: clear errors that name the argument."""
 import math
 import numbers
+from typing import Any, Collection
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -21,7 +22,7 @@ def concrete(t: torch.Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def tensor(name, x, ndim=None, dtypes=None):
+def tensor(name: str, x: object, ndim: int | None = None, dtypes: Collection[torch.dtype] | None = None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is not None and x.dim() != ndim:
@@ -30,7 +31,7 @@ def tensor(name, x, ndim=None, dtypes=None):
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
 
 
-def same_device(named: dict):
+def same_device(named: dict[str, torch.Tensor | None]) -> None:
     for n, t in named.items():
         if t is not None:
             tensor(n, t)
@@ -41,12 +42,12 @@ def same_device(named: dict):
             raise ValueError(f"{n} is on {d} but {first} is on {devices[first]}")
 
 
-def attention_inputs(q, k, v=None):
+def attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
     """q [B, Hq, Nq, D], k (and v) [B, Hkv, Nk, D]; one float dtype; Hq a multiple of Hkv."""
-    named = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
+    named: dict[str, torch.Tensor] = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
     for n, t in named.items():
         tensor(n, t, 4, FLOAT_DTYPES)
-    same_device(named)
+    same_device(dict(named))
     for n, t in named.items():
         if t.dtype != q.dtype:
             raise TypeError(f"{n} has dtype {t.dtype} but q has {q.dtype}")
@@ -64,7 +65,7 @@ def attention_inputs(q, k, v=None):
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
 
 
-def decode_inputs(q, k_cache, v_cache, lengths):
+def decode_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor) -> None:
     """q [B, Hq, 1, D]; caches [B, Hkv, L_cap, D] of q's dtype with a unit last stride, Hq a multiple
     of Hkv; lengths int32 [B, Hkv] in [0, L_cap] (that range check syncs with the device)."""
     named = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
@@ -97,7 +98,8 @@ def decode_inputs(q, k_cache, v_cache, lengths):
                          f"max {int(lengths.max())}")
 
 
-def paged_decode_inputs(q, k_pages, v_pages, block_table, lengths):
+def paged_decode_inputs(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
+                        lengths: torch.Tensor) -> None:
     """q [B, Hq, 1, D]; page pools [num_pages, page_size, D] of q's dtype with a unit last stride;
     block_table int32 [B, Hkv, max_pages] with Hq a multiple of Hkv; lengths int32 [B, Hkv] in
     [0, max_pages * page_size] and the used table entries in [0, num_pages) (those two value checks
@@ -146,7 +148,8 @@ def paged_decode_inputs(q, k_pages, v_pages, block_table, lengths):
                          f"{g}] = {int(lengths[b, g])}) but outside the pool's [0, num_pages={num_pages})")
 
 
-def attention_options(softcap, window, sinks, q, heads: int):
+def attention_options(softcap: float | None, window: int | None, sinks: torch.Tensor | None, q: torch.Tensor,
+                      heads: int) -> tuple[float, int, torch.Tensor | None]:
     """The attention family's options in op form: (softcap float, 0.0 = off; window int, -1 = off;
     sinks fp32 contiguous [heads] on q's device, or None). Scalar and metadata checks only (no sync)."""
     if softcap is None:
@@ -172,9 +175,9 @@ def attention_options(softcap, window, sinks, q, heads: int):
     return softcap, window, sinks
 
 
-def resolve_scale(scale, head_dim) -> float:
+def resolve_scale(scale: float | torch.Tensor | None, head_dim: int) -> float:
     if scale is None:
-        return head_dim ** -0.5
+        return float(head_dim ** -0.5)
     if isinstance(scale, bool) or not (isinstance(scale, numbers.Real) or
                                        (isinstance(scale, torch.Tensor) and scale.numel() == 1)):
         raise TypeError(f"scale must be a float or None, got {scale!r}")
@@ -184,7 +187,7 @@ def resolve_scale(scale, head_dim) -> float:
     return scale
 
 
-def lse_values(lse, rows):
+def lse_values(lse: torch.Tensor, rows: torch.Tensor | None) -> None:
     """A user-supplied lse [B, Hq, Nq] must be finite or -inf (a row without keys) in the rows read
     (rows: None = all, else int64 [B, R], -1 skipped): +inf would silently zero every score of a row.
     One sync; skipped where the values cannot be read."""
@@ -201,7 +204,7 @@ def lse_values(lse, rows):
                          f"{float(lse[at])} at lse{list(at)}")
 
 
-def selection(sel, x, name):
+def selection(sel: Any, x: torch.Tensor, name: str) -> None:
     """A select_tokens result that fits x [B, N, ...] (on x's device), values included (one sync,
     skipped where they cannot be read): an index out of range would silently become a zero row, a
     mask that disagrees with the indices a wrong merge."""

@@ -3,7 +3,9 @@ import torch
 from . import _checks
 
 
-def attention(q, k, v, *, causal=False, scale=None, return_lse=False, softcap=None, window=None, sinks=None):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None,
+              return_lse: bool = False, softcap: float | None = None, window: int | None = None,
+              sinks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Flash-style attention forward: `softmax(q k^T * scale) v` without an N x N tensor.
 
     q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D] with Hq a multiple of Hkv (GQA); fp16/bf16/fp32.

@@ -3,8 +3,10 @@ import torch
 from . import _checks
 
 
-def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block_size=128, causal=False, scale=None,
-                           return_lse=False):
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+                           kv_indices: torch.Tensor, *, block_size: int = 128, causal: bool = False,
+                           scale: float | None = None,
+                           return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention where each block of block_size query rows sees only its listed blocks of keys: the
     layout of torch FlexAttention's BlockMask (vtattn.sparse converts both ways and builds patterns).
 
@@ -34,7 +36,8 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, *, block_size=128
     return (out, lse) if return_lse else out
 
 
-def _check_blocks(q, k, kv_num_blocks, kv_indices, block_size):
+def _check_blocks(q: torch.Tensor, k: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+                  block_size: int) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     B, Hq, Nq = q.shape[:3]

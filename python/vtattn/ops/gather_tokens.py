@@ -1,9 +1,11 @@
 import torch
 
 from . import _checks
+from .select_tokens import Selection
 
 
-def gather_tokens(x, selection, *, packed=False):
+def gather_tokens(x: torch.Tensor, selection: Selection, *,
+                  packed: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The kept tokens of x [B, N, C] (any strides, any float dtype) given a `select_tokens` result.
 
     packed=False: [B, K, C], rows past counts[b] zero. packed=True: (tokens [T, C], cu_seqlens

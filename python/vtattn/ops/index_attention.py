@@ -5,7 +5,7 @@ from . import _checks
 _INT = (torch.int32, torch.int64)
 
 
-def _positions(name, pos, B, N, default):
+def _positions(name: str, pos: torch.Tensor | None, B: int, N: int, default: torch.Tensor) -> torch.Tensor:
     """[B, N] int64 contiguous positions from an int [N] or [B, N] tensor (default when None)."""
     if pos is None:
         pos = default
@@ -16,8 +16,10 @@ def _positions(name, pos, B, N, default):
     return pos.to(torch.int64).expand(B, N).contiguous()
 
 
-def index_attention(q, k, v, kv_indices, *, kv_counts=None, q_positions=None, kv_positions=None, causal=False,
-                    scale=None):
+def index_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor, *,
+                    kv_counts: torch.Tensor | None = None, q_positions: torch.Tensor | None = None,
+                    kv_positions: torch.Tensor | None = None, causal: bool = False,
+                    scale: float | None = None) -> torch.Tensor:
     """Attention in which every (batch, kv head) sees only its own listed keys, read by index inside
     the kernel (no gathered copy of K/V).
 
@@ -59,7 +61,7 @@ def index_attention(q, k, v, kv_indices, *, kv_counts=None, q_positions=None, kv
                                             bool(causal), scale)
 
 
-def _check_lists(kv_indices, kv_counts, Nk):
+def _check_lists(kv_indices: torch.Tensor, kv_counts: torch.Tensor, Nk: int) -> None:
     """kv_counts in [0, L], listed indices in [0, Nk): one sync (a bad value is a wrong answer or, in
     the GPU kernels, a row of zeros)."""
     L = kv_indices.shape[2]

@@ -1,12 +1,16 @@
+from typing import Callable
+
 import torch
 
 from . import _checks
 
-_REDUCE = {"mean": lambda s: s.mean(1), "sum": lambda s: s.sum(1), "max": lambda s: s.amax(1)}
+_REDUCE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"mean": lambda s: s.mean(1), "sum": lambda s: s.sum(1), "max": lambda s: s.amax(1)}
 
 
-def key_importance(q, k, *, rows, lse=None, scale=None, causal=False, reduce_heads=None, softcap=None, window=None,
-                   sinks=None):
+def key_importance(q: torch.Tensor, k: torch.Tensor, *, rows: int | slice | str | torch.Tensor | list[int],
+                   lse: torch.Tensor | None = None, scale: float | None = None, causal: bool = False,
+                   reduce_heads: str | None = None, softcap: float | None = None, window: int | None = None,
+                   sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Exact attention mass each key receives from chosen query rows, without an N x N tensor.
 
     scores[b, h, j] = sum over the chosen rows i of softmax(q k^T * scale)[b, h, i, j]: the same
@@ -44,7 +48,7 @@ def key_importance(q, k, *, rows, lse=None, scale=None, causal=False, reduce_hea
     return scores if reduce_heads is None else _REDUCE[reduce_heads](scores)
 
 
-def _row_index(rows, B, Nq, device, check):
+def _row_index(rows: object, B: int, Nq: int, device: torch.device, check: bool) -> torch.Tensor | None:
     """The kernel form of `rows`: None (every row) or int64 [B, R] with -1 for 'no row'."""
     if isinstance(rows, str):
         if rows != "all":

@@ -1,9 +1,10 @@
 import torch
 
 from . import _checks
+from .select_tokens import Selection
 
 
-def merge_tokens(x, selection, *, keys, mode="mean"):
+def merge_tokens(x: torch.Tensor, selection: Selection, *, keys: torch.Tensor, mode: str = "mean") -> torch.Tensor:
     """The kept tokens of x [B, N, C], each with the pruned tokens most similar to it folded in.
 
     Every pruned token (selection.mask False) joins the kept token whose key has the highest

@@ -1,11 +1,11 @@
 import numbers
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .. import selection
+from .. import pruning
 from . import _checks
 
 
@@ -34,7 +34,9 @@ class _Uniform(Selection):
         return self.indices.shape[0] * self.indices.shape[1]
 
 
-def select_tokens(scores, keep=None, *, keep_tokens=None, segments=None, sort=True) -> Selection:
+def select_tokens(scores: torch.Tensor, keep: float | int | torch.Tensor | None = None, *,
+                  keep_tokens: int | torch.Tensor | None = None, segments: Sequence[int] | None = None,
+                  sort: bool = True) -> Selection:
     """Keep the top-scoring tokens of every sample (and of every segment: crop, frame).
 
     scores: float [B, N], ranked in fp32; ties go to the lower index (deterministic).
@@ -61,7 +63,7 @@ def select_tokens(scores, keep=None, *, keep_tokens=None, segments=None, sort=Tr
                                                        F.pad(counts.cumsum(0, dtype=torch.int32), (1, 0)))
 
 
-def _segments(segments, N):
+def _segments(segments: object, N: int) -> list[int]:
     if N == 0:
         raise ValueError("scores has no tokens (N = 0)")
     if segments is None:
@@ -77,7 +79,7 @@ def _segments(segments, N):
     return segments
 
 
-def _keep(keep, keep_tokens):
+def _keep(keep: Any, keep_tokens: Any) -> float | int | torch.Tensor:
     """The one budget of keep / keep_tokens: a float ratio, an int count or an integer tensor."""
     if isinstance(keep, torch.Tensor) or isinstance(keep_tokens, torch.Tensor):
         if keep is not None and keep_tokens is not None:
@@ -85,14 +87,16 @@ def _keep(keep, keep_tokens):
         if keep is not None:
             warnings.warn("select_tokens(keep=<tensor>) counts tokens: spell it keep_tokens=<tensor> (keep takes "
                           "ratios in (0, 1])", FutureWarning, stacklevel=3)
-        return keep if keep is not None else keep_tokens
-    resolved = selection.resolve_keep(keep, keep_tokens, stacklevel=4)
+        counts: torch.Tensor = keep if keep is not None else keep_tokens
+        return counts
+    resolved = pruning.resolve_keep(keep, keep_tokens, stacklevel=4)
     if resolved is None:
         raise TypeError("select_tokens needs keep= (a ratio in (0, 1]) or keep_tokens= (a count or a tensor of counts)")
     return resolved
 
 
-def _budgets(keep, segments, B, device, check):
+def _budgets(keep: float | int | torch.Tensor, segments: list[int], B: int, device: torch.device,
+             check: bool) -> tuple[torch.Tensor, int, int | None]:
     """(budgets int64 [B, S], the output width K, the packed total when static else None)."""
     if isinstance(keep, torch.Tensor):
         return _tensor_budgets(keep, segments, B, device, check)
@@ -106,7 +110,7 @@ def _budgets(keep, segments, B, device, check):
     return _device_row(per_segment, device).expand(B, -1), K, B * K
 
 
-def _device_row(values, device):
+def _device_row(values: list[int], device: torch.device) -> torch.Tensor:
     """int64 [1, S] on device, without a host sync (a fill, or a copy from pinned memory)."""
     if len(set(values)) == 1:
         return torch.full((1, len(values)), values[0], dtype=torch.int64, device=device)
@@ -116,7 +120,8 @@ def _device_row(values, device):
     return row.to(device)
 
 
-def _tensor_budgets(keep, segments, B, device, check):
+def _tensor_budgets(keep: torch.Tensor, segments: list[int], B: int, device: torch.device,
+                    check: bool) -> tuple[torch.Tensor, int, int | None]:
     S = len(segments)
     if keep.dtype == torch.bool or keep.dtype.is_floating_point or keep.dtype.is_complex:
         raise TypeError(f"keep_tokens must be an integer tensor of counts when a tensor, got {keep.dtype}")

@@ -3,7 +3,7 @@ import torch
 from . import _checks
 
 
-def _cu_seqlens(name, cu, total, device):
+def _cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> torch.Tensor | None:
     """cu_seqlens int32 [B + 1], 0 first, non-decreasing, ending at `total`; returns the lengths (None
     where the values cannot be read: meta / fake tensors)."""
     _checks.tensor(name, cu, 1, (torch.int32,))
@@ -21,7 +21,7 @@ def _cu_seqlens(name, cu, total, device):
     return lens
 
 
-def _max_seqlen(name, given, lens):
+def _max_seqlen(name: str, given: int | None, lens: torch.Tensor) -> int:
     longest = int(lens.max().item()) if lens.numel() else 0
     if given is None:
         return longest
@@ -30,8 +30,11 @@ def _max_seqlen(name, given, lens):
     return int(given)
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None, causal=False,
-                     scale=None, return_lse=False, softcap=None, window=None, sinks=None):
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, *, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+                     causal: bool = False, scale: float | None = None, return_lse: bool = False,
+                     softcap: float | None = None, window: int | None = None,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over a batch of variable-length sequences packed along the token dim, with no padding.
 
     q: [Tq, Hq, D]; k, v: [Tk, Hkv, D] (Hq a multiple of Hkv: GQA); fp16/bf16/fp32, any strides.

@@ -17,22 +17,31 @@ when they compute exactly what the model's own attention computes, and otherwise
 Where no mask is given the call follows SDPA's rules exactly: causal only with more than one query,
 and then over the first Nq keys (a fresh static cache hands over its whole capacity).
 Where a probe asks for it, the call's LSE gives exact attention scores through
-`vtattn.key_importance`, so a tower never needs eager attention."""
+`vtattn.key_importance`, so a tower never needs eager attention.
+
+The attention modules a `vtattn.patch` routes (`core.Patch.route`) arrive here too, with the masks
+their model builds for its own implementation: SDPA's and eager's 4-D masks run SDPA exactly (an
+explicit mask), masks vtattn cannot read (flash attention's 2-D padding mask, flex attention's
+BlockMask) the module's own implementation ("native: ..."). Before any of that, the forward's
+`core.Context` may hand the call to a stage's hook (FastV's pruned layers: "index_attention") or to
+the `vtattn.kv.CompressedCache` layer whose keys these are ("cache")."""
+from __future__ import annotations
+
 import collections
 import contextlib
-import contextvars
 import sys
-import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 import vtattn
-from ..kv._claim import claim
-from .hf_masks import LazyMask
 
-NAME = "vtattn"
+from . import core
+from .core import NAME
+from .hf_masks import LazyMask
 
 # Keywords a model may pass that change nothing here: flash-attention hints, what the mask already
 # says, or what the module already used (encoder states for cross-attention keys); transformers'
@@ -45,13 +54,14 @@ HANDLED = frozenset({"softcap", "s_aux", "sliding_window", "position_bias", "hea
                      "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
 PACKED = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
-calls = collections.Counter()
+calls: collections.Counter[str] = collections.Counter()
 """Attention calls since the last `counting()`: "attention" / "varlen_attention" (vtattn's kernels),
-"cache" (a vtattn.kv.CompressedCache layer), "sdpa: <reason>" / "eager: <reason>" (fallbacks)."""
+"index_attention" (FastV's pruned layers), "cache" (a vtattn.kv.CompressedCache layer),
+"sdpa: <reason>" / "eager: <reason>" / "native: <reason>" (fallbacks)."""
 
 
 @contextlib.contextmanager
-def counting():
+def counting() -> Iterator[collections.Counter[str]]:
     """Clear `calls` and yield it (not counted under torch.compile)."""
     calls.clear()
     yield calls
@@ -63,36 +73,28 @@ class Probe:
     reduce_heads=reduce)` ([B, N] fp32; none when rows is None) and, with `keys=True`, the
     module's attention keys head-concatenated ([B, N, H * D]). With `parts` a list, every call's
     scores are appended to it (a module called once per image, as Qwen2-VL's ViT)."""
-    rows: object = 0
-    reduce: str = "mean"
+    rows: Any = 0
+    reduce: str | None = "mean"
     keys: bool = False
     scores: torch.Tensor | None = None
     key_states: torch.Tensor | None = None
-    parts: list | None = None
-
-
-_PROBES = contextvars.ContextVar("vtattn_probes", default=None)
-_probing = [0]  # open `probing` blocks in all threads: under torch.compile a zero skips reading _PROBES
-# (torch 2.11's dynamo cannot trace ContextVar.get)
-_probing_lock = threading.Lock()
+    parts: list[torch.Tensor] | None = None
 
 
 @contextlib.contextmanager
-def probing(probes):
-    """Within the block, the attention modules that are keys of `probes` ({module: Probe}) fill
-    their Probe. A context variable, so concurrent threads each see their own probes."""
-    token = _PROBES.set(probes)
-    with _probing_lock:
-        _probing[0] += 1
-    try:
-        yield probes
-    finally:
-        with _probing_lock:
-            _probing[0] -= 1
-        _PROBES.reset(token)
+def probing(probes: dict[torch.nn.Module, Probe]) -> Iterator[dict[torch.nn.Module, Probe]]:
+    """Within the block, the attention modules that are keys of `probes` fill their Probe (kept in
+    the forward's `core.Context`, so concurrent threads each see their own probes)."""
+    with core.forward_context() as ctx:
+        saved, ctx.probes = ctx.probes, {**ctx.probes, **probes}
+        try:
+            yield probes
+        finally:
+            ctx.probes = saved
 
 
-def _count(key):
+def count(key: str) -> None:
+    """Count one attention call under `key` in `calls` (stages' own kernels count theirs too)."""
     if not torch.compiler.is_compiling():
         calls[key] += 1
 
@@ -111,15 +113,28 @@ def _warn_once(key, message):
         warnings.warn(message, stacklevel=3)
 
 
-def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                      **kwargs):
-    layer = claim(key)  # keys a vtattn.kv.CompressedCache layer just returned
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """vtattn's attention entry point: of `attn_implementation="vtattn"` models and of the modules a
+    patch routes (`core.Patch.route`). The forward's hooks for this module run first (a stage's own
+    attention, e.g. FastV's pruned layers), then a CompressedCache layer claims the keys it returned,
+    then vtattn's kernels (with the forward's score probe, if any) or an exact fallback."""
+    ctx = core.current()
+    if ctx is not None:
+        for hook in ctx.hooks.get(module, ()):
+            out = hook(module, query, key, value, attention_mask, scaling, kwargs)
+            if out is not None:
+                return out, None
+    layer = core.claim(key)  # keys a vtattn.kv.CompressedCache layer just returned (compiled: no context)
     if layer is not None:
         return _cached(layer, module, query, key, value, attention_mask, scaling, kwargs)
-    if isinstance(attention_mask, LazyMask) and torch.compiler.is_compiling():
-        attention_mask = attention_mask.spec.sdpa()  # built outside the graph: planning it would sync
-    probes = _PROBES.get() if _probing[0] or not torch.compiler.is_compiling() else None
-    probe = probes.get(module) if probes else None
+    if isinstance(attention_mask, LazyMask):
+        if torch.compiler.is_compiling():  # built outside the graph: planning it would sync
+            attention_mask = attention_mask.spec.sdpa()
+    elif attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4):
+        return _native(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    probe = ctx.probes.get(module) if ctx is not None and ctx.probes else None
     softcap = kwargs.get("softcap") or None  # 0: off, as None
     sinks = kwargs.get("s_aux")
     eager = _eager_reason(module, query, sinks, kwargs)
@@ -131,7 +146,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if probe is not None:
         raise NotImplementedError(f"vtattn score probes need vtattn's kernel on an unpadded call; this one: {run}")
     if eager is None and softcap is None and sinks is None:  # SDPA does the rest exactly
-        _count(f"sdpa: {run}")
+        count(f"sdpa: {run}")
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     if eager is None:  # SDPA has neither softcap nor sinks
         eager = f"{run} with {'softcap' if softcap is not None else 's_aux'}"
@@ -207,9 +222,9 @@ def _run_kernel(run, query, key, value, scaling, softcap, sinks, probe):
     """out [B, Nq, H, D] of the kernel call `run`."""
     options = dict(softcap=softcap, window=run.window, sinks=sinks)
     if run.varlen is not None:
-        _count("varlen_attention")
+        count("varlen_attention")
         return _varlen(query, key, value, run, scaling, softcap, sinks)
-    _count("attention")
+    count("attention")
     key, value = key[:, :, :run.end], value[:, :, :run.end]
     if probe is None or probe.rows is None:
         out = vtattn.attention(query, key, value, causal=run.causal, scale=scaling, **options)
@@ -222,7 +237,7 @@ def _run_kernel(run, query, key, value, scaling, softcap, sinks, probe):
         if probe.parts is not None:
             probe.parts.append(probe.scores)
     if probe is not None and probe.keys:
-        probe.key_states = key.transpose(1, 2).flatten(2)
+        probe.key_states = key.detach().transpose(1, 2).flatten(2)  # similarities choose, as scores do
     return out.transpose(1, 2)  # free: out is laid out [B, N, H, D] in memory
 
 
@@ -268,7 +283,7 @@ def _eager(module, query, key, value, mask, dropout, scaling, is_causal, kwargs,
     if reason.startswith("keyword"):
         _warn_once((reason, type(module)), f"attn_implementation='vtattn' runs {type(module).__name__}'s eager "
                    f"attention for its {reason} (vtattn does not know it)")
-    _count(f"eager: {reason}")
+    count(f"eager: {reason}")
     out, weights = eager(module, query, key, value, _eager_mask(mask, query, key, module, is_causal),
                          dropout=dropout, scaling=scaling, **kwargs)
     return out, weights if kwargs.get("output_attentions") else None  # as SDPA, unless asked for
@@ -291,19 +306,41 @@ def _eager_mask(mask, query, key, module, is_causal):
     return mask
 
 
+def _native(module, query, key, value, mask, dropout, scaling, is_causal, kwargs):
+    """A mask vtattn cannot read (a routed module of a model on another implementation: flash
+    attention's 2-D padding mask, flex attention's BlockMask): the module's own attention runs it."""
+    what = f"{mask.dim()}-D mask" if isinstance(mask, torch.Tensor) else f"{type(mask).__name__} mask"
+    fn = core.native(module)
+    if fn is None:
+        raise NotImplementedError(f"vtattn's attention cannot read a {what} ({type(module).__name__})")
+    count(f"native: {what}")
+    return fn(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+              **({} if is_causal is None else {"is_causal": is_causal}), **kwargs)
+
+
+def _cache_mask(mask: Any) -> torch.Tensor | None:
+    """The mask a CompressedCache layer reads: SDPA's or eager's 4-D mask (a LazyMask as SDPA's), or a
+    2-D padding mask (flash attention's) as a [B, 1, 1, N] boolean one."""
+    if isinstance(mask, LazyMask):
+        return mask.spec.sdpa()
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask.bool()[:, None, None, :]
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+        raise NotImplementedError(f"a vtattn.kv.CompressedCache cannot read a {type(mask).__name__} mask")
+    return mask
+
+
 def _cached(layer, module, query, key, value, mask, scaling, kwargs):
     """A vtattn.kv.CompressedCache layer attends over what it keeps (plain causal attention only)."""
     extra = sorted(k for k, v in kwargs.items() if k not in HARMLESS and k != "sliding_window" and _given(k, v))
     if extra or (isinstance(mask, LazyMask) and mask.spec.window is not None):
         what = extra[0] if extra else "a sliding window"
         raise NotImplementedError(f"a vtattn.kv.CompressedCache cannot attend with {what} ({type(module).__name__})")
-    _count("cache")
-    if isinstance(mask, LazyMask):
-        mask = mask.spec.sdpa()
-    return layer.attend(query, key, value, mask, scaling).transpose(1, 2), None
+    count("cache")
+    return layer.attend(query, key, value, _cache_mask(mask), scaling).transpose(1, 2), None
 
 
-def register_hf_attention():
+def register_hf_attention() -> None:
     """Register "vtattn" with transformers' AttentionInterface and its mask function with
     AttentionMaskInterface (`hf_masks.mask_function`), so `attn_implementation="vtattn"` works for
     any model. Idempotent."""

@@ -10,16 +10,20 @@ attention function reads its `spec` instead and runs `vtattn.attention` on a vie
 `varlen_attention` on the padded batch, without a dense mask. Every other pattern (token-type /
 image bidirectional blocks, packed sequences, chunked attention, custom overlays), and any call
 under torch.compile / tracing, gets SDPA's own mask: the attention then runs SDPA exactly."""
+from __future__ import annotations
+
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-_TRANSFORMERS = []  # [masking_utils, is_tracing], loaded by `load` (torch 2.11's dynamo cannot trace the import)
+_TRANSFORMERS: list[Any] = []  # [masking_utils, is_tracing], loaded by `load` (torch 2.11's dynamo cannot trace the import)
 
 
-def load():
+def load() -> list[Any]:
     """Import what the mask function needs from transformers; `register_hf_attention` calls it, outside
     any compiled region."""
     if not _TRANSFORMERS:
@@ -37,7 +41,7 @@ class Plan:
     (batch index [T], key index [T], cu_seqlens_k int32 [B + 1]) of the visible keys, every query
     row kept (rows before a sequence's first key see nothing: 0, as SDPA gives them)."""
     end: int
-    varlen: tuple | None = None
+    varlen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -47,18 +51,18 @@ class MaskSpec:
     eager's mask exactly when a fallback needs one)."""
     kind: str
     window: int | None
-    kwargs: dict
-    plan_: object = field(default=None, repr=False)  # Plan, or the reason none fits; None: not yet built
-    dense_: dict = field(default_factory=dict, repr=False)
+    kwargs: dict[str, Any]
+    plan_: Plan | str | None = field(default=None, repr=False)  # Plan, or the reason none fits; None: not yet built
+    dense_: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def plan(self):
+    def plan(self) -> Plan | str:
         """The Plan, or a str saying why the mask does not fit one (then SDPA / eager run it).
         Built once per mask object (so once per forward and mask type), with at most one host sync."""
         if self.plan_ is None:
             self.plan_ = _plan(self)
         return self.plan_
 
-    def sdpa(self):
+    def sdpa(self) -> torch.Tensor | None:
         """What transformers' `sdpa_mask` returns for these arguments (None where SDPA relies on
         is_causal). Under torch.compile (a mask built outside the compiled region, e.g. compiled
         decoder layers) it is traced into the graph, never cached."""
@@ -69,7 +73,7 @@ class MaskSpec:
             self.dense_["sdpa"] = sdpa_mask(**self.kwargs)
         return self.dense_["sdpa"]
 
-    def full(self):
+    def full(self) -> torch.Tensor:
         """SDPA's boolean mask [B, 1, Nq, Nk], always materialised (what model code reading the mask sees)."""
         if "full" not in self.dense_:
             sdpa_mask = load()[0].sdpa_mask
@@ -77,7 +81,7 @@ class MaskSpec:
                                                "allow_is_bidirectional_skip": False})
         return self.dense_["full"]
 
-    def eager(self):
+    def eager(self) -> torch.Tensor | None:
         """What transformers' `eager_mask` returns (additive float mask, or None)."""
         if "eager" not in self.dense_:
             self.dense_["eager"] = load()[0].eager_mask(**self.kwargs)
@@ -89,7 +93,7 @@ class LazyMask(torch.Tensor):
     (then every op runs on that dense tensor: exactly SDPA's mask). vtattn's attention reads `spec`."""
 
     @staticmethod
-    def __new__(cls, spec, shape, device):
+    def __new__(cls, spec: MaskSpec, shape: tuple[int, ...], device: torch.device | str) -> LazyMask:
         mask = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.bool, device=device)
         mask.spec = spec
         return mask
@@ -97,11 +101,12 @@ class LazyMask(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+                           ) -> Any:
         dense = lambda x: x.spec.full() if isinstance(x, LazyMask) else x  # noqa: E731
         return func(*pytree.tree_map(dense, args), **pytree.tree_map(dense, kwargs or {}))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"LazyMask({self.spec.kind}, window={self.spec.window}, shape={tuple(self.shape)})"
 
 
@@ -110,7 +115,7 @@ def _closure(fn, name):
     return fn.__closure__[names.index(name)].cell_contents if name in names else None
 
 
-def structure(mask_function):
+def structure(mask_function: Callable[..., Any]) -> tuple[str, int | None] | None:
     """(kind, window) of a standard transformers mask function, else None. Recognised by identity
     (causal, bidirectional) and by the closures of `and_masks(sliding_window_overlay(W), causal)`."""
     mu = load()[0]
@@ -130,8 +135,9 @@ def structure(mask_function):
     return ("causal", window) if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
 
 
-def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                  attention_mask=None, **kwargs):
+def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int | torch.Tensor = 0, kv_offset: int = 0,
+                  mask_function: Callable[..., Any] | None = None, attention_mask: torch.Tensor | None = None,
+                  **kwargs: Any) -> torch.Tensor | None:
     """The `AttentionMaskInterface` entry of "vtattn": a LazyMask for the standard patterns, SDPA's
     own mask otherwise (and under torch.compile / tracing)."""
     mu, is_tracing = load()
@@ -206,3 +212,28 @@ def _plan(spec):
     flat = torch.nonzero_static(valid.flatten(), size=total)[:, 0]
     cu_k = torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
     return Plan(end, (flat // Nk, flat % Nk, cu_k))
+
+
+# ---- generate's masks for a static cache ---------------------------------------------------------
+# With a compileable cache (cache_implementation="static") generate hands the model a 4-D mask built
+# in the full sequence's frame ([B, 1, q, capacity]; bool: True attends, float: 0 attends; a dict per
+# layer type for some configs). Stages that shorten the sequence read the padding back from it.
+
+def full_attention_mask(mask: Any) -> Any:
+    """The full-attention mask of generate's per-layer-type dict, else the mask itself."""
+    return mask.get("full_attention") if isinstance(mask, dict) else mask
+
+
+def is_static_mask(mask: Any) -> bool:
+    return isinstance(full_attention_mask(mask), torch.Tensor) and full_attention_mask(mask).dim() == 4
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def prompt_padding(mask: Any, length: int) -> torch.Tensor:
+    """The 2-D padding mask [B, length] (long) of a prompt's 4-D mask: what its last query row sees
+    among the first `length` columns (a left-padded prompt's last token is real and causal)."""
+    return _allowed(full_attention_mask(mask)[:, 0, -1, :length]).long()
+

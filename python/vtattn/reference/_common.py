@@ -1,7 +1,7 @@
 import torch
 
 
-def visible_mask(nq: int, nk: int, causal: bool, device, window: int = -1) -> torch.Tensor:
+def visible_mask(nq: int, nk: int, causal: bool, device: torch.device | str, window: int = -1) -> torch.Tensor:
     """[Nq, Nk] bool: key j is visible to row i. With off = Nk - Nq (masks aligned to the end):
     causal hides j > i + off; a window w >= 0 hides j < i + off - w (with or without causal)."""
     i = torch.arange(nq, device=device)[:, None] + (nk - nq)
@@ -24,7 +24,7 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def logits(q, k, causal: bool, scale: float, softcap: float = 0.0, window: int = -1) -> torch.Tensor:
+def logits(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, softcap: float = 0.0, window: int = -1) -> torch.Tensor:
     """Scaled fp32 (fp64 for fp64 inputs) logits [B, Hq, Nq, Nk], softcapped (c * tanh(s / c)) when
     softcap > 0, invisible keys at -inf."""
     acc = acc_dtype(q)
@@ -34,7 +34,7 @@ def logits(q, k, causal: bool, scale: float, softcap: float = 0.0, window: int =
     return s.masked_fill(~visible_mask(q.shape[2], k.shape[2], causal, q.device, window), float("-inf"))
 
 
-def row_lse(s: torch.Tensor, sinks) -> torch.Tensor:
+def row_lse(s: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
     """Log-sum-exp of each row of s [B, Hq, Nq, Nk] with head h's sink logit (sinks [Hq], unscaled,
     valueless) joining the sum: log(exp(sink_h) + sum_j exp(s_ij)). -inf for a row without keys or sink."""
     lse = torch.logsumexp(s, dim=-1)

@@ -3,7 +3,7 @@ import torch
 from ._common import expand_kv, logits, probs
 
 
-def block_mask(kv_num_blocks, kv_indices, block_size: int, nq: int, nk: int) -> torch.Tensor:
+def block_mask(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size: int, nq: int, nk: int) -> torch.Tensor:
     """Dense bool [B', H', Nq, Nk] of a FlexAttention-style block list: key j is listed for row i iff
     block j // block_size is among the first kv_num_blocks[.., i // block_size] of kv_indices."""
     kb = kv_indices.shape[-1]
@@ -15,7 +15,9 @@ def block_mask(kv_num_blocks, kv_indices, block_size: int, nq: int, nk: int) -> 
     return dense[..., :nq, :nk]
 
 
-def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, causal: bool, scale: float):
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+                           kv_indices: torch.Tensor, block_size: int, causal: bool,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]; kv_num_blocks int32 [B or 1, Hq or 1, Q_blocks], kv_indices
     int32 [B or 1, Hq or 1, Q_blocks, K_blocks] (broadcast over batch / heads). Row i sees key j iff j's
     block is listed for i's block and, causal, j <= i + Nk - Nq. (out [B, Hq, Nq, D] in q's dtype,

@@ -3,7 +3,8 @@ import torch
 from ._common import acc_dtype, expand_kv, probs
 
 
-def decode_attention(q, k_cache, v_cache, lengths, scale: float):
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                     scale: float) -> torch.Tensor:
     """out [B, Hq, 1, D] in q's dtype: each query head attends to the first lengths[b, kv head] keys of
     its kv head's cache; a head with length 0 gives zeros. Lengths outside [0, L_cap] act clamped to it
     (as in the GPU kernels, where the public range check is skipped). Nothing past a length is read:

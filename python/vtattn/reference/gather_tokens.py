@@ -1,7 +1,7 @@
 import torch
 
 
-def gather_tokens(x, indices, cu_seqlens, total: int):
+def gather_tokens(x: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.Tensor | None, total: int) -> torch.Tensor:
     """Rows x[b, indices[b, k]] of x [B, N, C]; indices outside [0, N) (the -1 padding) give zero rows.
 
     cu_seqlens None -> [B, K, C]. Else packed [total, C]: sample b's first

@@ -3,7 +3,8 @@ import torch
 from ._common import acc_dtype, expand_kv, probs
 
 
-def index_attention(q, k, v, kv_indices, kv_counts, q_positions, kv_positions, causal: bool, scale: float):
+def index_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.Tensor,
+                    q_positions: torch.Tensor, kv_positions: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
     """q [B, Hq, Nq, D]; k/v [B, Hkv, Nk, D]; kv_indices int64 [B, Hkv, L] whose first kv_counts[b, h]
     (int32 [B, Hkv]) entries list the keys (batch b, kv head h) attends to (in any order, a repeated
     index counts twice). causal: listed key j is visible to row i iff kv_positions[b, j] <= q_positions[b, i]
@@ -14,7 +15,10 @@ def index_attention(q, k, v, kv_indices, kv_counts, q_positions, kv_positions, c
     listed = torch.arange(L, device=q.device) < kv_counts[..., None].long()  # [B, Hkv, L]
     idx = torch.where(listed, kv_indices, 0)
     acc = acc_dtype(q)
-    take = lambda x: torch.gather(x, 2, idx[..., None].expand(-1, -1, -1, x.shape[-1])).to(acc)  # noqa: E731
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        return torch.gather(x, 2, idx[..., None].expand(-1, -1, -1, x.shape[-1])).to(acc)
+
     kg = expand_kv(take(k), Hq)
     vg = expand_kv(take(v).masked_fill(~listed[..., None], 0.0), Hq)  # 0 * NaN would be NaN
     s = torch.matmul(q.to(acc), kg.transpose(-1, -2)) * scale  # [B, Hq, Nq, L]

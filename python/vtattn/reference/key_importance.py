@@ -3,8 +3,9 @@ import torch
 from ._common import logits, probs, row_lse
 
 
-def key_importance(q, k, lse, rows, causal: bool, scale: float, softcap: float = 0.0, window: int = -1,
-                   sinks=None):
+def key_importance(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, rows: torch.Tensor | None, causal: bool,
+                   scale: float, softcap: float = 0.0, window: int = -1,
+                   sinks: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 [B, Hq, Nk]: sum over the rows `rows` ([B, R] int64, -1 skipped; None = all) of the
     attention probabilities of `attention` with the same options (softcap, window, sinks); `lse`
     ([B, Hq, Nq]) replaces the rows' own log-sum-exp (sinks included) when given."""

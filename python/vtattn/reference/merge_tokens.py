@@ -4,7 +4,8 @@ import torch.nn.functional as F
 EPS = 1e-12  # key norms are clamped to this (F.normalize): a zero key has cosine 0 with everything
 
 
-def merge_tokens(x, keys, indices, mask, weighted: bool):
+def merge_tokens(x: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor,
+                 weighted: bool) -> torch.Tensor:
     """[B, K, C] in x's dtype: kept token c = indices[b, c] (slots outside [0, N) give zero rows)
     plus every pruned token (mask False) whose key has its highest cosine similarity with c's key
     (ties to the lower kept token index): out_c = (x_c + sum_i w_i x_i) / (1 + sum_i w_i) with

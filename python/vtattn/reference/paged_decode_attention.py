@@ -3,7 +3,8 @@ import torch
 from .decode_attention import decode_attention
 
 
-def paged_decode_attention(q, k_pages, v_pages, block_table, lengths, scale: float):
+def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
+                           lengths: torch.Tensor, scale: float) -> torch.Tensor:
     """decode_attention over a paged cache: token t of kv head (b, g) is
     k_pages[block_table[b, g, t // page_size], t % page_size] (likewise v); table entries past
     the first ceil(lengths[b, g] / page_size) are never read, and a used id outside the pool reads its

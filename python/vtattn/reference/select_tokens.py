@@ -1,7 +1,8 @@
 import torch
 
 
-def select_tokens(scores, budgets, segments, max_keep: int, sort: bool):
+def select_tokens(scores: torch.Tensor, budgets: torch.Tensor, segments: list[int], max_keep: int,
+                  sort: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Segmented top-k: (indices [B, max_keep] int64, mask [B, N] bool, counts [B] int64).
 
     scores [B, N] (compared in fp32; NaN ranks above +inf, -0 ties with +0, as torch.sort);

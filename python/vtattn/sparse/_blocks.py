@@ -1,7 +1,7 @@
-"""Block lists for vtattn.block_sparse_attention: converters to and from torch FlexAttention's
-BlockMask, and builders of the patterns visual tokens need. A block list is (kv_num_blocks int32
-[B, H, Q_blocks], kv_indices int32 [B, H, Q_blocks, K_blocks]): query block m sees key blocks
-kv_indices[b, h, m, :kv_num_blocks[b, h, m]]. Builders list blocks in ascending order."""
+"""Block lists and their converters: to and from torch FlexAttention's BlockMask and dense block
+masks, and the generic builders (top-k, sliding window, text + image). A block list is
+(kv_num_blocks int32 [B, H, Q_blocks], kv_indices int32 [B, H, Q_blocks, K_blocks]): query block m
+sees key blocks kv_indices[b, h, m, :kv_num_blocks[b, h, m]]. Builders list blocks in ascending order."""
 import torch
 
 

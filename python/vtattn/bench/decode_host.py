@@ -1,0 +1,150 @@
+"""Host overhead of a decode step (`decode_host` rows): what each drop-in adds to the host time of
+one decode forward of the LLaVA-1.5-7B scenario's model (scaled on CPU as the e2e rows), per LLM
+layer, against the unpatched model on the same cache kind (a DynamicCache).
+
+Each row runs its own prefill (untimed), then STEPS one-token forwards as `generate` runs them
+(input token, the attention mask one longer each step, cache_position); a sample is one forward's
+host time: `time.thread_time` of the calling thread, so a shared CPU's other processes do not
+count. On CPU that is the whole step (the kernels run on the host); on a GPU it is the launch side
+(Python, dispatch, launches; a host sync waits inside it). median_ms is that time per step; the
+rate column shows `host_us_layer` = (row - unpatched) / LLM layers, in microseconds (issue 14's
+budget: at most 40 us per layer), against an unpatched twin of the model whose steps alternate
+with the row's (the same load for both); speedup is unpatched / row as everywhere.
+Rows: unpatched-sdpa (baseline), the vision-side keep, FastV, LOOK-M budgets, their combinations
+and DecodeH2O (its eviction steps included: every STEPS // 4 tokens)."""
+import time
+
+import torch
+
+import vtattn
+
+from .cases import Case, Impl
+from .scenarios import SCALE, attn_impl, build_model, level_of, patched, shared_model, single_thread, transformers_or_none
+from .scenarios_llm import FASTV, KV_RECENT, LEVEL_SCALE, PROMPT, SCENARIOS, _config, _image_tokens
+from .timing import summary
+
+STEPS = 16  # decode forwards per call, the first WARM of them untimed
+WARM = 2
+CALLS = {"full": 3, "cpu": 6}
+
+
+def _variants():
+    lookm = lambda b: vtattn.kv.LookM(budget=b, recent=KV_RECENT)  # noqa: E731
+    fastv = lambda: vtattn.patch.FastV(layer=FASTV["layer"], keep=FASTV["keep"])  # noqa: E731
+    return [
+        ("unpatched-sdpa", "baseline", None),
+        ("keep-0.25", "vtattn", lambda: dict(keep=0.25)),
+        (f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(fastv=fastv())),
+        ("lookm-0.1", "vtattn", lambda: dict(kv=lookm(0.1))),
+        ("lookm-0.2", "vtattn", lambda: dict(kv=lookm(0.2))),
+        ("keep-0.25+lookm-0.2", "vtattn", lambda: dict(keep=0.25, kv=lookm(0.2))),
+        (f"fastv-{FASTV['keep']}+lookm-0.2", "vtattn", lambda: dict(fastv=fastv(), kv=lookm(0.2))),
+        ("lookm-0.2+decode-h2o", "vtattn", lambda: dict(kv=vtattn.kv.DecodeH2O(
+            lookm(0.2), every=STEPS // 4, recent=STEPS // 4))),
+    ]
+
+
+def decode_host_cases(name, s, backends):
+    """The rows, once: on the LLaVA-7B attention shape, which gives the run level."""
+    transformers = transformers_or_none()
+    if name != "llava7b-prefill" or transformers is None:
+        return []
+    level = level_of(name, s)
+    scenario = SCENARIOS["llava7b"]
+    config, image_token = _config(transformers, scenario, level)
+    key = ("e2e", scenario["anyres"], scenario["kv_heads"], level)  # the e2e rows' model
+    at = {}
+    model = lambda: shared_model(key, lambda d, t: build_model(transformers.LlavaForConditionalGeneration,  # noqa: E731
+                                                               config, d, t), *at["dt"])
+    per_image = _image_tokens(config, scenario)
+    prompt = max(1, PROMPT // SCALE[LEVEL_SCALE[level]]["side"] ** 2)  # the e2e rows' image : text ratio
+    layers = config.text_config.num_hidden_layers
+
+    def make(device, dtype, seed):
+        at["dt"] = device, dtype
+        g = torch.Generator(device=device).manual_seed(seed)
+        text = torch.randint(1, image_token, (1, prompt), device=device, generator=g)
+        ids = torch.cat([text[:, :1], torch.full((1, per_image), image_token, device=device), text[:, 1:]], 1)
+        side = config.vision_config.image_size
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "pixel_values": torch.randn(1, 3, side, side, device=device, dtype=dtype, generator=g)}
+
+    shape = {"B": 1, "images": 1, "image_tokens": per_image, "prompt": prompt, "new_tokens": STEPS - WARM,
+             "llm_layers": layers, "llm_width": config.text_config.hidden_size,
+             "scaled": None if level == "full" else LEVEL_SCALE[level]}
+    case = Case("decode_host", "llava7b-decode-host:B1", shape, make)
+    calls = CALLS["full" if level == "full" else "cpu"]
+    twin = lambda: _twin(key, lambda d, t: build_model(transformers.LlavaForConditionalGeneration,  # noqa: E731
+                                                        config, d, t), *at["dt"])
+    for row, role, kw in _variants():
+        inner = (lambda: attn_impl(model(), "sdpa")) if kw is None else \
+            (lambda kw=kw: patched(vtattn.patch.llava, model(), pending="decode fast path", **kw()))
+        impl = Impl(row, None, role=role, ctx=lambda inner=inner: single_thread(model(), inner),
+                    stats=dict(host_us_layer=None))
+        _steps(impl, model, twin if kw is not None else None, calls, layers)
+        case.impls.append(impl)
+    return [case]
+
+
+_twins: dict = {}
+
+
+def _twin(key, build, device, dtype):
+    """An unpatched copy of the rows' model (same weights: built with the same seed), whose steps
+    interleave with a patched row's: the difference is then measured under the same load."""
+    key = (key, device, dtype)
+    if key not in _twins:
+        _twins.clear()
+        model = build(device, dtype)
+        for m in model.modules():
+            if hasattr(m, "config"):
+                m.config._attn_implementation = "sdpa"
+        _twins[key] = model
+    return _twins[key]
+
+
+def _decode(model, x, on_step):
+    """Prefill (untimed), then STEPS one-token forwards; on_step(s, seconds of host time)."""
+    out = model(**x, use_cache=True, logits_to_keep=1)
+    state = [out.past_key_values, out.logits[:, -1:].argmax(-1)]
+    mask, L = x["attention_mask"], x["input_ids"].shape[1]
+    ones = mask.new_ones(mask.shape[0], STEPS)
+
+    def step(s):
+        step_mask = torch.cat([mask, ones[:, :s + 1]], 1)
+        position = torch.tensor([L + s], device=mask.device)
+        t0 = time.thread_time()
+        out = model(input_ids=state[1], attention_mask=step_mask, past_key_values=state[0], cache_position=position,
+                    use_cache=True)
+        on_step(s, time.thread_time() - t0)
+        state[:] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return step
+
+
+def _steps(impl, model, twin, calls, layers):
+    """A sample: one decode forward's host ms. Patched rows step the unpatched twin alternately
+    (host_us_layer: their medians' difference per layer)."""
+    laps, twin_laps = [], []
+
+    def call(x):
+        mine = _decode(model(), x, lambda s, t: s >= WARM and laps.append(t * 1e3))
+        other = None if twin is None else _decode(twin(), x, lambda s, t: s >= WARM and twin_laps.append(t * 1e3))
+        for s in range(STEPS):
+            if other is not None:
+                other(s)
+            mine(s)
+
+    def timer(fns, device, quick):
+        del laps[:], twin_laps[:]  # the probe's
+        for i in range(calls if not quick else max(2, calls // 2)):
+            fns[i % len(fns)]()
+        t = summary(laps)
+        if twin_laps:
+            impl.stats["host_us_layer"] = (t.median_ms - summary(twin_laps).median_ms) / layers * 1e3
+            impl.note = f"host {impl.stats['host_us_layer']:+.3g} us/layer"
+        return t
+
+    impl.call, impl.timer = call, timer
+
+
+BUILDERS = {"decode_host": decode_host_cases}

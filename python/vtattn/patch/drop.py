@@ -1,0 +1,357 @@
+"""Tokens leaving a language model's sequence from decoder layer K on (FastV's mechanics), shared by
+the stages that prune inside the LLM: `FastV` (K >= 1, scored at layer K-1), `VisualExit` (every
+image token leaves at K) and, for Qwen2-VL, `VisionSelect` at the LLM's input (K = 0, scored in the
+ViT). Several of them may drop at different layers of one language model (Qwen2-VL's VisionSelect
+at 0 then VisualExit at K; FastV at K then VisualExit at K' > K): each exit layer starts a group of
+layers holding what the exits up to it kept.
+
+How it runs in a transformers Llama-style decoder, whose layer loop hands every layer the same
+kwargs (mask, RoPE tables, position ids):
+- Prefill: a forward pre-hook on an exit layer K asks the owning stage which image tokens stay
+  (`choose`; a token an earlier exit dropped stays out), gathers the kept rows of the hidden
+  states, RoPE tables and position ids: kept tokens keep their original positions (RoPE gaps).
+- Layers before the first exit cache the whole sequence, each later group its kept tokens.
+  Everything `generate` sees (masks, positions, layer 0's cache length) stays in the full
+  sequence's frame, so decoding needs nothing special.
+- Layers from the first exit on are routed to vtattn's attention, where this forward's hook runs
+  `vtattn.index_attention`: every sample lists its own cache slots and causality follows the
+  original positions, so samples may keep different numbers of tokens without a padded mask. A
+  sample's kept tokens are right-aligned in its group's cache; the leading slots of a shorter
+  sample are never listed.
+- With a `vtattn.kv.CompressedCache`, such a layer hands its prefill to the cache layer instead,
+  with the slots' original positions and padding (a `Frame`): it compresses the kept tokens and
+  attends over what it keeps, prefill and decode.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .._dispatch import Direct
+from . import core, hf_masks
+from .hf_attention import count
+
+_INDEX = Direct("index_attention")
+
+
+class Step:
+    """One forward with tokens dropping. A prefill has images / real / pads (and `scores`, where the
+    owning stage records them), each exit's `choose`, and fills each exit's layer_kwargs and record
+    at that layer; a decode step has only the records ({exit layer: Record})."""
+
+    def __init__(self, images: torch.Tensor | None = None, real: torch.Tensor | None = None,
+                 pads: list[int] | None = None, records: dict[int, Record] | None = None) -> None:
+        self.images, self.real, self.pads = images, real, pads
+        self.records: dict[int, Record] = {} if records is None else records
+        self.choose: dict[int, Callable[[Step], torch.Tensor]] = {}
+        self.scores: torch.Tensor | None = None
+        self.layer_kwargs: dict[int, dict[str, Any]] = {}
+        self.index_args: dict[int, dict[str, torch.Tensor]] = {}
+        self.kept: dict[int, torch.Tensor] = {}  # exit layer -> [B, N] bool: the input tokens kept from there on
+        self.static = False  # the cache is a StaticCache: a layer's keys are its capacity, the first slots filled
+
+
+class Record:
+    """The cache of one group of layers (from an exit on): per slot its index in the full sequence
+    (its position for causality) and whether it holds a real token; `length` is the full sequence's
+    length so far."""
+
+    def __init__(self, index: torch.Tensor, real: torch.Tensor, length: int) -> None:
+        self.index, self.real, self.length = index, real, length
+
+    def extend(self, mask: torch.Tensor | None, new: int, real: torch.Tensor | None = None) -> None:
+        """Append `new` tokens, real where the 2-D mask's last columns say (or `real` [B, new])."""
+        B, device = self.index.shape[0], self.index.device
+        if mask is not None and mask.shape[1] != self.length + new:
+            raise ValueError(f"the attention mask has {mask.shape[1]} columns; the sequence so far has "
+                             f"{self.length + new} tokens")
+        if real is None:
+            real = mask[:, -new:].bool() if mask is not None else torch.ones(B, new, dtype=torch.bool, device=device)
+        self.index = torch.cat([self.index, self.length + torch.arange(new, device=device).expand(B, new)], 1)
+        self.real = torch.cat([self.real, real], 1)
+        self.length += new
+
+    def attention_args(self, rows: int, kv_heads: int) -> dict[str, torch.Tensor]:
+        """index_attention's key lists ([B, Hkv, S] real slots first, counts) and positions for the
+        last `rows` slots as queries (a padding slot sees no key)."""
+        real = self.real
+        order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices
+        counts = real.sum(1, dtype=torch.int32)[:, None].expand(-1, kv_heads).contiguous()
+        q_positions = self.index[:, -rows:].masked_fill(~real[:, -rows:], -1)
+        return dict(kv_indices=order[:, None].expand(-1, kv_heads, -1).contiguous(), kv_counts=counts,
+                    q_positions=q_positions, kv_positions=self.index)
+
+
+class Drop:
+    """One stage's exit: tokens leave `decoder`'s sequence from layer `layer` on, for as long as the
+    patch is on (`remove` takes the exit off; the patch unroutes the layers). The exits of one
+    language model share its `Exits` (one patch per language model). first: the stage reads the
+    full sequence before its layer (FastV scores at K-1): no other exit may come before it."""
+
+    def __init__(self, patch: core.Patch, decoder: torch.nn.Module, layer: int, owner: str,
+                 first: bool = False) -> None:
+        layers = decoder.layers
+        if layer >= len(layers):
+            raise ValueError(f"{owner} layer must be < the {len(layers)} decoder layers, got {layer}")
+        exits = getattr(decoder, "_vtattn_drop", None)
+        if exits is None:
+            exits = Exits(patch, decoder)
+        elif exits.patch is not patch:
+            raise ValueError("tokens already leave this language model through a vtattn stage of another patch "
+                             "(patched through another model object: unpatch that one first)")
+        exits.add(layer, owner, first)
+        self.exits, self.layer, self.attn = exits, layer, exits.attn
+
+    @property
+    def kept(self) -> torch.Tensor | None:
+        """[B, N] bool: the input tokens the last prefill kept from this exit on."""
+        return self.exits.kept.get(self.layer)
+
+    def step(self) -> Step | None:
+        return self.exits.step()
+
+    def forward(self, call: core.Call, proceed: Callable[[core.Call], Any],
+                choose: Callable[[Step], torch.Tensor]) -> Any:
+        """Run one forward (`proceed(call)`) with the drop. choose(step): in a prefill, at this exit's
+        layer, the kept image tokens [B, N] bool (the owner's rule)."""
+        return self.exits.forward(self.layer, call, proceed, choose)
+
+    def remove(self) -> None:
+        self.exits.discard(self.layer)
+
+
+class Exits:
+    """The exits of one language model (`decoder._vtattn_drop`): {layer: owner}, the pre-hooks of
+    the layers from the first exit on, and the per-cache records."""
+
+    def __init__(self, patch: core.Patch, decoder: torch.nn.Module) -> None:
+        self.patch, self.decoder = patch, decoder
+        self.attn = [block.self_attn for block in decoder.layers]
+        self.owners: dict[int, tuple[str, bool]] = {}  # exit layer -> (owner, first)
+        self.group: dict[torch.nn.Module, int] = {}  # attention module -> the exit its layer's cache follows
+        self.hooks: dict[int, Any] = {}
+        self.records: weakref.WeakKeyDictionary[Any, dict[int, Record]] = weakref.WeakKeyDictionary()
+        self.text_only: weakref.WeakSet[Any] = weakref.WeakSet()  # caches of text-only prompts: nothing to drop, ever
+        self.kept: dict[int, torch.Tensor] = {}  # exit layer -> [B, N] bool: the last prefill's kept input tokens
+        decoder._vtattn_drop = self
+
+    def add(self, layer: int, owner: str, first: bool) -> None:
+        if layer in self.owners:
+            raise ValueError(f"tokens already leave this language model at layer {layer} "
+                             f"({self.owners[layer][0]})")
+        before = [f"{o} at layer {e}" for e, (o, f) in self.owners.items() if e < layer]
+        after = [f"{o} at layer {e}" for e, (o, f) in self.owners.items() if e > layer and f]
+        if (first and before) or after:
+            this = f"{owner} at layer {layer}"
+            reader, earlier = (after[0], this) if after else (this, before[0])
+            raise NotImplementedError(f"{reader} reads the whole sequence before its layer: no tokens may leave "
+                                      f"earlier ({earlier})")
+        self.owners[layer] = (owner, first)
+        self.patch.route(self.attn[layer:])
+        for i in range(layer, len(self.attn)):
+            if i not in self.hooks:
+                self.hooks[i] = self.decoder.layers[i].register_forward_pre_hook(
+                    functools.partial(self._prune, i), with_kwargs=True)
+        self._regroup()
+
+    def discard(self, layer: int) -> None:
+        self.owners.pop(layer, None)
+        self.kept.pop(layer, None)
+        first = min(self.owners, default=len(self.attn))
+        for i in [i for i in self.hooks if i < first]:
+            self.hooks.pop(i).remove()
+        self.records = weakref.WeakKeyDictionary()  # recorded for the old exits
+        self._regroup()
+        if not self.owners:
+            self.decoder.__dict__.pop("_vtattn_drop", None)
+
+    def _regroup(self) -> None:
+        exits = sorted(self.owners)
+        self.group = {m: max(e for e in exits if e <= i) for i, m in enumerate(self.attn) if exits and i >= exits[0]}
+
+    def step(self) -> Step | None:
+        """This forward's step (None outside a forward with these exits)."""
+        ctx = core.current()
+        return None if ctx is None else ctx.state.get(self)
+
+    def forward(self, layer: int, call: core.Call, proceed: Callable[[core.Call], Any],
+                choose: Callable[[Step], torch.Tensor]) -> Any:
+        ctx = core.current()
+        step = ctx.state.get(self)
+        if step is not None:  # an earlier stage of this forward set the step up: add this exit's rule
+            step.choose[layer] = choose
+            return proceed(call)
+        kwargs = call.kwargs
+        if kwargs.get("labels") is not None:
+            raise NotImplementedError("tokens leave the sequence inside the LLM (FastV, VisualExit, or VisionSelect "
+                                      "at the LLM input): labels are not supported")
+        mask = kwargs.get("attention_mask")
+        static = hf_masks.is_static_mask(mask)  # generate's 4-D mask for a static cache (full frame)
+        _, cache = call.cache()
+        static_cache = bool(getattr(cache, "is_compileable", False))  # (a CompressedCache's layers claim their keys)
+        if mask is not None and not static and mask.dim() != 2:
+            raise NotImplementedError("dropping tokens inside the LLM needs a 2-D attention mask (or none), "
+                                      "or generate's for a static cache")
+        records = self.records.get(cache) if cache is not None else None
+        new_cache = cache is None or cache.get_seq_length() == 0  # a new cache, or one reset and reused
+        images = call.images if records is None or new_cache else None  # (a decode step needs none: not computed)
+        if (new_cache and images is not None and not bool(images.any())) or (not new_cache and cache in self.text_only):
+            out = proceed(call)  # a text-only prompt (a chat turn): the unpatched model
+            for filled in (cache, core.output_cache(out)):
+                if filled is not None:
+                    self.text_only.add(filled)
+            return out
+        if records is None or new_cache:
+            prompt = mask
+            if (static or static_cache) and mask is not None and images is not None:  # maybe the cache's width
+                prompt = hf_masks.prompt_padding(mask, images.shape[1]) if static else mask[:, :images.shape[1]]
+            step = self._prefill(cache, images, prompt)
+            step.choose[layer] = choose
+        else:
+            pixel_values = kwargs.get("pixel_values")
+            if pixel_values is not None and pixel_values.numel():  # (generated image-token ids are text)
+                raise NotImplementedError("tokens can only leave the sequence in the first forward of a cache "
+                                          "(images come with the prompt)")
+            for exit, record in records.items():
+                if cache.get_seq_length(exit) != record.index.shape[1]:
+                    raise RuntimeError("the pruned layers' cache no longer matches its record "
+                                       "(cropped or edited outside vtattn)")
+                new = call.new_tokens()
+                if static:  # generate's decode tokens are real; its 4-D mask is in layer 0's frame (pruned at K=0)
+                    record.extend(None, new)
+                elif static_cache and mask is not None:  # a 2-D mask as wide as the static cache
+                    record.extend(None, new, mask[:, record.length:record.length + new].bool())
+                else:
+                    record.extend(mask, new)
+            step = Step(records=records)
+        step.static = static_cache
+        ctx.state[self] = step
+        for module in self.group:
+            ctx.hook(module, self._attend)
+        out = proceed(call)
+        for filled in (cache, core.output_cache(out)):
+            if filled is not None:
+                self.records[filled] = step.records
+        return out
+
+    def _prefill(self, cache: Any, images: torch.Tensor | None, mask: torch.Tensor | None) -> Step:
+        if cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError("tokens can only leave the sequence in the first forward of a cache")
+        if images is None:
+            raise NotImplementedError("dropping image tokens finds them in input_ids: pass input_ids, not "
+                                      "inputs_embeds")
+        from transformers import DynamicCache, StaticCache
+
+        from ..kv.cache import CompressedCache
+        if cache is not None and not isinstance(cache, (DynamicCache, StaticCache, CompressedCache)):
+            raise NotImplementedError(f"dropping tokens inside the LLM needs a DynamicCache, a StaticCache or a "
+                                      f"vtattn.kv.CompressedCache (layers keep different lengths), got "
+                                      f"{type(cache).__name__}")
+        N = images.shape[1]
+        real = torch.ones_like(images) if mask is None else mask.bool()
+        pads = (~real).sum(1)
+        if not torch.equal(real, torch.arange(N, device=real.device) >= pads[:, None]):
+            raise NotImplementedError("dropping tokens inside the LLM needs left padding: each attention-mask row "
+                                      "zeros then ones")
+        return Step(images=images, real=real, pads=pads.tolist())
+
+    def _prune(self, i: int, layer: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Pre-hook of layer i (>= the first exit). In a prefill, an exit layer selects its kept
+        tokens and gathers the hidden states; each layer gets its group's RoPE tables and positions."""
+        step = self.step()
+        if step is None or step.images is None:
+            return None  # decoding: the layer loop's kwargs are already right
+        exit = self.group[self.attn[i]]
+        if exit not in step.layer_kwargs:
+            index, local = self._select(step, exit)
+            take = lambda t, index: t.expand(index.shape[0], *t.shape[1:]).gather(  # noqa: E731
+                1, index.view(*index.shape, *[1] * (t.dim() - 2)).expand(*index.shape, *t.shape[2:]))
+            cos, sin = kwargs["position_embeddings"]  # the full sequence's: every layer gets the loop's own
+            position_ids = kwargs.get("position_ids")
+            step.layer_kwargs[exit] = dict(position_embeddings=(take(cos, index), take(sin, index)),
+                                           attention_mask=None,
+                                           position_ids=None if position_ids is None else take(position_ids, index))
+            if args:
+                args = (take(args[0], local),) + tuple(args[1:])
+            else:
+                kwargs["hidden_states"] = take(kwargs["hidden_states"], local)
+        return args, {**kwargs, **step.layer_kwargs[exit]}
+
+    def _select(self, step: Step, exit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens kept from `exit` on (the owner's image tokens among those the previous exit
+        kept); returns their indices [B, M] into the full sequence (right-aligned; a shorter row's
+        leading slots are 0) and into the previous group's rows (the hidden states' frame)."""
+        images, real = step.images, step.real
+        B, N = images.shape
+        earlier = [e for e in step.records if e < exit]
+        previous = step.records[max(earlier)] if earlier else None
+        before = real if previous is None else step.kept[max(earlier)]
+        kept = before & (~images | (step.choose[exit](step) & images))
+        step.kept[exit] = self.kept[exit] = kept
+        length = kept.sum(1)
+        M = int(length.max())
+        start = M - length
+        dest = torch.where(kept, start[:, None] + kept.cumsum(1) - 1, M)
+        arange = torch.arange(N, device=images.device).expand(B, N)
+        index = torch.zeros(B, M + 1, dtype=torch.long, device=images.device).scatter_(1, dest, arange)[:, :M]
+        step.records[exit] = Record(index, torch.arange(M, device=index.device) >= start[:, None], N)
+        if previous is None:
+            return index, index
+        P = previous.index.shape[1]
+        slots = torch.arange(P, device=index.device).expand(B, P)
+        where = torch.zeros(B, N + 1, dtype=torch.long, device=index.device)  # full index -> previous slot
+        where.scatter_(1, previous.index.masked_fill(~previous.real, N), slots)
+        return index, where.gather(1, index)
+
+    def _attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mask: Any, scaling: float | None, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The attention of a layer from the first exit on in this forward (an attention hook): over
+        its group's cache."""
+        step = self.step()
+        exit = self.group[module]
+        record = step.records[exit]
+        layer = core.claim(key)
+        if layer is not None:  # a vtattn.kv.CompressedCache layer: it compresses, then reads what it keeps
+            frame = None
+            if step.images is not None:  # the prefill: this layer holds the kept tokens, right-aligned
+                from ..kv.cache import Frame
+                modality = layer.cache.modality
+                frame = Frame(record.index, record.length,
+                              None if modality is None else modality.gather(1, record.index))
+                mask = record.real[:, None, None, :]
+            count("cache")
+            return layer.attend(query, key, value, mask, scaling, frame).transpose(1, 2)
+        slots = record.index.shape[1]
+        if key.shape[2] != slots:
+            if not step.static or key.shape[2] < slots:
+                raise RuntimeError(f"a pruned layer holds {key.shape[2]} keys, its record {slots}")
+            key, value = key[:, :, :slots], value[:, :, :slots]  # a StaticCache layer: its capacity, filled to slots
+        if exit not in step.index_args:  # the same for every layer of the group
+            step.index_args[exit] = record.attention_args(query.shape[2], key.shape[1])
+        args = step.index_args[exit]
+        count("index_attention")
+        if core.needs_grad(query, key, value):  # index_attention has no gradient; its reference has
+            return _index_attention_grad(record, query, key, value, scaling, args)
+        # The registered op's kernel (_dispatch.Direct), not the public function: these lists are valid by
+        # construction, and its checks would read them on the host in every layer of every step.
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        out = _INDEX(query, key, value, args["kv_indices"], args["kv_counts"], args["q_positions"],
+                     args["kv_positions"], True, scale, stamp=(query.device, query.dtype, query.shape[2] == 1))
+        return out.transpose(1, 2)  # [B, N, H, D], free: index_attention lays it out so
+
+
+def _index_attention_grad(record: Record, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          scaling: float | None, args: dict[str, torch.Tensor]) -> torch.Tensor:
+    """index_attention through its (differentiable) reference, [B, N, H, D]. A padding row attends to
+    every listed key, then gives 0 as in the kernel: a row that sees no key has NaN gradients."""
+    from ..reference.index_attention import index_attention
+    real = record.real[:, -query.shape[2]:]
+    q_positions = args["q_positions"].masked_fill(~real, record.length)
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    out = index_attention(query, key, value, args["kv_indices"], args["kv_counts"], q_positions,
+                          args["kv_positions"], True, scale)
+    return out.masked_fill(~real[:, None, :, None], 0.0).transpose(1, 2)

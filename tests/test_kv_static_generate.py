@@ -1,0 +1,103 @@
+"""KV compression under `generate(cache_implementation="static")` and a compiled decode step, on tiny
+LLaVA, LLaVA-NeXT and Qwen2-VL: the KVCompress stage turns generate's StaticCache into a static
+`CompressedCache` (fixed capacity: the prompt's kept tokens plus what the StaticCache leaves for new
+tokens), which generates the dynamic cache's tokens, holds no more bytes than its bound, and whose
+decode step torch.compile (inductor, fullgraph) traces once. Stages that drop tokens (vision-side
+pruning, FastV) give the dynamic cache's tokens on generate's StaticCache, alone and with KV
+compression."""
+import pytest
+import torch
+
+import vtattn
+from vtattn import kv
+from test_kv_model_syncs import MODELS
+
+pytest.importorskip("transformers")
+from vtattn.kv.cache import CompressedCache  # noqa: E402  (needs transformers)
+
+NEW = 6
+
+
+def _generate(model, inputs, **options):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                              return_dict_in_generate=True, **options)
+
+
+def _cache(out):
+    return out.cache if "cache" in out else out.past_key_values
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("policy", [kv.LookM(0.2, 0.1), kv.SnapKV(0.3, window=4)], ids=["lookm", "snapkv"])
+def test_static_generate_gives_the_dynamic_tokens(family, policy):
+    model, patch, inputs = MODELS[family]()
+    patch(model, stages=[vtattn.patch.KVCompress(policy)])
+    dynamic = _generate(model, inputs)
+    static = _generate(model, inputs, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    cache = _cache(static)
+    assert isinstance(cache, CompressedCache) and cache.static and cache.max_new_tokens == NEW - 1
+    # bound: each head's kept tokens + max_new_tokens, plus less than a page; generate's eager steps
+    # filled the max_new_tokens, so the heads' lengths now are exactly kept + max_new_tokens
+    for layer in cache.layers:
+        per_token = 2 * layer.pages.k.shape[-1] * layer.pages.k.element_size()
+        assert layer.nbytes <= int((layer.pages.host_lengths + cache.page_size - 1).sum()) * per_token
+
+
+def test_compiled_decode_step_gives_the_dynamic_tokens():
+    """The unpatched forward of a KV-compressed LLaVA (model._vtattn_patch.original: decode steps of
+    KV compression need no stage) compiled whole with inductor: one graph for every step, the
+    dynamic cache's tokens. The 2-D mask is given at the static width, as generate gives a static
+    cache's."""
+    import torch._dynamo.utils as dynamo_utils
+    model, _, inputs = MODELS["llava"]()
+    policy = kv.LookM(0.2, 0.1)
+    vtattn.patch.llava(model, stages=[vtattn.patch.KVCompress(policy)])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    B, L = ids.shape
+
+    def decode(cache, forward, static_width):
+        with torch.no_grad():
+            out = model(**inputs, **({} if cache is None else {"past_key_values": cache}), use_cache=True)
+            cache, token, tokens = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+            for s in range(NEW):
+                width = NEW if static_width else s + 1
+                step_mask = torch.cat([mask, mask.new_ones(B, width)], 1)
+                out = forward(input_ids=token, attention_mask=step_mask, past_key_values=cache,
+                              cache_position=torch.tensor([L + s]), use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+                tokens.append(token)
+        return torch.cat(tokens, 1)
+
+    expected = decode(None, model.forward, False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model._vtattn_patch.original, fullgraph=True)
+    dynamo_utils.counters.clear()
+    got = decode(CompressedCache(policy, max_new_tokens=NEW), compiled, True)
+    assert torch.equal(got, expected)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+
+
+DROPPING = {
+    "keep": lambda: dict(keep=0.25),
+    "fastv": lambda: dict(fastv=vtattn.patch.FastV(layer=1, keep=0.25)),
+    "kv": lambda: dict(kv=kv.LookM(0.2, 0.1)),  # the vision stage at keep=1.0, then KV compression
+    "keep+lookm": lambda: dict(keep=0.25, kv=kv.LookM(0.2, 0.1)),
+    "fastv+lookm": lambda: dict(fastv=vtattn.patch.FastV(layer=1, keep=0.25), kv=kv.LookM(0.2, 0.1)),
+}
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("path", DROPPING)
+def test_dropping_stages_give_the_dynamic_tokens_on_a_static_cache(family, path):
+    """Vision-side pruning and FastV shorten the sequence (in the LLM's input, or from layer K on)
+    while generate's static-cache mask / positions are in the full prompt's frame: the stages read
+    the padding back from it and hand the model the shortened frame's (left-padded samples too)."""
+    model, patch, inputs = MODELS[family]()
+    patch(model, **DROPPING[path]())
+    dynamic = _generate(model, inputs)
+    static = _generate(model, inputs, cache_implementation="static")
+    assert torch.equal(static.sequences, dynamic.sequences)
+    cache = _cache(static)
+    assert type(cache).__name__ == ("CompressedCache" if "kv" in path or "lookm" in path else "StaticCache")
