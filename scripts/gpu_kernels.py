@@ -66,11 +66,12 @@ def cases(dtype):
                                             q_positions=torch.arange(Nk - Nq, Nk).expand(B, Nq).contiguous(),
                                             kv_positions=torch.arange(Nk).expand(B, Nk).contiguous())
         if Hq == Hkv * (Hq // Hkv) and not a["causal"]:
-            nq, nk = -(-Nq // 16), -(-Nk // 16)
-            yield "block_sparse_attention", name, dict(
-                a, kv_num_blocks=torch.randint(0, nk + 1, (1, 1, nq), generator=_g(6), dtype=i32),
-                kv_indices=torch.stack([torch.randperm(nk, generator=_g(r)) for r in range(nq)]).to(i32)[None, None],
-                block_size=16)
+            for bs in (16, 128):  # 16: Triton's small tiles; 128: the CUDA kernel's (a multiple of its query tile)
+                nq, nk = -(-Nq // bs), -(-Nk // bs)
+                yield "block_sparse_attention", f"{name} blocks {bs}", dict(
+                    a, kv_num_blocks=torch.randint(0, nk + 1, (1, 1, nq), generator=_g(6), dtype=i32),
+                    kv_indices=torch.stack([torch.randperm(nk, generator=_g(r)) for r in range(nq)]).to(i32)[None, None],
+                    block_size=bs)
     lens_q, lens_k = [1, 130, 0, 77], [5, 130, 40, 200]
     cu = lambda lens: torch.tensor([0] + lens, dtype=i32).cumsum(0, dtype=i32)  # noqa: E731
     Tq, Tk = sum(lens_q), sum(lens_k)
@@ -187,8 +188,6 @@ def run(backends, dtypes, emit) -> int:
     for backend in backends:
         for dtype in dtypes:
             for op, name, kwargs in cases(dtype):
-                if backend == "cuda" and op == "block_sparse_attention":
-                    continue  # no CUDA kernel: Triton runs it
                 rec = {"op": op, "backend": backend, "dtype": str(dtype)[6:], "case": name}
                 t0 = time.perf_counter()
                 try:
