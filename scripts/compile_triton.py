@@ -9,8 +9,9 @@ with triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUT
 32)), its arguments specialised as triton's JIT does (argument types by triton's mangle_type, ints
 equal to 1 as constants, 16-divisible ints and 16-byte aligned pointers marked so).
 fp16, bf16 and fp32 at head dims 64 and 72 with each autotuned kernel's first config; --all-configs
-adds every other config of each autotuned kernel's space in bf16 and fp32. --record adds what each
-compiled launch needs (threads, registers from the cubin, shared memory, the config's estimate) to
+adds every other config of each autotuned kernel's space in bf16 and fp32; a config of a SPILL_FREE
+kernel that spills registers fails the run. --record adds what each compiled launch needs (threads,
+registers and spilled bytes from the cubin, shared memory, the config's estimate) to
 a JSON file that `python -m vtattn.check_launches` checks against each architecture's limits (one
 run per --arch: entries of other targets are kept)."""
 import argparse
@@ -32,8 +33,12 @@ from triton.runtime.jit import JITFunction, mangle_type
 
 
 KERNELS = {"_attention_fwd_kernel", "_block_sparse_fwd_kernel", "_column_sums_kernel", "_few_rows_logits_kernel",
-           "_few_rows_normalize_kernel", "_gather_tokens", "_index_fwd_kernel", "_merge_assign", "_merge_kernel",
-           "_merge_reduce", "_row_lse_kernel", "_select_tokens", "_split_kernel", "_varlen_fwd_kernel"}
+           "_few_rows_normalize_kernel", "_gather_tokens", "_group_fwd_kernel", "_index_fwd_kernel", "_merge_assign",
+           "_merge_kernel", "_merge_reduce", "_row_lse_kernel", "_select_tokens", "_split_kernel",
+           "_varlen_fwd_kernel"}
+# Kernels whose every config must compile without register spills, per target (their spaces are
+# pruned to that: a spill there is a config to drop, not noise).
+SPILL_FREE = {"_group_fwd_kernel": (90,)}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")  # launch keywords that are compile options
 
 
@@ -111,14 +116,15 @@ def compile_launch(launch: Launch, meta: dict, arch: int):
 
 def _launch_all(h, D):
     from vtattn.triton_kernels import (attention, block_sparse_attention, decode_attention, gather_tokens,
-                                       index_attention, key_importance, merge_tokens, paged_decode_attention,
-                                       select_tokens, varlen_attention)
+                                       group_attention, index_attention, key_importance, merge_tokens,
+                                       paged_decode_attention, select_tokens, varlen_attention)
     q, k = torch.randn(2, 4, 100, D, dtype=h), torch.randn(2, 2, 120, D, dtype=h)
     attention.attention(q, k, k, True, 0.1)
     attention.attention(q, k, k, True, 0.1, 30.0, 50, torch.zeros(4))  # softcap, window, sinks
     rows = lambda n: torch.arange(n).expand(2, n).contiguous()  # noqa: E731
     index_attention.index_attention(q, k, k, torch.arange(120).expand(2, 2, 120).contiguous(),
                                     torch.full((2, 2), 120, dtype=torch.int32), rows(100), rows(120), True, 0.1)
+    group_attention.group_attention(q, k, k, (torch.arange(120) % 5 - 1).expand(2, 120).contiguous(), 4, True, 0.1)
     block_sparse_attention.block_sparse_attention(q, k, k, torch.ones(1, 1, 1, dtype=torch.int32),
                                                   torch.zeros(1, 1, 1, 1, dtype=torch.int32), 128, True, 0.1)
     key_importance.key_importance(q, k, None, None, True, 0.1)  # rows="all"
@@ -144,10 +150,12 @@ def _launch_all(h, D):
     select_tokens.select_tokens(torch.randn(2, 100), torch.full((2, 1), 5), [100], 5, True)
 
 
-def cubin_registers(cubin: bytes, name: str) -> int:
-    """Registers per thread of kernel `name` in an ELF cubin (what cuobjdump reports; this machine has
-    none): the EIATTR_REGCOUNT (0x2f) entry of .nv.info for the kernel's symbol, which the low 24 bits
-    of its .text section's sh_info name (older ptxas put the count in the top 8 bits instead)."""
+def cubin_resources(cubin: bytes, name: str) -> tuple[int, int]:
+    """(registers per thread, stack frame bytes) of kernel `name` in an ELF cubin (what cuobjdump and
+    ptxas -v report; this machine has neither): the EIATTR_REGCOUNT (0x2f) and EIATTR_FRAME_SIZE (0x11)
+    entries of .nv.info for the kernel's symbol, which the low 24 bits of its .text section's sh_info
+    name (older ptxas put the register count in the top 8 bits instead). A Triton kernel has no local
+    arrays: a stack frame is register spills."""
     shoff, = struct.unpack_from("<Q", cubin, 0x28)
     entsize, count, names = struct.unpack_from("<HHH", cubin, 0x3A)
     headers = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * entsize) for i in range(count)]
@@ -157,16 +165,17 @@ def cubin_registers(cubin: bytes, name: str) -> int:
     symbol, top = text[7] & 0xFFFFFF, text[7] >> 24
     info = sections.get(".nv.info")
     i, end = (info[4], info[4] + info[5]) if info else (0, 0)
+    found = {}
     while i < end:  # attributes: format byte, attribute byte, then a value the format sizes
         fmt, attr = cubin[i], cubin[i + 1]
-        if fmt == 4:  # EIFMT_SVAL: u16 size, data
+        if fmt == 4:  # EIFMT_SVAL: u16 size, data (here: the symbol, then the value)
             size, = struct.unpack_from("<H", cubin, i + 2)
-            if attr == 0x2F and struct.unpack_from("<I", cubin, i + 4)[0] == symbol:
-                return struct.unpack_from("<I", cubin, i + 8)[0]
+            if attr in (0x2F, 0x11) and struct.unpack_from("<I", cubin, i + 4)[0] == symbol:
+                found[attr] = struct.unpack_from("<I", cubin, i + 8)[0]
             i += 4 + size
         else:
             i += {1: 2, 2: 3, 3: 4}[fmt]
-    return top
+    return found.get(0x2F, top), found.get(0x11, 0)
 
 
 def configs(launch: Launch, all_configs: bool) -> list[tuple[int, int, dict]]:
@@ -191,6 +200,7 @@ def main() -> None:
         runs += [(torch.bfloat16, 72, True), (torch.float32, 72, True)]
     compiled: dict[str, int] = {}
     records = {}
+    spills: list[str] = []
     for h, D, every in runs:
         with captured() as launches:
             _launch_all(h, D)
@@ -204,17 +214,22 @@ def main() -> None:
                     sys.exit(f"compile_triton: {h} D={D} {name} {meta}: {type(e).__name__}: {e}")
                 compiled[name] = compiled.get(name, 0) + 1
                 md, bd = kernel.metadata, launch.kwargs.get("BLOCK_D")
+                regs, frame = cubin_resources(kernel.asm["cubin"], md.name)
+                if frame and a.arch in SPILL_FREE.get(name, ()):
+                    spills.append(f"{h} D={D} {name} {meta}: {frame} bytes of spills (sm_{a.arch})")
                 tuned_meta = {k: v for k, v in meta.items() if k.startswith("BLOCK_")}
                 rec = {"kernel": name, "target": a.arch, "esize": esize, "block_d": bd,
                        "meta": {k: v for k, v in {**launch.kwargs, **tuned_meta}.items()
                                 if k.startswith("BLOCK_") and k != "BLOCK_D"},
                        "num_warps": md.num_warps, "num_stages": md.num_stages, "shared": md.shared,
-                       "registers": cubin_registers(kernel.asm["cubin"], md.name), "estimate": None,
+                       "registers": regs, "spilled": frame, "estimate": None,
                        "index": index, "last": index == size - 1}
                 if launch.tuned is not None and launch.tuned.smem is not None:
                     rec["estimate"] = esize * bd * launch.tuned.smem(meta, md.num_stages)
                 records[json.dumps({k: rec[k] for k in ("kernel", "esize", "block_d", "meta", "num_warps",
                                                         "num_stages")}, sort_keys=True)] = rec
+    if spills:  # these kernels' config spaces are pruned to what fits in registers (see SPILL_FREE)
+        sys.exit("compile_triton: register spills:\n  " + "\n  ".join(spills))
     missing = KERNELS - set(compiled)
     if missing:  # a launcher that no longer reaches its kernel would otherwise pass unnoticed
         sys.exit(f"compile_triton: never compiled: {', '.join(sorted(missing))}")

@@ -65,6 +65,9 @@ def cases(dtype):
         yield "index_attention", name, dict(a, kv_indices=idx, kv_counts=counts,
                                             q_positions=torch.arange(Nk - Nq, Nk).expand(B, Nq).contiguous(),
                                             kv_positions=torch.arange(Nk).expand(B, Nk).contiguous())
+        if "softcap" not in a:  # VAR's pass: 4 groups and hidden (-1) keys
+            groups = torch.randint(-1, 4, (B, Nk), generator=_g(7))
+            yield "group_attention", name, dict(a, groups=groups, num_groups=4)
         if Hq == Hkv * (Hq // Hkv) and not a["causal"]:
             for bs in (16, 128):  # 16: Triton's small tiles; 128: the CUDA kernel's (a multiple of its query tile)
                 nq, nk = -(-Nq // bs), -(-Nk // bs)

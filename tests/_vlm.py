@@ -47,6 +47,16 @@ def llava(vision=None, strategy="default", layer=-2, seed=0, layers=None, hidden
     return _seeded(transformers.LlavaForConditionalGeneration, config, seed)
 
 
+def llava_inputs():
+    """Left-padded inputs of a llava(): rows of 1 and 2 images, and each row alone (unpadded, its images)."""
+    ids, mask = prompts([[36], [36, 36]])
+    pixels = torch.randn(3, 3, 84, 84, generator=torch.Generator().manual_seed(1))
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    alone = [dict(input_ids=ids[b:b + 1, mask[b].bool()], pixel_values=pixels[images])
+             for b, images in enumerate([slice(0, 1), slice(1, 3)])]
+    return batch, alone
+
+
 PINPOINTS = [[42, 84], [84, 42], [84, 84], [42, 126]]
 
 
@@ -56,6 +66,25 @@ def llava_next(vision=None, seed=0):
                                           image_token_index=IMAGE, image_grid_pinpoints=PINPOINTS,
                                           vision_feature_layer=-2, vision_feature_select_strategy="default")
     return _seeded(transformers.LlavaNextForConditionalGeneration, config, seed)
+
+
+def llava_next_inputs(model):
+    """Left-padded inputs of `model` (a llava_next()): two images of sizes 50x90 and 84x30, one per row."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    sizes = torch.tensor([[50, 90], [84, 30]])
+    views = [image_size_to_num_patches(s, PINPOINTS, 42) for s in sizes]
+    pixels = torch.randn(2, max(views), 3, 42, 42, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        spans = [len(p) for p in model.model.get_image_features(pixels, sizes).pooler_output]
+    ids, mask = prompts([[spans[0]], [spans[1]]])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+
+
+def llava_next_alone(x, b):
+    """Sample b of llava_next_inputs() = x, unpadded, with its own image."""
+    real = x["attention_mask"][b].bool()
+    return dict(input_ids=x["input_ids"][b:b + 1, real], pixel_values=x["pixel_values"][b:b + 1],
+                image_sizes=x["image_sizes"][b:b + 1])
 
 
 def prompts(spans, *, seed=0, lengths=None):
@@ -237,3 +266,20 @@ def qwen2_vl_alone(x, grids, b):
     h, w = grids[b]
     return dict(input_ids=x["input_ids"][b:b + 1, real], pixel_values=x["pixel_values"][first:first + h * w],
                 image_grid_thw=x["image_grid_thw"][b:b + 1], mm_token_type_ids=x["mm_token_type_ids"][b:b + 1, real])
+
+
+def capture(model, inputs):
+    """Layer 0's input of `model`'s forward: hidden states [1, N, D] and RoPE tables (cos, sin)."""
+    lm, got = model.model.language_model, {}
+
+    def hook(module, args, kwargs):
+        got["h"] = args[0] if args else kwargs["hidden_states"]
+        got["rope"] = kwargs["position_embeddings"]
+
+    handle = lm.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return got["h"], got["rope"]

@@ -1,7 +1,9 @@
 """Shared test helpers: float64 ground truth, random inputs, tolerances."""
 import contextlib
+import inspect
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtattn
 
@@ -134,3 +136,20 @@ def bad_decode_inputs(device, dtype, paged=False):
     table[0, 0, 1], table[1, 0, 2] = -1, 2 * P - 1  # used: both heads' lengths clamp to the capacity
     table = fenced(table, 2, after=32, fill=P + 1)
     return (q, k, v, table, lens), (q, k, v, table.clamp(0, P - 1), lens.clamp(0, cap))
+
+
+def cache_name(model):
+    """The name forward takes its cache by (transformers 5.25 renamed past_key_values to cache)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class Largest(TorchDispatchMode):
+    """Records the largest tensor (elements) any aten op returns."""
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -104,3 +104,28 @@ def count_syncs():
     finally:
         for name, method in originals.items():
             setattr(torch.Tensor, name, method)
+
+
+def step_syncs(model, inputs, steps):
+    """The syncs of each forward a greedy `model.generate(**inputs)` of `steps` tokens runs after the
+    prefill (one `Syncs` per decode step), and the generated sequences."""
+    per_step, active = [], []
+
+    def before(module, args, kwargs):
+        active.append(count_syncs())
+        per_step.append(active[-1].__enter__())
+
+    def after(module, args, kwargs, out):
+        active.pop().__exit__(None, None, None)
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            tokens = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                    pad_token_id=0)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(per_step) == steps
+    return per_step[1:], tokens

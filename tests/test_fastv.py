@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import vtattn
-from _vlm import (IMAGE, PINPOINTS, eager, eager_attentions, llava, llava_next, positions,
-                  prompts, reference_scores, shortened, topk, transformers)
+from _vlm import (IMAGE, eager, eager_attentions, llava, llava_next, llava_next_inputs, positions, prompts,
+                  reference_scores, shortened, topk, transformers)
 
 K = 2
 SPANS = [[36], [36, 36]]  # row 0 left-padded, rows keep different numbers of tokens (ragged)
@@ -206,15 +206,9 @@ def test_fastv_text_only_prompt_is_the_unpatched_model():
 
 def test_fastv_llava_next():
     """LLaVA-NeXT (crops, newline tokens: all image tokens); K = 1 (layer 0 scores) on a 2-layer LLM."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
     model = llava_next()
-    sizes = torch.tensor([[50, 90], [84, 30]])
-    views = [image_size_to_num_patches(s, PINPOINTS, 42) for s in sizes]
-    pixels = torch.randn(2, max(views), 3, 42, 42, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        spans = [len(p) for p in model.model.get_image_features(pixels, sizes).pooler_output]
-    ids, mask = prompts([[spans[0]], [spans[1]]])
-    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+    inputs = llava_next_inputs(model)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad():
         before = model(**inputs).logits
         tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -377,3 +371,23 @@ def test_fastv_with_kv_compresses_the_pruned_layers_and_samples_stay_independent
             assert set(prompt) < kept  # a strict subset: LOOK-M evicted image tokens too
     held = [int((cache.kept_positions(layer) >= 0).sum()) for layer in range(4)]
     assert held[K] < held[K - 1]  # FastV's and LOOK-M's evictions add up
+
+
+def test_record_lists_follow_decode_steps():
+    """A pruned group's index lists, kept up to date step by step (no sort per step), list the same
+    real slots in the same order as sorting the whole record again, with padding and a non-real step."""
+    from vtattn.patch.drop import Record
+    real = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
+    index = torch.tensor([[0, 0, 3, 5, 6], [1, 2, 3, 5, 6]])
+    grown = Record(index, real, 8)
+    grown.attention_args(1, 3)  # lists them once (the prefill)
+    for length, step in enumerate([[1, 1], [0, 1], [1, 1], [1, 0], [1, 1]], 8):
+        mask = torch.cat([torch.ones(2, length, dtype=torch.long), torch.tensor(step)[:, None]], 1)
+        grown.extend(mask, 1)
+        got = grown.attention_args(1, 3)
+        fresh = Record(grown.index, grown.real, grown.length).attention_args(1, 3)
+        assert torch.equal(got["kv_counts"], fresh["kv_counts"]) and got["kv_counts"].dtype == torch.int32
+        for b in range(2):
+            n = int(fresh["kv_counts"][b, 0])
+            assert torch.equal(got["kv_indices"][b, :, :n], fresh["kv_indices"][b, :, :n])
+        assert torch.equal(got["q_positions"], fresh["q_positions"])

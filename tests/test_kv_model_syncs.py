@@ -1,14 +1,16 @@
 """Host syncs of a whole decode step of every drop-in path, counted inside `generate` by
 tests/syncs.py: after the prefill, a patched model's decode step reads nothing on the host that the
 unpatched model's step does not (transformers' own step reads the 2-D attention mask once, in
-`masking_utils`), on LLaVA, LLaVA-NeXT and Qwen2-VL, ragged left-padded batches included."""
+`masking_utils`), on LLaVA, LLaVA-NeXT and Qwen2-VL, ragged left-padded batches included. With a
+static cache (generate's `cache_implementation="static"`) the unpatched step reads nothing, and
+neither does any drop-in path's, pruning stages and their combinations with KV compression included."""
 import pytest
 import torch
 
 import vtattn
 from vtattn import kv
-from _vlm import llava, llava_next, prompts, qwen2_vl, qwen2_vl_inputs, PINPOINTS
-from syncs import count_syncs
+from _vlm import llava, llava_next, llava_next_inputs, prompts, qwen2_vl, qwen2_vl_inputs
+from syncs import step_syncs
 
 pytest.importorskip("transformers")
 
@@ -35,16 +37,8 @@ def _llava():
 
 
 def _llava_next():
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
     model = llava_next()
-    sizes = torch.tensor([[50, 90], [84, 30]])
-    views = [image_size_to_num_patches(s, PINPOINTS, 42) for s in sizes]
-    pixels = torch.randn(2, max(views), 3, 42, 42, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        spans = [len(p) for p in model.model.get_image_features(pixels, sizes).pooler_output]
-    ids, mask = prompts([[spans[0]], [spans[1]]])
-    return model, vtattn.patch.llava, dict(input_ids=ids, attention_mask=mask, pixel_values=pixels,
-                                           image_sizes=sizes)
+    return model, vtattn.patch.llava, llava_next_inputs(model)
 
 
 def _qwen2_vl():
@@ -54,30 +48,6 @@ def _qwen2_vl():
 MODELS = {"llava": _llava, "llava-next": _llava_next, "qwen2-vl": _qwen2_vl}
 
 
-def _step_syncs(model, inputs):
-    """The syncs of each forward generate runs after the prefill, and the tokens."""
-    per_step, active = [], []
-
-    def before(module, args, kwargs):
-        active.append(count_syncs())
-        per_step.append(active[-1].__enter__())
-
-    def after(module, args, kwargs, out):
-        active.pop().__exit__(None, None, None)
-
-    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
-             model.register_forward_hook(after, with_kwargs=True)]
-    try:
-        with torch.no_grad():
-            tokens = model.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
-                                    pad_token_id=0)
-    finally:
-        for h in hooks:
-            h.remove()
-    assert len(per_step) == STEPS
-    return per_step[1:], tokens
-
-
 @pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("path", list(_paths()))
 def test_decode_steps_sync_no_more_than_the_unpatched_model(family, path):
@@ -85,10 +55,10 @@ def test_decode_steps_sync_no_more_than_the_unpatched_model(family, path):
         pytest.skip("Qwen2-VL's vision-side keep and FastV both act inside the LLM input: covered by keep and fastv")
     model, patch, inputs = MODELS[family]()
     model.config.text_config._attn_implementation = "sdpa"
-    unpatched, _ = _step_syncs(model, inputs)
+    unpatched, _ = step_syncs(model, inputs, STEPS)
     patch(model, **_paths()[path])
     try:
-        patched, _ = _step_syncs(model, inputs)
+        patched, _ = step_syncs(model, inputs, STEPS)
     finally:
         vtattn.patch.unpatch(model)
     for step, (mine, theirs) in enumerate(zip(patched, unpatched)):
@@ -97,15 +67,51 @@ def test_decode_steps_sync_no_more_than_the_unpatched_model(family, path):
                                           f"{len(theirs)}:\n{type(mine)(extra or mine).report()}"
 
 
+def _static(model):
+    generate = model.generate
+    model.generate = lambda **kw: generate(**kw, cache_implementation="static")
+    return model
+
+
 @pytest.mark.parametrize("family", MODELS)
 def test_static_cache_decode_steps_sync_nothing(family):
     """generate(cache_implementation="static"): the unpatched model's decode steps read nothing on
     the host, and neither do KV compression's on the static CompressedCache the KV stage makes."""
     model, patch, inputs = MODELS[family]()
     patch(model, stages=[vtattn.patch.KVCompress(kv.LookM(0.2, 0.1))])
-    generate = model.generate
-    model.generate = lambda **kw: generate(**kw, cache_implementation="static")
-    steps, _ = _step_syncs(model, inputs)
+    steps, _ = step_syncs(_static(model), inputs, STEPS)
+    assert not any(steps), "\n".join(s.report() for s in steps if s)
+
+
+def _static_dropping():
+    lookm = kv.LookM(0.2, 0.1)
+    return {
+        "keep": dict(keep=0.25),
+        "fastv": dict(fastv=vtattn.patch.FastV(layer=1, keep=0.25)),
+        "visual-exit": dict(visual_exit=vtattn.patch.VisualExit(layer=1)),
+        "keep+visual-exit": dict(keep=0.5, visual_exit=vtattn.patch.VisualExit(layer=1)),
+        "keep+lookm": dict(keep=0.25, kv=lookm),
+        "fastv+lookm": dict(fastv=vtattn.patch.FastV(layer=1, keep=0.25), kv=lookm),
+        "visual-exit+lookm": dict(visual_exit=vtattn.patch.VisualExit(layer=1), kv=lookm),
+        "keep+fastv+lookm": dict(keep=0.5, fastv=vtattn.patch.FastV(layer=1, keep=0.5), kv=lookm),
+        "aim": dict(stages=[vtattn.patch.AIM(retention=(1.0, 0.5))]),
+        "sparsevlm": dict(stages=[vtattn.patch.SparseVLM(layers=(0,), scale=3.0)]),
+    }
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("path", list(_static_dropping()))
+def test_static_cache_decode_steps_of_dropping_stages_sync_nothing(family, path):
+    """generate(cache_implementation="static") with stages that shorten the sequence (vision-side
+    pruning, FastV, VisualExit, SparseVLM, AIM; alone and with KV compression): a decode step reads nothing on the
+    host, as the unpatched model's. The cache's length is a device count there: the stages tell the
+    cache their prefill filled from a reset one by host counts (core.Filled), never by reading it."""
+    if family != "llava" and path in ("keep+fastv+lookm", "aim"):
+        pytest.skip("one vision-side stage per model (Qwen2-VL: keep and FastV both at the LLM input); AIM "
+                    "merges one view per image (LLaVA-1.5)")
+    model, patch, inputs = MODELS[family]()
+    patch(model, **_static_dropping()[path])
+    steps, _ = step_syncs(_static(model), inputs, STEPS)
     assert not any(steps), "\n".join(s.report() for s in steps if s)
 
 
@@ -121,6 +127,6 @@ def test_decode_steps_do_not_compute_the_image_mask(path):
     p, widths = model._vtattn_patch, []
     find = p.images
     p.images = lambda ids: widths.append(ids.shape[1]) or find(ids)
-    _step_syncs(model, inputs)
+    step_syncs(model, inputs, STEPS)
     assert all(w == inputs["input_ids"].shape[1] for w in widths), widths
     assert len(widths) == (path == "kv-stage")

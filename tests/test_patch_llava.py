@@ -7,6 +7,7 @@ import torch
 
 import vtattn
 from vtattn import pruning
+from vtattn.patch import hf_attention
 from _vlm import (IMAGE, PINPOINTS, clip_config, eager_attentions, llava, llava_next, manual_logits,
                   positions, prompts, reference_scores, shortened, siglip_config, topk)
 
@@ -62,9 +63,10 @@ def test_llava_siglip_mean_received(monkeypatch):
     expected, short = manual_logits(model, ids, mask, [36] * 3, _kept_features(model, hidden[-1], kept, 0))
     vtattn.patch.llava(model, keep_tokens=9)  # auto: SigLIP has no [CLS]
     calls = []
-    for name in ("attention", "key_importance"):  # the tower runs on vtattn, one layer probed
-        op = getattr(vtattn, name)
-        monkeypatch.setattr(vtattn, name, lambda *a, op=op, name=name, **k: calls.append(name) or op(*a, **k))
+    for name in ("attention", "key_importance"):  # the tower runs on vtattn's ops, one layer probed
+        handle = f"_{name.upper()}"  # the registered ops' handles (never the re-validating public functions)
+        op = getattr(hf_attention, handle)
+        monkeypatch.setattr(hf_attention, handle, lambda *a, op=op, name=name, **k: calls.append(name) or op(*a, **k))
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions(mask))
     _close(out.logits, expected, short)

@@ -5,6 +5,7 @@ import torch
 
 import vtattn
 from vtattn import pruning
+from vtattn.patch import hf_attention
 from _vlm import (clip_config, eager_attentions, reference_scores, siglip_config,
                   text_config, topk, transformers)
 
@@ -199,8 +200,8 @@ def test_hf_attention_vision_tower(monkeypatch):
     pixels = torch.randn(2, 3, 84, 84)
     _, hidden = eager_attentions(tower, pixels)
     calls = []
-    attention = vtattn.attention
-    monkeypatch.setattr(vtattn, "attention", lambda *a, **k: calls.append(1) or attention(*a, **k))
+    op = hf_attention._ATTENTION  # the registered op's handle the entry point calls
+    monkeypatch.setattr(hf_attention, "_ATTENTION", lambda *a, **k: calls.append(1) or op(*a, **k))
     tower.config._attn_implementation = "vtattn"
     with torch.no_grad():
         out = tower(pixels, output_hidden_states=True)

@@ -40,9 +40,16 @@ def _block_sparse(dtype):
     return vtattn.block_sparse_attention, (q, k, v, num.cuda(), idx.cuda()), dict(block_size=128, causal=True)
 
 
+def _group(dtype):
+    q, k, v = rand_qkv(1, 4, 2, 300, 333, 80, dtype, "cuda", "strided")
+    groups = torch.arange(333, device="cuda") % 5 - 1  # 4 groups and hidden keys
+    return vtattn.group_attention, (q, k, v, groups), dict(num_groups=4, causal=True)
+
+
 OPS = {"attention": _attention, "varlen_attention": _varlen, "index_attention": _index,
        "key_importance-row0": _key_importance(0), "key_importance-many-rows": _key_importance("many"),
-       "key_importance-all": _key_importance("all"), "block_sparse_attention": _block_sparse}
+       "key_importance-all": _key_importance("all"), "block_sparse_attention": _block_sparse,
+       "group_attention": _group}
 # (dtype, config): the largest spaces are 13 configs in 16 bits (attention's _space), 3 in fp32;
 # a kernel with fewer runs its last for the rest.
 CONFIGS = [(torch.bfloat16, i) for i in range(13)] + [(torch.float32, i) for i in range(3)]
@@ -57,7 +64,8 @@ def test_every_triton_config_matches_the_reference(monkeypatch, op, dtype, confi
     got = run_forced("triton", fn, *args, **kw)
     want = run_forced("torch", fn, *args, **kw)
     atol, rtol = (1e-4, 1e-3) if op.startswith("key_importance") else (OUT_TOL[dtype],) * 2
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+    for g, w in zip(got, want) if isinstance(got, tuple) else [(got, want)]:  # group_attention: out and mass
+        torch.testing.assert_close(g.float(), w.float(), atol=atol, rtol=rtol)
 
 
 # ---- how a config is picked (CPU: no launch; the autotuner's pruning and the launch path) ----------

@@ -12,8 +12,9 @@ import torch
 
 import vtattn
 from vtattn import kv
-from _vlm import (IMAGE, PINPOINTS, QWEN_IMAGE, eager_attentions, llava, llava_next, prompts, qwen2_vl,
-                  qwen2_vl_alone, qwen2_vl_inputs, reference_scores, text_config, topk, transformers)
+from _vlm import (IMAGE, QWEN_IMAGE, capture, eager_attentions, llava, llava_inputs, llava_next, llava_next_alone,
+                  llava_next_inputs, qwen2_vl, qwen2_vl_alone, qwen2_vl_inputs, reference_scores, text_config, topk,
+                  transformers)
 
 VisualExit = vtattn.patch.VisualExit
 STEPS = 4
@@ -22,23 +23,6 @@ GREEDY = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, retur
 
 
 # ---- the reference ---------------------------------------------------------------------------------
-
-def _capture(model, inputs):
-    """Layer 0's input of `model`'s forward: hidden states [1, N, D] and RoPE tables (cos, sin)."""
-    lm, got = model.model.language_model, {}
-
-    def hook(module, args, kwargs):
-        got["h"] = args[0] if args else kwargs["hidden_states"]
-        got["rope"] = kwargs["position_embeddings"]
-
-    handle = lm.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        handle.remove()
-    return got["h"], got["rope"]
-
 
 def _layers(model, h, rope, drops):
     """Last-row logits [C] of the unpatched decoder run layer by layer on one sample: before layer i
@@ -66,7 +50,7 @@ def _reference(model, inputs, drops):
         x = dict(inputs, input_ids=ids)
         if "mm_token_type_ids" in x:
             x["mm_token_type_ids"] = torch.nn.functional.pad(x["mm_token_type_ids"], (0, len(tokens)))
-        logits.append(_layers(model, *_capture(model, x), drops(ids[0])))
+        logits.append(_layers(model, *capture(model, x), drops(ids[0])))
         tokens.append(int(logits[-1].argmax()))
     return logits[0], torch.tensor(tokens), torch.stack(logits)
 
@@ -102,20 +86,11 @@ def _llava(seed=0, hidden=32):
     return llava(seed=seed, layers=4, hidden=hidden)
 
 
-def _llava_inputs():
-    ids, mask = prompts([[36], [36, 36]])
-    pixels = torch.randn(3, 3, 84, 84, generator=torch.Generator().manual_seed(1))
-    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-    alone = [dict(input_ids=ids[b:b + 1, mask[b].bool()], pixel_values=pixels[images])
-             for b, images in enumerate([slice(0, 1), slice(1, 3)])]
-    return batch, alone
-
-
 @pytest.mark.parametrize("K", [0, 2, 3])
 def test_llava_exit_matches_the_layer_by_layer_reference_batched_and_ragged(K):
     model = _llava()
     ref = copy.deepcopy(model)
-    batch, alone = _llava_inputs()
+    batch, alone = llava_inputs()
     vtattn.patch.llava(model, visual_exit=VisualExit(layer=K))
     out = _check(model, ref, batch, alone, _exit_at(K, IMAGE))
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -128,7 +103,7 @@ def test_llava_exit_matches_the_layer_by_layer_reference_batched_and_ragged(K):
 
 def test_llava_exit_after_the_last_layer_is_the_unpatched_model():
     model = _llava()
-    batch, _ = _llava_inputs()
+    batch, _ = llava_inputs()
     layers = model.model.language_model.layers
     with torch.no_grad():
         expected = model.generate(**batch, **GREEDY)
@@ -166,7 +141,7 @@ def test_llava_exit_composes_with_vision_side_keep():
     """keep=0.5 (method "cls") before the projector, then every kept image token leaves at K = 2."""
     model = _llava()
     ref = copy.deepcopy(model)
-    batch, alone = _llava_inputs()
+    batch, alone = llava_inputs()
     vtattn.patch.llava(model, keep=0.5, method="cls", visual_exit=VisualExit(layer=2))
     # the reference's input: the shortened sequence, with the CLS rule's 18 tokens per image
     attentions, hidden = eager_attentions(model.model.vision_tower, batch["pixel_values"])
@@ -197,7 +172,7 @@ def test_llava_fastv_then_exit():
     FastV's tokens (its rule is checked in test_fastv) at 1 and every image token at 3."""
     model = _llava()
     ref = copy.deepcopy(model)
-    batch, alone = _llava_inputs()
+    batch, alone = llava_inputs()
     vtattn.patch.llava(model, fastv=vtattn.patch.FastV(layer=1, keep=0.5), visual_exit=VisualExit(layer=3))
     with torch.no_grad():
         model(**batch)
@@ -229,7 +204,7 @@ def test_llava_exit_with_kv_compression(policy):
     """KV compression over the exit: LOOK-M at budget 1.0 gives the exit alone; SnapKV at 0.5
     generates, batched, what each sample does alone, and the layers >= K hold a strict subset of the
     text tokens."""
-    batch, alone = _llava_inputs()
+    batch, alone = llava_inputs()
     model = vtattn.patch.llava(_llava(), visual_exit=VisualExit(layer=2))
     budget = 1.0 if isinstance(policy, kv.LookM) else 0.5
     with torch.no_grad():
@@ -256,7 +231,7 @@ def test_llava_exit_on_cuda_bf16():
     """On CUDA in bf16 (LLM head dim 64): the exit after the last layer gives the unpatched logits,
     and an exit at K = 2 generates a ragged batch whose layers >= K cache the text tokens only."""
     model = _llava(hidden=256).to("cuda", torch.bfloat16)
-    batch, _ = _llava_inputs()
+    batch, _ = llava_inputs()
     batch = {k: v.cuda() for k, v in batch.items()}
     batch["pixel_values"] = batch["pixel_values"].bfloat16()
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -275,21 +250,14 @@ def test_llava_exit_on_cuda_bf16():
 # ---- LLaVA-NeXT (2-layer LLM: base view + crops + newline tokens, all image tokens) -------------------
 
 def test_llava_next_exit_matches_the_reference():
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
     model = llava_next()
     ref = copy.deepcopy(model)
-    sizes = torch.tensor([[50, 90], [84, 30]])
-    views = [image_size_to_num_patches(s, PINPOINTS, 42) for s in sizes]
-    pixels = torch.randn(2, max(views), 3, 42, 42, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        spans = [len(p) for p in model.model.get_image_features(pixels, sizes).pooler_output]
-    ids, mask = prompts([[spans[0]], [spans[1]]])
-    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
-    alone = [dict(input_ids=ids[b:b + 1, mask[b].bool()], pixel_values=pixels[b:b + 1], image_sizes=sizes[b:b + 1])
-             for b in range(2)]
+    batch = llava_next_inputs(model)
+    alone = [llava_next_alone(batch, b) for b in range(2)]
     vtattn.patch.llava(model, visual_exit=VisualExit(layer=1))
     out = _check(model, ref, batch, alone, _exit_at(1, IMAGE))
-    assert out.past_key_values.get_seq_length(1) == _text_lengths(ids, mask, IMAGE) + STEPS - 1
+    text = _text_lengths(batch["input_ids"], batch["attention_mask"], IMAGE)
+    assert out.past_key_values.get_seq_length(1) == text + STEPS - 1
     with torch.no_grad():
         expected = ref.generate(**batch, **GREEDY).sequences
         vtattn.patch.llava(model, visual_exit=VisualExit(layer=2))

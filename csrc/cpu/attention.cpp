@@ -23,8 +23,9 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   T* out_p = out.data_ptr<T>();
   float* lse_p = lse.data_ptr<float>();
 
-  at::parallel_for(0, B * Hq * nblk, 1, [&](int64_t begin, int64_t end) {
-    BlockScratch w(dp);  // per chunk, reused by every task of the chunk
+  const int64_t rows = block_rows(Nq);
+  at::parallel_for(0, B * Hq * nblk, grain_for(rows * Nk * dp), [&](int64_t begin, int64_t end) {
+    BlockScratch w(dp, rows);  // per chunk, reused by every task of the chunk
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task % nblk, bh = task / nblk, b = bh / Hq, h = bh % Hq;
       const int64_t i0 = blk * kBM, m = std::min(kBM, Nq - i0), mp = round_up(m, kRowGroup);

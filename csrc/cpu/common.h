@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -319,6 +320,19 @@ struct Tiles {
   }
 };
 
+// Dot product in kLanes partial sums (vectorised), summed in an order that does not depend on the
+// vectors' addresses: identical inputs give bitwise-identical results (merge_tokens' ties).
+VTATTN_MULTIVERSION float dot_fixed_order(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float lane[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += a[d + l] * b[d + l];
+  for (int64_t l = 0; d + l < n; ++l) lane[l] += a[d + l] * b[d + l];
+  float sum = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
+  return sum;
+}
+
 // One set of tile operations, compiled for one instruction set.
 struct TileOps {
   void (*qk)(const float*, int64_t, int64_t, const float*, float*);
@@ -419,12 +433,35 @@ struct RowStats {
   float top(float sink) const { return max != max || sink != sink ? max + sink : std::max(max, sink); }
 };
 
-// One thread's scratch for a block of up to kBM query rows of flash-style attention.
-struct BlockScratch {
-  std::vector<float> qb, kt, vb, s, acc;  // scaled q rows, k^T tile, v tile, logits, output
-  RowStats stats[kBM];
-  explicit BlockScratch(int64_t dp) : qb(kBM * dp), kt(dp * kBN), vb(kBN * dp), s(kBM * kBN), acc(kBM * dp) {}
+// fp32 scratch left uninitialised: every kernel writes what it reads (load_rows / load_keys_t zero
+// their padding, qk writes whole logit rows, acc is filled per task); zeroing it on allocation cost
+// a decode step's call ~2 us.
+struct Scratch {
+  std::unique_ptr<float[]> p;
+  int64_t n;
+  explicit Scratch(int64_t size) : p(new float[size]), n(size) {}
+  float* data() const { return p.get(); }
+  float* begin() const { return p.get(); }
+  float* end() const { return p.get() + n; }
+  float& operator[](int64_t i) const { return p[i]; }
 };
+
+// One thread's scratch for a block of up to `rows` (<= kBM, a multiple of kRowGroup) query rows of
+// flash-style attention; a decode step's single query needs kRowGroup.
+struct BlockScratch {
+  Scratch qb, kt, vb, s, acc;  // scaled q rows, k^T tile, v tile, logits, output
+  RowStats stats[kBM];
+  explicit BlockScratch(int64_t dp, int64_t rows = kBM)
+      : qb(rows * dp), kt(dp * kBN), vb(kBN * dp), s(rows * kBN), acc(rows * dp) {}
+};
+
+// Query rows a kernel's scratch needs for Nq queries in blocks of kBM.
+inline int64_t block_rows(int64_t Nq) { return std::min(kBM, round_up(std::max<int64_t>(Nq, 1), kRowGroup)); }
+
+// at::parallel_for's grain for tasks of about `cost` multiply-adds each: work below ~64k
+// multiply-adds (a decode step's few heads) runs inline, where waking the thread pool would cost
+// more than the work.
+inline int64_t grain_for(int64_t cost) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(cost, 1)); }
 
 // Rows i0 .. i0 + m - 1 of a sequence of Nq queries (scaled, in w.qb, mp = m padded) against its
 // Nk keys, which start at row k0 of ks / vs: the online softmax into w.acc and w.stats, with the

@@ -32,14 +32,14 @@ PagedRows<T> paged_rows(const at::Tensor& pool, const at::Tensor& table, int64_t
 
 // RowsOf(b, g) -> (k rows, v rows): objects with row(j) and sd, as Slice<T>.
 template <typename T, typename RowsOf>
-void decode_kernel(const at::Tensor& q, int64_t Hkv, const at::Tensor& lengths, float scale, RowsOf rows_of,
-                   at::Tensor& out) {
+void decode_kernel(const at::Tensor& q, int64_t Hkv, const at::Tensor& lengths, int64_t max_len, float scale,
+                   RowsOf rows_of, at::Tensor& out) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), group = Hq / Hkv;
   const int32_t* len_p = lengths.const_data_ptr<int32_t>();
   T* out_p = out.data_ptr<T>();
 
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * D), row(D), s, acc(group * D);
+  at::parallel_for(0, B * Hkv, grain_for(2 * group * max_len * D), [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * D), row(D), s, acc(group * D), inv(group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, g = task % Hkv;
       const int64_t n = len_p[b * lengths.stride(0) + g * lengths.stride(1)];
@@ -52,14 +52,10 @@ void decode_kernel(const at::Tensor& q, int64_t Hkv, const at::Tensor& lengths, 
       for (int64_t j = 0; j < n; ++j) {
         const T* x = ks.row(j);
         for (int64_t c = 0; c < D; ++c) row[c] = static_cast<float>(x[c * ks.sd]);
-        for (int64_t r = 0; r < group; ++r) {
-          float dot = 0.f;
-          for (int64_t c = 0; c < D; ++c) dot += qf[r * D + c] * row[c];
-          s[r * n + j] = dot;
-        }
+        for (int64_t r = 0; r < group; ++r) s[r * n + j] = dot_fixed_order(&qf[r * D], row.data(), D);
       }
       // Exact softmax per query head; a head with n == 0 keeps sum 0 and outputs zeros.
-      std::vector<float> inv(group, 0.f);
+      std::fill(inv.begin(), inv.end(), 0.f);
       for (int64_t r = 0; r < group; ++r) {
         float* sr = s.data() + r * n;
         float mx = kNegInf, sum = 0.f;
@@ -105,7 +101,8 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
 
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   VTATTN_DISPATCH_FLOAT_TYPES(q.scalar_type(), "vtattn_decode_attention_cpu", [&] {
-    decode_kernel<scalar_t>(q, k_cache.size(1), lengths, static_cast<float>(scale), [&](int64_t b, int64_t g) {
+    decode_kernel<scalar_t>(q, k_cache.size(1), lengths, k_cache.size(2), static_cast<float>(scale),
+                            [&](int64_t b, int64_t g) {
       return std::pair{Slice<scalar_t>(k_cache, b, g), Slice<scalar_t>(v_cache, b, g)};
     }, out);
   });
@@ -147,7 +144,8 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_p
 
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   VTATTN_DISPATCH_FLOAT_TYPES(q.scalar_type(), "vtattn_paged_decode_attention_cpu", [&] {
-    decode_kernel<scalar_t>(q, Hkv, lengths, static_cast<float>(scale), [&](int64_t b, int64_t g) {
+    decode_kernel<scalar_t>(q, Hkv, lengths, table.size(2) * page, static_cast<float>(scale),
+                            [&](int64_t b, int64_t g) {
       return std::pair{paged_rows<scalar_t>(k_pages, block_table, b, g),
                        paged_rows<scalar_t>(v_pages, block_table, b, g)};
     }, out);

@@ -21,9 +21,11 @@ void index_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const TileOps& ops = tile_ops();
   T* out_p = out.data_ptr<T>();  // [B, Nq, Hq, D] memory
 
-  at::parallel_for(0, B * Hq * nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qb(kBM * dp), kt(dp * kBN), vb(kBN * dp), s(kBM * kBN), acc(kBM * dp);
-    RowStats stats[kBM];
+  const int64_t rows = block_rows(Nq);
+  at::parallel_for(0, B * Hq * nblk, grain_for(rows * L * dp), [&](int64_t begin, int64_t end) {
+    BlockScratch w(dp, rows);
+    Scratch &qb = w.qb, &kt = w.kt, &vb = w.vb, &s = w.s, &acc = w.acc;
+    RowStats* stats = w.stats;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task % nblk, bh = task / nblk, b = bh / Hq, h = bh % Hq, kvh = h / group;
       const int64_t i0 = blk * kBM, m = std::min(kBM, Nq - i0), mp = round_up(m, kRowGroup);

@@ -23,19 +23,6 @@ void load_unit(const K* src, int64_t stride, int64_t n, float* dst) {
   for (int64_t c = 0; c < n; ++c) dst[c] *= inv;
 }
 
-// Dot product summed in an order that does not depend on the vectors' addresses, so identical
-// kept keys give bitwise-identical cosines and ties really go to the lower index.
-VTATTN_MULTIVERSION float dot_fixed_order(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float lane[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lane[l] += a[d + l] * b[d + l];
-  for (int64_t l = 0; d + l < n; ++l) lane[l] += a[d + l] * b[d + l];
-  float sum = 0.f;
-  for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
-  return sum;
-}
-
 // assign[b, i]: the kept token index pruned token i folds into (-1: none), weight[b, i] its weight.
 template <typename K>
 void assign_kernel(const at::Tensor& keys, const at::Tensor& indices, const at::Tensor& mask, bool weighted,

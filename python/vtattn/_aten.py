@@ -5,7 +5,8 @@ are the fastest dense kernels; vtattn's own kernels serve everything else."""
 import torch
 
 
-def attention_supports(q, k, v, causal, scale, softcap, window, sinks) -> str | None:
+def attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, softcap: float,
+                       window: int, sinks: torch.Tensor | None) -> str | None:
     for name, on in (("softcap", softcap > 0), ("window", window >= 0), ("sinks", sinks is not None)):
         if on:
             return f"{name} is not implemented in PyTorch's fused attention kernels"
@@ -27,11 +28,12 @@ def attention_supports(q, k, v, causal, scale, softcap, window, sinks) -> str | 
     return None
 
 
-def _lead_contiguous(x):
+def _lead_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def attention(q, k, v, causal, scale, softcap, window, sinks):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, softcap: float,
+              window: int, sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Only runs what attention_supports accepts: softcap, window and sinks are off."""
     q, k, v = (_lead_contiguous(t) for t in (q, k, v))
     if q.dtype in (torch.float16, torch.bfloat16):

@@ -3,6 +3,9 @@ PyTorch, recomputing the probabilities from the saved LSE one chunk of query row
 after any backend's forward, on any device, and traces under torch.compile). gather_tokens: its adjoint
 (a scatter-add), so pruned models still train. Every other op with float outputs refuses inputs that
 require grad instead of returning a result without a gradient."""
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 
 from .reference._common import acc_dtype, expand_kv, probs
@@ -10,7 +13,10 @@ from .reference._common import acc_dtype, expand_kv, probs
 CHUNK_LOGITS = 1 << 24  # logits per chunk of query rows ([B, Hq, rows, Nk]): bounds the backward's memory
 
 
-def _backward(q, k, v, out, lse, dout, dlse, scale, softcap, sinks, visible):
+def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+              dout: torch.Tensor, dlse: torch.Tensor | None, scale: float, softcap: float, sinks: torch.Tensor | None,
+              visible: Callable[[int, int], torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of (out, lse) = attention(q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]) given dout, dlse.
     visible(r0, r1): bool mask of rows r0..r1 broadcastable to [B, Hq, r1 - r0, Nk].
     With delta_i = <dO_i, O_i> - dlse_i: dV = P^T dO, dS = P (dO V^T - delta) (times 1 - (s/c)^2 under a
@@ -49,17 +55,17 @@ def _backward(q, k, v, out, lse, dout, dlse, scale, softcap, sinks, visible):
     return torch.cat(dq, 2) if dq else q.new_zeros(q.shape, dtype=acc), dk, dv, dsinks
 
 
-def _cast(grads, like):
+def _cast(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
     return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, like))
 
 
-def _attention_setup(ctx, inputs, output):
+def _attention_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
     q, k, v, causal, scale, softcap, window, sinks = inputs
     ctx.options = causal, scale, softcap, window
     ctx.save_for_backward(q, k, v, *output, sinks)
 
 
-def _rule(end, pos_k, causal, window, visible):
+def _rule(end: torch.Tensor, pos_k: torch.Tensor, causal: bool, window: int, visible: torch.Tensor) -> torch.Tensor:
     """visible &= the causal / window rule for rows whose own position among the keys is end [R]."""
     if causal:
         visible = visible & (pos_k[None, :] <= end[:, None])
@@ -68,30 +74,31 @@ def _rule(end, pos_k, causal, window, visible):
     return visible
 
 
-def _attention_backward(ctx, dout, dlse):
+def _attention_backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     q, k, v, out, lse, sinks = ctx.saved_tensors
     causal, scale, softcap, window = ctx.options
     Nq, Nk = q.shape[2], k.shape[2]
     pos_k = torch.arange(Nk, device=q.device)
     every = torch.ones((), dtype=torch.bool, device=q.device)
 
-    def visible(r0, r1):
+    def visible(r0: int, r1: int) -> torch.Tensor:
         return _rule(torch.arange(r0, r1, device=q.device) + (Nk - Nq), pos_k, causal, window, every)
 
     dq, dk, dv, dsinks = _backward(q, k, v, out, lse, dout, dlse, scale, softcap, sinks, visible)
     return (*_cast((dq, dk, dv), (q, k, v)), None, None, None, None, dsinks)
 
 
-def _varlen_setup(ctx, inputs, output):
+def _varlen_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
     q, k, v, cu_q, cu_k, _, causal, scale, softcap, window, sinks = inputs
     ctx.options = causal, scale, softcap, window
     ctx.save_for_backward(q, k, v, *output, sinks, cu_q, cu_k)
 
 
-def _varlen_visible(cu_q, cu_k, Tq, Tk, causal, window):
+def _varlen_visible(cu_q: torch.Tensor, cu_k: torch.Tensor, Tq: int, Tk: int, causal: bool, window: int
+                    ) -> Callable[[int, int], torch.Tensor]:
     """visible(r0, r1) over packed rows and keys: same sequence, and the causal / window rule on the
     positions within it (end-aligned), without reading cu_seqlens on the host."""
-    def locate(cu, T):
+    def locate(cu: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cu = cu.long()
         t = torch.arange(T, device=cu.device)
         # empty sequences own no row; the clamp keeps indices in range even for unvalidated cu_seqlens
@@ -105,24 +112,26 @@ def _varlen_visible(cu_q, cu_k, Tq, Tk, causal, window):
     return lambda r0, r1: _rule(end[r0:r1], pos_k, causal, window, seq_q[r0:r1, None] == seq_k[None, :])
 
 
-def _varlen_backward(ctx, dout, dlse):
+def _varlen_backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     q, k, v, out, lse, sinks, cu_q, cu_k = ctx.saved_tensors
     causal, scale, softcap, window = ctx.options
-    heads_first = lambda x: x.transpose(0, 1)[None]  # noqa: E731  [T, H, D] -> [1, H, T, D]
+    # [T, H, D] -> [1, H, T, D]
+    heads_first: Callable[[torch.Tensor], torch.Tensor] = lambda x: x.transpose(0, 1)[None]  # noqa: E731
     visible = _varlen_visible(cu_q, cu_k, q.shape[0], k.shape[0], causal, window)
-    dq, dk, dv, dsinks = _backward(*(heads_first(x) for x in (q, k, v, out)), lse[None], heads_first(dout),
+    hq, hk, hv, hout = (heads_first(x) for x in (q, k, v, out))
+    dq, dk, dv, dsinks = _backward(hq, hk, hv, hout, lse[None], heads_first(dout),
                                    None if dlse is None else dlse[None], scale, softcap, sinks, visible)
     dq, dk, dv = (x[0].transpose(0, 1) for x in (dq, dk, dv))
     return (*_cast((dq, dk, dv), (q, k, v)), None, None, None, None, None, None, None, dsinks)
 
 
-def _gather_tokens_setup(ctx, inputs, output):
+def _gather_tokens_setup(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     x, indices, cu_seqlens, total = inputs
     ctx.x_shape, ctx.total = x.shape, total
     ctx.save_for_backward(indices, cu_seqlens)
 
 
-def _gather_tokens_backward(ctx, dout):
+def _gather_tokens_backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """dx[b, indices[b, k]] += dout of the row that copied it (the reference's mapping, duplicates add)."""
     indices, cu = ctx.saved_tensors
     B, N, C = ctx.x_shape
@@ -143,15 +152,17 @@ def _gather_tokens_backward(ctx, dout):
     return dx, None, None, None
 
 
-def _refusal(op):
-    def setup_context(ctx, inputs, output):
+def _refusal(op: str) -> Callable[[Any, tuple[Any, ...], Any], None]:
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         raise RuntimeError(f"vtattn.{op} has no gradient; its inputs require grad. Call it under torch.no_grad() or "
                            "on detached tensors (attention, varlen_attention and gather_tokens are differentiable).")
     return setup_context
 
 
-def register(op: str, lib) -> None:
+def register(op: str, lib: torch.library.Library) -> None:
     """Autograd for torch.ops.vtattn.<op>: the backward above, or a refusal of grad-requiring inputs."""
+    backward: Callable[..., Any]
+    setup: Callable[[Any, tuple[Any, ...], Any], None]
     if op == "attention":
         backward, setup = _attention_backward, _attention_setup
     elif op == "varlen_attention":

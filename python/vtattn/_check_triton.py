@@ -9,19 +9,21 @@ checked for every config the kernel may pick, unless the backend's supports() re
 import contextlib
 import inspect
 import json
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .check_launches import DEFAULT_SMEM, MAX_GRID, MAX_THREADS, REGS_PER_BLOCK
+from .check_launches import Arch, DEFAULT_SMEM, MAX_GRID, MAX_THREADS, REGS_PER_BLOCK
 
 OPS = ("attention", "key_importance", "select_tokens", "gather_tokens", "merge_tokens", "varlen_attention",
-       "index_attention", "decode_attention", "paged_decode_attention", "block_sparse_attention")
+       "index_attention", "decode_attention", "paged_decode_attention", "block_sparse_attention", "group_attention")
 # Options later schemas add to the attention family: off.
 _OFF = {"softcap": 0.0, "window": -1, "sinks": None}
 
 
-def check_configs(records: list, archs) -> list[str]:
+def check_configs(records: list[dict[str, Any]], archs: Sequence[Arch]) -> list[str]:
     problems = []
     for r in records:
         threads = r["num_warps"] * 32
@@ -39,17 +41,17 @@ def check_configs(records: list, archs) -> list[str]:
 
 # ---- grids -----------------------------------------------------------------------------------------
 
-def _fake(*shape, dtype=torch.float16):
+def _fake(*shape: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="cuda")
 
 
-def _attention_shapes():
+def _attention_shapes() -> Iterator[dict[str, Any]]:
     for B, Hq, Hkv, Nq, Nk, D in ((1, 16, 16, 577, 577, 64), (65536, 2, 1, 16, 16, 64), (1, 64, 8, 2**20, 2**20, 128),
                                   (4096, 32, 8, 1, 4096, 128), (1, 1, 1, 2**27, 1, 8), (2, 16, 16, 729, 729, 256)):
         yield dict(q=_fake(B, Hq, Nq, D), k=_fake(B, Hkv, Nk, D), v=_fake(B, Hkv, Nk, D), causal=True, scale=0.1)
 
 
-def _shapes(op):
+def _shapes(op: str) -> Iterator[dict[str, Any]]:
     """Keyword arguments of `op`'s launcher over its range (fake tensors)."""
     i64, i32 = torch.int64, torch.int32
     if op in ("attention", "block_sparse_attention"):
@@ -99,6 +101,9 @@ def _shapes(op):
             Hkv, Nk = a["k"].shape[1:3]
             yield dict(a, kv_indices=_fake(B, Hkv, max(1, Nk // 4), dtype=i64), kv_counts=_fake(B, Hkv, dtype=i32),
                        q_positions=_fake(B, Nq, dtype=i64), kv_positions=_fake(B, Nk, dtype=i64))
+    elif op == "group_attention":
+        for a in _attention_shapes():
+            yield dict(a, groups=_fake(a["k"].shape[0], a["k"].shape[2], dtype=i64), num_groups=4)
     elif op in ("decode_attention", "paged_decode_attention"):
         for B, Hq, Hkv, cap, D in ((32, 32, 8, 16384, 128), (65536, 8, 8, 64, 64), (1, 64, 1, 2**24, 128),
                                    (2**20, 16, 2, 16, 64)):
@@ -113,23 +118,23 @@ def _shapes(op):
                            lengths=lengths, scale=0.1)
 
 
-def _call(fn, kwargs):
+def _call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
     params = inspect.signature(fn).parameters
     return fn(*(kwargs[n] if n in kwargs else _OFF[n] for n in params))
 
 
 @contextlib.contextmanager
-def _captured(sms):
+def _captured(sms: int) -> Iterator[list[tuple[Any, ...]]]:
     """Launches are recorded, not run; no launcher touches a device (fake tensors claim CUDA)."""
     import importlib
 
     from triton.runtime.jit import JITFunction
 
     from .triton_kernels import _common
-    launches = []
-    saved = []
+    launches: list[tuple[Any, ...]] = []
+    saved: list[tuple[Any, str, Any]] = []
 
-    def patch(obj, name, value):
+    def patch(obj: Any, name: str, value: Any) -> None:
         saved.append((obj, name, getattr(obj, name)))
         setattr(obj, name, value)
 
@@ -151,7 +156,8 @@ def _captured(sms):
             setattr(obj, name, value)
 
 
-def _grids(fn, tuned, grid, args, kwargs):
+def _grids(fn: Any, tuned: Any, grid: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+           ) -> Iterator[tuple[Any, int]]:
     """(grid, config) for every config the launch may use."""
     if tuned is None:
         yield (grid(kwargs) if callable(grid) else grid), kwargs.get("num_warps", 4)
@@ -161,7 +167,7 @@ def _grids(fn, tuned, grid, args, kwargs):
         yield (grid({**kwargs, **meta}) if callable(grid) else grid), warps
 
 
-def check_grids(archs) -> tuple[list[str], int]:
+def check_grids(archs: Sequence[Arch]) -> tuple[list[str], int]:
     import importlib
 
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -194,7 +200,7 @@ def check_grids(archs) -> tuple[list[str], int]:
     return sorted(set(problems)), checked
 
 
-def check_triton(record: Path, archs) -> int:
+def check_triton(record: Path, archs: Sequence[Arch]) -> int:
     from .triton_kernels._common import TRITON_ERROR
     if TRITON_ERROR is not None:
         print(f"check_launches: Triton: not checked ({TRITON_ERROR})")

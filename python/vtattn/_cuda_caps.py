@@ -11,7 +11,7 @@ MAX_GRID_YZ = 65535
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _device_reason(q) -> str | None:
+def _device_reason(q: torch.Tensor) -> str | None:
     if not q.is_cuda:
         return "CUDA kernels need CUDA tensors"
     major, minor = torch.cuda.get_device_capability(q.device)
@@ -39,7 +39,7 @@ def _runs_on(arch: str, major: int, minor: int) -> bool:
     return a_major == major and a_minor <= minor
 
 
-def _shape_reason(q, k) -> str | None:
+def _shape_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
     if q.dim() != 4 or k.dim() != 4:
         return "CUDA kernels take [B, H, N, D] tensors"
     d = q.shape[-1]
@@ -70,12 +70,12 @@ def flash_smem_bytes(d: int, extra: int = 0) -> int:
     return (FLASH_BM + 4 * FLASH_BN) * (dp + 8) * 2 + extra
 
 
-def _smem_optin(device) -> int | None:
+def _smem_optin(device: torch.device | str) -> int | None:
     """Bytes of shared memory a block may opt in to (None: a torch too old to say; the launch reports it)."""
     return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
 
 
-def _flash_smem_reason(device, d: int, extra: int = 0) -> str | None:
+def _flash_smem_reason(device: torch.device | str, d: int, extra: int = 0) -> str | None:
     need = flash_smem_bytes(d, extra)
     have = _smem_optin(device)
     if have is not None and need > have:
@@ -84,7 +84,7 @@ def _flash_smem_reason(device, d: int, extra: int = 0) -> str | None:
     return None
 
 
-def _sinks_reason(q, sinks) -> str | None:
+def _sinks_reason(q: torch.Tensor, sinks: torch.Tensor | None) -> str | None:
     """The kernels read sinks as fp32 [Hq] in place (the public functions convert them)."""
     if sinks is None:
         return None
@@ -93,7 +93,8 @@ def _sinks_reason(q, sinks) -> str | None:
     return None
 
 
-def attention_supports(q, k, v, causal, scale, softcap=0.0, window=-1, sinks=None) -> str | None:
+def attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                       softcap: float = 0.0, window: int = -1, sinks: torch.Tensor | None = None) -> str | None:
     """fp16/bf16 on tensor cores, head dims that are multiples of 8 up to 128 (64/72/80/128 ...),
     GQA, causal (end-aligned), softcap, left window, sinks, any strides, compute capability >= 8.0."""
     if q.dtype not in _HALF:
@@ -102,7 +103,9 @@ def attention_supports(q, k, v, causal, scale, softcap=0.0, window=-1, sinks=Non
             or _flash_smem_reason(q.device, q.shape[-1]))
 
 
-def key_importance_supports(q, k, lse, rows, causal, scale, softcap=0.0, window=-1, sinks=None) -> str | None:
+def key_importance_supports(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, rows: torch.Tensor | None,
+                            causal: bool, scale: float, softcap: float = 0.0, window: int = -1,
+                            sinks: torch.Tensor | None = None) -> str | None:
     """At most 16 rows (rows [B, R] with R <= 16, or Nq <= 16 for all rows): fp16/bf16/fp32 (SIMT,
     one read of K, Nk up to 65535 chunks of 16..128 keys). More rows: fp16/bf16 on tensor cores.
     Head dims that are multiples of 8 up to 128; GQA; causal; softcap, left window, sinks; lse given
@@ -142,7 +145,8 @@ def select_max_segment(smem_optin: int) -> int:
     return min(MAX_SEGMENT_LEN, max(0, (smem_optin - SELECT_STATIC_SMEM) // 8))
 
 
-def select_tokens_supports(scores, budgets, segments, max_keep, sort) -> str | None:
+def select_tokens_supports(scores: torch.Tensor, budgets: torch.Tensor, segments: list[int], max_keep: int, sort: bool
+                           ) -> str | None:
     """Any float scores; up to 256 segments of at most 16384 tokens each; B <= 65535; any strides.
     Radix select per (sample, segment): O(L) per segment of L tokens."""
     if scores.dtype not in _FLOATS:
@@ -161,7 +165,8 @@ def select_tokens_supports(scores, budgets, segments, max_keep, sort) -> str | N
     return reason
 
 
-def gather_tokens_supports(x, indices, cu_seqlens, total) -> str | None:
+def gather_tokens_supports(x: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.Tensor | None, total: int
+                           ) -> str | None:
     """Any dtype and strides (16-byte copies when rows allow); N and K below 2^31."""
     if max(x.shape[1], indices.shape[1]) >= _INT32:
         return "CUDA kernel needs N and K that fit in int32"
@@ -171,7 +176,8 @@ def gather_tokens_supports(x, indices, cu_seqlens, total) -> str | None:
     return _device_reason(x)
 
 
-def merge_tokens_supports(x, keys, indices, mask, weighted) -> str | None:
+def merge_tokens_supports(x: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor, weighted: bool
+                          ) -> str | None:
     """Any float x and keys (dtypes may differ), any strides; B <= 65535; sizes below 2^31."""
     if x.dtype not in _FLOATS or keys.dtype not in _FLOATS:
         return f"CUDA kernels take floating x and keys, got {x.dtype} and {keys.dtype}"
@@ -186,13 +192,14 @@ def merge_tokens_supports(x, keys, indices, mask, weighted) -> str | None:
 DECODE_MAX_GROUP = 8  # query heads per kv head held in one CTA's registers
 
 
-def decode_attention_supports(q, k_cache, v_cache, lengths, scale) -> str | None:
+def decode_attention_supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                              scale: float) -> str | None:
     """fp16/bf16/fp32 (SIMT, 16-byte loads), head dims that are multiples of 8 up to 128, at most 8
     query heads per kv head, any strides (a cache whose rows are not 16-byte aligned is copied)."""
     return _decode_reason(q, k_cache.shape[1], k_cache.shape[2])
 
 
-def _decode_reason(q, hkv, cap) -> str | None:
+def _decode_reason(q: torch.Tensor, hkv: int, cap: int) -> str | None:
     """What the split-KV decode kernel needs: B * Hkv programs over `cap` key slots, B * Hq merges."""
     if q.dtype not in _HALF + (torch.float32,):
         return f"CUDA kernel runs fp16/bf16/fp32, got {q.dtype}"
@@ -207,7 +214,8 @@ def _decode_reason(q, hkv, cap) -> str | None:
     return _device_reason(q)
 
 
-def paged_decode_attention_supports(q, k_pages, v_pages, block_table, lengths, scale) -> str | None:
+def paged_decode_attention_supports(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                                    block_table: torch.Tensor, lengths: torch.Tensor, scale: float) -> str | None:
     """decode_attention's kernel with a page-table address path: the same dtypes, head dims and
     groups; any page size and pool strides (a pool whose rows are not 16-byte aligned is copied)."""
     if k_pages.dim() != 3 or block_table.dim() != 3:
@@ -219,8 +227,9 @@ def paged_decode_attention_supports(q, k_pages, v_pages, block_table, lengths, s
 # ---- varlen and index attention (csrc/cuda/varlen_attention.cu, index_attention.cu) ----
 # The flash kernel of `attention` with other row/key addressing: the same dtypes and head dims.
 
-def varlen_attention_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap=0.0,
-                              window=-1, sinks=None) -> str | None:
+def varlen_attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                              cu_seqlens_k: torch.Tensor, max_seqlen_q: int, causal: bool, scale: float,
+                              softcap: float = 0.0, window: int = -1, sinks: torch.Tensor | None = None) -> str | None:
     """fp16/bf16 on tensor cores, packed [T, H, D] with head dims that are multiples of 8 up to 128,
     GQA, causal (end-aligned per sequence), softcap, left window, sinks, any strides; at most 65535
     sequences."""
@@ -239,7 +248,9 @@ def varlen_attention_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             or _sinks_reason(q, sinks) or _flash_smem_reason(q.device, q.shape[-1]))
 
 
-def index_attention_supports(q, k, v, kv_indices, kv_counts, q_positions, kv_positions, causal, scale) -> str | None:
+def index_attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
+                             kv_counts: torch.Tensor, q_positions: torch.Tensor, kv_positions: torch.Tensor,
+                             causal: bool, scale: float) -> str | None:
     """fp16/bf16 on tensor cores, head dims that are multiples of 8 up to 128, GQA, causal by
     original positions, any strides; int64 indices / positions and int32 counts on q's device."""
     if q.dtype not in _HALF:
@@ -255,7 +266,9 @@ def index_attention_supports(q, k, v, kv_indices, kv_counts, q_positions, kv_pos
 
 # ---- block_sparse_attention (csrc/cuda/block_sparse_attention.cu): the flash kernel, BlockSparseTile ----
 
-def block_sparse_attention_supports(q, k, v, kv_num_blocks, kv_indices, block_size, causal, scale) -> str | None:
+def block_sparse_attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+                                    kv_indices: torch.Tensor, block_size: int, causal: bool, scale: float
+                                    ) -> str | None:
     """fp16/bf16 on tensor cores, head dims that are multiples of 8 up to 128, GQA, causal, any strides;
     block_size a multiple of 128 (the kernel's query tile: a tile's rows share one list), int32 lists on
     q's device (plan::block_sparse_attention)."""

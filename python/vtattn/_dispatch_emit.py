@@ -10,7 +10,9 @@ import json
 import math
 import pprint
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import _dispatch_table
 
@@ -20,9 +22,12 @@ _ARCH_BY_NAME = (("H100", "sm_90"), ("H200", "sm_90"), ("H20", "sm_90"), ("GH200
                  ("A800", "sm_80"), ("A30", "sm_80"), ("L40", "sm_89"), ("L4", "sm_89"), ("RTX 40", "sm_89"),
                  ("A40", "sm_86"), ("A10", "sm_86"), ("RTX 30", "sm_86"))
 _VTATTN_BACKENDS = ("aten", "cuda", "triton", "cpp", "torch")
+# The tables' annotations, written with them (mypy checks the module).
+_ORDER_TYPE = "dict[str, dict[str, tuple[str, ...]]]"
+_SOURCE_TYPE = "dict[str, dict[str, object]]"
 
 
-def arch_of(header: dict) -> str | None:
+def arch_of(header: dict[str, Any]) -> str | None:
     """The CUDA architecture a run's header names ("sm_90"), or None (a CPU run, an unknown GPU)."""
     if header.get("device_type") != "cuda":
         return None
@@ -32,16 +37,16 @@ def arch_of(header: dict) -> str | None:
     return next((arch for key, arch in _ARCH_BY_NAME if key in name), None)
 
 
-def ranking(rows: list) -> dict[str, list[str]]:
+def ranking(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
     """op -> the backends timed on it, fastest first (see the module docstring)."""
-    cases: dict = {}
+    cases: dict[str, dict[str, dict[str, float]]] = {}
     for r in rows:
         if r.get("role") == "vtattn" and r.get("backend") in _VTATTN_BACKENDS and r.get("median_ms"):
             case = json.dumps([r["case"], r.get("shape"), r.get("dtype")], sort_keys=True, default=str)
             cases.setdefault(r["op"], {}).setdefault(case, {})[r["backend"]] = r["median_ms"]
-    out = {}
+    out: dict[str, list[str]] = {}
     for op, by_case in cases.items():
-        logs: dict = {}
+        logs: dict[str, list[float]] = {}
         for times in by_case.values():
             best = min(times.values())
             for backend, ms in times.items():
@@ -50,14 +55,14 @@ def ranking(rows: list) -> dict[str, list[str]]:
     return out
 
 
-def reorder(default: tuple, timed: list[str]) -> tuple:
+def reorder(default: tuple[str, ...], timed: list[str]) -> tuple[str, ...]:
     """`default` with the timed backends put in `timed`'s order on the places they held."""
     slots = iter(b for b in timed if b in default and b != "torch")
     out = [next(slots) if b in timed and b != "torch" else b for b in default]
     return tuple(b for b in out if b != "torch") + ("torch",)
 
 
-def emit(header: dict, rows: list, path: Path = TABLE) -> str:
+def emit(header: dict[str, Any], rows: list[dict[str, Any]], path: Path = TABLE) -> str:
     """Rewrite the table's row for the run's architecture; returns a one-line summary."""
     arch = arch_of(header)
     if arch is None:
@@ -70,20 +75,21 @@ def emit(header: dict, rows: list, path: Path = TABLE) -> str:
     source[arch] = {"device": header.get("device"), "commit": header.get("git_commit"), "date": header.get("date"),
                     "cases": len({(r["op"], r["case"]) for r in rows})}
     text = TABLE.read_text()
-    head = text[:text.index("ORDER = ")]
-    path.write_text(f"{head}ORDER = {pprint.pformat(table, width=110, sort_dicts=True)}\n\n"
+    head = text[:text.index("\nORDER") + 1]
+    path.write_text(f"{head}ORDER: {_ORDER_TYPE} = {pprint.pformat(table, width=110, sort_dicts=True)}\n\n"
                     "# Where each architecture's rows came from: {\"sm_90\": {\"device\": ..., \"commit\": ..., "
                     "\"date\": ..., \"cases\": ...}}.\n"
-                    f"SOURCE = {pprint.pformat(source, width=110, sort_dicts=True)}\n")
+                    f"SOURCE: {_SOURCE_TYPE} = {pprint.pformat(source, width=110, sort_dicts=True)}\n")
     return f"--emit-dispatch: {path} row {arch} rewritten for {len(order)} ops from {header.get('device')}"
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vtattn._dispatch_emit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="bench --json files of one device")
     a = p.parse_args(argv)
-    header, rows = None, []
+    header: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
     for run in a.runs:
         data = json.loads(run.read_text())
         header = header or data["header"]

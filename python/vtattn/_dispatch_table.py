@@ -4,10 +4,10 @@ run: edit by re-running it, not by hand. Keys: "cpu", "cuda" (any GPU without it
 CUDA architecture ("sm_90"); each maps op -> order, "*" being every op without its own row. An
 architecture's row falls back to "cuda"'s; backends an op lacks are skipped."""
 
-ORDER = {
+ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {"*": ("cpp", "torch")},
     "cuda": {"*": ("aten", "cuda", "triton", "torch")},
 }
 
 # Where each architecture's rows came from: {"sm_90": {"device": ..., "commit": ..., "date": ..., "cases": ...}}.
-SOURCE = {}
+SOURCE: dict[str, dict[str, object]] = {}

@@ -1,27 +1,31 @@
 """The torch.ops.vtattn ops: one definition each, a fake impl (meta tensors, torch.compile),
 and one CPU/CUDA impl that dispatches to the first backend supporting the inputs."""
-import torch
-
 import importlib
+from collections.abc import Callable, Hashable
+from types import ModuleType
+from typing import Any
+
+import torch
 
 from . import _aten, _autograd, _ext, reference
 from ._dispatch import Backend, run, signature
 
-_lib = torch.library.Library("vtattn", "DEF")
-OPS: dict[str, dict] = {}  # op name -> its backends, filled by _define
-SAMPLES: dict = {}  # op name -> (device, dtype) -> small args, for `vtattn info`
+_lib = torch.library.Library("vtattn", "DEF")  # type: ignore[no-untyped-call]  # unannotated in torch
+OPS: dict[str, dict[str, Backend]] = {}  # op name -> its backends, filled by _define
+# op name -> (device, dtype) -> small args, for `vtattn info`
+SAMPLES: dict[str, Callable[[torch.device | str, torch.dtype], tuple[Any, ...]]] = {}
 
 
-def _triton(op):
+def _triton(op: str) -> ModuleType:
     """The launcher module of a Triton op, imported on first use (triton is optional)."""
     return importlib.import_module(f"vtattn.triton_kernels.{op}")
 
 
-def _compiled(op, device_type):
+def _compiled(op: str, device_type: str) -> Backend:
     """Backend for the vtattn._C kernel of `op` on one device type; what the CUDA kernels
     accept is declared in vtattn._cuda_caps."""
 
-    def supports(*args):
+    def supports(*args: Any) -> str | None:
         t = args[0]
         if t.device.type != device_type:
             return f"tensors are on {t.device.type}, this backend runs {device_type} tensors"
@@ -30,51 +34,54 @@ def _compiled(op, device_type):
             reason = getattr(importlib.import_module("vtattn._cuda_caps"), f"{op}_supports")(*args)
         return reason
 
-    def run_(*args):
+    def run_(*args: Any) -> Any:
         return getattr(torch.ops.vtattn_C, op)(*args)
 
     return Backend(supports, run_)
 
 
-def _reference(fn):
+def _reference(fn: Callable[..., Any]) -> Backend:
     """The pure-PyTorch specification as a backend: it runs every input."""
     return Backend(lambda *args: None, fn)
 
 
-def _triton_backend(op):
-    def supports(*args):
+def _triton_backend(op: str) -> Backend:
+    def supports(*args: Any) -> str | None:
         try:
             mod = _triton(op)
         except ImportError as e:
             return f"Triton kernels unavailable: {e}"
-        return mod.supports(*args)
+        reason: str | None = mod.supports(*args)
+        return reason
 
     return Backend(supports, lambda *args: getattr(_triton(op), op)(*args))
 
 
-def _define(op, schema, backends, fake, sample, grad=True, shape_class=None):
+def _define(op: str, schema: str, backends: dict[str, Backend], fake: Callable[..., Any],
+            sample: Callable[[torch.device | str, torch.dtype], tuple[Any, ...]], grad: bool = True,
+            shape_class: Callable[[tuple[Any, ...]], Hashable] | None = None) -> dict[str, Backend]:
     """Define torch.ops.vtattn.<op>: schema, fake impl, and a CPU/CUDA impl that dispatches.
     `sample(device, dtype)` builds small arguments on which `vtattn info` asks each backend.
     grad: register the op's autograd (its backward, or the refusal of grad-requiring inputs; see
     _autograd); False for ops whose outputs carry no gradient by nature (indices, masks).
     shape_class: args -> the key the backend choice is cached under (default: `_dispatch.signature`)."""
-    _lib.define(schema)
+    _lib.define(schema)  # type: ignore[no-untyped-call]
     name = f"vtattn::{op}"
     torch.library.register_fake(name, fake, lib=_lib)
     if grad:
         _autograd.register(op, _lib)
 
-    def impl(*args):
+    def impl(*args: Any) -> Any:
         return run(op, backends, *args, shape_class=shape_class)
 
     for key in ("CPU", "CUDA"):
-        _lib.impl(op, impl, key)
+        _lib.impl(op, impl, key)  # type: ignore[no-untyped-call]
     OPS[op] = backends
     SAMPLES[op] = sample
     return backends
 
 
-def token_major(out):
+def token_major(out: torch.Tensor) -> torch.Tensor:
     """`out` in the layout every attention op returns: [B, H, N, D] viewed over [B, N, H, D]
     memory (SDPA's kernels write it; transformers' next step then needs no copy)."""
     if out.transpose(1, 2).is_contiguous():
@@ -83,14 +90,15 @@ def token_major(out):
     return out.new_empty(B, N, H, D).transpose(1, 2).copy_(out)
 
 
-def _token_major_out(fn):
-    def run_(*args):
+def _token_major_out(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+                     ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    def run_(*args: Any) -> Any:
         out, lse = fn(*args)
         return token_major(out), lse
     return run_
 
 
-def _sample_qkv(device, dtype):
+def _sample_qkv(device: torch.device | str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q = torch.zeros(1, 2, 16, 64, device=device, dtype=dtype)
     k = torch.zeros(1, 2, 32, 64, device=device, dtype=dtype)
     return q, k, k
@@ -98,12 +106,13 @@ def _sample_qkv(device, dtype):
 
 # ---- attention -----------------------------------------------------------------------------
 
-def _attention_fake(q, k, v, causal, scale, softcap, window, sinks):
+def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, softcap: float,
+                    window: int, sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, N, D = q.shape
     return q.new_empty(B, N, H, D).transpose(1, 2), q.new_empty(B, H, N, dtype=torch.float32)
 
 
-def _with_layout(backend):
+def _with_layout(backend: Backend) -> Backend:
     return Backend(backend.supports, _token_major_out(backend.run))
 
 
@@ -127,7 +136,9 @@ ATTENTION = _define(
 
 # ---- key_importance ------------------------------------------------------------------------
 
-def _key_importance_fake(q, k, lse, rows, causal, scale, softcap, window, sinks):
+def _key_importance_fake(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, rows: torch.Tensor | None,
+                         causal: bool, scale: float, softcap: float, window: int, sinks: torch.Tensor | None
+                         ) -> torch.Tensor:
     return q.new_empty(q.shape[0], q.shape[1], k.shape[2], dtype=torch.float32)
 
 
@@ -148,7 +159,8 @@ KEY_IMPORTANCE = _define(
 
 # ---- select_tokens -------------------------------------------------------------------------
 
-def _select_tokens_fake(scores, budgets, segments, max_keep, sort):
+def _select_tokens_fake(scores: torch.Tensor, budgets: torch.Tensor, segments: list[int], max_keep: int, sort: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, N = scores.shape
     return (scores.new_empty(B, max_keep, dtype=torch.int64), scores.new_empty(B, N, dtype=torch.bool),
             scores.new_empty(B, dtype=torch.int64))
@@ -173,7 +185,8 @@ SELECT_TOKENS = _define(
 
 # ---- gather_tokens ------------------------------------------------------------------------
 
-def _gather_tokens_fake(x, indices, cu_seqlens, total):
+def _gather_tokens_fake(x: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.Tensor | None, total: int
+                        ) -> torch.Tensor:
     if cu_seqlens is None:
         return x.new_empty(x.shape[0], indices.shape[1], x.shape[2])
     return x.new_empty(total, x.shape[2])
@@ -196,7 +209,8 @@ GATHER_TOKENS = _define(
 
 # ---- merge_tokens -------------------------------------------------------------------------
 
-def _merge_tokens_fake(x, keys, indices, mask, weighted):
+def _merge_tokens_fake(x: torch.Tensor, keys: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor, weighted: bool
+                       ) -> torch.Tensor:
     return x.new_empty(x.shape[0], indices.shape[1], x.shape[2])
 
 
@@ -219,11 +233,13 @@ MERGE_TOKENS = _define(
 
 # ---- varlen_attention ----------------------------------------------------------------------
 
-def _varlen_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale, softcap, window, sinks):
+def _varlen_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, causal: bool, scale: float, softcap: float,
+                           window: int, sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
-def _sample_varlen(device, dtype):
+def _sample_varlen(device: torch.device | str, dtype: torch.dtype) -> tuple[Any, ...]:
     q = torch.zeros(24, 2, 64, device=device, dtype=dtype)
     cu = torch.tensor([0, 8, 24], dtype=torch.int32, device=device)
     return q, q, q, cu, cu, 16, False, 0.125, 0.0, -1, None
@@ -246,12 +262,14 @@ VARLEN_ATTENTION = _define(
 
 # ---- index_attention -----------------------------------------------------------------------
 
-def _index_attention_fake(q, k, v, kv_indices, kv_counts, q_positions, kv_positions, causal, scale):
+def _index_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
+                          kv_counts: torch.Tensor, q_positions: torch.Tensor, kv_positions: torch.Tensor, causal: bool,
+                          scale: float) -> torch.Tensor:
     B, H, N, D = q.shape
     return q.new_empty(B, N, H, D).transpose(1, 2)
 
 
-def _sample_index(device, dtype):
+def _sample_index(device: torch.device | str, dtype: torch.dtype) -> tuple[Any, ...]:
     q, k, v = _sample_qkv(device, dtype)
     idx = torch.arange(0, 32, 2, device=device).expand(1, 2, 16).contiguous()
     counts = torch.full((1, 2), 16, dtype=torch.int32, device=device)
@@ -278,7 +296,8 @@ INDEX_ATTENTION = _define(
 
 # ---- decode_attention ---------------------------------------------------------------------
 
-def _decode_attention_fake(q, k_cache, v_cache, lengths, scale):
+def _decode_attention_fake(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                           scale: float) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -301,11 +320,13 @@ DECODE_ATTENTION = _define(
 
 # ---- block_sparse_attention ----------------------------------------------------------------
 
-def _block_sparse_attention_fake(q, k, v, kv_num_blocks, kv_indices, block_size, causal, scale):
+def _block_sparse_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+                                 kv_indices: torch.Tensor, block_size: int, causal: bool, scale: float
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _attention_fake(q, k, v, causal, scale, 0.0, -1, None)
 
 
-def _sample_block_sparse(device, dtype):
+def _sample_block_sparse(device: torch.device | str, dtype: torch.dtype) -> tuple[Any, ...]:
     q, k, v = _sample_qkv(device, dtype)  # Nq 16, Nk 32: one query block of 16 over key block 1 of 2
     num = torch.ones(1, 1, 1, dtype=torch.int32, device=device)
     return q, k, v, num, torch.tensor([[[[1, 0]]]], dtype=torch.int32, device=device), 16, False, 0.125
@@ -328,11 +349,12 @@ BLOCK_SPARSE_ATTENTION = _define(
 
 # ---- paged_decode_attention ----------------------------------------------------------------
 
-def _paged_decode_attention_fake(q, k_pages, v_pages, block_table, lengths, scale):
+def _paged_decode_attention_fake(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                                 block_table: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def _sample_paged_decode(device, dtype):
+def _sample_paged_decode(device: torch.device | str, dtype: torch.dtype) -> tuple[Any, ...]:
     pages = torch.zeros(8, 16, 64, device=device, dtype=dtype)
     table = torch.arange(8, dtype=torch.int32, device=device).reshape(2, 2, 2)
     return (torch.zeros(2, 4, 1, 64, device=device, dtype=dtype), pages, pages, table,
@@ -353,4 +375,45 @@ PAGED_DECODE_ATTENTION = _define(
     _sample_paged_decode,
     # The pools and the table grow; supports() reads the capacity only for the int32 limit.
     shape_class=lambda args: signature(args, {1: (0,), 2: (0,), 3: (2,)}),
+)
+
+
+# ---- group_attention -----------------------------------------------------------------------
+
+def _group_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: torch.Tensor, num_groups: int,
+                          causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, N, D = q.shape
+    out = q.new_empty(B, N, H, num_groups, D, dtype=torch.float32).transpose(1, 2)
+    return out, q.new_empty(B, H, N, num_groups, dtype=torch.float32)
+
+
+def _group_major(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+                 ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """out [B, Hq, Nq, G, D] over [B, Nq, Hq, G, D] memory (token-major, as every attention op)."""
+    def run_(*args: Any) -> Any:
+        out, mass = fn(*args)
+        if not out.transpose(1, 2).is_contiguous():
+            out = out.new_empty(out.transpose(1, 2).shape).transpose(1, 2).copy_(out)
+        return out, mass
+    return run_
+
+
+def _sample_group(device: torch.device | str, dtype: torch.dtype) -> tuple[Any, ...]:
+    q, k, v = _sample_qkv(device, dtype)
+    return q, k, v, (torch.arange(32, device=device) % 4 - 1).expand(1, 32).contiguous(), 3, True, 0.125
+
+
+GROUP_ATTENTION = _define(
+    "group_attention",
+    "group_attention(Tensor q, Tensor k, Tensor v, Tensor groups, int num_groups, bool causal, float scale) "
+    "-> (Tensor, Tensor)",
+    {
+        "cuda": Backend(lambda *a: "no CUDA kernel for group_attention yet (the Triton kernel runs it)",
+                        None),  # type: ignore[arg-type]  # never run: supports refuses
+        "triton": _triton_backend("group_attention"),
+        "torch": Backend(lambda *a: None, _group_major(reference.group_attention_chunked)),
+    },
+    _group_attention_fake,
+    _sample_group,
+    shape_class=lambda args: signature(args, {1: (2,), 2: (2,), 3: (1,)}),  # keys grow while decoding
 )

@@ -19,7 +19,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout (an editable install)
 
@@ -29,7 +30,7 @@ class Arch(NamedTuple):
     smem_optin: int  # bytes of shared memory a block may opt in to (static + dynamic)
     sass: str        # the SASS target that runs there (vtattn builds sm_80 and sm_90a)
     triton: int      # the Triton compile target whose figures stand for it
-    sms: tuple       # SM counts of common parts (the decode split count depends on it)
+    sms: tuple[int, ...]  # SM counts of common parts (the decode split count depends on it)
 
 
 ARCHS = (
@@ -70,12 +71,13 @@ class Plans:
         fn.restype = ctypes.c_int
         self._buf = ctypes.create_string_buffer(1 << 14)
 
-    def plan(self, op: str, *sizes: int, smem_optin: int = 0, sms: int = 1) -> dict:
+    def plan(self, op: str, *sizes: int, smem_optin: int = 0, sms: int = 1) -> dict[str, Any]:
         args = (ctypes.c_int64 * max(1, len(sizes)))(*sizes)
         n = self._lib.vtattn_launch_plan(op.encode(), args, len(sizes), smem_optin, sms, self._buf, len(self._buf))
         if n < 0:
             raise ValueError(f"check_launches: the plans know no {op}{sizes}")
-        return json.loads(self._buf.value)
+        plan: dict[str, Any] = json.loads(self._buf.value)
+        return plan
 
 
 # ---- ptxas's resource report ---------------------------------------------------------------------
@@ -83,6 +85,7 @@ class Plans:
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 _USED = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
+Resources = dict[tuple[str, str], tuple[int, int]]  # (kernel, sass target) -> (registers, static smem)
 
 
 def kernel_name(mangled: str) -> str:
@@ -101,10 +104,10 @@ def kernel_name(mangled: str) -> str:
     return name
 
 
-def read_ptxas(directory: Path) -> dict:
+def read_ptxas(directory: Path) -> Resources:
     """{(kernel, sass target): (registers, static smem bytes)}, the maximum over a kernel's
     instantiations, from every report in `directory` (scripts/nvcc_record.sh)."""
-    out = {}
+    out: Resources = {}
     for path in sorted(directory.glob("*.txt")):
         entry = None
         for line in path.read_text().splitlines():
@@ -125,9 +128,10 @@ def read_ptxas(directory: Path) -> dict:
 # ---- the shapes of each op's range --------------------------------------------------------------------
 
 BIG = 2**31 - 1
+Shape = tuple[str, tuple[int, ...]]  # (op, sizes)
 
 
-def cuda_shapes() -> Iterator[tuple]:
+def cuda_shapes() -> Iterator[Shape]:
     """(op, sizes) over each CUDA op's range, the edges of every limit included; sizes as the plan
     functions of launch_plan.h take them."""
     for L in range(0, 16384 + 2):  # every segment length (shared memory grows with it)
@@ -172,7 +176,12 @@ def cuda_shapes() -> Iterator[tuple]:
 
 # ---- the check ----------------------------------------------------------------------------------------
 
-def check_launch(launch: dict, arch: Arch, resources: dict, bounds: dict) -> list[tuple[str, str]]:
+# (op, kernel, arch, kind) -> (count, the first sizes, its message)
+Failures = dict[tuple[str, str, str, str], tuple[int, tuple[int, ...], str]]
+
+
+def check_launch(launch: dict[str, Any], arch: Arch, resources: Resources, bounds: dict[str, int]
+                 ) -> list[tuple[str, str]]:
     """(kind, message) of each thing that would make this launch fail on `arch` (empty: it launches)."""
     kernel, grid, block, dyn = launch["kernel"], launch["grid"], launch["block"], launch["dyn_smem"]
     found = resources.get((kernel, arch.sass))
@@ -199,11 +208,14 @@ def check_launch(launch: dict, arch: Arch, resources: dict, bounds: dict) -> lis
     return problems
 
 
-def check_cuda(plans: Plans, resources: dict, shapes=None) -> tuple[dict, int, int, set]:
+def check_cuda(plans: Plans, resources: Resources, shapes: Iterable[Shape] | None = None
+               ) -> tuple[Failures, int, int, set[str]]:
     """Every planned launch of every shape on every arch -> ({(op, kernel, arch, kind): (count, first
     shape, its message)}, launches checked, inputs the launchers refuse, the kernels launched)."""
     bounds = plans.plan("constants")["static_smem_bounds"]
-    failures, checked, refused, planned = {}, 0, 0, set()
+    failures: Failures = {}
+    planned: set[str] = set()
+    checked, refused = 0, 0
     for op, sizes in (shapes if shapes is not None else cuda_shapes()):
         for arch in ARCHS:
             for sms in arch.sms if op == "decode_attention" else arch.sms[:1]:
@@ -221,14 +233,14 @@ def check_cuda(plans: Plans, resources: dict, shapes=None) -> tuple[dict, int, i
     return failures, checked, refused, planned
 
 
-def _report(failures: dict) -> str:
+def _report(failures: Failures) -> str:
     lines = []
     for (op, kernel, arch, _), (count, first, message) in sorted(failures.items()):
         lines.append(f"FAIL {op} {kernel} on {arch}: {message} ({count} launches; the first: sizes {first})")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vtattn.check_launches", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ptxas", metavar="DIR", type=Path, default=ROOT / "build" / "ptxas",

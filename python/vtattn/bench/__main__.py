@@ -10,14 +10,19 @@ import signal
 import sys
 import threading
 import time
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from .cases import Case
 
 BACKENDS = ("auto", "aten", "cuda", "triton", "cpp", "torch")  # "auto" = vtattn's own dispatch
 MATPLOTLIB_HINT = "pip install 'vtattn[bench]' (or: pip install matplotlib)"
 
 
-def _shapes(text):
+def _shapes(text: str) -> list[str]:
     """argparse type: a comma-separated list of shape names, "custom:..." last (it holds commas)."""
     from .cases import CUSTOM, shape_of
 
@@ -31,9 +36,9 @@ def _shapes(text):
     return names
 
 
-def _names(known):
+def _names(known: tuple[str, ...]) -> Callable[[str], list[str]]:
     """argparse type: a comma-separated list of names from `known`."""
-    def parse(text):
+    def parse(text: str) -> list[str]:
         names = [x.strip() for x in text.split(",") if x.strip()]
         bad = [n for n in names if n not in known]
         if bad:
@@ -42,11 +47,13 @@ def _names(known):
     return parse
 
 
-def _parser():
+def _parser() -> argparse.ArgumentParser:
     from .cases import DTYPES, SHAPES
     from .timing import CPU_BUDGETS
 
-    pct = lambda kind, quick: f"±{100 * CPU_BUDGETS[kind, quick].target:g}%"
+    def pct(kind: str, quick: bool) -> str:
+        return f"±{100 * CPU_BUDGETS[kind, quick].target:g}%"
+
     p = argparse.ArgumentParser(prog="vtattn-bench", description=__doc__, epilog=(
         f"Each row is the median of n samples, with the 95% confidence interval of that median. On CPU the "
         f"samples go on until the interval is within {pct('kernel', False)} of it (--quick {pct('kernel', True)}, "
@@ -87,7 +94,7 @@ def _parser():
     return p
 
 
-def _parse(argv):
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = _parser()
     a = p.parse_args(argv)
     if a.plot and importlib.util.find_spec("matplotlib") is None:
@@ -97,16 +104,17 @@ def _parse(argv):
     return a
 
 
-def _progress(items):
+def _progress(items: list["Case"]) -> Iterable["Case"]:
     """A tqdm bar on an interactive stderr, else one line per item (readable in logs)."""
     if sys.stderr.isatty():
         try:
             from tqdm import tqdm
-            return tqdm(items, file=sys.stderr, unit="case", leave=False)
+            bar: Iterable["Case"] = tqdm(items, file=sys.stderr, unit="case", leave=False)
+            return bar
         except ImportError:
             pass
 
-    def lines():
+    def lines() -> Iterator["Case"]:
         for i, item in enumerate(items, 1):
             print(f"[{i}/{len(items)}] {item.op}/{item.name}", file=sys.stderr, flush=True)
             yield item
@@ -118,14 +126,14 @@ class _Stopped(BaseException):  # not an Exception: a case's error handling must
 
 
 @contextlib.contextmanager
-def _stop_on_sigterm():
+def _stop_on_sigterm() -> Iterator[None]:
     """SIGTERM (a time limit's `timeout`) ends the run like a spent --time-budget: the table, the
     files and the unfinished cases are still written."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def stop(signum, frame):
+    def stop(signum: int, frame: FrameType | None) -> None:
         raise _Stopped
 
     previous = signal.signal(signal.SIGTERM, stop)
@@ -135,19 +143,21 @@ def _stop_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _out_dir(a, h):
+def _out_dir(a: argparse.Namespace, h: dict[str, Any]) -> str:
     """--out's folder: 'auto' names one after the device and the local time (or takes the resumed
     run's folder)."""
-    if a.out != "auto":
-        return a.out
-    if a.resume:
-        return os.path.dirname(os.path.abspath(a.resume))
+    out: str = a.out
+    resume: str | None = a.resume
+    if out != "auto":
+        return out
+    if resume:
+        return os.path.dirname(os.path.abspath(resume))
     device = h["device"] if h["device_type"] == "cuda" else f"cpu-{h['device']}"
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     return os.path.join("bench-out", f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     a = _parse(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     from .timing import cpu_threads
@@ -156,7 +166,7 @@ def main(argv=None) -> int:
         return _run(a, argv, device)
 
 
-def _run(a, argv, device) -> int:
+def _run(a: argparse.Namespace, argv: list[str] | None, device: torch.device) -> int:
     from . import report
     from .cases import DTYPE_NAMES, DTYPES, build_cases, default_backends
     from .peak import header, measure_peaks
@@ -187,7 +197,7 @@ def _run(a, argv, device) -> int:
             print(f"no plots: matplotlib is not installed ({MATPLOTLIB_HINT})", file=sys.stderr)
             plots_dir = None
     commit = h["git_commit"]
-    rows = []
+    rows: list[report.Row] = []
     if a.resume:
         h, rows, cases = report.resume(a.resume, h, cases)
         a.json = a.json or a.resume
@@ -197,14 +207,15 @@ def _run(a, argv, device) -> int:
     print(report.format_header(h), flush=True)
     shown = 0
 
-    def show():  # the table of the rows not printed yet: one section per op, as each op ends
+    def show() -> None:  # the table of the rows not printed yet: one section per op, as each op ends
         nonlocal shown
         if len(rows) > shown:
             print("\n" + report.format_table(rows[shown:], wide=a.wide), flush=True)
             shown = len(rows)
 
     show()
-    left, longest = [], 0.0
+    left: list[Case] = []
+    longest = 0.0
     with _stop_on_sigterm():
         for i, case in enumerate(_progress(cases)):
             # no case that would not end within the budget if it took as long as the longest so far
@@ -240,7 +251,7 @@ def _run(a, argv, device) -> int:
         print(f"out of time: {len(left)} cases not run (--resume {a.json or 'RUN.json'} runs them)")
     if a.csv:
         report.write_csv(a.csv, rows)
-    plots = []
+    plots: list[str] = []
     if plots_dir:
         from .plots import write_all
         plots = write_all(h, rows, plots_dir)

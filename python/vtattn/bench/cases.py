@@ -9,15 +9,20 @@ Work counted once per op (documented here, used for TFLOP/s and GB/s):
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from functools import partial
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 import vtattn
 
-from .timing import l2_bytes
+from .timing import Timing, l2_bytes
 
+Shape = dict[str, Any]  # a case's shape: B, Hq, Hkv, N, D, causal, ... (and what a variant adds)
+Inputs = dict[str, Any]  # one copy of a case's inputs
+Maker = Callable[[torch.device, torch.dtype, int], Inputs]  # (device, dtype, seed) -> inputs
+Timer = Callable[[Sequence[Callable[[], object]], torch.device, bool], Timing]  # (fns, device, quick) -> timing
 SHAPES = {
     "clip-l336": dict(B=32, Hq=16, Hkv=16, N=577, D=64, causal=False),
     "siglip-so400m": dict(B=32, Hq=16, Hkv=16, N=729, D=72, causal=False),
@@ -29,7 +34,7 @@ SHAPES = {
 DECODE_OPS = ("decode_attention", "paged_decode_attention")  # the ops of decode shapes, and only of those
 CUSTOM = "custom:"
 # Shape scaling per run level: CPU runs (and the CI smoke test) cannot afford the real shapes.
-LEVELS = {
+LEVELS: dict[str, dict[str, Any]] = {
     "full": dict(B=None, n_div=1, hq=None),
     "cpu": dict(B=2, n_div=4, hq=None),
     "cpu-quick": dict(B=1, n_div=8, hq=None),
@@ -44,13 +49,13 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
 @dataclass
 class Impl:
     name: str
-    call: Callable[[dict], Any]  # inputs -> output; timed
+    call: Callable[[Inputs], Any]  # inputs -> output; timed
     role: str = "vtattn"  # "vtattn" | "baseline" (counts for `speedup`) | "reference" (ratio only)
     ctx: Callable[[], Any] = nullcontext  # entered around probing and timing
-    prep: Callable[[dict], dict] | None = None  # per input copy, outside the timing
+    prep: Callable[[Inputs], Inputs] | None = None  # per input copy, outside the timing
     note: str = ""
-    stats: dict = field(default_factory=dict)  # extra row fields the impl measures itself (peak memory)
-    timer: Callable | None = None  # (fns, device, quick) -> Timing in place of timing.time_fns
+    stats: dict[str, Any] = field(default_factory=dict)  # extra row fields the impl measures itself (peak memory)
+    timer: Timer | None = None  # in place of timing.time_fns
 
 
 class Skip(Exception):
@@ -62,14 +67,17 @@ class Skip(Exception):
 class Case:
     op: str
     name: str
-    shape: dict
-    make_inputs: Callable[[torch.device, torch.dtype, int], dict]
-    impls: list = field(default_factory=list)
+    shape: Shape
+    make_inputs: Maker
+    impls: list[Impl] = field(default_factory=list)
     flops: float | None = None
     bytes_fn: Callable[[int], int] | None = None  # element size -> bytes moved (bandwidth-bound ops)
 
 
-def shape_of(name: str) -> dict:
+Builder = Callable[[str, Shape, list[str]], list[Case]]  # (shape name, shape, backends) -> cases
+
+
+def shape_of(name: str) -> Shape:
     """A shape by name: one of SHAPES, or "custom:B=2,Hq=16,Hkv=8,N=1000,D=64,causal=1" (N and D
     required; B=1, Hq=16, Hkv=Hq, causal=0 by default; decode=1 for a decode step against a cache
     of capacity N). Custom shapes run as given, on every device."""
@@ -77,7 +85,7 @@ def shape_of(name: str) -> dict:
         return SHAPES[name]
     if not name.startswith(CUSTOM):
         raise ValueError(f"unknown shape {name!r}: one of {', '.join(SHAPES)} or {CUSTOM}KEY=VALUE,...")
-    s = dict(B=1, Hq=16, causal=0, decode=0)
+    s: Shape = dict(B=1, Hq=16, causal=0, decode=0)
     for item in filter(None, name[len(CUSTOM):].split(",")):
         key, _, value = item.partition("=")
         if key not in ("B", "Hq", "Hkv", "N", "D", "causal", "decode") or not value.isdigit():
@@ -92,7 +100,7 @@ def shape_of(name: str) -> dict:
     return s
 
 
-def scaled_shape(shape: dict, level: str) -> dict:
+def scaled_shape(shape: Shape, level: str) -> Shape:
     lv = LEVELS[level]
     s = dict(shape)
     if lv["B"] is not None:
@@ -114,10 +122,11 @@ def visible_pairs(nq: int, nk: int, causal: bool, window: int = -1) -> int:
                for i in range(nq))
 
 
-def _qkv_maker(s, with_v=True):
-    def make(device, dtype, seed):
+def _qkv_maker(s: Shape, with_v: bool = True) -> Maker:
+    def make(device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
         g = torch.Generator(device=device).manual_seed(seed)
-        r = lambda h: torch.randn(s["B"], h, s["N"], s["D"], device=device, dtype=dtype, generator=g)
+        def r(h: int) -> torch.Tensor:
+            return torch.randn(s["B"], h, s["N"], s["D"], device=device, dtype=dtype, generator=g)
         x = {"q": r(s["Hq"]), "k": r(s["Hkv"])}
         if with_v:
             x["v"] = r(s["Hkv"])
@@ -125,19 +134,18 @@ def _qkv_maker(s, with_v=True):
     return make
 
 
-def _vtattn_impls(backends, call):
-    return [Impl(b, call, ctx=lambda b=b: vtattn.use_backend(None if b == "auto" else b)) for b in backends]
+def _vtattn_impls(backends: list[str], call: Callable[[Inputs], Any]) -> list[Impl]:
+    return [Impl(b, call, ctx=partial(vtattn.use_backend, None if b == "auto" else b)) for b in backends]
 
 
-def _sdpa_impl(tag, s):
+def _sdpa_impl(tag: str, s: Shape) -> Impl:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = getattr(SDPBackend, SDPA_BACKENDS[tag])
     scale, causal = s["D"] ** -0.5, s["causal"]
-    impl = Impl(f"sdpa-{tag}", None, role="baseline", ctx=lambda: sdpa_kernel(backend))
-    gqa = {}  # decided once, on the first input copy
+    gqa: dict[str, bool] = {}  # decided once, on the first input copy
 
-    def prep(x):
+    def prep(x: Inputs) -> Inputs:
         if s["Hq"] == s["Hkv"]:
             return x
         if "enable" not in gqa:
@@ -153,13 +161,13 @@ def _sdpa_impl(tag, s):
         g = s["Hq"] // s["Hkv"]
         return {**x, "k": x["k"].repeat_interleave(g, 1), "v": x["v"].repeat_interleave(g, 1)}
 
-    impl.prep = prep
-    impl.call = lambda x: F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=causal, scale=scale,
-                                                         enable_gqa=x.get("gqa", False))
+    impl = Impl(f"sdpa-{tag}", lambda x: F.scaled_dot_product_attention(
+        x["q"], x["k"], x["v"], is_causal=causal, scale=scale, enable_gqa=x.get("gqa", False)),
+        role="baseline", ctx=lambda: sdpa_kernel(backend), prep=prep)
     return impl
 
 
-def _attention_cases(name, s, backends):
+def _attention_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
     causal = s["causal"]
     c = Case("attention", name, s, _qkv_maker(s),
              flops=4 * s["B"] * s["Hq"] * s["D"] * visible_pairs(s["N"], s["N"], causal))
@@ -171,17 +179,18 @@ def _attention_cases(name, s, backends):
 # Decoder layers with attention options, on the causal shapes: Gemma2-like (logit softcap 50, a sliding
 # window of half the prompt) and GPT-OSS-like (a 128-token sliding window and a learned sink per head).
 # SDPA has none of these: the baseline is transformers' eager attention, what those models run.
-ATTENTION_OPTIONS = {"gemma2": lambda n: dict(softcap=50.0, window=n // 2 - 1, sinks=False),
-                     "gpt-oss": lambda n: dict(softcap=None, window=127, sinks=True)}
+ATTENTION_OPTIONS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "gemma2": lambda n: dict(softcap=50.0, window=n // 2 - 1, sinks=False),
+    "gpt-oss": lambda n: dict(softcap=None, window=127, sinks=True)}
 
 
-def _attention_option_cases(name, s, backends):
+def _attention_option_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
     cases = []
     for label, make_opts in ATTENTION_OPTIONS.items():
         opts = make_opts(s["N"])
         window = opts["window"] if opts["window"] < s["N"] - 1 else -1
 
-        def make(device, dtype, seed, opts=opts):
+        def make(device: torch.device, dtype: torch.dtype, seed: int, opts: dict[str, Any] = opts) -> Inputs:
             x = _qkv_maker(s)(device, dtype, seed)
             if opts["sinks"]:
                 g = torch.Generator(device=device).manual_seed(seed + 1)
@@ -193,13 +202,14 @@ def _attention_option_cases(name, s, backends):
         call = lambda x, opts=opts: vtattn.attention(x["q"], x["k"], x["v"], causal=True, softcap=opts["softcap"],
                                                      window=opts["window"], sinks=x.get("sinks"))
         c.impls = _vtattn_impls(backends, call)
-        c.impls.append(Impl("eager", lambda x, opts=opts: _eager_attention(x, s, opts["softcap"]), role="baseline",
-                            prep=lambda x, w=window: _add_window_mask(x, s, w)))
+        eager = lambda x, opts=opts: _eager_attention(x, s, opts["softcap"])
+        mask = lambda x, w=window: _add_window_mask(x, s, w)
+        c.impls.append(Impl("eager", eager, role="baseline", prep=mask))
         cases.append(c)
     return cases
 
 
-def _add_window_mask(x, s, window):
+def _add_window_mask(x: Inputs, s: Shape, window: int) -> Inputs:
     """The additive causal (and left-window) mask transformers' eager attention gets."""
     i = torch.arange(s["N"], device=x["q"].device)
     hidden = (i[None, :] > i[:, None]) | ((i[None, :] < i[:, None] - window) if window >= 0 else False)
@@ -207,7 +217,7 @@ def _add_window_mask(x, s, window):
     return {**x, "mask": mask[None, None]}
 
 
-def _eager_attention(x, s, softcap):
+def _eager_attention(x: Inputs, s: Shape, softcap: float | None) -> torch.Tensor:
     """transformers' eager attention with Gemma2's softcap and GPT-OSS's sinks (a sink column joins the fp32
     softmax, then is dropped): logits in the input dtype, kv heads repeated."""
     g = s["Hq"] // s["Hkv"]
@@ -224,7 +234,7 @@ def _eager_attention(x, s, softcap):
     return torch.matmul(probs.to(v.dtype), v)
 
 
-def _eager_probs(x, s):
+def _eager_probs(x: Inputs, s: Shape) -> torch.Tensor:
     """What `output_attentions=True` does in transformers' eager attention: repeat kv heads,
     logits in the input dtype plus an additive mask, softmax in fp32 cast back to the input dtype."""
     k = x["k"].repeat_interleave(s["Hq"] // s["Hkv"], 1) if s["Hq"] != s["Hkv"] else x["k"]
@@ -234,22 +244,23 @@ def _eager_probs(x, s):
     return torch.softmax(logits, dim=-1, dtype=torch.float32).to(x["q"].dtype)
 
 
-def _add_causal_mask(x, s):
+def _add_causal_mask(x: Inputs, s: Shape) -> Inputs:
     n = s["N"]
     mask = torch.full((n, n), float("-inf"), device=x["q"].device, dtype=x["q"].dtype).triu(1)
     return {**x, "mask": mask[None, None]}
 
 
-def _key_importance_cases(name, s, backends):
+def _key_importance_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
     causal, B, Hq, Hkv, N, D = s["causal"], s["B"], s["Hq"], s["Hkv"], s["N"], s["D"]
     row = N - 1 if causal else 0  # causal (LLM): the last prompt token (FastV); else [CLS]
-    prep = (lambda x: _add_causal_mask(x, s)) if causal else None
+    prep: Callable[[Inputs], Inputs] | None = (lambda x: _add_causal_mask(x, s)) if causal else None
     cases = []
+    rows: int | str
     for rows in (row, "all"):
         label = "all" if rows == "all" else ("last" if causal else "0")
         c = Case("key_importance", f"{name}:rows-{label}", {**s, "rows": label}, _qkv_maker(s, with_v=rows == "all"))
-        c.impls = _vtattn_impls(backends, lambda x, rows=rows: vtattn.key_importance(
-            x["q"], x["k"], rows=rows, causal=causal))
+        call = lambda x, rows=rows: vtattn.key_importance(x["q"], x["k"], rows=rows, causal=causal)
+        c.impls = _vtattn_impls(backends, call)
         if rows == "all":
             c.flops = 4 * B * Hq * D * visible_pairs(N, N, causal)
             eager = lambda x: _eager_probs(x, s).sum(dim=2, dtype=torch.float32)
@@ -259,41 +270,70 @@ def _key_importance_cases(name, s, backends):
                                 role="reference", ctx=lambda: vtattn.use_backend(None)))
         else:
             c.bytes_fn = lambda elt: B * Hkv * N * D * elt + B * Hq * D * elt + B * Hq * N * 4
-            eager = lambda x, r=rows: _eager_probs(x, s)[:, :, r, :].float()
-            c.impls.append(Impl("eager-probs", eager, role="baseline", prep=prep))
+            row_probs = lambda x, r=rows: _eager_probs(x, s)[:, :, r, :].float()
+            c.impls.append(Impl("eager-probs", row_probs, role="baseline", prep=prep))
         cases.append(c)
     return cases
+
+
+def _group_attention_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
+    """VAR's fused pass on the LLM prefill shapes: 4 key groups (a third of the keys image tokens, a few
+    sinks). Baselines: the release's path (eager probabilities, then P @ V) and plain attention (the target:
+    close to one attention forward)."""
+    if not s["causal"]:
+        return []
+    B, N = s["B"], s["N"]
+
+    def make(device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
+        x = _qkv_maker(s)(device, dtype, seed)
+        groups = torch.full((B, N), 3, dtype=torch.long, device=device)
+        groups[:, N // 8:N // 8 + N // 3] = 1
+        groups[:, N // 8:N // 8 + N // 3:37] = 0
+        groups[:, 0] = 2
+        return {**x, "groups": groups}
+
+    c = Case("group_attention", f"{name}:groups-4", {**s, "groups": 4}, make,
+             flops=4 * B * s["Hq"] * s["D"] * visible_pairs(N, N, True))
+    c.impls = _vtattn_impls(backends, lambda x: vtattn.group_attention(x["q"], x["k"], x["v"], x["groups"],
+                                                                       num_groups=4, causal=True))
+    g = s["Hq"] // s["Hkv"]
+    c.impls.append(Impl("eager-probs", lambda x: torch.matmul(_eager_probs(x, s), x["v"].repeat_interleave(g, 1)),
+                        role="baseline", prep=lambda x: _add_causal_mask(x, s)))
+    c.impls.append(Impl("attention-fwd", lambda x: vtattn.attention(x["q"], x["k"], x["v"], causal=True),
+                        role="reference", ctx=lambda: vtattn.use_backend(None)))
+    return [c]
 
 
 # decode_attention: a LLaVA-7B-GQA-shaped decode step (32 query / 8 kv heads, D = 128) at batch 32
 # over a 16k-slot cache whose per-(batch, kv head) lengths vary 1k..16k (a compressed cache), scaled
 # with the level's sequence divisor. GB/s counts the kept K/V bytes read (+ q and out).
-def _decode_lengths(B, Hkv, cap):
+def _decode_lengths(B: int, Hkv: int, cap: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)  # fixed: the byte count must not depend on the input copy
     return torch.randint(cap // 16, cap + 1, (B, Hkv), generator=g, dtype=torch.int32)
 
 
-def _decode_dims(s):
+def _decode_dims(s: Shape) -> tuple[int, int, int, int, int, torch.Tensor]:
     """(B, Hq, Hkv, D, L_cap, lengths) of a decode shape."""
     B, Hq, Hkv, D, cap = s["B"], s["Hq"], s["Hkv"], s["D"], max(64, s["N"])
     return B, Hq, Hkv, D, cap, _decode_lengths(B, Hkv, cap)
 
 
-def _decode_attention_cases(name, s, backends):
+def _decode_attention_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
     B, Hq, Hkv, D, cap, lengths = _decode_dims(s)
     kept = int(lengths.sum())
 
-    def make(device, dtype, seed):
+    def make(device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
         g = torch.Generator(device=device).manual_seed(seed)
-        r = lambda h, n: torch.randn(B, h, n, D, device=device, dtype=dtype, generator=g)
+        def r(h: int, n: int) -> torch.Tensor:
+            return torch.randn(B, h, n, D, device=device, dtype=dtype, generator=g)
         return {"q": r(Hq, 1), "k": r(Hkv, cap), "v": r(Hkv, cap), "lengths": lengths.to(device)}
 
-    def gather_prep(x):  # untimed: the padded length and mask need the lengths on the host
+    def gather_prep(x: Inputs) -> Inputs:  # untimed: the padded length and mask need the lengths on the host
         n = int(x["lengths"].max())
         mask = torch.arange(n, device=x["k"].device) < x["lengths"].repeat_interleave(Hq // Hkv, 1)[..., None]
         return {**x, "idx": torch.arange(n, device=x["k"].device), "mask": mask[:, :, None, :]}
 
-    def gather_sdpa(x):  # a compact cache gathered into a padded dense one, then masked SDPA
+    def gather_sdpa(x: Inputs) -> torch.Tensor:  # a compact cache gathered into a padded dense one, then masked SDPA
         k, v = x["k"].index_select(2, x["idx"]), x["v"].index_select(2, x["idx"])
         return F.scaled_dot_product_attention(x["q"], k, v, attn_mask=x["mask"], enable_gqa=True)
 
@@ -315,30 +355,31 @@ def _decode_attention_cases(name, s, backends):
 DECODE_PAGE_SIZE = 64
 
 
-def _paged_decode_attention_cases(name, s, backends):
+def _paged_decode_attention_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
     B, Hq, Hkv, D, cap, lengths = _decode_dims(s)
     page, max_pages = DECODE_PAGE_SIZE, -(-cap // DECODE_PAGE_SIZE)
     used = torch.arange(max_pages) * page < lengths[..., None]  # [B, Hkv, max_pages]
     kept, n_pages = int(lengths.sum()), int(used.sum())
 
-    def make(device, dtype, seed):
+    def make(device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
         g = torch.Generator(device=device).manual_seed(seed)
         k_pages, v_pages = (torch.randn(n_pages, page, D, device=device, dtype=dtype, generator=g) for _ in range(2))
         table = torch.full((B, Hkv, max_pages), -1, dtype=torch.int32)
         table[used] = torch.randperm(n_pages, generator=torch.Generator().manual_seed(seed)).to(torch.int32)
         table = table.to(device)
-        dense = lambda pool: pool[table.clamp(min=0)].flatten(2, 3)[:, :, :cap].contiguous()
+        def dense(pool: torch.Tensor) -> torch.Tensor:
+            return pool[table.clamp(min=0)].flatten(2, 3)[:, :, :cap].contiguous()
         return {"q": torch.randn(B, Hq, 1, D, device=device, dtype=dtype, generator=g), "k_pages": k_pages,
                 "v_pages": v_pages, "table": table, "lengths": lengths.to(device), "k": dense(k_pages),
                 "v": dense(v_pages)}
 
-    def gather_prep(x):  # untimed: the page count and mask need the lengths on the host
+    def gather_prep(x: Inputs) -> Inputs:  # untimed: the page count and mask need the lengths on the host
         n = int(x["lengths"].max())
         ids = x["table"][..., :-(-n // page)].clamp(min=0).long()
         mask = torch.arange(n, device=ids.device) < x["lengths"].repeat_interleave(Hq // Hkv, 1)[..., None]
         return {**x, "ids": ids, "n": n, "mask": mask[:, :, None, :]}
 
-    def gather_sdpa(x):  # the used pages gathered into a padded dense cache, then masked SDPA
+    def gather_sdpa(x: Inputs) -> torch.Tensor:  # the used pages gathered into a padded dense cache, then masked SDPA
         k, v = (x[p][x["ids"]].flatten(2, 3)[:, :, :x["n"]] for p in ("k_pages", "v_pages"))
         return F.scaled_dot_product_attention(x["q"], k, v, attn_mask=x["mask"], enable_gqa=True)
 
@@ -354,7 +395,8 @@ def _paged_decode_attention_cases(name, s, backends):
     return [c]
 
 
-BUILDERS = {"attention": _attention_cases, "key_importance": _key_importance_cases,
+BUILDERS: dict[str, Builder] = {"attention": _attention_cases, "key_importance": _key_importance_cases,
+            "group_attention": _group_attention_cases,
             "decode_attention": _decode_attention_cases, "paged_decode_attention": _paged_decode_attention_cases}
 
 
@@ -362,13 +404,14 @@ BUILDERS = {"attention": _attention_cases, "key_importance": _key_importance_cas
 ALL_BACKENDS = ["auto", "cuda", "triton", "cpp"]
 
 
-def default_backends(device) -> list:
+def default_backends(device: torch.device) -> list[str]:
     return ["auto", "cuda", "triton"] if device.type == "cuda" else ["auto", "cpp"]
 
 
-def build_cases(device, shapes=None, backends=None, level="full", ops=None) -> list:
+def build_cases(device: torch.device, shapes: Sequence[str] | None = None, backends: list[str] | None = None,
+                level: str = "full", ops: Sequence[str] | None = None) -> list[Case]:
     backends = backends or default_backends(device)
-    out = []
+    out: list[Case] = []
     for op, builder in BUILDERS.items():
         if ops and op not in ops:
             continue
@@ -380,16 +423,16 @@ def build_cases(device, shapes=None, backends=None, level="full", ops=None) -> l
     return out
 
 
-def impl_ids(op, backends=ALL_BACKENDS) -> list:
+def impl_ids(op: str, backends: list[str] = ALL_BACKENDS) -> list[tuple[str, str]]:
     """(case name, impl name) of every implementation of `op`: names do not depend on the level."""
     return [(c.name, i.name) for c in build_cases(torch.device("cpu"), backends=backends, ops=[op]) for i in c.impls]
 
 
-def input_bytes(x: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in x.values() if isinstance(t, torch.Tensor))
+def input_bytes(x: Inputs) -> int:
+    return sum(int(t.numel() * t.element_size()) for t in x.values() if isinstance(t, torch.Tensor))
 
 
-def n_copies(device, per_copy_bytes) -> int:
+def n_copies(device: torch.device, per_copy_bytes: int) -> int:
     """Enough input copies on GPU that the set is several times the L2; 1 on CPU."""
     if device.type != "cuda":
         return 1

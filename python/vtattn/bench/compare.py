@@ -4,25 +4,28 @@ The ratio new / old median has an interval from the two medians' 95% intervals (
 to new high / old low; p20-p80 for runs recorded before the intervals). A row is SLOWER when all
 of it is above 1, faster when all of it is below 1, and within noise otherwise."""
 import json
+from typing import Any
+
+Row = dict[str, Any]  # a row of a run (bench.runner.run_case)
 
 
-def _key(r):
+def _key(r: Row) -> tuple[str, str, str, str]:
     return r["op"], r["case"], r["dtype"], r["backend"]
 
 
-def _interval(r):
+def _interval(r: Row) -> tuple[float, float]:
     if r.get("ci_low_ms") is not None:
         return r["ci_low_ms"], r["ci_high_ms"]
     return r["p20_ms"], r["p80_ms"]
 
 
-def ratio_interval(new, old):
+def ratio_interval(new: Row, old: Row) -> tuple[float, float]:
     """(low, high) of new / old median."""
     (nlo, nhi), (olo, ohi) = _interval(new), _interval(old)
     return nlo / ohi, nhi / olo
 
 
-def compare(rows, old_path):
+def compare(rows: list[Row], old_path: str) -> list[tuple[Row, Row, float, bool]]:
     """[(row, old row, new / old median ratio, slower flag)] for rows timed in both runs."""
     with open(old_path) as f:
         old = {_key(r): r for r in json.load(f)["rows"]}
@@ -35,7 +38,7 @@ def compare(rows, old_path):
     return out
 
 
-def format_compare(pairs, old_path) -> str:
+def format_compare(pairs: list[tuple[Row, Row, float, bool]], old_path: str) -> str:
     if not pairs:
         return f"compare: no row matches {old_path}"
     lines = [f"compare with {old_path} (ratio = new / old median and its interval; SLOWER / faster: all of the "

@@ -13,24 +13,33 @@ with the row's (the same load for both); speedup is unpatched / row as everywher
 Rows: unpatched-sdpa (baseline), the vision-side keep, FastV, LOOK-M budgets, their combinations
 and DecodeH2O (its eviction steps included: every STEPS // 4 tokens)."""
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
 import vtattn
 
-from .cases import Case, Impl
+from .cases import Builder, Case, Impl, Inputs, Shape
 from .scenarios import SCALE, attn_impl, build_model, level_of, patched, shared_model, single_thread, transformers_or_none
 from .scenarios_llm import FASTV, KV_RECENT, LEVEL_SCALE, PROMPT, SCENARIOS, _config, _image_tokens
-from .timing import summary
+from .timing import Timing, summary
 
 STEPS = 16  # decode forwards per call, the first WARM of them untimed
 WARM = 2
 CALLS = {"full": 3, "cpu": 6}
 
+Variant = tuple[str, str, Callable[[], dict[str, Any]] | None]  # (row, role, patch kwargs or None)
 
-def _variants():
-    lookm = lambda b: vtattn.kv.LookM(budget=b, recent=KV_RECENT)  # noqa: E731
-    fastv = lambda: vtattn.patch.FastV(layer=FASTV["layer"], keep=FASTV["keep"])  # noqa: E731
+
+def _variants() -> list[Variant]:
+    def lookm(b: float) -> vtattn.kv.LookM:
+        return vtattn.kv.LookM(budget=b, recent=KV_RECENT)
+
+    def fastv() -> vtattn.patch.FastV:
+        return vtattn.patch.FastV(layer=FASTV["layer"], keep=FASTV["keep"])
+
     return [
         ("unpatched-sdpa", "baseline", None),
         ("keep-0.25", "vtattn", lambda: dict(keep=0.25)),
@@ -44,7 +53,7 @@ def _variants():
     ]
 
 
-def decode_host_cases(name, s, backends):
+def decode_host_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
     """The rows, once: on the LLaVA-7B attention shape, which gives the run level."""
     transformers = transformers_or_none()
     if name != "llava7b-prefill" or transformers is None:
@@ -53,14 +62,14 @@ def decode_host_cases(name, s, backends):
     scenario = SCENARIOS["llava7b"]
     config, image_token = _config(transformers, scenario, level)
     key = ("e2e", scenario["anyres"], scenario["kv_heads"], level)  # the e2e rows' model
-    at = {}
-    model = lambda: shared_model(key, lambda d, t: build_model(transformers.LlavaForConditionalGeneration,  # noqa: E731
-                                                               config, d, t), *at["dt"])
+    at: dict[str, tuple[torch.device, torch.dtype]] = {}
+    model: Callable[[], Any] = lambda: shared_model(key, lambda d, t: build_model(  # noqa: E731
+        transformers.LlavaForConditionalGeneration, config, d, t), *at["dt"])
     per_image = _image_tokens(config, scenario)
     prompt = max(1, PROMPT // SCALE[LEVEL_SCALE[level]]["side"] ** 2)  # the e2e rows' image : text ratio
     layers = config.text_config.num_hidden_layers
 
-    def make(device, dtype, seed):
+    def make(device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
         at["dt"] = device, dtype
         g = torch.Generator(device=device).manual_seed(seed)
         text = torch.randint(1, image_token, (1, prompt), device=device, generator=g)
@@ -74,22 +83,27 @@ def decode_host_cases(name, s, backends):
              "scaled": None if level == "full" else LEVEL_SCALE[level]}
     case = Case("decode_host", "llava7b-decode-host:B1", shape, make)
     calls = CALLS["full" if level == "full" else "cpu"]
-    twin = lambda: _twin(key, lambda d, t: build_model(transformers.LlavaForConditionalGeneration,  # noqa: E731
-                                                        config, d, t), *at["dt"])
+    twin: Callable[[], Any] = lambda: _twin(key, lambda d, t: build_model(  # noqa: E731
+        transformers.LlavaForConditionalGeneration, config, d, t), *at["dt"])
+    inner: Callable[..., AbstractContextManager[Any]]  # called with no arguments
     for row, role, kw in _variants():
-        inner = (lambda: attn_impl(model(), "sdpa")) if kw is None else \
-            (lambda kw=kw: patched(vtattn.patch.llava, model(), pending="decode fast path", **kw()))
-        impl = Impl(row, None, role=role, ctx=lambda inner=inner: single_thread(model(), inner),
+        if kw is None:
+            inner = lambda: attn_impl(model(), "sdpa")  # noqa: E731
+        else:
+            inner = lambda kw=kw: patched(vtattn.patch.llava, model(), pending="decode fast path", **kw())  # noqa: E731
+        ctx = lambda inner=inner: single_thread(model(), inner)  # noqa: E731
+        impl = Impl(row, None, role=role, ctx=ctx,  # type: ignore[arg-type]  # _steps sets call
                     stats=dict(host_us_layer=None))
         _steps(impl, model, twin if kw is not None else None, calls, layers)
         case.impls.append(impl)
     return [case]
 
 
-_twins: dict = {}
+_twins: dict[object, Any] = {}
 
 
-def _twin(key, build, device, dtype):
+def _twin(key: object, build: Callable[[torch.device, torch.dtype], Any], device: torch.device,
+          dtype: torch.dtype) -> Any:
     """An unpatched copy of the rows' model (same weights: built with the same seed), whose steps
     interleave with a patched row's: the difference is then measured under the same load."""
     key = (key, device, dtype)
@@ -103,14 +117,14 @@ def _twin(key, build, device, dtype):
     return _twins[key]
 
 
-def _decode(model, x, on_step):
+def _decode(model: Any, x: Inputs, on_step: Callable[[int, float], None]) -> Callable[[int], None]:
     """Prefill (untimed), then STEPS one-token forwards; on_step(s, seconds of host time)."""
     out = model(**x, use_cache=True, logits_to_keep=1)
     state = [out.past_key_values, out.logits[:, -1:].argmax(-1)]
     mask, L = x["attention_mask"], x["input_ids"].shape[1]
     ones = mask.new_ones(mask.shape[0], STEPS)
 
-    def step(s):
+    def step(s: int) -> None:
         step_mask = torch.cat([mask, ones[:, :s + 1]], 1)
         position = torch.tensor([L + s], device=mask.device)
         t0 = time.thread_time()
@@ -121,20 +135,27 @@ def _decode(model, x, on_step):
     return step
 
 
-def _steps(impl, model, twin, calls, layers):
+def _steps(impl: Impl, model: Callable[[], Any], twin: Callable[[], Any] | None, calls: int, layers: int) -> None:
     """A sample: one decode forward's host ms. Patched rows step the unpatched twin alternately
     (host_us_layer: their medians' difference per layer)."""
-    laps, twin_laps = [], []
+    laps: list[float] = []
+    twin_laps: list[float] = []
 
-    def call(x):
-        mine = _decode(model(), x, lambda s, t: s >= WARM and laps.append(t * 1e3))
-        other = None if twin is None else _decode(twin(), x, lambda s, t: s >= WARM and twin_laps.append(t * 1e3))
+    def lap(into: list[float]) -> Callable[[int, float], None]:
+        def on_step(s: int, t: float) -> None:
+            if s >= WARM:
+                into.append(t * 1e3)
+        return on_step
+
+    def call(x: Inputs) -> None:
+        mine = _decode(model(), x, lap(laps))
+        other = None if twin is None else _decode(twin(), x, lap(twin_laps))
         for s in range(STEPS):
             if other is not None:
                 other(s)
             mine(s)
 
-    def timer(fns, device, quick):
+    def timer(fns: Sequence[Callable[[], object]], device: torch.device, quick: bool) -> Timing:
         del laps[:], twin_laps[:]  # the probe's
         for i in range(calls if not quick else max(2, calls // 2)):
             fns[i % len(fns)]()
@@ -147,4 +168,4 @@ def _steps(impl, model, twin, calls, layers):
     impl.call, impl.timer = call, timer
 
 
-BUILDERS = {"decode_host": decode_host_cases}
+BUILDERS: dict[str, Builder] = {"decode_host": decode_host_cases}

@@ -8,27 +8,31 @@ import math
 import os
 import re
 from collections import defaultdict
+from typing import Any, Callable, Sequence
 
+from .report import Header, Row
+
+Points = dict[tuple[str, str, int], list[tuple[float, Row]]]  # (scenario, metric, batch) -> [(x, row)]
 ELT = {"bf16": 2, "fp16": 2, "fp32": 4}
 MARKERS = "osD^vP*Xh<>p"
 
 
-def _plt():
+def _plt() -> Any:  # matplotlib.pyplot (matplotlib is not followed: Any)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _title(header, what):
+def _title(header: Header, what: str) -> str:
     scaled = f" (CPU, scaled down: {header['scaled']})" if header.get("scaled") else ""
     return f"{what}\n{header['device']}{scaled}"
 
 
-def _e2e_points(rows, variant):
+def _e2e_points(rows: list[Row], variant: str) -> Points:
     """{(scenario, metric, batch): [(x, row)]} over the timed e2e rows whose backend fullmatches
     `variant` (x = its one number); metric "ttft" or "decode" and batch "B<n>" from the case name."""
-    out = defaultdict(list)
+    out: Points = defaultdict(list)
     for r in rows:
         v = re.fullmatch(variant, r["backend"])
         c = re.fullmatch(r"(.+)-(ttft|decode):B(\d+)", r["case"])
@@ -37,7 +41,7 @@ def _e2e_points(rows, variant):
     return out
 
 
-def _errorbar(ax, xs, rs, color, marker, ms=6, line=True):
+def _errorbar(ax: Any, xs: list[float], rs: list[Row], color: str, marker: str, ms: int = 6, line: bool = True) -> None:
     """Speedups with their intervals; hollow markers for those within noise."""
     ys = [r["speedup"] for r in rs]
     lo = [y - (r.get("speedup_ci") or [y, y])[0] for y, r in zip(ys, rs)]
@@ -50,14 +54,15 @@ def _errorbar(ax, xs, rs, color, marker, ms=6, line=True):
         ax.plot([x], [y], marker, color=color, mfc=face, ms=ms, mew=1.5)
 
 
-def _speedup_grid(header, rows, variant, xticks, xlabel, what, path, extra=None, kv_row=False):
+def _speedup_grid(header: Header, rows: list[Row], variant: str, xticks: list[float], xlabel: str, what: str, path: str,
+                  extra: tuple[str, str] | None = None, kv_row: bool = False) -> str | None:
     """A panel per (metric, scenario): rows time to first token and decode steps (and KV MiB),
     columns the scenarios; one colour per batch; `extra` (a backend pattern, e.g. FastV) as its
     own labelled marker."""
     pts = _e2e_points(rows, variant)
     if not pts:
         return None
-    extra_pts = _e2e_points(rows, extra[0]) if extra else {}
+    extra_pts: Points = _e2e_points(rows, extra[0]) if extra else {}
     scenarios = list(dict.fromkeys(s for s, _, _ in pts))
     metrics = [m for m in ("ttft", "decode") if any(k[1] == m for k in pts)]
     batches = sorted({b for _, _, b in pts})
@@ -106,13 +111,13 @@ def _speedup_grid(header, rows, variant, xticks, xlabel, what, path, extra=None,
     return _save(fig, path)
 
 
-def _batch_label(b, pts):
+def _batch_label(b: int, pts: Points) -> str:
     """'batch 8', or 'batch 8 (runs at 2)' where the run scaled it down (CPU)."""
     ran = {r["shape"]["B"] for (_, _, bb), ps in pts.items() if bb == b for _, r in ps}
     return f"batch {b}" if ran == {b} else f"batch {b} (runs at {', '.join(map(str, sorted(ran)))})"
 
 
-def _kv_line(ax, rows, scenario, b, pts, color):
+def _kv_line(ax: Any, rows: list[Row], scenario: str, b: int, pts: Points, color: str) -> None:
     """KV MiB after the prefill at each budget (the ttft rows), and the unpatched model's as a
     dotted line."""
     series = sorted(pts.get((scenario, "ttft", b), []), key=lambda p: -p[0])
@@ -125,14 +130,14 @@ def _kv_line(ax, rows, scenario, b, pts, color):
         ax.axhline(base["kv_bytes"] / 2**20, color=color, lw=1, ls=":")
 
 
-def speedup_vs_keep(header, rows, path):
+def speedup_vs_keep(header: Header, rows: list[Row], path: str) -> str | None:
     """End-to-end scenarios: speedup over the unpatched model at each keep ratio; FastV as X."""
     return _speedup_grid(header, rows, r"keep-([\d.]+)", [0.05, 0.1, 0.25, 0.5, 1.0],
                          "keep ratio (visual tokens kept)", "Speedup vs keep (random weights)", path,
                          extra=(r"fastv-([\d.]+)", "FastV (keep 0.25 after layer 2)"))
 
 
-def speedup_vs_kv_budget(header, rows, path):
+def speedup_vs_kv_budget(header: Header, rows: list[Row], path: str) -> str | None:
     """End-to-end scenarios: speedup over the unpatched model at each LOOK-M KV budget, and the KV
     memory it leaves."""
     return _speedup_grid(header, rows, r"lookm-([\d.]+)", [0.1, 0.2, 0.5, 1.0],
@@ -140,17 +145,17 @@ def speedup_vs_kv_budget(header, rows, path):
                          "(LOOK-M, random weights)", path, kv_row=True)
 
 
-def _shape_label(r):
+def _shape_label(r: Row) -> str:
     s = r["shape"]
     return f"{r['case'].split(':')[0]}\nN={s['N']} B={s['B']}"
 
 
-def time_vs_length(header, rows, path):
+def time_vs_length(header: Header, rows: list[Row], path: str) -> str | None:
     """Attention-like ops: median time of each shape, the shapes in order of sequence length as
     categories (each is its own model: B, heads and D differ too, so no line joins them), a marker
     per backend, dodged sideways so none hides another."""
     ops = [op for op in ("attention", "key_importance") if any(r["op"] == op for r in rows)]
-    series = defaultdict(list)
+    series: dict[tuple[str, str], list[Row]] = defaultdict(list)
     for r in rows:
         if r["op"] in ops and r.get("median_ms") is not None and "N" in r["shape"]:
             rows_ = r["shape"].get("rows")  # key_importance: one score row ("0" / "last") or all
@@ -184,18 +189,18 @@ def time_vs_length(header, rows, path):
     return _save(fig, path)
 
 
-def _io_bytes(r):
+def _io_bytes(r: Row) -> int | None:
     """Compulsory traffic: inputs read once and the output written once."""
     s, elt = r["shape"], ELT[r["dtype"]]
     qkv = s["B"] * s["N"] * s["D"] * elt
     if r["op"] == "attention":
-        return qkv * (2 * s["Hq"] + 2 * s["Hkv"])
+        return int(qkv * (2 * s["Hq"] + 2 * s["Hkv"]))
     if r["op"] == "key_importance":
-        return qkv * (s["Hq"] + 2 * s["Hkv"]) + s["B"] * s["Hq"] * s["N"] * 4
+        return int(qkv * (s["Hq"] + 2 * s["Hkv"]) + s["B"] * s["Hq"] * s["N"] * 4)
     return None
 
 
-def _spread_labels(ys, gap):
+def _spread_labels(ys: Sequence[float], gap: float) -> list[float]:
     """Label heights (axes fraction) near `ys`, at least `gap` apart, within [0, 1]."""
     order = sorted(range(len(ys)), key=lambda i: ys[i])
     out = [0.0] * len(ys)
@@ -210,12 +215,12 @@ def _spread_labels(ys, gap):
     return out
 
 
-def roofline(header, rows, path):
+def roofline(header: Header, rows: list[Row], path: str) -> str | None:
     """vtattn kernels with a FLOP count, at their arithmetic intensity (FLOPs / compulsory bytes),
     under the run's measured copy-bandwidth and matmul ceilings. Colour per op, marker per backend,
     one label per case in a column beside the axes, joined to its points."""
     peaks = header["peaks"]
-    cases = defaultdict(list)
+    cases: dict[tuple[str, str], list[tuple[float, float, Row]]] = defaultdict(list)
     for r in rows:
         if r.get("role") == "vtattn" and r.get("tflops") is not None and (b := _io_bytes(r)):
             cases[r["op"], r["case"]].append((r["tflops"] * r["median_ms"] * 1e9 / b, r["tflops"], r))
@@ -240,7 +245,10 @@ def roofline(header, rows, path):
     ax.set_xlim(xs[0], xs[-1])  # fixed before the labels are placed: autoscaling would move the points
     ax.set_ylim(min(ally) / 1.5, max(ally) * 1.5)
     fig.subplots_adjust(left=0.1, right=0.66, top=0.88, bottom=0.12)
-    to_axes = lambda x, y: ax.transAxes.inverted().transform(ax.transData.transform((x, y)))
+
+    def to_axes(x: float, y: float) -> Any:
+        return ax.transAxes.inverted().transform(ax.transData.transform((x, y)))
+
     anchors = [max(ps, key=lambda p: p[0])[:2] for ps in cases.values()]  # each case's rightmost point
     heights = _spread_labels([to_axes(x, y)[1] for x, y in anchors], gap=0.045)
     for ((op, case), _), (x, y), h in zip(cases.items(), anchors, heights):
@@ -253,7 +261,7 @@ def roofline(header, rows, path):
     return _save(fig, path)
 
 
-def _legend_below(fig, handles):
+def _legend_below(fig: Any, handles: list[Any]) -> None:
     """The figure's legend under its axes, in as many rows as its width needs (~2.8 in an entry),
     and the axes laid out above it."""
     ncol = max(1, min(len(handles), int(fig.get_figwidth() // 2.8)))
@@ -262,17 +270,18 @@ def _legend_below(fig, handles):
     fig.tight_layout(rect=(0, (0.1 + 0.22 * rows) / fig.get_figheight(), 1, 1))
 
 
-def _save(fig, path):
+def _save(fig: Any, path: str) -> str:
     fig.savefig(path, dpi=110)
     _plt().close(fig)
     return path
 
 
-PLOTS = {"speedup_vs_keep.png": speedup_vs_keep, "speedup_vs_kv_budget.png": speedup_vs_kv_budget,
-         "time_vs_length.png": time_vs_length, "roofline.png": roofline}
+PLOTS: dict[str, Callable[[Header, list[Row], str], str | None]] = {
+    "speedup_vs_keep.png": speedup_vs_keep, "speedup_vs_kv_budget.png": speedup_vs_kv_budget,
+    "time_vs_length.png": time_vs_length, "roofline.png": roofline}
 
 
-def write_all(header, rows, out_dir) -> list:
+def write_all(header: Header, rows: list[Row], out_dir: str) -> list[str]:
     """The plots this run has rows for; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [fn(header, rows, os.path.join(out_dir, name)) for name, fn in PLOTS.items()]

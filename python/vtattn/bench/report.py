@@ -4,20 +4,26 @@ import csv
 import json
 import re
 import textwrap
+from typing import TYPE_CHECKING, Any, Callable, Collection, Sequence, cast
 
+if TYPE_CHECKING:
+    from .cases import Case
+
+Row = dict[str, Any]  # one result row (runner.run_case's fields, plus what an impl's stats add)
+Header = dict[str, Any]  # a run's header: device, versions, peaks, timing, argv
 WIDTH = 120
 _NOTE_FIELDS = re.compile(r"\s*\b(kv [\d.e+-]+ MiB|peak [\d.]+ GiB \(\+[\d.-]+\))")  # shown as their own columns
 
 
-def _fmt(v, spec):
+def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def ms(v) -> str:
+def ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.4g}" if v < 1000 else f"{v:.0f}"
 
 
-def rate(r) -> str:
+def rate(r: Row) -> str:
     if r.get("tok_s") is not None:  # e2e decode rows
         return f"{r['tok_s']:.3g} tok/s"
     if r.get("req_s") is not None:  # e2e vllm rows: the batch's requests / its wall time
@@ -31,7 +37,7 @@ def rate(r) -> str:
     return "-"
 
 
-def spread(r) -> str:
+def spread(r: Row) -> str:
     """Half-width of the median's interval relative to the median; "!" when the run's target was
     not reached within the row's time cap. Runs without intervals (older JSON): p20-p80."""
     if r.get("median_ms") is None:
@@ -43,7 +49,7 @@ def spread(r) -> str:
     return f"±{pct:.2g}%" + ("!" if r.get("converged") is False else "")
 
 
-def speedup(r) -> str:
+def speedup(r: Row) -> str:
     s = r.get("speedup")
     if s is None:
         return "-"
@@ -54,7 +60,7 @@ def speedup(r) -> str:
     return f"{s:.3g}x"
 
 
-def shape_text(s: dict, wide=False) -> str:
+def shape_text(s: dict[str, Any], wide: bool = False) -> str:
     """Compact shape: B, heads (Hq/Hkv when they differ), N or the cache length, D; the model
     rows' size. Wide: every key."""
     if wide:
@@ -82,9 +88,9 @@ _REASONS = [  # (pattern on the row's note, short reason): why a row has no timi
 ]
 
 
-def skip_reason(r) -> str:
+def skip_reason(r: Row) -> str:
     """'skipped: <short reason>' for a row that could not run here; 'ERROR: ...' for a failure."""
-    note = r.get("note") or r.get("skipped") or ""
+    note: str = r.get("note") or r.get("skipped") or ""
     for pattern, short in _REASONS:
         m = re.search(pattern, note)
         if m:
@@ -95,16 +101,17 @@ def skip_reason(r) -> str:
     return "ERROR: " + note
 
 
-def note_text(r, columns=()) -> str:
+def note_text(r: Row, columns: Collection[str] = ()) -> str:
     """The row's note, less the figures that `columns` show on their own (kv, peak)."""
-    note = r.get("note") or ""
+    note: str = r.get("note") or ""
     if "kv" in columns or "peak" in columns:
         note = _NOTE_FIELDS.sub("", note).strip()
     return note
 
 
 # (key, title, cell, right-aligned, drop order when the table is too wide: lower first; None never)
-_COLUMNS = [
+Column = tuple[str, str, Callable[[Row], str], bool, int | None]
+_COLUMNS: list[Column] = [
     ("backend", "backend", lambda r: r["backend"], False, None),
     ("median", "median ms", lambda r: ms(r.get("median_ms")), True, None),
     ("ci", "±95%", spread, True, None),
@@ -116,7 +123,7 @@ _COLUMNS = [
     ("peak", "peak GiB", lambda r: _fmt(r.get("peak_gib"), ".3g"), True, 2),
     ("speedup", "speedup", speedup, True, None),
 ]
-_WIDE_COLUMNS = [
+_WIDE_COLUMNS: list[tuple[str, str, Callable[[Row], str], bool]] = [
     ("op", "op", lambda r: r["op"], False),
     ("case", "case", lambda r: r["case"], False),
     ("shape", "shape", lambda r: shape_text(r["shape"], wide=True), False),
@@ -143,23 +150,26 @@ _WIDE_COLUMNS = [
 ]
 
 
-def _clip(text, width):
+def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[:max(0, width - 1)] + "…"
 
 
-def _render(header, aligns, lines, widths):
+Line = list[str] | tuple[list[str], str] | None  # a table line: see _render
+
+
+def _render(header: list[str], aligns: list[bool], lines: Sequence[Line], widths: list[int]) -> list[str]:
     """lines: lists of cells, (cells, span) for a row whose `span` text runs on from its cells, or
     None for a blank line."""
-    def line(cells, span=None):
+    def line(cells: list[str], span: str | None = None) -> str:
         out = [str(c).rjust(w) if right else str(c).ljust(w) for c, w, right in zip(cells, widths, aligns)]
         return "  ".join(out + ([span] if span is not None else [])).rstrip()
     body = [line(*x) if isinstance(x, tuple) else "" if x is None else line(x) for x in lines]
     return [line(header), line(["-" * w for w in widths])] + body
 
 
-def _groups(rows):
+def _groups(rows: list[Row]) -> list[list[Row]]:
     """Consecutive rows of one (op, case)."""
-    out = []
+    out: list[list[Row]] = []
     for r in rows:
         if out and (out[-1][0]["op"], out[-1][0]["case"]) == (r["op"], r["case"]):
             out[-1].append(r)
@@ -168,7 +178,7 @@ def _groups(rows):
     return out
 
 
-def format_section(rows, width=WIDTH) -> str:
+def format_section(rows: list[Row], width: int = WIDTH) -> str:
     """One op's rows: the case and its shape in the first column (the case on a group's first row,
     its shape on the second), then the backend and the numbers; a row that did not run says why in
     place of its numbers. Columns with nothing to show are left out. When the table is wider than
@@ -176,7 +186,8 @@ def format_section(rows, width=WIDTH) -> str:
     has them all), then long names are cut."""
     timed = [r for r in rows if r.get("median_ms") is not None]
     cols = [c for c in _COLUMNS if c[0] == "backend" or any(c[2](r) not in ("-", "") for r in timed)]
-    entries = []  # (first column, row or None for a shape line of its own); None: a blank line
+    # (first column, row or None for a shape line of its own); None: a blank line
+    entries: list[tuple[str, Row | None] | None] = []
     for g in _groups(rows):
         shape = "  " + shape_text(g[0]["shape"])
         entries += ([None] if entries else []) + [(g[0]["case"], g[0])]
@@ -184,21 +195,23 @@ def format_section(rows, width=WIDTH) -> str:
     notes = {id(r): note_text(r, {c[0] for c in cols}) for r in timed}  # untimed rows: a reason instead
     note_w = max([len(n) for n in notes.values()] + [0])
 
-    def widths_of(cols):
+    def widths_of(cols: list[Column]) -> list[int]:
         w = [max(len("case / shape"), *(len(e[0]) for e in entries if e))]
         for c in cols:
             cells = [c[2](r) for r in (rows if c[0] == "backend" else timed)]
             w.append(max([len(c[1])] + [len(x) for x in cells]))
         return w
 
-    total = lambda cols, note_w: sum(widths_of(cols)) + 2 * len(cols) + (note_w + 2 if note_w else 0)
-    footnotes = {}
+    def total(cols: list[Column], note_w: int) -> int:
+        return sum(widths_of(cols)) + 2 * len(cols) + (note_w + 2 if note_w else 0)
+
+    footnotes: dict[str, str] = {}
     if total(cols, note_w) > width and note_w:
         for n in notes.values():
             if n:
                 footnotes.setdefault(n, f"*{len(footnotes) + 1}")
         note_w = max(len(m) for m in footnotes.values())
-    for c in sorted((c for c in cols if c[4] is not None), key=lambda c: c[4]):
+    for c in sorted((c for c in cols if c[4] is not None), key=lambda c: cast(int, c[4])):
         if total(cols, note_w) <= width:
             break
         cols = [x for x in cols if x is not c]
@@ -211,12 +224,15 @@ def format_section(rows, width=WIDTH) -> str:
     titles, aligns = ["case / shape"] + [c[1] for c in cols], [False] + [c[3] for c in cols]
     if note_w:
         titles, widths, aligns = titles + ["note"], widths + [note_w], aligns + [False]
-    lines = []
+    lines: list[Line] = []
     for e in entries:
-        if e is None or e[1] is None:
-            lines.append(e if e is None else [_clip(e[0], widths[0])])
+        if e is None:
+            lines.append(e)
             continue
         label, r = e
+        if r is None:
+            lines.append([_clip(label, widths[0])])
+            continue
         head = [_clip(label, widths[0]), _clip(r["backend"], widths[1])]
         if r.get("median_ms") is None:
             lines.append((head, _clip(skip_reason(r), max(20, width - widths[0] - widths[1] - 4))))
@@ -227,21 +243,22 @@ def format_section(rows, width=WIDTH) -> str:
     return "\n".join(out + [f"{m} {n}" for n, m in footnotes.items()])
 
 
-def format_wide(rows) -> str:
+def format_wide(rows: list[Row]) -> str:
     body = [[c[2](r) for c in _WIDE_COLUMNS] for r in rows]
     titles = [c[1] for c in _WIDE_COLUMNS]
     widths = [max(len(t), *(len(b[i]) for b in body)) if body else len(t) for i, t in enumerate(titles)]
-    lines = []
-    for prev, (r, cells) in zip([None] + rows, zip(rows, body)):
+    lines: list[Line] = []
+    prevs: list[Row | None] = [None, *rows]
+    for prev, (r, cells) in zip(prevs, zip(rows, body)):
         if prev is not None and (prev["op"], prev["case"]) != (r["op"], r["case"]):
             lines.append(None)
         lines.append(cells)
     return "\n".join(_render(titles, [c[3] for c in _WIDE_COLUMNS], lines, widths))
 
 
-def sections(rows):
+def sections(rows: list[Row]) -> list[tuple[str, list[Row]]]:
     """[(op, rows)] in run order, one per run of consecutive rows of an op."""
-    out = []
+    out: list[tuple[str, list[Row]]] = []
     for r in rows:
         if out and out[-1][0] == r["op"]:
             out[-1][1].append(r)
@@ -250,7 +267,7 @@ def sections(rows):
     return out
 
 
-def format_table(rows, wide=False, width=WIDTH) -> str:
+def format_table(rows: list[Row], wide: bool = False, width: int = WIDTH) -> str:
     if wide:
         return format_wide(rows)
     return "\n\n".join(f"== {op}\n" + format_section(rs, width) for op, rs in sections(rows))
@@ -261,7 +278,7 @@ LEGEND = ("median ms: the median of n samples. ±95%: the half-width of the medi
           "fastest baseline's (base) median / the row's; ~1.0 (noise): the ratio's interval contains 1")
 
 
-def format_footer(rows, header, n_cases) -> str:
+def format_footer(rows: list[Row], header: Header, n_cases: int) -> str:
     """The run's totals, the legend and the notes on surprising rows, wrapped to WIDTH."""
     counts = f"{n_cases} case{'s' if n_cases != 1 else ''}, {_rows(rows)}"
     out = textwrap.wrap(f"{counts} in {header.get('elapsed_s')} s. {LEGEND}.", WIDTH)
@@ -270,7 +287,7 @@ def format_footer(rows, header, n_cases) -> str:
     return "\n".join(out)
 
 
-def format_header(h: dict) -> str:
+def format_header(h: Header) -> str:
     p = h.get("peaks", {})
     lines = [f"device: {h['device']}" + (f" | driver {h['driver']}" if h.get("driver") else ""),
              f"torch {h['torch']} | triton {h['triton']} | CUDA {h['cuda']} | python {h['python']}"
@@ -289,12 +306,12 @@ def format_header(h: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(path, header, rows):
+def write_json(path: str, header: Header, rows: list[Row]) -> None:
     with open(path, "w") as f:
         json.dump({"header": header, "rows": rows}, f, indent=1, default=str)
 
 
-def write_csv(path, rows):
+def write_csv(path: str, rows: list[Row]) -> None:
     flat = [{**r, **{k: json.dumps(r[k]) for k in ("shape", "ratios", "speedup_ci") if k in r}} for r in rows]
     fields = list(dict.fromkeys(k for r in flat for k in r)) or ["op"]  # model rows add their own fields
     with open(path, "w", newline="") as f:
@@ -303,7 +320,7 @@ def write_csv(path, rows):
         w.writerows(flat)
 
 
-def resume(path, header, cases):
+def resume(path: str, header: Header, cases: list["Case"]) -> tuple[Header, list[Row], list["Case"]]:
     """(header, rows, cases still to run) to continue the run recorded at `path`: its header (measured
     peaks included) and rows are kept, and the cases it has rows for are dropped. A run of another
     device, torch, dtype, backend set, timing level or CPU thread count cannot be continued: its rows would not
@@ -320,7 +337,7 @@ def resume(path, header, cases):
     return old, run["rows"], [c for c in cases if (c.op, c.name) not in done]
 
 
-def _kv_defaults():
+def _kv_defaults() -> tuple[int, int]:
     """CompressedCache's page size and decode headroom (tokens), from its signature."""
     import inspect
 
@@ -330,11 +347,11 @@ def _kv_defaults():
     return p["page_size"].default, p["room"].default
 
 
-def _rows(rows):
+def _rows(rows: list[Row]) -> str:
     return "1 row" if len(rows) == 1 else f"{len(rows)} rows"
 
 
-def explain(rows, header) -> list:
+def explain(rows: list[Row], header: Header) -> list[str]:
     """A few lines on the rows a reader will be surprised by, for those present in `rows`."""
     cpu = header.get("device_type") == "cpu"
     by = {(r["op"], r["case"], r["backend"]): r for r in rows}

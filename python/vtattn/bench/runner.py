@@ -1,15 +1,19 @@
 """Run one case: probe and time every implementation, then turn the timings into rows."""
 from functools import partial
+from typing import Any, cast
 
 import torch
 
 import vtattn
 
-from .cases import DTYPE_NAMES, Skip, input_bytes, n_copies
-from .timing import pooled, time_fns
+from .cases import DTYPE_NAMES, Case, Impl, Skip, input_bytes, n_copies
+from .timing import Timing, pooled, time_fns
+
+Inputs = dict[str, Any]  # one copy of a case's inputs
+Results = dict[str, tuple[Timing | None, str]]  # impl name -> (timing, note)
 
 
-def _error(e) -> str:
+def _error(e: BaseException) -> str:
     if isinstance(e, Skip):
         return f"skipped: {e}"
     if isinstance(e, vtattn.BackendUnavailable):  # keep the reason, drop "vtattn.<op>: backend ..."
@@ -17,23 +21,24 @@ def _error(e) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0][:300]
 
 
-def _max_err(a, b):
+def _max_err(a: Any, b: torch.Tensor) -> float | None:
     a = a[0] if isinstance(a, tuple) else a
     if not isinstance(a, torch.Tensor) or a.shape != b.shape:
         return None
     return (a.float() - b.float()).abs().max().item()
 
 
-def _measure(impl, copies, device, quick):
+def _measure(impl: Impl, copies: list[Inputs], device: torch.device, quick: bool) -> tuple[Timing, Any]:
     """(timing, output of the untimed probe call). Under no_grad: inference is what is timed (the
     random-weight models' parameters require grad, and autograd's recording is no op's cost)."""
     with torch.no_grad(), impl.ctx():
         xs = [impl.prep(x) if impl.prep else x for x in copies]
         out = impl.call(xs[0])  # refusals, compilation and autotuning happen here, untimed
-        return (impl.timer or time_fns)([partial(impl.call, x) for x in xs], device, quick), out
+        timing: Timing = (impl.timer or time_fns)([partial(impl.call, x) for x in xs], device, quick)
+        return timing, out
 
 
-def _bracket(impl, results, copies, device, quick):
+def _bracket(impl: Impl, results: Results, copies: list[Inputs], device: torch.device, quick: bool) -> None:
     """Time the fastest baseline again, after the others, and pool both sample sets: a load that
     changed during the case (a shared CPU) then widens its interval, and every ratio's, in place of
     biasing them (the rows after it measured in other conditions than it)."""
@@ -42,15 +47,19 @@ def _bracket(impl, results, copies, device, quick):
         again, _ = _measure(impl, copies, device, quick)
     except Exception:  # it ran once: keep that
         return
-    t = pooled(first, again)
+    t = pooled(cast(Timing, first), again)  # the fastest baseline: timed
     if impl.stats.get("tok_s"):  # set by its timer from the last measurement: tok/s is 1 / time
         impl.stats["tok_s"] *= again.median_ms / t.median_ms
     results[impl.name] = (t, note)
 
 
-def run_case(case, device, dtype, peaks, quick=False) -> list:
-    results = {}  # impl name -> (Timing | None, note)
-    ref_out, outs = None, {}
+def run_case(case: Case, device: torch.device, dtype: torch.dtype, peaks: dict[str, float], quick: bool = False
+             ) -> list[dict[str, Any]]:
+    results: Results = {}
+    ref_out: Any = None
+    outs: dict[str, Any] = {}
+    copies: list[Inputs] | None
+    t: Timing | None
     try:
         first = case.make_inputs(device, dtype, 0)
         copies = [first] + [case.make_inputs(device, dtype, s) for s in range(1, n_copies(device, input_bytes(first)))]
@@ -71,11 +80,14 @@ def run_case(case, device, dtype, peaks, quick=False) -> list:
             results[impl.name] = (None, _error(e))
         if device.type == "cuda":
             torch.cuda.empty_cache()  # eager baselines leave large blocks behind
-    timed = lambda role: {i.name: results[i.name][0] for i in case.impls
-                          if i.role == role and results[i.name][0] is not None}
+    def timed(role: str) -> dict[str, Timing]:
+        found = {i.name: results[i.name][0] for i in case.impls if i.role == role}
+        return {n: t for n, t in found.items() if t is not None}
+
     base = timed("baseline")
     best = min(base, key=lambda n: base[n].median_ms) if base else None
-    if device.type == "cpu" and best is not None and sum(t is not None for t, _ in results.values()) > 1:
+    if (device.type == "cpu" and best is not None and copies is not None
+            and sum(t is not None for t, _ in results.values()) > 1):
         _bracket(next(i for i in case.impls if i.name == best), results, copies, device, quick)
     del copies
     base, refs = timed("baseline"), timed("reference")
@@ -84,6 +96,7 @@ def run_case(case, device, dtype, peaks, quick=False) -> list:
     for impl in case.impls:
         t, note = results[impl.name]
         # skipped: why a row has no timing (a Skip, a backend's refusal or an error); None when timed.
+        row: dict[str, Any]
         row = {"op": case.op, "case": case.name, "shape": case.shape, "dtype": DTYPE_NAMES[dtype],
                "backend": impl.name, "role": impl.role, "median_ms": None, "p20_ms": None, "p80_ms": None,
                "reps": None, "ci_low_ms": None, "ci_high_ms": None, "ci_level": None, "calls_per_rep": None,
@@ -113,7 +126,7 @@ def run_case(case, device, dtype, peaks, quick=False) -> list:
     return rows
 
 
-def ratio_interval(num, den) -> tuple:
+def ratio_interval(num: Timing, den: Timing) -> tuple[float, float]:
     """Interval of num / den (medians) from the two medians' intervals: (num low / den high,
     num high / den low). When both intervals hold their medians (>= 90% at 95% each) it holds the
     ratio; a ratio whose interval contains 1.0 is not distinguishable from no change."""

@@ -6,38 +6,48 @@ Random weights give real timings and memory; they say nothing of accuracy. Real 
 rows say so. Peak memory (CUDA only; none on CPU) is torch.cuda.max_memory_allocated over the
 first, untimed call: `peak_gib` in all, `peak_extra_gib` above what was allocated before it."""
 import contextlib
+from typing import Any, Callable, ContextManager, Iterator, Mapping, TypedDict
 
 import torch
 
 import vtattn
 
-from .cases import LEVELS, SHAPES, Case, Impl, Skip, scaled_shape
+from .cases import LEVELS, SHAPES, Builder, Case, Impl, Inputs, Maker, Shape, Skip, scaled_shape
 
 NOTE = ("vision_tower / e2e: random-weight models: the timings and memory are real, they say nothing of "
         "accuracy.")
 TOWER_KEEP = 0.1
 FEATURE_LAYER = -2  # LLaVA-1.5's vision_feature_layer; FasterVLM scores the same layer
 
-TOWERS = {  # name -> (transformers config class, kwargs)
+TOWERS: dict[str, tuple[str, dict[str, int]]] = {  # name -> (transformers config class, kwargs)
     "clip-l336": ("CLIPVisionConfig", dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                            num_attention_heads=16, image_size=336, patch_size=14)),
     "siglip-so400m": ("SiglipVisionConfig", dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
                                                  num_attention_heads=16, image_size=384, patch_size=14)),
 }
+
+
+class Scale(TypedDict):  # SCALE's entries
+    layers: int | None
+    width: int
+    side: int
+    batch: int
+
+
 # Per run level: layers kept (None: all; at least 2: the features are layer -2), divisors of the
 # width and of the image side, tower batch.
-SCALE = {"full": dict(layers=None, width=1, side=1, batch=32),
-         "cpu": dict(layers=2, width=4, side=2, batch=1),
-         "cpu-quick": dict(layers=2, width=8, side=3, batch=1),
-         "tiny": dict(layers=2, width=16, side=6, batch=1)}
+SCALE: dict[str, Scale] = {"full": dict(layers=None, width=1, side=1, batch=32),
+                           "cpu": dict(layers=2, width=4, side=2, batch=1),
+                           "cpu-quick": dict(layers=2, width=8, side=3, batch=1),
+                           "tiny": dict(layers=2, width=16, side=6, batch=1)}
 
 
-def level_of(name, s):
+def level_of(name: str, s: Shape) -> str:
     """The run level a scaled attention shape came from (builders get the shape, not the level)."""
     return next(lv for lv in LEVELS if scaled_shape(SHAPES[name], lv) == s)
 
 
-def scaled_config(kw, sc):
+def scaled_config(kw: Mapping[str, int], sc: Scale) -> dict[str, Any]:
     """Config kwargs at a run level: fewer layers, width and heads divided (head dim kept), the
     image side divided."""
     kw = dict(kw)
@@ -52,7 +62,7 @@ def scaled_config(kw, sc):
     return kw
 
 
-def build_model(cls, config, device, dtype):
+def build_model(cls: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """Random init straight in `dtype` on `device` (as AutoModel.from_config): a 7B model is built
     in seconds on a GPU, never in fp32 on the host first."""
     torch.manual_seed(0)
@@ -60,10 +70,11 @@ def build_model(cls, config, device, dtype):
         return cls._from_config(config, dtype=dtype).eval()
 
 
-_slot = {}  # the one model alive: {"key": ..., "model": ...}
+_slot: dict[str, Any] = {}  # the one model alive: {"key": ..., "model": ...}
 
 
-def shared_model(key, build, device, dtype):
+def shared_model(key: object, build: Callable[[torch.device, torch.dtype], Any], device: torch.device,
+                 dtype: torch.dtype) -> Any:
     """The model for `key`, built on first use. One at a time: building another drops the previous
     (a run, and pytest even more, goes through many cases; a 7B model is 14 GB on a GPU). Calls
     fetch the model here rather than holding it, so a dropped model is freed at once."""
@@ -76,12 +87,14 @@ def shared_model(key, build, device, dtype):
     return _slot["model"]
 
 
-def with_memory(impl):
+def with_memory(impl: Impl) -> Impl:
     """Record peak memory (CUDA) over the impl's first call: the runner's untimed probe. None on CPU."""
-    call, seen = impl.call, []
+    call = impl.call
+    seen: list[bool] = []
+
     impl.stats.update(peak_gib=None, peak_extra_gib=None)
 
-    def first_measured(x):
+    def first_measured(x: Inputs) -> Any:
         dev = x["pixel_values"].device
         if seen or dev.type != "cuda":
             return call(x)
@@ -101,7 +114,7 @@ def with_memory(impl):
 
 
 @contextlib.contextmanager
-def single_thread(model, inner):
+def single_thread(model: Any, inner: Callable[[], ContextManager[Any]]) -> Iterator[None]:
     """Enter inner(); on CPU with one thread: the scaled models are too small to split, and on a
     shared machine OpenMP barriers dominate multi-threaded runs (small ops measured 100x slower)."""
     threads = torch.get_num_threads()
@@ -115,7 +128,7 @@ def single_thread(model, inner):
 
 
 @contextlib.contextmanager
-def attn_impl(model, name):
+def attn_impl(model: Any, name: str) -> Iterator[None]:
     """Every sub-config of `model` on attention implementation `name` for the block."""
     configs = [m.config for m in model.modules() if hasattr(m, "config")]
     previous = [c._attn_implementation for c in configs]
@@ -129,7 +142,7 @@ def attn_impl(model, name):
 
 
 @contextlib.contextmanager
-def patched(patch, model, pending=None, **kw):
+def patched(patch: Callable[..., Any], model: Any, pending: str | None = None, **kw: Any) -> Iterator[None]:
     """patch(model, **kw) for the block. `pending` names a variant whose API this vtattn may not
     have yet (built in parallel): its refusal, TypeError (an unknown argument) or
     NotImplementedError, becomes a Skip that the row shows instead of an error."""
@@ -145,29 +158,29 @@ def patched(patch, model, pending=None, **kw):
         vtattn.patch.unpatch(model)
 
 
-def pixels(B, image):
-    def make(device, dtype, seed):
+def pixels(B: int, image: int) -> Maker:
+    def make(device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
         g = torch.Generator(device=device).manual_seed(seed)
         return {"pixel_values": torch.randn(B, 3, image, image, device=device, dtype=dtype, generator=g)}
     return make
 
 
-def _eager_topk(tower, keep, has_cls):
+def _eager_topk(tower: Any, keep: float, has_cls: bool) -> Callable[[Inputs], torch.Tensor]:
     """What the reference pruning code does: eager attention with output_attentions=True, scores
     from the feature layer (FasterVLM: the head-mean [CLS] row; no [CLS], as SigLIP: the mean
     attention each token receives), torch top-k, gather the kept features."""
-    def call(x):
+    def call(x: Inputs) -> torch.Tensor:
         out = tower(x["pixel_values"], output_attentions=True, output_hidden_states=True, return_dict=True)
-        probs = out.attentions[FEATURE_LAYER]
+        probs: torch.Tensor = out.attentions[FEATURE_LAYER]
         scores = probs[:, :, 0, 1:].mean(1) if has_cls else probs.mean(1).mean(1)
-        feats = out.hidden_states[FEATURE_LAYER][:, int(has_cls):]
+        feats: torch.Tensor = out.hidden_states[FEATURE_LAYER][:, int(has_cls):]
         k = max(1, round(keep * scores.shape[1]))
         idx = scores.topk(k, dim=1).indices.sort(dim=1).values
         return feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[2]))
     return call
 
 
-def transformers_or_none():
+def transformers_or_none() -> Any:
     """transformers, or None where it is not installed (an optional dependency: no model cases)."""
     try:
         import transformers
@@ -176,7 +189,7 @@ def transformers_or_none():
         return None
 
 
-def tower_cases(name, s, backends):
+def tower_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
     transformers = transformers_or_none()
     if name not in TOWERS or transformers is None:
         return []
@@ -192,17 +205,19 @@ def tower_cases(name, s, backends):
              "heads": kw["num_attention_heads"], "image": kw["image_size"], "keep": TOWER_KEEP,
              "scaled": None if level == "full" else level,
              "cpu_threads": None if level == "full" else 1}
-    at = {}  # device and dtype: make_inputs is the first to know them
-    build = lambda device, dtype: build_model(model_cls, config, device, dtype)
-    tower = lambda: shared_model(("vision_tower", name, level), build, *at["dt"])
+    at: dict[str, tuple[torch.device, torch.dtype]] = {}  # device and dtype: make_inputs is the first to know them
+    build: Callable[[torch.device, torch.dtype], Any] = lambda device, dtype: build_model(model_cls, config, device,
+                                                                                           dtype)
+    tower: Callable[[], Any] = lambda: shared_model(("vision_tower", name, level), build, *at["dt"])
 
-    def make(device, dtype, seed):
+    def make(device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
         at["dt"] = device, dtype
         return pixels(B, kw["image_size"])(device, dtype, seed)
 
     c = Case("vision_tower", f"{name}:keep-{TOWER_KEEP}", shape, make)
-    impl = lambda name, call, inner, **kw: with_memory(Impl(name, call, ctx=lambda: single_thread(tower(), inner),
-                                                            **kw))
+    impl: Callable[..., Impl] = lambda name, call, inner, **kw: with_memory(
+        Impl(name, call, ctx=lambda: single_thread(tower(), inner), **kw))
+
     # vtattn's dispatch picks the kernels; forcing a backend per model row would time the same tower.
     c.impls = [impl("vtattn", lambda x: tower()(x["pixel_values"]), lambda: patched(
         vtattn.patch.vision_tower, tower(), keep=TOWER_KEEP, feature_layer=FEATURE_LAYER))]
@@ -213,4 +228,5 @@ def tower_cases(name, s, backends):
     return [c]
 
 
-BUILDERS = {"vision_tower": tower_cases}
+BUILDERS: dict[str, Builder] = {"vision_tower": tower_cases}
+

@@ -24,6 +24,8 @@ Random weights: the timings and memory are real; the tokens say nothing of accur
 A variant whose API this vtattn lacks (FastV, KV compression: being built) is a row with no
 timing and `skipped` saying why, never a missing row."""
 import time
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -31,15 +33,16 @@ import vtattn
 from vtattn.patch.core import output_cache
 
 from . import scenarios_qwen, scenarios_vllm
-from .cases import Case, Impl
+from .cases import Builder, Case, Impl, Inputs, Maker, Shape
 from .scenarios import (FEATURE_LAYER, SCALE, TOWERS, attn_impl, build_model, level_of, patched, scaled_config,
                         shared_model, single_thread, transformers_or_none, with_memory)
-from .timing import time_reps
+from .timing import Timing, time_reps
 
 LLAMA7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
-SCENARIOS = {  # name -> LLM kv heads, images per prompt, anyres (LLaVA-NeXT: base view + 2x2 crops),
-    # text tokens, variants (all: selection, FastV and KV budgets; kv: KV budgets only)
+# name -> LLM kv heads, images per prompt, anyres (LLaVA-NeXT: base view + 2x2 crops), text tokens,
+# variants (all: selection, FastV and KV budgets; kv: KV budgets only)
+SCENARIOS: dict[str, dict[str, Any]] = {
     "llava7b": dict(kv_heads=32, images=1, anyres=False),
     # Video stand-in: 8 frames as 8 images in one LLaVA-1.5 prompt (576 tokens each, no pooling);
     # 4672 tokens pass the 4096 positions LLaVA-1.5 was trained on: RoPE takes any position, and
@@ -58,7 +61,7 @@ SCENARIOS = {  # name -> LLM kv heads, images per prompt, anyres (LLaVA-NeXT: ba
     "vllm-llava": dict(family="vllm"),
 }
 KEEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
-FASTV = dict(method="fastv", layer=2, keep=0.25)
+FASTV: dict[str, Any] = dict(method="fastv", layer=2, keep=0.25)
 KV_BUDGETS = (1.0, 0.5, 0.2, 0.1)
 KV_RECENT = 0.1
 COMBINED_BUDGET = 0.2  # LOOK-M's budget with FastV and with decode-time eviction (the 4-image scenarios)
@@ -76,7 +79,7 @@ REPS = {"ttft": 3, "decode": 2}
 NEW_TOKENS = {"full": 32, "cpu": 8}
 
 
-def _config(transformers, scenario, level):
+def _config(transformers: Any, scenario: dict[str, Any], level: str) -> tuple[Any, int]:
     """The LlavaConfig / LlavaNextConfig of a scenario at a run level, and its image token id."""
     sc = SCALE[LEVEL_SCALE[level]]
     vision = transformers.CLIPVisionConfig(**scaled_config(TOWERS["clip-l336"][1], sc))
@@ -94,10 +97,10 @@ def _config(transformers, scenario, level):
     return transformers.LlavaNextConfig(**kw, image_grid_pinpoints=[[2 * side, 2 * side]]), image_token
 
 
-def _image_tokens(config, scenario):
+def _image_tokens(config: Any, scenario: dict[str, Any]) -> int:
     """Tokens per image after the processor's expansion: g*g patches per view (no [CLS]); anyres
     adds the 2x2 crops' (2g x 2g) grid with a newline token closing each of its 2g rows."""
-    g = config.vision_config.image_size // config.vision_config.patch_size
+    g: int = config.vision_config.image_size // config.vision_config.patch_size
     return g * g + (2 * g * (2 * g + 1) if scenario["anyres"] else 0)
 
 
@@ -105,27 +108,30 @@ class _DecodeClock:
     """A generate streamer timing the decode steps: from the second put (the prefill's token; the
     first put is the prompt) to end(). Seconds per generate call in `laps`."""
 
-    def __init__(self):
-        self.laps, self.puts, self.start = [], 0, None
+    def __init__(self) -> None:
+        self.laps: list[float] = []
+        self.puts = 0
+        self.start: float | None = None
 
-    def put(self, tokens):
+    def put(self, tokens: torch.Tensor) -> None:
         self.puts += 1
         if self.puts == 2:
             self.start = time.perf_counter()
 
-    def end(self):
+    def end(self) -> None:
+        assert self.start is not None, "end() before the prefill's token"
         self.laps.append(time.perf_counter() - self.start)
         self.puts = 0
 
 
-def _cache_bytes(cache):
+def _cache_bytes(cache: Any) -> int:
     if hasattr(cache, "kv_bytes"):  # vtattn.kv.CompressedCache: what the policy left allocated
         return int(cache.kv_bytes())
     return sum(t.numel() * t.element_size() for layer in cache.layers if getattr(layer, "is_initialized", False)
                for t in (layer.keys, layer.values))
 
 
-def _record_cache(impl, cache):
+def _record_cache(impl: Impl, cache: Any) -> None:
     """kv_bytes of the first (probe) call's cache, as a row field and in the note."""
     if cache is None or impl.stats["kv_bytes"] is not None:
         return
@@ -133,20 +139,38 @@ def _record_cache(impl, cache):
     impl.note = " ".join(filter(None, [impl.note, f"kv {n / 2**20:.3g} MiB"]))
 
 
-def _variants(which, new_tokens, llm_layers):
+# (row name, role, patch kwargs (built inside the row's ctx) or None, the name of a variant whose API may be missing)
+Variant = tuple[str, str, Callable[..., dict[str, Any]] | None, str | None]  # called with no arguments
+
+
+def _variants(which: str, new_tokens: int, llm_layers: int) -> list[Variant]:
     """(row name, role, patch kwargs (a function: built inside the row's ctx) or None for the
     unpatched model, the name of a variant whose API may be missing). which: "all" (LLaVA: vision
     selection, FastV, visual-token exit, KV budgets), "kv" (LLaVA: KV rows) or "qwen" (patch.qwen2_vl:
     vision-side keep below 1, FastV, visual-token exit, KV rows). The exit row (`exit-half`): every
     visual token leaves the LLM at half its depth, K = llm_layers // 2, alone (the tower unpatched);
-    named by the fraction, not K, so the name is the same at every level."""
-    out = [("unpatched-sdpa", "baseline", None, None)]
+    named by the fraction, not K, so the name is the same at every level; likewise `aim` (AIM's schedule
+    scaled to the depth)."""
+    out: list[Variant] = [("unpatched-sdpa", "baseline", None, None)]
     if which == "all":  # keep=1.0 is a reference: the targets are ratios to it.
         out += [(f"keep-{k}", "reference" if k == 1.0 else "vtattn", lambda k=k: dict(keep=k), None) for k in KEEPS]
         out.append((f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(FASTV), "FastV"))
     if which in ("all", "qwen"):
         K = llm_layers // 2
         out.append(("exit-half", "vtattn", lambda: dict(stages=[vtattn.patch.VisualExit(layer=K)]), "VisualExit"))
+        # SparseVLM: the release's LLaVA-1.5 pruning layers (2, 6, 15, 19 of 32) scaled to the depth, its MME setting
+        sparse = tuple(sorted({l * llm_layers // 32 for l in (2, 6, 15, 19)} & set(range(llm_layers - 1))))
+        out.append(("sparsevlm", "vtattn", lambda: dict(stages=[vtattn.patch.SparseVLM(layers=sparse)]), "SparseVLM"))
+        # CMAI in every LLM layer: each text query keeps the half of the image tokens it sees with the most focus
+        out.append(("cmai", "vtattn", lambda: dict(stages=[vtattn.patch.CMAI(keep=0.5)]), "CMAI"))
+        # VAR at the release's p, in layers 2 .. L-1: one group_attention pass per layer. The bench's random
+        # weights have no massive activations, so any dims do (the cost does not depend on which are sinks).
+        out.append(("var-0.6", "vtattn", lambda: dict(stages=[vtattn.patch.VAR(p=0.6, dims=(0, 1))]), "VAR"))
+        # AIM: the release's LLaVA-1.5 schedule (cuts from layer 13 of 32, 12.5% a layer) scaled to the depth,
+        # its image merge (576 -> 252): before LLaVA's projector, on Qwen2-VL's LLM input (per image / frame)
+        start = llm_layers * 13 // 32
+        merge: dict[str, Any] = {} if which == "all" else dict(metric="features", order="original")
+        out.append(("aim", "vtattn", lambda: dict(stages=[vtattn.patch.AIM(start=start, **merge)]), "AIM"))
     if which == "qwen":  # keep=1.0 is the unpatched model there (nothing to patch)
         out += [(f"keep-{k}", "vtattn", lambda k=k: dict(keep=k), None) for k in KEEPS if k < 1.0]
         out.append((f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(
@@ -167,7 +191,10 @@ def _variants(which, new_tokens, llm_layers):
 STATIC_ROWS = ("llava7b",)  # the scenarios whose decode cases add the static-cache and compiled rows
 
 
-def _static_variants():
+StaticVariant = tuple[str, str, Callable[[], dict[str, Any]] | None, dict[str, Any]]
+
+
+def _static_variants() -> list[StaticVariant]:
     """(row, role, patch kwargs or None, generate options) of the static-cache rows: generate with
     cache_implementation="static" (vtattn's KV stage turns it into a static CompressedCache) without
     compilation, then compiled (transformers' CompileConfig, on every device: CUDA graphs on a GPU).
@@ -176,29 +203,31 @@ def _static_variants():
     compiled = CompileConfig()
     compiled._compile_all_devices = True  # CPU too (transformers compiles on accelerators only)
     lookm = lambda: dict(stages=[vtattn.patch.KVCompress(vtattn.kv.LookM(budget=0.1, recent=KV_RECENT))])  # noqa
-    out = []
+    out: list[StaticVariant] = []
     for mode, options in (("static", dict(cache_implementation="static", disable_compile=True)),
                           ("compiled", dict(cache_implementation="static", compile_config=compiled))):
         out += [(f"unpatched-sdpa-{mode}", "vtattn", None, options), (f"lookm-0.1-{mode}", "vtattn", lookm, options)]
     return out
 
 
-def e2e_cases(name, s, backends):
+def e2e_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
     """Every scenario's cases, once: on the LLaVA-7B attention shape, which gives the run level."""
     transformers = transformers_or_none()
     if name != "llava7b-prefill" or transformers is None:
         return []
     level = level_of(name, s)
-    cases = []
+    cases: list[Case] = []
     for scenario_name, scenario in SCENARIOS.items():
         cases += _scenario_cases(transformers, scenario_name, scenario, level)
     return cases
 
 
-def _scenario_cases(transformers, scenario_name, scenario, level):
+def _scenario_cases(transformers: Any, scenario_name: str, scenario: dict[str, Any], level: str) -> list[Case]:
     if scenario.get("family") == "vllm":
         return scenarios_vllm.cases(scenario_name, level)
     qwen = scenario.get("family") == "qwen2vl"
+    key: tuple[object, ...]
+    patch: Callable[..., Any]
     if qwen:
         config, image_token = scenarios_qwen.config(transformers, LEVEL_SCALE[level],
                                                     None if level == "full" else CPU_LLM_LAYERS)
@@ -214,9 +243,9 @@ def _scenario_cases(transformers, scenario_name, scenario, level):
         patch, per_image = vtattn.patch.llava, _image_tokens(config, scenario)
         tower_layers = config.vision_config.num_hidden_layers
     text = config.text_config
-    at = {}  # device and dtype: make_inputs is the first to know them
-    build = lambda device, dtype: build_model(cls, config, device, dtype)
-    model = lambda: shared_model(key, build, *at["dt"])
+    at: dict[str, tuple[torch.device, torch.dtype]] = {}  # device and dtype: make_inputs is the first to know them
+    build: Callable[[torch.device, torch.dtype], Any] = lambda device, dtype: build_model(cls, config, device, dtype)
+    model: Callable[[], Any] = lambda: shared_model(key, build, *at["dt"])
     images = scenario["images"]
     scale = SCALE[LEVEL_SCALE[level]]["side"]
     prompt = max(1, scenario.get("prompt", PROMPT) // scale ** 2)  # keeps the image : text ratio
@@ -227,8 +256,8 @@ def _scenario_cases(transformers, scenario_name, scenario, level):
                   "tower_layers": tower_layers, "scaled": None if level == "full" else LEVEL_SCALE[level],
                   "cpu_threads": None if level == "full" else 1}
 
-    def make_inputs(B):
-        def make(device, dtype, seed):
+    def make_inputs(B: int) -> Maker:
+        def make(device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
             at["dt"] = device, dtype
             g = torch.Generator(device=device).manual_seed(seed)
             if qwen:
@@ -238,21 +267,23 @@ def _scenario_cases(transformers, scenario_name, scenario, level):
             image_ids = torch.full((B, images * per_image), image_token, device=device)
             ids = torch.cat([text_ids[:, :1], image_ids, text_ids[:, 1:]], 1)  # <s> <image>... prompt
             views = (B, 5) if scenario["anyres"] else (B * images,)
-            x = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            x: Inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                  "pixel_values": torch.randn(*views, 3, side, side, device=device, dtype=dtype, generator=g)}
             if scenario["anyres"]:  # images at the pinpoint's size: no padding for unpad to strip
                 x["image_sizes"] = torch.tensor([[2 * side, 2 * side]] * B, device=device)
             return x
         return make
 
-    def impls(kind, B):
-        out = []
+    def impls(kind: str, B: int) -> list[Impl]:
+        out: list[Impl] = []
+        inner: Callable[..., AbstractContextManager[Any]]  # called with no arguments
         for row, role, kw, pending in _variants(scenario.get("variants", "all"), new_tokens, text.num_hidden_layers):
             if kw is None:
                 inner = lambda: attn_impl(model(), "sdpa")
             else:
                 inner = lambda kw=kw, pending=pending: patched(patch, model(), pending=pending, **kw())
-            impl = Impl(row, None, role=role, ctx=lambda inner=inner: single_thread(model(), inner),
+            ctx = lambda inner=inner: single_thread(model(), inner)
+            impl = Impl(row, None, role=role, ctx=ctx,  # type: ignore[arg-type]  # _prefill / _decode set call
                         stats=dict(kv_bytes=None))
             if kind == "ttft":
                 _prefill(impl, model)
@@ -265,13 +296,14 @@ def _scenario_cases(transformers, scenario_name, scenario, level):
                     inner = lambda: attn_impl(model(), "sdpa")
                 else:
                     inner = lambda kw=kw: patched(patch, model(), pending="static KV cache", **kw())
-                impl = Impl(row, None, role=role, ctx=lambda inner=inner: single_thread(model(), inner),
+                ctx = lambda inner=inner: single_thread(model(), inner)
+                impl = Impl(row, None, role=role, ctx=ctx,  # type: ignore[arg-type]  # _decode sets call
                             stats=dict(kv_bytes=None))
                 _decode(impl, model, B, new_tokens, options)
                 out.append(with_memory(impl))
         return out
 
-    cases = []
+    cases: list[Case] = []
     for kind, batches in (("ttft", TTFT_BATCHES), ("decode", DECODE_BATCHES)):
         for real_B in batches:
             B = real_B if level == "full" else min(real_B, CPU_BATCH)
@@ -282,8 +314,8 @@ def _scenario_cases(transformers, scenario_name, scenario, level):
     return cases
 
 
-def _prefill(impl, model):
-    def call(x):
+def _prefill(impl: Impl, model: Callable[[], Any]) -> None:
+    def call(x: Inputs) -> None:
         out = model()(**x, use_cache=True, logits_to_keep=1)
         _record_cache(impl, output_cache(out))
         # None: logits at different keeps are not comparable, so the runner computes no max_err.
@@ -292,16 +324,17 @@ def _prefill(impl, model):
     impl.timer = lambda fns, device, quick: time_reps(fns, device, REPS["ttft"], quick)
 
 
-def _decode(impl, model, B, new_tokens, options=None):
+def _decode(impl: Impl, model: Callable[[], Any], B: int, new_tokens: int,
+            options: dict[str, Any] | None = None) -> None:
     clock = _DecodeClock()
     impl.stats["tok_s"] = None
 
-    def call(x):
+    def call(x: Inputs) -> None:
         out = model().generate(**x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                pad_token_id=0, streamer=clock, return_dict_in_generate=True, **(options or {}))
         _record_cache(impl, output_cache(out))
 
-    def timer(fns, device, quick):
+    def timer(fns: Sequence[Callable[[], object]], device: torch.device, quick: bool) -> Timing:
         del clock.laps[:]  # drop the probe's
         # whole generate calls, each sample the clock's lap: their decode part
         t = time_reps(fns, device, REPS["decode"], quick, measured=lambda: clock.laps[-1] * 1e3)
@@ -311,4 +344,5 @@ def _decode(impl, model, B, new_tokens, options=None):
     impl.call, impl.timer = call, timer
 
 
-BUILDERS = {"e2e": e2e_cases}
+BUILDERS: dict[str, Builder] = {"e2e": e2e_cases}
+

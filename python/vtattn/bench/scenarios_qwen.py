@@ -3,20 +3,23 @@ config with random weights, images of 448 x 448 (32 x 32 patches, 256 tokens aft
 merger), patched with `vtattn.patch.qwen2_vl` (vision-side keep, FastV, KV compression). Scaled
 down on CPU like the LLaVA scenarios, the head dims kept (128 in the LLM: M-RoPE's sections need
 it; 80 in the ViT)."""
+from typing import Any
+
 import torch
 
+from .cases import Inputs
 from .scenarios import SCALE
 
-QWEN2VL7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                 num_key_value_heads=4, vocab_size=152064,
-                 rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
-VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
-              temporal_patch_size=2, in_channels=3)
+QWEN2VL7B: dict[str, Any] = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                 rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+VISION: dict[str, int] = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14,
+                              spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
 SIDE = 448
 HEAD_DIM, VISION_HEAD_DIM = 128, 80
 
 
-def config(transformers, level_scale, llm_layers):
+def config(transformers: Any, level_scale: str, llm_layers: int | None) -> tuple[Any, int]:
     """Qwen2VLConfig at a scale (SCALE's key; llm_layers: None = all) and its image token id."""
     sc = SCALE[level_scale]
     w = sc["width"]
@@ -38,12 +41,14 @@ def config(transformers, level_scale, llm_layers):
                                       vision_end_token_id=V - 4), V - 1
 
 
-def grid(level_scale):
+def grid(level_scale: str) -> int:
     """Patches per image side at a scale: whole 2 x 2 merge groups."""
     return SIDE // 28 // SCALE[level_scale]["side"] * 2
 
 
-def inputs(config, B, images, prompt, g, device, dtype, generator):
+def inputs(config: Any, B: int, images: int, prompt: int, g: int, device: torch.device, dtype: torch.dtype,
+           generator: torch.Generator) -> Inputs:
+
     """One row per sample: <s>, then each image as <vision_start> <image>*(g*g/4) <vision_end>, then
     the prompt's text; pixel patches as the processor flattens them."""
     image_token, start, end = config.image_token_id, config.vision_start_token_id, config.vision_end_token_id

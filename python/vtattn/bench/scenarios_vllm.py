@@ -25,17 +25,18 @@ import itertools
 import os
 import tempfile
 import time
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .cases import Case, Impl, Skip
-from .timing import summary, time_reps
+from .cases import Case, Impl, Inputs, Skip
+from .timing import Timing, summary, time_reps
 
 KEEPS = (1.0, 0.5, 0.25, 0.1)
 METHOD = "cls"
 # Per run level: the CLIP tower's image side (14-pixel patches: (side / 14)^2 image tokens), the
 # language model (head dim 32 on CPU, a size vLLM's CPU attention supports), the batch, the new tokens.
-SIZES = {
+SIZES: dict[str, dict[str, Any]] = {
     "full": dict(image_size=336, text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
                                            num_attention_heads=8, num_key_value_heads=8), B=32, new_tokens=16),
     "cpu": dict(image_size=224, text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -47,7 +48,7 @@ SIZES = {
 }
 PROMPT = 8  # text words (one token each) beside the image
 REPS = 5  # timed samples per row on a GPU; CPU rows sample until their spread is small (timing.CPU_BUDGETS)
-ENGINE = dict(enforce_eager=True, max_model_len=1024, enable_prefix_caching=False, seed=0,
+ENGINE: dict[str, Any] = dict(enforce_eager=True, max_model_len=1024, enable_prefix_caching=False, seed=0,
               gpu_memory_utilization=0.05, kv_cache_memory_bytes=256 << 20)
 VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 SKIP = "vLLM is not importable here (see scripts/vllm_env.sh)"
@@ -58,10 +59,10 @@ def vllm_importable() -> bool:
     return spec is not None and spec.origin is not None  # a folder named vllm on sys.path is a namespace
 
 
-_model: dict = {}  # the one checkpoint written: {"key": level, "dir": TemporaryDirectory}
+_model: dict[str, Any] = {}  # the one checkpoint written: {"key": level, "dir": TemporaryDirectory}
 
 
-def _checkpoint(level):
+def _checkpoint(level: str) -> str:
     """The scenario's tiny LLaVA at a level, written on first use."""
     if _model.get("key") != level:
         from vtattn.vllm import tiny
@@ -70,11 +71,12 @@ def _checkpoint(level):
         size = SIZES[level]
         tiny.llava(folder.name, image_size=size["image_size"], **size["text"])
         _model.update(key=level, dir=folder)
-    return _model["dir"].name
+    written: tempfile.TemporaryDirectory[str] = _model["dir"]
+    return written.name
 
 
 @contextlib.contextmanager
-def _engine(level, dtype, keep, max_num_seqs):
+def _engine(level: str, dtype: torch.dtype, keep: float | None, max_num_seqs: int) -> Iterator[Any]:
     """A vLLM engine on the level's checkpoint (keep None: plain vLLM), shut down at exit. In-process,
     vLLM's CPU worker runs on the caller's torch threads (the bench's 1) and replaces
     `torch.set_num_threads` with a no-op for the whole process: put back at exit."""
@@ -88,7 +90,7 @@ def _engine(level, dtype, keep, max_num_seqs):
     import vtattn.vllm
     set_threads, threads = torch.set_num_threads, torch.get_num_threads()
     path = _checkpoint(level)
-    extra = {} if keep is None else dict(hf_overrides=vtattn.vllm.overrides(keep=keep, method=METHOD))
+    extra: dict[str, Any] = {} if keep is None else dict(hf_overrides=vtattn.vllm.overrides(keep=keep, method=METHOD))
     llm = None
     try:
         llm = LLM(model=path, dtype=VLLM_DTYPES[dtype], max_num_seqs=max_num_seqs, **ENGINE, **extra)
@@ -103,10 +105,10 @@ def _engine(level, dtype, keep, max_num_seqs):
         set_threads(threads)
 
 
-def _requests(B, image_size, seeds):
+def _requests(B: int, image_size: int, seeds: Iterator[int]) -> list[dict[str, Any]]:
     """B (prompt, image) requests with new random images (seeds: an iterator)."""
     from vtattn.vllm import tiny
-    out = []
+    out: list[dict[str, Any]] = []
     for _ in range(B):
         s = next(seeds)
         out.append({"prompt": f"{tiny.text(s, PROMPT // 2)} <image> {tiny.text(s + 1, PROMPT - PROMPT // 2)}",
@@ -114,11 +116,11 @@ def _requests(B, image_size, seeds):
     return out
 
 
-def _serve(engine, requests, new_tokens, tag):
+def _serve(engine: Any, requests: list[dict[str, Any]], new_tokens: int, tag: str) -> tuple[float, float]:
     """Submit the requests at once and step the engine until all finish: (batch ms, mean TTFT ms)."""
     from vllm import SamplingParams
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    first = {}
+    first: dict[str, float] = {}
     t0 = time.perf_counter()
     for i, r in enumerate(requests):
         engine.add_request(f"{tag}-{i}", r, params)
@@ -134,17 +136,18 @@ def _serve(engine, requests, new_tokens, tag):
     return (end - t0) * 1e3, sum(t - t0 for t in first.values()) * 1e3 / len(first)
 
 
-def _impl(name, role, keep, level, size, at):
+def _impl(name: str, role: str, keep: float | None, level: str, size: dict[str, Any],
+          at: dict[str, torch.dtype]) -> Impl:
     """One row: its engine opens in the row's context (at["dtype"]: the run's, from make_inputs)."""
-    held = {}  # the row's engine while its context is open
+    held: dict[str, Any] = {}  # the row's engine while its context is open
     seeds = itertools.count(1)  # new images every call; the same sequence in every row
     # ms per call: the batch's (timed) and its mean TTFT; the probe's are dropped and a re-measurement's
     # pooled with the first's, as the runner pools the baseline's timings (runner._bracket)
-    kept = {"batch": [], "ttft": [], "pending": []}
-    last = {}
+    kept: dict[str, list[float]] = {"batch": [], "ttft": [], "pending": []}
+    last: dict[str, float] = {}
 
     @contextlib.contextmanager
-    def ctx():
+    def ctx() -> Iterator[None]:
         with _engine(level, at["dtype"], keep, size["B"]) as llm:
             held["engine"] = llm.llm_engine
             try:
@@ -152,13 +155,13 @@ def _impl(name, role, keep, level, size, at):
             finally:
                 held.clear()
 
-    def call(x):
+    def call(x: Inputs) -> None:
         requests = _requests(size["B"], size["image_size"], seeds)  # untimed: before the clock starts
         batch_ms, mean_ttft = _serve(held["engine"], requests, size["new_tokens"], f"s{next(seeds)}")
         last["ms"] = batch_ms
         kept["pending"].append(mean_ttft)
 
-    def timer(fns, device, quick):
+    def timer(fns: Sequence[Callable[[], object]], device: torch.device, quick: bool) -> Timing:
         del kept["pending"][:]  # the probe's
         t = time_reps(fns, device, REPS, quick, measured=lambda: last["ms"])
         kept["batch"] += t.samples
@@ -172,7 +175,7 @@ def _impl(name, role, keep, level, size, at):
     return impl
 
 
-def cases(scenario_name, level):
+def cases(scenario_name: str, level: str) -> list[Case]:
     """The scenario's one case at a run level (its rows skipped where vLLM is not importable)."""
     size = SIZES[level]
     text = size["text"]
@@ -181,9 +184,10 @@ def cases(scenario_name, level):
              "llm_width": text["hidden_size"], "heads": text["num_attention_heads"],
              "kv_heads": text["num_key_value_heads"], "tower_layers": 4, "scaled": None if level == "full" else level,
              "engine": "vllm", "method": METHOD}
-    at = {}
+    at: dict[str, torch.dtype] = {}
 
-    def make_inputs(device, dtype, seed):
+    def make_inputs(device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
+
         at["dtype"] = dtype  # the engine's dtype: the run's
         return {}
 

@@ -5,26 +5,28 @@ feature width). Bytes counted once per op:
 - select+gather: scores read (fp32) + kept rows read and written + indices (int64) and mask written.
 - merge: x and keys read once + kept rows written.
 """
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 import vtattn
 
-from .cases import Case, Impl, _vtattn_impls
+from .cases import Builder, Case, Impl, Inputs, Maker, Shape, _vtattn_impls
 
 KEEPS = (0.1, 0.25, 0.5)
 MERGE_KEEP = 0.25
 _HAS_CLS = {"clip-l336": True, "siglip-so400m": False}
 
 
-def _dims(name, s):
+def _dims(name: str, s: Shape) -> tuple[int, int, int]:
     return s["B"], s["N"] - _HAS_CLS[name], s["Hq"] * s["D"]
 
 
-def _maker(B, N, C, keep=None):
-    def make(device, dtype, seed):
+def _maker(B: int, N: int, C: int, keep: float | None = None) -> Maker:
+    def make(device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
         g = torch.Generator(device=device).manual_seed(seed)
-        x = {"scores": torch.rand(B, N, device=device, generator=g),  # fp32, as key_importance gives
+        x: Inputs = {"scores": torch.rand(B, N, device=device, generator=g),  # fp32, as key_importance gives
              "x": torch.randn(B, N, C, device=device, dtype=dtype, generator=g)}
         if keep is not None:  # merge: keys and a selection made outside the timing
             x["keys"] = torch.randn(B, N, C, device=device, dtype=dtype, generator=g)
@@ -33,34 +35,38 @@ def _maker(B, N, C, keep=None):
     return make
 
 
-def _torch_topk_gather(x, keep):
+def _torch_topk_gather(x: Inputs, keep: float) -> torch.Tensor:
     """What pruning code writes by hand: top-k, sort back to token order, gather."""
-    k = max(1, round(keep * x["scores"].shape[1]))
-    idx = x["scores"].topk(k, dim=1).indices.sort(dim=1).values
-    return x["x"].gather(1, idx[..., None].expand(-1, -1, x["x"].shape[2]))
+    scores: torch.Tensor = x["scores"]
+    xs: torch.Tensor = x["x"]
+    k = max(1, round(keep * scores.shape[1]))
+    idx = scores.topk(k, dim=1).indices.sort(dim=1).values
+    return xs.gather(1, idx[..., None].expand(-1, -1, xs.shape[2]))
 
 
-def select_cases(name, s, backends):
+def select_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
     if name not in _HAS_CLS:
         return []
     B, N, C = _dims(name, s)
     cases = []
     for keep in KEEPS:
         K = max(1, round(keep * N))
-        c = Case("select_tokens", f"{name}:keep-{keep}", {"B": B, "N": N, "C": C, "keep": keep},
-                 _maker(B, N, C),
-                 bytes_fn=lambda elt, K=K: B * N * 4 + 2 * B * K * C * elt + B * K * 8 + B * N)
-        c.impls = _vtattn_impls(backends, lambda x, keep=keep: vtattn.gather_tokens(
-            x["x"], vtattn.select_tokens(x["scores"], keep)))
-        c.impls.append(Impl("torch-topk", lambda x, keep=keep: _torch_topk_gather(x, keep), role="baseline"))
+        moved = lambda elt, K=K: B * N * 4 + 2 * B * K * C * elt + B * K * 8 + B * N
+        c = Case("select_tokens", f"{name}:keep-{keep}", {"B": B, "N": N, "C": C, "keep": keep}, _maker(B, N, C),
+                 bytes_fn=moved)
+        call = lambda x, keep=keep: vtattn.gather_tokens(x["x"], vtattn.select_tokens(x["scores"], keep))
+        c.impls = _vtattn_impls(backends, call)
+        baseline = lambda x, keep=keep: _torch_topk_gather(x, keep)
+        c.impls.append(Impl("torch-topk", baseline, role="baseline"))
         cases.append(c)
     return cases
 
 
-def _naive_merge(x):
+def _naive_merge(x: Inputs) -> torch.Tensor:
     """Cosine matrix [B, N, K] + argmax + index_add: each pruned token averaged into its most
     similar kept token (mode="mean")."""
-    sel, xs, keys = x["sel"], x["x"].float(), F.normalize(x["keys"].float(), dim=-1)
+    sel, keys = x["sel"], F.normalize(x["keys"].float(), dim=-1)
+    xs: torch.Tensor = x["x"].float()
     B, N, C = xs.shape
     idx = sel.indices
     kept_keys = keys.gather(1, idx[..., None].expand(-1, -1, C))
@@ -72,7 +78,7 @@ def _naive_merge(x):
     return (acc / count[:, None]).view(B, -1, C).to(x["x"].dtype)
 
 
-def merge_cases(name, s, backends):
+def merge_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
     if name not in _HAS_CLS:
         return []
     B, N, C = _dims(name, s)
@@ -84,4 +90,4 @@ def merge_cases(name, s, backends):
     return [c]
 
 
-BUILDERS = {"select_tokens": select_cases, "merge_tokens": merge_cases}
+BUILDERS: dict[str, Builder] = {"select_tokens": select_cases, "merge_tokens": merge_cases}

@@ -3,6 +3,8 @@ LOOK-M merging (merge.py), decode-time eviction (decode.py) and `CompressedCache
 paged storage in pages.py), the transformers Cache that holds only what a policy kept. Budgets per
 layer come from one policy per layer, e.g.
 `CompressedCache([kv.SnapKV(b) for b in kv.pyramid(num_layers, 0.2)])`."""
+from typing import Any
+
 from . import budgets
 from .budgets import pyramid
 from .merge import merge_kv
@@ -12,7 +14,7 @@ __all__ = ["CompressedCache", "KeepSet", "LookM", "SnapKV", "H2O", "KeyNorm", "S
            "DecodeH2O", "pyramid", "merge_kv", "budgets"]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name == "CompressedCache":  # imports transformers: on use only
         from .cache import CompressedCache
         return CompressedCache

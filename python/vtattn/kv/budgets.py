@@ -4,12 +4,14 @@ allocation, and modality-aware limits. Pure tensor code; `policies.py` gives the
 A budget is given as a ratio of the L prompt tokens, `budget=0.2` in (0, 1], or as a count,
 `budget_tokens=100` (likewise `recent` / `recent_tokens` for windows, in [0, 1] / >= 0); inside,
 it is a float ratio or an int count (`vtattn.pruning.resolve_keep`)."""
+from typing import Any
+
 import torch
 
 from ..pruning import resolve_keep
 
 
-def resolve_budget(budget, budget_tokens, name="budget", stacklevel=4):
+def resolve_budget(budget: Any, budget_tokens: Any, name: str = "budget", stacklevel: int = 4) -> float | int:
     """The float ratio or int count of `name` / `name`_tokens; one of them is required."""
     out = resolve_keep(budget, budget_tokens, name=name, count_name=f"{name}_tokens", stacklevel=stacklevel)
     if out is None:
@@ -17,7 +19,7 @@ def resolve_budget(budget, budget_tokens, name="budget", stacklevel=4):
     return out
 
 
-def resolve_window(recent, recent_tokens, name="recent"):
+def resolve_window(recent: Any, recent_tokens: Any, name: str = "recent") -> float | int:
     """A recent window: the float ratio in [0, 1] or int count >= 0 of `name` / `name`_tokens."""
     out = resolve_keep(recent, recent_tokens, name=name, count_name=f"{name}_tokens", zero=True, stacklevel=4)
     if out is None:
@@ -25,13 +27,14 @@ def resolve_window(recent, recent_tokens, name="recent"):
     return out
 
 
-def tokens(budget, n):
+def tokens(budget: float | int, n: int) -> int:
     """Tokens out of n: int(budget * n) for a ratio (truncated, as LOOK-M's int()), min(budget, n)
     for a count."""
     return int(budget * n) if isinstance(budget, float) else min(budget, n)
 
 
-def pyramid(num_layers, mean_budget=None, *, mean_budget_tokens=None, beta=20):
+def pyramid(num_layers: int, mean_budget: float | None = None, *, mean_budget_tokens: int | None = None,
+            beta: float = 20) -> list[float] | list[int]:
     """PyramidKV-style schedule: budgets decreasing linearly from the first layer to the last,
     from 2 * mean - mean / beta down to mean / beta, so the mean (the total) equals the uniform
     schedule's. A ratio mean (`mean_budget`) gives float ratios (for `budget=`); a count mean
@@ -59,7 +62,7 @@ def pyramid(num_layers, mean_budget=None, *, mean_budget_tokens=None, beta=20):
     return counts
 
 
-def top_free(scores, allowed, free):
+def top_free(scores: torch.Tensor, allowed: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
     """bool [B, H, L]: per (batch, head) the top free[b, h] allowed keys by score (ties to the
     lower position); fewer when fewer are allowed."""
     masked = scores.masked_fill(~allowed, float("-inf"))
@@ -69,7 +72,7 @@ def top_free(scores, allowed, free):
     return torch.zeros_like(allowed).scatter(-1, order, take)
 
 
-def adakv_allocate(scores, allowed, free, floor):
+def adakv_allocate(scores: torch.Tensor, allowed: torch.Tensor, free: torch.Tensor, floor: float) -> torch.Tensor:
     """AdaKV cross-head allocation, bool [B, H, L]. The layer's budget sum_h free[b, h] is shared
     by the heads: each head first keeps its top int(floor * free[b, h]) keys, then one top-k over
     all heads' remaining allowed keys fills the rest. (AdaKV's code adds the floor to each head's
@@ -83,7 +86,7 @@ def adakv_allocate(scores, allowed, free, floor):
     return base | more
 
 
-def image_spans(modality):
+def image_spans(modality: torch.Tensor) -> torch.Tensor:
     """int64 [B, L] image span ids (-1 for text) from a modality argument: bool (True = image;
     each contiguous run of image tokens is one image) or integer span ids (-1 = text) as given."""
     if modality.dtype == torch.bool:
@@ -92,7 +95,7 @@ def image_spans(modality):
     return modality.long()
 
 
-def cap_per_image(scores, allowed, spans, max_per_image):
+def cap_per_image(scores: torch.Tensor, allowed: torch.Tensor, spans: torch.Tensor, max_per_image: int) -> torch.Tensor:
     """allowed, narrowed to the top max_per_image allowed keys of each image span per head (text
     keys stay as they are)."""
     spans = spans[:, None].expand_as(allowed)

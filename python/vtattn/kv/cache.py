@@ -14,8 +14,11 @@ Positions stay those of the uncompressed sequence: keys are cached after RoPE, a
 `get_seq_length()` (and the mask sizes) count every token the layer was given, kept or not, so
 `generate`'s cache_position / position ids continue from the uncompressed length. Padding (from
 the attention mask) is never kept. A `DecodeH2O` policy also evicts while decoding (decode.py)."""
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -52,7 +55,10 @@ class CompressedCache(Cache):
     counts). `modality` (bool [B, L], True = image token, or span ids) must be set before the prefill
     for policies that need it (LookM, Modality, merging); the patches set it."""
 
-    def __init__(self, policy=None, *, page_size=16, room=None, max_new_tokens=None):
+    layers: list["CompressedLayer"]
+
+    def __init__(self, policy: Policy | list[Policy | None] | tuple[Policy | None, ...] | None = None, *,
+                 page_size: int = 16, room: int | None = None, max_new_tokens: int | None = None) -> None:
         for name, n, low in (("page_size", page_size, 1), ("room", room, 1), ("max_new_tokens", max_new_tokens, 0)):
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < low):
                 raise ValueError(f"{name} must be an int >= {low}, got {n!r}")
@@ -71,21 +77,22 @@ class CompressedCache(Cache):
                                       "dynamic CompressedCache (max_new_tokens=None), not a static one")
         super().__init__(layers=[])
         self.policy, self.page_size, self.room, self.max_new_tokens = policy, page_size, room, max_new_tokens
-        self.modality = None
+        self.modality: torch.Tensor | None = None
 
     @property
-    def static(self):
+    def static(self) -> bool:
         """Whether capacities are fixed at the prefill (max_new_tokens given)."""
         return self.max_new_tokens is not None
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         while len(self.layers) <= layer_idx:
             i = len(self.layers)
             policy = self.policy[i] if isinstance(self.policy, (list, tuple)) else self.policy
             self.layers.append(CompressedLayer(self, i, policy))
         return self.layers[layer_idx].update(key_states, value_states)
 
-    def kept_positions(self, layer_idx):
+    def kept_positions(self, layer_idx: int) -> torch.Tensor:
         """int64 [B, Hkv, L]: the original positions each (batch, kv head) holds, ascending for the
         prompt then the decoded tokens, -1 padded to the longest head."""
         layer = self.layers[layer_idx]
@@ -93,40 +100,46 @@ class CompressedCache(Cache):
             raise ValueError(f"layer {layer_idx} has not been compressed yet (no prefill ran through it)")
         return layer.pages.positions()
 
-    def host_seq_length(self):
+    def host_seq_length(self) -> int:
         """`get_seq_length()` as the host counts it, never a sync (a static cache's is a device
         tensor): the tokens eager steps gave layer 0. The prefill always counts; compiled steps and
         CUDA graph replays do not, so it tells a new cache (0) from a filled one, not the length."""
         return self.layers[0].seen if self.layers else 0
 
-    def kv_bytes(self):
+    def kv_bytes(self) -> int:
         """Bytes allocated for keys and values over all layers (pages, or uncompressed prefill KV)."""
         return sum(layer.nbytes for layer in self.layers)
 
 
 class CompressedLayer(CacheLayerMixin):
+    keys: torch.Tensor | None  # the prompt's, until compressed
+    values: torch.Tensor | None
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, cache, index, policy):
+    def __init__(self, cache: CompressedCache, index: int, policy: Policy | None) -> None:
         super().__init__()
         self.cache, self.index, self.policy = cache, index, policy
         self.is_compileable = cache.static
         self.seen = 0  # tokens given to this layer: the uncompressed length (host; eager steps only when static)
-        self.seen_t = None  # static: the same count as a device int64 scalar, updated in place by every step
+        # static: the same count as a device int64 scalar, updated in place by every step
+        self.seen_t: torch.Tensor | None = None
         self.offset = 0  # original position of row `seen` minus `seen` (> 0 under FastV: fewer rows)
-        self.pages = None
-        self._base = None  # DecodeH2O: numpy int64 [B, Hkv], each head's length after the prefill
-        self.queries = []  # DecodeH2O: the decode queries since its last eviction, [B, Hq, n, D] each
-        self._decode, self._index = Direct("paged_decode_attention"), Direct("index_attention")
+        self.pages: Pages | None = None
+        # DecodeH2O: numpy int64 [B, Hkv], each head's length after the prefill
+        self._base: npt.NDArray[np.int64] | None = None
+        # DecodeH2O: the decode queries since its last eviction, [B, Hq, n, D] each
+        self.queries: list[torch.Tensor] = []
+        self._decode: Direct[torch.Tensor] = Direct("paged_decode_attention")
+        self._index: Direct[torch.Tensor] = Direct("index_attention")
 
-    def lazy_initialization(self, key_states, value_states):
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         if self.cache.static:
             self.seen_t = torch.zeros((), dtype=torch.int64, device=self.device)
         self.is_initialized = True
 
-    def _positions(self, n):
+    def _positions(self, n: int) -> torch.Tensor:
         """The original positions of the n tokens given last: int64 [n] (device arithmetic when
         static: a compiled step reads no host count)."""
         if self.seen_t is None:
@@ -134,13 +147,14 @@ class CompressedLayer(CacheLayerMixin):
             return torch.arange(start, start + n, device=self.device)
         return self.seen_t + (self.offset - n) + torch.arange(n, device=self.device)
 
-    def _advance(self, n):
+    def _advance(self, n: int) -> None:
         if self.seen_t is not None:
             self.seen_t += n
         if not torch.compiler.is_compiling():  # host state stays out of compiled graphs
             self.seen += n
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         last = _handoff.pending()
         if (self.pages is None and self.keys is not None) or (
                 last is not None and last.cache is self.cache and last.index == self.index - 1):
@@ -160,7 +174,9 @@ class CompressedLayer(CacheLayerMixin):
         _handoff.publish(self, out[0])  # the attention call given these very keys lets this layer attend
         return out
 
-    def attend(self, q, k, v, mask, scale, frame=None, prefill=None):
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
+               frame: Frame | None = None,
+               prefill: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Attention of q [B, Hq, n, D] over this layer after `update` returned (k, v): the prefill
         (then compression), or the kept KV plus the new tokens. Returns [B, Hq, n, D]. A prefill
         of a subsequence of the prompt (FastV's pruned layers) gives its `Frame`. `prefill`:
@@ -191,32 +207,34 @@ class CompressedLayer(CacheLayerMixin):
                 p.lengths, self._positions(n).expand(B, n).contiguous(), p.pos.view(1, -1).expand(B, -1).contiguous(),
                 True, scale, stamp=p.k.shape[0])
         if isinstance(self.policy, DecodeH2O):
-            self._decoded(q, scale)
+            self._decoded(q, scale, self.policy)
         return out
 
-    def _decoded(self, q, scale):
+    def _decoded(self, q: torch.Tensor, scale: float, policy: DecodeH2O) -> None:
         """DecodeH2O: note the step's queries; every `every` tokens, score them and evict."""
         D = q.shape[-1]
         q = q.detach()  # scores only
         self.queries.append(q if scale == D ** -0.5 else q * (scale * D ** 0.5))
         n = sum(x.shape[2] for x in self.queries)
-        if n >= self.policy.every:
+        if n >= policy.every:
             queries, self.queries = torch.cat(self.queries, 2), []
-            self.pages = evict(self.pages, queries, self.seen - n + self.offset, self._base, self.policy.recent,
+            assert self.pages is not None and self._base is not None  # a compressed DecodeH2O layer
+            self.pages = evict(self.pages, queries, self.seen - n + self.offset, self._base, policy.recent,
                                self._room())
 
-    def _compress(self, q, k, v, lse, valid, scale, frame):
+    def _compress(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+                  valid: torch.Tensor | None, scale: float | None, frame: Frame | None) -> None:
         # The keep-set is a discrete choice and the cache is inference state: scores and stored rows carry
         # no gradient (key_importance and merge_tokens refuse inputs that require grad).
         q, k, v, lse = q.detach(), k.detach(), v.detach(), lse.detach()
         B, H, L, D = k.shape
-        if scale != D ** -0.5:  # the policies score with the default scale
+        if scale is not None and scale != D ** -0.5:  # the policies score with the default scale
             q = q * (scale * D ** 0.5)
         modality = self.cache.modality if frame is None else frame.modality
         if modality is not None and tuple(modality.shape) != (B, L):
             raise ValueError(f"CompressedCache.modality must be [B, L] = {(B, L)} for this prefill, "
                              f"got {tuple(modality.shape)}")
-        rows = [None] * B if valid is None else [valid[b].nonzero()[:, 0] for b in range(B)]
+        rows: list[torch.Tensor | None] = [None] * B if valid is None else [valid[b].nonzero()[:, 0] for b in range(B)]
         if valid is None and self.policy is not None:
             keep = self.policy.select(q, k, modality=modality, lse=lse)
             indices, counts, ranked = keep.indices, keep.counts, keep.scores
@@ -242,50 +260,50 @@ class CompressedLayer(CacheLayerMixin):
                            fixed=self.cache.static)
         if scores is not None:
             self._base = self.pages.host_lengths.copy()
-        if self.cache.static:
+        if self.cache.max_new_tokens is not None:  # static
             self.limit = self.seen + self.cache.max_new_tokens
             if not torch.compiler.is_compiling():  # CUDA graphs replay on these very tensors (cf. StaticLayer)
                 p = self.pages
                 for t in (p.k, p.v, p.pos, p.table, p.lengths, p.start, p.last, self.seen_t):
                     torch._dynamo.mark_static_address(t)
 
-    def _room(self):
+    def _room(self) -> int:
         """Slots each head gets past its tokens: a static cache's max_new_tokens; a growing one's
         `room` (default 1: what the last page leaves, grown on demand)."""
-        if self.cache.static:
+        if self.cache.max_new_tokens is not None:  # static
             return self.cache.max_new_tokens
         return self.cache.room or 1
 
     @property
-    def base(self):
+    def base(self) -> torch.Tensor | None:
         """DecodeH2O: int64 [B, Hkv] (host), each head's length after the prefill; else None."""
         return None if self._base is None else torch.from_numpy(self._base)
 
     @base.setter
-    def base(self, value):
+    def base(self, value: torch.Tensor | None) -> None:
         self._base = None if value is None else value.numpy()
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         if self.pages is not None:
             return self.pages.nbytes
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return 0 if self.keys is None or self.values is None else self.keys.nbytes + self.values.nbytes
 
-    def get_seq_length(self):
+    def get_seq_length(self) -> int | torch.Tensor:
         """Tokens given to the layer (the uncompressed length): an int, a device tensor when static."""
         return self.seen if self.seen_t is None else self.seen_t
 
-    def get_mask_sizes(self, query_length):
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # A static cache's masks keep one size from the prefill on (a compiled step sees one shape);
         # compressed layers never read a decode step's mask.
         if self.pages is not None and self.cache.static:
             return self.limit, 0
         return self.seen + query_length, 0
 
-    def get_max_length(self):
+    def get_max_length(self) -> int:
         return self.limit if self.pages is not None and self.cache.static else -1
 
-    def reset(self):
+    def reset(self) -> None:
         self.keys = self.values = self.pages = self.base = None
         self.queries = []
         self.seen = self.offset = 0
@@ -293,26 +311,26 @@ class CompressedLayer(CacheLayerMixin):
             self.seen_t.zero_()
         self.is_initialized = False
 
-    def reorder_cache(self, beam_idx):
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         self.batch_select_indices(beam_idx)
 
-    def batch_select_indices(self, indices):
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.pages is not None:
-            self._take(torch.as_tensor(indices, device=self.pages.k.device).long())
+            self._take(self.pages, torch.as_tensor(indices, device=self.pages.k.device).long())
 
-    def batch_repeat_interleave(self, repeats):
+    def batch_repeat_interleave(self, repeats: int) -> None:
         if self.pages is not None:
             B = self.pages.lengths.shape[0]
-            self._take(torch.arange(B, device=self.pages.k.device).repeat_interleave(repeats))
+            self._take(self.pages, torch.arange(B, device=self.pages.k.device).repeat_interleave(repeats))
 
-    def _take(self, rows):
-        self.pages.take(rows)
+    def _take(self, pages: Pages, rows: torch.Tensor) -> None:
+        pages.take(rows)
         self.queries = [x[rows] for x in self.queries]
         if self._base is not None:
             self._base = self._base[rows.cpu().numpy()]
 
 
-def _valid_keys(mask, L):
+def _valid_keys(mask: torch.Tensor | None, L: int) -> torch.Tensor | None:
     """bool [B, L] padding mask from a prefill's 4-D attention mask (its last row sees every real
     key), or None when nothing is padded."""
     if mask is None:
@@ -322,7 +340,8 @@ def _valid_keys(mask, L):
     return None if bool(valid.all()) else valid
 
 
-def _prefill_attention(q, k, v, valid, scale):
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                       scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of the prompt and its LSE [B, Hq, L]; with padding, the real tokens of each
     sample packed into one varlen call (padded rows: out 0, LSE +inf, so they weigh nothing)."""
     if valid is None:
@@ -330,8 +349,8 @@ def _prefill_attention(q, k, v, valid, scale):
     B, Hq, L, D = q.shape
     cu = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
     cu[1:] = valid.sum(1).cumsum(0)
-    packed = [t.transpose(1, 2)[valid] for t in (q, k, v)]
-    out_p, lse_p = vtattn.varlen_attention(*packed, cu, cu, causal=True, scale=scale, return_lse=True)
+    q_p, k_p, v_p = [t.transpose(1, 2)[valid] for t in (q, k, v)]
+    out_p, lse_p = vtattn.varlen_attention(q_p, k_p, v_p, cu, cu, causal=True, scale=scale, return_lse=True)
     out = q.new_zeros(B, L, Hq, D)
     out[valid] = out_p
     lse = torch.full((B, L, Hq), float("inf"), device=q.device)
@@ -339,11 +358,13 @@ def _prefill_attention(q, k, v, valid, scale):
     return out.transpose(1, 2), lse.transpose(1, 2)
 
 
-def _per_sample(policy, q, k, lse, modality, rows):
+def _per_sample(policy: Policy | None, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
+                modality: torch.Tensor | None,
+                rows: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """indices [B, H, K] (original positions, -1 padded) and counts [B, H] with each sample's
     policy run on its own real tokens (`rows[b]`, None = all)."""
     B, H, L = k.shape[:3]
-    found = []
+    found: list[tuple[torch.Tensor, torch.Tensor]] = []
     for b, r in enumerate(rows):
         r = torch.arange(L, device=k.device) if r is None else r
         if policy is None:

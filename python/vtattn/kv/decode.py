@@ -9,20 +9,22 @@ saw are the cache's keys at positions <= theirs), adds them, and evicts `every` 
 every=1 is H2O's per-step rule. The pass costs what `every` decode steps' attention costs, in
 fp32, plus one copy of the layer's kept KV into new pages."""
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from ..ops.key_importance import key_importance
-from .policies import H2O, AdaKV, LookM, Modality
+from .policies import H2O, AdaKV, DecodeH2O, LookM, Modality, Policy
 from .pages import Pages
 
 _MAX_LOGITS = 1 << 25  # fp32 logits per chunk of queries (128 MiB)
 
 
-def prompt_mass(policy, ranked, q, k, lse):
+def prompt_mass(policy: DecodeH2O, ranked: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                lse: torch.Tensor) -> torch.Tensor:
     """fp32 [B, Hkv, L]: the mass every prompt row gives each key, GQA mean. `ranked`, the scores
     the prefill policy ranked by (None when it ran per sample for padding), when they are exactly
     that (LOOK-M, H2O with reduce="mean")."""
-    inner = policy.policy
+    inner: Policy = policy.policy
     while isinstance(inner, (AdaKV, Modality)):
         inner = inner.policy
     if ranked is not None and isinstance(inner, (LookM, H2O)) and inner.reduce == "mean":
@@ -32,7 +34,8 @@ def prompt_mass(policy, ranked, q, k, lse):
     return key_importance(q, k, rows=real, lse=lse, causal=True).view(B, Hkv, -1, L).mean(2)
 
 
-def evict(pages, queries, start, base, recent, room):
+def evict(pages: Pages, queries: torch.Tensor, start: int, base: npt.NDArray[np.int64], recent: int,
+          room: int) -> Pages:
     """New Pages for `pages` after adding the mass of queries [B, Hq, n, D] (scaled for the default
     scale, at positions start..start+n-1) and evicting down to `base` (numpy int64 [B, Hkv]). The
     counts are the host's (`pages.host_lengths`): no host sync."""
@@ -52,6 +55,7 @@ def evict(pages, queries, start, base, recent, room):
         s = (q[:, :, :, i:i + step] * D ** -0.5) @ keys[:, :, None].transpose(-1, -2)  # [B, H, G, c, Lm]
         s = s.masked_fill(~valid[:, :, None, None] | (pos[:, :, None, None] > qpos[:, None]), float("-inf"))
         mass += s.softmax(-1).sum((2, 3)) / G
+    assert pages.score is not None  # DecodeH2O layers keep scores
     score = torch.where(valid, pages.score.view(-1)[flat] + mass, 0)
 
     lengths = pages.host_lengths

@@ -20,7 +20,8 @@ RULES = ("vtattn", "release")
 RELEASE_MODES = ("avg", "weighted")  # the release's filtered merges
 
 
-def merge_kv(k, v, indices, mergeable, mode, rule="vtattn"):
+def merge_kv(k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, mergeable: torch.Tensor, mode: str,
+             rule: str = "vtattn") -> tuple[torch.Tensor, torch.Tensor]:
     """k, v [B, Hkv, L, D]; indices int64 [B, Hkv, K] kept positions (-1 padded); mergeable bool
     [B, Hkv, L] (True = an evicted token that folds into its nearest kept one; kept tokens are
     ignored). Returns the kept rows (k, v) [B, Hkv, K, D] after merging, zero rows at padding.
@@ -46,7 +47,8 @@ def merge_kv(k, v, indices, mergeable, mode, rule="vtattn"):
     return out[..., :D], out[..., D:]
 
 
-def merge_kv_release(k, v, indices, mergeable, mode):
+def merge_kv_release(k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, mergeable: torch.Tensor,
+                     mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """LOOK-M's release merge ("avg" | "weighted"), per sample. In each kv head, every evicted token
     e (mergeable, not kept) finds the kept token c with the highest key cosine cos_e (ties to the
     lower position). As in the release, the evicted tokens of a head are taken in position order and

@@ -17,21 +17,27 @@ moves into a larger layout: each head then gets a quarter of its length more (at
 so the copies add up to a constant number of copies of each token however long the decoding.
 Host-side state (lengths, capacities, starts) is numpy: reading or growing it never touches the
 device, so no decode step waits for one (growth and relayouts included)."""
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 import torch
 
+Host = npt.NDArray[np.int64]  # host-side counts, [B, H]
 
-def _round_up(n, m):
+
+def _round_up(n: Host, m: int) -> Host:
     return (n + m - 1) // m * m
 
 
-def _device(array, device):
+def _device(array: npt.NDArray[Any], device: torch.device) -> torch.Tensor:
     """A numpy array on `device`: a host-to-device copy, never a wait for the device."""
     return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
 
 
 class Pages:
-    def __init__(self, k_rows, v_rows, positions, counts, page_size, room, scores=None, fixed=False):
+    def __init__(self, k_rows: torch.Tensor, v_rows: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor | Host,
+                 page_size: int, room: int, scores: torch.Tensor | None = None, fixed: bool = False) -> None:
         """k_rows, v_rows [B, H, K, D]: each head's kept rows, valid up to counts [B, H] (int64, on
         the host or the device); positions int64 [B, H, K]: their original positions; scores: None
         or fp32 [B, H, K]; room: slots each head gets past its kept rows; fixed: never grow."""
@@ -41,7 +47,7 @@ class Pages:
         self._allocate(self.host_lengths, _round_up(self.host_lengths + room, page_size), k_rows, scores is not None)
         self._store(k_rows, v_rows, positions, scores)
 
-    def _allocate(self, lengths, capacity, like, with_scores):
+    def _allocate(self, lengths: Host, capacity: Host, like: torch.Tensor, with_scores: bool) -> None:
         """Empty pools for numpy int64 `lengths` / `capacity` [B, H] (capacity in whole pages)."""
         B, H = capacity.shape
         ps, D, device = self.page_size, like.shape[-1], like.device
@@ -66,7 +72,8 @@ class Pages:
         self._flat = self.k.view(-1, D), self.v.view(-1, D), self.pos.view(-1), self.next.view(-1)
         self.width = int(capacity.max()) if capacity.size else 0
 
-    def _store(self, k_rows, v_rows, positions, scores):
+    def _store(self, k_rows: torch.Tensor, v_rows: torch.Tensor, positions: torch.Tensor,
+               scores: torch.Tensor | None) -> None:
         """Write each head's first host_lengths[b, h] rows of [B, H, K, ...]. The rows to move are
         listed on the host (the lengths are known there): no host sync."""
         K, D = k_rows.shape[2], k_rows.shape[3]
@@ -78,11 +85,12 @@ class Pages:
         self.v.view(-1, D).index_copy_(0, dst, v_rows.reshape(-1, D).index_select(0, src).to(self.v.dtype))
         self.pos.view(-1).index_copy_(0, dst, positions.reshape(-1).index_select(0, src))
         if scores is not None:
+            assert self.score is not None  # allocated with_scores
             self.score.view(-1).index_copy_(0, dst, scores.reshape(-1).index_select(0, src).float())
         self.lengths.copy_(_device(self.host_lengths, device))
         self.next.copy_(self.start + self.lengths)
 
-    def append(self, k, v, start):
+    def append(self, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> None:
         """Store k, v [B, H, n, D] after each head's tokens, at original positions start..start+n-1
         (`start` an int, or an int64 device scalar: a static cache's count). No host sync; for one
         token, five device ops."""
@@ -114,30 +122,42 @@ class Pages:
         self.next += n
         self.lengths += n
 
-    def _grow(self, n):
+    def _grow(self, n: int) -> None:
         """Move into a layout where every head has room for n more tokens (and a quarter of its length)."""
         lengths = self.host_lengths
         extra = np.maximum(lengths // 4, max(self.page_size, n))
-        flat = self.slots().clamp(min=0)
-        D = self.k.shape[-1]
-        rows = [self.k.view(-1, D)[flat], self.v.view(-1, D)[flat], self.pos.view(-1)[flat]]
-        score = self.score.view(-1)[flat] if self.score is not None else None
-        self._allocate(lengths, _round_up(lengths + extra, self.page_size), self.k, score is not None)
-        self._store(*rows, score)
+        D, device, old_start = self.k.shape[-1], self.k.device, self.host_start
+        old = [self.k.view(-1, D), self.v.view(-1, D), self.pos.view(-1)] + \
+            ([self.score.view(-1)] if self.score is not None else [])
+        lengths_t = self.lengths
+        self._allocate(lengths, _round_up(lengths + extra, self.page_size), self.k, self.score is not None)
+        # Each head's tokens move from its old run to its new one, slot lists made on the host (one
+        # index_copy per pool, no sync); the lengths stay.
+        cols = np.arange(int(lengths.max()) if lengths.size else 0)
+        stored = cols < lengths[..., None]
+        src = _device((old_start[..., None] + cols)[stored], device)
+        dst = _device((self.host_start[..., None] + cols)[stored], device)
+        new = [self.k.view(-1, D), self.v.view(-1, D), self.pos.view(-1)] + \
+            ([self.score.view(-1)] if self.score is not None else [])
+        for pool, before in zip(new, old):
+            pool.index_copy_(0, dst, before.index_select(0, src))
+        self.lengths = lengths_t
+        self.next = self.start + lengths_t
+        self._flat = self._flat[:3] + (self.next.view(-1),)
 
-    def slots(self):
+    def slots(self) -> torch.Tensor:
         """int64 [B, H, W] flat slot of each head's tokens, -1 past its length (W: the widest
         capacity). No host sync."""
         t = torch.arange(self.width, device=self.k.device)
         return torch.where(t < self.lengths[..., None], self.start[..., None] + t, -1)
 
-    def positions(self):
+    def positions(self) -> torch.Tensor:
         """int64 [B, H, L]: the original positions of each head's tokens in order, -1 padded to the
         longest head."""
         slots = self.slots()[..., :int(self.lengths.max()) if self.lengths.numel() else 0]
         return torch.where(slots >= 0, self.pos.view(-1)[slots.clamp(min=0)], -1)
 
-    def take(self, rows):
+    def take(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (int64 [B'], repeats allowed: beams): each kept row gets its own
         copy of its tokens, so later appends of two beams never share a slot. A fixed layout copies
         in place (rows of equal capacities only: beams of one sample), from the device lengths."""
@@ -165,8 +185,8 @@ class Pages:
         data = [pool[flat] for pool in pools]
         self._allocate(self.host_lengths[host], self.capacity[host], self.k, self.score is not None)
         self.host_lengths = self.host_lengths[host]
-        self._store(*data[:3], data[3] if len(data) > 3 else None)
+        self._store(data[0], data[1], data[2], data[3] if len(data) > 3 else None)
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

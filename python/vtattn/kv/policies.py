@@ -31,7 +31,7 @@ class KeepSet:
     scores: torch.Tensor
 
     @classmethod
-    def from_mask(cls, keep, scores):
+    def from_mask(cls, keep: torch.Tensor, scores: torch.Tensor) -> "KeepSet":
         L = keep.shape[-1]
         counts = keep.sum(-1)
         pos = torch.where(keep, torch.arange(L, device=keep.device), L).sort(-1).values
@@ -39,7 +39,7 @@ class KeepSet:
         return cls(indices.masked_fill(indices == L, -1), counts, scores)
 
     @property
-    def mask(self):
+    def mask(self) -> torch.Tensor:
         """bool [B, Hkv, L]: True where kept."""
         B, H, L = self.scores.shape
         keep = torch.zeros(B, H, L + 1, dtype=torch.bool, device=self.scores.device)
@@ -54,28 +54,36 @@ class Plan(NamedTuple):
 
 
 class Policy:
-    def select(self, q, k, *, modality=None, lse=None, causal=True):
+    reduce: str  # "mean" | "max" over a GQA group, for the policies that score by attention (_scores)
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, *, modality: torch.Tensor | None = None,
+               lse: torch.Tensor | None = None, causal: bool = True) -> KeepSet:
         _check_inputs(q, k, modality)
         plan = self._plan(q, k, modality, lse, causal)
         return KeepSet.from_mask(self._keep(plan), plan.scores)
 
-    def _keep(self, plan):
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None, lse: torch.Tensor | None,
+              causal: bool) -> Plan:
+        raise NotImplementedError  # each policy plans
+
+    def _keep(self, plan: Plan) -> torch.Tensor:
         return plan.forced | top_free(plan.scores, plan.allowed & ~plan.forced, plan.free)
 
-    def _scores(self, q, k, rows, lse, causal):
+    def _scores(self, q: torch.Tensor, k: torch.Tensor, rows: str | slice, lse: torch.Tensor | None,
+                causal: bool) -> torch.Tensor:
         s = key_importance(q, k, rows=rows, lse=lse, causal=causal)
         B, Hkv, L = k.shape[:3]
         s = s.view(B, Hkv, -1, L)
         return s.mean(2) if self.reduce == "mean" else s.amax(2)
 
 
-def _check_reduce(reduce):
+def _check_reduce(reduce: str) -> str:
     if reduce not in ("mean", "max"):
         raise ValueError(f"reduce must be 'mean' or 'max' (over a GQA group), got {reduce!r}")
     return reduce
 
 
-def _check_inputs(q, k, modality):
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None) -> None:
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4):
         raise ValueError("q and k must be 4-D tensors [B, H, L, D]")
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
@@ -92,7 +100,7 @@ def _check_inputs(q, k, modality):
             raise TypeError(f"modality must be bool (True = image) or integer span ids, got {modality.dtype}")
 
 
-def _inner(policy):
+def _inner(policy: object) -> Policy:
     """A wrapper's policy: a prefill policy (decode-time eviction wraps, never is wrapped)."""
     if not isinstance(policy, Policy) or isinstance(policy, DecodeH2O):
         raise TypeError(f"policy must be a vtattn.kv prefill policy (LookM, SnapKV, ...; DecodeH2O goes outermost), "
@@ -100,16 +108,16 @@ def _inner(policy):
     return policy
 
 
-def _positions(k):
+def _positions(k: torch.Tensor) -> torch.Tensor:
     return torch.arange(k.shape[2], device=k.device)
 
 
-def _heads(mask, k):
+def _heads(mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """[L] or [B, L] bool -> [B, Hkv, L]."""
     return mask.expand(k.shape[0], k.shape[2])[:, None].expand(k.shape[:3])
 
 
-def _full(k, n):
+def _full(k: torch.Tensor, n: int) -> torch.Tensor:
     return torch.full(k.shape[:2], n, dtype=torch.int64, device=k.device)
 
 
@@ -123,8 +131,9 @@ class LookM(Policy):
     (every evicted image token merges, clamped weights) or "release" (LOOK-M's code: a similarity
     filter, "avg" / "weighted" only; `merge.merge_kv_release`). Needs `modality`."""
 
-    def __init__(self, budget=None, recent=None, merge=None, *, budget_tokens=None, recent_tokens=None,
-                 reduce="mean", merge_rule="vtattn"):
+    def __init__(self, budget: float | None = None, recent: float | None = None, merge: str | None = None, *,
+                 budget_tokens: int | None = None, recent_tokens: int | None = None, reduce: str = "mean",
+                 merge_rule: str = "vtattn") -> None:
         budget, recent = resolve_budget(budget, budget_tokens), resolve_window(recent, recent_tokens)
         if merge not in MERGE_MODES:
             raise ValueError(f"merge must be None, 'avg', 'pivotal' or 'weighted', got {merge!r}")
@@ -134,7 +143,8 @@ class LookM(Policy):
         self.budget, self.recent, self.merge, self.reduce = budget, recent, merge, _check_reduce(reduce)
         self.merge_rule = merge_rule
 
-    def _plan(self, q, k, modality, lse, causal):
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None, lse: torch.Tensor | None,
+              causal: bool) -> Plan:
         if modality is None:
             raise ValueError("LookM needs modality (which prompt tokens are image tokens)")
         L = k.shape[2]
@@ -152,7 +162,8 @@ class SnapKV(Policy):
     budget is under the window: the window is always kept). The
     window's own scores are returned unpooled (they are never ranked). `window` counts query rows."""
 
-    def __init__(self, budget=None, window=32, kernel=7, pool="max", *, budget_tokens=None, reduce="mean"):
+    def __init__(self, budget: float | None = None, window: int = 32, kernel: int = 7, pool: str = "max", *,
+                 budget_tokens: int | None = None, reduce: str = "mean") -> None:
         budget = resolve_budget(budget, budget_tokens)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int count of query rows >= 1, got {window!r}")
@@ -163,7 +174,8 @@ class SnapKV(Policy):
         self.budget, self.window, self.kernel, self.pool = budget, window, kernel, pool
         self.reduce = _check_reduce(reduce)
 
-    def _plan(self, q, k, modality, lse, causal):
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None, lse: torch.Tensor | None,
+              causal: bool) -> Plan:
         L, W = k.shape[2], self.window
         if W > L:
             raise ValueError(f"window={W} is larger than the prompt ({L} tokens)")
@@ -181,11 +193,13 @@ class H2O(Policy):
     `recent` tokens plus the top int(budget * L) heavy hitters of the rest (or recent_tokens /
     budget_tokens)."""
 
-    def __init__(self, budget=None, recent=None, *, budget_tokens=None, recent_tokens=None, reduce="mean"):
+    def __init__(self, budget: float | None = None, recent: float | None = None, *, budget_tokens: int | None = None,
+                 recent_tokens: int | None = None, reduce: str = "mean") -> None:
         budget, recent = resolve_budget(budget, budget_tokens), resolve_window(recent, recent_tokens)
         self.budget, self.recent, self.reduce = budget, recent, _check_reduce(reduce)
 
-    def _plan(self, q, k, modality, lse, causal):
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None, lse: torch.Tensor | None,
+              causal: bool) -> Plan:
         L = k.shape[2]
         forced = _heads(_positions(k) >= L - tokens(self.recent, L), k)
         return Plan(self._scores(q, k, "all", lse, causal), forced, ~forced, _full(k, tokens(self.budget, L)))
@@ -195,10 +209,11 @@ class KeyNorm(Policy):
     """KNorm baseline: keep the keys with the LOWEST L2 norm (low-norm keys draw high attention,
     Devoto et al. 2024); scores are the negated norms so that higher still means keep."""
 
-    def __init__(self, budget=None, *, budget_tokens=None):
+    def __init__(self, budget: float | None = None, *, budget_tokens: int | None = None) -> None:
         self.budget = resolve_budget(budget, budget_tokens)
 
-    def _plan(self, q, k, modality, lse, causal):
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None, lse: torch.Tensor | None,
+              causal: bool) -> Plan:
         none = torch.zeros(k.shape[:3], dtype=torch.bool, device=k.device)
         return Plan(-k.float().norm(dim=-1), none, ~none, _full(k, tokens(self.budget, k.shape[2])))
 
@@ -207,7 +222,7 @@ class StreamingLLM(Policy):
     """StreamingLLM: the first `sinks` and the last `window` tokens (a prompt no longer than
     sinks + window is kept whole); scores are 1 where kept, 0 elsewhere."""
 
-    def __init__(self, sinks, window):
+    def __init__(self, sinks: int, window: int) -> None:
         for name, n in (("sinks", sinks), ("window", window)):
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {n!r}")
@@ -215,7 +230,8 @@ class StreamingLLM(Policy):
             raise ValueError("sinks + window must be >= 1")
         self.sinks, self.window = sinks, window
 
-    def _plan(self, q, k, modality, lse, causal):
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None, lse: torch.Tensor | None,
+              causal: bool) -> Plan:
         pos = _positions(k)
         forced = _heads((pos < self.sinks) | (pos >= k.shape[2] - self.window), k)
         return Plan(forced.float(), forced, ~forced, _full(k, 0))
@@ -226,14 +242,15 @@ class Modality(Policy):
     the policy's chosen budget, so the total stays), `max_per_image` caps the tokens chosen by score
     in each image span (keys a policy always keeps, e.g. its window, are not capped)."""
 
-    def __init__(self, policy, *, keep_text=True, max_per_image=None):
+    def __init__(self, policy: Policy, *, keep_text: bool = True, max_per_image: int | None = None) -> None:
         if max_per_image is not None and (isinstance(max_per_image, bool) or not isinstance(max_per_image, int)
                                           or max_per_image < 0):
             raise ValueError(f"max_per_image must be None or an int >= 0, got {max_per_image!r}")
         self.policy = _inner(policy)
         self.keep_text, self.max_per_image = keep_text, max_per_image
 
-    def _plan(self, q, k, modality, lse, causal):
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None, lse: torch.Tensor | None,
+              causal: bool) -> Plan:
         if modality is None:
             raise ValueError("Modality needs modality (which prompt tokens are image tokens)")
         scores, forced, allowed, free = self.policy._plan(q, k, modality, lse, causal)
@@ -246,7 +263,7 @@ class Modality(Policy):
             allowed = cap_per_image(scores, allowed & ~forced, spans, self.max_per_image)
         return Plan(scores, forced, allowed, free)
 
-    def _keep(self, plan):
+    def _keep(self, plan: Plan) -> torch.Tensor:
         return self.policy._keep(plan)
 
 
@@ -255,15 +272,16 @@ class AdaKV(Policy):
     is shared by one top-k over all heads, each head first getting its top int(floor * budget)
     (see `budgets.adakv_allocate`); the policy's always-kept keys stay per head."""
 
-    def __init__(self, policy, floor=0.2):
+    def __init__(self, policy: Policy, floor: float = 0.2) -> None:
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
             raise ValueError(f"floor must be a fraction in [0, 1], got {floor!r}")
         self.policy, self.floor = _inner(policy), float(floor)
 
-    def _plan(self, q, k, modality, lse, causal):
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None, lse: torch.Tensor | None,
+              causal: bool) -> Plan:
         return self.policy._plan(q, k, modality, lse, causal)
 
-    def _keep(self, plan):
+    def _keep(self, plan: Plan) -> torch.Tensor:
         return plan.forced | adakv_allocate(plan.scores, plan.allowed & ~plan.forced, plan.free, self.floor)
 
 
@@ -274,22 +292,25 @@ class DecodeH2O(Policy):
     head never drops into its last `recent` tokens, so it settles at max(prefill length, recent).
     Must be the outermost wrapper (AdaKV/Modality go inside it). See `decode.py`."""
 
-    def __init__(self, policy, every=32, recent=32):
+    def __init__(self, policy: Policy, every: int = 32, recent: int = 32) -> None:
         for name, n, low in (("every", every, 1), ("recent", recent, 0)):
             if isinstance(n, bool) or not isinstance(n, int) or n < low:
                 raise ValueError(f"{name} must be an int >= {low} (decode tokens), got {n!r}")
         self.policy, self.every, self.recent = _inner(policy), every, recent
 
     @property
-    def merge(self):
-        return getattr(self.policy, "merge", None)
+    def merge(self) -> str | None:
+        merge: str | None = getattr(self.policy, "merge", None)
+        return merge
 
     @property
-    def merge_rule(self):
-        return getattr(self.policy, "merge_rule", "vtattn")
+    def merge_rule(self) -> str:
+        rule: str = getattr(self.policy, "merge_rule", "vtattn")
+        return rule
 
-    def _plan(self, q, k, modality, lse, causal):
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None, lse: torch.Tensor | None,
+              causal: bool) -> Plan:
         return self.policy._plan(q, k, modality, lse, causal)
 
-    def _keep(self, plan):
+    def _keep(self, plan: Plan) -> torch.Tensor:
         return self.policy._keep(plan)

@@ -1,8 +1,22 @@
+from typing import Literal, overload
+
 import torch
 
 from . import _checks
 
 
+@overload
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = ..., scale: float | None = ...,
+              return_lse: Literal[False] = ..., softcap: float | None = ..., window: int | None = ...,
+              sinks: torch.Tensor | None = ...) -> torch.Tensor: ...
+@overload
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = ..., scale: float | None = ...,
+              return_lse: Literal[True], softcap: float | None = ..., window: int | None = ...,
+              sinks: torch.Tensor | None = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = ..., scale: float | None = ...,
+              return_lse: bool, softcap: float | None = ..., window: int | None = ...,
+              sinks: torch.Tensor | None = ...) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None,
               return_lse: bool = False, softcap: float | None = None, window: int | None = None,
               sinks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,24 @@
+from typing import Literal, overload
+
 import torch
 
 from . import _checks
 
 
+@overload
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+                           kv_indices: torch.Tensor, *, block_size: int = ..., causal: bool = ...,
+                           scale: float | None = ..., return_lse: Literal[False] = ...) -> torch.Tensor: ...
+@overload
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+                           kv_indices: torch.Tensor, *, block_size: int = ..., causal: bool = ...,
+                           scale: float | None = ...,
+                           return_lse: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+                           kv_indices: torch.Tensor, *, block_size: int = ..., causal: bool = ...,
+                           scale: float | None = ...,
+                           return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
                            kv_indices: torch.Tensor, *, block_size: int = 128, causal: bool = False,
                            scale: float | None = None,

@@ -1,9 +1,19 @@
+from typing import Literal, overload
+
 import torch
 
 from . import _checks
 from .select_tokens import Selection
 
 
+@overload
+def gather_tokens(x: torch.Tensor, selection: Selection, *, packed: Literal[False] = ...) -> torch.Tensor: ...
+@overload
+def gather_tokens(x: torch.Tensor, selection: Selection, *,
+                  packed: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def gather_tokens(x: torch.Tensor, selection: Selection, *,
+                  packed: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 def gather_tokens(x: torch.Tensor, selection: Selection, *,
                   packed: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The kept tokens of x [B, N, C] (any strides, any float dtype) given a `select_tokens` result.

@@ -1,3 +1,5 @@
+from typing import Literal, overload
+
 import torch
 
 from . import _checks
@@ -30,6 +32,24 @@ def _max_seqlen(name: str, given: int | None, lens: torch.Tensor) -> int:
     return int(given)
 
 
+@overload
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, *, max_seqlen_q: int | None = ..., max_seqlen_k: int | None = ...,
+                     causal: bool = ..., scale: float | None = ..., return_lse: Literal[False] = ...,
+                     softcap: float | None = ..., window: int | None = ...,
+                     sinks: torch.Tensor | None = ...) -> torch.Tensor: ...
+@overload
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, *, max_seqlen_q: int | None = ..., max_seqlen_k: int | None = ...,
+                     causal: bool = ..., scale: float | None = ..., return_lse: Literal[True],
+                     softcap: float | None = ..., window: int | None = ...,
+                     sinks: torch.Tensor | None = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, *, max_seqlen_q: int | None = ..., max_seqlen_k: int | None = ...,
+                     causal: bool = ..., scale: float | None = ..., return_lse: bool,
+                     softcap: float | None = ..., window: int | None = ...,
+                     sinks: torch.Tensor | None = ...) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, *, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
                      causal: bool = False, scale: float | None = None, return_lse: bool = False,

@@ -1,7 +1,8 @@
 """Drop-in patches for transformers models, composed of stages: `VisionSelect` (vision-side visual-
 token pruning: before the projector for LLaVA / LLaVA-NeXT, at the LLM's input for Qwen2-VL /
 Qwen2.5-VL, or a bare CLIP / SigLIP tower's features), `FastV` (pruning inside the LLM),
-`VisualExit` (every visual token leaves the LLM from a layer on) and `KVCompress` (a
+`VisualExit` (every visual token leaves the LLM from a layer on), `SparseVLM` and `AIM` (more pruning
+inside the LLM), `VAR` and `CMAI` (attention reweighted, no token removed) and `KVCompress` (a
 `vtattn.kv.CompressedCache` per prefill), put on a model by a thin adapter per family (`llava`,
 `qwen2_vl`, `llm`, `vision_tower`, or `auto` by `config.model_type`) and taken off by `unpatch`; and
 `attn_implementation="vtattn"` (`register_hf_attention`). transformers is imported on use only.
@@ -16,16 +17,21 @@ import torch
 from vtattn import pruning
 
 from . import core
+from .aim import AIM
+from .cmai import CMAI
 from .compress import KVCompress
 from .core import Stage, unpatch
 from .fastv import FastV
 from .hf_attention import register_hf_attention
 from .sparse_prefill import SparsePrefillStage
+from .sparsevlm import SparseVLM
+from .var import VAR
 from .vision import SelectedFeatures, VisionSelect
 from .visual_exit import VisualExit
 
 __all__ = ["llava", "qwen2_vl", "llm", "vision_tower", "auto", "unpatch", "register_hf_attention", "Stage",
-           "VisionSelect", "FastV", "VisualExit", "KVCompress", "SparsePrefillStage", "SelectedFeatures", "FAMILIES"]
+           "VisionSelect", "FastV", "VisualExit", "KVCompress", "SparsePrefillStage", "SelectedFeatures", "FAMILIES",
+           "AIM", "VAR", "CMAI", "SparseVLM"]
 
 
 def _stages(name: str, stages: Sequence[Stage] | None, given: bool) -> list[Stage] | None:
@@ -38,7 +44,7 @@ def _stages(name: str, stages: Sequence[Stage] | None, given: bool) -> list[Stag
     bad = [s for s in stages if not isinstance(s, Stage)]
     if bad or not stages:
         raise TypeError(f"vtattn.patch.{name}: stages must be a non-empty list of vtattn.patch stages "
-                        f"(VisionSelect, FastV, VisualExit, KVCompress, ...), got {bad[0] if bad else stages!r}")
+                        f"(VisionSelect, FastV, VisualExit, SparseVLM, AIM, VAR, CMAI, KVCompress, ...), got {bad[0] if bad else stages!r}")
     return stages
 
 

@@ -20,8 +20,9 @@ import contextvars
 import functools
 import inspect
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -57,9 +58,11 @@ class Context:
         self.state: dict[object, Any] = {}
         self.pending: tuple[Any, torch.Tensor] | None = None
 
-    def hook(self, module: torch.nn.Module, fn: Hook) -> None:
-        """Have `fn` see `module`'s attention calls for the rest of this forward."""
-        self.hooks.setdefault(module, []).append(fn)
+    def hook(self, module: torch.nn.Module, fn: Hook, first: bool = False) -> None:
+        """Have `fn` see `module`'s attention calls for the rest of this forward. first: before the
+        hooks already there (an observer that returns None, ahead of a pruned layer's own attention)."""
+        hooks = self.hooks.setdefault(module, [])
+        hooks.insert(0 if first else len(hooks), fn)
 
 
 _CURRENT: contextvars.ContextVar[Context | None] = contextvars.ContextVar("vtattn_forward", default=None)
@@ -177,8 +180,8 @@ class Routes:
         self.modules: list[torch.nn.Module] = []
 
     def add(self, modules: Iterable[torch.nn.Module]) -> None:
-        from .hf_attention import register_hf_attention
-        register_hf_attention()
+        from .hf_attention import register_attention
+        register_attention()
         for module in modules:
             if any(module is m for m in self.modules):
                 continue
@@ -186,7 +189,7 @@ class Routes:
             if isinstance(config, _Routed):
                 config.__dict__["_vtattn_holders"] += 1
             else:
-                module.config = _Routed(config)
+                module.config = _Routed(config)  # type: ignore[assignment]  # stubs: a Tensor or Module
             self.modules.append(module)
 
     def remove(self) -> None:
@@ -363,7 +366,7 @@ def install(model: torch.nn.Module, stages: Sequence[Stage], *, family: str, ima
     model.forward = functools.wraps(model.forward)(forward)
     if patch.hidden:
         signature = inspect.signature(model.forward)
-        model.forward.__signature__ = signature.replace(
+        model.forward.__signature__ = signature.replace(  # type: ignore[attr-defined]
             parameters=[p for p in signature.parameters.values() if p.name not in patch.hidden])
     setattr(model, _ATTR, patch)
     return model
@@ -399,13 +402,133 @@ def output_cache(out: Any) -> Any:
     return out["cache"] if "cache" in out else out.get("past_key_values")  # the old name warns on 5.25
 
 
-def language_model(model: torch.nn.Module) -> torch.nn.Module:
+class _Counted:
+    """A cache's own `reset` / `crop` (set on the instance by `Filled`), counting its calls on the host."""
+
+    def __init__(self, cache: Any, name: str) -> None:
+        self.cache, self.name, self.calls = weakref.ref(cache), name, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        cache = self.cache()
+        return getattr(type(cache), self.name)(cache, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # a copy of the cache (deepcopy, pickle) counts its own calls
+        return _Counted, (self.cache(), self.name)
+
+
+def _edits(cache: Any) -> tuple[int, int]:
+    """(resets, crops) of `cache` since it was first asked (host counts: each method wrapped once)."""
+    counts = []
+    for name in ("reset", "crop"):
+        counted = cache.__dict__.get(name)
+        if not isinstance(counted, _Counted) or counted.cache() is not cache:  # (a shallow copy's: the original's)
+            if getattr(type(cache), name, None) is None:
+                counts.append(0)
+                continue
+            counted = _Counted(cache, name)
+            setattr(cache, name, counted)
+        counts.append(counted.calls)
+    return counts[0], counts[1]
+
+
+class Filled:
+    """cache -> what a stage's prefill left in it (a vision.Shrink, drop's Records), forgotten once the
+    cache is reset. A static cache's length is a device counter: reading it to tell a reset cache from
+    the one filled would sync the host in every decode step, so its `reset()` / `crop()` calls are
+    counted on the host instead (cache objects are weakly referenced; generate makes a new one per call)."""
+
+    def __init__(self) -> None:
+        self.entries: weakref.WeakKeyDictionary[Any, tuple[tuple[int, int], Any]] = weakref.WeakKeyDictionary()
+
+    def get(self, cache: Any) -> Any:
+        entry = self.entries.get(cache) if cache is not None else None
+        return entry[1] if entry is not None and entry[0][0] == _edits(cache)[0] else None
+
+    def __contains__(self, cache: Any) -> bool:
+        return self.get(cache) is not None
+
+    def __setitem__(self, cache: Any, value: Any) -> None:
+        self.entries[cache] = (_edits(cache), value)
+
+    def pop(self, cache: Any) -> None:
+        self.entries.pop(cache, None)
+
+    def cropped(self, cache: Any) -> bool:
+        """`cache.crop()` ran since its entry was set."""
+        return self.entries[cache][0][1] != _edits(cache)[1]
+
+
+if TYPE_CHECKING:
+    class Decoder(torch.nn.Module):
+        """A transformers decoder as the stages read it (for mypy only): its config and its layers (an
+        nn.ModuleList of decoder layers, each with `self_attn`). transformers is not followed: both Any."""
+        config: Any
+        layers: Any
+
+
+def language_model(model: torch.nn.Module) -> Decoder:
     """The decoder (with `layers` and `config`) of a transformers causal LM or VLM."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    found: Any = model  # a transformers model: get_decoder is its own (Module's stubs: Tensor | Module)
+    decoder: Decoder | None = found.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is None or not hasattr(decoder, "config") or not hasattr(decoder, "layers"):
         raise TypeError(f"vtattn.patch needs a transformers model with a decoder (get_decoder() with "
                         f"layers), got {type(model).__name__}")
     return decoder
+
+
+# generate's masks for a static cache (cache_implementation="static"): a 4-D mask in the full
+# sequence's frame ([B, 1, q, capacity]; bool: True attends, float: 0 attends; a dict per layer type
+# for some configs). Stages that shorten the sequence read the padding back from it.
+
+def full_attention_mask(mask: Any) -> Any:
+    """The full-attention mask of generate's per-layer-type dict, else the mask itself."""
+    return mask.get("full_attention") if isinstance(mask, dict) else mask
+
+
+def is_static_mask(mask: Any) -> bool:
+    mask = full_attention_mask(mask)
+    return isinstance(mask, torch.Tensor) and mask.dim() == 4
+
+
+def prompt_padding(mask: Any, length: int) -> torch.Tensor:
+    """The 2-D padding mask [B, length] (long) of a prompt's 4-D mask: what its last query row sees
+    among the first `length` columns (a left-padded prompt's last token is real and causal)."""
+    row: torch.Tensor = full_attention_mask(mask)[:, 0, -1, :length]
+    return (row if row.dtype == torch.bool else row == 0).long()
+
+
+_OPS: dict[str, Any] = {}
+
+
+def op(name: str) -> Any:
+    """The stages' handle on the registered op `torch.ops.vtattn.<name>` (`_dispatch.Direct`): their
+    arguments are valid by construction, so the public function's checks (host reads) are skipped."""
+    if name not in _OPS:
+        from .._dispatch import Direct
+        _OPS[name] = Direct(name)
+    return _OPS[name]
+
+
+def select(scores: torch.Tensor, budgets: torch.Tensor, segments: Sequence[int] | None = None) -> Any:
+    """`vtattn.select_tokens(scores, keep_tokens=budgets, segments=segments)` for valid budgets:
+    int64 [B, S] (or [B]) counts, each in [1, its segment's length], on the host or scores' device
+    (the output width is read from them: on the host, no sync). Returns a `vtattn.Selection`."""
+    from ..ops.select_tokens import Selection, _Uniform
+    B, N = scores.shape
+    segments = [N] if segments is None else [int(n) for n in segments]
+    budgets = budgets.to(torch.int64).reshape(B, len(segments))
+    counts = budgets.sum(1).tolist() if B else [0]
+    indices, mask, total = op("select_tokens")(scores, budgets.to(scores.device), segments, max(counts), True)
+    cu = torch.nn.functional.pad(total.cumsum(0, dtype=torch.int32), (1, 0))
+    return (_Uniform if min(counts) == max(counts) else Selection)(indices, mask, total, cu)
+
+
+def require_image_ids(patch: Patch, stage: str) -> None:
+    """Refuse a stage that finds the image tokens by id on a patch that knows none."""
+    if not patch.image_ids:
+        raise ValueError(f"{stage} needs the image token ids: pass image_token_id= "
+                         f"({type(patch.model).__name__}'s config names none)")
 
 
 def check_full_attention(config: Any) -> None:

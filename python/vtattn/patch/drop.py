@@ -25,17 +25,22 @@ kwargs (mask, RoPE tables, position ids):
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .._dispatch import Direct
-from . import core, hf_masks
+from . import core
 from .hf_attention import count
 
-_INDEX = Direct("index_attention")
+if TYPE_CHECKING:
+    from ..kv.cache import CompressedLayer
+
+_INDEX: Direct[torch.Tensor] = Direct("index_attention")
+# What an exit's rule returns: the kept image tokens [B, N] bool, or (kept, slots [B, R] full-sequence
+# indices of kept tokens (-1: none), rows [B, R, C]): those tokens enter the exit layer as `rows`.
+Chosen = torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class Step:
@@ -47,7 +52,9 @@ class Step:
                  pads: list[int] | None = None, records: dict[int, Record] | None = None) -> None:
         self.images, self.real, self.pads = images, real, pads
         self.records: dict[int, Record] = {} if records is None else records
-        self.choose: dict[int, Callable[[Step], torch.Tensor]] = {}
+        self.choose: dict[int, Callable[[Step], Chosen]] = {}
+        self.hidden: torch.Tensor | None = None  # while an exit's choose runs: its layer's input (previous group)
+        self.replace: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # exit -> (slots, rows): see Drop.forward
         self.scores: torch.Tensor | None = None
         self.layer_kwargs: dict[int, dict[str, Any]] = {}
         self.index_args: dict[int, dict[str, torch.Tensor]] = {}
@@ -62,6 +69,7 @@ class Record:
 
     def __init__(self, index: torch.Tensor, real: torch.Tensor, length: int) -> None:
         self.index, self.real, self.length = index, real, length
+        self.lists: tuple[torch.Tensor, torch.Tensor] | None = None  # (kv_indices, kv_counts) once listed
 
     def extend(self, mask: torch.Tensor | None, new: int, real: torch.Tensor | None = None) -> None:
         """Append `new` tokens, real where the 2-D mask's last columns say (or `real` [B, new])."""
@@ -71,19 +79,36 @@ class Record:
                              f"{self.length + new} tokens")
         if real is None:
             real = mask[:, -new:].bool() if mask is not None else torch.ones(B, new, dtype=torch.bool, device=device)
-        self.index = torch.cat([self.index, self.length + torch.arange(new, device=device).expand(B, new)], 1)
+        S = self.index.shape[1]
+        if new == 1:  # a decode step: one op for its position
+            added = torch.full((B, 1), self.length, dtype=self.index.dtype, device=device)
+        else:
+            added = self.length + torch.arange(new, device=device).expand(B, new)
+        self.index = torch.cat([self.index, added], 1)
         self.real = torch.cat([self.real, real], 1)
         self.length += new
+        if self.lists is not None and new == 1:
+            # The lists of attention_args kept up to date without sorting again (5 small ops a step): the
+            # new slot S goes right after the real slots when real (index_attention reads the first
+            # `counts` entries only; past them the list is unspecified), so the kernel's input is the same.
+            indices, counts = self.lists
+            indices = torch.nn.functional.pad(indices, (0, 1), value=S)
+            indices.scatter_(2, torch.where(real[:, None], counts[..., None], S).long(), S)
+            self.lists = indices, counts + real  # (int32 + bool: int32)
+        else:
+            self.lists = None
 
     def attention_args(self, rows: int, kv_heads: int) -> dict[str, torch.Tensor]:
         """index_attention's key lists ([B, Hkv, S] real slots first, counts) and positions for the
         last `rows` slots as queries (a padding slot sees no key)."""
         real = self.real
-        order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices
-        counts = real.sum(1, dtype=torch.int32)[:, None].expand(-1, kv_heads).contiguous()
-        q_positions = self.index[:, -rows:].masked_fill(~real[:, -rows:], -1)
-        return dict(kv_indices=order[:, None].expand(-1, kv_heads, -1).contiguous(), kv_counts=counts,
-                    q_positions=q_positions, kv_positions=self.index)
+        if self.lists is None or self.lists[1].shape[1] != kv_heads:
+            order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices
+            counts = real.sum(1, dtype=torch.int32)[:, None].expand(-1, kv_heads).contiguous()
+            self.lists = order[:, None].expand(-1, kv_heads, -1).contiguous(), counts
+        q_positions = torch.where(real[:, -rows:], self.index[:, -rows:], -1)
+        return dict(kv_indices=self.lists[0], kv_counts=self.lists[1], q_positions=q_positions,
+                    kv_positions=self.index)
 
 
 class Drop:
@@ -92,7 +117,7 @@ class Drop:
     language model share its `Exits` (one patch per language model). first: the stage reads the
     full sequence before its layer (FastV scores at K-1): no other exit may come before it."""
 
-    def __init__(self, patch: core.Patch, decoder: torch.nn.Module, layer: int, owner: str,
+    def __init__(self, patch: core.Patch, decoder: core.Decoder, layer: int, owner: str,
                  first: bool = False) -> None:
         layers = decoder.layers
         if layer >= len(layers):
@@ -115,9 +140,10 @@ class Drop:
         return self.exits.step()
 
     def forward(self, call: core.Call, proceed: Callable[[core.Call], Any],
-                choose: Callable[[Step], torch.Tensor]) -> Any:
+                choose: Callable[[Step], Chosen]) -> Any:
         """Run one forward (`proceed(call)`) with the drop. choose(step): in a prefill, at this exit's
-        layer, the kept image tokens [B, N] bool (the owner's rule)."""
+        layer, the kept image tokens [B, N] bool (the owner's rule), or `Chosen`'s tuple when some
+        kept tokens enter the layer with new hidden states (`step.hidden`: the layer's input)."""
         return self.exits.forward(self.layer, call, proceed, choose)
 
     def remove(self) -> None:
@@ -128,16 +154,16 @@ class Exits:
     """The exits of one language model (`decoder._vtattn_drop`): {layer: owner}, the pre-hooks of
     the layers from the first exit on, and the per-cache records."""
 
-    def __init__(self, patch: core.Patch, decoder: torch.nn.Module) -> None:
+    def __init__(self, patch: core.Patch, decoder: core.Decoder) -> None:
         self.patch, self.decoder = patch, decoder
         self.attn = [block.self_attn for block in decoder.layers]
         self.owners: dict[int, tuple[str, bool]] = {}  # exit layer -> (owner, first)
         self.group: dict[torch.nn.Module, int] = {}  # attention module -> the exit its layer's cache follows
         self.hooks: dict[int, Any] = {}
-        self.records: weakref.WeakKeyDictionary[Any, dict[int, Record]] = weakref.WeakKeyDictionary()
-        self.text_only: weakref.WeakSet[Any] = weakref.WeakSet()  # caches of text-only prompts: nothing to drop, ever
+        # cache -> {exit: Record} / True for a text-only prompt's (nothing to drop, ever); forgotten on reset()
+        self.records, self.text_only = core.Filled(), core.Filled()
         self.kept: dict[int, torch.Tensor] = {}  # exit layer -> [B, N] bool: the last prefill's kept input tokens
-        decoder._vtattn_drop = self
+        decoder._vtattn_drop = self  # type: ignore[assignment]  # stubs: a Tensor or Module
 
     def add(self, layer: int, owner: str, first: bool) -> None:
         if layer in self.owners:
@@ -164,7 +190,7 @@ class Exits:
         first = min(self.owners, default=len(self.attn))
         for i in [i for i in self.hooks if i < first]:
             self.hooks.pop(i).remove()
-        self.records = weakref.WeakKeyDictionary()  # recorded for the old exits
+        self.records = core.Filled()  # recorded for the old exits
         self._regroup()
         if not self.owners:
             self.decoder.__dict__.pop("_vtattn_drop", None)
@@ -179,8 +205,9 @@ class Exits:
         return None if ctx is None else ctx.state.get(self)
 
     def forward(self, layer: int, call: core.Call, proceed: Callable[[core.Call], Any],
-                choose: Callable[[Step], torch.Tensor]) -> Any:
+                choose: Callable[[Step], Chosen]) -> Any:
         ctx = core.current()
+        assert ctx is not None  # the patch's forward, which runs the stages
         step = ctx.state.get(self)
         if step is not None:  # an earlier stage of this forward set the step up: add this exit's rule
             step.choose[layer] = choose
@@ -189,26 +216,28 @@ class Exits:
         if kwargs.get("labels") is not None:
             raise NotImplementedError("tokens leave the sequence inside the LLM (FastV, VisualExit, or VisionSelect "
                                       "at the LLM input): labels are not supported")
-        mask = kwargs.get("attention_mask")
-        static = hf_masks.is_static_mask(mask)  # generate's 4-D mask for a static cache (full frame)
+        mask = core.full_attention_mask(kwargs.get("attention_mask"))  # (None: a causal prompt, no padding)
+        static = core.is_static_mask(mask)  # generate's 4-D mask for a static cache (full frame)
         _, cache = call.cache()
         static_cache = bool(getattr(cache, "is_compileable", False))  # (a CompressedCache's layers claim their keys)
         if mask is not None and not static and mask.dim() != 2:
             raise NotImplementedError("dropping tokens inside the LLM needs a 2-D attention mask (or none), "
                                       "or generate's for a static cache")
-        records = self.records.get(cache) if cache is not None else None
-        new_cache = cache is None or cache.get_seq_length() == 0  # a new cache, or one reset and reused
-        images = call.images if records is None or new_cache else None  # (a decode step needs none: not computed)
-        if (new_cache and images is not None and not bool(images.any())) or (not new_cache and cache in self.text_only):
+        # Told on the host (a static cache's length is a device count): a cache this patch filled and nobody
+        # reset since continues; any other is new (a prefill; `_prefill` refuses one filled elsewhere).
+        records, text_only = self.records.get(cache), cache in self.text_only
+        new_cache = records is None and not text_only
+        images = call.images if new_cache else None  # (a decode step needs none: not computed)
+        if text_only or (images is not None and not bool(images.any())):
             out = proceed(call)  # a text-only prompt (a chat turn): the unpatched model
             for filled in (cache, core.output_cache(out)):
                 if filled is not None:
-                    self.text_only.add(filled)
+                    self.text_only[filled] = True
             return out
-        if records is None or new_cache:
+        if new_cache:
             prompt = mask
             if (static or static_cache) and mask is not None and images is not None:  # maybe the cache's width
-                prompt = hf_masks.prompt_padding(mask, images.shape[1]) if static else mask[:, :images.shape[1]]
+                prompt = core.prompt_padding(mask, images.shape[1]) if static else mask[:, :images.shape[1]]
             step = self._prefill(cache, images, prompt)
             step.choose[layer] = choose
         else:
@@ -216,8 +245,10 @@ class Exits:
             if pixel_values is not None and pixel_values.numel():  # (generated image-token ids are text)
                 raise NotImplementedError("tokens can only leave the sequence in the first forward of a cache "
                                           "(images come with the prompt)")
+            cropped = self.records.cropped(cache)
             for exit, record in records.items():
-                if cache.get_seq_length(exit) != record.index.shape[1]:
+                length = cache.get_seq_length(exit)  # a static cache's: a device count, not read (crops are counted)
+                if cropped or (not isinstance(length, torch.Tensor) and length != record.index.shape[1]):
                     raise RuntimeError("the pruned layers' cache no longer matches its record "
                                        "(cropped or edited outside vtattn)")
                 new = call.new_tokens()
@@ -231,7 +262,7 @@ class Exits:
         step.static = static_cache
         ctx.state[self] = step
         for module in self.group:
-            ctx.hook(module, self._attend)
+            ctx.hook(module, functools.partial(self._attend, step))  # this forward's step, bound
         out = proceed(call)
         for filled in (cache, core.output_cache(out)):
             if filled is not None:
@@ -267,18 +298,22 @@ class Exits:
             return None  # decoding: the layer loop's kwargs are already right
         exit = self.group[self.attn[i]]
         if exit not in step.layer_kwargs:
+            step.hidden = args[0] if args else kwargs["hidden_states"]
             index, local = self._select(step, exit)
-            take = lambda t, index: t.expand(index.shape[0], *t.shape[1:]).gather(  # noqa: E731
+            step.hidden = None
+            take: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lambda t, index: t.expand(  # noqa: E731
+                index.shape[0], *t.shape[1:]).gather(
                 1, index.view(*index.shape, *[1] * (t.dim() - 2)).expand(*index.shape, *t.shape[2:]))
             cos, sin = kwargs["position_embeddings"]  # the full sequence's: every layer gets the loop's own
             position_ids = kwargs.get("position_ids")
             step.layer_kwargs[exit] = dict(position_embeddings=(take(cos, index), take(sin, index)),
                                            attention_mask=None,
                                            position_ids=None if position_ids is None else take(position_ids, index))
+            replace = step.replace.pop(exit, None)
             if args:
-                args = (take(args[0], local),) + tuple(args[1:])
+                args = (_put(take(args[0], local), step.records[exit], replace),) + tuple(args[1:])
             else:
-                kwargs["hidden_states"] = take(kwargs["hidden_states"], local)
+                kwargs["hidden_states"] = _put(take(kwargs["hidden_states"], local), step.records[exit], replace)
         return args, {**kwargs, **step.layer_kwargs[exit]}
 
     def _select(self, step: Step, exit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,11 +321,16 @@ class Exits:
         kept); returns their indices [B, M] into the full sequence (right-aligned; a shorter row's
         leading slots are 0) and into the previous group's rows (the hidden states' frame)."""
         images, real = step.images, step.real
+        assert images is not None and real is not None  # a prefill
         B, N = images.shape
         earlier = [e for e in step.records if e < exit]
         previous = step.records[max(earlier)] if earlier else None
         before = real if previous is None else step.kept[max(earlier)]
-        kept = before & (~images | (step.choose[exit](step) & images))
+        chosen = step.choose[exit](step)
+        if isinstance(chosen, tuple):  # some kept tokens get new hidden states (SparseVLM's recycled tokens)
+            step.replace[exit] = chosen[1:]
+            chosen = chosen[0]
+        kept = before & (~images | (chosen & images))
         step.kept[exit] = self.kept[exit] = kept
         length = kept.sum(1)
         M = int(length.max())
@@ -307,14 +347,13 @@ class Exits:
         where.scatter_(1, previous.index.masked_fill(~previous.real, N), slots)
         return index, where.gather(1, index)
 
-    def _attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                mask: Any, scaling: float | None, kwargs: dict[str, Any]) -> torch.Tensor:
-        """The attention of a layer from the first exit on in this forward (an attention hook): over
-        its group's cache."""
-        step = self.step()
+    def _attend(self, step: Step, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, mask: Any, scaling: float | None, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The attention of a layer from the first exit on in this forward (an attention hook, `step`
+        bound): over its group's cache."""
         exit = self.group[module]
         record = step.records[exit]
-        layer = core.claim(key)
+        layer: CompressedLayer | None = core.claim(key)
         if layer is not None:  # a vtattn.kv.CompressedCache layer: it compresses, then reads what it keeps
             frame = None
             if step.images is not None:  # the prefill: this layer holds the kept tokens, right-aligned
@@ -342,6 +381,19 @@ class Exits:
         out = _INDEX(query, key, value, args["kv_indices"], args["kv_counts"], args["q_positions"],
                      args["kv_positions"], True, scale, stamp=(query.device, query.dtype, query.shape[2] == 1))
         return out.transpose(1, 2)  # [B, N, H, D], free: index_attention lays it out so
+
+
+def _put(hidden: torch.Tensor, record: Record, replace: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """hidden [B, M, C] in `record`'s slots with replace = (slots [B, R] full-sequence indices (-1:
+    none), rows [B, R, C]): each listed token's row replaced (None: unchanged)."""
+    if replace is None:
+        return hidden
+    slots, rows = replace
+    B, M, C = hidden.shape
+    match = (record.index[:, None, :] == slots[:, :, None]) & record.real[:, None, :]  # [B, R, M]
+    where = torch.where(match.any(2), match.to(torch.uint8).argmax(2), M)  # unlisted: a spare row M
+    out = torch.cat([hidden, hidden.new_zeros(B, 1, C)], 1)
+    return out.scatter(1, where[..., None].expand(-1, -1, C), rows.to(hidden.dtype))[:, :M]
 
 
 def _index_attention_grad(record: Record, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

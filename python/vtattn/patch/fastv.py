@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 
-import vtattn
 from vtattn import pruning
 
-from . import core
+from . import core, hf_attention
 from .drop import Drop, Step
 
 
@@ -43,6 +42,7 @@ class FastV(core.Stage):
         """Image tokens kept out of a sample's n."""
         if self.keep_tokens is not None:
             return min(self.keep_tokens, n)
+        assert self.keep is not None  # __post_init__ sets one of the two
         return 0 if n == 0 or self.keep == 0 else pruning.budget(self.keep, n)
 
     def install(self, patch: core.Patch) -> core.Installed:
@@ -51,11 +51,10 @@ class FastV(core.Stage):
 
 class _FastV(core.Installed):
     phase = core.LAYERS
+    options: FastV
 
     def __init__(self, options: FastV, patch: core.Patch) -> None:
-        if not patch.image_ids:
-            raise ValueError(f"pruning image tokens needs their ids: pass image_token_id= "
-                             f"({type(patch.model).__name__}'s config names none)")
+        core.require_image_ids(patch, "FastV")
         decoder = core.language_model(patch.model)
         core.check_full_attention(decoder.config)
         self.options = options
@@ -71,7 +70,9 @@ class _FastV(core.Installed):
         def scored(call: core.Call) -> Any:
             step = self.drop.step()  # None: a text-only prompt, run unpatched
             if step is not None and step.images is not None:  # a prefill: layer K-1 records the scores
-                core.current().hook(self.probe, self._score)
+                ctx = core.current()
+                assert ctx is not None  # inside the patched forward
+                ctx.hook(self.probe, self._score)
             return proceed(call)
         return self.drop.forward(call, scored, self._choose)
 
@@ -84,25 +85,28 @@ class _FastV(core.Installed):
         mean over heads, over the keys it sees ([B, N] fp32; one key_importance call per left-padding
         amount; padding columns stay 0). The call then goes on as usual."""
         step = self.drop.step()
+        assert step is not None and step.images is not None and step.pads is not None  # a prefill
         B, N = step.images.shape
         scores = torch.zeros(B, N, dtype=torch.float32, device=query.device)
         pads = step.pads
         groups = [(slice(None), pads[0])] if len(set(pads)) == 1 else [(slice(b, b + 1), p) for b, p in enumerate(pads)]
         query, key = query.detach(), key[:, :, :N].detach()  # no gradient through scores; a StaticCache's
         # keys are its capacity, the prompt's N first
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
         for rows, pad in groups:
-            scores[rows, pad:] = vtattn.key_importance(query[rows, :, -1:], key[rows, :, pad:], rows=0, scale=scaling,
-                                                       reduce_heads="mean")
+            scores[rows, pad:] = hf_attention.scores(query[rows, :, -1:], key[rows, :, pad:], 0, None, scale, False)
         step.scores = scores
         return None
 
     def _choose(self, step: Step) -> torch.Tensor:
         """FastV's rule: each sample's top image tokens by the recorded scores."""
         images = step.images
-        counts = torch.tensor([self.options.budget(n) for n in images.sum(1).tolist()], device=images.device)
+        assert images is not None  # a prefill
+        counts = torch.tensor([self.options.budget(n) for n in images.sum(1).tolist()])  # host: no sync
         chosen = torch.zeros_like(images)
         if bool(counts.any()):  # select_tokens keeps >= 1 per sample: a zero budget is masked after
+            assert step.scores is not None  # recorded by layer K-1 (_score)
             scores = step.scores.masked_fill(~images, -1.0)  # probabilities are >= 0: images first
-            chosen = (vtattn.select_tokens(scores, keep_tokens=counts.clamp(min=1)).mask & images
-                      & (counts > 0)[:, None])
+            chosen = (core.select(scores, counts.clamp(min=1)).mask & images
+                      & (counts > 0).to(images.device)[:, None])
         return chosen

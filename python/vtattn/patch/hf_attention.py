@@ -31,7 +31,7 @@ import collections
 import contextlib
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ import torch
 import vtattn
 
 from . import core
+from .._dispatch import Direct
 from .core import NAME
 from .hf_masks import LazyMask
 
@@ -53,6 +54,8 @@ HARMLESS = frozenset({"position_ids", "use_cache", "output_hidden_states", "outp
 HANDLED = frozenset({"softcap", "s_aux", "sliding_window", "position_bias", "head_mask", "output_attentions",
                      "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
 PACKED = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+Output = tuple[torch.Tensor, torch.Tensor | None]  # an attention function's (out [B, N, H, D], weights)
 
 calls: collections.Counter[str] = collections.Counter()
 """Attention calls since the last `counting()`: "attention" / "varlen_attention" (vtattn's kernels),
@@ -99,15 +102,15 @@ def count(key: str) -> None:
         calls[key] += 1
 
 
-_WARNED = set()
+_WARNED: set[object] = set()
 
 
-def _given(key, value):
+def _given(key: str, value: Any) -> bool:
     """Whether a keyword asks for something: None, False (and a softcap of 0) ask for nothing."""
     return value is not None and value is not False and not (key == "softcap" and value == 0)
 
 
-def _warn_once(key, message):
+def _warn_once(key: object, message: str) -> None:
     if key not in _WARNED and not torch.compiler.is_compiling():
         _WARNED.add(key)
         warnings.warn(message, stacklevel=3)
@@ -153,7 +156,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return _eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, eager)
 
 
-def _eager_reason(module, query, sinks, kwargs):
+def _eager_reason(module: torch.nn.Module, query: torch.Tensor, sinks: Any, kwargs: dict[str, Any]) -> str | None:
     """Why this call must run the model's eager function, or None."""
     unknown = sorted(k for k, v in kwargs.items() if k not in HARMLESS and k not in HANDLED and _given(k, v))
     if unknown:
@@ -174,10 +177,11 @@ class _Run:
     causal: bool
     window: int | None
     end: int
-    varlen: tuple | None = None
+    varlen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
-def _kernel_call(module, query, key, value, mask, dropout, is_causal, kwargs):
+def _kernel_call(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any,
+                 dropout: float, is_causal: bool | None, kwargs: dict[str, Any]) -> _Run | str:
     """The _Run for a call vtattn's kernels compute exactly, else the reason (a str) they do not."""
     if kwargs.get("position_bias") is not None:
         return "position_bias"
@@ -207,7 +211,7 @@ def _kernel_call(module, query, key, value, mask, dropout, is_causal, kwargs):
     return run
 
 
-def _shape_reason(query, key, value):
+def _shape_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
     if not (query.dtype == key.dtype == value.dtype) or query.dtype not in (torch.float16, torch.bfloat16,
                                                                             torch.float32):
         return f"dtypes {query.dtype}, {key.dtype}, {value.dtype}"
@@ -218,22 +222,25 @@ def _shape_reason(query, key, value):
     return None
 
 
-def _run_kernel(run, query, key, value, scaling, softcap, sinks, probe):
-    """out [B, Nq, H, D] of the kernel call `run`."""
-    options = dict(softcap=softcap, window=run.window, sinks=sinks)
+def _run_kernel(run: _Run, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
+                softcap: float | None, sinks: torch.Tensor | None, probe: Probe | None) -> torch.Tensor:
+    """out [B, Nq, H, D] of the kernel call `run`. The registered ops run through `_dispatch.Direct`
+    with arguments in op form (the model's own tensors, checked by `_shape_reason`): the public
+    functions' checks and canonicalisation would cost every layer of every step again."""
     if run.varlen is not None:
         count("varlen_attention")
         return _varlen(query, key, value, run, scaling, softcap, sinks)
     count("attention")
     key, value = key[:, :, :run.end], value[:, :, :run.end]
-    if probe is None or probe.rows is None:
-        out = vtattn.attention(query, key, value, causal=run.causal, scale=scaling, **options)
-    else:  # the LSE of this very call turns q k^T into exact probabilities, row by row
-        out, lse = vtattn.attention(query, key, value, causal=run.causal, scale=scaling, return_lse=True,
-                                    **options)
-        # Scores feed a discrete choice of tokens: no gradient flows through them.
-        probe.scores = vtattn.key_importance(query.detach(), key.detach(), rows=probe.rows, lse=lse.detach(),
-                                             scale=scaling, causal=run.causal, reduce_heads=probe.reduce, **options)
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    options = (float(softcap or 0.0), -1 if run.window is None else run.window,
+               None if sinks is None else sinks.to(query.device, torch.float32).contiguous())
+    out, lse = _ATTENTION(query, key, value, run.causal, scale, *options)
+    if probe is not None and probe.rows is not None:
+        # The LSE of this very call turns q k^T into exact probabilities, row by row. Scores feed a
+        # discrete choice of tokens: no gradient flows through them.
+        probe.scores = scores(query.detach(), key.detach(), probe.rows, lse.detach(), scale, run.causal, options,
+                              probe.reduce)
         if probe.parts is not None:
             probe.parts.append(probe.scores)
     if probe is not None and probe.keys:
@@ -241,32 +248,65 @@ def _run_kernel(run, query, key, value, scaling, softcap, sinks, probe):
     return out.transpose(1, 2)  # free: out is laid out [B, N, H, D] in memory
 
 
-def _varlen(query, key, value, run, scaling, softcap, sinks):
+# The registered ops in op form: (out, lse), scores, (out, lse).
+_ATTENTION: Direct[tuple[torch.Tensor, torch.Tensor]] = Direct("attention")
+_KEY_IMPORTANCE: Direct[torch.Tensor] = Direct("key_importance")
+_VARLEN: Direct[tuple[torch.Tensor, torch.Tensor]] = Direct("varlen_attention")
+_REDUCE: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {"mean": torch.mean, "sum": torch.sum,
+                                                                   "max": torch.amax}
+
+
+def scores(query: torch.Tensor, key: torch.Tensor, rows: Any, lse: torch.Tensor | None, scale: float, causal: bool,
+           options: tuple[float, int, torch.Tensor | None] = (0.0, -1, None), reduce: str | None = "mean"
+           ) -> torch.Tensor:
+    """`vtattn.key_importance(query, key, rows=rows, lse=lse, ...)` for the stages' own, valid
+    arguments (rows an int row, "all", or anything the public function takes), through the
+    registered op: fp32 [B, Hq, Nk], or [B, Nk] reduced over heads."""
+    B, _, Nq, _ = query.shape
+    if isinstance(rows, int) and not isinstance(rows, bool) and -Nq <= rows < Nq:
+        index = torch.full((B, 1), rows % Nq, dtype=torch.int64, device=query.device)
+    elif isinstance(rows, str) and rows == "all":
+        index = None
+    else:  # other forms: the public function canonicalises (and checks) them
+        return vtattn.key_importance(query, key, rows=rows, lse=lse, scale=scale, causal=causal, reduce_heads=reduce,
+                                     softcap=options[0] or None, window=None if options[1] < 0 else options[1],
+                                     sinks=options[2])
+    out = _KEY_IMPORTANCE(query, key, lse, index, causal, scale, *options)
+    return out if reduce is None else _REDUCE[reduce](out, 1)
+
+
+def _varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, run: _Run, scaling: float | None,
+            softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
     """A padded batch: every query row against its sequence's visible keys, packed. Calls the
     registered op: the public function's cu_seqlens checks would sync in every layer, and these
     cu_seqlens are built valid (once per mask, hf_masks.Plan)."""
     B, Hq, Nq, D = query.shape
+    assert run.varlen is not None  # (`_run_kernel` sends only these here)
     batch, index, cu_k = run.varlen
     q = query.transpose(1, 2).reshape(B * Nq, Hq, D)
     k, v = (t.transpose(1, 2)[batch, index] for t in (key, value))
     cu_q = torch.arange(0, (B + 1) * Nq, Nq, dtype=torch.int32, device=query.device)
     scale = D ** -0.5 if scaling is None else float(scaling)
-    out, _ = torch.ops.vtattn.varlen_attention(q, k, v, cu_q, cu_k, Nq, run.causal, scale, float(softcap or 0.0),
-                                               -1 if run.window is None else run.window,
-                                               None if sinks is None else sinks.to(torch.float32).contiguous())
+    out, _ = _VARLEN(q, k, v, cu_q, cu_k, Nq, run.causal, scale, float(softcap or 0.0),
+                     -1 if run.window is None else run.window,
+                     None if sinks is None else sinks.to(torch.float32).contiguous())
     return out.view(B, Nq, Hq, D)
 
 
-def _sdpa(module, query, key, value, mask, dropout, scaling, is_causal, kwargs):
+def _sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any,
+          dropout: float, scaling: float | None, is_causal: bool | None, kwargs: dict[str, Any]) -> Output:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if isinstance(mask, LazyMask):
         mask = mask.spec.sdpa()
     keep = {k: v for k, v in kwargs.items() if k in HARMLESS or k in ("position_bias", *PACKED)}
-    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **keep)
+    out: Output = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                         is_causal=is_causal, **keep)
+    return out
 
 
-def _eager(module, query, key, value, mask, dropout, scaling, is_causal, kwargs, reason):
+def _eager(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any,
+           dropout: float, scaling: float | None, is_causal: bool | None, kwargs: dict[str, Any], reason: str
+           ) -> Output:
     """The model's own eager attention, with the mask eager attention would get."""
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is None:
@@ -289,7 +329,8 @@ def _eager(module, query, key, value, mask, dropout, scaling, is_causal, kwargs,
     return out, weights if kwargs.get("output_attentions") else None  # as SDPA, unless asked for
 
 
-def _eager_mask(mask, query, key, module, is_causal):
+def _eager_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, module: torch.nn.Module,
+                is_causal: bool | None) -> torch.Tensor | None:
     """The additive mask eager attention needs for what SDPA would do with `mask` (None: SDPA's
     top-left causal rule when causal with several queries)."""
     if isinstance(mask, LazyMask):
@@ -306,7 +347,8 @@ def _eager_mask(mask, query, key, module, is_causal):
     return mask
 
 
-def _native(module, query, key, value, mask, dropout, scaling, is_causal, kwargs):
+def _native(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any,
+            dropout: float, scaling: float | None, is_causal: bool | None, kwargs: dict[str, Any]) -> Output:
     """A mask vtattn cannot read (a routed module of a model on another implementation: flash
     attention's 2-D padding mask, flex attention's BlockMask): the module's own attention runs it."""
     what = f"{mask.dim()}-D mask" if isinstance(mask, torch.Tensor) else f"{type(mask).__name__} mask"
@@ -314,8 +356,9 @@ def _native(module, query, key, value, mask, dropout, scaling, is_causal, kwargs
     if fn is None:
         raise NotImplementedError(f"vtattn's attention cannot read a {what} ({type(module).__name__})")
     count(f"native: {what}")
-    return fn(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-              **({} if is_causal is None else {"is_causal": is_causal}), **kwargs)
+    out: Output = fn(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                     **({} if is_causal is None else {"is_causal": is_causal}), **kwargs)
+    return out
 
 
 def _cache_mask(mask: Any) -> torch.Tensor | None:
@@ -330,7 +373,8 @@ def _cache_mask(mask: Any) -> torch.Tensor | None:
     return mask
 
 
-def _cached(layer, module, query, key, value, mask, scaling, kwargs):
+def _cached(layer: Any, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            mask: Any, scaling: float | None, kwargs: dict[str, Any]) -> Output:
     """A vtattn.kv.CompressedCache layer attends over what it keeps (plain causal attention only)."""
     extra = sorted(k for k, v in kwargs.items() if k not in HARMLESS and k != "sliding_window" and _given(k, v))
     if extra or (isinstance(mask, LazyMask) and mask.spec.window is not None):
@@ -344,8 +388,20 @@ def register_hf_attention() -> None:
     """Register "vtattn" with transformers' AttentionInterface and its mask function with
     AttentionMaskInterface (`hf_masks.mask_function`), so `attn_implementation="vtattn"` works for
     any model. Idempotent."""
-    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers import AttentionMaskInterface
     from .hf_masks import load, mask_function
     load()
-    AttentionInterface.register(NAME, attention_forward)
+    register_attention()
     AttentionMaskInterface.register(NAME, mask_function)
+
+
+_REGISTERED: list[bool] = []
+
+
+def register_attention() -> None:
+    """Register only the attention function, once per process: what a routed module needs (`core.Patch.route`;
+    its model builds its masks with its own implementation's mask function)."""
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+        AttentionInterface.register(NAME, attention_forward)
+        _REGISTERED.append(True)

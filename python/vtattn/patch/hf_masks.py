@@ -53,7 +53,7 @@ class MaskSpec:
     window: int | None
     kwargs: dict[str, Any]
     plan_: Plan | str | None = field(default=None, repr=False)  # Plan, or the reason none fits; None: not yet built
-    dense_: dict[str, Any] = field(default_factory=dict, repr=False)
+    dense_: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
     def plan(self) -> Plan | str:
         """The Plan, or a str saying why the mask does not fit one (then SDPA / eager run it).
@@ -68,7 +68,8 @@ class MaskSpec:
         decoder layers) it is traced into the graph, never cached."""
         sdpa_mask = load()[0].sdpa_mask
         if torch.compiler.is_compiling():
-            return sdpa_mask(**self.kwargs)
+            traced: torch.Tensor | None = sdpa_mask(**self.kwargs)
+            return traced
         if "sdpa" not in self.dense_:
             self.dense_["sdpa"] = sdpa_mask(**self.kwargs)
         return self.dense_["sdpa"]
@@ -79,7 +80,9 @@ class MaskSpec:
             sdpa_mask = load()[0].sdpa_mask
             self.dense_["full"] = sdpa_mask(**{**self.kwargs, "allow_is_causal_skip": False,
                                                "allow_is_bidirectional_skip": False})
-        return self.dense_["full"]
+        full = self.dense_["full"]
+        assert full is not None  # built with every skip off
+        return full
 
     def eager(self) -> torch.Tensor | None:
         """What transformers' `eager_mask` returns (additive float mask, or None)."""
@@ -91,26 +94,28 @@ class MaskSpec:
 class LazyMask(torch.Tensor):
     """SDPA's boolean mask [B, 1, Nq, Nk] for a standard mask, materialised on first use by any op
     (then every op runs on that dense tensor: exactly SDPA's mask). vtattn's attention reads `spec`."""
+    spec: MaskSpec
 
     @staticmethod
     def __new__(cls, spec: MaskSpec, shape: tuple[int, ...], device: torch.device | str) -> LazyMask:
-        mask = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.bool, device=device)
+        mask = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.bool,
+                                                   device=device)  # type: ignore[arg-type]  # a str works too
         mask.spec = spec
         return mask
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]  # torch's stubs
 
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
-                           ) -> Any:
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple[Any, ...] = (),  # type: ignore[override]
+                           kwargs: dict[str, Any] | None = None) -> Any:  # (torch's stubs: Tensor's is disabled)
         dense = lambda x: x.spec.full() if isinstance(x, LazyMask) else x  # noqa: E731
         return func(*pytree.tree_map(dense, args), **pytree.tree_map(dense, kwargs or {}))
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # type: ignore[override]  # torch's stubs: Tensor's takes tensor_contents
         return f"LazyMask({self.spec.kind}, window={self.spec.window}, shape={tuple(self.shape)})"
 
 
-def _closure(fn, name):
+def _closure(fn: Any, name: str) -> Any:
     names = fn.__code__.co_freevars
     return fn.__closure__[names.index(name)].cell_contents if name in names else None
 
@@ -149,14 +154,15 @@ def mask_function(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     kind = structure(mask_function)
     traced = is_tracing(attention_mask) or (isinstance(q_offset, torch.Tensor) and is_tracing(q_offset))
     if kind is None or traced or not isinstance(kv_offset, int):
-        return mu.sdpa_mask(**args)
+        mask: torch.Tensor | None = mu.sdpa_mask(**args)
+        return mask
     if isinstance(q_offset, torch.Tensor):  # a static cache's length: it grows in place after this call
         args["q_offset"] = q_offset.clone()
     spec = MaskSpec(*kind, args)
     return LazyMask(spec, (batch_size, 1, q_length, kv_length), kwargs.get("device", "cpu"))
 
 
-def _check_interface(config):
+def _check_interface(config: Any) -> None:
     """Refuse a model whose modeling file attends without transformers' attention interface (it
     branches on the implementation's name itself, e.g. Falcon in transformers 5.17, and would add
     this boolean mask to its eager logits)."""
@@ -169,7 +175,7 @@ def _check_interface(config):
                                   f"attention interface; {name} does not (use 'sdpa' or 'eager')")
 
 
-def _plan(spec):
+def _plan(spec: MaskSpec) -> Plan | str:
     """Plan for `spec`, or why none fits (one host sync at most: the offsets / padding statistics)."""
     a = spec.kwargs
     B, Nq, Nk, kv_offset = a["batch_size"], a["q_length"], a["kv_length"], a["kv_offset"]
@@ -212,28 +218,3 @@ def _plan(spec):
     flat = torch.nonzero_static(valid.flatten(), size=total)[:, 0]
     cu_k = torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
     return Plan(end, (flat // Nk, flat % Nk, cu_k))
-
-
-# ---- generate's masks for a static cache ---------------------------------------------------------
-# With a compileable cache (cache_implementation="static") generate hands the model a 4-D mask built
-# in the full sequence's frame ([B, 1, q, capacity]; bool: True attends, float: 0 attends; a dict per
-# layer type for some configs). Stages that shorten the sequence read the padding back from it.
-
-def full_attention_mask(mask: Any) -> Any:
-    """The full-attention mask of generate's per-layer-type dict, else the mask itself."""
-    return mask.get("full_attention") if isinstance(mask, dict) else mask
-
-
-def is_static_mask(mask: Any) -> bool:
-    return isinstance(full_attention_mask(mask), torch.Tensor) and full_attention_mask(mask).dim() == 4
-
-
-def _allowed(mask: torch.Tensor) -> torch.Tensor:
-    return mask if mask.dtype == torch.bool else mask == 0
-
-
-def prompt_padding(mask: Any, length: int) -> torch.Tensor:
-    """The 2-D padding mask [B, length] (long) of a prompt's 4-D mask: what its last query row sees
-    among the first `length` columns (a left-padded prompt's last token is real and causal)."""
-    return _allowed(full_attention_mask(mask)[:, 0, -1, :length]).long()
-

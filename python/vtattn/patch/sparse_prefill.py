@@ -19,6 +19,8 @@ import torch
 
 from . import core, hf_attention
 
+Grids = list[list[tuple[int, int, int]]]  # per sample, its images' (start, height, width) token grids
+
 
 @dataclass(frozen=True)
 class SparsePrefillStage(core.Stage):
@@ -56,13 +58,15 @@ class _SparsePrefill(core.Installed):
         _, cache = call.cache()
         if cache is None or cache.get_seq_length() == 0:  # a prefill
             ctx = core.current()
+            assert ctx is not None  # inside the patched forward
             grids = _grids(call, self.patch.model) if self.policy.name == "region_routing" else None
             hook = lambda *args: self._attend(*args, grids=grids)  # noqa: E731
             for module in self.layers:
                 ctx.hook(module, hook)
         return proceed(call)
 
-    def _attend(self, module, query, key, value, mask, scaling, kwargs, *, grids):
+    def _attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any,
+                scaling: float | None, kwargs: dict[str, Any], *, grids: Grids | None) -> torch.Tensor | None:
         """The hook: block-sparse prefill attention of one layer, or None (the call goes on)."""
         layer, (B, Hq, N, D) = self.layers[module], query.shape
         if key.shape[2] != N or not self.policy.applies(layer, len(self.layers), N):
@@ -76,24 +80,28 @@ class _SparsePrefill(core.Installed):
                 or run.varlen is not None or run.end != N:
             return None
         scale = D ** -0.5 if scaling is None else float(scaling)
-        sparse = lambda q, k, v, s: self._sparse(q, k, v, s, layer, grids)  # noqa: E731
+        sparse: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]] = \
+            lambda q, k, v, s: self._sparse(q, k, v, s, layer, grids)  # noqa: E731
         cached = core.claim(key)  # a CompressedCache layer's prefill: it attends with the sparse prefill
         if cached is not None:
             hf_attention.count("cache")
-            out = cached.attend(query, key, value, hf_attention._cache_mask(mask), scale, prefill=sparse)
+            out: torch.Tensor = cached.attend(query, key, value, hf_attention._cache_mask(mask), scale, prefill=sparse)
         else:
             out, _ = sparse(query, key, value, scale)
         hf_attention.count("sparse prefill")
         return out.transpose(1, 2)
 
-    def _sparse(self, q, k, v, scale, layer, grids):
+    def _sparse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, layer: int,
+                grids: Grids | None) -> tuple[torch.Tensor, torch.Tensor]:
         num, idx = self.policy.blocks(q, k, layer=layer, scale=scale, regions=grids)
         self._lists[layer] = num
         # The registered op: the policies' lists are valid by construction (the public checks would sync).
-        return torch.ops.vtattn.block_sparse_attention(q, k, v, num, idx, self.policy.block_size, True, scale)
+        out: tuple[torch.Tensor, torch.Tensor] = torch.ops.vtattn.block_sparse_attention(
+            q, k, v, num, idx, self.policy.block_size, True, scale)
+        return out
 
 
-def _grids(call: core.Call, model: torch.nn.Module) -> list[list[tuple[int, int, int]]] | None:
+def _grids(call: core.Call, model: torch.nn.Module) -> Grids | None:
     """Per sample, the (start, height, width) token grids of the prompt's images (see the module
     docstring); None without image tokens."""
     if call.images is None:
@@ -101,7 +109,7 @@ def _grids(call: core.Call, model: torch.nn.Module) -> list[list[tuple[int, int,
     merge = getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", 1) or 1
     queues = [[(int(t), int(h) // merge, int(w) // merge) for t, h, w in g.tolist()]  # images, videos in order
               for name in ("image_grid_thw", "video_grid_thw") if (g := call.kwargs.get(name)) is not None]
-    out = []
+    out: Grids = []
     for row in call.images.tolist():
         grids, start = [], None
         for i, img in enumerate(row + [False]):
@@ -114,7 +122,7 @@ def _grids(call: core.Call, model: torch.nn.Module) -> list[list[tuple[int, int,
     return out
 
 
-def _run_grids(start: int, n: int, queues: list) -> list[tuple[int, int, int]]:
+def _run_grids(start: int, n: int, queues: list[list[tuple[int, int, int]]]) -> list[tuple[int, int, int]]:
     """Grids of a run of n image tokens from `start`: the next image's or video's (frames, height, width)
     when its size is n (taken off its queue), else one square grid, else one row."""
     for q in queues:

@@ -12,7 +12,6 @@ Where the tokens leave depends on the model:
 - Qwen2-VL / Qwen2.5-VL: at the LLM's input (`vision_qwen`)."""
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -22,7 +21,7 @@ import torch
 import vtattn
 from vtattn import pruning
 
-from . import core, hf_masks
+from . import core
 from .hf_attention import Probe, probing
 
 HIRED_SPLITS = ("vtattn", "release")  # HiRED's budget split over LLaVA-NeXT's views (docs/selection.md)
@@ -64,7 +63,10 @@ class VisionSelect(core.Stage):
     @property
     def budget(self) -> float | int:
         """The ratio, or the count."""
-        return self.keep if self.keep is not None else self.keep_tokens
+        if self.keep is not None:
+            return self.keep
+        assert self.keep_tokens is not None  # __post_init__ sets one of the two
+        return self.keep_tokens
 
     def install(self, patch: core.Patch) -> core.Installed:
         if patch.family == "tower":
@@ -99,10 +101,11 @@ class Selector:
                             f"got {type(tower).__name__}")
         self.tower, self.keep, self.merge, self.alpha, self.hired_split = tower, keep, merge, alpha, hired_split
         self.encoder: Callable[..., Any] = tower  # what encode calls: a patched tower's own unpatched forward
-        self.layers = tower.encoder.layers
+        found: Any = tower  # a transformers tower (Module's stubs: every attribute a Tensor or Module)
+        self.layers = found.encoder.layers
         self.attn = [layer.self_attn for layer in self.layers]
-        self.has_cls = hasattr(tower.embeddings, "class_embedding")
-        self.grid = tower.config.image_size // tower.config.patch_size
+        self.has_cls = hasattr(found.embeddings, "class_embedding")
+        self.grid: int = found.config.image_size // found.config.patch_size
         if drop_cls and not self.has_cls:
             raise ValueError("the features drop a [CLS] token (strategy 'default') but the tower has none")
         self.drop = int(drop_cls)
@@ -135,13 +138,19 @@ class Selector:
                 self.encoder(pixel_values, return_dict=True, **tower_kwargs)
         finally:
             hook.remove()
-        scores = {layer: probes[self.attn[layer]].scores for layer in self.plan}
+        scores: dict[int, torch.Tensor] = {}
+        for layer in self.plan:
+            recorded = probes[self.attn[layer]].scores
+            assert recorded is not None  # every probed layer records its scores (rows are never None)
+            scores[layer] = recorded
         cut = slice(self.drop, None)
         features = out[0][:, cut]
         imp = pruning.importance(self.method, scores, has_cls=self.has_cls, feature=self.feature,
                                  ensemble=self.ensemble)[:, cut]
         early = scores[0][:, cut] if self.method == "hired" else None
-        keys = probes[self.attn[self.feature]].key_states[:, cut] if self.merge else None
+        keys = probes[self.attn[self.feature]].key_states if self.merge else None
+        assert keys is not None or not self.merge  # probed with keys=True when merging
+        keys = None if keys is None else keys[:, cut]
         return features, imp, early, keys
 
     def counts(self, view_tokens: list[int], early_base: torch.Tensor | None = None,
@@ -154,6 +163,7 @@ class Selector:
         if self.method != "hired":
             return torch.tensor([pruning.budget(self.keep, n, full) for n in view_tokens])
         if self.hired_split == "release" and crop_grid:
+            assert early_base is not None  # the base view's [CLS] row splits an image over its crops
             budgets = pruning.hired_budgets_release(self.keep, self.alpha, len(view_tokens), early_base)
             if scores is None or valid is None:
                 return budgets
@@ -161,7 +171,10 @@ class Selector:
             # keeps is the unpadded tokens among a view's top-b over all its tokens (ties to the lower index).
             ranked = torch.sort(-scores.float(), dim=1, stable=True).indices.cpu()
             return torch.stack([valid[v].cpu()[ranked[v, :int(b)]].sum() for v, b in enumerate(budgets.tolist())])
-        mass = pruning.region_mass(early_base, self.grid, *crop_grid) if crop_grid else []
+        mass: torch.Tensor | list[float] = []
+        if crop_grid:
+            assert early_base is not None  # as above
+            mass = pruning.region_mass(early_base, self.grid, *crop_grid)
         return pruning.hired_budgets(self.keep, self.alpha, view_tokens, mass)
 
     def ranking(self, imp: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -173,15 +186,16 @@ class Selector:
                     ) -> tuple[torch.Tensor, vtattn.Selection]:
         """Top-k of `scores` [B, N] with per-(row, segment) `counts` ([B] or [B, S] int64), then
         the kept rows of x [B, N, C] (merged when configured). Returns ([B, K, C], Selection)."""
-        uniform = counts.dim() == 1 and bool((counts == counts[0]).all())  # counts live on the host
-        keep = int(counts[0]) if uniform else counts.to(scores.device)  # an int: no device sync
-        sel = vtattn.select_tokens(scores, keep_tokens=keep, segments=segments)
-        if self.merge and core.needs_grad(x):  # merge_tokens has no gradient; its reference has
-            from ..reference.merge_tokens import merge_tokens
-            return merge_tokens(x, keys, sel.indices, sel.mask, self.merge == "weighted"), sel
+        B = scores.shape[0]
+        budgets = counts.expand(B) if counts.dim() == 1 and counts.numel() == 1 else counts
+        sel = core.select(scores, budgets, segments)  # counts live on the host: no device sync
         if self.merge:
-            return vtattn.merge_tokens(x, sel, keys=keys, mode=self.merge), sel
-        return vtattn.gather_tokens(x, sel), sel
+            assert keys is not None  # encode's, when merging
+            if core.needs_grad(x):  # merge_tokens has no gradient; its reference has
+                from ..reference.merge_tokens import merge_tokens
+                return merge_tokens(x, keys, sel.indices, sel.mask, self.merge == "weighted"), sel
+            return core.op("merge_tokens")(x, keys, sel.indices, sel.mask, self.merge == "weighted"), sel
+        return core.op("gather_tokens")(x, sel.indices, None, 0), sel
 
 
 class SelectedFeatures(NamedTuple):
@@ -213,16 +227,17 @@ class _Tower(core.Installed):
 class _Llava(core.Installed):
     """LLaVA / LLaVA-NeXT: the kept tokens of each view go to the projector."""
     phase = core.INPUT
+    options: VisionSelect
 
     def __init__(self, options: VisionSelect, patch: core.Patch) -> None:
         from transformers import LlavaModel, LlavaNextModel
-        model = patch.model
+        model: Any = patch.model  # a transformers model (Module's stubs: every attribute a Tensor or Module)
         self.base = model if isinstance(model, (LlavaModel, LlavaNextModel)) else model.model
         self.anyres = isinstance(self.base, LlavaNextModel)
         self.options = options
         self.selectors: dict[tuple[int, str], Selector] = {}
-        # cache object -> the Shrink of the prefill that filled it; gone with the cache.
-        self.continuations: weakref.WeakKeyDictionary[Any, Shrink] = weakref.WeakKeyDictionary()
+        # cache object -> the Shrink of the prefill that filled it; gone with the cache or its reset().
+        self.continuations = core.Filled()
         config = self.base.config
         selector = self.selector(config.vision_feature_layer, config.vision_feature_select_strategy)  # check now
         patch.route(selector.attn)
@@ -243,17 +258,9 @@ class _Llava(core.Installed):
         if pixel_values is not None and pixel_values.numel():
             return self._prefill(call, proceed)
         _, cache = call.cache()
-        shrink = self.continuations.get(cache) if cache is not None else None
-        if shrink is None:
-            return proceed(call)
-        past, new, mask = cache.get_seq_length(), call.new_tokens(), kwargs.get("attention_mask")
-        if hf_masks.is_static_mask(mask):  # a static cache: its lengths (device counts) are the shortened frame's
-            if bool(past >= shrink.width):  # else reset and reused (a host read of the device count)
-                kwargs["attention_mask"] = shrink.static_mask(hf_masks.full_attention_mask(mask).shape[-1])
-                kwargs["position_ids"] = shrink.continue_positions(kwargs.get("position_ids"), past, new)
-        elif past >= shrink.width:  # shorter: the cache was reset and reused
-            kwargs["attention_mask"] = shrink.continue_mask(mask, past, new)
-            kwargs["position_ids"] = shrink.continue_positions(kwargs.get("position_ids"), past, new)
+        shrink = self.continuations.get(cache)  # None: not a pruned prefill's cache, or reset since
+        if shrink is not None:
+            shrink.continue_call(call, cache)
         return proceed(call)
 
     def _prefill(self, call: core.Call, proceed: Callable[[core.Call], Any]) -> Any:
@@ -272,19 +279,14 @@ class _Llava(core.Installed):
         encode = self._anyres_features if self.anyres else self._features
         features, spans, kept = encode(selector, kwargs.pop("pixel_values"), kwargs.pop("image_sizes", None))
         shrink = Shrink(input_ids, config.image_token_id, spans, kept)
-        mask = kwargs.get("attention_mask")
-        if hf_masks.is_static_mask(mask):  # generate's for a static cache, full frame: rebuilt shortened
-            mask = hf_masks.prompt_padding(mask, input_ids.shape[1])
-        kwargs.update(inputs_embeds=shrink.embeds(self.base.get_input_embeddings()(input_ids), features),
-                      attention_mask=shrink.attention_mask(mask),
-                      position_ids=shrink.positions(kwargs.get("position_ids")))
-        if "labels" in kwargs:
-            kwargs["labels"] = shrink.labels(kwargs["labels"])
-        call.input_ids, call.images = None, shrink.image
+        shrink.shorten(call, self.base.get_input_embeddings()(input_ids), features)
         out = proceed(call)
         for filled in (cache, core.output_cache(out)):
             if filled is not None:
-                self.continuations[filled] = shrink
+                if shrink.identity:  # (keep=1.0) the caller's frame is the model's: decode steps run as they come
+                    self.continuations.pop(filled)
+                else:
+                    self.continuations[filled] = shrink
         return out
 
     def _features(self, selector: Selector, pixel_values: torch.Tensor, image_sizes: Any
@@ -314,7 +316,8 @@ class _Llava(core.Installed):
             raise ValueError("LLaVA-NeXT packs square grids of patch tokens: the features must leave out "
                              "any [CLS] token (strategy 'default' for CLIP, 'full' for SigLIP)")
         kept, slots, spans = [], [], []
-        parts = [t.split(views) if t is not None else [None] * len(views) for t in (x, imp, early, keys)]
+        parts = [t.split(views) if t is not None else [None] * len(views)  # type: ignore[no-untyped-call]
+                 for t in (x, imp, early, keys)]
         for size, xi, si, ei, ki in zip(image_sizes, *parts):
             valid, slot, row, newline, span, crop_grid = _anyres_layout(size, config, selector.grid, x.device)
             tokens = valid.sum(1)
@@ -350,17 +353,18 @@ class Shrink:
     def __init__(self, input_ids: torch.Tensor, image_token_id: int, spans: list[int], kept: list[int]) -> None:
         B, L = input_ids.shape
         device = input_ids.device
-        spans = torch.as_tensor(spans, dtype=torch.long, device=device)
-        kept = torch.as_tensor(kept, dtype=torch.long, device=device)
+        self.identity = list(spans) == list(kept)  # nothing removed: decode steps need no translation
+        span = torch.as_tensor(spans, dtype=torch.long, device=device)
+        kept_t = torch.as_tensor(kept, dtype=torch.long, device=device)
         is_image = input_ids == image_token_id
-        found, expected = int(is_image.sum()), int(spans.sum())
+        found, expected = int(is_image.sum()), int(span.sum())
         if found != expected:
             raise ValueError(f"input_ids hold {found} image tokens but the images need {expected} "
                              "(the <image> spans must be expanded as the processor does)")
         ordinal = is_image.flatten().cumsum(0).view(B, L) - 1
-        ends = spans.cumsum(0)
-        image = torch.searchsorted(ends, ordinal.clamp(min=0), right=True).clamp(max=len(spans) - 1)
-        keep = ~is_image | (ordinal - (ends - spans)[image] < kept[image])
+        ends = span.cumsum(0)
+        image = torch.searchsorted(ends, ordinal.clamp(min=0), right=True).clamp(max=len(span) - 1)
+        keep = ~is_image | (ordinal - (ends - span)[image] < kept_t[image])
         removed = (~keep).long().cumsum(1)
         length = keep.sum(1)
         self.length, self.width = L, int(length.max())
@@ -405,9 +409,35 @@ class Shrink:
     def labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
         return None if labels is None else self._take(labels, -100)
 
+    def shorten(self, call: core.Call, token_embeds: torch.Tensor, image_features: torch.Tensor) -> None:
+        """The prefill `call` in the shortened frame: its embeddings (see embeds), mask, positions and
+        labels in call.kwargs, no input_ids, the image slots as call.images."""
+        kwargs = call.kwargs
+        mask = kwargs.get("attention_mask")
+        if core.is_static_mask(mask):  # generate's for a static cache, full frame: rebuilt shortened
+            mask = core.prompt_padding(mask, self.length)
+        kwargs.update(inputs_embeds=self.embeds(token_embeds, image_features), attention_mask=self.attention_mask(mask),
+                      position_ids=self.positions(kwargs.get("position_ids")))
+        if "labels" in kwargs:
+            kwargs["labels"] = self.labels(kwargs["labels"])
+        call.input_ids, call.images = None, self.image
+
+    def continue_call(self, call: core.Call, cache: Any) -> None:
+        """A decode step on the `cache` the shortened prefill filled: the caller's mask and positions
+        (original frame) in the shortened frame, in call.kwargs."""
+        kwargs = call.kwargs
+        past, new, mask = cache.get_seq_length(), call.new_tokens(), kwargs.get("attention_mask")
+        if core.is_static_mask(mask):  # a static cache: its lengths (device counts, not read) are the shortened frame's
+            kwargs["attention_mask"] = self.static_mask(core.full_attention_mask(mask).shape[-1])
+            kwargs["position_ids"] = self.continue_positions(kwargs.get("position_ids"), past, new)
+        elif past >= self.width:  # (a host count) shorter: cropped into the prompt, or emptied without reset()
+            kwargs["attention_mask"] = self.continue_mask(mask, past, new)
+            kwargs["position_ids"] = self.continue_positions(kwargs.get("position_ids"), past, new)
+
     def continue_mask(self, mask: torch.Tensor | None, past: int, new: int) -> torch.Tensor:
         """The decode-step mask for a cache of `past` shortened tokens and `new` tokens: the
         shortened prefill mask, then the caller's mask past its original length."""
+        assert self.mask is not None  # the prefill's (attention_mask)
         grown = past + new - self.width
         if mask is None:
             tail = self.mask.new_ones(self.mask.shape[0], grown)
@@ -422,6 +452,7 @@ class Shrink:
         """A static cache's decode-step mask, [B, width] (its capacity): the shortened prefill mask
         then every later slot (causality hides those not written yet). The same tensor every step."""
         if self.static is None or self.static.shape[1] != width:
+            assert self.mask is not None  # the prefill's (attention_mask)
             self.static = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], width - self.width)], 1)
         return self.static
 

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-import vtattn
 from vtattn import pruning
 
 from . import core
@@ -36,7 +35,8 @@ class AtInput(core.Installed):
     phase = core.LAYERS
 
     def __init__(self, options: VisionSelect, patch: core.Patch) -> None:
-        model, self.options = patch.model, options
+        model: Any = patch.model  # a transformers model (Any: transformers is not followed)
+        self.options = options
         visual = model.model.visual
         decoder = core.language_model(model)
         core.check_full_attention(decoder.config)
@@ -69,17 +69,19 @@ class AtInput(core.Installed):
         if not encodes:
             return self.drop.forward(call, proceed, _needs_pixels)
         # The ViT is called per image, per video frame (images first, as the model encodes them).
-        probe = Probe(rows="all", reduce="mean", parts=[])
+        parts: list[torch.Tensor] = []
+        probe = Probe(rows="all", reduce="mean", parts=parts)
         grids = {key: kwargs.get(grid) if kwargs.get(key) is not None else None for key, grid, _ in MODALITIES}
         input_ids = call.input_ids
         with probing({self.block: probe}):
             return self.drop.forward(call, proceed, lambda step: self._chosen(
-                torch.cat([p[0] for p in probe.parts]), grids, input_ids, step.images))
+                torch.cat([p[0] for p in parts]), grids, input_ids, step.images))
 
-    def _chosen(self, scores: torch.Tensor, grids: dict[str, torch.Tensor | None], input_ids: torch.Tensor,
-                images: torch.Tensor) -> torch.Tensor:
+    def _chosen(self, scores: torch.Tensor, grids: dict[str, torch.Tensor | None], input_ids: torch.Tensor | None,
+                images: torch.Tensor | None) -> torch.Tensor:
         """scores [P]: the block's patches in its order (images', then videos'; Qwen2.5-VL: window
         order) -> kept tokens [B, N] bool, top-k per image and per video frame."""
+        assert input_ids is not None and images is not None  # a prefill with image tokens (`forward`)
         chosen, done = torch.zeros_like(images), 0
         for key, _, token in MODALITIES:
             grid = grids[key]
@@ -93,8 +95,7 @@ class AtInput(core.Installed):
             if sum(frames) != int(where.sum()):
                 raise ValueError(f"{key}'s grid gives {sum(frames)} tokens, input_ids holds {int(where.sum())}")
             budgets = torch.tensor([[pruning.budget(self.keep, f, max(frames)) for f in frames]])
-            chosen[where] = vtattn.select_tokens(units[None], keep_tokens=budgets.to(units.device),
-                                                 segments=frames).mask[0]
+            chosen[where] = core.select(units[None], budgets, frames).mask[0]  # budgets on the host
         return chosen
 
     def _units(self, scores: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:

@@ -41,9 +41,7 @@ class _VisualExit(core.Installed):
     phase = core.LAYERS
 
     def __init__(self, options: VisualExit, patch: core.Patch) -> None:
-        if not patch.image_ids:
-            raise ValueError(f"visual-token exit needs the image token ids: pass image_token_id= "
-                             f"({type(patch.model).__name__}'s config names none)")
+        core.require_image_ids(patch, "visual-token exit")
         decoder = core.language_model(patch.model)
         layers = len(decoder.layers)
         if options.layer > layers:
@@ -69,4 +67,5 @@ class _VisualExit(core.Installed):
 
 
 def _no_image(step: Step) -> torch.Tensor:
+    assert step.images is not None  # an exit's choice runs in a prefill
     return torch.zeros_like(step.images)

@@ -3,6 +3,7 @@ from .attention import attention
 from .block_sparse_attention import block_sparse_attention
 from .decode_attention import decode_attention
 from .gather_tokens import gather_tokens
+from .group_attention import group_attention, group_attention_chunked
 from .index_attention import index_attention
 from .key_importance import key_importance
 from .merge_tokens import merge_tokens
@@ -11,4 +12,5 @@ from .select_tokens import select_tokens
 from .varlen_attention import varlen_attention
 
 __all__ = ["attention", "block_sparse_attention", "decode_attention", "gather_tokens", "key_importance", "merge_tokens",
-           "paged_decode_attention", "select_tokens", "varlen_attention", "index_attention"]
+           "paged_decode_attention", "select_tokens", "varlen_attention", "index_attention", "group_attention",
+           "group_attention_chunked"]

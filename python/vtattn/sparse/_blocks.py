@@ -2,14 +2,21 @@
 masks, and the generic builders (top-k, sliding window, text + image). A block list is
 (kv_num_blocks int32 [B, H, Q_blocks], kv_indices int32 [B, H, Q_blocks, K_blocks]): query block m
 sees key blocks kv_indices[b, h, m, :kv_num_blocks[b, h, m]]. Builders list blocks in ascending order."""
+from typing import TYPE_CHECKING
+
 import torch
 
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
-def _cdiv(a, b):
+BlockList = tuple[torch.Tensor, torch.Tensor]
+
+
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def from_dense_blocks(blocks):
+def from_dense_blocks(blocks: torch.Tensor) -> BlockList:
     """bool [B, H, Q_blocks, K_blocks] (True: query block sees key block) -> (kv_num_blocks, kv_indices);
     entries past a row's count are the unlisted blocks (ignored by the op)."""
     kv_num_blocks = blocks.sum(-1, dtype=torch.int32)
@@ -17,7 +24,7 @@ def from_dense_blocks(blocks):
     return kv_num_blocks, kv_indices
 
 
-def to_dense_blocks(kv_num_blocks, kv_indices):
+def to_dense_blocks(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
     """The inverse of from_dense_blocks: bool [B, H, Q_blocks, K_blocks]."""
     kb = kv_indices.shape[-1]
     listed = torch.arange(kb, device=kv_indices.device) < kv_num_blocks[..., None]
@@ -25,7 +32,7 @@ def to_dense_blocks(kv_num_blocks, kv_indices):
     return torch.zeros(*idx.shape[:-1], kb + 1, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)[..., :kb]
 
 
-def from_flex_block_mask(block_mask):
+def from_flex_block_mask(block_mask: "BlockMask") -> tuple[torch.Tensor, torch.Tensor, int]:
     """A FlexAttention BlockMask -> (kv_num_blocks, kv_indices, block_size). Its partial and full
     blocks are merged into one list; the mask_mod applied inside partial blocks is not carried over
     (pass causal=True to block_sparse_attention for a causal mask_mod; other mask_mods have no
@@ -34,7 +41,7 @@ def from_flex_block_mask(block_mask):
     if q_bs != kv_bs:
         raise ValueError(f"block_sparse_attention needs equal query and key block sizes, got {q_bs} and {kv_bs}")
     blocks = to_dense_blocks(block_mask.kv_num_blocks, block_mask.kv_indices)
-    if block_mask.full_kv_num_blocks is not None:
+    if block_mask.full_kv_num_blocks is not None and block_mask.full_kv_indices is not None:
         blocks |= to_dense_blocks(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
     # A BlockMask may carry more blocks than its sequence lengths need (built for a longer length).
     nq, nk = block_mask.seq_lengths
@@ -42,7 +49,8 @@ def from_flex_block_mask(block_mask):
     return (*from_dense_blocks(blocks), int(q_bs))
 
 
-def to_flex_block_mask(kv_num_blocks, kv_indices, block_size, Nq, Nk, *, causal=False):
+def to_flex_block_mask(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size: int, Nq: int, Nk: int, *,
+                       causal: bool = False) -> "BlockMask":
     """(kv_num_blocks, kv_indices, block_size) -> FlexAttention BlockMask over Nq queries and Nk keys that
     computes what block_sparse_attention(..., causal=causal) does. Listed blocks that every row sees
     whole become full blocks (no mask_mod call); the rest (causal diagonal) are partial. The mask_mod
@@ -61,7 +69,7 @@ def to_flex_block_mask(kv_num_blocks, kv_indices, block_size, Nq, Nk, *, causal=
         seen = (j * block_size <= torch.clamp((m + 1) * block_size, max=Nq) - 1 + off)
         full, partial = blocks & whole, blocks & seen & ~whole
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         listed = blocks[b % Bm, h % Hm, q_idx // block_size, kv_idx // block_size]
         return listed & (kv_idx <= q_idx + off) if causal else listed
 
@@ -69,7 +77,7 @@ def to_flex_block_mask(kv_num_blocks, kv_indices, block_size, Nq, Nk, *, causal=
                                     mask_mod=mask_mod, seq_lengths=(Nq, Nk))
 
 
-def dense_text_image_blocks(image_mask, image_blocks, block_size=128):
+def dense_text_image_blocks(image_mask: torch.Tensor, image_blocks: torch.Tensor, block_size: int = 128) -> BlockList:
     """Self-attention over a sequence of text and image tokens (Nq = Nk = N): query blocks holding any
     text token see every key block; pure-image query blocks see every key block holding text, their
     own block, and the chosen image blocks.
@@ -88,7 +96,7 @@ def dense_text_image_blocks(image_mask, image_blocks, block_size=128):
     return from_dense_blocks(blocks)
 
 
-def pooled_scores(q, k, block_size=128):
+def pooled_scores(q: torch.Tensor, k: torch.Tensor, block_size: int = 128) -> torch.Tensor:
     """[B, Hq, Q_blocks, Nk] fp32: each query block's mean query against every key (GQA-expanded), a
     cheap stand-in for the block's attention used to pick key blocks with topk_blocks."""
     B, Hq, Nq, D = q.shape
@@ -101,7 +109,7 @@ def pooled_scores(q, k, block_size=128):
     return mean @ kf.transpose(-1, -2)
 
 
-def topk_blocks(scores, k, block_size=128):
+def topk_blocks(scores: torch.Tensor, k: int, block_size: int = 128) -> BlockList:
     """The k key blocks of highest summed score for each query block.
     scores: [B, H, Q_blocks, Nk] per-key scores of each query block (pooled_scores, or key_importance
     [B, H, Nk] expanded over the query blocks); k is capped at K_blocks. Ties go to the lower block."""
@@ -117,7 +125,8 @@ def topk_blocks(scores, k, block_size=128):
     return from_dense_blocks(blocks)
 
 
-def sliding_window_blocks(Nq, Nk, window, sinks=0, block_size=128, device=None):
+def sliding_window_blocks(Nq: int, Nk: int, window: int, sinks: int = 0, block_size: int = 128,
+                          device: torch.device | str | None = None) -> BlockList:
     """Key blocks for a causal sliding window plus attention sinks, end-aligned like causal attention
     (row i sits at position i + Nk - Nq): each query block lists the blocks touching any key within
     `window` positions at or before one of its rows, and the blocks holding the first `sinks` keys.

@@ -2,6 +2,8 @@
 argument checks, block pooling, the stable top-k order every policy breaks ties with, and the
 self-attention causal block mask. Policies work on block masks (bool [B, H, Q_blocks, K_blocks]) and
 convert once at the end (_blocks.from_dense_blocks)."""
+from typing import Any
+
 import torch
 
 
@@ -9,13 +11,13 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def check_block_size(fn: str, block_size) -> int:
+def check_block_size(fn: str, block_size: Any) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"{fn}: block_size must be a positive int, got {block_size!r}")
     return block_size
 
 
-def check_qk(fn: str, q: torch.Tensor, k: torch.Tensor, block_size) -> tuple[int, int, int, int, int]:
+def check_qk(fn: str, q: torch.Tensor, k: torch.Tensor, block_size: Any) -> tuple[int, int, int, int, int]:
     """(B, Hq, Hkv, N, D) of prefill self-attention inputs q [B, Hq, N, D], k [B, Hkv, N, D]."""
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -35,7 +37,7 @@ def check_qk(fn: str, q: torch.Tensor, k: torch.Tensor, block_size) -> tuple[int
     return B, Hq, k.shape[1], N, D
 
 
-def check_fraction(fn: str, name: str, value, lo_open: bool = True) -> float:
+def check_fraction(fn: str, name: str, value: Any, lo_open: bool = True) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (0 < value <= 1 if lo_open
                                                                             else 0 <= value <= 1)
     if not ok:
@@ -43,7 +45,7 @@ def check_fraction(fn: str, name: str, value, lo_open: bool = True) -> float:
     return float(value)
 
 
-def check_count(fn: str, name: str, value, minimum: int = 0) -> int:
+def check_count(fn: str, name: str, value: Any, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{fn}: {name} must be an int >= {minimum}, got {value!r}")
     return value
@@ -70,7 +72,7 @@ def block_means(x: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.T
     return pad.view(*x.shape[:-2], nb, block_size, x.shape[-1]).sum(-2) / counts[:, None]
 
 
-def causal_blocks(nb: int, device) -> torch.Tensor:
+def causal_blocks(nb: int, device: torch.device | str | None) -> torch.Tensor:
     """bool [nb, nb]: query block m sees key blocks j <= m (prefill self-attention)."""
     return torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
 
@@ -83,7 +85,7 @@ def descending_rank(scores: torch.Tensor) -> torch.Tensor:
                                             .expand_as(order))
 
 
-def cover_count(probs: torch.Tensor, mass, inclusive: bool = False) -> torch.Tensor:
+def cover_count(probs: torch.Tensor, mass: float | torch.Tensor, inclusive: bool = False) -> torch.Tensor:
     """The fewest entries (along the last dim, largest first) whose sum reaches `mass` (a number or a
     tensor broadcasting against probs[..., 0]): #(prefix sums < mass) + 1, at most the length; with
     `inclusive`, #(prefix sums <= mass) + 1 (FlexPrefill's release for its vertical / slash counts: the

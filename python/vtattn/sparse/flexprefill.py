@@ -22,6 +22,8 @@ Cost (FLOPs, per batch and query head): 2 * block_size * N * D for step 1 (about
 dense causal attention, 2 * N^2 * D), ~6 * block_size * N for its softmax and sums, 2 * nb * D for
 step 3, 2 * nb^2 * D for the pooled block attention, plus N * D per kv head for the block means.
 """
+from typing import Callable
+
 import torch
 
 from ._common import (block_means, block_sums, causal_blocks, cdiv, check_count, check_fraction, check_qk,
@@ -45,7 +47,8 @@ def is_dense(N: int, block_size: int, min_budget: int | None) -> bool:
 def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """sqrt of the Jensen-Shannon divergence of distributions along the last dim; 0 * log 0 = 0."""
     m = (p + q) / 2
-    kl = lambda a: torch.where(a > 0, a * torch.log(a / m), torch.zeros_like(a)).sum(-1)  # noqa: E731
+    kl: Callable[[torch.Tensor], torch.Tensor] = lambda a: torch.where(  # noqa: E731
+        a > 0, a * torch.log(a / m), torch.zeros_like(a)).sum(-1)
     return torch.sqrt(0.5 * kl(p) + 0.5 * kl(q))
 
 
@@ -81,7 +84,9 @@ def flexprefill(q: torch.Tensor, k: torch.Tensor, *, gamma: float = 0.9, tau: fl
                                                 D ** -0.5 if scale is None else float(scale), dtype))
 
 
-def flexprefill_blocks(q, k, gamma, tau, block_size, min_budget, max_budget, scale, dtype) -> torch.Tensor:
+def flexprefill_blocks(q: torch.Tensor, k: torch.Tensor, gamma: float, tau: float, block_size: int,
+                       min_budget: int | None, max_budget: int | None, scale: float, dtype: torch.dtype
+                       ) -> torch.Tensor:
     """bool [B, Hq, nb, nb] of flexprefill (arguments checked)."""
     B, Hq, N, D = q.shape
     Hkv, g, bs = k.shape[1], Hq // k.shape[1], block_size

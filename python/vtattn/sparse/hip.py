@@ -70,7 +70,7 @@ def hip(q: torch.Tensor, k: torch.Tensor, *, k_blocks: int = 8, block_size: int 
     return from_dense_blocks(hip_blocks(q, k, k_blocks, block_size, rep_tokens, sink_blocks, window_blocks, dtype))
 
 
-def _initial_chunks(s0, L, k):
+def _initial_chunks(s0: torch.Tensor, L: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """lo / hi [rows, 2k] of the first split (rows with L < 2k padded with empty chunks lo = hi = -1)."""
     n = torch.clamp(L, max=2 * k)
     i = torch.arange(2 * k + 1, device=L.device)
@@ -80,7 +80,8 @@ def _initial_chunks(s0, L, k):
     return torch.where(valid, lo, -1), torch.where(valid, hi, -1)
 
 
-def _scores(q, k, rows_b, rows_h, rows_m, lo, hi, bs, rep, group, dtype):
+def _scores(q: torch.Tensor, k: torch.Tensor, rows_b: torch.Tensor, rows_h: torch.Tensor, rows_m: torch.Tensor,
+            lo: torch.Tensor, hi: torch.Tensor, bs: int, rep: int, group: int, dtype: torch.dtype) -> torch.Tensor:
     """[rows, C]: the largest logit of each chunk's representative keys against the row's query block;
     -inf for empty chunks."""
     N = q.shape[2]
@@ -98,7 +99,9 @@ def _scores(q, k, rows_b, rows_h, rows_m, lo, hi, bs, rep, group, dtype):
     return logits.masked_fill(~ok, float("-inf")).amax((-1, -2))
 
 
-def _search(q, k, rows_b, rows_h, rows_m, s0, L, kk, bs, rep, group, dtype, nb):
+def _search(q: torch.Tensor, k: torch.Tensor, rows_b: torch.Tensor, rows_h: torch.Tensor, rows_m: torch.Tensor,
+            s0: torch.Tensor, L: torch.Tensor, kk: int, bs: int, rep: int, group: int, dtype: torch.dtype, nb: int
+            ) -> torch.Tensor:
     """bool [rows, nb] of the k blocks the search keeps for each row (L > k everywhere)."""
     lo, hi = _initial_chunks(s0, L, kk)
     while True:
@@ -116,7 +119,8 @@ def _search(q, k, rows_b, rows_h, rows_m, s0, L, kk, bs, rep, group, dtype, nb):
         hi = torch.stack([torch.where(single, hi, mid), torch.where(single, -1, hi)], -1).flatten(1)
 
 
-def hip_blocks(q, k, k_blocks, block_size, rep_tokens, sink_blocks, window_blocks, dtype) -> torch.Tensor:
+def hip_blocks(q: torch.Tensor, k: torch.Tensor, k_blocks: int, block_size: int, rep_tokens: int, sink_blocks: int,
+               window_blocks: int, dtype: torch.dtype) -> torch.Tensor:
     """bool [B, Hq, nb, nb] of hip (arguments checked)."""
     B, Hq, N, D = q.shape
     group, bs, dev = Hq // k.shape[1], block_size, q.device

@@ -13,7 +13,9 @@ No estimation: the lists depend on N only (0 FLOPs; build once per length).
 """
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,10 +26,10 @@ from ._common import causal_blocks, cdiv, check_block_size, check_count
 class MoAConfig:
     """Per-layer, per-head (alpha, beta) of the span rule; heads are query heads. The authors' JSON
     format: {"alphas": [[...] per layer], "betas": [[...] per layer]}."""
-    alphas: tuple
-    betas: tuple
+    alphas: Sequence[Sequence[float]]  # stored as tuples of tuples
+    betas: Sequence[Sequence[float]]
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         alphas = tuple(tuple(float(a) for a in layer) for layer in self.alphas)
         betas = tuple(tuple(float(b) for b in layer) for layer in self.betas)
         if len(alphas) != len(betas) or any(len(a) != len(b) for a, b in zip(alphas, betas)):
@@ -40,13 +42,13 @@ class MoAConfig:
         object.__setattr__(self, "betas", betas)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MoAConfig":
+    def from_dict(cls, d: dict[str, Any]) -> "MoAConfig":
         if not isinstance(d, dict) or "alphas" not in d or "betas" not in d:
             raise ValueError("MoAConfig.from_dict: needs a dict with 'alphas' and 'betas' ([layers][heads] lists)")
         return cls(d["alphas"], d["betas"])
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "MoAConfig":
+    def from_json(cls, path: str | os.PathLike[str]) -> "MoAConfig":
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
@@ -55,7 +57,7 @@ class MoAConfig:
         """Every head the same rule (StreamingLLM-like when beta = 0)."""
         return cls([[alpha] * heads] * layers, [[beta] * heads] * layers)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, list[list[float]]]:
         return {"alphas": [list(a) for a in self.alphas], "betas": [list(b) for b in self.betas]}
 
     @property
@@ -72,8 +74,9 @@ def head_blocks(alpha: float, beta: float, N: int, block_size: int, sink: int, m
     return cdiv(sink_tokens, block_size), max(1, cdiv(span - sink_tokens, block_size))
 
 
-def moa(config: MoAConfig | dict, N: int, *, layer: int = 0, block_size: int = 64, sink: int = 64,
-        min_span: int = 128, max_new_tokens: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def moa(config: MoAConfig | dict[str, Any], N: int, *, layer: int = 0, block_size: int = 64, sink: int = 64,
+        min_span: int = 128, max_new_tokens: int = 0, device: torch.device | str | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
     """MoA block lists of one layer for causal prefill self-attention over N tokens.
 
     config: a MoAConfig or its dict ({"alphas": ..., "betas": ...}). Returns (kv_num_blocks int32 [1, H, nb],
@@ -93,7 +96,8 @@ def moa(config: MoAConfig | dict, N: int, *, layer: int = 0, block_size: int = 6
     return from_dense_blocks(moa_blocks(config, N, layer, block_size, sink, min_span, max_new_tokens, device))
 
 
-def moa_blocks(config, N, layer, block_size, sink, min_span, max_new_tokens, device) -> torch.Tensor:
+def moa_blocks(config: MoAConfig, N: int, layer: int, block_size: int, sink: int, min_span: int, max_new_tokens: int,
+               device: torch.device | str | None) -> torch.Tensor:
     nb = cdiv(N, block_size)
     counts = torch.tensor([head_blocks(a, b, N, block_size, sink, min_span, max_new_tokens)
                            for a, b in zip(config.alphas[layer], config.betas[layer])], device=device)

@@ -3,14 +3,16 @@ block-list builder with its settings, says which decoder layers it runs in, and 
 from that layer's (post-RoPE) q and k. Prompts shorter than `min_tokens` stay dense (building lists
 costs more than it saves there)."""
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 
+from ._blocks import BlockList
 from ._common import cdiv, check_block_size, check_count, check_fraction
 from .flexprefill import flexprefill, flexprefill_flops
 from .hip import hip, hip_flops
 from .moa import MoAConfig, moa
-from .region_routing import region_routing, region_routing_flops
+from .region_routing import Regions, region_routing, region_routing_flops
 
 
 class SparsePrefill:
@@ -35,7 +37,8 @@ class SparsePrefill:
             return False
         return self.layers is None or layer in self.layers or layer - num_layers in self.layers
 
-    def blocks(self, q: torch.Tensor, k: torch.Tensor, *, layer: int, scale: float, regions=None):
+    def blocks(self, q: torch.Tensor, k: torch.Tensor, *, layer: int, scale: float,
+               regions: Regions | None = None) -> BlockList:
         raise NotImplementedError
 
     def flops(self, B: int, Hq: int, Hkv: int, N: int, D: int) -> int:
@@ -58,11 +61,12 @@ class FlexPrefill(SparsePrefill):
         self.tau = check_fraction("FlexPrefill", "tau", tau, lo_open=False)
         self.min_budget, self.max_budget = min_budget, max_budget
 
-    def blocks(self, q, k, *, layer, scale, regions=None):
+    def blocks(self, q: torch.Tensor, k: torch.Tensor, *, layer: int, scale: float,
+               regions: Regions | None = None) -> BlockList:
         return flexprefill(q, k, gamma=self.gamma, tau=self.tau, block_size=self.block_size,
                            min_budget=self.min_budget, max_budget=self.max_budget, scale=scale)
 
-    def flops(self, B, Hq, Hkv, N, D):
+    def flops(self, B: int, Hq: int, Hkv: int, N: int, D: int) -> int:
         return flexprefill_flops(B, Hq, Hkv, N, D, self.block_size)
 
 
@@ -72,8 +76,9 @@ class MoA(SparsePrefill):
 
     name = "moa"
 
-    def __init__(self, config: MoAConfig | dict | str, *, block_size: int = 64, sink: int = 64, min_span: int = 128,
-                 max_new_tokens: int = 0, layers: Sequence[int] | None = None, min_tokens: int = 1024):
+    def __init__(self, config: MoAConfig | dict[str, Any] | str, *, block_size: int = 64, sink: int = 64,
+                 min_span: int = 128, max_new_tokens: int = 0, layers: Sequence[int] | None = None,
+                 min_tokens: int = 1024) -> None:
         super().__init__(block_size, layers, min_tokens)
         if isinstance(config, str):
             config = MoAConfig.from_json(config)
@@ -81,12 +86,13 @@ class MoA(SparsePrefill):
         if not isinstance(self.config, MoAConfig):
             raise TypeError(f"MoA: config must be a MoAConfig, its dict or a JSON path, got {type(config).__name__}")
         self.sink, self.min_span, self.max_new_tokens = sink, min_span, max_new_tokens
-        self._cache = {}
+        self._cache: dict[tuple[int, int, torch.device], BlockList] = {}
 
-    def applies(self, layer, num_layers, N):
+    def applies(self, layer: int, num_layers: int, N: int) -> bool:
         return layer < self.config.num_layers and super().applies(layer, num_layers, N)
 
-    def blocks(self, q, k, *, layer, scale, regions=None):
+    def blocks(self, q: torch.Tensor, k: torch.Tensor, *, layer: int, scale: float,
+               regions: Regions | None = None) -> BlockList:
         key = (layer, q.shape[2], q.device)
         if key not in self._cache:
             heads = len(self.config.alphas[layer])
@@ -110,11 +116,12 @@ class HiP(SparsePrefill):
         self.sink_blocks = check_count("HiP", "sink_blocks", sink_blocks)
         self.window_blocks = check_count("HiP", "window_blocks", window_blocks)
 
-    def blocks(self, q, k, *, layer, scale, regions=None):
+    def blocks(self, q: torch.Tensor, k: torch.Tensor, *, layer: int, scale: float,
+               regions: Regions | None = None) -> BlockList:
         return hip(q, k, k_blocks=self.k_blocks, block_size=self.block_size, rep_tokens=self.rep_tokens,
                    sink_blocks=self.sink_blocks, window_blocks=self.window_blocks)
 
-    def flops(self, B, Hq, Hkv, N, D):
+    def flops(self, B: int, Hq: int, Hkv: int, N: int, D: int) -> int:
         return hip_flops(B, Hq, N, D, self.k_blocks, self.block_size, self.rep_tokens, self.sink_blocks,
                          self.window_blocks)
 
@@ -131,11 +138,13 @@ class RegionRouting(SparsePrefill):
         self.top_k = check_count("RegionRouting", "top_k", top_k)
         self.region_shape, self.per_head = tuple(region_shape), bool(per_head)
 
-    def blocks(self, q, k, *, layer, scale, regions=None):
-        return region_routing(q, k, regions or [], top_k=self.top_k, region_shape=self.region_shape,
+    def blocks(self, q: torch.Tensor, k: torch.Tensor, *, layer: int, scale: float,
+               regions: Regions | None = None) -> BlockList:
+        return region_routing(q, k, regions or [], top_k=self.top_k,
+                              region_shape=cast(tuple[int, int], self.region_shape),
                               block_size=self.block_size, per_head=self.per_head)
 
-    def flops(self, B, Hq, Hkv, N, D, regions: int | None = None):
+    def flops(self, B: int, Hq: int, Hkv: int, N: int, D: int, regions: int | None = None) -> int:
         if regions is None:  # an upper bound: one region per region_shape tokens
             regions = cdiv(N, self.region_shape[0] * self.region_shape[1])
         return region_routing_flops(B, Hq, Hkv, N, D, regions, self.block_size)

@@ -3,27 +3,31 @@ written for reading, not speed. Each returns the bool block mask [B, H, Q_blocks
 builder in vtattn.sparse must reproduce exactly (the tests compare them). Tie rule everywhere: among
 equal scores the lower index ranks first."""
 import math
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 
 from .flexprefill import budgets, is_dense
+from .moa import MoAConfig
+from .region_routing import Regions
 
 
-def _cdiv(a, b):
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _mean_rows(x, lo, hi, dtype):
+def _mean_rows(x: torch.Tensor, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
     return x[lo:hi].to(dtype).mean(0)
 
 
-def _top(scores, count):
+def _top(scores: torch.Tensor | Sequence[float | torch.Tensor], count: int) -> set[int]:
     """Indices of the `count` largest scores, ties to the lower index."""
     order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
     return set(order[:count])
 
 
-def _cover(values, mass, inclusive=False):
+def _cover(values: torch.Tensor, mass: float, inclusive: bool = False) -> int:
     """How many of the largest values it takes for their running sum to reach `mass` (inclusive: to
     pass it)."""
     srt = torch.sort(values, descending=True).values
@@ -31,8 +35,9 @@ def _cover(values, mass, inclusive=False):
     return min(int(((run <= mass) if inclusive else (run < mass)).sum()) + 1, len(values))
 
 
-def flexprefill(q, k, *, gamma=0.9, tau=0.1, block_size=128, min_budget=None, max_budget=None, scale=None,
-                dtype=torch.float32) -> torch.Tensor:
+def flexprefill(q: torch.Tensor, k: torch.Tensor, *, gamma: float = 0.9, tau: float = 0.1, block_size: int = 128,
+                min_budget: int | None = None, max_budget: int | None = None, scale: float | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     B, Hq, N, D = q.shape
     g, bs = Hq // k.shape[1], block_size
     nb = _cdiv(N, bs)
@@ -64,7 +69,8 @@ def flexprefill(q, k, *, gamma=0.9, tau=0.1, block_size=128, min_budget=None, ma
             p = torch.softmax(k_means @ last.mean(0), 0)
             v_pool = torch.stack([vertical[j * bs:(j + 1) * bs].sum() for j in range(nb)])
             mid = (p + v_pool) / 2
-            kl = lambda a: sum(float(a[j] * torch.log(a[j] / mid[j])) for j in range(nb) if a[j] > 0)  # noqa: E731
+            kl: Callable[[torch.Tensor], float] = lambda a: sum(  # noqa: E731
+                float(a[j] * torch.log(a[j] / mid[j])) for j in range(nb) if a[j] > 0)
             query_aware = math.sqrt(0.5 * kl(p) + 0.5 * kl(v_pool)) < tau
             if query_aware:
                 n_vert = n_slash = lo
@@ -89,7 +95,8 @@ def flexprefill(q, k, *, gamma=0.9, tau=0.1, block_size=128, min_budget=None, ma
     return out
 
 
-def moa(config, N, *, layer=0, block_size=64, sink=64, min_span=128, max_new_tokens=0) -> torch.Tensor:
+def moa(config: MoAConfig, N: int, *, layer: int = 0, block_size: int = 64, sink: int = 64, min_span: int = 128,
+        max_new_tokens: int = 0) -> torch.Tensor:
     heads = len(config.alphas[layer])
     nb = _cdiv(N, block_size)
     out = torch.zeros(1, heads, nb, nb, dtype=torch.bool)
@@ -105,7 +112,8 @@ def moa(config, N, *, layer=0, block_size=64, sink=64, min_span=128, max_new_tok
     return out
 
 
-def _hip_score(qh, kh, m, lo, hi, bs, rep, dtype):
+def _hip_score(qh: torch.Tensor, kh: torch.Tensor, m: int, lo: int, hi: int, bs: int, rep: int, dtype: torch.dtype
+               ) -> float:
     """The largest causal logit of the chunk's representative keys against query block m."""
     N = qh.shape[0]
     t_lo, t_hi = lo * bs, min(hi * bs, N)
@@ -116,8 +124,8 @@ def _hip_score(qh, kh, m, lo, hi, bs, rep, dtype):
     return float(logits.masked_fill(keys[None, :] > rows[:, None], float("-inf")).max())
 
 
-def hip(q, k, *, k_blocks=8, block_size=128, rep_tokens=4, sink_blocks=1, window_blocks=1,
-        dtype=torch.float32) -> torch.Tensor:
+def hip(q: torch.Tensor, k: torch.Tensor, *, k_blocks: int = 8, block_size: int = 128, rep_tokens: int = 4,
+        sink_blocks: int = 1, window_blocks: int = 1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     B, Hq, N, D = q.shape
     g, bs = Hq // k.shape[1], block_size
     nb = _cdiv(N, bs)
@@ -151,8 +159,9 @@ def hip(q, k, *, k_blocks=8, block_size=128, rep_tokens=4, sink_blocks=1, window
     return out
 
 
-def region_routing(q, k, regions, *, top_k=4, region_shape=(4, 4), block_size=128, causal=True, per_head=False,
-                   dtype=torch.float32) -> torch.Tensor:
+def region_routing(q: torch.Tensor, k: torch.Tensor, regions: Regions, *, top_k: int = 4,
+                   region_shape: tuple[int, int] = (4, 4), block_size: int = 128, causal: bool = True,
+                   per_head: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     from .region_routing import _per_sample, region_ids
 
     B, Hq, N, D = q.shape

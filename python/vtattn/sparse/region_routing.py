@@ -17,14 +17,17 @@ whose affinity over concatenated head channels is the sum over heads of per-head
 Cost (FLOPs, per sample): N * D * (Hq + Hkv) for the means, 2 * R^2 * D * Hq for the affinity, and
 boolean products of nb x R x R and nb x R x nb (small next to 2 * N^2 * D * Hq of dense attention).
 """
-from typing import Sequence
+from typing import Any, Sequence, Union
 
 import torch
 
 from ._common import causal_blocks, cdiv, check_count, check_qk, descending_rank
 
+Grid = tuple[int, int, int]  # an image's (start, height, width) in tokens
+Regions = Union[Sequence[Grid], Sequence[Sequence[Grid]]]  # one list for the batch, or one per sample
 
-def region_ids(grids: Sequence[tuple[int, int, int]], N: int, region_shape: tuple[int, int]) -> torch.Tensor:
+
+def region_ids(grids: Sequence[tuple[int, int, int]], N: int, region_shape: Sequence[int]) -> torch.Tensor:
     """int64 [N]: the region of each token (-1 for text). grids: (start, height, width) per image, its
     height * width tokens in raster order from `start`; each cut into region_shape = (rows, cols) tiles
     (the last ones ragged), numbered image by image in raster order."""
@@ -44,7 +47,7 @@ def region_ids(grids: Sequence[tuple[int, int, int]], N: int, region_shape: tupl
     return rid
 
 
-def _per_sample(regions, B):
+def _per_sample(regions: Sequence[Any], B: int) -> list[list[Grid]]:
     """regions as one list of grids per sample."""
     if len(regions) and isinstance(regions[0], (tuple, list)) and len(regions[0]) and \
             isinstance(regions[0][0], (tuple, list)):
@@ -59,7 +62,7 @@ def region_routing_flops(B: int, Hq: int, Hkv: int, N: int, D: int, regions: int
     return B * (N * D * (Hq + Hkv) + 2 * regions * regions * D * Hq + 2 * nb * regions * (regions + nb))
 
 
-def region_routing(q: torch.Tensor, k: torch.Tensor, regions, *, top_k: int = 4,
+def region_routing(q: torch.Tensor, k: torch.Tensor, regions: Regions, *, top_k: int = 4,
                    region_shape: tuple[int, int] = (4, 4), block_size: int = 128, causal: bool = True,
                    per_head: bool = False, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Region-routing block lists for prefill self-attention over text and image tokens.
@@ -82,7 +85,7 @@ def region_routing(q: torch.Tensor, k: torch.Tensor, regions, *, top_k: int = 4,
     return from_dense_blocks(region_blocks(q, k, rids.to(q.device), top_k, block_size, causal, per_head, dtype))
 
 
-def _incidence(rid, nb, R, bs):
+def _incidence(rid: torch.Tensor, nb: int, R: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """bool [B, nb, R]: block m holds a token of region r; and bool [B, nb]: block m holds a text token."""
     B, N = rid.shape
     blk = (torch.arange(N, device=rid.device) // bs).expand(B, N)
@@ -91,7 +94,8 @@ def _incidence(rid, nb, R, bs):
     return inc[..., :R], inc[..., R]
 
 
-def region_blocks(q, k, rid, top_k, bs, causal, per_head, dtype) -> torch.Tensor:
+def region_blocks(q: torch.Tensor, k: torch.Tensor, rid: torch.Tensor, top_k: int, bs: int, causal: bool,
+                  per_head: bool, dtype: torch.dtype) -> torch.Tensor:
     """bool [B, Hq or 1, nb, nb] of region_routing; rid int64 [B, N] (-1: text)."""
     B, Hq, N, D = q.shape
     g, dev = Hq // k.shape[1], q.device
@@ -102,7 +106,7 @@ def region_blocks(q, k, rid, top_k, bs, causal, per_head, dtype) -> torch.Tensor
         counts = torch.zeros(B * (R + 1), dtype=dtype, device=dev).index_add_(
             0, slot, torch.ones(B * N, dtype=dtype, device=dev)).view(B, R + 1)[:, :R]  # 0: a region of others
 
-        def mean(x):  # [B, H, N, D] -> [B, H, R, D] region means
+        def mean(x: torch.Tensor) -> torch.Tensor:  # [B, H, N, D] -> [B, H, R, D] region means
             H = x.shape[1]
             sums = torch.zeros(B * (R + 1), H * D, dtype=dtype, device=dev).index_add_(
                 0, slot, x.transpose(1, 2).reshape(B * N, H * D).to(dtype))

@@ -61,7 +61,7 @@ def overrides(keep: float | None = None, method: str = "auto", *, keep_tokens: i
     budget = pruning.resolve_keep(keep, keep_tokens, default=None)
     if budget is None:
         raise ValueError("vtattn.vllm.overrides: pass keep= (the ratio of visual tokens to keep) or keep_tokens=")
-    settings = {"keep": budget} if isinstance(budget, float) else {"keep_tokens": budget}
+    settings: dict[str, Any] = {"keep": budget} if isinstance(budget, float) else {"keep_tokens": budget}
     settings.update(method=method, merge=merge, alpha=alpha, ensemble_layers=ensemble_layers)
     check_settings(settings)
     return {KEY: settings}

@@ -58,7 +58,7 @@ def _selecting(base: type) -> type:
     reads the architectures here, right after applying hf_overrides and before resolving the model
     class; its model loader reads `hf_config.architectures`, which is set to match."""
 
-    class Selecting(base):  # type: ignore[misc, valid-type]
+    class Selecting(base):
         vtattn_selects = True
 
         def get_architectures(self) -> list[str]:
@@ -114,4 +114,4 @@ def _cpu_pruning_path() -> None:
             self.is_multimodal_pruning_enabled = True
 
     load_model.vtattn = True  # type: ignore[attr-defined]
-    CPUModelRunner.load_model = load_model  # type: ignore[method-assign]
+    CPUModelRunner.load_model = load_model

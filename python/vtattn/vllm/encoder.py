@@ -73,7 +73,9 @@ class EncoderAttention(MMEncoderAttention):
         q, k, v = (x.reshape(B, N, self.num_heads, self.head_size).transpose(1, 2) for x in (query, key, value))
         # cu_seqlens lives on the device; vLLM's own SDPA path reads it on the host the same way.
         bounds = [0, N] if cu_seqlens is None else [int(b) for b in cu_seqlens.tolist()]
-        probe, outs, scores = self.probe, [], []
+        probe = self.probe
+        outs: list[torch.Tensor] = []
+        scores: list[torch.Tensor] = []
         for start, end in zip(bounds[:-1], bounds[1:]):
             if end <= start:  # cu_seqlens padded with repeats
                 continue
@@ -116,4 +118,4 @@ def layers(tower: torch.nn.Module) -> list[EncoderAttention]:
     if not all(isinstance(m, EncoderAttention) for m in found):
         raise RuntimeError("vtattn's pruned variants need vtattn's MMEncoderAttention, but another class replaced it "
                            f"({type(found[0]).__name__}): another vLLM plugin registered its own")
-    return found  # type: ignore[return-value]
+    return found

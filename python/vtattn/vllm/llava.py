@@ -10,7 +10,7 @@
   agree whenever every row keeps a token)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import CLIPVisionConfig
@@ -26,7 +26,7 @@ import vtattn
 from vtattn import pruning
 
 from . import KEY, check_settings
-from .encoder import Probe, layers
+from .encoder import EncoderAttention, Probe, layers
 from .hashing import SettingsHash
 
 
@@ -65,7 +65,7 @@ class Rule:
             return [pruning.budget(self.keep, n, self.full) for n in view_tokens]
         if early_base is None:  # the processor: only the total is known, and it is all it needs
             return [pruning.budget(self.keep, sum(view_tokens))]
-        mass = pruning.region_mass(early_base, self.grid, *crop_grid) if crop_grid else []
+        mass: torch.Tensor | list[float] = pruning.region_mass(early_base, self.grid, *crop_grid) if crop_grid else []
         return pruning.hired_budgets(self.keep, self.alpha, view_tokens, mass).tolist()
 
 
@@ -77,27 +77,29 @@ class Selector:
         self.attn = layers(tower)
         for module in tower.modules():  # the layer owning an attention knows whether TP splits its heads
             if getattr(module, "attn", None) in self.attn:
-                module.attn.enable(getattr(module, "tp_size", 1))
+                cast(EncoderAttention, module.attn).enable(getattr(module, "tp_size", 1))
         if max(rule.plan) >= len(self.attn):
             raise ValueError(f"the tower runs {len(self.attn)} layers; the rule probes layer {max(rule.plan)}")
 
-    def encode(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def encode(self, pixel_values: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """features [V, Nf, C] of the feature layer, importance [V, Nf], HiRED's layer-0 row (or
         None) and the merge keys [V, Nf, H*D] (or None)."""
         r = self.rule
         for layer, (rows, reduce) in r.plan.items():
             self.attn[layer].probe = Probe(rows, reduce)
+        feature_probe = None
         if r.merge:
-            self.attn[r.feature].probe = self.attn[r.feature].probe or Probe(rows=None)
-            self.attn[r.feature].probe.keys = True
+            feature_probe = self.attn[r.feature].probe = self.attn[r.feature].probe or Probe(rows=None)
+            feature_probe.keys = True
         try:
             features = self.tower(pixel_values, feature_select_strategy=r.strategy)
-            probes = {layer: self.attn[layer].probe for layer in r.plan}
-            keys = self.attn[r.feature].probe.key_states if r.merge else None
+            probes = cast(dict[int, Probe], {layer: self.attn[layer].probe for layer in r.plan})
+            keys = feature_probe.key_states if feature_probe is not None else None
         finally:
             for a in self.attn:
                 a.probe = None
-        scores = {layer: p.scores for layer, p in probes.items()}
+        scores = cast(dict[int, torch.Tensor], {layer: p.scores for layer, p in probes.items()})  # set by the tower
         cut = slice(r.drop, None)
         imp = pruning.importance(r.method, scores, has_cls=r.has_cls, feature=r.feature, ensemble=r.ensemble)[:, cut]
         early = scores[0][:, cut] if r.method == "hired" else None
@@ -115,7 +117,7 @@ class Selector:
         sel = vtattn.select_tokens(scores, keep_tokens=int(counts[0]) if uniform else counts.to(x.device),
                                    segments=segments)
         if self.rule.merge:
-            return vtattn.merge_tokens(x, sel, keys=keys, mode=self.rule.merge), sel
+            return vtattn.merge_tokens(x, sel, keys=cast(torch.Tensor, keys), mode=self.rule.merge), sel
         return vtattn.gather_tokens(x, sel), sel
 
 
@@ -218,7 +220,8 @@ class VtattnLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration)
         pixel_values = image_input["pixel_values"]
         views = [len(lay["valid"]) for lay in layouts]  # patches past them pad a batched tensor
         x, imp, early, keys = self.selector.encode(torch.cat([p[:v] for p, v in zip(pixel_values, views)]))
-        parts = [t.split(views) if t is not None else [None] * len(views) for t in (x, imp, early, keys)]
+        parts = [t.split(views) if t is not None else [None] * len(views)  # type: ignore[no-untyped-call]
+                 for t in (x, imp, early, keys)]
         kept, slots = [], []
         for lay, xi, si, ei, ki in zip(layouts, *parts):
             valid = lay["valid"].to(x.device)

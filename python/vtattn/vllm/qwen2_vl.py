@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -124,7 +124,7 @@ class Pruned:
             embeds = encode(item)
         finally:
             self.vtattn_attn[rule.block].probe = None
-        units = probe.scores.view(-1, rule.unit).sum(-1)  # a merge group's patches are consecutive
+        units = cast(torch.Tensor, probe.scores).view(-1, rule.unit).sum(-1)  # a merge group's patches are consecutive
         if rule.windowed:  # the block's (window) order -> the merger's output order
             v = rule.vision
             order, _ = get_vision_window_index(grid, spatial_merge_size=v.spatial_merge_size,

@@ -86,7 +86,7 @@ def save(model: torch.nn.Module, processor: Any, path: str | pathlib.Path) -> No
     """model (transformers) and its processor as a published checkpoint in `path`."""
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = model.config
+    config: Any = model.config
     qwen = config.model_type.startswith("qwen")
     save_file({_published(k, qwen): v.contiguous() for k, v in model.state_dict().items()},
               str(path / "model.safetensors"), metadata={"format": "pt"})

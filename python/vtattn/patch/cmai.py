@@ -1,0 +1,300 @@
+"""CMAI (cross-modality attention inhibition; Yang et al. 2024, arXiv 2411.15453) inside a VLM's
+language model: in the chosen decoder layers, each text query's attention to the image tokens it
+focuses on least is inhibited (masked, or multiplied by `weight`), prompt and generated rows alike.
+The exact rule is `vtattn.reference.cmai_attention` (docs/selection.md, "CMAI").
+
+Per hooked layer and forward, in two passes and without an N x N tensor:
+1. the call's attention as usual on vtattn's kernels (`attention`, one call per left-padding amount),
+   which gives the image and padding rows their output;
+2. the text rows alone, in chunks of rows: their logits over the text keys ([T, T]) and the image
+   keys ([T, I]), the row log-sum-exp, P_tt and P_ti; focus F = mean_h P_tt @ P_ti (the P_ti of every
+   earlier text row is kept, [B, H, T, I]); the kept image keys by `select_tokens` (its registered op:
+   per-row budgets, ties to the lower index); then the text rows' attention again with the inhibited
+   logits shifted by log(weight) (-inf for a mask), which replaces their output.
+A decode step's rows are all text: only pass 2 runs, against the cache's text / image lists and the
+layer's stored P_ti rows (`Focus`, one per cache), which it extends; nothing syncs with the host."""
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._dispatch import Direct
+from . import core
+from .hf_attention import count
+
+_ATTENTION: Direct[tuple[torch.Tensor, torch.Tensor]] = Direct("attention")  # (out, lse)
+_SELECT: Direct[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = Direct("select_tokens")  # (indices, mask, total)
+CHUNK = 1 << 22  # logits per chunk of text rows (B x H x rows x (T + I)): the largest pass-2 temporary
+
+
+@dataclass(frozen=True)
+class CMAI(core.Stage):
+    """CMAI's options, and its stage. In decoder layers `layers` (None: every layer), each text query
+    (prompt or generated token) keeps the `keep` share (a ratio in (0, 1]: max(1, round(keep * n)) of the
+    n image tokens it sees) of image tokens with the highest focus, and its attention probabilities on the
+    others are multiplied by `weight` (in [0, 1]; 0, the default, masks them, as the paper) before the
+    row is renormalised. keep=1.0 or weight=1.0 is the unpatched model (nothing routed)."""
+    keep: float = 0.5
+    weight: float = 0.0
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, low in (("keep", self.keep, "(0"), ("weight", self.weight, "[0")):
+            if isinstance(value, bool) or not isinstance(value, (float, int)):
+                raise TypeError(f"CMAI {name} must be a float, got {value!r}")
+            if not (0.0 < value <= 1.0 if name == "keep" else 0.0 <= value <= 1.0):
+                raise ValueError(f"CMAI {name} must be in {low}, 1], got {value}")
+            object.__setattr__(self, name, float(value))
+        if self.layers is not None:
+            layers = tuple(self.layers) if isinstance(self.layers, (tuple, list, range)) else None
+            if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+                raise ValueError(f"CMAI layers must be None or a non-empty sequence of decoder layer indices "
+                                 f">= 0, got {self.layers!r}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"CMAI layers lists a layer twice: {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(sorted(layers)))
+
+    @property
+    def off(self) -> bool:
+        return self.keep == 1.0 or self.weight == 1.0
+
+    def install(self, patch: core.Patch) -> core.Installed:
+        return _CMAI(self, patch)
+
+
+class Focus:
+    """One cache's CMAI record: its text and image tokens as per-sample lists of token indices
+    (`text` / `image` [B, T] / [B, I] int64, ascending where `*_ok`), its length, and per hooked layer
+    the P_ti rows of its text tokens so far ([B, H, T, I] fp32, aligned with `text`)."""
+
+    def __init__(self, images: torch.Tensor, real: torch.Tensor) -> None:
+        N = images.shape[1]
+        self.text, self.text_ok = _listed(real & ~images)
+        self.image, self.image_ok = _listed(images & real)
+        self.length = N
+        self.rows: dict[int, torch.Tensor] = {}
+
+    def extend(self, real: torch.Tensor) -> None:
+        """Append `real.shape[1]` generated tokens (text; real [B, new] bool)."""
+        B, new = real.shape
+        index = self.length + torch.arange(new, device=real.device).expand(B, new)
+        self.text, self.text_ok = torch.cat([self.text, index], 1), torch.cat([self.text_ok, real], 1)
+        self.length += new
+
+
+def _listed(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen tokens of each row, first and in order ([B, M] indices, M the largest count; one host
+    read, in the prefill), and which slots hold one."""
+    order = torch.sort((~chosen).to(torch.uint8), dim=1, stable=True).indices
+    M = int(chosen.sum(1).max())
+    order = order[:, :M]
+    return order, chosen.gather(1, order)
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, D] at the per-sample token indices [B, M] -> [B, H, M, D]."""
+    B, H, _, D = x.shape
+    return x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], D))
+
+
+def _grouped(a: torch.Tensor, b: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """a [B, Hq, R, X] @ b [B, Hkv, X, Y] with query head h on kv head h // (Hq // Hkv): [B, Hq, R, Y]."""
+    B, Hq, R, X = a.shape
+    out = torch.matmul(a.reshape(B, kv_heads, (Hq // kv_heads) * R, X), b)
+    return out.view(B, Hq, R, out.shape[-1])
+
+
+def inhibit(q_rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, focus: Focus, rows: int,
+            prior: torch.Tensor | None, keep: float, weight: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 2 for the last `rows` entries of focus.text: q_rows [B, Hq, rows, D] their queries, key / value
+    [B, Hkv, length, D] the cache's; prior: the layer's P_ti of the earlier text entries ([B, Hq, T - rows, I]
+    or None). Returns their inhibited output [B, Hq, rows, D] (fp32; 0 for slots without a token) and the
+    P_ti of every text entry [B, Hq, T, I]."""
+    B, Hq, _, D = q_rows.shape
+    Hkv = key.shape[1]
+    text, text_ok, image, image_ok = focus.text, focus.text_ok, focus.image, focus.image_ok
+    T, I = text.shape[1], image.shape[1]
+    k_t, v_t, k_i, v_i = (_take(x, i).float() for x, i in ((key, text), (value, text), (key, image), (value, image)))
+    k_t, k_i = k_t.transpose(-1, -2), k_i.transpose(-1, -2)
+    first = T - rows
+    step = max(1, CHUNK // max(1, B * Hq * (T + I)))
+    outs = []
+    p_ti = torch.empty(B, Hq, T, I, device=q_rows.device)  # every text entry's P_ti, filled chunk by chunk
+    if prior is not None:
+        p_ti[:, :, :first] = prior
+    shift = float("-inf") if weight == 0.0 else math.log(weight)
+    for c in range(0, rows, step):
+        where = slice(first + c, first + min(rows, c + step))
+        at, ok = text[:, where], text_ok[:, where]  # [B, C] the rows' token indices
+        sees_t = (text_ok[:, None, :] & (text[:, None, :] <= at[:, :, None]) & ok[:, :, None])[:, None]
+        sees_i = image_ok[:, None, :] & (image[:, None, :] <= at[:, :, None]) & ok[:, :, None]  # [B, C, I]
+        qc = q_rows[:, :, c:c + step].float()
+        s_t = (_grouped(qc, k_t, Hkv) * scale).masked_fill(~sees_t, float("-inf"))
+        s_i = (_grouped(qc, k_i, Hkv) * scale).masked_fill(~sees_i[:, None], float("-inf"))
+        lse = torch.logaddexp(s_t.logsumexp(-1), s_i.logsumexp(-1)).masked_fill(~ok[:, None], 0.0)[..., None]
+        p_ti[:, :, where] = torch.exp(s_i - lse).detach()  # they only score
+        done = where.stop  # text entries after this chunk are later tokens: no row of it sees them
+        scores = torch.matmul(torch.exp(s_t[..., :done] - lse).detach(), p_ti[:, :, :done]).mean(1)  # [B, C, I]
+        n = sees_i.sum(-1)
+        budgets = torch.where(n > 0, torch.round(keep * n.to(torch.float64)).clamp(min=1), 0).to(torch.int64)
+        C = at.shape[1]
+        kept = _SELECT(scores.masked_fill(~sees_i, float("-inf")).reshape(B * C, I),
+                       budgets.reshape(B * C, 1), [I], I, True, stamp=(q_rows.device,))[1].view(B, C, I)
+        s_i = s_i.masked_fill((sees_i & ~kept)[:, None], shift) if weight == 0.0 else \
+            torch.where((sees_i & ~kept)[:, None], s_i + shift, s_i)
+        top = torch.maximum(s_t.amax(-1), s_i.amax(-1)).masked_fill(~ok[:, None], 0.0)[..., None]
+        e_t, e_i = torch.exp(s_t - top), torch.exp(s_i - top)
+        total = e_t.sum(-1, keepdim=True) + e_i.sum(-1, keepdim=True)
+        out = _grouped(e_t, v_t, Hkv) + _grouped(e_i, v_i, Hkv)
+        outs.append(out / torch.where(total > 0, total, 1.0))
+    return torch.cat(outs, 2), p_ti
+
+
+def _padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                      pads: list[int]) -> torch.Tensor:
+    """Pass 1 of a left-padded prefill: causal attention over each sample's real keys, [B, Hq, N, D]
+    (padding rows 0), one kernel call per padding amount."""
+    out = query.new_zeros(query.shape)
+    groups = [(slice(None), pads[0])] if len(set(pads)) == 1 else [(slice(b, b + 1), p) for b, p in enumerate(pads)]
+    for rows, pad in groups:
+        q, k, v = query[rows, :, pad:], key[rows, :, pad:], value[rows, :, pad:]
+        out[rows, :, pad:] = _ATTENTION(q, k, v, True, scale, 0.0, -1, None, stamp=(q.shape[2] == 1,))[0]
+    return out
+
+
+def cmai_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, images: torch.Tensor,
+                   real: torch.Tensor, keep: float, weight: float, scale: float | None = None) -> torch.Tensor:
+    """The fused form of `vtattn.reference.cmai_attention` on a whole left-padded sequence (same
+    arguments; `real` zeros then ones per row): out [B, Hq, N, D] in q's dtype, no N x N tensor."""
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    pads = (~real).sum(1).tolist()
+    out = _padded_attention(query, key, value, scale, pads)
+    focus = Focus(images, real)
+    T = focus.text.shape[1]
+    if T and focus.image.shape[1]:
+        rows, _ = inhibit(_take(query, focus.text), key, value, focus, T, None, keep, weight, scale)
+        out = _place(out, rows, focus)
+    return out
+
+
+def _place(out: torch.Tensor, rows: torch.Tensor, focus: Focus) -> torch.Tensor:
+    """out [B, Hq, N, D] with its text rows replaced by rows [B, Hq, T, D] (listed slots only)."""
+    B, Hq, N, D = out.shape
+    index = focus.text.masked_fill(~focus.text_ok, N)  # unlisted slots write to a row dropped after
+    full = torch.cat([out, out.new_zeros(B, Hq, 1, D)], 2)
+    full = full.scatter(2, index[:, None, :, None].expand(B, Hq, index.shape[1], D), rows.to(out.dtype))
+    return full[:, :, :N]
+
+
+class _Step:
+    def __init__(self, focus: Focus, pads: list[int] | None) -> None:
+        self.focus, self.pads = focus, pads  # pads: None in a decode step
+
+
+class _CMAI(core.Installed):
+    phase = core.LAYERS
+    options: CMAI
+
+    def __init__(self, options: CMAI, patch: core.Patch) -> None:
+        core.require_image_ids(patch, "CMAI")
+        decoder = core.language_model(patch.model)
+        n = len(decoder.layers)
+        layers = tuple(range(n)) if options.layers is None else options.layers
+        if layers[-1] >= n:
+            raise ValueError(f"CMAI layers must be < the {n} decoder layers, got {layers[-1]}")
+        core.check_full_attention(decoder.config)
+        self.options, self.decoder = options, decoder
+        self.attn = {decoder.layers[i].self_attn: i for i in layers}
+        self.records: weakref.WeakKeyDictionary[Any, Focus] = weakref.WeakKeyDictionary()
+        self.text_only: weakref.WeakSet[Any] = weakref.WeakSet()
+        if not options.off:
+            patch.route(list(self.attn))
+
+    def forward(self, call: core.Call, proceed: Callable[[core.Call], Any]) -> Any:
+        if self.options.off:
+            return proceed(call)
+        if getattr(self.decoder, "_vtattn_drop", None) is not None:
+            raise NotImplementedError("CMAI with tokens leaving the language model (FastV, VisualExit, Qwen2-VL "
+                                      "keep < 1) is not supported")
+        kwargs = call.kwargs
+        if kwargs.get("labels") is not None:
+            raise NotImplementedError("CMAI: labels are not supported")
+        _, cache = call.cache()
+        from transformers import DynamicCache
+
+        from ..kv.cache import CompressedCache
+        if cache is not None and (not isinstance(cache, DynamicCache) or isinstance(cache, CompressedCache)):
+            raise NotImplementedError(f"CMAI needs a DynamicCache (or none), got {type(cache).__name__}")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            raise NotImplementedError("CMAI needs a 2-D attention mask (or none)")
+        ctx = core.current()
+        assert ctx is not None  # inside the patched forward
+        if cache is None or cache.get_seq_length() == 0:
+            images = call.images
+            if images is None:
+                raise NotImplementedError("CMAI finds image tokens in input_ids: pass input_ids, not inputs_embeds")
+            real = torch.ones_like(images) if mask is None else mask.bool()
+            N = images.shape[1]
+            pads = (~real).sum(1)
+            if not torch.equal(real, torch.arange(N, device=real.device) >= pads[:, None]):
+                raise NotImplementedError("CMAI needs left padding: each attention-mask row zeros then ones")
+            if not bool((images & real).any()):
+                return self._text_only(call, proceed, cache)
+            step = _Step(Focus(images, real), pads.tolist())
+        else:
+            if cache in self.text_only:
+                return proceed(call)
+            focus = self.records.get(cache)
+            if focus is None:
+                raise RuntimeError("CMAI: this cache's prefill ran without CMAI")
+            if cache.get_seq_length() != focus.length:
+                raise RuntimeError("CMAI: the cache no longer matches its record (cropped or edited outside vtattn)")
+            new = call.new_tokens()
+            focus.extend(mask[:, -new:].bool() if mask is not None else
+                         torch.ones(focus.text.shape[0], new, dtype=torch.bool, device=focus.text.device))
+            step = _Step(focus, None)
+        ctx.state[self] = step
+        for module in self.attn:
+            ctx.hook(module, self._attend)
+        out = proceed(call)
+        for filled in (cache, core.output_cache(out)):
+            if filled is not None:
+                self.records[filled] = step.focus
+        return out
+
+    def _text_only(self, call: core.Call, proceed: Callable[[core.Call], Any], cache: Any) -> Any:
+        out = proceed(call)  # no image: nothing to inhibit, now or while decoding
+        for filled in (cache, core.output_cache(out)):
+            if filled is not None:
+                self.text_only.add(filled)
+        return out
+
+    def uninstall(self) -> None:
+        self.records = weakref.WeakKeyDictionary()
+
+    def _attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mask: Any, scaling: float | None, kwargs: dict[str, Any]) -> torch.Tensor:
+        """A hooked layer's attention in this forward: [B, N, Hq, D]."""
+        ctx = core.current()
+        assert ctx is not None  # a hook runs inside the patched forward
+        step: _Step = ctx.state[self]
+        focus, layer, options = step.focus, self.attn[module], self.options
+        if key.shape[2] != focus.length:
+            raise RuntimeError(f"CMAI: layer {layer} holds {key.shape[2]} keys, its record {focus.length}")
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        count("cmai")
+        if step.pads is not None:  # the prefill: pass 1 for every row, pass 2 for the text rows
+            out = _padded_attention(query, key, value, scale, step.pads)
+            T = focus.text.shape[1]
+            rows, focus.rows[layer] = inhibit(_take(query, focus.text), key, value, focus, T, None, options.keep,
+                                              options.weight, scale)
+            return _place(out, rows, focus).transpose(1, 2)
+        rows, focus.rows[layer] = inhibit(query, key, value, focus, query.shape[2], focus.rows[layer], options.keep,
+                                          options.weight, scale)
+        return rows.to(query.dtype).transpose(1, 2)
