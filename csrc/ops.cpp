@@ -50,6 +50,14 @@ TORCH_LIBRARY(vtattn_C, m) {
   // [B, Hkv, max_pages]; token t of (b, g) is k_pages[block_table[b, g, t / page_size], t % page_size].
   m.def("paged_decode_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, Tensor lengths, "
         "float scale) -> Tensor");
+  // A decode step's k, v [B, H, n, D] appended in place to a paged cache (kv.pages.Pages): token t of
+  // head (b, h) goes to flat slot s = next_slot[b, h] + t (int64 [B, H]; row s % page_size of page
+  // s / page_size of the [P, page_size, D] pools), clamped to last[b, h] when given (tokens clamped
+  // there all write the newest one); pos[s] = start + t (int64 [P, page_size]; start an int64 0-dim
+  // tensor on the pools' device or the CPU), score[s] = 0 (fp32 [P, page_size]); then next_slot and
+  // lengths (int32 [B, H]) grow by n.
+  m.def("paged_append(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos, Tensor(d!) next_slot, "
+        "Tensor(e!) lengths, Tensor k, Tensor v, Tensor start, Tensor? last, Tensor(f!)? score) -> ()");
 }
 
 // Importing vtattn._C loads the library and so registers the ops above.

@@ -96,6 +96,20 @@ def cases(dtype):
             q=q, k_pages=_randn(B * Hkv * pages, page, D, dtype=dtype, seed=34),
             v_pages=_randn(B * Hkv * pages, page, D, dtype=dtype, seed=35), block_table=table,
             lengths=lengths.clamp(max=pages * page).to(i32), scale=D ** -0.5)
+    # paged_append: a decode step's write (one and three tokens, a head clamped at its last slot, strided rows)
+    for n, D, ps in ((1, 128, 16), (3, 72, 5)):
+        B, H = 3, 5
+        cap = torch.full((B, H), 2 * ps)
+        first = torch.arange(B * H).view(B, H) * 2 * ps
+        used = torch.randint(0, 2 * ps - n, (B, H), generator=_g(60))
+        used[0, 0] = 2 * ps - 1
+        pages = B * H * 2
+        k = _randn(B, n, H, D + 8, dtype=dtype, seed=61)[..., :D].transpose(1, 2)
+        yield "paged_append", f"B{B} H{H} n{n} D{D} pages {pages}x{ps}", dict(
+            k_pages=_randn(pages, ps, D, dtype=dtype, seed=62), v_pages=_randn(pages, ps, D, dtype=dtype, seed=63),
+            pos=torch.full((pages, ps), -1, dtype=i64), next_slot=first + used, lengths=used.to(i32), k=k,
+            v=_randn(B, H, n, D, dtype=dtype, seed=64), start=torch.tensor(1000), last=first + cap - 1,
+            score=torch.rand(pages, ps, generator=_g(65)))
     # select_tokens: one segment of 6,000 tokens (dynamic + static shared memory > 48 KiB), a segment
     # at the first failing length of the old opt-in rule, many small ones; ties; fp16 scores.
     for B, segments in ((3, [6000]), (2, [5723, 100, 1]), (2, [37] * 20)):
@@ -150,7 +164,18 @@ def _close(out, ref, dtype):
     return None
 
 
-_DISCRETE = ("select_tokens", "gather_tokens", "merge_tokens")  # ranks, copies, argmax: same dtype as the kernel
+_DISCRETE = ("select_tokens", "gather_tokens", "merge_tokens", "paged_append")  # ranks, copies, argmax: same dtype
+# ops that write their arguments in place: a case's output is those arguments (run on copies)
+_WRITES = {"paged_append": ("k_pages", "v_pages", "pos", "next_slot", "lengths", "score")}
+
+
+def _writing(op, fn, kwargs):
+    """fn(kwargs) of an op; for one that writes in place, on copies of what it writes, which it returns."""
+    if op not in _WRITES:
+        return fn(kwargs)
+    kwargs = {k: v.clone() if k in _WRITES[op] else v for k, v in kwargs.items()}
+    fn(kwargs)
+    return tuple(kwargs[k] for k in _WRITES[op])
 
 
 def _reference(op, kwargs):
@@ -158,7 +183,7 @@ def _reference(op, kwargs):
     from vtattn import reference
     fn = getattr(reference, op)
     if op in _DISCRETE:
-        return fn(*_positional(fn, kwargs))
+        return _writing(op, lambda a: fn(*_positional(fn, a)), kwargs)
     wide = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
     return fn(*_positional(fn, wide))
 
@@ -176,12 +201,12 @@ def _launch(op, backend, kwargs):
     if backend == "triton":
         import importlib
         fn = getattr(importlib.import_module(f"vtattn.triton_kernels.{op}"), op)
-        return fn(*_positional(fn, kwargs))
+        return _writing(op, lambda a: fn(*_positional(fn, a)), kwargs)
     reason = vtattn._ext.has_kernel(op, "cuda")
     if reason is not None:
         raise RuntimeError(reason)
     fn = getattr(torch.ops.vtattn_C, op)
-    return fn(*_positional(fn.default, kwargs))
+    return _writing(op, lambda a: fn(*_positional(fn.default, a)), kwargs)
 
 
 def run(backends, dtypes, emit) -> int:

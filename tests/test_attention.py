@@ -3,8 +3,8 @@ import torch
 
 import vtattn
 from vtattn._registry import ATTENTION
-from helpers import (DTYPES, OUT_TOL, backend_params, naive_attention, naive_lse, rand_qkv, run_forced,
-                     skip_unless_supported)
+from helpers import (DTYPES, OUT_TOL, backend_params, naive_attention, naive_lse, poisoned_outputs, rand_qkv,
+                     run_forced, skip_unless_supported)
 
 # (B, Hq, Hkv, Nq, Nk, D, causal): odd sizes, GQA, causal with Nq != Nk both ways.
 CASES = [
@@ -110,6 +110,60 @@ def test_rows_without_keys_take_the_sink(device, backend):
     out, lse = run_forced(backend, vtattn.attention, q, k[:, :, :0], v[:, :, :0], return_lse=True, sinks=sinks)
     assert torch.all(out == 0)
     torch.testing.assert_close(lse[0], sinks[:, None].expand(2, 9))
+
+
+# One query row (a decode step; the C++ kernel's key-by-key path, not its tiles): (B, Hq, Hkv, Nq, Nk,
+# D, causal, softcap, window, sinks, layout). Key counts that are not multiples of the vector width
+# and span several 64-key chunks (the online softmax rescales), odd head dims, GQA, every option;
+# "d-strided" views have a head dim that is not unit-stride. Nq 65 ends in a block of one row.
+ONE_ROW_CASES = [
+    (1, 2, 2, 1, 1, 72, False, None, None, False, "contiguous"),  # a single key
+    (2, 4, 2, 1, 3, 40, True, None, None, False, "strided"),
+    (1, 8, 2, 1, 17, 128, True, 5.0, None, True, "sliced"),
+    (1, 4, 1, 1, 130, 72, False, None, 9, False, "d-strided"),
+    (2, 3, 3, 1, 130, 64, True, 20.0, 100, True, "strided"),
+    (1, 4, 2, 1, 24, 128, True, None, 0, False, "d-strided"),  # window 0: the last key only
+    (1, 2, 1, 65, 130, 40, True, 3.0, 70, True, "sliced"),
+]
+
+
+def _d_strided(t):
+    """The same values with a head dim of stride N (no unit-stride rows)."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(ONE_ROW_CASES)))
+def test_one_query_row_matches_float64(dtype, case):
+    B, Hq, Hkv, Nq, Nk, D, causal, softcap, window, use_sinks, layout = ONE_ROW_CASES[case]
+    strided = layout == "d-strided"
+    q, k, v = rand_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, layout="contiguous" if strided else layout, seed=case)
+    if strided:
+        q, k, v = map(_d_strided, (q, k, v))
+        assert k.stride(-1) == Nk
+    k = k * 3  # sharp rows: a wrong cap, window or sink shows
+    sinks = torch.randn(Hq, generator=torch.Generator().manual_seed(case)).mul(2) if use_sinks else None
+    scale = D ** -0.5
+    with poisoned_outputs():
+        out, lse = run_forced("cpp", vtattn.attention, q, k, v, causal=causal, return_lse=True, softcap=softcap,
+                              window=window, sinks=sinks)
+    assert out.transpose(1, 2).is_contiguous() and out.dtype == dtype and lse.dtype == torch.float32
+    opts = (softcap or 0.0, -1 if window is None else window, sinks)
+    tol = OUT_TOL[dtype]
+    torch.testing.assert_close(out.double(), naive_attention(q, k, v, causal, scale, *opts), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), naive_lse(q, k, causal, scale, *opts), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_query_row_without_keys(dtype):
+    q, k, v = rand_qkv(1, 4, 2, 1, 0, 72, dtype, layout="strided")
+    sinks = torch.tensor([0.5, -2.0, 1.0, 3.0])
+    with poisoned_outputs():
+        out, lse = run_forced("cpp", vtattn.attention, q, k, v, causal=True, return_lse=True)
+        assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+        out, lse = run_forced("cpp", vtattn.attention, q, k, v, return_lse=True, window=3, sinks=sinks)
+    assert torch.all(out == 0)
+    torch.testing.assert_close(lse[0, :, 0], sinks)
 
 
 def test_reference_matches_float64():

@@ -184,3 +184,25 @@ def test_gpu_timer_hands_do_bench_a_rotating_call(monkeypatch):
     t = timing.time_cuda([lambda i=i: used.append(i) for i in range(3)], torch.device("cuda"), warmup_ms=5, rep_ms=20)
     assert seen == {"warmup": 5, "rep": 20, "mode": "all"}
     assert used == [0, 1, 2, 0, 1, 2] and t.reps == 5 and t.median_ms == 3.0
+
+
+def test_decode_host_pairs_each_step_with_the_twin_in_turn(monkeypatch):
+    """decode_host rows: each of a row's decode steps runs next to the unpatched twin's same step, first
+    and second in turn (the second of a pair runs on warmer caches), and host_us_layer is the median of
+    the pairs' differences per layer: a load that changes between steps cancels out of each pair."""
+    from vtattn.bench import decode_host as dh
+    order, load = [], {s: 10.0 * (s % 3) for s in range(dh.STEPS)}  # ms of load, step by step
+
+    def fake_decode(model, x, on_step):
+        def step(s):
+            order.append((model, s))
+            on_step(s, (load[s] + (1.0 if model == "row" else 0.0) + 0.2 * (len(order) % 2 == 0)) * 1e-3)
+        return step
+
+    monkeypatch.setattr(dh, "_decode", fake_decode)
+    impl = Impl("row", None)
+    dh._steps(impl, lambda: "row", lambda: "twin", calls=2, layers=4)
+    impl.timer([lambda: impl.call({})], torch.device("cpu"), False)  # two calls of STEPS steps each
+    firsts = [order[i][0] for i in range(0, 2 * dh.STEPS, 2)]
+    assert firsts == ["twin", "row"] * (dh.STEPS // 2)  # in turn
+    assert impl.stats["host_us_layer"] == pytest.approx(1e3 / 4)  # 1 ms a step over the twin, 4 layers

@@ -204,16 +204,16 @@ def _reference_model(model, options):
     return ref
 
 
-def _reference(ref, options, x, image):
-    """(greedy tokens [STEPS], per-step logits [STEPS, C]) of one unpadded sample, the whole sequence
-    recomputed at each step (generated tokens are text; no end of sequence before STEPS tokens, as
+def _reference(ref, options, x, image, steps=STEPS):
+    """(greedy tokens [steps], per-step logits [steps, C]) of one unpadded sample, the whole sequence
+    recomputed at each step (generated tokens are text; no end of sequence before `steps` tokens, as
     generate's min_new_tokens)."""
     tokens, logits = [], []
     eos = ref.generation_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     prompt = x["input_ids"]
     _REF["options"] = (options.keep, options.weight)
-    for _ in range(STEPS):
+    for _ in range(steps):
         ids = torch.cat([prompt, torch.tensor([tokens], dtype=torch.long)], 1)
         y = dict(x, input_ids=ids)
         if "mm_token_type_ids" in y:
@@ -225,12 +225,12 @@ def _reference(ref, options, x, image):
     return torch.tensor(tokens), torch.stack(logits)
 
 
-def _check(model, ref, options, batch, alone, image):
+def _check(model, ref, options, batch, alone, image, steps=STEPS):
     with torch.no_grad():
-        out = model.generate(**batch, **GREEDY)
+        out = model.generate(**batch, **dict(GREEDY, max_new_tokens=steps, min_new_tokens=steps))
     for b, x in enumerate(alone):
-        tokens, logits = _reference(ref, options, x, image)
-        assert torch.equal(out.sequences[b, -STEPS:], tokens), b
+        tokens, logits = _reference(ref, options, x, image, steps)
+        assert torch.equal(out.sequences[b, -steps:], tokens), b
         torch.testing.assert_close(torch.stack(out.logits)[:, b], logits, atol=2e-5, rtol=1e-5)
     return out
 
@@ -249,6 +249,19 @@ def test_llava_matches_the_reference_batched_and_ragged(options):
     assert vtattn.patch.core.routed(attn) == (options.layers is None)
     vtattn.patch.unpatch(model)
     assert not vtattn.patch.core.routed(attn)
+
+
+def test_a_prompt_of_image_tokens_only():
+    """No text row in the prefill (nothing to inhibit there): the generated tokens are then the text
+    rows, inhibited as the reference's."""
+    model = llava(layers=4)
+    options = CMAI(keep=0.25)
+    ref = _reference_model(model, options)
+    batch, _ = llava_inputs()
+    ids = batch["input_ids"][:1]
+    x = dict(input_ids=ids[:, ids[0] == IMAGE], pixel_values=batch["pixel_values"][:1])
+    vtattn.patch.llava(model, stages=[options])
+    _check(model, ref, options, dict(x, attention_mask=torch.ones_like(x["input_ids"])), [x], IMAGE)
 
 
 def test_llava_next_matches_the_reference():
@@ -273,6 +286,38 @@ def test_qwen2_vl_matches_the_reference(adapter):
     alone = [qwen2_vl_alone(batch, GRIDS, b) for b in range(2)]
     getattr(vtattn.patch, adapter)(model, stages=[options])
     _check(model, ref, options, batch, alone, QWEN_IMAGE)
+
+
+def test_decode_steps_write_only_their_rows_into_kept_buffers(monkeypatch):
+    """The text lists and each hooked layer's record (text keys / values, P_ti) grow in capacity
+    buffers: over 11 decode steps from 8 text entries (capacity 16 after the first step, 32 after the
+    ninth) each buffer moves once, where copying the record at every step (torch.cat, a fresh P_ti)
+    moves it at every step; the greedy tokens and logits are still the reference's."""
+    steps = 12
+    model = llava(layers=4)
+    options = CMAI(keep=0.3, layers=(0, 2))
+    ref = _reference_model(model, options)
+    batch, alone = llava_inputs()
+    inhibit, seen = fused.inhibit, {}  # per hooked layer's record: its buffers' storages, call by call
+
+    def spy(q_rows, key, value, focus, layer, *args):
+        out = inhibit(q_rows, key, value, focus, layer, *args)
+        held = (focus.text, focus.text_ok, layer.k_t.filled, layer.v_t.filled, layer.p_ti.filled)
+        assert all(t.shape[-2 if t.dim() == 4 else 1] == focus.text.shape[1] for t in held)
+        seen.setdefault(layer, []).append([t.untyped_storage().data_ptr() for t in held])
+        return out
+
+    monkeypatch.setattr(fused, "inhibit", spy)
+    vtattn.patch.llava(model, stages=[options])
+    _check(model, ref, options, batch, alone, IMAGE, steps)
+    assert batch["input_ids"].ne(IMAGE).logical_and(batch["attention_mask"].bool()).sum(1).max() == 8
+    assert len(seen) == 2
+    for calls in seen.values():
+        assert len(calls) == steps  # the prefill, then steps - 1 decode steps
+        decode = calls[1:]
+        for k in range(5):
+            moves = sum(a[k] != b[k] for a, b in zip(decode, decode[1:]))
+            assert moves == 1, (k, moves)
 
 
 def test_off_is_the_unpatched_model():

@@ -112,3 +112,46 @@ def test_direct_runs_the_chosen_kernel_and_follows_forced_backends(monkeypatch):
     assert calls == [torch.bfloat16, torch.float32]
     with pytest.raises(RuntimeError, match="grad"):  # the registered op's autograd refuses by name
         direct(q.requires_grad_(), k, k, lengths, 0.5, stamp=2)
+
+
+def test_direct_keeps_its_choice_while_index_lists_grow(monkeypatch):
+    """A pruned layer's decode steps: the index lists [B, Hkv, L] and positions [B, Nk] grow by one
+    every step; the choice stays (choosing costs more than the kernel). Their head count still counts."""
+    direct = _dispatch.Direct("index_attention")
+    calls = []
+    real = _dispatch.choose
+    monkeypatch.setattr(_dispatch, "choose", lambda *a: calls.append(a[2][3].shape) or real(*a))
+    q = torch.randn(1, 4, 1, 8)
+    for n in (5, 6, 7):
+        k = torch.randn(1, 2, n, 8)
+        indices = torch.arange(n).expand(1, 2, n).contiguous()
+        counts = torch.full((1, 2), n, dtype=torch.int32)
+        positions = torch.arange(n)[None]
+        out = direct(q, k, k, indices, counts, positions[:, -1:], positions, True, 0.5)
+        torch.testing.assert_close(out, vtattn.reference.index_attention(q, k, k, indices, counts, positions[:, -1:],
+                                                                          positions, True, 0.5))
+    assert len(calls) == 1
+    k = torch.randn(1, 4, 7, 8)  # another kv head count: chosen again
+    direct(q, k, k, torch.arange(7).expand(1, 4, 7).contiguous(), torch.full((1, 4), 7, dtype=torch.int32),
+           positions[:, -1:], positions, True, 0.5)
+    assert len(calls) == 2
+
+
+def test_a_direct_by_stamp_chooses_again_only_for_a_new_stamp(monkeypatch):
+    """Direct(by_stamp=True): the caller's stamp alone keys the choice (a cache's own state: no key
+    built from the arguments each call); a new stamp, use_backend or clear_cache chooses again."""
+    direct = _dispatch.Direct("decode_attention", by_stamp=True)
+    calls = []
+    real = _dispatch.choose
+    monkeypatch.setattr(_dispatch, "choose", lambda *a: calls.append(a[2][0].dtype) or real(*a))
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
+    lengths = torch.full((1, 2), 3, dtype=torch.int32)
+    expected = vtattn.reference.decode_attention(q, k, k, lengths, 0.5)
+    for _ in range(3):
+        torch.testing.assert_close(direct(q, k, k, lengths, 0.5, stamp="a"), expected)
+    assert calls == [torch.float32]
+    direct(q.bfloat16(), k.bfloat16(), k.bfloat16(), lengths, 0.5, stamp="b")  # the caller's new stamp
+    assert calls == [torch.float32, torch.bfloat16]
+    with vtattn.use_backend("torch"):
+        direct(q, k, k, lengths, 0.5, stamp="b")
+    assert direct._run is _registry.OPS["decode_attention"]["torch"].run

@@ -373,21 +373,30 @@ def test_fastv_with_kv_compresses_the_pruned_layers_and_samples_stay_independent
     assert held[K] < held[K - 1]  # FastV's and LOOK-M's evictions add up
 
 
-def test_record_lists_follow_decode_steps():
-    """A pruned group's index lists, kept up to date step by step (no sort per step), list the same
-    real slots in the same order as sorting the whole record again, with padding and a non-real step."""
+def test_record_grows_in_place_over_decode_steps():
+    """A pruned group's record writes decode tokens into buffers with room: slot S + j holds position
+    length + j (written ahead) and the mask's column says whether it is real. index / real equal a
+    record built by concatenation, with padding, non-real columns and a two-token step, past two
+    growths; while a buffer has room it is the same tensor (no copy per step)."""
     from vtattn.patch.drop import Record
     real = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
     index = torch.tensor([[0, 0, 3, 5, 6], [1, 2, 3, 5, 6]])
-    grown = Record(index, real, 8)
-    grown.attention_args(1, 3)  # lists them once (the prefill)
-    for length, step in enumerate([[1, 1], [0, 1], [1, 1], [1, 0], [1, 1]], 8):
-        mask = torch.cat([torch.ones(2, length, dtype=torch.long), torch.tensor(step)[:, None]], 1)
-        grown.extend(mask, 1)
-        got = grown.attention_args(1, 3)
-        fresh = Record(grown.index, grown.real, grown.length).attention_args(1, 3)
-        assert torch.equal(got["kv_counts"], fresh["kv_counts"]) and got["kv_counts"].dtype == torch.int32
-        for b in range(2):
-            n = int(fresh["kv_counts"][b, 0])
-            assert torch.equal(got["kv_indices"][b, :, :n], fresh["kv_indices"][b, :, :n])
-        assert torch.equal(got["q_positions"], fresh["q_positions"])
+    record = Record(index, real, 8)
+    want_index, want_real, length = index, real, 8
+    capacities = set()
+    for s in range(40):
+        new = 2 if s == 7 else 1
+        column = torch.tensor([[1, 0], [0, 1]])[:, :new] if s % 5 == 3 else torch.ones(2, new, dtype=torch.long)
+        before = record._index.data_ptr(), record._index.shape[1]
+        record.extend(torch.cat([torch.ones(2, length, dtype=torch.long), column], 1), new)
+        want_index = torch.cat([want_index, (length + torch.arange(new)).expand(2, new)], 1)
+        want_real = torch.cat([want_real, column.bool()], 1)
+        length += new
+        assert torch.equal(record.index, want_index) and torch.equal(record.real, want_real)
+        assert record.length == length and record.slots == want_index.shape[1]
+        if record._index.shape[1] == before[1]:
+            assert record._index.data_ptr() == before[0]
+        capacities.add(record._index.shape[1])
+    assert len(capacities) == 3  # grown twice
+    with pytest.raises(ValueError, match="mask has"):
+        record.extend(torch.ones(2, length, dtype=torch.long), 1)

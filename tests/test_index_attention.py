@@ -18,9 +18,9 @@ CASES = [
 LAYOUTS = ("contiguous", "strided", "sliced")
 
 
-def make(case, dtype, device="cpu", seed=0):
+def make(case, dtype, device="cpu", seed=0, cases=CASES):
     """Inputs and the keyword arguments of one case; counts vary per (batch, head), some are 0."""
-    B, Hq, Hkv, Nq, Nk, L, D, causal, lists = CASES[case]
+    B, Hq, Hkv, Nq, Nk, L, D, causal, lists = cases[case]
     q, k, v = rand_qkv(B, Hq, Hkv, Nq, Nk, D, dtype, device, LAYOUTS[case % 3], seed=seed)
     g = torch.Generator().manual_seed(seed)
     if lists == "shuffled":
@@ -99,6 +99,47 @@ def test_zero_counts_give_zeros(device, backend, dtype):
     out = run_forced(backend, vtattn.index_attention, q, k, v, idx, kv_counts=counts)
     assert torch.all(out[0, 2:] == 0) and torch.all(out[1, :2] == 0)
     assert torch.all(out[0, :2] != 0) and torch.all(out[1, 2:] != 0)
+
+
+# One query row (a decode step; the C++ kernel's key-by-key path, not its tiles), as CASES: counts
+# that are not multiples of the vector width and span several 64-key chunks, odd head dims, GQA,
+# repeats, -1 padding past the counts; "pruned" puts the row halfway, so it sees about half its keys.
+ONE_ROW_CASES = [
+    (1, 2, 2, 1, 1, 1, 72, True, "sorted"),
+    (2, 4, 2, 1, 3, 3, 40, True, "shuffled"),
+    (1, 8, 2, 1, 24, 20, 128, True, "sorted"),
+    (2, 4, 1, 1, 90, 130, 72, False, "shuffled"),
+    (2, 3, 3, 1, 300, 200, 64, True, "pruned"),
+    (3, 2, 1, 1, 40, 17, 40, False, "sorted"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(ONE_ROW_CASES)))
+def test_one_query_row_matches_float64(dtype, case):
+    q, k, v, idx, kw = make(case, dtype, seed=case, cases=ONE_ROW_CASES)
+    if "q_positions" in kw:
+        kw["q_positions"] = kw["kv_positions"][:, k.shape[2] // 2, None]
+    if case % 2:  # head dims of stride N: no unit-stride rows
+        q, k, v = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v))
+    with poisoned_outputs():
+        out = run_forced("cpp", vtattn.index_attention, q, k, v, idx, **kw)
+    assert out.transpose(1, 2).is_contiguous() and out.dtype == dtype
+    tol = OUT_TOL[dtype]
+    torch.testing.assert_close(out.double(), naive(q, k, v, idx, **kw), atol=tol, rtol=tol)
+
+
+def test_one_query_row_without_keys():
+    """A row before every listed key (position -1, or positions past it) and a count of 0 give 0."""
+    q, k, v = rand_qkv(2, 4, 2, 1, 9, 72, torch.float32, layout="sliced")
+    idx = torch.tensor([4, 1, 7, 8, -1]).expand(2, 2, 5)
+    counts = torch.tensor([[4, 0], [4, 4]], dtype=torch.int32)
+    kw = dict(kv_counts=counts, causal=True, q_positions=torch.tensor([[-1], [3]]),
+              kv_positions=torch.arange(9).expand(2, 9))
+    with poisoned_outputs():
+        out = run_forced("cpp", vtattn.index_attention, q, k, v, idx, **kw)
+    assert torch.all(out[0] == 0) and torch.all(out[1] != 0)  # sample 1 sees key 1 only
+    torch.testing.assert_close(out.double(), naive(q, k, v, idx, **kw), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.gpu

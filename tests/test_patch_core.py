@@ -171,7 +171,7 @@ def test_routed_modules_of_a_model_with_2d_masks():
             vtattn.patch.llm(model, image_token_id=IMAGE, **options)
             with hf_attention.counting() as calls:
                 assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GENERATE), expected)
-            assert set(calls) == ({"native: 2-D mask", "index_attention"} if "fastv" in options else {"cache"})
+            assert set(calls) == ({"native: 2-D mask", *PRUNED} if "fastv" in options else {"cache"})
     module = model.model.layers[0].self_attn
     vtattn.patch.unpatch(model)
     q = torch.randn(1, 4, 3, 8)
@@ -179,20 +179,24 @@ def test_routed_modules_of_a_model_with_2d_masks():
         hf_attention.attention_forward(module, q, q[:, :2], q[:, :2], torch.ones(1, 3))
 
 
+PRUNED = {"index_attention", "sdpa: a pruned layer's decode step"}  # a pruned layer: prefill, decode steps
+
+
 @pytest.mark.parametrize("family, options, kernels", [
     ("llava", dict(keep=0.5), {"attention"}),  # the tower; the LLM is not routed
-    ("llava", dict(method="fastv", layer=1, keep=0.5), {"sdpa: an explicit mask", "index_attention"}),
+    ("llava", dict(method="fastv", layer=1, keep=0.5), {"sdpa: an explicit mask", *PRUNED}),
     ("llava", dict(kv=kv.LookM(budget=0.5, recent=0.1)), {"attention", "cache"}),
     ("llava", dict(keep=0.5, fastv=FastV(layer=1, keep=0.5), kv=kv.LookM(budget=0.5, recent=0.1)),
      {"attention", "cache"}),
-    ("qwen2_vl", dict(keep=0.5), {"attention", "index_attention"}),
+    ("qwen2_vl", dict(keep=0.5), {"attention", *PRUNED}),
     ("qwen2_vl", dict(keep=0.5, kv=kv.LookM(budget=0.5, recent=0.1)), {"attention", "cache"}),
-    ("qwen2_vl", dict(fastv=FastV(layer=1, keep=0.5)), {"sdpa: an explicit mask", "index_attention"})],
+    ("qwen2_vl", dict(fastv=FastV(layer=1, keep=0.5)), {"sdpa: an explicit mask", *PRUNED})],
     ids=["llava-keep", "llava-fastv", "llava-kv", "llava-all", "qwen-keep", "qwen-keep-kv", "qwen-fastv"])
 def test_each_stage_runs_its_kernels(family, options, kernels):
     """Which path every attention call of a patched generate took (on a padded batch): vision towers
-    on vtattn.attention, FastV's pruned layers on index_attention, a compressed cache's layers on its
-    own kernels; FastV's scored layer gets the model's SDPA mask and runs SDPA with it."""
+    on vtattn.attention, FastV's pruned layers on index_attention (decode steps: SDPA with the padding
+    mask), a compressed cache's layers on its own kernels; FastV's scored layer gets the model's SDPA
+    mask and runs SDPA with it."""
     if family == "llava":
         model = llava()
         ids, mask = prompts([[36], [36, 36]])

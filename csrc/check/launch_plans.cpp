@@ -40,6 +40,7 @@ std::string plan_json(const std::string& op, const int64_t* a, int n, const vtat
   auto need = [&](int k) { return n == k; };
   if (op == "select_tokens" && need(3)) return to_json(plan::select_tokens(d, a[0], a[1], a[2]));
   if (op == "gather_tokens" && need(2)) return to_json(plan::gather_tokens(a[0], a[1]));
+  if (op == "paged_append" && need(2)) return to_json(plan::paged_append(a[0], a[1]));
   if (op == "merge_tokens" && need(4)) return to_json(plan::merge_tokens(a[0], a[1], a[2], a[3]));
   if (op == "decode_attention" && need(5)) {
     const auto p = plan::decode_attention(d, a[0], a[1], a[2], a[3], a[4]);

@@ -1,6 +1,7 @@
 // CPU flash-style attention forward: per (batch, head, block of kBM query
 // rows), key tiles of kBN are folded in with an online softmax, so nothing of
-// size [Nq, Nk] exists. Inputs are read through their strides and converted to
+// size [Nq, Nk] exists; a block of a single row (a decode step) goes key by key
+// instead (attend_row). Inputs are read through their strides and converted to
 // fp32 tile by tile; all arithmetic is fp32 (docs/internals.md).
 #include <torch/library.h>
 
@@ -23,25 +24,39 @@ void attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   T* out_p = out.data_ptr<T>();
   float* lse_p = lse.data_ptr<float>();
 
+  // Row i of (b, h) from its accumulator and statistics; a row that saw no key: out 0, lse -inf or
+  // the sink (not 0/0).
+  auto finish = [&](int64_t b, int64_t h, int64_t i, const float* acc, const RowStats& st) {
+    T* out_row = out_p + ((b * Nq + i) * Hq + h) * D;  // token-major [B, Nq, Hq, D] memory
+    const float inv = st.norm(o.sink(h));
+    for (int64_t c = 0; c < D; ++c) out_row[c] = static_cast<T>(acc[c] * inv);
+    lse_p[(b * Hq + h) * Nq + i] = st.lse(o.sink(h));
+  };
+
+  const Visible vis(o, Nq, Nk);
   const int64_t rows = block_rows(Nq);
   at::parallel_for(0, B * Hq * nblk, grain_for(rows * Nk * dp), [&](int64_t begin, int64_t end) {
-    BlockScratch w(dp, rows);  // per chunk, reused by every task of the chunk
+    // Per chunk, made at first use and reused by every task of the chunk: a block of one row (a
+    // decode step) takes the one-row path and needs no tiles.
+    std::optional<BlockScratch> tiles;
+    std::optional<RowScratch> one;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task % nblk, bh = task / nblk, b = bh / Hq, h = bh % Hq;
       const int64_t i0 = blk * kBM, m = std::min(kBM, Nq - i0), mp = round_up(m, kRowGroup);
       const Slice<T> qs(q, b, h), ks(k, b, h / group), vs(v, b, h / group);
+      if (m == 1) {
+        RowScratch& w = one ? *one : one.emplace(D);
+        RowStats st;
+        load_rows(qs, 1, 1, [&](int64_t) { return i0; }, D, D, o.scale, w.q);
+        attend_row(ops, ks, vs, vis.begin(i0), vis.end(i0), [](int64_t j) { return j; },
+                   [](int64_t) { return false; }, o.softcap, D, w, st);
+        finish(b, h, i0, w.acc, st);
+        continue;
+      }
+      BlockScratch& w = tiles ? *tiles : tiles.emplace(dp, rows);
       load_rows(qs, m, mp, [&](int64_t r) { return i0 + r; }, D, dp, o.scale, w.qb.data());
       attend_block(ops, ks, vs, 0, i0, m, mp, Nq, Nk, o, D, dp, w);
-      const float sink = o.sink(h);
-
-      for (int64_t r = 0; r < m; ++r) {
-        const int64_t row = bh * Nq + i0 + r;
-        T* out_row = out_p + ((b * Nq + i0 + r) * Hq + h) * D;  // token-major [B, Nq, Hq, D] memory
-        // A row that saw no key: out 0, lse -inf or the sink (not 0/0).
-        const float inv = w.stats[r].norm(sink);
-        for (int64_t c = 0; c < D; ++c) out_row[c] = static_cast<T>(w.acc[r * dp + c] * inv);
-        lse_p[row] = w.stats[r].lse(sink);
-      }
+      for (int64_t r = 0; r < m; ++r) finish(b, h, i0 + r, w.acc.data() + r * dp, w.stats[r]);
     }
   });
 }

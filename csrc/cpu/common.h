@@ -21,6 +21,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -320,17 +321,24 @@ struct Tiles {
   }
 };
 
-// Dot product in kLanes partial sums (vectorised), summed in an order that does not depend on the
-// vectors' addresses: identical inputs give bitwise-identical results (merge_tokens' ties).
-VTATTN_MULTIVERSION float dot_fixed_order(const float* __restrict a, const float* __restrict b, int64_t n) {
+// Dot product in kLanes partial sums (vectorised), summed pairwise (a short dependency chain, not
+// kLanes serial adds) in an order that does not depend on the vectors' addresses: identical inputs
+// give bitwise-identical results (merge_tokens' ties).
+[[maybe_unused]] VTATTN_MULTIVERSION float dot_fixed_order(const float* __restrict a, const float* __restrict b,
+                                                          int64_t n) {
   float lane[kLanes] = {};
   int64_t d = 0;
   for (; d + kLanes <= n; d += kLanes)
     for (int64_t l = 0; l < kLanes; ++l) lane[l] += a[d + l] * b[d + l];
   for (int64_t l = 0; d + l < n; ++l) lane[l] += a[d + l] * b[d + l];
-  float sum = 0.f;
-  for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
-  return sum;
+  for (int64_t w = kLanes / 2; w > 0; w /= 2)
+    for (int64_t l = 0; l < w; ++l) lane[l] += lane[l + w];
+  return lane[0];
+}
+
+// y[0, n) += a * x[0, n): a value row into one query row's accumulator.
+[[maybe_unused]] VTATTN_MULTIVERSION void axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) y[c] += a * x[c];
 }
 
 // One set of tile operations, compiled for one instruction set.
@@ -370,7 +378,7 @@ VTATTN_TILE_OPS(avx512, __attribute__((target("avx512f,avx512dq,avx512bw,avx512v
 
 // The best set this CPU runs. VTATTN_CPU_ISA=baseline|avx2 caps it (read at
 // first use), so tests can cover every set on one machine.
-const TileOps& tile_ops() {
+[[maybe_unused]] const TileOps& tile_ops() {
   static const TileOps& ops = []() -> const TileOps& {
     const char* cap = std::getenv("VTATTN_CPU_ISA");
     const std::string want = cap ? cap : "avx512";
@@ -455,6 +463,23 @@ struct BlockScratch {
       : qb(rows * dp), kt(dp * kBN), vb(kBN * dp), s(rows * kBN), acc(rows * dp) {}
 };
 
+// One thread's scratch for a single query row (attend_row), in one allocation: the scaled query, a
+// key or value row as fp32, a chunk of kBN logits and the output accumulator.
+struct RowScratch {
+  Scratch buf;
+  float *q, *x, *s, *acc;
+  explicit RowScratch(int64_t d) : buf(3 * d + kBN), q(buf.data()), x(q + d), s(x + d), acc(s + kBN) {}
+};
+
+// Row j of a slice as fp32: the row itself when it is fp32 with unit stride, else converted into buf[d].
+template <typename T>
+const float* row_f32(const Slice<T>& src, int64_t j, int64_t d, float* buf) {
+  if constexpr (std::is_same_v<T, float>)
+    if (src.sd == 1) return src.row(j);
+  load_rows(src, 1, 1, [j](int64_t) { return j; }, d, d, 1.f, buf);
+  return buf;
+}
+
 // Query rows a kernel's scratch needs for Nq queries in blocks of kBM.
 inline int64_t block_rows(int64_t Nq) { return std::min(kBM, round_up(std::max<int64_t>(Nq, 1), kRowGroup)); }
 
@@ -489,6 +514,30 @@ void attend_block(const TileOps& ops, const Slice<T>& ks, const Slice<T>& vs, in
         for (int64_t c = 0; c < dp; ++c) w.acc[r * dp + c] *= alpha;
     }
     ops.pv(w.s.data(), mp, w.vb.data(), dp, w.acc.data());
+  }
+}
+
+// One query row (scaled, fp32, in w.q) against the keys key_of(j) of ks / vs for j in [lo, hi),
+// except those with masked(j): the online softmax of attend_block over chunks of kBN keys, but with
+// one dot product per key instead of tiles (a decode step's single row would fill 4-row
+// micro-kernels and transposed 64-key tiles mostly with padding). Leaves the unnormalised output in
+// w.acc[0, D) and the row's statistics in st.
+template <typename T, typename KeyOf, typename Masked>
+void attend_row(const TileOps& ops, const Slice<T>& ks, const Slice<T>& vs, int64_t lo, int64_t hi, KeyOf key_of,
+                Masked masked, float softcap, int64_t D, RowScratch& w, RowStats& st) {
+  st = RowStats{};
+  std::fill(w.acc, w.acc + D, 0.f);
+  for (int64_t j0 = lo; j0 < hi; j0 += kBN) {
+    const int64_t n = std::min(kBN, hi - j0);
+    for (int64_t j = 0; j < n; ++j) w.s[j] = dot_fixed_order(w.q, row_f32(ks, key_of(j0 + j), D, w.x), D);
+    std::fill(w.s + n, w.s + kBN, 0.f);  // the tile operations read whole kBN rows
+    if (softcap > 0.f) ops.softcap(w.s, round_up(n, kLanes), softcap);
+    for (int64_t j = 0; j < n; ++j)
+      if (masked(j0 + j)) w.s[j] = kNegInf;
+    const float alpha = st.add(ops, w.s, n);  // w.s then holds unnormalised probabilities
+    if (alpha != 1.f)
+      for (int64_t c = 0; c < D; ++c) w.acc[c] *= alpha;
+    for (int64_t j = 0; j < n; ++j) axpy(w.s[j], row_f32(vs, key_of(j0 + j), D, w.x), w.acc, D);
   }
 }
 

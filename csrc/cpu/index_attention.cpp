@@ -1,9 +1,11 @@
 // CPU index attention forward: the flash-style loop of attention.cpp where the
 // key tiles are the listed keys of one (batch, kv head), loaded by index, and
 // the causal mask compares original positions (so it is not a prefix: masked
-// logits are set to -inf, which RowStats turns into probability 0).
+// logits are set to -inf, which RowStats turns into probability 0). A block of a
+// single row (a decode step) goes key by key instead (attend_row).
 #include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 #include "common.h"
@@ -23,16 +25,36 @@ void index_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
   const int64_t rows = block_rows(Nq);
   at::parallel_for(0, B * Hq * nblk, grain_for(rows * L * dp), [&](int64_t begin, int64_t end) {
-    BlockScratch w(dp, rows);
-    Scratch &qb = w.qb, &kt = w.kt, &vb = w.vb, &s = w.s, &acc = w.acc;
-    RowStats* stats = w.stats;
+    // Per chunk, made at first use: a block of one row (a decode step) needs no tiles.
+    std::optional<BlockScratch> tiles;
+    std::optional<RowScratch> one;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task % nblk, bh = task / nblk, b = bh / Hq, h = bh % Hq, kvh = h / group;
       const int64_t i0 = blk * kBM, m = std::min(kBM, Nq - i0), mp = round_up(m, kRowGroup);
       const int64_t* idx = idx_p + (b * Hkv + kvh) * L;
       const int64_t count = cnt_p[b * Hkv + kvh];
+      const int64_t* kp = kpos + b * Nk;
       const Slice<T> qs(q, b, h), ks(k, b, kvh), vs(v, b, kvh);
+      // Row i's output; no visible key: 0.
+      auto finish = [&](int64_t i, const float* acc, const RowStats& st) {
+        T* o = out_p + ((b * Nq + i) * Hq + h) * D;
+        const float inv = st.empty() ? 0.f : 1.f / st.sum;
+        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(acc[c] * inv);
+      };
 
+      if (m == 1) {
+        RowScratch& w = one ? *one : one.emplace(D);
+        RowStats st;
+        const int64_t qp = qpos[b * Nq + i0];
+        load_rows(qs, 1, 1, [&](int64_t) { return i0; }, D, D, scale, w.q);
+        attend_row(ops, ks, vs, 0, count, [&](int64_t j) { return idx[j]; },
+                   [&](int64_t j) { return causal && kp[idx[j]] > qp; }, 0.f, D, w, st);
+        finish(i0, w.acc, st);
+        continue;
+      }
+      BlockScratch& w = tiles ? *tiles : tiles.emplace(dp, rows);
+      Scratch &qb = w.qb, &kt = w.kt, &vb = w.vb, &s = w.s, &acc = w.acc;
+      RowStats* stats = w.stats;
       load_rows(qs, m, mp, [&](int64_t r) { return i0 + r; }, D, dp, scale, qb.data());
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(stats, stats + kBM, RowStats{});
@@ -50,7 +72,7 @@ void index_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           if (causal) {
             const int64_t qp = qpos[b * Nq + i0 + r];
             for (int64_t j = 0; j < n; ++j)
-              if (kpos[b * Nk + idx[j0 + j]] > qp) row[j] = kNegInf;
+              if (kp[idx[j0 + j]] > qp) row[j] = kNegInf;
           }
           const float alpha = stats[r].add(ops, row, n);
           if (alpha != 1.f)
@@ -58,12 +80,7 @@ void index_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         }
         ops.pv(s.data(), mp, vb.data(), dp, acc.data());
       }
-
-      for (int64_t r = 0; r < m; ++r) {
-        T* o = out_p + ((b * Nq + i0 + r) * Hq + h) * D;
-        const float inv = stats[r].empty() ? 0.f : 1.f / stats[r].sum;  // no visible key: 0
-        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(acc[r * dp + c] * inv);
-      }
+      for (int64_t r = 0; r < m; ++r) finish(i0 + r, acc.data() + r * dp, stats[r]);
     }
   });
 }

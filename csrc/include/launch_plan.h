@@ -165,6 +165,18 @@ inline DecodePlan decode_attention(const Device& d, int64_t B, int64_t Hq, int64
   return p;
 }
 
+// ---- paged_append (csrc/cuda/paged_append.cu) ----
+
+constexpr int kAppendThreads = 64;  // a CTA per (batch, head): its n rows of k and v, then its counters
+
+inline Plan paged_append(int64_t heads, int64_t n) {
+  Plan p;
+  if (heads > kMaxGridX)
+    return p.fail("the CUDA kernel takes at most %lld heads (B * H), got %lld", (long long)kMaxGridX, (long long)heads);
+  if (heads == 0 || n == 0) return p;
+  return p.add("paged_append_kernel", heads, 1, 1, kAppendThreads, 0, false);
+}
+
 // ---- the flash kernel (csrc/include/flash_fwd.cuh): attention, varlen_attention, index_attention,
 // and key_importance's row LSE ----
 

@@ -18,7 +18,8 @@ import torch
 from .check_launches import Arch, DEFAULT_SMEM, MAX_GRID, MAX_THREADS, REGS_PER_BLOCK
 
 OPS = ("attention", "key_importance", "select_tokens", "gather_tokens", "merge_tokens", "varlen_attention",
-       "index_attention", "decode_attention", "paged_decode_attention", "block_sparse_attention", "group_attention")
+       "index_attention", "decode_attention", "paged_decode_attention", "block_sparse_attention", "group_attention",
+       "paged_append")
 # Options later schemas add to the attention family: off.
 _OFF = {"softcap": 0.0, "window": -1, "sinks": None}
 
@@ -104,6 +105,12 @@ def _shapes(op: str) -> Iterator[dict[str, Any]]:
     elif op == "group_attention":
         for a in _attention_shapes():
             yield dict(a, groups=_fake(a["k"].shape[0], a["k"].shape[2], dtype=i64), num_groups=4)
+    elif op == "paged_append":
+        for B, H, n, D, pages in ((1, 8, 1, 128, 64), (65535, 32768, 3, 64, 1), (65536, 32768, 1, 64, 1)):
+            pool, heads = _fake(pages, 16, D), _fake(B, H, dtype=i64)
+            yield dict(k_pages=pool, v_pages=pool, pos=_fake(pages, 16, dtype=i64), next_slot=heads,
+                       lengths=_fake(B, H, dtype=i32), k=_fake(B, H, n, D), v=_fake(B, H, n, D),
+                       start=_fake(dtype=i64), last=heads, score=_fake(pages, 16, dtype=torch.float32))
     elif op in ("decode_attention", "paged_decode_attention"):
         for B, Hq, Hkv, cap, D in ((32, 32, 8, 16384, 128), (65536, 8, 8, 64, 64), (1, 64, 1, 2**24, 128),
                                    (2**20, 16, 2, 16, 64)):

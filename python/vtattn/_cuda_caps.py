@@ -224,6 +224,20 @@ def paged_decode_attention_supports(q: torch.Tensor, k_pages: torch.Tensor, v_pa
     return _decode_reason(q, hkv, max_pages * k_pages.shape[1])
 
 
+def paged_append_supports(k_pages: torch.Tensor, v_pages: torch.Tensor, pos: torch.Tensor, next_slot: torch.Tensor,
+                          lengths: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
+                          last: torch.Tensor | None, score: torch.Tensor | None) -> str | None:
+    """fp16/bf16/fp32 pools and rows of one dtype, any strides (16-byte copies when the rows allow); a
+    CTA per (batch, head) on grid x (plan::paged_append); start on k's device, or the CPU (read at launch)."""
+    if k.dtype not in _HALF + (torch.float32,) or {k_pages.dtype, v_pages.dtype, v.dtype} != {k.dtype}:
+        return f"CUDA kernel copies fp16/bf16/fp32 of one dtype, got pools {k_pages.dtype} and rows {k.dtype}"
+    if k.dim() != 4 or k.shape[0] * k.shape[1] > _INT32:
+        return "CUDA kernel takes k [B, H, n, D] with B * H that fits in int32 (a CTA per head on grid x)"
+    if start.device.type != "cpu" and start.device != k.device:
+        return f"CUDA kernel reads start on k's device or the CPU, got {start.device}"
+    return _device_reason(k)
+
+
 # ---- varlen and index attention (csrc/cuda/varlen_attention.cu, index_attention.cu) ----
 # The flash kernel of `attention` with other row/key addressing: the same dtypes and head dims.
 

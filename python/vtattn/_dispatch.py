@@ -181,14 +181,20 @@ def clear_cache() -> None:
 def _light(args: tuple[object, ...]) -> tuple[object, ...]:
     """What a backend's supports() reads of a Direct call's tensors besides their growing lengths: one
     handle serves every model and device of the process (a CPU and a CUDA model, fp32 and bf16, other
-    head dims or head counts), so these choose again. A plain loop: every Direct call of a decode step
-    builds it (~2 us for five tensors, ~4 us as a generator expression)."""
+    head dims or head counts), so these choose again. Integer tensors (index lists, positions,
+    tables, lengths) give their head count only where it is not their last dim ([B, H, L]): the
+    last dims of [B, L] positions and [B, H, L] lists grow every step, and choosing again each step
+    costs more than the kernel. A plain loop: every Direct call of a decode step builds it (~2 us
+    for five tensors, ~4 us as a generator expression)."""
     out: list[object] = []
     for a in args:
         if isinstance(a, torch.Tensor):
             shape = a.shape
             n = len(shape)
-            out.append((a.dtype, a.device, n, shape[1] if n > 1 else 0, shape[-1] if n else 0, a.is_contiguous()))
+            if a.is_floating_point():
+                out.append((a.dtype, a.device, n, shape[1] if n > 1 else 0, shape[-1] if n else 0, a.is_contiguous()))
+            else:
+                out.append((a.dtype, a.device, n, shape[1] if n > 2 else 0, a.is_contiguous()))
         else:
             out.append(a)
     return tuple(out)
@@ -206,12 +212,15 @@ class Direct(Generic[R]):
     choice: a pool's size after growth) or the forced backend change, or after clear_cache(). Under
     torch.compile, and for inputs that require grad, the registered op itself runs (its fake impl
     traces; its autograd differentiates or refuses by name). `R` is what the op returns (its schema's
-    Tensor or tuple of Tensors): `_ATTENTION: Direct[tuple[Tensor, Tensor]] = Direct("attention")`."""
-    __slots__ = ("op", "_key", "_run")
+    Tensor or tuple of Tensors): `_ATTENTION: Direct[tuple[Tensor, Tensor]] = Direct("attention")`.
+    by_stamp: the caller's stamp alone tells the arguments' classes apart (it names every dtype,
+    device and head count the backends' supports() read: a cache's own pools and counters, made once),
+    so no key is built from the arguments (~6 us for ten of them: more than a decode step's kernel)."""
+    __slots__ = ("op", "by_stamp", "_key", "_run")
     _run: Callable[..., R]  # set by the first call: no key equals the initial None
 
-    def __init__(self, op: str) -> None:
-        self.op = op
+    def __init__(self, op: str, by_stamp: bool = False) -> None:
+        self.op, self.by_stamp = op, by_stamp
         self._key: tuple[object, ...] | None = None
 
     def __call__(self, *args: Any, stamp: object = None) -> R:
@@ -219,7 +228,7 @@ class Direct(Generic[R]):
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
             out: R = getattr(torch.ops.vtattn, self.op)(*args)
             return out
-        key = (_forced, _env.get("VTATTN_BACKEND"), _generation, stamp, _light(args))
+        key = (_forced, _env.get("VTATTN_BACKEND"), _generation, stamp, None if self.by_stamp else _light(args))
         if key != self._key:
             from ._registry import OPS  # the op's backends (_registry imports this module)
             backends = OPS[self.op]

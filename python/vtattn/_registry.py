@@ -378,6 +378,52 @@ PAGED_DECODE_ATTENTION = _define(
 )
 
 
+# ---- paged_append ------------------------------------------------------------------------------
+
+def _paged_append_fake(k_pages: torch.Tensor, v_pages: torch.Tensor, pos: torch.Tensor, next_slot: torch.Tensor,
+                       lengths: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
+                       last: torch.Tensor | None, score: torch.Tensor | None) -> None:
+    return None  # it writes its arguments in place
+
+
+def _sample_paged_append(device: torch.device | str, dtype: torch.dtype) -> tuple[Any, ...]:
+    pages = torch.zeros(8, 16, 64, device=device, dtype=dtype)
+    next_slot = torch.arange(0, 128, 32, device=device).view(2, 2)
+    return (pages, pages.clone(), torch.full((8, 16), -1, device=device), next_slot,
+            torch.zeros(2, 2, dtype=torch.int32, device=device), torch.zeros(2, 2, 1, 64, device=device, dtype=dtype),
+            torch.zeros(2, 2, 1, 64, device=device, dtype=dtype), torch.tensor(5, device=device), next_slot + 31,
+            torch.zeros(8, 16, device=device))
+
+
+PAGED_APPEND = _define(
+    "paged_append",
+    "paged_append(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos, Tensor(d!) next_slot, Tensor(e!) lengths, "
+    "Tensor k, Tensor v, Tensor start, Tensor? last, Tensor(f!)? score) -> ()",
+    {
+        "cuda": _compiled("paged_append", "cuda"),
+        "cpp": _compiled("paged_append", "cpu"),
+        "triton": _triton_backend("paged_append"),
+        "torch": _reference(reference.paged_append),
+    },
+    _paged_append_fake,
+    _sample_paged_append,
+    grad=False,  # a cache write: its inputs are detached (kv.pages.Pages.append)
+    shape_class=lambda args: signature(args, {0: (0,), 1: (0,), 2: (0,), 9: (0,)}),  # the pools grow
+)
+
+
+def _paged_append_autograd(*args: Any) -> None:
+    """A mutating op takes no register_autograd: refuse grad-requiring inputs by name here (as every op
+    without a gradient does), else run the op below autograd."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        _autograd._refusal("paged_append")(None, args, None)
+    with torch._C._AutoDispatchBelowAutograd():
+        torch.ops.vtattn.paged_append.default(*args)
+
+
+_lib.impl("paged_append", _paged_append_autograd, "Autograd")  # type: ignore[no-untyped-call]
+
+
 # ---- group_attention -----------------------------------------------------------------------
 
 def _group_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: torch.Tensor, num_groups: int,

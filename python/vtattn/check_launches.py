@@ -143,6 +143,9 @@ def cuda_shapes() -> Iterator[Shape]:
     for rows in (0, 1, 5, 4 * BIG, 4 * BIG + 1):
         for C in (0, 1, 4096):
             yield "gather_tokens", (rows, C)
+    for heads in (0, 1, 4096, BIG, BIG + 1):
+        for n in (0, 1, 3):
+            yield "paged_append", (heads, n)
     for B in (0, 1, 65535, 65536):
         for N in (0, 1, 577, BIG - 1, BIG):
             for C in (0, 1, 1025, 1024 * 65535, 1024 * 65535 + 1):

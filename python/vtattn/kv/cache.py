@@ -130,7 +130,7 @@ class CompressedLayer(CacheLayerMixin):
         self._base: npt.NDArray[np.int64] | None = None
         # DecodeH2O: the decode queries since its last eviction, [B, Hq, n, D] each
         self.queries: list[torch.Tensor] = []
-        self._decode: Direct[torch.Tensor] = Direct("paged_decode_attention")
+        self._decode: Direct[torch.Tensor] = Direct("paged_decode_attention", by_stamp=True)
         self._index: Direct[torch.Tensor] = Direct("index_attention")
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -193,12 +193,13 @@ class CompressedLayer(CacheLayerMixin):
             return out
         # The registered ops' kernels (`_dispatch.Direct`), not the public functions: these arguments are
         # valid by construction, and the public checks of lengths, page ids and index lists would read
-        # them on the host each step. The pool's size stamps the backend choice (growth may change it).
+        # them on the host each step. The layout's class, its pool's size (growth changes it) and the query heads
+        # stamp the backend choice.
         p = self.pages
         n, D = q.shape[2], q.shape[3]
         scale = D ** -0.5 if scale is None else float(scale)
         if n == 1:  # a decode step: the paged split-KV kernel, no host sync
-            out = self._decode(q, p.k, p.v, p.table, p.lengths, scale, stamp=p.k.shape[0])
+            out = self._decode(q, p.k, p.v, p.table, p.lengths, scale, stamp=(p.cls, p.k.shape[0], q.shape[1]))
         else:
             B, H = p.lengths.shape
             # several new tokens (stored already): original positions give exact causality among them

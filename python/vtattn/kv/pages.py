@@ -23,7 +23,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from .._dispatch import Direct
+
 Host = npt.NDArray[np.int64]  # host-side counts, [B, H]
+# the decode step's write: one op, no validation; `Pages.cls` stamps its backend choice
+_APPEND: Direct[None] = Direct("paged_append", by_stamp=True)
 
 
 def _round_up(n: Host, m: int) -> Host:
@@ -51,6 +55,9 @@ class Pages:
         """Empty pools for numpy int64 `lengths` / `capacity` [B, H] (capacity in whole pages)."""
         B, H = capacity.shape
         ps, D, device = self.page_size, like.shape[-1], like.device
+        # what the backends' choice for this layout's ops reads (Direct's stamp): the tokens appended and the
+        # queries are the model's own, of the pools' dtype and device; a fixed layout's start is on the device
+        self.cls = (like.dtype, device, B, H, D, self.fixed, with_scores)
         pages = capacity // ps
         first = (np.cumsum(pages) - pages.ravel()).reshape(B, H)
         cols = np.arange(pages.max() if pages.size else 0)
@@ -68,8 +75,6 @@ class Pages:
         self.start = _device(self.host_start, device)
         self.last = _device(np.maximum(self.host_start + capacity - 1, 0), device)  # writes stay in the head
         self.next = torch.zeros(B, H, dtype=torch.int64, device=device)  # start + lengths: the next write
-        # flat views an append writes through, made once: each view is a dispatcher call (~1-3 us a step)
-        self._flat = self.k.view(-1, D), self.v.view(-1, D), self.pos.view(-1), self.next.view(-1)
         self.width = int(capacity.max()) if capacity.size else 0
 
     def _store(self, k_rows: torch.Tensor, v_rows: torch.Tensor, positions: torch.Tensor,
@@ -92,9 +97,9 @@ class Pages:
 
     def append(self, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> None:
         """Store k, v [B, H, n, D] after each head's tokens, at original positions start..start+n-1
-        (`start` an int, or an int64 device scalar: a static cache's count). No host sync; for one
-        token, five device ops."""
-        n, D = k.shape[2], k.shape[3]
+        (`start` an int, or an int64 device scalar: a static cache's count). No host sync; one
+        device op (`paged_append`)."""
+        n = k.shape[2]
         if k.requires_grad or v.requires_grad:  # the cache is inference state (as its compressed prefill)
             k, v = k.detach(), v.detach()
         if not torch.compiler.is_compiling():  # host bookkeeping stays out of compiled graphs
@@ -105,22 +110,11 @@ class Pages:
                 self._grow(n)
             self.host_lengths += n
             self.room -= n
-        k_flat, v_flat, pos_flat, slots = self._flat
-        if n > 1:
-            slots = (self.next[..., None] + torch.arange(n, device=k.device)).view(-1)
-        if self.fixed:  # clamped to each head's last slot: replays and compiled steps skip the host check
-            slots = torch.minimum(slots.view(self.last.shape[0], self.last.shape[1], n), self.last[..., None]).view(-1)
-        k_flat.index_copy_(0, slots, k.reshape(-1, D))
-        v_flat.index_copy_(0, slots, v.reshape(-1, D))
-        if n == 1:
-            pos_flat.index_fill_(0, slots, start)
-        else:
-            positions = start + torch.arange(n, device=k.device)
-            pos_flat.index_copy_(0, slots, positions.expand(slots.shape[0] // n, n).reshape(-1))
-        if self.score is not None:
-            self.score.view(-1).index_fill_(0, slots, 0)
-        self.next += n
-        self.lengths += n
+        if not isinstance(start, torch.Tensor):  # a CPU scalar: the kernels read it at launch, no copy
+            start = torch.scalar_tensor(start, dtype=torch.int64)  # (torch.tensor: ~2 us more)
+        # a fixed layout clamps each write to its head's last slot: replays and compiled steps skip the host check
+        _APPEND(self.k, self.v, self.pos, self.next, self.lengths, k, v, start, self.last if self.fixed else None,
+                self.score, stamp=self.cls)
 
     def _grow(self, n: int) -> None:
         """Move into a layout where every head has room for n more tokens (and a quarter of its length)."""
@@ -143,7 +137,6 @@ class Pages:
             pool.index_copy_(0, dst, before.index_select(0, src))
         self.lengths = lengths_t
         self.next = self.start + lengths_t
-        self._flat = self._flat[:3] + (self.next.view(-1),)
 
     def slots(self) -> torch.Tensor:
         """int64 [B, H, W] flat slot of each head's tokens, -1 past its length (W: the widest

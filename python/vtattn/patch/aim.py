@@ -98,7 +98,7 @@ class AIM(core.Stage):
     def merges(self) -> bool:
         return any(f > 0 for f in self.merge)
 
-    def install(self, patch: core.Patch) -> core.Installed:
+    def install(self, patch: core.Patch) -> core.Installed | tuple[core.Installed, core.Installed]:
         if patch.family not in ("llava", "qwen2_vl", "llm"):
             raise TypeError(f"AIM supports LLaVA, LLaVA-NeXT, Qwen2-VL and text LMs with image tokens, not a "
                             f"vtattn.patch.{patch.family} model")
@@ -110,8 +110,11 @@ class AIM(core.Stage):
         prune = _Prune(self, patch)
         if not self.merges or patch.family == "qwen2_vl":
             return prune
-        patch.stages.append(prune)  # the second part (LAYERS); the patch sorts its stages by phase
-        return _Merge(self, patch)
+        try:
+            return _Merge(self, patch), prune  # the patch sorts its stages by phase
+        except BaseException:
+            prune.uninstall()
+            raise
 
 
 # ---- the merge before LLaVA's LLM --------------------------------------------------------------------

@@ -12,7 +12,9 @@ Per hooked layer and forward, in two passes and without an N x N tensor:
    per-row budgets, ties to the lower index); then the text rows' attention again with the inhibited
    logits shifted by log(weight) (-inf for a mask), which replaces their output.
 A decode step's rows are all text: only pass 2 runs, against the cache's text / image lists and the
-layer's stored P_ti rows (`Focus`, one per cache), which it extends; nothing syncs with the host."""
+layer's record (`Focus`, one per cache: image keys / values gathered once, text keys / values and
+P_ti rows in capacity buffers), to which it writes its new rows only: O(new rows) of upkeep per layer
+and step, no copy of what earlier steps kept; nothing syncs with the host."""
 from __future__ import annotations
 
 import math
@@ -25,6 +27,7 @@ import torch
 
 from .._dispatch import Direct
 from . import core
+from .growing import Growing
 from .hf_attention import count
 
 _ATTENTION: Direct[tuple[torch.Tensor, torch.Tensor]] = Direct("attention")  # (out, lse)
@@ -70,21 +73,46 @@ class CMAI(core.Stage):
 class Focus:
     """One cache's CMAI record: its text and image tokens as per-sample lists of token indices
     (`text` / `image` [B, T] / [B, I] int64, ascending where `*_ok`), its length, and per hooked layer
-    the P_ti rows of its text tokens so far ([B, H, T, I] fp32, aligned with `text`)."""
+    its `Layer` record. The text lists grow in place (`Growing`): a decode step writes its new entries only."""
 
     def __init__(self, images: torch.Tensor, real: torch.Tensor) -> None:
         N = images.shape[1]
-        self.text, self.text_ok = _listed(real & ~images)
+        text, text_ok = _listed(real & ~images)
+        self._text, self._text_ok = Growing(text, 1), Growing(text_ok, 1)
         self.image, self.image_ok = _listed(images & real)
         self.length = N
-        self.rows: dict[int, torch.Tensor] = {}
+        self.rows: dict[int, Layer] = {}
+
+    @property
+    def text(self) -> torch.Tensor:
+        return self._text.filled
+
+    @property
+    def text_ok(self) -> torch.Tensor:
+        return self._text_ok.filled
 
     def extend(self, real: torch.Tensor) -> None:
         """Append `real.shape[1]` generated tokens (text; real [B, new] bool)."""
         B, new = real.shape
-        index = self.length + torch.arange(new, device=real.device).expand(B, new)
-        self.text, self.text_ok = torch.cat([self.text, index], 1), torch.cat([self.text_ok, real], 1)
+        self._text.append(self.length + torch.arange(new, device=real.device).expand(B, new))
+        self._text_ok.append(real)
         self.length += new
+
+
+class Layer:
+    """A hooked layer's CMAI record: the image keys (transposed, [B, Hkv, D, I]) and values
+    ([B, Hkv, I, D]), gathered once (a cache never changes them), and, aligned with focus.text and
+    growing with it, the text keys / values ([B, Hkv, T, D]), all in the cache's dtype (pass 2 reads
+    them in fp32), and every text entry's P_ti ([B, Hq, T, I], fp32). A decode step gathers and
+    computes its new rows only."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, focus: Focus, heads: int) -> None:
+        B, Hkv, _, D = key.shape
+        self.k_i = _take(key, focus.image).transpose(-1, -2)
+        self.v_i = _take(value, focus.image)
+        none = key.new_empty(B, Hkv, 0, D)
+        self.k_t, self.v_t = Growing(none, 2), Growing(none, 2)
+        self.p_ti = Growing(key.new_empty(B, heads, 0, focus.image.shape[1], dtype=torch.float32), 2)
 
 
 def _listed(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,24 +137,23 @@ def _grouped(a: torch.Tensor, b: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return out.view(B, Hq, R, out.shape[-1])
 
 
-def inhibit(q_rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, focus: Focus, rows: int,
-            prior: torch.Tensor | None, keep: float, weight: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass 2 for the last `rows` entries of focus.text: q_rows [B, Hq, rows, D] their queries, key / value
-    [B, Hkv, length, D] the cache's; prior: the layer's P_ti of the earlier text entries ([B, Hq, T - rows, I]
-    or None). Returns their inhibited output [B, Hq, rows, D] (fp32; 0 for slots without a token) and the
-    P_ti of every text entry [B, Hq, T, I]."""
-    B, Hq, _, D = q_rows.shape
+def inhibit(q_rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, focus: Focus, layer: Layer,
+            keep: float, weight: float, scale: float) -> torch.Tensor:
+    """Pass 2 for the last `rows` entries of focus.text, those `layer` does not hold yet: q_rows
+    [B, Hq, rows, D] their queries, key / value [B, Hkv, length, D] the cache's. Appends their text keys,
+    values and P_ti to `layer`; returns their inhibited output [B, Hq, rows, D] (fp32; 0 for slots
+    without a token)."""
+    B, Hq, rows, D = q_rows.shape
     Hkv = key.shape[1]
     text, text_ok, image, image_ok = focus.text, focus.text_ok, focus.image, focus.image_ok
     T, I = text.shape[1], image.shape[1]
-    k_t, v_t, k_i, v_i = (_take(x, i).float() for x, i in ((key, text), (value, text), (key, image), (value, image)))
-    k_t, k_i = k_t.transpose(-1, -2), k_i.transpose(-1, -2)
     first = T - rows
+    k_t = layer.k_t.append(_take(key, text[:, first:])).float().transpose(-1, -2)
+    v_t = layer.v_t.append(_take(value, text[:, first:])).float()
+    k_i, v_i = layer.k_i.float(), layer.v_i.float()  # (no copy for an fp32 cache)
     step = max(1, CHUNK // max(1, B * Hq * (T + I)))
     outs = []
-    p_ti = torch.empty(B, Hq, T, I, device=q_rows.device)  # every text entry's P_ti, filled chunk by chunk
-    if prior is not None:
-        p_ti[:, :, :first] = prior
+    p_ti = layer.p_ti.grow(rows)  # [B, Hq, T, I]: the new rows filled chunk by chunk
     shift = float("-inf") if weight == 0.0 else math.log(weight)
     for c in range(0, rows, step):
         where = slice(first + c, first + min(rows, c + step))
@@ -152,7 +179,7 @@ def inhibit(q_rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, focus:
         total = e_t.sum(-1, keepdim=True) + e_i.sum(-1, keepdim=True)
         out = _grouped(e_t, v_t, Hkv) + _grouped(e_i, v_i, Hkv)
         outs.append(out / torch.where(total > 0, total, 1.0))
-    return torch.cat(outs, 2), p_ti
+    return torch.cat(outs, 2)
 
 
 def _padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
@@ -177,7 +204,8 @@ def cmai_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     focus = Focus(images, real)
     T = focus.text.shape[1]
     if T and focus.image.shape[1]:
-        rows, _ = inhibit(_take(query, focus.text), key, value, focus, T, None, keep, weight, scale)
+        layer = Layer(key, value, focus, query.shape[1])
+        rows = inhibit(_take(query, focus.text), key, value, focus, layer, keep, weight, scale)
         out = _place(out, rows, focus)
     return out
 
@@ -291,10 +319,11 @@ class _CMAI(core.Installed):
         count("cmai")
         if step.pads is not None:  # the prefill: pass 1 for every row, pass 2 for the text rows
             out = _padded_attention(query, key, value, scale, step.pads)
-            T = focus.text.shape[1]
-            rows, focus.rows[layer] = inhibit(_take(query, focus.text), key, value, focus, T, None, options.keep,
-                                              options.weight, scale)
+            focus.rows[layer] = Layer(key, value, focus, query.shape[1])
+            if not focus.text.shape[1]:  # a prompt of image tokens only: no text row yet (decode steps add them)
+                return out.transpose(1, 2)
+            rows = inhibit(_take(query, focus.text), key, value, focus, focus.rows[layer], options.keep,
+                           options.weight, scale)
             return _place(out, rows, focus).transpose(1, 2)
-        rows, focus.rows[layer] = inhibit(query, key, value, focus, query.shape[2], focus.rows[layer], options.keep,
-                                          options.weight, scale)
+        rows = inhibit(query, key, value, focus, focus.rows[layer], options.keep, options.weight, scale)
         return rows.to(query.dtype).transpose(1, 2)

@@ -75,7 +75,7 @@ _LIVE: list[None] = []
 
 def current() -> Context | None:
     """The context of the patched forward running in this thread (task), or None."""
-    if torch.compiler.is_compiling() and not _LIVE:
+    if not _LIVE and torch.compiler.is_compiling():  # (an eager patched forward has an entry: no compile check)
         return None
     return _CURRENT.get()
 
@@ -277,9 +277,10 @@ class Stage:
     """A method a patch composes (VisionSelect, FastV, KVCompress). A stage object holds options only
     and may be given to several models; `install(patch)` puts it on one patched model (checking it
     against the model first, routing the attention modules it needs with `patch.route`) and returns
-    what runs there."""
+    what runs there: one Installed, or one per phase it acts in (AIM: a merge at the input, cuts in
+    the layers); a part installed before a later one refuses is the stage's to uninstall."""
 
-    def install(self, patch: Patch) -> Installed:
+    def install(self, patch: Patch) -> Installed | Sequence[Installed]:
         raise NotImplementedError
 
 
@@ -352,7 +353,8 @@ def install(model: torch.nn.Module, stages: Sequence[Stage], *, family: str, ima
         patch.hide(name)
     try:
         for stage in stages:
-            patch.stages.append(stage.install(patch))
+            parts = stage.install(patch)
+            patch.stages.extend([parts] if isinstance(parts, Installed) else parts)
     except BaseException:
         patch.uninstall()
         raise

@@ -17,7 +17,8 @@ kwargs (mask, RoPE tables, position ids):
   `vtattn.index_attention`: every sample lists its own cache slots and causality follows the
   original positions, so samples may keep different numbers of tokens without a padded mask. A
   sample's kept tokens are right-aligned in its group's cache; the leading slots of a shorter
-  sample are never listed.
+  sample are never listed. A decode step's single query sees every cached key causally: there the
+  real slots are the whole mask, and one SDPA call with it runs the layer.
 - With a `vtattn.kv.CompressedCache`, such a layer hands its prefill to the cache layer instead,
   with the slots' original positions and padding (a `Frame`): it compresses the kept tokens and
   attends over what it keeps, prefill and decode.
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from .._dispatch import Direct
 from . import core
@@ -58,6 +60,7 @@ class Step:
         self.scores: torch.Tensor | None = None
         self.layer_kwargs: dict[int, dict[str, Any]] = {}
         self.index_args: dict[int, dict[str, torch.Tensor]] = {}
+        self.masks: dict[int, torch.Tensor] = {}  # exit -> a decode step's additive [B, 1, 1, S] padding mask
         self.kept: dict[int, torch.Tensor] = {}  # exit layer -> [B, N] bool: the input tokens kept from there on
         self.static = False  # the cache is a StaticCache: a layer's keys are its capacity, the first slots filled
 
@@ -65,50 +68,56 @@ class Step:
 class Record:
     """The cache of one group of layers (from an exit on): per slot its index in the full sequence
     (its position for causality) and whether it holds a real token; `length` is the full sequence's
-    length so far."""
+    length so far. Both live in buffers with room for later tokens: slot S + j of a decode token holds
+    position length + j (slots and positions advance together), written ahead with `real` True, so a
+    decode step writes at most the mask's new column (nothing without a mask)."""
 
     def __init__(self, index: torch.Tensor, real: torch.Tensor, length: int) -> None:
-        self.index, self.real, self.length = index, real, length
-        self.lists: tuple[torch.Tensor, torch.Tensor] | None = None  # (kv_indices, kv_counts) once listed
+        self.slots, self.length = index.shape[1], length
+        self._index, self._real = index, real
+        self._reserve(self.slots + max(16, self.slots // 4))
+
+    @property
+    def index(self) -> torch.Tensor:
+        return self._index[:, :self.slots]
+
+    @property
+    def real(self) -> torch.Tensor:
+        return self._real[:, :self.slots]
+
+    def _reserve(self, capacity: int) -> None:
+        """Buffers of `capacity` slots: the filled ones kept, the later ones their future positions, real."""
+        B, S, device = self._index.shape[0], self.slots, self._index.device
+        index = (torch.arange(capacity, device=device) + (self.length - S)).repeat(B, 1)
+        index[:, :S] = self._index[:, :S]
+        real = torch.ones(B, capacity, dtype=torch.bool, device=device)
+        real[:, :S] = self._real[:, :S]
+        self._index, self._real = index, real
 
     def extend(self, mask: torch.Tensor | None, new: int, real: torch.Tensor | None = None) -> None:
         """Append `new` tokens, real where the 2-D mask's last columns say (or `real` [B, new])."""
-        B, device = self.index.shape[0], self.index.device
         if mask is not None and mask.shape[1] != self.length + new:
             raise ValueError(f"the attention mask has {mask.shape[1]} columns; the sequence so far has "
                              f"{self.length + new} tokens")
-        if real is None:
-            real = mask[:, -new:].bool() if mask is not None else torch.ones(B, new, dtype=torch.bool, device=device)
-        S = self.index.shape[1]
-        if new == 1:  # a decode step: one op for its position
-            added = torch.full((B, 1), self.length, dtype=self.index.dtype, device=device)
-        else:
-            added = self.length + torch.arange(new, device=device).expand(B, new)
-        self.index = torch.cat([self.index, added], 1)
-        self.real = torch.cat([self.real, real], 1)
+        S = self.slots
+        if S + new > self._index.shape[1]:
+            self._reserve(max(2 * self._index.shape[1], S + new))
+        if real is None and mask is not None:
+            real = mask[:, -new:]
+        if real is not None:  # (else real, as written ahead)
+            self._real[:, S:S + new] = real  # (copy_ casts a long mask to bool)
+        self.slots += new
         self.length += new
-        if self.lists is not None and new == 1:
-            # The lists of attention_args kept up to date without sorting again (5 small ops a step): the
-            # new slot S goes right after the real slots when real (index_attention reads the first
-            # `counts` entries only; past them the list is unspecified), so the kernel's input is the same.
-            indices, counts = self.lists
-            indices = torch.nn.functional.pad(indices, (0, 1), value=S)
-            indices.scatter_(2, torch.where(real[:, None], counts[..., None], S).long(), S)
-            self.lists = indices, counts + real  # (int32 + bool: int32)
-        else:
-            self.lists = None
 
     def attention_args(self, rows: int, kv_heads: int) -> dict[str, torch.Tensor]:
         """index_attention's key lists ([B, Hkv, S] real slots first, counts) and positions for the
         last `rows` slots as queries (a padding slot sees no key)."""
-        real = self.real
-        if self.lists is None or self.lists[1].shape[1] != kv_heads:
-            order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices
-            counts = real.sum(1, dtype=torch.int32)[:, None].expand(-1, kv_heads).contiguous()
-            self.lists = order[:, None].expand(-1, kv_heads, -1).contiguous(), counts
-        q_positions = torch.where(real[:, -rows:], self.index[:, -rows:], -1)
-        return dict(kv_indices=self.lists[0], kv_counts=self.lists[1], q_positions=q_positions,
-                    kv_positions=self.index)
+        index, real = self.index, self.real
+        order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices
+        counts = real.sum(1, dtype=torch.int32)[:, None].expand(-1, kv_heads).contiguous()
+        q_positions = torch.where(real[:, -rows:], index[:, -rows:], -1)
+        return dict(kv_indices=order[:, None].expand(-1, kv_heads, -1).contiguous(), kv_counts=counts,
+                    q_positions=q_positions, kv_positions=index)
 
 
 class Drop:
@@ -225,7 +234,8 @@ class Exits:
                                       "or generate's for a static cache")
         # Told on the host (a static cache's length is a device count): a cache this patch filled and nobody
         # reset since continues; any other is new (a prefill; `_prefill` refuses one filled elsewhere).
-        records, text_only = self.records.get(cache), cache in self.text_only
+        records = self.records.get(cache)
+        text_only = records is None and cache in self.text_only
         new_cache = records is None and not text_only
         images = call.images if new_cache else None  # (a decode step needs none: not computed)
         if text_only or (images is not None and not bool(images.any())):
@@ -248,7 +258,7 @@ class Exits:
             cropped = self.records.cropped(cache)
             for exit, record in records.items():
                 length = cache.get_seq_length(exit)  # a static cache's: a device count, not read (crops are counted)
-                if cropped or (not isinstance(length, torch.Tensor) and length != record.index.shape[1]):
+                if cropped or (not isinstance(length, torch.Tensor) and length != record.slots):
                     raise RuntimeError("the pruned layers' cache no longer matches its record "
                                        "(cropped or edited outside vtattn)")
                 new = call.new_tokens()
@@ -261,11 +271,12 @@ class Exits:
             step = Step(records=records)
         step.static = static_cache
         ctx.state[self] = step
+        attend = functools.partial(self._attend, step)  # this forward's step, bound
         for module in self.group:
-            ctx.hook(module, functools.partial(self._attend, step))  # this forward's step, bound
+            ctx.hook(module, attend)
         out = proceed(call)
         for filled in (cache, core.output_cache(out)):
-            if filled is not None:
+            if filled is not None and (new_cache or filled is not cache):  # (a decode step's cache holds them)
                 self.records[filled] = step.records
         return out
 
@@ -364,20 +375,31 @@ class Exits:
                 mask = record.real[:, None, None, :]
             count("cache")
             return layer.attend(query, key, value, mask, scaling, frame).transpose(1, 2)
-        slots = record.index.shape[1]
+        slots = record.slots
         if key.shape[2] != slots:
             if not step.static or key.shape[2] < slots:
                 raise RuntimeError(f"a pruned layer holds {key.shape[2]} keys, its record {slots}")
             key, value = key[:, :, :slots], value[:, :, :slots]  # a StaticCache layer: its capacity, filled to slots
+        grad = core.needs_grad(query, key, value)
+        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+        if step.images is None and query.shape[2] == 1 and not grad:
+            # A decode step: its one query is the newest token, so every cached key is causally visible and
+            # only padding slots are hidden: one masked SDPA call, no index lists to keep (a padding query
+            # sees the real keys, as in the unpatched model, where index_attention would give it 0).
+            if exit not in step.masks:  # the same for every layer of the group; additive (SDPA turns a bool one
+                real = record.real  # into this in every call)
+                step.masks[exit] = query.new_full(real.shape, float("-inf")).masked_fill_(real, 0.0)[:, None, None, :]
+            count("sdpa: a pruned layer's decode step")
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=step.masks[exit], scale=scale,
+                                                  enable_gqa=query.shape[1] != key.shape[1]).transpose(1, 2)
         if exit not in step.index_args:  # the same for every layer of the group
             step.index_args[exit] = record.attention_args(query.shape[2], key.shape[1])
         args = step.index_args[exit]
         count("index_attention")
-        if core.needs_grad(query, key, value):  # index_attention has no gradient; its reference has
+        if grad:  # index_attention has no gradient; its reference has
             return _index_attention_grad(record, query, key, value, scaling, args)
         # The registered op's kernel (_dispatch.Direct), not the public function: these lists are valid by
         # construction, and its checks would read them on the host in every layer of every step.
-        scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
         out = _INDEX(query, key, value, args["kv_indices"], args["kv_counts"], args["q_positions"],
                      args["kv_positions"], True, scale, stamp=(query.device, query.dtype, query.shape[2] == 1))
         return out.transpose(1, 2)  # [B, N, H, D], free: index_attention lays it out so

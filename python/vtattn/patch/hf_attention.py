@@ -231,7 +231,8 @@ def _run_kernel(run: _Run, query: torch.Tensor, key: torch.Tensor, value: torch.
         count("varlen_attention")
         return _varlen(query, key, value, run, scaling, softcap, sinks)
     count("attention")
-    key, value = key[:, :, :run.end], value[:, :, :run.end]
+    if run.end != key.shape[2]:  # (two slicing ops saved when every key is visible)
+        key, value = key[:, :, :run.end], value[:, :, :run.end]
     scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
     options = (float(softcap or 0.0), -1 if run.window is None else run.window,
                None if sinks is None else sinks.to(query.device, torch.float32).contiguous())
@@ -381,6 +382,8 @@ def _cached(layer: Any, module: torch.nn.Module, query: torch.Tensor, key: torch
         what = extra[0] if extra else "a sliding window"
         raise NotImplementedError(f"a vtattn.kv.CompressedCache cannot attend with {what} ({type(module).__name__})")
     count("cache")
+    if layer.pages is not None:  # decoding: the kept tokens' positions say what each query sees, not a mask
+        mask = None
     return layer.attend(query, key, value, _cache_mask(mask), scaling).transpose(1, 2), None
 
 

@@ -14,7 +14,7 @@ In each affected layer (default: every layer from 2 on, as the release):
 - there, the sinks (image and text) keep a fraction p of their attention and the rest,
   (1 - p) * (sink mass), goes to the image non-sink tokens in proportion to their attention:
   out = p * (o_0 + o_2) + (1 + (1 - p) * (m_0 + m_2) / m_1) * o_1 + o_3. No second pass, no N x N.
-The exact rule and every difference from the release are in docs/selection.md."""
+The exact rule and every difference from the release: docs/selection.md, "VAR"."""
 from __future__ import annotations
 
 import math

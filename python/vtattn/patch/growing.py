@@ -1,0 +1,36 @@
+"""A tensor that grows along one dimension while decoding (CMAI's per-cache records)."""
+from __future__ import annotations
+
+import torch
+
+
+class Growing:
+    """A tensor grown along `dim` by appended entries, kept in a buffer whose capacity doubles when full:
+    n entries cost O(n) amortised where torch.cat would copy every entry so far at each step. `filled`
+    is a view of the entries so far; only host ints track the size, so growing syncs with nothing."""
+
+    def __init__(self, first: torch.Tensor, dim: int) -> None:
+        self.data, self.dim, self.size = first, dim, first.shape[dim]  # `first` is never written to
+
+    @property
+    def filled(self) -> torch.Tensor:
+        return self.data.narrow(self.dim, 0, self.size)
+
+    def grow(self, n: int) -> torch.Tensor:
+        """Room for n more entries (uninitialised; written by the caller): the view of all of them."""
+        size = self.size + n
+        if size > self.data.shape[self.dim]:
+            shape = list(self.data.shape)
+            shape[self.dim] = max(size, 2 * shape[self.dim])
+            data = self.data.new_empty(shape)
+            data.narrow(self.dim, 0, self.size).copy_(self.filled)
+            self.data = data
+        self.size = size
+        return self.filled
+
+    def append(self, new: torch.Tensor) -> torch.Tensor:
+        """`new`'s entries after the others: the view of all of them."""
+        n = new.shape[self.dim]
+        out = self.grow(n)
+        out.narrow(self.dim, self.size - n, n).copy_(new)
+        return out
