@@ -6,6 +6,7 @@ for completeness. `python -m vtattn info` prints the table with the values set n
 
 setup.py loads this file by path (before vtattn is installed): no imports from vtattn or torch here."""
 import os
+import sys
 from typing import NamedTuple
 
 _TRUE = ("1", "true", "yes", "on")
@@ -61,9 +62,23 @@ def _var(name: str) -> Var:
         raise KeyError(f"{name} is not a vtattn environment variable (python/vtattn/_env.py lists them)") from None
 
 
+# os.environ keeps the values in its `_data` dict (CPython on POSIX: bytes keys and values). One look-up
+# there costs what os.environ.get's four Python frames cost tens of times over, and the internal decode
+# paths read VTATTN_BACKEND at every call (`_dispatch.Direct`); it sees every change made through
+# os.environ (monkeypatch.setenv included). Elsewhere: os.environ.get.
+_DATA: dict[bytes, bytes] | None = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_ENCODING = sys.getfilesystemencoding()
+_KEYS = {name: name.encode() for name in VARS}  # (ASCII names)
+
+
 def get(name: str) -> str | None:
     """The variable's value; its default when unset or empty."""
-    return os.environ.get(name) or _var(name).default
+    if _DATA is not None:
+        raw = _DATA.get(_KEYS.get(name) or _var(name).name.encode())
+        value = None if raw is None else raw.decode(_ENCODING, "surrogateescape")
+    else:
+        value = os.environ.get(name)
+    return value or _var(name).default
 
 
 def flag(name: str) -> bool:

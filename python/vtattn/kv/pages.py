@@ -40,6 +40,9 @@ def _device(array: npt.NDArray[Any], device: torch.device) -> torch.Tensor:
 
 
 class Pages:
+    _host: Host  # host_lengths, without the appends since it was last read
+    _appended: int
+
     def __init__(self, k_rows: torch.Tensor, v_rows: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor | Host,
                  page_size: int, room: int, scores: torch.Tensor | None = None, fixed: bool = False) -> None:
         """k_rows, v_rows [B, H, K, D]: each head's kept rows, valid up to counts [B, H] (int64, on
@@ -50,6 +53,17 @@ class Pages:
         self.host_lengths = (counts if isinstance(counts, np.ndarray) else counts.cpu().numpy()).astype(np.int64)
         self._allocate(self.host_lengths, _round_up(self.host_lengths + room, page_size), k_rows, scores is not None)
         self._store(k_rows, v_rows, positions, scores)
+
+    @property
+    def host_lengths(self) -> Host:
+        """int64 numpy [B, H]: each head's tokens, on the host."""
+        if self._appended:
+            self._host, self._appended = self._host + self._appended, 0
+        return self._host
+
+    @host_lengths.setter
+    def host_lengths(self, value: Host) -> None:
+        self._host, self._appended = value, 0
 
     def _allocate(self, lengths: Host, capacity: Host, like: torch.Tensor, with_scores: bool) -> None:
         """Empty pools for numpy int64 `lengths` / `capacity` [B, H] (capacity in whole pages)."""
@@ -108,7 +122,7 @@ class Pages:
                     raise RuntimeError(f"a static CompressedCache layer has room for {self.room} more tokens, "
                                        f"{n} were appended (size it with max_new_tokens)")
                 self._grow(n)
-            self.host_lengths += n
+            self._appended += n  # folded into host_lengths when read: a decode step runs no numpy
             self.room -= n
         if not isinstance(start, torch.Tensor):  # a CPU scalar: the kernels read it at launch, no copy
             start = torch.scalar_tensor(start, dtype=torch.int64)  # (torch.tensor: ~2 us more)
