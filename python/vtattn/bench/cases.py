@@ -31,7 +31,7 @@ SHAPES = {
     # One decode step against a compact cache of capacity N whose lengths vary per (batch, kv head).
     "llava7b-decode": dict(B=32, Hq=32, Hkv=8, N=16384, D=128, causal=False, decode=True),
 }
-DECODE_OPS = ("decode_attention", "paged_decode_attention")  # the ops of decode shapes, and only of those
+DECODE_OPS = ("decode_attention", "paged_decode_attention", "paged_append")  # the ops of decode shapes, and only of those
 CUSTOM = "custom:"
 # Shape scaling per run level: CPU runs (and the CI smoke test) cannot afford the real shapes.
 LEVELS: dict[str, dict[str, Any]] = {
@@ -395,9 +395,41 @@ def _paged_decode_attention_cases(name: str, s: Shape, backends: list[str]) -> l
     return [c]
 
 
+def _paged_append_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
+    """A decode step's write into a compressed cache's pages (`kv.pages.Pages.append`, a static layout:
+    one token per (batch, kv head), each write clamped at its head's last slot, so repeated calls stay
+    in place). Baseline: what a DynamicCache does with the token (torch.cat of k and v)."""
+    B, _, H, D, cap, _ = _decode_dims(s)
+    page = DECODE_PAGE_SIZE
+    per_head = -(-cap // page) * page
+
+    def make(device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
+        g = torch.Generator(device=device).manual_seed(seed)
+        start = torch.arange(B * H, device=device).view(B, H) * per_head
+        pages = B * H * per_head // page
+        return {"k_pages": torch.zeros(pages, page, D, device=device, dtype=dtype),
+                "v_pages": torch.zeros(pages, page, D, device=device, dtype=dtype),
+                "pos": torch.full((pages, page), -1, device=device), "next": start + cap // 2,
+                "lengths": torch.full((B, H), cap // 2, dtype=torch.int32, device=device),
+                "last": start + per_head - 1, "start": torch.tensor(cap // 2, device=device),
+                "k": torch.randn(B, H, 1, D, device=device, dtype=dtype, generator=g),
+                "v": torch.randn(B, H, 1, D, device=device, dtype=dtype, generator=g),
+                "k_cache": torch.randn(B, H, cap // 2, D, device=device, dtype=dtype, generator=g)}
+
+    c = Case("paged_append", f"{name}:append-1", {"B": B, "Hkv": H, "D": D, "page_size": page}, make,
+             bytes_fn=lambda elt: 2 * B * H * D * elt * 2)
+    c.impls = _vtattn_impls(backends, lambda x: torch.ops.vtattn.paged_append(
+        x["k_pages"], x["v_pages"], x["pos"], x["next"], x["lengths"], x["k"], x["v"], x["start"], x["last"], None))
+    c.impls.append(Impl("dynamic-cache-cat", lambda x: (torch.cat([x["k_cache"], x["k"]], 2),
+                                                        torch.cat([x["k_cache"], x["v"]], 2)), role="baseline",
+                        note="copies the whole cache"))
+    return [c]
+
+
 BUILDERS: dict[str, Builder] = {"attention": _attention_cases, "key_importance": _key_importance_cases,
             "group_attention": _group_attention_cases,
-            "decode_attention": _decode_attention_cases, "paged_decode_attention": _paged_decode_attention_cases}
+            "decode_attention": _decode_attention_cases, "paged_decode_attention": _paged_decode_attention_cases,
+            "paged_append": _paged_append_cases}
 
 
 # Every backend a pytest-benchmark row may force; one that refuses the inputs is a skip there.
