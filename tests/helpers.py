@@ -76,7 +76,7 @@ def backend_params(op_backends):
     """(device, backend) pytest params: CPU backends always, GPU ones marked gpu; ids
     "cpu-cpp", "gpu-cuda", ... so `-k gpu-cuda` picks the CUDA kernels."""
     import pytest
-    params = [pytest.param("cpu", b, id=f"cpu-{b}") for b in ("cpp", "torch") if b in op_backends]
+    params = [pytest.param("cpu", b, id=f"cpu-{b}") for b in ("aten", "cpp", "torch") if b in op_backends]
     params += [pytest.param("cuda", b, id=f"gpu-{b}", marks=pytest.mark.gpu)
                for b in ("aten", "cuda", "triton", "torch") if b in op_backends]
     return params

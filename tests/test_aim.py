@@ -112,7 +112,8 @@ def test_pagerank_weights_that_underflow_to_zero():
     q, k = 6 * torch.randn(1, 2, 12, 8, generator=g), 6 * torch.randn(1, 2, 12, 8, generator=g)
     ref = aim_importance(q, k, scale=8 ** -0.5)
     assert bool((ref == 0).any())
-    torch.testing.assert_close(pagerank(q, k, 8 ** -0.5, 0.1, 5), ref, atol=1e-6, rtol=1e-5)
+    # tempered logits near 350: one fp32 ulp of an LSE there (3e-5) is a relative 3e-5 of a weight
+    torch.testing.assert_close(pagerank(q, k, 8 ** -0.5, 0.1, 5), ref, atol=1e-6, rtol=2e-4)
 
 
 def test_schedule_and_options():

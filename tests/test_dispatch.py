@@ -43,8 +43,8 @@ def test_env_variable_forces_backend(monkeypatch):
 def test_forced_backend_that_cannot_run_says_why():
     q, k, v = _qkv()
     with vtattn.use_backend("aten"):
-        with pytest.raises(vtattn.BackendUnavailable, match="aten.*need CUDA tensors"):
-            vtattn.attention(q, k, v)
+        with pytest.raises(vtattn.BackendUnavailable, match="aten.*SDPA aligns the mask to the top-left"):
+            vtattn.attention(q, torch.cat([k, k], 2), torch.cat([v, v], 2), causal=True)
         with pytest.raises(vtattn.BackendUnavailable, match="no 'aten' backend"):
             vtattn.key_importance(q, k, rows=0)
     with vtattn.use_backend("cuda"):
@@ -57,9 +57,11 @@ def test_unknown_backend_name():
         vtattn.use_backend("cudnn")
 
 
-def test_cpu_default_prefers_compiled_kernels_then_reference():
+def test_cpu_default_prefers_aten_then_compiled_kernels_then_reference():
+    args = _args("attention")
+    assert _dispatch.choose("attention", ATTENTION, args) == "aten"  # PyTorch's CPU flash kernel
     want = "cpp" if _ext.has_kernel("attention", "cpu") is None else "torch"
-    assert _dispatch.choose("attention", ATTENTION, _args("attention")) == want
+    assert _dispatch.choose("attention", ATTENTION, (*args[:5], 2.0, *args[6:])) == want  # softcap: vtattn's own
     want = "cpp" if _ext.has_kernel("key_importance", "cpu") is None else "torch"
     assert _dispatch.choose("key_importance", KEY_IMPORTANCE, _args("key_importance")) == want
 
@@ -73,7 +75,7 @@ def test_mismatched_build_is_reported_not_raised(monkeypatch):
         reason = _ext.load()
         assert "built for torch 0.0.0" in reason
         q, k, v = _qkv()
-        assert _dispatch.choose("attention", ATTENTION, _args("attention")) == "torch"
+        assert _dispatch.choose("key_importance", KEY_IMPORTANCE, _args("key_importance")) == "torch"
         with vtattn.use_backend("cpp"), pytest.raises(vtattn.BackendUnavailable, match="rebuild"):
             vtattn.attention(q, k, v)
     finally:

@@ -155,3 +155,17 @@ def test_a_direct_by_stamp_chooses_again_only_for_a_new_stamp(monkeypatch):
     with vtattn.use_backend("torch"):
         direct(q, k, k, lengths, 0.5, stamp="b")
     assert direct._run is _registry.OPS["decode_attention"]["torch"].run
+
+
+def test_direct_chooses_again_where_a_causal_call_stops_being_square():
+    """Keys grow while decoding, but attention's aten backend (SDPA's top-left causal mask) is exact
+    only for Nq == Nk or one row: a causal call of 2 rows over more keys must leave it (end-aligned,
+    vtattn's rule), and a handle that chose aten on a square prefill must notice."""
+    direct = _dispatch.Direct("attention")
+    for nq, nk, backend in ((9, 9, "aten"), (1, 12, "aten"), (2, 12, "cpp"), (3, 3, "aten")):
+        q, k, v = (torch.randn(1, 2, n, 8) for n in (nq, nk, nk))
+        out, lse = direct(q, k, v, True, 0.4, 0.0, -1, None)
+        ref_out, ref_lse = vtattn.reference.attention(q, k, v, True, 0.4, 0.0, -1, None)
+        torch.testing.assert_close(out, ref_out)
+        torch.testing.assert_close(lse, ref_lse)
+        assert direct._run is _registry.OPS["attention"][backend].run, (nq, nk)

@@ -128,9 +128,17 @@ def test_fastv_keep_all_is_identity_and_unpatch_restores():
         vtattn.patch.llava(model, method="fastv", layer=K, keep=1.0)
         after = model(**inputs).logits
         assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), tokens)
-        vtattn.patch.llava(model, method="fastv", layer=1, keep=0.5)  # re-patching replaces the hooks
-        assert [len(layer._forward_pre_hooks) for layer in layers] == [0, 1, 1, 1]
+        vtattn.patch.llava(model, method="fastv", layer=1, keep=0.5)  # re-patching replaces the stage
+        seen = []
+        spy = layers[2].register_forward_pre_hook(lambda m, a: seen.append([len(x._forward_pre_hooks) for x in layers]))
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert seen == [[0, 1, 2, 1], [0, 0, 1, 0]]  # the prefill's pre-hooks (+ the spy): none while decoding
+        layers[3].mlp.forward = lambda x: 1 / 0
+        with pytest.raises(ZeroDivisionError):
+            model(**inputs)
+        del layers[3].mlp.forward
+        spy.remove()
+        assert not any(layer._forward_pre_hooks for layer in layers)  # a failed prefill takes its hooks off
         assert vtattn.patch.unpatch(model) is model
         assert "forward" not in model.__dict__ and "_vtattn_patch" not in model.__dict__
         assert not any(layer._forward_pre_hooks for layer in layers)

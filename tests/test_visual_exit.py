@@ -117,7 +117,8 @@ def test_llava_exit_after_the_last_layer_is_the_unpatched_model():
     _close(torch.stack(got.logits), torch.stack(expected.logits))
     assert model._vtattn_patch.kept is None and not any(layer._forward_pre_hooks for layer in layers)
     vtattn.patch.llava(model, visual_exit=VisualExit(layer=1))
-    assert [len(layer._forward_pre_hooks) for layer in layers] == [0, 1, 1, 1]
+    assert "_vtattn_drop" in model.model.language_model.__dict__  # (pre-hooks only while a prefill runs)
+    assert [layer.self_attn.config is model.config.text_config for layer in layers] == [True, False, False, False]
     vtattn.patch.unpatch(model)
     assert not any(layer._forward_pre_hooks for layer in layers)
     assert "_vtattn_drop" not in model.model.language_model.__dict__

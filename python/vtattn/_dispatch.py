@@ -215,25 +215,33 @@ class Direct(Generic[R]):
     Tensor or tuple of Tensors): `_ATTENTION: Direct[tuple[Tensor, Tensor]] = Direct("attention")`.
     by_stamp: the caller's stamp alone tells the arguments' classes apart (it names every dtype,
     device and head count the backends' supports() read: a cache's own pools and counters, made once),
-    so no key is built from the arguments (~6 us for ten of them: more than a decode step's kernel)."""
-    __slots__ = ("op", "by_stamp", "_key", "_run")
+    so no key is built from the arguments (~6 us for ten of them: more than a decode step's kernel).
+    The op's `relation` of growing lengths, where a backend's supports() reads one (attention's
+    aten backend: Nq == Nk or Nq == 1, a causal call's top-left alignment), is part of every key."""
+    __slots__ = ("op", "by_stamp", "_key", "_run", "_relation")
     _run: Callable[..., R]  # set by the first call: no key equals the initial None
 
     def __init__(self, op: str, by_stamp: bool = False) -> None:
         self.op, self.by_stamp = op, by_stamp
         self._key: tuple[object, ...] | None = None
+        self._relation: Callable[[tuple[Any, ...]], Hashable] | None = None  # the op's, set by the first choice
 
     def __call__(self, *args: Any, stamp: object = None) -> R:
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
             out: R = getattr(torch.ops.vtattn, self.op)(*args)
             return out
-        key = (_forced, _env.get("VTATTN_BACKEND"), _generation, stamp, None if self.by_stamp else _light(args))
+        relation = self._relation
+        key = (_forced, _env.get("VTATTN_BACKEND"), _generation, stamp, None if self.by_stamp else _light(args),
+               None if relation is None else relation(args))
         if key != self._key:
-            from ._registry import OPS  # the op's backends (_registry imports this module)
+            from ._registry import OPS, RELATIONS  # the op's backends (_registry imports this module)
             backends = OPS[self.op]
             name = choose(self.op, backends, args)
             self._run = backends[name].run
+            self._relation = RELATIONS.get(self.op)
+            if self._relation is not relation:  # (the first call)
+                key = (*key[:-1], None if self._relation is None else self._relation(args))
             # a CUDA fallback to the reference is chosen on every call, so it warns (or raises) as the op does
             self._key = key if name != "torch" or _device_key(args) == "cpu" else None
         return self._run(*args)

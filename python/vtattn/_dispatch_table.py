@@ -5,7 +5,7 @@ CUDA architecture ("sm_90"); each maps op -> order, "*" being every op without i
 architecture's row falls back to "cuda"'s; backends an op lacks are skipped."""
 
 ORDER: dict[str, dict[str, tuple[str, ...]]] = {
-    "cpu": {"*": ("cpp", "torch")},
+    "cpu": {"*": ("cpp", "torch"), "attention": ("aten", "cpp", "torch")},
     "cuda": {"*": ("aten", "cuda", "triton", "torch")},
 }
 

@@ -12,6 +12,9 @@ from ._dispatch import Backend, run, signature
 
 _lib = torch.library.Library("vtattn", "DEF")  # type: ignore[no-untyped-call]  # unannotated in torch
 OPS: dict[str, dict[str, Backend]] = {}  # op name -> its backends, filled by _define
+# op name -> what its backends' supports() read of growing lengths besides zero and the int32 limit
+# (`_dispatch.Direct` keys its choice by it; the op's own key, shape_class, includes it)
+RELATIONS: dict[str, Callable[[tuple[Any, ...]], Hashable]] = {}
 # op name -> (device, dtype) -> small args, for `vtattn info`
 SAMPLES: dict[str, Callable[[torch.device | str, torch.dtype], tuple[Any, ...]]] = {}
 
@@ -59,12 +62,14 @@ def _triton_backend(op: str) -> Backend:
 
 def _define(op: str, schema: str, backends: dict[str, Backend], fake: Callable[..., Any],
             sample: Callable[[torch.device | str, torch.dtype], tuple[Any, ...]], grad: bool = True,
-            shape_class: Callable[[tuple[Any, ...]], Hashable] | None = None) -> dict[str, Backend]:
+            shape_class: Callable[[tuple[Any, ...]], Hashable] | None = None,
+            relation: Callable[[tuple[Any, ...]], Hashable] | None = None) -> dict[str, Backend]:
     """Define torch.ops.vtattn.<op>: schema, fake impl, and a CPU/CUDA impl that dispatches.
     `sample(device, dtype)` builds small arguments on which `vtattn info` asks each backend.
     grad: register the op's autograd (its backward, or the refusal of grad-requiring inputs; see
     _autograd); False for ops whose outputs carry no gradient by nature (indices, masks).
-    shape_class: args -> the key the backend choice is cached under (default: `_dispatch.signature`)."""
+    shape_class: args -> the key the backend choice is cached under (default: `_dispatch.signature`);
+    relation: args -> what supports() reads of the growing lengths (see RELATIONS), in that key."""
     _lib.define(schema)  # type: ignore[no-untyped-call]
     name = f"vtattn::{op}"
     torch.library.register_fake(name, fake, lib=_lib)
@@ -78,6 +83,8 @@ def _define(op: str, schema: str, backends: dict[str, Backend], fake: Callable[.
         _lib.impl(op, impl, key)  # type: ignore[no-untyped-call]
     OPS[op] = backends
     SAMPLES[op] = sample
+    if relation is not None:
+        RELATIONS[op] = relation
     return backends
 
 
@@ -112,6 +119,12 @@ def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return q.new_empty(B, N, H, D).transpose(1, 2), q.new_empty(B, H, N, dtype=torch.float32)
 
 
+def _same_rows(args: tuple[Any, ...]) -> tuple[bool, bool]:
+    """Nq == Nk, Nq == 1: where a causal mask's top-left and end alignments agree."""
+    nq = args[0].shape[2]
+    return nq == args[1].shape[2], nq == 1
+
+
 def _with_layout(backend: Backend) -> Backend:
     return Backend(backend.supports, _token_major_out(backend.run))
 
@@ -129,8 +142,10 @@ ATTENTION = _define(
     },
     _attention_fake,
     lambda device, dtype: (*_sample_qkv(device, dtype), False, 0.125, 0.0, -1, None),
-    # Keys grow while decoding; supports() reads them only as Nk == 0, Nk == Nq and the int32 limit.
-    shape_class=lambda args: (signature(args, {1: (2,), 2: (2,)}), args[0].shape[2] == args[1].shape[2]),
+    # Keys grow while decoding; supports() reads them only as Nk == 0, the int32 limit and (aten: a causal
+    # call's top-left alignment) Nq == Nk or Nq == 1.
+    shape_class=lambda args: (signature(args, {1: (2,), 2: (2,)}), _same_rows(args)),
+    relation=_same_rows,
 )
 
 

@@ -160,15 +160,15 @@ class Drop:
 
 
 class Exits:
-    """The exits of one language model (`decoder._vtattn_drop`): {layer: owner}, the pre-hooks of
-    the layers from the first exit on, and the per-cache records."""
+    """The exits of one language model (`decoder._vtattn_drop`): {layer: owner} and the per-cache
+    records. A prefill puts pre-hooks on the layers from the first exit on for its own run (a hook
+    left on a layer would cost every decode step ~5 us per layer, in nn.Module's hooked call path)."""
 
     def __init__(self, patch: core.Patch, decoder: core.Decoder) -> None:
         self.patch, self.decoder = patch, decoder
         self.attn = [block.self_attn for block in decoder.layers]
         self.owners: dict[int, tuple[str, bool]] = {}  # exit layer -> (owner, first)
         self.group: dict[torch.nn.Module, int] = {}  # attention module -> the exit its layer's cache follows
-        self.hooks: dict[int, Any] = {}
         # cache -> {exit: Record} / True for a text-only prompt's (nothing to drop, ever); forgotten on reset()
         self.records, self.text_only = core.Filled(), core.Filled()
         self.kept: dict[int, torch.Tensor] = {}  # exit layer -> [B, N] bool: the last prefill's kept input tokens
@@ -187,18 +187,11 @@ class Exits:
                                       f"earlier ({earlier})")
         self.owners[layer] = (owner, first)
         self.patch.route(self.attn[layer:])
-        for i in range(layer, len(self.attn)):
-            if i not in self.hooks:
-                self.hooks[i] = self.decoder.layers[i].register_forward_pre_hook(
-                    functools.partial(self._prune, i), with_kwargs=True)
         self._regroup()
 
     def discard(self, layer: int) -> None:
         self.owners.pop(layer, None)
         self.kept.pop(layer, None)
-        first = min(self.owners, default=len(self.attn))
-        for i in [i for i in self.hooks if i < first]:
-            self.hooks.pop(i).remove()
         self.records = core.Filled()  # recorded for the old exits
         self._regroup()
         if not self.owners:
@@ -237,6 +230,7 @@ class Exits:
         records = self.records.get(cache)
         text_only = records is None and cache in self.text_only
         new_cache = records is None and not text_only
+        hooks: list[Any] = []  # a prefill's pre-hooks, off when it returns
         images = call.images if new_cache else None  # (a decode step needs none: not computed)
         if text_only or (images is not None and not bool(images.any())):
             out = proceed(call)  # a text-only prompt (a chat turn): the unpatched model
@@ -250,6 +244,9 @@ class Exits:
                 prompt = core.prompt_padding(mask, images.shape[1]) if static else mask[:, :images.shape[1]]
             step = self._prefill(cache, images, prompt)
             step.choose[layer] = choose
+            hooks = [self.decoder.layers[i].register_forward_pre_hook(functools.partial(self._prune, i),
+                                                                      with_kwargs=True)
+                     for i in range(min(self.owners), len(self.attn))]
         else:
             pixel_values = kwargs.get("pixel_values")
             if pixel_values is not None and pixel_values.numel():  # (generated image-token ids are text)
@@ -274,7 +271,11 @@ class Exits:
         attend = functools.partial(self._attend, step)  # this forward's step, bound
         for module in self.group:
             ctx.hook(module, attend)
-        out = proceed(call)
+        try:
+            out = proceed(call)
+        finally:
+            for hook in hooks:
+                hook.remove()
         for filled in (cache, core.output_cache(out)):
             if filled is not None and (new_cache or filled is not cache):  # (a decode step's cache holds them)
                 self.records[filled] = step.records
@@ -302,11 +303,11 @@ class Exits:
         return Step(images=images, real=real, pads=pads.tolist())
 
     def _prune(self, i: int, layer: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Pre-hook of layer i (>= the first exit). In a prefill, an exit layer selects its kept
-        tokens and gathers the hidden states; each layer gets its group's RoPE tables and positions."""
+        """Pre-hook of layer i (>= the first exit), while a prefill runs. There, an exit layer selects its
+        kept tokens and gathers the hidden states; each layer gets its group's RoPE tables and positions."""
         step = self.step()
         if step is None or step.images is None:
-            return None  # decoding: the layer loop's kwargs are already right
+            return None  # another thread's forward meanwhile (a decode step: the loop's kwargs are right)
         exit = self.group[self.attn[i]]
         if exit not in step.layer_kwargs:
             step.hidden = args[0] if args else kwargs["hidden_states"]
