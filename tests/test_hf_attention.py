@@ -122,7 +122,20 @@ def test_no_mask_follows_sdpa_static_cache(Nq):
     module, (q, k, v) = Attn(), qkv(Nq=Nq, Nk=8)
     got, calls = ours(module, q, k, v, None)
     torch.testing.assert_close(got, sdpa(module, q, k, v, None), atol=1e-5, rtol=1e-5)
-    assert calls == {"attention": 1}
+    assert calls == {"attention" if Nq > 1 else "sdpa: a decode row": 1}
+
+
+def test_a_decode_row_runs_sdpa_unless_a_backend_is_forced():
+    """One query row without a probe wants no LSE: SDPA runs it (GQA, a static cache's slots past the
+    mask's end left out); a forced backend gets the attention op."""
+    module, (q, k, v) = Attn(), qkv(Nq=1, Nk=9, Hq=4, Hkv=2)
+    mask = _mask(torch.tensor([[1] * 7 + [0, 0]] * 2, dtype=torch.bool), 1, 9, q_offset=6)  # 7 of 9 slots filled
+    want = sdpa(module, q, k[:, :, :7], v[:, :, :7], None)
+    for backend, key in ((None, "sdpa: a decode row"), ("cpp", "attention")):
+        with vtattn.use_backend(backend):
+            got, calls = ours(module, q, k, v, mask)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert calls == {key: 1}, backend
 
 
 def test_fallback_reasons():

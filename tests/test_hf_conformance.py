@@ -17,7 +17,7 @@ import _hf_models as M  # noqa: E402  (skips the module without transformers)
 
 FAMILIES = {f.name: f for f in M.FAMILIES}
 GENERATE = [f.name for f in M.FAMILIES if f.generate]
-KERNELS = ("attention", "varlen_attention")
+KERNELS = ("attention", "varlen_attention", "sdpa: a decode row")  # (a decode row wants no LSE: SDPA, the aten kernels)
 
 
 @pytest.fixture(autouse=True)

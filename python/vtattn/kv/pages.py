@@ -49,6 +49,10 @@ class Pages:
         the host or the device); positions int64 [B, H, K]: their original positions; scores: None
         or fp32 [B, H, K]; room: slots each head gets past its kept rows; fixed: never grow."""
         self.page_size, self.fixed = page_size, fixed
+        # a decode step's start position, as a CPU scalar the kernels read at launch: written in place
+        # through its numpy view (a torch op per layer and step costs ~4 us in a model's step on CPU)
+        self._start_host = np.zeros((), dtype=np.int64)
+        self._start = torch.from_numpy(self._start_host)
         # int64 numpy [B, H]: the one host sync of a compression (none for counts given in numpy)
         self.host_lengths = (counts if isinstance(counts, np.ndarray) else counts.cpu().numpy()).astype(np.int64)
         self._allocate(self.host_lengths, _round_up(self.host_lengths + room, page_size), k_rows, scores is not None)
@@ -116,7 +120,8 @@ class Pages:
         n = k.shape[2]
         if k.requires_grad or v.requires_grad:  # the cache is inference state (as its compressed prefill)
             k, v = k.detach(), v.detach()
-        if not torch.compiler.is_compiling():  # host bookkeeping stays out of compiled graphs
+        compiling = torch.compiler.is_compiling()
+        if not compiling:  # host bookkeeping stays out of compiled graphs
             if n > self.room:
                 if self.fixed:
                     raise RuntimeError(f"a static CompressedCache layer has room for {self.room} more tokens, "
@@ -125,7 +130,11 @@ class Pages:
             self._appended += n  # folded into host_lengths when read: a decode step runs no numpy
             self.room -= n
         if not isinstance(start, torch.Tensor):  # a CPU scalar: the kernels read it at launch, no copy
-            start = torch.scalar_tensor(start, dtype=torch.int64)  # (torch.tensor: ~2 us more)
+            if compiling:
+                start = torch.scalar_tensor(start, dtype=torch.int64)
+            else:
+                self._start_host[()] = start
+                start = self._start
         # a fixed layout clamps each write to its head's last slot: replays and compiled steps skip the host check
         _APPEND(self.k, self.v, self.pos, self.next, self.lengths, k, v, start, self.last if self.fixed else None,
                 self.score, stamp=self.cls)

@@ -36,11 +36,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import vtattn
 
 from . import core
-from .._dispatch import Direct
+from .._dispatch import Direct, forced_backend
 from .core import NAME
 from .hf_masks import LazyMask
 
@@ -143,6 +144,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     eager = _eager_reason(module, query, sinks, kwargs)
     run = eager or _kernel_call(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
     if isinstance(run, _Run):
+        if (probe is None and query.shape[2] == 1 and run.varlen is None and run.window is None and softcap is None
+                and sinks is None and forced_backend() is None):
+            return _decode_row(query, key, value, run.end, scaling), None
         if probe is None or run.varlen is None:
             return _run_kernel(run, query, key, value, scaling, softcap, sinks, probe), None
         run = "a padded batch"
@@ -247,6 +251,18 @@ def _run_kernel(run: _Run, query: torch.Tensor, key: torch.Tensor, value: torch.
     if probe is not None and probe.keys:
         probe.key_states = key.detach().transpose(1, 2).flatten(2)  # similarities choose, as scores do
     return out.transpose(1, 2)  # free: out is laid out [B, N, H, D] in memory
+
+
+def _decode_row(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, end: int,
+                scaling: float | None) -> torch.Tensor:
+    """A decode step's one query row over keys [:end], [B, 1, H, D]: no LSE is asked for, so SDPA runs it
+    (the aten backend's kernels, without the attention op's layers: ~35 us a layer in a CPU model's
+    step, more than the kernel). A forced backend (use_backend, VTATTN_BACKEND) runs the op instead."""
+    count("sdpa: a decode row")
+    if end != key.shape[2]:
+        key, value = key[:, :, :end], value[:, :, :end]
+    out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
 
 
 # The registered ops in op form: (out, lse), scores, (out, lse).
