@@ -128,8 +128,9 @@ class CompressedLayer(CacheLayerMixin):
         self.pages: Pages | None = None
         # DecodeH2O: numpy int64 [B, Hkv], each head's length after the prefill
         self._base: npt.NDArray[np.int64] | None = None
-        # DecodeH2O: the decode queries since its last eviction, [B, Hq, n, D] each
+        # DecodeH2O: the decode queries since its last eviction, [B, Hq, n, D] each, and their n's sum
         self.queries: list[torch.Tensor] = []
+        self.noted = 0
         self._decode: Direct[torch.Tensor] = Direct("paged_decode_attention", by_stamp=True)
         self._index: Direct[torch.Tensor] = Direct("index_attention")
 
@@ -214,11 +215,12 @@ class CompressedLayer(CacheLayerMixin):
     def _decoded(self, q: torch.Tensor, scale: float, policy: DecodeH2O) -> None:
         """DecodeH2O: note the step's queries; every `every` tokens, score them and evict."""
         D = q.shape[-1]
-        q = q.detach()  # scores only
+        if q.requires_grad:  # scores only (under no_grad, as generate runs, nothing to detach)
+            q = q.detach()
         self.queries.append(q if scale == D ** -0.5 else q * (scale * D ** 0.5))
-        n = sum(x.shape[2] for x in self.queries)
+        self.noted = n = self.noted + q.shape[2]
         if n >= policy.every:
-            queries, self.queries = torch.cat(self.queries, 2), []
+            queries, self.queries, self.noted = torch.cat(self.queries, 2), [], 0
             assert self.pages is not None and self._base is not None  # a compressed DecodeH2O layer
             self.pages = evict(self.pages, queries, self.seen - n + self.offset, self._base, policy.recent,
                                self._room())
@@ -306,7 +308,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.pages = self.base = None
-        self.queries = []
+        self.queries, self.noted = [], 0
         self.seen = self.offset = 0
         if self.seen_t is not None:
             self.seen_t.zero_()
