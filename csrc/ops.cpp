@@ -2,7 +2,10 @@
 // CUDA kernels in csrc/cuda/; the Python registry (vtattn._registry) wraps
 // these in the public torch.ops.vtattn ops with fake impls and dispatch.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <optional>
 
 TORCH_LIBRARY(vtattn_C, m) {
   // Flash-style forward: out [B, Hq, Nq, D] in q's dtype, lse [B, Hq, Nq] fp32.
@@ -58,7 +61,40 @@ TORCH_LIBRARY(vtattn_C, m) {
   // lengths (int32 [B, H]) grow by n.
   m.def("paged_append(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos, Tensor(d!) next_slot, "
         "Tensor(e!) lengths, Tensor k, Tensor v, Tensor start, Tensor? last, Tensor(f!)? score) -> ()");
+  // A compressed layer's decode step: paged_append(k_pages, ..., score), then
+  // paged_decode_attention(q, k_pages, v_pages, block_table, lengths, scale) -> [B, Hq, 1, D].
+  m.def("paged_decode_step(Tensor q, Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos, Tensor(d!) next_slot, "
+        "Tensor(e!) lengths, Tensor k, Tensor v, Tensor start, Tensor? last, Tensor(f!)? score, Tensor block_table, "
+        "float scale) -> Tensor");
 }
+
+namespace {
+
+// paged_decode_step on every device: the two ops' own kernels, called through the dispatcher from
+// C++ (one Python-to-dispatcher crossing instead of two: that crossing, not the kernels, is most of
+// a small decode step's host time).
+at::Tensor paged_decode_step(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
+                             const at::Tensor& pos, const at::Tensor& next_slot, const at::Tensor& lengths,
+                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& start,
+                             const std::optional<at::Tensor>& last, const std::optional<at::Tensor>& score,
+                             const at::Tensor& block_table, double scale) {
+  static const auto append =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("vtattn_C::paged_append", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                      const std::optional<at::Tensor>&)>();
+  static const auto decode = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("vtattn_C::paged_decode_attention", "")
+                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                   const at::Tensor&, const at::Tensor&, double)>();
+  append.call(k_pages, v_pages, pos, next_slot, lengths, k, v, start, last, score);
+  return decode.call(q, k_pages, v_pages, block_table, lengths, scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vtattn_C, CompositeExplicitAutograd, m) { m.impl("paged_decode_step", &paged_decode_step); }
 
 // Importing vtattn._C loads the library and so registers the ops above.
 static struct PyModuleDef vtattn_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

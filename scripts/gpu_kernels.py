@@ -110,6 +110,18 @@ def cases(dtype):
             pos=torch.full((pages, ps), -1, dtype=i64), next_slot=first + used, lengths=used.to(i32), k=k,
             v=_randn(B, H, n, D, dtype=dtype, seed=64), start=torch.tensor(1000), last=first + cap - 1,
             score=torch.rand(pages, ps, generator=_g(65)))
+    # paged_decode_step: a compressed layer's decode step (the write, then the paged read; GQA)
+    B, Hkv, G, D, ps = 3, 2, 4, 128, 16
+    first = torch.arange(B * Hkv).view(B, Hkv) * 2 * ps  # each head owns two pages
+    used = torch.randint(0, 2 * ps - 1, (B, Hkv), generator=_g(70))
+    pages = B * Hkv * 2
+    yield "paged_decode_step", f"B{B} Hq{Hkv * G} Hkv{Hkv} pages {pages}x{ps} D{D}", dict(
+        q=_randn(B, Hkv * G, 1, D, dtype=dtype, seed=71), k_pages=_randn(pages, ps, D, dtype=dtype, seed=72),
+        v_pages=_randn(pages, ps, D, dtype=dtype, seed=73), pos=torch.full((pages, ps), -1, dtype=i64),
+        next_slot=first + used, lengths=used.to(i32), k=_randn(B, Hkv, 1, D, dtype=dtype, seed=74),
+        v=_randn(B, Hkv, 1, D, dtype=dtype, seed=75), start=torch.tensor(1000), last=first + 2 * ps - 1,
+        score=torch.rand(pages, ps, generator=_g(76)),
+        block_table=((first // ps)[..., None] + torch.arange(2)).to(i32), scale=D ** -0.5)
     # select_tokens: one segment of 6,000 tokens (dynamic + static shared memory > 48 KiB), a segment
     # at the first failing length of the old opt-in rule, many small ones; ties; fp16 scores.
     for B, segments in ((3, [6000]), (2, [5723, 100, 1]), (2, [37] * 20)):
@@ -166,16 +178,18 @@ def _close(out, ref, dtype):
 
 _DISCRETE = ("select_tokens", "gather_tokens", "merge_tokens", "paged_append")  # ranks, copies, argmax: same dtype
 # ops that write their arguments in place: a case's output is those arguments (run on copies)
-_WRITES = {"paged_append": ("k_pages", "v_pages", "pos", "next_slot", "lengths", "score")}
+_WRITES = {op: ("k_pages", "v_pages", "pos", "next_slot", "lengths", "score")
+           for op in ("paged_append", "paged_decode_step")}
 
 
 def _writing(op, fn, kwargs):
-    """fn(kwargs) of an op; for one that writes in place, on copies of what it writes, which it returns."""
+    """fn(kwargs) of an op; for one that writes in place, on copies of what it writes, which it returns
+    (then its output, if any)."""
     if op not in _WRITES:
         return fn(kwargs)
     kwargs = {k: v.clone() if k in _WRITES[op] else v for k, v in kwargs.items()}
-    fn(kwargs)
-    return tuple(kwargs[k] for k in _WRITES[op])
+    out = fn(kwargs)
+    return tuple(kwargs[k] for k in _WRITES[op]) + (() if out is None else (out,))
 
 
 def _reference(op, kwargs):
@@ -185,7 +199,7 @@ def _reference(op, kwargs):
     if op in _DISCRETE:
         return _writing(op, lambda a: fn(*_positional(fn, a)), kwargs)
     wide = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
-    return fn(*_positional(fn, wide))
+    return _writing(op, lambda a: fn(*_positional(fn, a)), wide)
 
 
 def _refusal(op, backend, kwargs):

@@ -185,11 +185,16 @@ def test_cache_beam_reorder_copies_pages():
     pos = layer.pages.positions()
     assert torch.equal(pos, torch.arange(L).expand(B, H, L))
     k1, v1 = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
-    layer.update(k1, v1)  # each beam writes its own copy
+    keys, values = layer.update(k1, v1)  # each beam writes its own copy (a decode step: when it attends)
+    q1 = torch.randn(B, H, 1, D, generator=g)
+    out = layer.attend(q1, keys, values, None, D ** -0.5)
     slots = layer.pages.slots()
     stored = layer.pages.k.view(-1, D)[slots.clamp(min=0)]
     assert torch.equal(stored[0, :, :L], k[1]) and torch.equal(stored[1, :, :L], k[1])
     assert torch.equal(stored[:, :, L], k1[:, :, 0])
+    want = vtattn.reference.attention(q1, torch.cat([k[[1, 1]], k1], 2), torch.cat([v[[1, 1]], v1], 2), False,
+                                      D ** -0.5, 0.0, -1, None)[0]
+    torch.testing.assert_close(out, want)
 
 
 def test_cache_bad_arguments_and_wrong_attention():

@@ -198,13 +198,15 @@ def cuda_archs() -> list[str]:
 
 
 def has_kernel(op: str, device_type: str) -> str | None:
-    """None when the loaded vtattn._C has a `device_type` ("cpu" or "cuda") kernel for `op`,
-    else why not. Asks the dispatcher, so a stale build record cannot mislead it."""
+    """None when the loaded vtattn._C has a `device_type` ("cpu" or "cuda") kernel for `op` ("any":
+    one for every device, a composite of other ops' kernels), else why not. Asks the dispatcher, so
+    a stale build record cannot mislead it."""
     reason = load()
     if reason:
         return reason
+    key = "CompositeExplicitAutograd" if device_type == "any" else device_type.upper()
     try:
-        found = torch._C._dispatch_has_kernel_for_dispatch_key(f"vtattn_C::{op}", device_type.upper())
+        found = torch._C._dispatch_has_kernel_for_dispatch_key(f"vtattn_C::{op}", key)
     except RuntimeError:  # the loaded library predates this op's schema
         found = False
     if found:

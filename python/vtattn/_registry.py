@@ -439,6 +439,67 @@ def _paged_append_autograd(*args: Any) -> None:
 _lib.impl("paged_append", _paged_append_autograd, "Autograd")  # type: ignore[no-untyped-call]
 
 
+# ---- paged_decode_step -------------------------------------------------------------------------
+# paged_append, then paged_decode_attention: a compressed layer's decode step in one op call (in a
+# model's step on CPU each call from Python costs ~12 us, more than either kernel). Its backends are
+# the two ops' own kernels: vtattn._C's composite (csrc/ops.cpp) calls them from C++, the Triton
+# launcher runs both launchers, the reference composes the references.
+
+def _compiled_step(device_type: str) -> Backend:
+    """vtattn._C's composite on one device type: both ops' kernels there, and the composite (an older
+    build lacks it)."""
+    name = "cpp" if device_type == "cpu" else device_type
+    append, decode = PAGED_APPEND[name], PAGED_DECODE_ATTENTION[name]
+
+    def supports(*args: Any) -> str | None:
+        q, k_pages, v_pages, pos, next_slot, lengths, k, v, start, last, score, table, scale = args
+        return (append.supports(k_pages, v_pages, pos, next_slot, lengths, k, v, start, last, score)
+                or decode.supports(q, k_pages, v_pages, table, lengths, scale)
+                or _ext.has_kernel("paged_decode_step", "any"))
+
+    return Backend(supports, lambda *args: torch.ops.vtattn_C.paged_decode_step(*args))
+
+
+def _paged_decode_step_fake(q: torch.Tensor, *args: Any) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)  # (it also writes the cache in place)
+
+
+def _sample_paged_decode_step(device: torch.device | str, dtype: torch.dtype) -> tuple[Any, ...]:
+    append = _sample_paged_append(device, dtype)
+    table = torch.arange(8, dtype=torch.int32, device=device).reshape(2, 2, 2)
+    return (torch.zeros(2, 4, 1, 64, device=device, dtype=dtype), *append, table, 0.125)
+
+
+PAGED_DECODE_STEP = _define(
+    "paged_decode_step",
+    "paged_decode_step(Tensor q, Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos, Tensor(d!) next_slot, "
+    "Tensor(e!) lengths, Tensor k, Tensor v, Tensor start, Tensor? last, Tensor(f!)? score, Tensor block_table, "
+    "float scale) -> Tensor",
+    {
+        "cuda": _compiled_step("cuda"),
+        "cpp": _compiled_step("cpu"),
+        "triton": _triton_backend("paged_decode_step"),
+        "torch": _reference(reference.paged_decode_step),
+    },
+    _paged_decode_step_fake,
+    _sample_paged_decode_step,
+    grad=False,  # a cache write and its read (kv.pages.Pages.append_attend detaches k, v)
+    shape_class=lambda args: signature(args, {1: (0,), 2: (0,), 3: (0,), 10: (0,), 11: (2,)}),  # the pools grow
+)
+
+
+def _paged_decode_step_autograd(*args: Any) -> torch.Tensor:
+    """As paged_append's: refuse grad-requiring inputs by name, else run the op below autograd."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        _autograd._refusal("paged_decode_step")(None, args, None)
+    with torch._C._AutoDispatchBelowAutograd():
+        out: torch.Tensor = torch.ops.vtattn.paged_decode_step.default(*args)
+    return out
+
+
+_lib.impl("paged_decode_step", _paged_decode_step_autograd, "Autograd")  # type: ignore[no-untyped-call]
+
+
 # ---- group_attention -----------------------------------------------------------------------
 
 def _group_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: torch.Tensor, num_groups: int,

@@ -31,7 +31,8 @@ SHAPES = {
     # One decode step against a compact cache of capacity N whose lengths vary per (batch, kv head).
     "llava7b-decode": dict(B=32, Hq=32, Hkv=8, N=16384, D=128, causal=False, decode=True),
 }
-DECODE_OPS = ("decode_attention", "paged_decode_attention", "paged_append")  # the ops of decode shapes, and only of those
+# the ops of decode shapes, and only of those
+DECODE_OPS = ("decode_attention", "paged_decode_attention", "paged_append", "paged_decode_step")
 CUSTOM = "custom:"
 # Shape scaling per run level: CPU runs (and the CI smoke test) cannot afford the real shapes.
 LEVELS: dict[str, dict[str, Any]] = {
@@ -426,10 +427,59 @@ def _paged_append_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
     return [c]
 
 
+def _paged_decode_step_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
+    """A compressed layer's decode step (`kv.pages.Pages.append_attend`): the token's write, then the
+    paged read of every head's tokens, in one op call. Baselines: the two ops called in turn (what a
+    step ran before), and a DynamicCache's step (torch.cat of the token to k and v, then SDPA). Every
+    row first puts the heads' lengths back (one fill: repeated calls write the same, last slot)."""
+    B, Hq, H, D, cap, _ = _decode_dims(s)
+    page = DECODE_PAGE_SIZE
+    per_head, n = -(-cap // page) * page, cap // 2
+
+    def make(device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
+        g = torch.Generator(device=device).manual_seed(seed)
+        start = torch.arange(B * H, device=device).view(B, H) * per_head
+        pages = B * H * per_head // page
+        def r(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, device=device, dtype=dtype, generator=g)
+
+        table = (start // page)[..., None] + torch.arange(per_head // page, device=device)
+        return {"q": r(B, Hq, 1, D), "k_pages": r(pages, page, D), "v_pages": r(pages, page, D),
+                "pos": torch.full((pages, page), -1, device=device), "next": start + per_head - 1,
+                "lengths": torch.full((B, H), n, dtype=torch.int32, device=device), "last": start + per_head - 1,
+                "start": torch.tensor(n, device=device), "k": r(B, H, 1, D), "v": r(B, H, 1, D),
+                "table": table.to(torch.int32), "k_cache": r(B, H, n, D), "v_cache": r(B, H, n, D)}
+
+    def write(x: Inputs) -> tuple[Any, ...]:
+        x["lengths"].fill_(n)
+        return (x["k_pages"], x["v_pages"], x["pos"], x["next"], x["lengths"], x["k"], x["v"], x["start"], x["last"],
+                None)
+
+    def two_ops(x: Inputs) -> torch.Tensor:
+        torch.ops.vtattn.paged_append(*write(x))
+        out: torch.Tensor = torch.ops.vtattn.paged_decode_attention(x["q"], x["k_pages"], x["v_pages"], x["table"],
+                                                                    x["lengths"], D ** -0.5)
+        return out
+
+    def dynamic(x: Inputs) -> torch.Tensor:
+        x["lengths"].fill_(n)
+        k, v = (torch.cat([x[c], x[t]], 2) for c, t in (("k_cache", "k"), ("v_cache", "v")))
+        return F.scaled_dot_product_attention(x["q"], k, v, enable_gqa=Hq != H)
+
+    c = Case("paged_decode_step", f"{name}:step-1", {"B": B, "Hq": Hq, "Hkv": H, "D": D, "page_size": page,
+                                                      "kept": n + 1}, make,
+             bytes_fn=lambda elt: 2 * B * H * (n + 2) * D * elt + 2 * B * Hq * D * elt)
+    c.impls = _vtattn_impls(backends, lambda x: torch.ops.vtattn.paged_decode_step(x["q"], *write(x), x["table"],
+                                                                                    D ** -0.5))
+    c.impls.append(Impl("append-then-decode", two_ops, role="baseline", note="the two ops, two calls"))
+    c.impls.append(Impl("dynamic-cache-sdpa", dynamic, role="baseline", note="cat + SDPA"))
+    return [c]
+
+
 BUILDERS: dict[str, Builder] = {"attention": _attention_cases, "key_importance": _key_importance_cases,
             "group_attention": _group_attention_cases,
             "decode_attention": _decode_attention_cases, "paged_decode_attention": _paged_decode_attention_cases,
-            "paged_append": _paged_append_cases}
+            "paged_append": _paged_append_cases, "paged_decode_step": _paged_decode_step_cases}
 
 
 # Every backend a pytest-benchmark row may force; one that refuses the inputs is a skip there.

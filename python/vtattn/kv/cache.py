@@ -7,7 +7,8 @@ keys/values and publishes them in the forward's context (`vtattn.patch.core.publ
 attention function, handed those very tensors, claims the layer, which runs the prompt's attention
 with its LSE, lets its policy choose the keep-set from exact scores (`key_importance`, no L x L
 tensor), merges evicted image KV if the policy asks, and moves the kept rows to pages; the full prompt KV is then freed. Decode steps append and read
-only the kept KV. Another attention implementation cannot read the pages: the next layer's
+only the kept KV: a one-token `update` reserves the token's room and keeps it, and the attention call
+that claims the layer writes and reads it in one op (`paged_decode_step`). Another attention implementation cannot read the pages: the next layer's
 `update` raises.
 
 Positions stay those of the uncompressed sequence: keys are cached after RoPE, and
@@ -131,7 +132,8 @@ class CompressedLayer(CacheLayerMixin):
         # DecodeH2O: the decode queries since its last eviction, [B, Hq, n, D] each, and their n's sum
         self.queries: list[torch.Tensor] = []
         self.noted = 0
-        self._decode: Direct[torch.Tensor] = Direct("paged_decode_attention", by_stamp=True)
+        # a decode step's token, stored by `attend` in the op that reads the layer: (k, v, start)
+        self._step: tuple[torch.Tensor, torch.Tensor, int | torch.Tensor] | None = None
         self._index: Direct[torch.Tensor] = Direct("index_attention")
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -169,7 +171,12 @@ class CompressedLayer(CacheLayerMixin):
         else:
             start = self.seen + self.offset if self.seen_t is None else \
                 self.seen_t if self.offset == 0 else self.seen_t + self.offset
-            self.pages.append(key_states, value_states, start)
+            if key_states.shape[-2] == 1:  # a decode step: `attend` writes it, in the op that reads the layer
+                self.pages.reserve(1)
+                # (a static cache's count advances below, in place: its start is taken now)
+                self._step = key_states, value_states, start.clone() if start is self.seen_t else start
+            else:
+                self.pages.append(key_states, value_states, start)
             out = self.pages.k, self.pages.v
         self._advance(key_states.shape[-2])
         _handoff.publish(self, out[0])  # the attention call given these very keys lets this layer attend
@@ -199,8 +206,11 @@ class CompressedLayer(CacheLayerMixin):
         p = self.pages
         n, D = q.shape[2], q.shape[3]
         scale = D ** -0.5 if scale is None else float(scale)
-        if n == 1:  # a decode step: the paged split-KV kernel, no host sync
-            out = self._decode(q, p.k, p.v, p.table, p.lengths, scale, stamp=(p.cls, p.k.shape[0], q.shape[1]))
+        if n == 1:  # a decode step: its token's write, then the paged split-KV kernel; one op, no host sync
+            assert self._step is not None  # (update kept it)
+            k_new, v_new, start = self._step
+            self._step = None
+            out = p.append_attend(q, k_new, v_new, start, scale)
         else:
             B, H = p.lengths.shape
             # several new tokens (stored already): original positions give exact causality among them
@@ -309,6 +319,7 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.pages = self.base = None
         self.queries, self.noted = [], 0
+        self._step = None
         self.seen = self.offset = 0
         if self.seen_t is not None:
             self.seen_t.zero_()

@@ -26,8 +26,10 @@ import torch
 from .._dispatch import Direct
 
 Host = npt.NDArray[np.int64]  # host-side counts, [B, H]
-# the decode step's write: one op, no validation; `Pages.cls` stamps its backend choice
+# a write of new tokens, and a decode step's write and read: one op each, no validation; `Pages.cls`
+# stamps their backend choice
 _APPEND: Direct[None] = Direct("paged_append", by_stamp=True)
+_STEP: Direct[torch.Tensor] = Direct("paged_decode_step", by_stamp=True)
 
 
 def _round_up(n: Host, m: int) -> Host:
@@ -117,27 +119,41 @@ class Pages:
         """Store k, v [B, H, n, D] after each head's tokens, at original positions start..start+n-1
         (`start` an int, or an int64 device scalar: a static cache's count). No host sync; one
         device op (`paged_append`)."""
-        n = k.shape[2]
+        self.reserve(k.shape[2])
+        _APPEND(*self._write_args(k, v, start), stamp=self.cls)
+
+    def reserve(self, n: int) -> None:
+        """Room for n more tokens per head (a growing layout moves into a larger one first); the
+        write is `append`'s or `append_attend`'s. Host bookkeeping only, none under torch.compile."""
+        if torch.compiler.is_compiling():  # host bookkeeping stays out of compiled graphs
+            return
+        if n > self.room:
+            if self.fixed:
+                raise RuntimeError(f"a static CompressedCache layer has room for {self.room} more tokens, "
+                                   f"{n} were appended (size it with max_new_tokens)")
+            self._grow(n)
+        self._appended += n  # folded into host_lengths when read: a decode step runs no numpy
+        self.room -= n
+
+    def append_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor,
+                      scale: float) -> torch.Tensor:
+        """A decode step after `reserve(1)`: stores k, v [B, H, 1, D] as `append` does, then attends
+        q [B, Hq, 1, D] over every head's tokens ([B, Hq, 1, D]); one op (`paged_decode_step`)."""
+        return _STEP(q, *self._write_args(k, v, start), self.table, scale, stamp=(self.cls, self.k.shape[0], q.shape[1]))
+
+    def _write_args(self, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> tuple[Any, ...]:
+        """paged_append's arguments for k, v written at original positions from `start`."""
         if k.requires_grad or v.requires_grad:  # the cache is inference state (as its compressed prefill)
             k, v = k.detach(), v.detach()
-        compiling = torch.compiler.is_compiling()
-        if not compiling:  # host bookkeeping stays out of compiled graphs
-            if n > self.room:
-                if self.fixed:
-                    raise RuntimeError(f"a static CompressedCache layer has room for {self.room} more tokens, "
-                                       f"{n} were appended (size it with max_new_tokens)")
-                self._grow(n)
-            self._appended += n  # folded into host_lengths when read: a decode step runs no numpy
-            self.room -= n
         if not isinstance(start, torch.Tensor):  # a CPU scalar: the kernels read it at launch, no copy
-            if compiling:
+            if torch.compiler.is_compiling():
                 start = torch.scalar_tensor(start, dtype=torch.int64)
             else:
                 self._start_host[()] = start
                 start = self._start
         # a fixed layout clamps each write to its head's last slot: replays and compiled steps skip the host check
-        _APPEND(self.k, self.v, self.pos, self.next, self.lengths, k, v, start, self.last if self.fixed else None,
-                self.score, stamp=self.cls)
+        return (self.k, self.v, self.pos, self.next, self.lengths, k, v, start, self.last if self.fixed else None,
+                self.score)
 
     def _grow(self, n: int) -> None:
         """Move into a layout where every head has room for n more tokens (and a quarter of its length)."""

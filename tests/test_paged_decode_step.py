@@ -1,0 +1,108 @@
+"""paged_decode_step (a compressed layer's decode step: paged_append, then paged_decode_attention, in
+one op call) against its reference, the two references in turn: writes exactly, the output within
+attention's tolerance; GQA, odd head dims and page sizes, strided rows and pools, clamped heads."""
+import pytest
+import torch
+
+import vtattn
+from vtattn._registry import PAGED_DECODE_STEP
+from helpers import DTYPES, OUT_TOL, backend_params, run_forced, skip_unless_supported
+from test_paged_append import assert_same_writes, clone, make_inputs
+
+
+def make_step(B, Hkv, G, D, ps, dtype, device="cpu", last=True, score=True, layout="contiguous", seed=0):
+    """paged_append's inputs for one token per head (test_paged_append.make_inputs), a query of G
+    heads per kv head, and the table of every head's run of pages (its first page on: each head
+    owns whole pages from slot next_slot - lengths), as many entries as its length after the write."""
+    append = make_inputs(B, Hkv, 1, D, ps, dtype, "cpu", last, score, layout, seed)
+    next_slot, lengths = append[3], append[4]
+    first = (next_slot - lengths) // ps  # [B, Hkv] pages
+    entries = -(-(lengths.long() + 1) // ps)
+    i = torch.arange(int(entries.max()))
+    P = append[0].shape[0]
+    table = torch.where(i < entries[..., None], (first[..., None] + i).clamp(max=P - 1), -1).int()
+    g = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(B, 1, Hkv * G, D, generator=g).to(dtype).transpose(1, 2)  # transformers' strides
+    args = (q, *append, table, 0.3)
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+CASES = [  # (B, Hkv, G, D, page_size, last, score, layout)
+    (3, 5, 1, 72, 16, True, True, "contiguous"),
+    (3, 2, 4, 40, 5, True, False, "strided"),
+    (2, 3, 2, 72, 5, False, True, "contiguous"),
+    (1, 2, 3, 128, 16, False, False, "strided"),
+]
+
+
+def _writes(args):
+    return args[1:11]  # paged_append's arguments
+
+
+@pytest.mark.parametrize("device,backend", backend_params(PAGED_DECODE_STEP))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_paged_decode_step_matches_reference(device, backend, dtype, case):
+    args = make_step(*case[:5], dtype, device, *case[5:], seed=sum(case[:5]))
+    skip_unless_supported(PAGED_DECODE_STEP, args, backend)
+    got, want = clone(args), clone(args)
+    out = run_forced(backend, torch.ops.vtattn.paged_decode_step, *got)
+    ref = vtattn.reference.paged_decode_step(*want)
+    assert_same_writes(_writes(got), _writes(want))
+    torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), atol=OUT_TOL[dtype], rtol=0)
+    assert torch.equal(got[0], args[0]) and torch.equal(got[6], args[6]), "q and k must not be modified"
+
+
+def test_reference_is_the_write_then_the_read():
+    args = make_step(2, 2, 3, 40, 5, torch.float32)
+    got, want = clone(args), clone(args)
+    out = vtattn.reference.paged_decode_step(*got)
+    vtattn.reference.paged_append(*_writes(want))
+    q, table, scale = want[0], want[11], want[12]
+    assert torch.equal(out, vtattn.reference.paged_decode_attention(q, want[1], want[2], table, want[5], scale))
+    assert_same_writes(_writes(got), _writes(want))
+
+
+def test_opcheck():
+    args = make_step(2, 3, 2, 40, 5, torch.float32, last=False)
+    torch.library.opcheck(torch.ops.vtattn.paged_decode_step.default, clone(args))
+
+
+def test_grad_requiring_inputs_are_refused_by_name():
+    args = make_step(2, 3, 1, 40, 5, torch.float32)
+    with pytest.raises(RuntimeError, match="vtattn.paged_decode_step has no gradient"):
+        torch.ops.vtattn.paged_decode_step(args[0].clone().requires_grad_(), *args[1:])
+
+
+def test_compiled_step_equals_eager():
+    """Mutating and returning under torch.compile: the writes land in the caller's tensors."""
+    args = make_step(2, 3, 2, 40, 5, torch.float32)
+    got, want = clone(args), clone(args)
+    out = torch.compile(lambda *a: torch.ops.vtattn.paged_decode_step(*a), fullgraph=True, backend="aot_eager")(*got)
+    ref = vtattn.reference.paged_decode_step(*want)
+    assert_same_writes(_writes(got), _writes(want))
+    torch.testing.assert_close(out, ref, atol=OUT_TOL[torch.float32], rtol=0)
+
+
+def test_a_compressed_layer_decode_step_is_one_op_call(monkeypatch):
+    """CompressedLayer: update keeps the token, its attention writes and reads it in one op call."""
+    from vtattn.kv import CompressedCache, pages
+    calls = []
+    real = pages._STEP
+    monkeypatch.setattr(pages, "_STEP", lambda *a, stamp: calls.append(a) or real(*a, stamp=stamp))
+    monkeypatch.setattr(pages, "_APPEND", lambda *a, stamp: calls.append("append"))
+    g = torch.Generator().manual_seed(0)
+    k, v, q = (torch.randn(1, 2, 6, 8, generator=g) for _ in range(3))
+    cache = CompressedCache(None, page_size=4)
+    cache.update(k, v, 0)
+    layer = cache.layers[0]
+    layer.attend(q, k, v, None, None)
+    k1, v1, q1 = (torch.randn(1, 2, 1, 8, generator=g) for _ in range(3))
+    keys, values = cache.update(k1, v1, 0)
+    assert layer.pages.host_lengths.tolist() == [[7, 7]] and calls == []  # reserved, not written yet
+    out = layer.attend(q1, keys, values, None, None)
+    assert len(calls) == 1
+    want = vtattn.reference.attention(q1, torch.cat([k, k1], 2), torch.cat([v, v1], 2), False, 8 ** -0.5, 0.0, -1,
+                                      None)[0]
+    torch.testing.assert_close(out, want)
+    assert layer.pages.positions().tolist() == [[list(range(7))] * 2]
