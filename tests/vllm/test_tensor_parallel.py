@@ -40,8 +40,12 @@ def test_two_ranks_hold_the_scores_of_all_heads(rows, reduce, monkeypatch):
         layer = _layer(half, D, 2)
         layer.probe = encoder.Probe(rows, reduce)
         ranks.append((layer, [t[:, :, r * half:(r + 1) * half] for t in (q, k, v)]))
-    sums = [vtattn.key_importance(*(t.transpose(1, 2) for t in qkv[:2]), rows=rows, reduce_heads="sum",
-                                  scale=D ** -0.5) for _, qkv in ranks]
+    sums = []  # each rank's partial sum, as it computes it (scores from its attention's own LSE)
+    for layer, qkv in ranks:
+        monkeypatch.setattr(encoder, "_all_reduce", lambda: lambda x: sums.append(x) or x)
+        layer(*qkv)
+    torch.testing.assert_close(sums[0], vtattn.key_importance(*(t.transpose(1, 2) for t in ranks[0][1][:2]),
+                                                              rows=rows, reduce_heads="sum", scale=D ** -0.5))
     for r, (layer, qkv) in enumerate(ranks):
         other = sums[1 - r]
         monkeypatch.setattr(encoder, "_all_reduce", lambda: all_reduce)

@@ -393,9 +393,9 @@ def _cache_mask(mask: Any) -> torch.Tensor | None:
 def _cached(layer: Any, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             mask: Any, scaling: float | None, kwargs: dict[str, Any]) -> Output:
     """A vtattn.kv.CompressedCache layer attends over what it keeps (plain causal attention only)."""
-    extra = sorted(k for k, v in kwargs.items() if k not in HARMLESS and k != "sliding_window" and _given(k, v))
+    extra = [k for k, v in kwargs.items() if k not in HARMLESS and k != "sliding_window" and _given(k, v)]
     if extra or (isinstance(mask, LazyMask) and mask.spec.window is not None):
-        what = extra[0] if extra else "a sliding window"
+        what = min(extra) if extra else "a sliding window"
         raise NotImplementedError(f"a vtattn.kv.CompressedCache cannot attend with {what} ({type(module).__name__})")
     count("cache")
     if layer.pages is not None:  # decoding: the kept tokens' positions say what each query sees, not a mask
