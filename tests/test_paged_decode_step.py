@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import vtattn
+from vtattn import kv
 from vtattn._registry import PAGED_DECODE_STEP
 from helpers import DTYPES, OUT_TOL, backend_params, run_forced, skip_unless_supported
 from test_paged_append import assert_same_writes, clone, make_inputs
@@ -85,24 +86,41 @@ def test_compiled_step_equals_eager():
 
 
 def test_a_compressed_layer_decode_step_is_one_op_call(monkeypatch):
-    """CompressedLayer: update keeps the token, its attention writes and reads it in one op call."""
+    """CompressedLayer: update keeps the token, its attention writes and reads it in one op call, through
+    the layer's own backend handle (a handle shared by layers of other pool sizes would choose at every
+    call): the choice is made once over steps of two layers of different sizes, then kept."""
+    from vtattn import _dispatch
     from vtattn.kv import CompressedCache, pages
+    from vtattn.patch import core
     calls = []
-    real = pages._STEP
-    monkeypatch.setattr(pages, "_STEP", lambda *a, stamp: calls.append(a) or real(*a, stamp=stamp))
     monkeypatch.setattr(pages, "_APPEND", lambda *a, stamp: calls.append("append"))
     g = torch.Generator().manual_seed(0)
-    k, v, q = (torch.randn(1, 2, 6, 8, generator=g) for _ in range(3))
-    cache = CompressedCache(None, page_size=4)
-    cache.update(k, v, 0)
-    layer = cache.layers[0]
-    layer.attend(q, k, v, None, None)
-    k1, v1, q1 = (torch.randn(1, 2, 1, 8, generator=g) for _ in range(3))
-    keys, values = cache.update(k1, v1, 0)
-    assert layer.pages.host_lengths.tolist() == [[7, 7]] and calls == []  # reserved, not written yet
-    out = layer.attend(q1, keys, values, None, None)
-    assert len(calls) == 1
-    want = vtattn.reference.attention(q1, torch.cat([k, k1], 2), torch.cat([v, v1], 2), False, 8 ** -0.5, 0.0, -1,
-                                      None)[0]
-    torch.testing.assert_close(out, want)
-    assert layer.pages.positions().tolist() == [[list(range(7))] * 2]
+    cache = CompressedCache([None, kv.SnapKV(0.3, window=2)], page_size=4, room=8)  # (no growth: no new pools)
+
+    def step(i, q, k, v):  # as a model's layer runs it: update, then the attention that claims the keys
+        keys, values = cache.update(k, v, i)
+        layer = core.claim(keys)
+        assert layer is cache.layers[i]
+        return layer.attend(q, keys, values, None, None)
+
+    seen = []  # layer 0 keeps everything: its k, v so far
+    for i in range(2):
+        q, k, v = (torch.randn(1, 2, 6 + 4 * i, 8, generator=g) for _ in range(3))
+        step(i, q, k, v)
+        seen = seen or [k, v]
+    assert cache.layers[0].pages.k.shape[0] != cache.layers[1].pages.k.shape[0]  # pools of other sizes
+    chosen = []
+    real = _dispatch.choose
+    monkeypatch.setattr(_dispatch, "choose", lambda *a: chosen.append(a[0]) or real(*a))
+    for _ in range(3):
+        for i in range(2):
+            q1, k1, v1 = (torch.randn(1, 2, 1, 8, generator=g) for _ in range(3))
+            before = cache.layers[i].pages.positions().shape[-1]
+            out = step(i, q1, k1, v1)
+            assert cache.layers[i].pages.positions().shape[-1] == before + 1
+            if i == 0:
+                seen = [torch.cat([t, t1], 2) for t, t1 in zip(seen, (k1, v1))]
+                torch.testing.assert_close(out, vtattn.reference.attention(q1, *seen, False, 8 ** -0.5, 0.0, -1,
+                                                                           None)[0])
+    assert chosen.count("paged_decode_step") == 2  # once per layer
+    assert calls == []  # no separate write

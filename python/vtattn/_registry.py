@@ -483,7 +483,7 @@ PAGED_DECODE_STEP = _define(
     },
     _paged_decode_step_fake,
     _sample_paged_decode_step,
-    grad=False,  # a cache write and its read (kv.pages.Pages.append_attend detaches k, v)
+    grad=False,  # a cache write and its read (kv.pages.Pages.write_args detaches k, v)
     shape_class=lambda args: signature(args, {1: (0,), 2: (0,), 3: (0,), 10: (0,), 11: (2,)}),  # the pools grow
 )
 

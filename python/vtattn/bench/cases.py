@@ -428,7 +428,7 @@ def _paged_append_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
 
 
 def _paged_decode_step_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
-    """A compressed layer's decode step (`kv.pages.Pages.append_attend`): the token's write, then the
+    """A compressed layer's decode step (`kv.cache.CompressedLayer.attend`): the token's write, then the
     paged read of every head's tokens, in one op call. Baselines: the two ops called in turn (what a
     step ran before), and a DynamicCache's step (torch.cat of the token to k and v, then SDPA). Every
     row first puts the heads' lengths back (one fill: repeated calls write the same, last slot)."""

@@ -134,6 +134,9 @@ class CompressedLayer(CacheLayerMixin):
         self.noted = 0
         # a decode step's token, stored by `attend` in the op that reads the layer: (k, v, start)
         self._step: tuple[torch.Tensor, torch.Tensor, int | torch.Tensor] | None = None
+        # the layer's own handle: its stamp names its pool's size, which differs between layers (one
+        # handle shared by layers of other sizes would choose the backend again at every call, ~30 us)
+        self._decode: Direct[torch.Tensor] = Direct("paged_decode_step", by_stamp=True)
         self._index: Direct[torch.Tensor] = Direct("index_attention")
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -210,7 +213,8 @@ class CompressedLayer(CacheLayerMixin):
             assert self._step is not None  # (update kept it)
             k_new, v_new, start = self._step
             self._step = None
-            out = p.append_attend(q, k_new, v_new, start, scale)
+            out = self._decode(q, *p.write_args(k_new, v_new, start), p.table, scale,
+                               stamp=(p.cls, p.k.shape[0], q.shape[1]))
         else:
             B, H = p.lengths.shape
             # several new tokens (stored already): original positions give exact causality among them

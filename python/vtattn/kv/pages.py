@@ -26,10 +26,8 @@ import torch
 from .._dispatch import Direct
 
 Host = npt.NDArray[np.int64]  # host-side counts, [B, H]
-# a write of new tokens, and a decode step's write and read: one op each, no validation; `Pages.cls`
-# stamps their backend choice
+# the write of new tokens: one op, no validation; `Pages.cls` stamps its backend choice
 _APPEND: Direct[None] = Direct("paged_append", by_stamp=True)
-_STEP: Direct[torch.Tensor] = Direct("paged_decode_step", by_stamp=True)
 
 
 def _round_up(n: Host, m: int) -> Host:
@@ -120,11 +118,12 @@ class Pages:
         (`start` an int, or an int64 device scalar: a static cache's count). No host sync; one
         device op (`paged_append`)."""
         self.reserve(k.shape[2])
-        _APPEND(*self._write_args(k, v, start), stamp=self.cls)
+        _APPEND(*self.write_args(k, v, start), stamp=self.cls)
 
     def reserve(self, n: int) -> None:
         """Room for n more tokens per head (a growing layout moves into a larger one first); the
-        write is `append`'s or `append_attend`'s. Host bookkeeping only, none under torch.compile."""
+        write is `append`'s, or a decode step's `paged_decode_step` (`write_args`). Host bookkeeping only,
+        none under torch.compile."""
         if torch.compiler.is_compiling():  # host bookkeeping stays out of compiled graphs
             return
         if n > self.room:
@@ -135,14 +134,8 @@ class Pages:
         self._appended += n  # folded into host_lengths when read: a decode step runs no numpy
         self.room -= n
 
-    def append_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor,
-                      scale: float) -> torch.Tensor:
-        """A decode step after `reserve(1)`: stores k, v [B, H, 1, D] as `append` does, then attends
-        q [B, Hq, 1, D] over every head's tokens ([B, Hq, 1, D]); one op (`paged_decode_step`)."""
-        return _STEP(q, *self._write_args(k, v, start), self.table, scale, stamp=(self.cls, self.k.shape[0], q.shape[1]))
-
-    def _write_args(self, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> tuple[Any, ...]:
-        """paged_append's arguments for k, v written at original positions from `start`."""
+    def write_args(self, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> tuple[Any, ...]:
+        """paged_append's arguments for k, v written at original positions from `start` (after `reserve`)."""
         if k.requires_grad or v.requires_grad:  # the cache is inference state (as its compressed prefill)
             k, v = k.detach(), v.detach()
         if not isinstance(start, torch.Tensor):  # a CPU scalar: the kernels read it at launch, no copy
