@@ -124,3 +124,21 @@ def test_a_compressed_layer_decode_step_is_one_op_call(monkeypatch):
                                                                            None)[0])
     assert chosen.count("paged_decode_step") == 2  # once per layer
     assert calls == []  # no separate write
+
+
+def test_cpp_backend_refuses_bad_slots_and_pages_by_name():
+    """The internal op's arguments are valid by construction; the C++ parts still check what would read
+    or write outside the pools: a slot outside the pools (raised before any write), a table entry
+    outside the pool (raised by the read, after the write: the op is internal, its callers never get here)."""
+    args = make_step(2, 3, 2, 40, 5, torch.float32, last=False)
+    skip_unless_supported(PAGED_DECODE_STEP, args, "cpp")
+    bad = clone(args)
+    bad[4][1, 2] = bad[1].shape[0] * bad[1].shape[1]  # next_slot past the pools
+    before = clone(bad)
+    with pytest.raises(RuntimeError, match=r"head \(1, 2\) writes slots .* outside the pools"):
+        torch.ops.vtattn_C.paged_decode_step(*bad)
+    assert_same_writes(_writes(bad), _writes(before))
+    bad = clone(args)
+    bad[11][0, 0, 0] = bad[1].shape[0]  # a used page id outside the pool
+    with pytest.raises(RuntimeError, match=r"block_table\[0, 0, 0\] = .* is outside"):
+        torch.ops.vtattn_C.paged_decode_step(*bad)
