@@ -2,8 +2,8 @@
 
 Reuse what exists: where FlashAttention-2 / memory-efficient attention (CUDA) or PyTorch's CPU
 flash kernel cover the inputs they are the fastest dense kernels (CPU, 1 thread: 1.8-4x vtattn's
-C++ kernel on prefill shapes, even on one decode row; docs/benchmarks.md); vtattn's own kernels
-serve everything else."""
+C++ kernel on prefill shapes, about equal on one fp32 decode row; docs/internals.md, "Backends and
+dispatch"); vtattn's own kernels serve everything else."""
 import torch
 
 
