@@ -336,6 +336,37 @@ struct Tiles {
   return lane[0];
 }
 
+// dot_fixed_order(a, x[k], n) for k < 4, each summed exactly as it sums: four independent chains, so
+// one row's add latency hides behind the others' (one row at a time is latency-bound: a decode
+// step's keys against a single query).
+[[maybe_unused]] VTATTN_MULTIVERSION void dot4_fixed_order(const float* __restrict a, const float* const* x, int64_t n,
+                                                          float* __restrict out) {
+  const float *__restrict x0 = x[0], *__restrict x1 = x[1], *__restrict x2 = x[2], *__restrict x3 = x[3];
+  float l0[kLanes] = {}, l1[kLanes] = {}, l2[kLanes] = {}, l3[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      l0[l] += a[d + l] * x0[d + l];
+      l1[l] += a[d + l] * x1[d + l];
+      l2[l] += a[d + l] * x2[d + l];
+      l3[l] += a[d + l] * x3[d + l];
+    }
+  for (int64_t l = 0; d + l < n; ++l) {
+    l0[l] += a[d + l] * x0[d + l];
+    l1[l] += a[d + l] * x1[d + l];
+    l2[l] += a[d + l] * x2[d + l];
+    l3[l] += a[d + l] * x3[d + l];
+  }
+  for (int64_t w = kLanes / 2; w > 0; w /= 2)
+    for (int64_t l = 0; l < w; ++l) {
+      l0[l] += l0[l + w];
+      l1[l] += l1[l + w];
+      l2[l] += l2[l + w];
+      l3[l] += l3[l + w];
+    }
+  out[0] = l0[0], out[1] = l1[0], out[2] = l2[0], out[3] = l3[0];
+}
+
 // y[0, n) += a * x[0, n): a value row into one query row's accumulator.
 [[maybe_unused]] VTATTN_MULTIVERSION void axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
   for (int64_t c = 0; c < n; ++c) y[c] += a * x[c];
@@ -463,12 +494,12 @@ struct BlockScratch {
       : qb(rows * dp), kt(dp * kBN), vb(kBN * dp), s(rows * kBN), acc(rows * dp) {}
 };
 
-// One thread's scratch for a single query row (attend_row), in one allocation: the scaled query, a
-// key or value row as fp32, a chunk of kBN logits and the output accumulator.
+// One thread's scratch for a single query row (attend_row), in one allocation: the scaled query, four
+// key or value rows as fp32, a chunk of kBN logits and the output accumulator.
 struct RowScratch {
   Scratch buf;
   float *q, *x, *s, *acc;
-  explicit RowScratch(int64_t d) : buf(3 * d + kBN), q(buf.data()), x(q + d), s(x + d), acc(s + kBN) {}
+  explicit RowScratch(int64_t d) : buf(6 * d + kBN), q(buf.data()), x(q + d), s(x + 4 * d), acc(s + kBN) {}
 };
 
 // Row j of a slice as fp32: the row itself when it is fp32 with unit stride, else converted into buf[d].
@@ -529,7 +560,13 @@ void attend_row(const TileOps& ops, const Slice<T>& ks, const Slice<T>& vs, int6
   std::fill(w.acc, w.acc + D, 0.f);
   for (int64_t j0 = lo; j0 < hi; j0 += kBN) {
     const int64_t n = std::min(kBN, hi - j0);
-    for (int64_t j = 0; j < n; ++j) w.s[j] = dot_fixed_order(w.q, row_f32(ks, key_of(j0 + j), D, w.x), D);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {  // four independent dot products at a time (dot4_fixed_order)
+      const float* x[4];
+      for (int64_t i = 0; i < 4; ++i) x[i] = row_f32(ks, key_of(j0 + j + i), D, w.x + i * D);
+      dot4_fixed_order(w.q, x, D, w.s + j);
+    }
+    for (; j < n; ++j) w.s[j] = dot_fixed_order(w.q, row_f32(ks, key_of(j0 + j), D, w.x), D);
     std::fill(w.s + n, w.s + kBN, 0.f);  // the tile operations read whole kBN rows
     if (softcap > 0.f) ops.softcap(w.s, round_up(n, kLanes), softcap);
     for (int64_t j = 0; j < n; ++j)

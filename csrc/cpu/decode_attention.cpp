@@ -5,6 +5,7 @@
 // layouts differ only in where key j of (b, g) lives: `rows_of(b, g)` gives that mapping.
 #include <torch/library.h>
 
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -30,16 +31,33 @@ PagedRows<T> paged_rows(const at::Tensor& pool, const at::Tensor& table, int64_t
           table.stride(2), pool.size(1), pool.stride(0), pool.stride(1), pool.stride(2)};
 }
 
-// RowsOf(b, g) -> (k rows, v rows): objects with row(j) and sd, as Slice<T>.
+// Row j of `rows` as fp32: the row itself when it is fp32 with unit stride (no copy), else
+// converted into buf[0, D).
+template <typename T, typename Rows>
+const float* f32_row(const Rows& rows, int64_t j, int64_t D, float* buf) {
+  const T* x = rows.row(j);
+  if (rows.sd == 1) {
+    if constexpr (std::is_same_v<T, float>) return x;
+    for (int64_t c = 0; c < D; ++c) buf[c] = static_cast<float>(x[c]);
+  } else {
+    for (int64_t c = 0; c < D; ++c) buf[c] = static_cast<float>(x[c * rows.sd]);
+  }
+  return buf;
+}
+
+// RowsOf(b, g) -> (k rows, v rows): objects with row(j) and sd, as Slice<T>. The dot products and
+// axpys are the multiversioned ones of common.h (AVX-512 / AVX2 where the CPU has them; a dot's
+// summation order is the same on every clone).
 template <typename T, typename RowsOf>
 void decode_kernel(const at::Tensor& q, int64_t Hkv, const at::Tensor& lengths, int64_t max_len, float scale,
                    RowsOf rows_of, at::Tensor& out) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), group = Hq / Hkv;
   const int32_t* len_p = lengths.const_data_ptr<int32_t>();
   T* out_p = out.data_ptr<T>();
+  const TileOps& ops = tile_ops();
 
   at::parallel_for(0, B * Hkv, grain_for(2 * group * max_len * D), [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * D), row(D), s, acc(group * D), inv(group);
+    std::vector<float> qf(group * D), rows(4 * D), s, acc(group * D), inv(group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, g = task % Hkv;
       const int64_t n = len_p[b * lengths.stride(0) + g * lengths.stride(1)];
@@ -48,29 +66,38 @@ void decode_kernel(const at::Tensor& q, int64_t Hkv, const at::Tensor& lengths, 
         const T* x = q.const_data_ptr<T>() + b * q.stride(0) + (g * group + r) * q.stride(1);
         for (int64_t c = 0; c < D; ++c) qf[r * D + c] = scale * static_cast<float>(x[c * q.stride(3)]);
       }
-      s.assign(group * n, 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const T* x = ks.row(j);
-        for (int64_t c = 0; c < D; ++c) row[c] = static_cast<float>(x[c * ks.sd]);
-        for (int64_t r = 0; r < group; ++r) s[r * n + j] = dot_fixed_order(&qf[r * D], row.data(), D);
+      // each head's logits in a row of whole kBN tiles (the tile operations read whole tiles)
+      const int64_t ns = round_up(std::max<int64_t>(n, 1), kBN);
+      s.resize(group * ns);
+      // keys four at a time (four independent dot products per query head), the rest one by one
+      int64_t j = 0;
+      for (; j + 4 <= n; j += 4) {
+        const float* x[4];
+        for (int64_t i = 0; i < 4; ++i) x[i] = f32_row<T>(ks, j + i, D, &rows[i * D]);
+        float d4[4];
+        for (int64_t r = 0; r < group; ++r) {
+          dot4_fixed_order(&qf[r * D], x, D, d4);
+          std::copy(d4, d4 + 4, &s[r * ns + j]);
+        }
       }
-      // Exact softmax per query head; a head with n == 0 keeps sum 0 and outputs zeros.
+      for (; j < n; ++j) {
+        const float* x = f32_row<T>(ks, j, D, rows.data());
+        for (int64_t r = 0; r < group; ++r) s[r * ns + j] = dot_fixed_order(&qf[r * D], x, D);
+      }
+      // Exact softmax per query head (the vectorised exp of the tile operations); a head with n == 0
+      // keeps inv 0 and outputs zeros.
       std::fill(inv.begin(), inv.end(), 0.f);
-      for (int64_t r = 0; r < group; ++r) {
-        float* sr = s.data() + r * n;
+      for (int64_t r = 0; r < group && n > 0; ++r) {
+        float* sr = s.data() + r * ns;
         float mx = kNegInf, sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sr[j]);
-        for (int64_t j = 0; j < n; ++j) sum += (sr[j] = std::exp(sr[j] - mx));
-        if (n > 0) inv[r] = 1.f / sum;
+        for (int64_t j0 = 0; j0 < n; j0 += kBN) mx = std::max(mx, ops.max_of(sr + j0, 0, std::min(kBN, n - j0)));
+        for (int64_t j0 = 0; j0 < n; j0 += kBN) sum += ops.exp_shift_sum(sr + j0, 0, std::min(kBN, n - j0), mx);
+        inv[r] = 1.f / sum;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) {
-        const T* x = vs.row(j);
-        for (int64_t c = 0; c < D; ++c) row[c] = static_cast<float>(x[c * vs.sd]);
-        for (int64_t r = 0; r < group; ++r) {
-          const float p = s[r * n + j];
-          for (int64_t c = 0; c < D; ++c) acc[r * D + c] += p * row[c];
-        }
+        const float* x = f32_row<T>(vs, j, D, rows.data());
+        for (int64_t r = 0; r < group; ++r) axpy(s[r * ns + j], x, &acc[r * D], D);
       }
       for (int64_t r = 0; r < group; ++r) {
         T* o = out_p + (b * Hq + g * group + r) * D;
