@@ -122,6 +122,7 @@ def test_decode_h2o_holds_the_cache_at_its_prefill_size():
     layer = cache.layers[0]
     layer.attend(q, k, v, None, 0.3)  # a non-default scale
     base = (layer.pages.positions() >= 0).sum(-1)
+    pools = layer.pages.k.data_ptr(), layer.pages.v.data_ptr(), layer.pages.table.data_ptr()
     peak = 0
     for _ in range(200):
         kn, vn = torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)
@@ -129,11 +130,14 @@ def test_decode_h2o_holds_the_cache_at_its_prefill_size():
         layer.attend(torch.randn(B, Hq, 1, D, generator=g), None, None, None, 0.3)
         lengths = (layer.pages.positions() >= 0).sum(-1)
         assert (lengths <= base + 8).all() and (lengths >= base).all()
+        assert int((layer.pages.pos >= 0).sum()) == int(lengths.sum())  # freed slots hold position -1
         peak = max(peak, cache.kv_bytes())
     assert torch.equal(lengths, base)  # 200 = 25 evictions of 8: back at the prefill's lengths
     last = layer.pages.positions().gather(-1, lengths[..., None] - 4 + torch.arange(4))
     assert (last == torch.arange(L + 196, L + 200)).all()  # the recent window is never evicted
     assert peak <= int(((base + 8 + 8 + 3) // 4).sum()) * 4 * D * 2 * 4  # pages of kept + every + room
+    # evictions compact each head within its own pages: room for `every` tokens, never a new layout
+    assert (layer.pages.k.data_ptr(), layer.pages.v.data_ptr(), layer.pages.table.data_ptr()) == pools
 
 
 def test_decode_h2o_beams_take_their_pending_queries():

@@ -236,8 +236,7 @@ class CompressedLayer(CacheLayerMixin):
         if n >= policy.every:
             queries, self.queries, self.noted = torch.cat(self.queries, 2), [], 0
             assert self.pages is not None and self._base is not None  # a compressed DecodeH2O layer
-            self.pages = evict(self.pages, queries, self.seen - n + self.offset, self._base, policy.recent,
-                               self._room())
+            evict(self.pages, queries, self.seen - n + self.offset, self._base, policy.recent)
 
     def _compress(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
                   valid: torch.Tensor | None, scale: float | None, frame: Frame | None) -> None:
@@ -286,10 +285,12 @@ class CompressedLayer(CacheLayerMixin):
 
     def _room(self) -> int:
         """Slots each head gets past its tokens: a static cache's max_new_tokens; a growing one's
-        `room` (default 1: what the last page leaves, grown on demand)."""
+        `room` (default 1: what the last page leaves, grown on demand), at least a DecodeH2O's
+        `every` (its heads then never outgrow their pages: eviction compacts them in place)."""
         if self.cache.max_new_tokens is not None:  # static
             return self.cache.max_new_tokens
-        return self.cache.room or 1
+        room = self.cache.room or 1
+        return max(room, self.policy.every) if isinstance(self.policy, DecodeH2O) else room
 
     @property
     def base(self) -> torch.Tensor | None:

@@ -7,7 +7,7 @@ the cache keeps the last `every` decode queries and, every `every` tokens, compu
 one pass over the kept keys (exact: no eviction happened since those queries ran, so the keys they
 saw are the cache's keys at positions <= theirs), adds them, and evicts `every` tokens per head.
 every=1 is H2O's per-step rule. The pass costs what `every` decode steps' attention costs, in
-fp32, plus one copy of the layer's kept KV into new pages."""
+fp32, plus moving each head's kept tokens to the front of its own pages (no new pages)."""
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -34,11 +34,10 @@ def prompt_mass(policy: DecodeH2O, ranked: torch.Tensor | None, q: torch.Tensor,
     return key_importance(q, k, rows=real, lse=lse, causal=True).view(B, Hkv, -1, L).mean(2)
 
 
-def evict(pages: Pages, queries: torch.Tensor, start: int, base: npt.NDArray[np.int64], recent: int,
-          room: int) -> Pages:
-    """New Pages for `pages` after adding the mass of queries [B, Hq, n, D] (scaled for the default
-    scale, at positions start..start+n-1) and evicting down to `base` (numpy int64 [B, Hkv]). The
-    counts are the host's (`pages.host_lengths`): no host sync."""
+def evict(pages: Pages, queries: torch.Tensor, start: int, base: npt.NDArray[np.int64], recent: int) -> None:
+    """Add the mass of queries [B, Hq, n, D] (scaled for the default scale, at positions
+    start..start+n-1) to `pages`' scores and evict down to `base` (numpy int64 [B, Hkv]), in place
+    (`Pages.compact`). The counts are the host's (`pages.host_lengths`): no host sync."""
     slots = pages.slots()
     B, H, Lm = slots.shape
     D = pages.k.shape[-1]
@@ -68,6 +67,4 @@ def evict(pages: Pages, queries: torch.Tensor, start: int, base: npt.NDArray[np.
     counts = lengths - drop
     K = int(counts.max()) if counts.size else 0
     kept = torch.where(keep, t, Lm).sort(-1).values[..., :K].clamp(max=max(Lm - 1, 0))  # ascending
-    at = flat.gather(-1, kept)
-    return Pages(pages.k.view(-1, D)[at], pages.v.view(-1, D)[at], pos.gather(-1, kept), counts,
-                 pages.page_size, room, scores=score.gather(-1, kept))
+    pages.compact(kept, counts, score.gather(-1, kept))
