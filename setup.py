@@ -210,8 +210,8 @@ def main():
         "cuda_skip_reason": skip_reason,
         "cuda_home": cuda_home,
         "cuda_archs": archs if cuda_home else [],
-        "cuda_kernels": [Path(s).stem for s in cu_sources],
-        "cpu_kernels": [Path(s).stem for s in cpp_sources if "/cpu/" in s],
+        "cuda_sources": [Path(s).stem for s in cu_sources],  # files; `vtattn info`'s compiled_ops lists ops
+        "cpu_sources": [Path(s).stem for s in cpp_sources if "/cpu/" in s],
     }
     # No -std flag: torch picks the standard its headers need (C++20 from 2.14 on).
     cxx_flags = ["-O3", "-fopenmp"]

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import vtattn
+
 from vtattn import _env, _ext
 
 REQUIRE_CUDA = _env.flag("VTATTN_REQUIRE_CUDA")
@@ -26,9 +28,13 @@ def test_build_info_recorded():
     assert info, "vtattn._C was not built"
     assert info["torch"] == torch.__version__
     assert _ext.load() is None
-    assert sorted(info["cpu_kernels"]) == CPU_KERNELS
+    assert sorted(info["cpu_sources"]) == CPU_KERNELS
     for op in CPU_KERNELS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"vtattn_C::{op}", "CPU"), op
+    # `vtattn info` lists ops, as the dispatcher has them (a file may hold several: decode_attention.cpp)
+    compiled = vtattn.info()["compiled_ops"]
+    assert set(CPU_KERNELS) | {"paged_decode_attention"} <= set(compiled["cpu"])
+    assert compiled["any"] == ["paged_decode_step"]
     assert not list((ROOT / "python" / "vtattn").glob("_build_info*")), "build facts written into the sources"
 
 

@@ -67,7 +67,7 @@ def test_cpu_default_prefers_aten_then_compiled_kernels_then_reference():
 
 
 def test_mismatched_build_is_reported_not_raised(monkeypatch):
-    info = dict(_ext.build_info() or {"with_cuda": False, "cuda_skip_reason": "", "cpu_kernels": []})
+    info = dict(_ext.build_info() or {"with_cuda": False, "cuda_skip_reason": "", "cpu_sources": []})
     info["torch"] = "0.0.0"
     monkeypatch.setattr(_ext, "_read_facts", lambda: info)  # the facts compiled into _C, as read after loading
     _ext.load.cache_clear()

@@ -35,6 +35,8 @@ def info() -> dict[str, Any]:
                 "chosen": chosen, "refusals": {n: r for n, r in answers.items() if r}}
     reason = _ext.load()
     so, why = _ext.location()
+    # the ops vtattn._C has a kernel for, as the dispatcher sees them ("any": a composite of other ops' kernels)
+    compiled = {d: [op for op in _registry.OPS if _ext.has_kernel(op, d) is None] for d in ("cpu", "cuda", "any")}
     return {
         "vtattn": _ext.build_info().get("version") or _version("vtattn"),
         "vtattn_path": str(Path(__file__).resolve().parent),
@@ -46,6 +48,7 @@ def info() -> dict[str, Any]:
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "compiled_kernels": reason or "loaded",
         "compiled_path": f"{so} ({why})" if so else None,
+        "compiled_ops": None if reason else compiled,
         "build": _ext.build_info(),
         "forced_backend": _dispatch.forced_backend(),
         "environment": _env.table(),
