@@ -143,14 +143,15 @@ def _record_cache(impl: Impl, cache: Any) -> None:
 Variant = tuple[str, str, Callable[..., dict[str, Any]] | None, str | None]  # called with no arguments
 
 
-def _variants(which: str, new_tokens: int, llm_layers: int) -> list[Variant]:
+def _variants(which: str, new_tokens: int, llm_layers: int, anyres: bool = False) -> list[Variant]:
     """(row name, role, patch kwargs (a function: built inside the row's ctx) or None for the
     unpatched model, the name of a variant whose API may be missing). which: "all" (LLaVA: vision
     selection, FastV, visual-token exit, KV budgets), "kv" (LLaVA: KV rows) or "qwen" (patch.qwen2_vl:
     vision-side keep below 1, FastV, visual-token exit, KV rows). The exit row (`exit-half`): every
     visual token leaves the LLM at half its depth, K = llm_layers // 2, alone (the tower unpatched);
     named by the fraction, not K, so the name is the same at every level; likewise `aim` (AIM's schedule
-    scaled to the depth)."""
+    scaled to the depth; `aim-prune` on LLaVA-NeXT anyres: its LLM cuts without the image merge, which
+    AIM defines for one view per image)."""
     out: list[Variant] = [("unpatched-sdpa", "baseline", None, None)]
     if which == "all":  # keep=1.0 is a reference: the targets are ratios to it.
         out += [(f"keep-{k}", "reference" if k == 1.0 else "vtattn", lambda k=k: dict(keep=k), None) for k in KEEPS]
@@ -170,7 +171,10 @@ def _variants(which: str, new_tokens: int, llm_layers: int) -> list[Variant]:
         # its image merge (576 -> 252): before LLaVA's projector, on Qwen2-VL's LLM input (per image / frame)
         start = llm_layers * 13 // 32
         merge: dict[str, Any] = {} if which == "all" else dict(metric="features", order="original")
-        out.append(("aim", "vtattn", lambda: dict(stages=[vtattn.patch.AIM(start=start, **merge)]), "AIM"))
+        if anyres:  # AIM's merge is defined for one view per image: LLaVA-NeXT's row runs its LLM cuts alone
+            out.append(("aim-prune", "vtattn", lambda: dict(stages=[vtattn.patch.AIM(start=start, merge=())]), None))
+        else:
+            out.append(("aim", "vtattn", lambda: dict(stages=[vtattn.patch.AIM(start=start, **merge)]), "AIM"))
     if which == "qwen":  # keep=1.0 is the unpatched model there (nothing to patch)
         out += [(f"keep-{k}", "vtattn", lambda k=k: dict(keep=k), None) for k in KEEPS if k < 1.0]
         out.append((f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(
@@ -277,7 +281,8 @@ def _scenario_cases(transformers: Any, scenario_name: str, scenario: dict[str, A
     def impls(kind: str, B: int) -> list[Impl]:
         out: list[Impl] = []
         inner: Callable[..., AbstractContextManager[Any]]  # called with no arguments
-        for row, role, kw, pending in _variants(scenario.get("variants", "all"), new_tokens, text.num_hidden_layers):
+        for row, role, kw, pending in _variants(scenario.get("variants", "all"), new_tokens, text.num_hidden_layers,
+                                              bool(scenario.get("anyres"))):
             if kw is None:
                 inner = lambda: attn_impl(model(), "sdpa")
             else:
