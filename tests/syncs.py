@@ -129,3 +129,29 @@ def step_syncs(model, inputs, steps):
             h.remove()
     assert len(per_step) == steps
     return per_step[1:], tokens
+
+
+def prefill_syncs(model, inputs):
+    """The syncs of the prefill (the first forward) of a greedy `model.generate(**inputs)` of 2 tokens."""
+    found = []
+
+    def before(module, args, kwargs):
+        if not found:
+            found.append(count_syncs())
+            found.append(found[0].__enter__())
+
+    def after(module, args, kwargs, out):
+        if len(found) == 2:
+            found[0].__exit__(None, None, None)
+            found.append(None)
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found[1]
+

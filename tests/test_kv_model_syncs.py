@@ -10,7 +10,7 @@ import torch
 import vtattn
 from vtattn import kv
 from _vlm import llava, llava_next, llava_next_inputs, prompts, qwen2_vl, qwen2_vl_inputs
-from syncs import step_syncs
+from syncs import prefill_syncs, step_syncs
 
 pytest.importorskip("transformers")
 
@@ -130,3 +130,24 @@ def test_decode_steps_do_not_compute_the_image_mask(path):
     step_syncs(model, inputs, STEPS)
     assert all(w == inputs["input_ids"].shape[1] for w in widths), widths
     assert len(widths) == (path == "kv-stage")
+
+
+@pytest.mark.parametrize("policy", ["lookm", "decode-h2o", "snapkv"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_reads_each_keep_set_once(policy, padded):
+    """A compressed prefill reads the host once per layer and sample (each keep-set's counts: its
+    width and the pages' sizes) and at most once for the prompt's padding: its own arguments go
+    to the registered ops unchecked (no lse or cu_seqlens reads), no boolean indexing."""
+    model, patch, inputs = _llava()
+    if not padded:  # one sample, one image: nothing padded
+        ids, mask = prompts([[36]])
+        inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"][:1])
+    policies = {"lookm": kv.LookM(0.2, 0.1), "decode-h2o": kv.DecodeH2O(kv.SnapKV(0.3, window=2), every=2, recent=2),
+                "snapkv": kv.SnapKV(0.3, window=2)}
+    patch(model, stages=[vtattn.patch.KVCompress(policies[policy])])
+    syncs = [(why, where) for why, where in prefill_syncs(model, inputs)
+             if why != "Tensor.numpy" and any(w.startswith("kv/") for w in where)]  # (numpy of a host copy: free)
+    B, layers = inputs["input_ids"].shape[0], model.config.text_config.num_hidden_layers
+    # (+ 1: the padding read, once, where the mask is materialised: padded, or a transformers that builds one anyway)
+    assert layers * B <= len(syncs) <= layers * B + 1, "\n".join(f"{why}: {where}" for why, where in syncs)
+

@@ -23,14 +23,16 @@ import numpy.typing as npt
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-import vtattn
-
 from .._dispatch import Direct
 from ..patch import core as _handoff  # the forward context vtattn's attention claims layers from
 from .decode import evict, prompt_mass
 from .merge import merge_kv
-from .pages import Pages
+from .pages import Pages, _device
 from .policies import DecodeH2O, Policy
+
+# the prefill's attention, with the arguments the cache builds valid (the public checks would read cu_seqlens)
+_ATTENTION: Direct[tuple[torch.Tensor, torch.Tensor]] = Direct("attention")
+_VARLEN: Direct[tuple[torch.Tensor, torch.Tensor]] = Direct("varlen_attention")
 
 
 class Frame(NamedTuple):
@@ -40,6 +42,17 @@ class Frame(NamedTuple):
     positions: torch.Tensor
     length: int
     modality: torch.Tensor | None
+
+
+class Padding(NamedTuple):
+    """A padded prompt's real tokens, from one host read of its mask: `valid` bool [B, L]; per
+    sample the indices of its real tokens (`rows`); `flat` int64 [T]: b * L + l of every real
+    token in order; `cu` int32 [B + 1]: cumulative counts; `longest`: the most real tokens of a sample."""
+    valid: torch.Tensor
+    rows: list[torch.Tensor]
+    flat: torch.Tensor
+    cu: torch.Tensor
+    longest: int
 
 
 class CompressedCache(Cache):
@@ -79,6 +92,7 @@ class CompressedCache(Cache):
         super().__init__(layers=[])
         self.policy, self.page_size, self.room, self.max_new_tokens = policy, page_size, room, max_new_tokens
         self.modality: torch.Tensor | None = None
+        self._padding: dict[int, Padding | None] = {}  # the prompt's padding by its length (prompt_padding)
 
     @property
     def static(self) -> bool:
@@ -92,6 +106,17 @@ class CompressedCache(Cache):
             policy = self.policy[i] if isinstance(self.policy, (list, tuple)) else self.policy
             self.layers.append(CompressedLayer(self, i, policy))
         return self.layers[layer_idx].update(key_states, value_states)
+
+    def prompt_padding(self, mask: torch.Tensor | None, L: int) -> Padding | None:
+        """The padding of this cache's prompt of L tokens, from the first layer's mask: every layer
+        that sees the whole prompt has the same (one host read per prefill, not per layer)."""
+        if L not in self._padding:
+            self._padding[L] = _padding(mask, L)
+        return self._padding[L]
+
+    def reset(self) -> None:
+        self._padding.clear()
+        super().reset()
 
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
         """int64 [B, Hkv, L]: the original positions each (batch, kv head) holds, ascending for the
@@ -194,12 +219,13 @@ class CompressedLayer(CacheLayerMixin):
         (q, k, v, scale) -> (out, lse) in place of the unpadded prompt's causal attention (the patch's
         sparse prefill); compression then scores with its LSE."""
         if self.pages is None:
-            valid = _valid_keys(mask, k.shape[2])
-            out, lse = prefill(q, k, v, scale) if prefill is not None and valid is None else \
-                _prefill_attention(q, k, v, valid, scale)
+            # the prompt's padding, read on the host once for the layers that see the whole prompt
+            pad = self.cache.prompt_padding(mask, k.shape[2]) if frame is None else _padding(mask, k.shape[2])
+            out, lse = prefill(q, k, v, scale) if prefill is not None and pad is None else \
+                _prefill_attention(q, k, v, pad, scale)
             if frame is not None:
                 self.offset = frame.length - self.seen
-            self._compress(q, k, v, lse, valid, scale, frame)
+            self._compress(q, k, v, lse, pad, scale, frame)
             self.keys = self.values = None
             return out
         # The registered ops' kernels (`_dispatch.Direct`), not the public functions: these arguments are
@@ -239,7 +265,7 @@ class CompressedLayer(CacheLayerMixin):
             evict(self.pages, queries, self.seen - n + self.offset, self._base, policy.recent)
 
     def _compress(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
-                  valid: torch.Tensor | None, scale: float | None, frame: Frame | None) -> None:
+                  pad: Padding | None, scale: float | None, frame: Frame | None) -> None:
         # The keep-set is a discrete choice and the cache is inference state: scores and stored rows carry
         # no gradient (key_importance and merge_tokens refuse inputs that require grad).
         q, k, v, lse = q.detach(), k.detach(), v.detach(), lse.detach()
@@ -250,19 +276,19 @@ class CompressedLayer(CacheLayerMixin):
         if modality is not None and tuple(modality.shape) != (B, L):
             raise ValueError(f"CompressedCache.modality must be [B, L] = {(B, L)} for this prefill, "
                              f"got {tuple(modality.shape)}")
-        rows: list[torch.Tensor | None] = [None] * B if valid is None else [valid[b].nonzero()[:, 0] for b in range(B)]
-        if valid is None and self.policy is not None:
-            keep = self.policy.select(q, k, modality=modality, lse=lse)
-            indices, counts, ranked = keep.indices, keep.counts, keep.scores
+        if pad is None and self.policy is not None:
+            keep = self.policy.chosen(q, k, modality, lse)
+            indices, ranked = keep.indices, keep.scores
+            host: torch.Tensor | npt.NDArray[np.int64] = keep.counts if keep.host_counts is None else keep.host_counts
         else:  # padding: each sample alone on its own tokens, as it would be without the others
-            indices, counts = _per_sample(self.policy, q, k, lse, modality, rows)
+            indices, host = _per_sample(self.policy, q, k, lse, modality, [None] * B if pad is None else pad.rows)
             ranked = None
         merge = getattr(self.policy, "merge", None)
         if merge is not None:
             image = torch.ones_like(k[..., 0], dtype=torch.bool) if modality is None else \
                 (modality if modality.dtype == torch.bool else modality >= 0)[:, None, :].expand(B, H, L)
-            if valid is not None:
-                image = image & valid[:, None, :]
+            if pad is not None:
+                image = image & pad.valid[:, None, :]
             k_rows, v_rows = merge_kv(k, v, indices, image, merge, getattr(self.policy, "merge_rule", "vtattn"))
         else:
             at = indices.clamp(min=0)[..., None].expand(*indices.shape, D)
@@ -272,7 +298,7 @@ class CompressedLayer(CacheLayerMixin):
         scores = None
         if isinstance(self.policy, DecodeH2O):
             scores = prompt_mass(self.policy, ranked, q, k, lse).gather(2, indices.clamp(min=0))
-        self.pages = Pages(k_rows, v_rows, positions, counts, self.cache.page_size, self._room(), scores,
+        self.pages = Pages(k_rows, v_rows, positions, host, self.cache.page_size, self._room(), scores,
                            fixed=self.cache.static)
         if scores is not None:
             self._base = self.pages.host_lengths.copy()
@@ -349,52 +375,57 @@ class CompressedLayer(CacheLayerMixin):
             self._base = self._base[rows.cpu().numpy()]
 
 
-def _valid_keys(mask: torch.Tensor | None, L: int) -> torch.Tensor | None:
-    """bool [B, L] padding mask from a prefill's 4-D attention mask (its last row sees every real
-    key), or None when nothing is padded."""
+def _padding(mask: torch.Tensor | None, L: int) -> Padding | None:
+    """The padding of a prefill's 4-D attention mask (its last row sees every real key), or None
+    when nothing is padded: one host read; the index lists are built there."""
     if mask is None:
         return None
     row = mask[:, 0, -1, :L]
     valid = row if row.dtype == torch.bool else row == 0
-    return None if bool(valid.all()) else valid
+    host = valid.cpu().numpy()
+    if host.all():
+        return None
+    counts = host.sum(1)
+    cu = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return Padding(valid, [_device(np.flatnonzero(h), valid.device) for h in host],
+                   _device(np.flatnonzero(host), valid.device), _device(cu, valid.device), int(counts.max()))
 
 
-def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: Padding | None,
                        scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of the prompt and its LSE [B, Hq, L]; with padding, the real tokens of each
-    sample packed into one varlen call (padded rows: out 0, LSE +inf, so they weigh nothing)."""
-    if valid is None:
-        return vtattn.attention(q, k, v, causal=True, scale=scale, return_lse=True)
+    sample packed into one varlen call (padded rows: out 0, LSE +inf, so they weigh nothing). The
+    registered ops: these arguments are valid by construction (the public checks would read cu_seqlens)."""
     B, Hq, L, D = q.shape
-    cu = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
-    cu[1:] = valid.sum(1).cumsum(0)
-    q_p, k_p, v_p = [t.transpose(1, 2)[valid] for t in (q, k, v)]
-    out_p, lse_p = vtattn.varlen_attention(q_p, k_p, v_p, cu, cu, causal=True, scale=scale, return_lse=True)
-    out = q.new_zeros(B, L, Hq, D)
-    out[valid] = out_p
-    lse = torch.full((B, L, Hq), float("inf"), device=q.device)
-    lse[valid] = lse_p.t()
-    return out.transpose(1, 2), lse.transpose(1, 2)
+    scale = D ** -0.5 if scale is None else float(scale)
+    if pad is None:
+        return _ATTENTION(q, k, v, True, scale, 0.0, -1, None)
+    q_p, k_p, v_p = [t.transpose(1, 2).reshape(B * L, *t.shape[1:2], D).index_select(0, pad.flat) for t in (q, k, v)]
+    out_p, lse_p = _VARLEN(q_p, k_p, v_p, pad.cu, pad.cu, pad.longest, True, scale, 0.0, -1, None)
+    out = q.new_zeros(B * L, Hq, D).index_copy_(0, pad.flat, out_p)
+    lse = torch.full((B * L, Hq), float("inf"), device=q.device).index_copy_(0, pad.flat, lse_p.t())
+    return out.view(B, L, Hq, D).transpose(1, 2), lse.view(B, L, Hq).transpose(1, 2)
 
 
 def _per_sample(policy: Policy | None, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
                 modality: torch.Tensor | None,
-                rows: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """indices [B, H, K] (original positions, -1 padded) and counts [B, H] with each sample's
-    policy run on its own real tokens (`rows[b]`, None = all)."""
+                rows: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, npt.NDArray[np.int64]]:
+    """indices [B, H, K] (original positions, -1 padded) and the counts [B, H] on the host, with each
+    sample's policy run on its own real tokens (`rows[b]`, None = all)."""
     B, H, L = k.shape[:3]
-    found: list[tuple[torch.Tensor, torch.Tensor]] = []
+    found: list[tuple[torch.Tensor, npt.NDArray[np.int64]]] = []
     for b, r in enumerate(rows):
         r = torch.arange(L, device=k.device) if r is None else r
         if policy is None:
-            found.append((r.expand(H, len(r)), torch.full((H,), len(r), device=k.device)))
+            found.append((r.expand(H, len(r)), np.full(H, len(r))))
             continue
         mod = None if modality is None else modality[b:b + 1, r]
-        keep = policy.select(q[b:b + 1, :, r], k[b:b + 1, :, r], modality=mod, lse=lse[b:b + 1, :, r])
+        keep = policy.chosen(q[b:b + 1, :, r], k[b:b + 1, :, r], mod, lse[b:b + 1, :, r])
+        assert keep.host_counts is not None  # (from_mask reads them)
         idx = keep.indices[0]
-        found.append((torch.where(idx >= 0, r[idx.clamp(min=0)], -1), keep.counts[0]))
+        found.append((torch.where(idx >= 0, r[idx.clamp(min=0)], -1), keep.host_counts[0]))
     K = max(i.shape[-1] for i, _ in found)
     indices = torch.full((B, H, K), -1, dtype=torch.int64, device=k.device)
     for b, (i, _) in enumerate(found):
         indices[b, :, :i.shape[-1]] = i
-    return indices, torch.stack([c for _, c in found]).long()
+    return indices, np.stack([c for _, c in found]).astype(np.int64)

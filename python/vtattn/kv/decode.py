@@ -12,11 +12,13 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ..ops.key_importance import key_importance
+from .._dispatch import Direct
 from .policies import H2O, AdaKV, DecodeH2O, LookM, Modality, Policy
 from .pages import Pages, _device
 
 _MAX_LOGITS = 1 << 25  # fp32 logits per chunk of queries (128 MiB)
+# the prompt's scores: the cache's own prefill arguments, valid by construction (no checks, whose reads sync)
+_KEY_IMPORTANCE: Direct[torch.Tensor] = Direct("key_importance")
 
 
 def prompt_mass(policy: DecodeH2O, ranked: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
@@ -30,8 +32,9 @@ def prompt_mass(policy: DecodeH2O, ranked: torch.Tensor | None, q: torch.Tensor,
     if ranked is not None and isinstance(inner, (LookM, H2O)) and inner.reduce == "mean":
         return ranked
     B, Hkv, L = k.shape[:3]
-    real = ~torch.isposinf(lse[:, 0])  # padded rows carry LSE +inf (cache._prefill_attention): left out
-    return key_importance(q, k, rows=real, lse=lse, causal=True).view(B, Hkv, -1, L).mean(2)
+    # padded rows carry LSE +inf (cache._prefill_attention): left out (-1: no row)
+    rows = torch.where(torch.isposinf(lse[:, 0]), -1, torch.arange(L, device=k.device))
+    return _KEY_IMPORTANCE(q, k, lse, rows, True, q.shape[-1] ** -0.5, 0.0, -1, None).view(B, Hkv, -1, L).mean(2)
 
 
 def evict(pages: Pages, queries: torch.Tensor, start: int, base: npt.NDArray[np.int64], recent: int) -> None:

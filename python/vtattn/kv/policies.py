@@ -4,7 +4,9 @@ mass, no L x L tensor) reduced over each GQA group (mean, or max with reduce="ma
 
 `select(q, k, *, modality=None, lse=None, causal=True)`: modality is bool [B, L] (True = image
 token) or int64 image span ids [B, L] (-1 = text); lse is the fp32 [B, Hq, L] LSE of the prompt's
-attention (`vtattn.attention(..., return_lse=True)`), which saves recomputing it.
+attention (`vtattn.attention(..., return_lse=True)`), which saves recomputing it. `select` checks
+its arguments (lse's values: one host read); `chosen(q, k, modality, lse, causal)` is the same choice
+for arguments valid by construction (the cache's prefill), with no checks.
 
 Every policy is a plan -- keys always kept (`forced`), keys it may choose (`allowed`), how many
 to choose per head (`free`), scores (higher = keep) -- then a per-head top-`free`; the wrappers
@@ -12,31 +14,40 @@ to choose per head (`free`), scores (higher = keep) -- then a per-head top-`free
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from ..ops.key_importance import key_importance
+from .._dispatch import Direct
+from ..ops import _checks
+from ..ops.key_importance import _row_index
 from .budgets import adakv_allocate, cap_per_image, image_spans, resolve_budget, resolve_window, tokens, top_free
 from .merge import MODES, RELEASE_MODES, RULES
 
 MERGE_MODES = (None,) + MODES
+# the scores' op: `select` checked the arguments once (`chosen`: the cache's own, valid by construction)
+_KEY_IMPORTANCE: Direct[torch.Tensor] = Direct("key_importance")
 
 
 @dataclass
 class KeepSet:
     """indices int64 [B, Hkv, K]: kept original positions, ascending, -1 padded past counts[b, h];
-    counts int64 [B, Hkv]; scores fp32 [B, Hkv, L]: the GQA-reduced scores the policy ranked by."""
+    counts int64 [B, Hkv]; scores fp32 [B, Hkv, L]: the GQA-reduced scores the policy ranked by;
+    host_counts: the counts as a numpy int64 array (read once, for K; the cache's pages take them)."""
     indices: torch.Tensor
     counts: torch.Tensor
     scores: torch.Tensor
+    host_counts: npt.NDArray[np.int64] | None = None
 
     @classmethod
     def from_mask(cls, keep: torch.Tensor, scores: torch.Tensor) -> "KeepSet":
         L = keep.shape[-1]
         counts = keep.sum(-1)
+        host = counts.cpu().numpy()  # the keep-set's one host read: its width K
         pos = torch.where(keep, torch.arange(L, device=keep.device), L).sort(-1).values
-        indices = pos[..., :int(counts.max())]
-        return cls(indices.masked_fill(indices == L, -1), counts, scores)
+        indices = pos[..., :int(host.max()) if host.size else 0]
+        return cls(indices.masked_fill(indices == L, -1), counts, scores, host)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -58,7 +69,13 @@ class Policy:
 
     def select(self, q: torch.Tensor, k: torch.Tensor, *, modality: torch.Tensor | None = None,
                lse: torch.Tensor | None = None, causal: bool = True) -> KeepSet:
-        _check_inputs(q, k, modality)
+        _check_inputs(q, k, modality, lse)
+        return self.chosen(q, k, modality, lse, causal)
+
+    def chosen(self, q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None, lse: torch.Tensor | None,
+               causal: bool = True) -> KeepSet:
+        """`select` for arguments valid by construction (the cache's own prefill): no checks, whose
+        reads of lse would sync; the scores through the registered op."""
         plan = self._plan(q, k, modality, lse, causal)
         return KeepSet.from_mask(self._keep(plan), plan.scores)
 
@@ -71,8 +88,9 @@ class Policy:
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor, rows: str | slice, lse: torch.Tensor | None,
                 causal: bool) -> torch.Tensor:
-        s = key_importance(q, k, rows=rows, lse=lse, causal=causal)
         B, Hkv, L = k.shape[:3]
+        index = _row_index(rows, B, q.shape[2], q.device, check=False)
+        s = _KEY_IMPORTANCE(q, k, lse, index, causal, q.shape[-1] ** -0.5, 0.0, -1, None)
         s = s.view(B, Hkv, -1, L)
         return s.mean(2) if self.reduce == "mean" else s.amax(2)
 
@@ -83,7 +101,7 @@ def _check_reduce(reduce: str) -> str:
     return reduce
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None, lse: torch.Tensor | None) -> None:
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4):
         raise ValueError("q and k must be 4-D tensors [B, H, L, D]")
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
@@ -98,6 +116,13 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | Non
                              f"{tuple(modality.shape) if isinstance(modality, torch.Tensor) else modality!r}")
         if modality.dtype != torch.bool and (modality.dtype.is_floating_point or modality.dtype.is_complex):
             raise TypeError(f"modality must be bool (True = image) or integer span ids, got {modality.dtype}")
+    _checks.attention_inputs(q, k)  # (dtypes, devices), as key_importance checks them
+    if lse is not None:  # and a given lse (one sync: its values)
+        _checks.tensor("lse", lse, 3, (torch.float32,))
+        _checks.same_device({"q": q, "lse": lse})
+        if lse.shape != q.shape[:3]:
+            raise ValueError(f"lse must have shape [B, Hq, L] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+        _checks.lse_values(lse, None)
 
 
 def _inner(policy: object) -> Policy:
