@@ -11,6 +11,7 @@
 #                  then the CUDA-backend pytest cases (-k "gpu-cuda or gpu-aten": no Triton compile;
 #                  xdist workers, a per-test timeout)
 #       triton     every Triton kernel once, one config each, from .triton-cache (TRITON_CACHE_DIR)
+#       models     the other CUDA pytest cases: CUDA-graph replays, patched tiny models, options
 #     3 sanitize   compute-sanitizer memcheck, racecheck, synccheck on `gpu_kernels.py --backend cuda`
 #                  (a sandbox that refuses the sanitizer is reported, and the call goes on)
 #     4 bench      fixed configs (VTATTN_TRITON_AUTOTUNE=0): aten / CUDA rows, then Triton rows, then
@@ -144,6 +145,14 @@ if [ "$MODE" != bench ]; then
   step triton_kernels 60 "$OUT/tests.log" env VTATTN_TRITON_AUTOTUNE=0 "$PY" "${KERNELS[@]}" --backend triton
   [ -d .triton-cache ] && echo "triton: $(($(find .triton-cache -mindepth 1 -maxdepth 1 | wc -l) - before))" \
     "kernels compiled on the device (0: all came from .triton-cache)" >>"$SUMMARY"
+  # the other CUDA pytest cases: CUDA-graph replays (a static compressed decode step), the patched tiny models
+  # on CUDA, the attention options, opchecks; a Triton kernel they reach may compile here (gpu_summary.py merges
+  # their results into pytest_cuda.xml)
+  OTHERS="cuda and not (gpu-cuda or gpu-aten or on_the_device or no_kernel_takes) and not triton and not gpu-torch"
+  PYTEST=(-m pytest tests -m gpu -k "$OTHERS" -rfEs -p no:cacheprovider --junitxml="$OUT/pytest_models.xml")
+  "$PY" -c 'import xdist' 2>/dev/null && PYTEST+=(-n 4)
+  "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout 90)
+  step pytest_models 60 "$OUT/tests.log" env VTATTN_TRITON_AUTOTUNE=0 "$PY" "${PYTEST[@]}"
 
   # ---- 3. compute-sanitizer on one launch of each CUDA kernel ----
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)

@@ -2,8 +2,9 @@
     python scripts/gpu_summary.py OUTDIR
 PASSED / FAILED / NOT REACHED (its step ran out of time, or never started) / SKIPPED (no GPU: a dry
 run) for each op's CUDA and Triton kernel, from scripts/gpu_kernels.py's records (kernels.jsonl) and
-the CUDA-backend pytest cases (pytest_cuda.xml); then each sanitizer's verdict (sanitizer.log). It
-also merges the bench passes (bench_*.json) into bench.json, so the call returns at most 8 files."""
+the CUDA-backend pytest cases (pytest_cuda.xml, into which it merges pytest_models.xml); then each
+sanitizer's verdict (sanitizer.log). It also merges the bench passes (bench_*.json) into bench.json,
+so the call returns at most 8 files."""
 import argparse
 import json
 import re
@@ -12,8 +13,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 CUDA_OPS = ("attention", "key_importance", "select_tokens", "gather_tokens", "merge_tokens", "varlen_attention",
-            "index_attention", "decode_attention", "paged_decode_attention")
-TRITON_OPS = CUDA_OPS + ("block_sparse_attention",)
+            "index_attention", "decode_attention", "block_sparse_attention", "paged_decode_attention", "paged_append",
+            "paged_decode_step")
+TRITON_OPS = CUDA_OPS + ("group_attention",)
 
 
 def _steps(summary: str) -> dict:
@@ -69,14 +71,36 @@ def _verdict(records, pytest, step_lines) -> str:
     return f"NOT REACHED ({'; '.join(cut) or 'no result recorded'})"
 
 
+def merge_pytest(out: Path) -> None:
+    """pytest_models.xml's cases into pytest_cuda.xml (the call returns at most 8 files)."""
+    models = out / "pytest_models.xml"
+    if not models.exists():
+        return
+    try:
+        extra = ET.parse(models).getroot()
+    except ET.ParseError:  # a run cut while writing it: its cases are in tests.log
+        models.unlink()
+        return
+    cuda = out / "pytest_cuda.xml"
+    try:
+        root = ET.parse(cuda).getroot()
+    except (ET.ParseError, FileNotFoundError):
+        root = ET.Element("testsuites")
+    root.extend(extra.iter("testsuite") if extra.tag == "testsuites" else [extra])
+    ET.ElementTree(root).write(cuda)
+    models.unlink()
+
+
 def kernels(out: Path) -> list[str]:
+    merge_pytest(out)
     steps = _steps((out / "summary.txt").read_text() if (out / "summary.txt").exists() else "")
     records = _kernel_records(out / "kernels.jsonl")
     pytest = _pytest_cases(out / "pytest_cuda.xml")
     lines = ["per kernel (gpu_kernels.py edge cases; CUDA also the gpu-cuda pytest cases):"]
-    for backend, ops, step_names in (("cuda", CUDA_OPS, ("cuda_kernels", "pytest_cuda")),
+    for backend, ops, step_names in (("cuda", CUDA_OPS, ("cuda_kernels", "pytest_cuda", "pytest_models")),
                                      ("triton", TRITON_OPS, ("triton_kernels",))):
-        for op in ops:
+        seen = sorted(op for b, op in records if b == backend and op not in ops)  # ops added since these lists
+        for op in ops + tuple(seen):
             step_lines = [(n, steps[n]) for n in step_names if n in steps]
             verdict = _verdict(records.get((backend, op), []), pytest.get(op) if backend == "cuda" else None,
                                step_lines)

@@ -25,7 +25,9 @@ def test_verdicts_per_kernel(tmp_path):
             dict(backend="cuda", op="select_tokens", status="fail", case="B3 segments [6000]",
                  detail="output 0: 12 of 36 elements differ"),
             dict(backend="cuda", op="decode_attention", status="error", case="c", detail="CUDA error: invalid argument"),
-            dict(backend="triton", op="attention", status="pass", case="a", detail=None)]
+            dict(backend="triton", op="attention", status="pass", case="a", detail=None),
+            dict(backend="cuda", op="paged_append", status="fail", case="d", detail="writes differ"),
+            dict(backend="cuda", op="an_op_added_later", status="pass", case="e", detail=None)]
     (tmp_path / "kernels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (tmp_path / "pytest_cuda.xml").write_text(
         '<testsuites><testsuite><testcase classname="tests.test_attention" name="t[gpu-cuda]"/>'
@@ -42,6 +44,8 @@ def test_verdicts_per_kernel(tmp_path):
     assert "FAILED" in _line(text, "cuda", "decode_attention")
     assert "FAILED" in _line(text, "cuda", "gather_tokens")  # by its pytest case
     assert "PASSED" in _line(text, "triton", "attention")
+    assert "FAILED" in _line(text, "cuda", "paged_append")  # every op gpu_kernels.py records gets a verdict
+    assert "PASSED" in _line(text, "cuda", "an_op_added_later")
     assert "NOT REACHED (triton_kernels: exit 124" in _line(text, "triton", "merge_tokens")
     assert "memcheck: 1 errors in ['select_kernel']" in text and "racecheck: clean" in text
 
@@ -54,3 +58,22 @@ def test_bench_passes_merge(tmp_path):
     run = json.loads((tmp_path / "bench.json").read_text())
     assert [p["pass"] for p in run["header"]["passes"]] == ["ops", "e2e"] and len(run["rows"]) == 3
     assert not list(tmp_path.glob("bench_*.json"))  # at most 8 files come back from the device
+
+
+def test_the_second_pytest_pass_merges_into_pytest_cuda(tmp_path):
+    """pytest_models.xml (CUDA-graph replays, patched models: the step after the Triton kernels) joins
+    pytest_cuda.xml, so its failures reach the verdicts and at most 8 files come back."""
+    (tmp_path / "summary.txt").write_text("pytest_cuda: exit 0 in 90s\npytest_models: exit 1 in 50s\n")
+    (tmp_path / "pytest_cuda.xml").write_text(
+        '<testsuites><testsuite><testcase classname="tests.test_attention" name="t[gpu-cuda]"/>'
+        '</testsuite></testsuites>')
+    (tmp_path / "pytest_models.xml").write_text(
+        '<testsuites><testsuite><testcase classname="tests.test_kv_static" name="test_replays[dtype0]">'
+        '<failure message="x"/></testcase><testcase classname="tests.test_decode_attention" name="t[cuda]">'
+        '<failure message="y"/></testcase></testsuite></testsuites>')
+    text = _summary(tmp_path)
+    assert "kv_static                0 passed, 1 failed: test_replays[dtype0]" in text
+    assert "FAILED" in _line(text, "cuda", "decode_attention")  # by the second pass's case
+    merged = (tmp_path / "pytest_cuda.xml").read_text()
+    assert merged.count("<testcase") == 3 and not (tmp_path / "pytest_models.xml").exists()
+
