@@ -78,9 +78,10 @@ def test_build_check_sees_what_changed(monkeypatch):
 def test_cuda_kernels_were_built_and_registered():
     info = _ext.build_info()
     assert info["with_cuda"], f"CUDA part skipped: {info['cuda_skip_reason']}"
-    assert sorted(info["cuda_kernels"]) == CUDA_KERNELS
+    assert sorted(info["cuda_sources"]) == CUDA_KERNELS
     for op in CUDA_KERNELS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"vtattn_C::{op}", "CUDA"), op
+    assert set(CUDA_KERNELS) | {"paged_decode_attention"} <= set(vtattn.info()["compiled_ops"]["cuda"])
 
 
 @pytest.mark.skipif(not REQUIRE_CUDA, reason="only when the build must include CUDA (CI)")
