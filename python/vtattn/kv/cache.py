@@ -92,7 +92,7 @@ class CompressedCache(Cache):
         super().__init__(layers=[])
         self.policy, self.page_size, self.room, self.max_new_tokens = policy, page_size, room, max_new_tokens
         self.modality: torch.Tensor | None = None
-        self._padding: dict[int, Padding | None] = {}  # the prompt's padding by its length (prompt_padding)
+        self._padding: dict[int, Padding | None] = {}  # the prompt's padding by its length (`padding`)
 
     @property
     def static(self) -> bool:
@@ -107,7 +107,7 @@ class CompressedCache(Cache):
             self.layers.append(CompressedLayer(self, i, policy))
         return self.layers[layer_idx].update(key_states, value_states)
 
-    def prompt_padding(self, mask: torch.Tensor | None, L: int) -> Padding | None:
+    def padding(self, mask: torch.Tensor | None, L: int) -> Padding | None:
         """The padding of this cache's prompt of L tokens, from the first layer's mask: every layer
         that sees the whole prompt has the same (one host read per prefill, not per layer)."""
         if L not in self._padding:
@@ -220,7 +220,7 @@ class CompressedLayer(CacheLayerMixin):
         sparse prefill); compression then scores with its LSE."""
         if self.pages is None:
             # the prompt's padding, read on the host once for the layers that see the whole prompt
-            pad = self.cache.prompt_padding(mask, k.shape[2]) if frame is None else _padding(mask, k.shape[2])
+            pad = self.cache.padding(mask, k.shape[2]) if frame is None else _padding(mask, k.shape[2])
             out, lse = prefill(q, k, v, scale) if prefill is not None and pad is None else \
                 _prefill_attention(q, k, v, pad, scale)
             if frame is not None:
@@ -380,8 +380,7 @@ def _padding(mask: torch.Tensor | None, L: int) -> Padding | None:
     when nothing is padded: one host read; the index lists are built there."""
     if mask is None:
         return None
-    row = mask[:, 0, -1, :L]
-    valid = row if row.dtype == torch.bool else row == 0
+    valid = _handoff.prompt_padding(mask, L).bool()
     host = valid.cpu().numpy()
     if host.all():
         return None
