@@ -502,12 +502,18 @@ struct RowScratch {
   explicit RowScratch(int64_t d) : buf(6 * d + kBN), q(buf.data()), x(q + d), s(x + 4 * d), acc(s + kBN) {}
 };
 
-// Row j of a slice as fp32: the row itself when it is fp32 with unit stride, else converted into buf[d].
-template <typename T>
-const float* row_f32(const Slice<T>& src, int64_t j, int64_t d, float* buf) {
-  if constexpr (std::is_same_v<T, float>)
-    if (src.sd == 1) return src.row(j);
-  load_rows(src, 1, 1, [j](int64_t) { return j; }, d, d, 1.f, buf);
+// Row j of `src` (anything with row(j) and sd: a Slice, a paged cache's rows) as fp32: the row itself
+// when it is fp32 with unit stride, else converted into buf[0, d).
+template <typename Rows>
+const float* row_f32(const Rows& src, int64_t j, int64_t d, float* buf) {
+  using T = std::remove_cv_t<std::remove_pointer_t<decltype(src.row(j))>>;
+  const T* x = src.row(j);
+  if (src.sd == 1) {
+    if constexpr (std::is_same_v<T, float>) return x;
+    for (int64_t c = 0; c < d; ++c) buf[c] = static_cast<float>(x[c]);
+  } else {
+    for (int64_t c = 0; c < d; ++c) buf[c] = static_cast<float>(x[c * src.sd]);
+  }
   return buf;
 }
 

@@ -5,7 +5,6 @@
 // layouts differ only in where key j of (b, g) lives: `rows_of(b, g)` gives that mapping.
 #include <torch/library.h>
 
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -31,23 +30,8 @@ PagedRows<T> paged_rows(const at::Tensor& pool, const at::Tensor& table, int64_t
           table.stride(2), pool.size(1), pool.stride(0), pool.stride(1), pool.stride(2)};
 }
 
-// Row j of `rows` as fp32: the row itself when it is fp32 with unit stride (no copy), else
-// converted into buf[0, D).
-template <typename T, typename Rows>
-const float* f32_row(const Rows& rows, int64_t j, int64_t D, float* buf) {
-  const T* x = rows.row(j);
-  if (rows.sd == 1) {
-    if constexpr (std::is_same_v<T, float>) return x;
-    for (int64_t c = 0; c < D; ++c) buf[c] = static_cast<float>(x[c]);
-  } else {
-    for (int64_t c = 0; c < D; ++c) buf[c] = static_cast<float>(x[c * rows.sd]);
-  }
-  return buf;
-}
-
 // RowsOf(b, g) -> (k rows, v rows): objects with row(j) and sd, as Slice<T>. The dot products and
-// axpys are the multiversioned ones of common.h (AVX-512 / AVX2 where the CPU has them; a dot's
-// summation order is the same on every clone).
+// axpys are the multiversioned ones of common.h (AVX-512 / AVX2 where the CPU has them).
 template <typename T, typename RowsOf>
 void decode_kernel(const at::Tensor& q, int64_t Hkv, const at::Tensor& lengths, int64_t max_len, float scale,
                    RowsOf rows_of, at::Tensor& out) {
@@ -73,7 +57,7 @@ void decode_kernel(const at::Tensor& q, int64_t Hkv, const at::Tensor& lengths, 
       int64_t j = 0;
       for (; j + 4 <= n; j += 4) {
         const float* x[4];
-        for (int64_t i = 0; i < 4; ++i) x[i] = f32_row<T>(ks, j + i, D, &rows[i * D]);
+        for (int64_t i = 0; i < 4; ++i) x[i] = row_f32(ks, j + i, D, &rows[i * D]);
         float d4[4];
         for (int64_t r = 0; r < group; ++r) {
           dot4_fixed_order(&qf[r * D], x, D, d4);
@@ -81,7 +65,7 @@ void decode_kernel(const at::Tensor& q, int64_t Hkv, const at::Tensor& lengths, 
         }
       }
       for (; j < n; ++j) {
-        const float* x = f32_row<T>(ks, j, D, rows.data());
+        const float* x = row_f32(ks, j, D, rows.data());
         for (int64_t r = 0; r < group; ++r) s[r * ns + j] = dot_fixed_order(&qf[r * D], x, D);
       }
       // Exact softmax per query head (the vectorised exp of the tile operations); a head with n == 0
@@ -96,7 +80,7 @@ void decode_kernel(const at::Tensor& q, int64_t Hkv, const at::Tensor& lengths, 
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < n; ++j) {
-        const float* x = f32_row<T>(vs, j, D, rows.data());
+        const float* x = row_f32(vs, j, D, rows.data());
         for (int64_t r = 0; r < group; ++r) axpy(s[r * ns + j], x, &acc[r * D], D);
       }
       for (int64_t r = 0; r < group; ++r) {
