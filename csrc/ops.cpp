@@ -66,6 +66,15 @@ TORCH_LIBRARY(vtattn_C, m) {
   m.def("paged_decode_step(Tensor q, Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos, Tensor(d!) next_slot, "
         "Tensor(e!) lengths, Tensor k, Tensor v, Tensor start, Tensor? last, Tensor(f!)? score, Tensor block_table, "
         "float scale) -> Tensor");
+  // Decode-time H2O eviction in place (kv.decode.evict): head (b, h)'s token t is flat slot head_start[b, h] + t
+  // of the [P, page_size] pools (k/v [P, page_size, D], pos int64, score fp32), t < lengths[b, h];
+  // head_start, lengths, keep: CPU int64 [B, H]. Each token's score grows by the GQA-mean attention mass
+  // of queries [B, G * H, n, D] (query i at position start + i sees pos <= start + i; logits scale * q.k);
+  // then each head keeps keep[b, h] tokens, dropping the lowest-scored (ties: the older) among its first
+  // lengths - recent, moves them (k, v, pos, score) to the front of its run in order and sets pos = -1 on
+  // slots [keep, lengths).
+  m.def("paged_evict(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos, Tensor(d!) score, Tensor queries, "
+        "Tensor head_start, Tensor lengths, Tensor keep, int start, int recent, float scale) -> ()");
 }
 
 namespace {

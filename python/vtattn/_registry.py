@@ -500,6 +500,51 @@ def _paged_decode_step_autograd(*args: Any) -> torch.Tensor:
 _lib.impl("paged_decode_step", _paged_decode_step_autograd, "Autograd")  # type: ignore[no-untyped-call]
 
 
+# ---- paged_evict -------------------------------------------------------------------------------
+# Decode-time H2O eviction (kv.decode.evict) in one op call: the C++ kernel on the CPU; on a GPU the
+# reference's batched PyTorch ops ("aten": no kernel of vtattn's own; an eviction runs once every
+# `every` tokens, and reads its count tensors on the host, so it never waits for the device).
+
+def _paged_evict_fake(*args: Any) -> None:
+    return None  # it writes its arguments in place
+
+
+def _sample_paged_evict(device: torch.device | str, dtype: torch.dtype) -> tuple[Any, ...]:
+    pages = torch.zeros(8, 16, 64, device=device, dtype=dtype)
+    pos = torch.arange(128, device=device).view(8, 16) % 32
+    counts = [torch.tensor(c) for c in ([[0, 32], [64, 96]], [[20, 17], [32, 5]], [[18, 17], [30, 5]])]
+    return (pages, pages.clone(), pos, torch.zeros(8, 16, device=device),
+            torch.zeros(2, 4, 1, 64, device=device, dtype=dtype), *counts, 40, 2, 0.125)
+
+
+PAGED_EVICT = _define(
+    "paged_evict",
+    "paged_evict(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos, Tensor(d!) score, Tensor queries, "
+    "Tensor head_start, Tensor lengths, Tensor keep, int start, int recent, float scale) -> ()",
+    {
+        "aten": Backend(lambda *a: None if a[0].device.type != "cpu" else "the C++ kernel runs CPU tensors",
+                        reference.paged_evict),
+        "cpp": _compiled("paged_evict", "cpu"),
+        "torch": _reference(reference.paged_evict),
+    },
+    _paged_evict_fake,
+    _sample_paged_evict,
+    grad=False,  # a cache update: its queries are detached (kv.cache.CompressedLayer._decoded)
+    shape_class=lambda args: signature(args, {0: (0,), 1: (0,), 2: (0,), 3: (0,)}),  # the pools grow
+)
+
+
+def _paged_evict_autograd(*args: Any) -> None:
+    """As paged_append's: refuse grad-requiring inputs by name, else run the op below autograd."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        _autograd._refusal("paged_evict")(None, args, None)
+    with torch._C._AutoDispatchBelowAutograd():
+        torch.ops.vtattn.paged_evict.default(*args)
+
+
+_lib.impl("paged_evict", _paged_evict_autograd, "Autograd")  # type: ignore[no-untyped-call]
+
+
 # ---- group_attention -----------------------------------------------------------------------
 
 def _group_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: torch.Tensor, num_groups: int,

@@ -170,27 +170,13 @@ class Pages:
         self.lengths = lengths_t
         self.next = self.start + lengths_t
 
-    def compact(self, kept: torch.Tensor, counts: Host, scores: torch.Tensor) -> None:
-        """Keep head (b, h)'s tokens kept[b, h, :counts[b, h]] (int64 [B, H, K], indices among its
-        tokens, ascending) with fp32 scores [B, H, K], moved to the front of its own run (decode-time
-        eviction): no new pools, the table and capacities stay; freed slots get position -1. The
-        moves are listed on the host from the counts: no host sync."""
-        K, D, device = kept.shape[-1], self.k.shape[-1], self.k.device
-        old = self.host_lengths
-        cols = np.arange(max(K, int(old.max()) if old.size else 0))
-        stored = cols[:K] < counts[..., None]
-        pick = _device(np.flatnonzero(stored), device)
-        src = (self.start[..., None] + kept).view(-1).index_select(0, pick)
-        dst = _device((self.host_start[..., None] + cols[:K])[stored], device)
-        for pool in (self.k.view(-1, D), self.v.view(-1, D), self.pos.view(-1)):
-            pool.index_copy_(0, dst, pool.index_select(0, src))  # (index_select copies: overlaps are safe)
-        assert self.score is not None  # a layout with scores
-        self.score.view(-1).index_copy_(0, dst, scores.reshape(-1).index_select(0, pick))
-        freed = (cols >= counts[..., None]) & (cols < old[..., None])
-        self.pos.view(-1).index_fill_(0, _device((self.host_start[..., None] + cols)[freed], device), -1)
+    def shrink(self, counts: Host) -> None:
+        """Each head now holds its first counts[b, h] tokens (decode-time eviction's `paged_evict` moved
+        them to the front of its run): the host and device counts follow; the pools, table and
+        capacities stay. No host sync."""
         self.host_lengths = counts
-        self.lengths.copy_(_device(counts, device))
-        self.next.copy_(self.start + self.lengths)
+        self.lengths.copy_(_device(counts, self.k.device))
+        torch.add(self.start, self.lengths, out=self.next)
         self.room = int((self.capacity - counts).min()) if counts.size else 0
 
     def slots(self) -> torch.Tensor:

@@ -1,0 +1,232 @@
+// CPU paged_evict: decode-time H2O eviction of a paged cache (kv.pages.Pages) in one call, where the
+// torch version issues ~60 small ops (the spec: vtattn/reference/paged_evict.py). One task per
+// (batch, kv head) scores, selects and compacts its own run of slots, which no other task touches.
+#include <torch/library.h>
+
+#include <cstring>
+#include <numeric>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "common.h"
+
+namespace vtattn::cpu {
+namespace {
+
+// Slot s of a [P, page_size, ...] pool: row s % page_size of page s / page_size, at this element
+// offset; s * sr where pages follow each other (Pages' pools: no division per access).
+struct SlotOf {
+  int64_t ps, sp, sr;
+  bool linear;
+  SlotOf(const at::Tensor& pool) : ps(pool.size(1)), sp(pool.stride(0)), sr(pool.stride(1)), linear(sp == ps * sr) {}
+  int64_t operator()(int64_t s) const { return linear ? s * sr : s / ps * sp + s % ps * sr; }
+};
+
+// Moves `count` consecutive slots of `width` elements each from slot src down to slot dst < src of
+// one pool: one memmove where the slots are contiguous, else slot by slot in ascending order (a
+// destination never passes its source, so nothing is overwritten before it is read).
+template <typename E>
+void move_slots(E* base, const SlotOf& at, int64_t dst, int64_t src, int64_t count, int64_t width) {
+  if (at.linear && at.sr == width) {
+    std::memmove(base + at(dst), base + at(src), count * width * sizeof(E));
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) std::memcpy(base + at(dst + i), base + at(src + i), width * sizeof(E));
+}
+
+// One head's key rows for row_f32: token t is slot first + t of the pool (unit last stride).
+template <typename T>
+struct HeadRows {
+  const T* base;
+  SlotOf at;
+  int64_t first;
+  static constexpr int64_t sd = 1;
+  const T* row(int64_t t) const { return base + at(first + t); }
+};
+
+// The G * n query rows of kv head h of batch b, scaled, as fp32 rows of D (any strides, any float dtype).
+template <typename Q>
+void load_queries(const at::Tensor& q, int64_t b, int64_t h, int64_t G, float scale, float* out) {
+  const int64_t n = q.size(2), D = q.size(3);
+  const Q* base = q.const_data_ptr<Q>() + b * q.stride(0);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < n; ++i) {
+      const Q* x = base + (h * G + g) * q.stride(1) + i * q.stride(2);
+      float* y = out + (g * n + i) * D;
+      for (int64_t c = 0; c < D; ++c) y[c] = scale * static_cast<float>(x[c * q.stride(3)]);
+    }
+}
+using LoadQueries = void (*)(const at::Tensor&, int64_t, int64_t, int64_t, float, float*);
+
+// Eviction order: lower score first, NaN last (as torch's sort), ties to the older token.
+struct Lower {
+  const float* sc;
+  bool operator()(int64_t a, int64_t b) const {
+    const float x = sc[a], y = sc[b];
+    if ((x != x) != (y != y)) return y != y;
+    if (x == x && x != y) return x < y;
+    return a < b;
+  }
+};
+
+// Head r = b * H + h: its run starts at slot first[r] and holds len[r] tokens, of which keep[r] stay.
+struct Heads {
+  int64_t H = 0, longest = 0;
+  std::vector<int64_t> first, len, keep;
+};
+
+template <typename T>
+void evict_kernel(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos,
+                  const at::Tensor& score, const at::Tensor& queries, const Heads& hd, int64_t start, int64_t recent,
+                  float scale, LoadQueries load_q) {
+  const int64_t H = hd.H, G = queries.size(1) / H, n = queries.size(2), D = queries.size(3), rows = G * n;
+  const SlotOf kat(k_pages);
+  const SlotOf vat(v_pages);
+  const SlotOf pat(pos);
+  const SlotOf sat(score);
+  T* kp = k_pages.data_ptr<T>();
+  T* vp = v_pages.data_ptr<T>();
+  int64_t* pp = pos.data_ptr<int64_t>();
+  float* sp = score.data_ptr<float>();
+  const TileOps& ops = tile_ops();
+  const int64_t heads = static_cast<int64_t>(hd.len.size());
+  at::parallel_for(0, heads, grain_for(rows * hd.longest * D), [&](int64_t lo, int64_t hi) {
+    std::vector<float> qf(rows * D), x(4 * D), s, mass;
+    std::vector<int64_t> tpos, order;
+    std::vector<char> gone;
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t L = hd.len[r], s0 = hd.first[r], kept = hd.keep[r];
+      if (L == 0) continue;
+      load_q(queries, r / H, r % H, G, scale, qf.data());
+      // logits of every query row against every token, in rows of whole kBN tiles (the tile ops read whole tiles)
+      const HeadRows<T> ks{kp, kat, s0};
+      const int64_t ns = round_up(L, kBN);
+      s.resize(rows * ns);
+      int64_t j = 0;
+      for (; j + 4 <= L; j += 4) {  // four keys at a time: four independent dot products per row
+        const float* k4[4];
+        for (int64_t i = 0; i < 4; ++i) k4[i] = row_f32(ks, j + i, D, &x[i * D]);
+        float d4[4];
+        for (int64_t q = 0; q < rows; ++q) {
+          dot4_fixed_order(&qf[q * D], k4, D, d4);
+          std::copy(d4, d4 + 4, &s[q * ns + j]);
+        }
+      }
+      for (; j < L; ++j) {
+        const float* k1 = row_f32(ks, j, D, x.data());
+        for (int64_t q = 0; q < rows; ++q) s[q * ns + j] = dot_fixed_order(&qf[q * D], k1, D);
+      }
+      // each row's softmax over the tokens it sees (pos <= its position), summed into the tokens' mass
+      tpos.resize(L);
+      for (int64_t t = 0; t < L; ++t) tpos[t] = pp[pat(s0 + t)];
+      mass.assign(L, 0.f);
+      for (int64_t q = 0; q < rows; ++q) {
+        float* sr = &s[q * ns];
+        const int64_t at_pos = start + q % n;
+        for (int64_t t = 0; t < L; ++t)
+          if (tpos[t] > at_pos) sr[t] = kNegInf;
+        float mx = kNegInf, sum = 0.f;
+        for (int64_t j0 = 0; j0 < L; j0 += kBN) mx = std::max(mx, ops.max_of(sr + j0, 0, std::min(kBN, L - j0)));
+        if (mx == kNegInf) continue;  // it sees no token: it adds nothing
+        for (int64_t j0 = 0; j0 < L; j0 += kBN) sum += ops.exp_shift_sum(sr + j0, 0, std::min(kBN, L - j0), mx);
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < L; ++t) mass[t] += sr[t] * inv;
+      }
+      // every token's score grows; mass holds the new scores from here on
+      for (int64_t t = 0; t < L; ++t) {
+        float& sc = sp[sat(s0 + t)];
+        sc += mass[t] / static_cast<float>(G);
+        mass[t] = sc;
+      }
+      // the L - kept lowest-scored of the first L - recent tokens go (read_heads checked they fit there)
+      const int64_t drop = L - kept, cand = std::max<int64_t>(L - recent, 0);
+      if (drop == 0) continue;
+      order.resize(cand);
+      std::iota(order.begin(), order.end(), int64_t{0});
+      if (drop < cand) std::nth_element(order.begin(), order.begin() + drop, order.end(), Lower{mass.data()});
+      gone.assign(L, 0);
+      for (int64_t i = 0; i < drop; ++i) gone[order[i]] = 1;
+      // kept tokens to the front in order, a run of consecutive ones at a time
+      for (int64_t t = 0, w = 0; t < L;) {
+        if (gone[t]) {
+          ++t;
+          continue;
+        }
+        int64_t e = t + 1;
+        while (e < L && !gone[e]) ++e;
+        if (w != t) {
+          move_slots(kp, kat, s0 + w, s0 + t, e - t, D);
+          move_slots(vp, vat, s0 + w, s0 + t, e - t, D);
+          move_slots(pp, pat, s0 + w, s0 + t, e - t, 1);
+          move_slots(sp, sat, s0 + w, s0 + t, e - t, 1);
+        }
+        w += e - t;
+        t = e;
+      }
+      for (int64_t t = kept; t < L; ++t) pp[pat(s0 + t)] = -1;
+    }
+  });
+}
+
+// The host's counts [B, H] (int64, CPU, any strides), checked against each other and the pools.
+Heads read_heads(const at::Tensor& head_start, const at::Tensor& lengths, const at::Tensor& keep, int64_t B,
+                 int64_t H, int64_t recent, int64_t slots) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"head_start", head_start},
+                                {"lengths", lengths}, {"keep", keep}})
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 2 && t.size(0) == B &&
+                    t.size(1) == H,
+                "paged_evict: ", name, " must be a CPU int64 [", B, ", ", H, "] tensor, got ", t.scalar_type(), " ",
+                t.sizes(), " on ", t.device());
+  const auto s = head_start.accessor<int64_t, 2>(), l = lengths.accessor<int64_t, 2>();
+  const auto k = keep.accessor<int64_t, 2>();
+  Heads hd;
+  hd.H = H;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t first = s[b][h], len = l[b][h], kept = k[b][h];
+      // memory safety, and what the selection relies on (one pass over the heads)
+      TORCH_CHECK(first >= 0 && len >= 0 && first + len <= slots, "paged_evict: head (", b, ", ", h,
+                  ") spans slots ", first, "..", first + len - 1, " outside the pools' ", slots);
+      TORCH_CHECK(kept >= 0 && kept <= len && len - kept <= std::max<int64_t>(len - recent, 0), "paged_evict: head (",
+                  b, ", ", h, ") keeps ", kept, " of ", len, " tokens: it may drop only among its first lengths - ",
+                  recent);
+      hd.first.push_back(first), hd.len.push_back(len), hd.keep.push_back(kept);
+      hd.longest = std::max(hd.longest, len);
+    }
+  return hd;
+}
+
+void paged_evict_cpu(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos,
+                     const at::Tensor& score, const at::Tensor& queries, const at::Tensor& head_start,
+                     const at::Tensor& lengths, const at::Tensor& keep, int64_t start, int64_t recent, double scale) {
+  TORCH_CHECK(k_pages.device().is_cpu() && v_pages.device().is_cpu() && k_pages.dim() == 3 &&
+                  v_pages.sizes() == k_pages.sizes() && v_pages.scalar_type() == k_pages.scalar_type() &&
+                  k_pages.stride(2) == 1 && v_pages.stride(2) == 1,
+              "paged_evict: k_pages and v_pages must be CPU [P, page_size, D] pools of one dtype with unit last "
+              "stride, got ", k_pages.sizes(), " and ", v_pages.sizes());
+  for (const auto& [name, t, dtype] :
+       {std::tuple<const char*, const at::Tensor&, at::ScalarType>{"pos", pos, at::kLong},
+        {"score", score, at::kFloat}})
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 2 && t.size(0) == k_pages.size(0) &&
+                    t.size(1) == k_pages.size(1),
+                "paged_evict: ", name, " must be a CPU ", dtype, " tensor of the pools' [P, page_size], got ",
+                t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(lengths.dim() == 2 && lengths.size(1) > 0, "paged_evict: lengths must be [B, H], got ", lengths.sizes());
+  const int64_t B = lengths.size(0), H = lengths.size(1);
+  TORCH_CHECK(queries.device().is_cpu() && queries.dim() == 4 && queries.size(0) == B && queries.size(1) % H == 0 &&
+                  queries.size(3) == k_pages.size(2),
+              "paged_evict: queries must be a CPU [B, G * H, n, D] tensor for lengths [B, H] and the pools' D, got ",
+              queries.sizes());
+  const Heads hd = read_heads(head_start, lengths, keep, B, H, recent, k_pages.size(0) * k_pages.size(1));
+  LoadQueries load_q = nullptr;
+  VTATTN_DISPATCH_FLOAT_TYPES(queries.scalar_type(), "paged_evict_queries", [&] { load_q = &load_queries<scalar_t>; });
+  VTATTN_DISPATCH_FLOAT_TYPES(k_pages.scalar_type(), "paged_evict_cpu", [&] {
+    evict_kernel<scalar_t>(k_pages, v_pages, pos, score, queries, hd, start, recent, static_cast<float>(scale), load_q);
+  });
+}
+
+}  // namespace
+}  // namespace vtattn::cpu
+
+TORCH_LIBRARY_IMPL(vtattn_C, CPU, m) { m.impl("paged_evict", &vtattn::cpu::paged_evict_cpu); }
