@@ -86,16 +86,16 @@ def test_compiled_step_equals_eager():
 
 
 def test_a_compressed_layer_decode_step_is_one_op_call(monkeypatch):
-    """CompressedLayer: update keeps the token, its attention writes and reads it in one op call, through
-    the layer's own backend handle (a handle shared by layers of other pool sizes would choose at every
-    call): the choice is made once over steps of two layers of different sizes, then kept."""
+    """CompressedLayer: update keeps the token, its attention writes and reads it in one op call; the
+    backend choice is made once over steps of two layers of different sizes, and kept when they grow
+    (the stamp names the layout's class, not its size)."""
     from vtattn import _dispatch
     from vtattn.kv import CompressedCache, pages
     from vtattn.patch import core
     calls = []
     monkeypatch.setattr(pages, "_APPEND", lambda *a, stamp: calls.append("append"))
     g = torch.Generator().manual_seed(0)
-    cache = CompressedCache([None, kv.SnapKV(0.3, window=2)], page_size=4, room=8)  # (no growth: no new pools)
+    cache = CompressedCache([None, kv.SnapKV(0.3, window=2)], page_size=4, room=1)  # (growing within the steps)
 
     def step(i, q, k, v):  # as a model's layer runs it: update, then the attention that claims the keys
         keys, values = cache.update(k, v, i)
@@ -112,7 +112,9 @@ def test_a_compressed_layer_decode_step_is_one_op_call(monkeypatch):
     chosen = []
     real = _dispatch.choose
     monkeypatch.setattr(_dispatch, "choose", lambda *a: chosen.append(a[0]) or real(*a))
-    for _ in range(3):
+    _dispatch.clear_cache()  # (an earlier test's steps may have chosen for this class)
+    sizes = [layer.pages.k.shape[0] for layer in cache.layers]
+    for _ in range(6):
         for i in range(2):
             q1, k1, v1 = (torch.randn(1, 2, 1, 8, generator=g) for _ in range(3))
             before = cache.layers[i].pages.positions().shape[-1]
@@ -122,7 +124,8 @@ def test_a_compressed_layer_decode_step_is_one_op_call(monkeypatch):
                 seen = [torch.cat([t, t1], 2) for t, t1 in zip(seen, (k1, v1))]
                 torch.testing.assert_close(out, vtattn.reference.attention(q1, *seen, False, 8 ** -0.5, 0.0, -1,
                                                                            None)[0])
-    assert chosen.count("paged_decode_step") == 2  # once per layer
+    assert [layer.pages.k.shape[0] for layer in cache.layers] != sizes  # the pools grew
+    assert chosen.count("paged_decode_step") == 1  # once for both layers, before and after growth
     assert calls == []  # no separate write
 
 

@@ -26,7 +26,7 @@ import vtattn
 
 from .cases import Builder, Case, Impl, Inputs, Shape
 from .scenarios import SCALE, attn_impl, build_model, level_of, patched, shared_model, single_thread, transformers_or_none
-from .scenarios_llm import FASTV, KV_RECENT, LEVEL_SCALE, PROMPT, SCENARIOS, _config, _image_tokens
+from .scenarios_llm import FASTV, LEVEL_SCALE, PROMPT, SCENARIOS, _config, _image_tokens, lookm
 from .timing import Timing, summary
 
 STEPS = 16  # decode forwards per call, the first WARM of them untimed
@@ -37,9 +37,6 @@ Variant = tuple[str, str, Callable[[], dict[str, Any]] | None]  # (row, role, pa
 
 
 def _variants() -> list[Variant]:
-    def lookm(b: float) -> vtattn.kv.LookM:
-        return vtattn.kv.LookM(budget=b, recent=KV_RECENT)
-
     def fastv() -> vtattn.patch.FastV:
         return vtattn.patch.FastV(layer=FASTV["layer"], keep=FASTV["keep"])
 

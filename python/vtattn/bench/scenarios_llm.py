@@ -18,7 +18,9 @@ Rows, per scenario and batch; every variant is one row:
 - llava7b's decode cases add `<variant>-static` (generate(cache_implementation="static"): a
   StaticCache, or the static CompressedCache vtattn's KV stage makes of it; not compiled) and
   `<variant>-compiled` (the same with transformers' CompileConfig, on CPU too; CUDA graphs on a
-  GPU), for the unpatched model and LOOK-M(0.1); the first call (untimed) compiles.
+  GPU), for the unpatched model and LOOK-M keeping 0.2; the first call (untimed) compiles.
+- `lookm-<b>`: LOOK-M keeping `b` of the prompt (`lookm`): b is the KV budget in the papers' sense,
+  its recent window included.
 Random weights: the timings and memory are real; the tokens say nothing of accuracy.
 
 A variant whose API this vtattn lacks (FastV, KV compression: being built) is a row with no
@@ -62,7 +64,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 }
 KEEPS = (1.0, 0.5, 0.25, 0.1, 0.05)
 FASTV: dict[str, Any] = dict(method="fastv", layer=2, keep=0.25)
-KV_BUDGETS = (1.0, 0.5, 0.2, 0.1)
+KV_BUDGETS = (1.0, 0.5, 0.2, 0.1)  # the share of the prompt a lookm row keeps, its recent window included
 KV_RECENT = 0.1
 COMBINED_BUDGET = 0.2  # LOOK-M's budget with FastV and with decode-time eviction (the 4-image scenarios)
 TTFT_BATCHES, DECODE_BATCHES = (1, 8), (1, 16)
@@ -77,6 +79,16 @@ CPU_LLM_LAYERS = 4
 # their spread is small (timing.CPU_BUDGETS).
 REPS = {"ttft": 3, "decode": 2}
 NEW_TOKENS = {"full": 32, "cpu": 8}
+
+
+def lookm(budget: float) -> "vtattn.kv.LookM":
+    """LOOK-M keeping `budget` of the prompt: a recent window of KV_RECENT (at most half the budget)
+    and heavy hitters for the rest, as LOOK-M's release splits its 20% runs (hh_ratio 0.1, recent_ratio
+    0.1). budget 1.0 keeps every token. (LookM's own `budget` is the heavy hitters' share alone.)"""
+    if budget >= 1.0:
+        return vtattn.kv.LookM(budget=1.0, recent=KV_RECENT)
+    recent = min(KV_RECENT, budget / 2)
+    return vtattn.kv.LookM(budget=round(budget - recent, 6), recent=recent)
 
 
 def _config(transformers: Any, scenario: dict[str, Any], level: str) -> tuple[Any, int]:
@@ -179,20 +191,20 @@ def _variants(which: str, new_tokens: int, llm_layers: int, anyres: bool = False
         out += [(f"keep-{k}", "vtattn", lambda k=k: dict(keep=k), None) for k in KEEPS if k < 1.0]
         out.append((f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(
             fastv=vtattn.patch.FastV(layer=FASTV["layer"], keep=FASTV["keep"])), None))
-    out += [(f"lookm-{b}", "vtattn", lambda b=b: dict(kv=vtattn.kv.LookM(budget=b, recent=KV_RECENT)),
-             "KV compression") for b in KV_BUDGETS]
+    out += [(f"lookm-{b}", "vtattn", lambda b=b: dict(kv=lookm(b)), "KV compression") for b in KV_BUDGETS]
     if which in ("kv", "qwen"):  # both in the LLM: FastV's layers compress what FastV kept
         out.append((f"fastv-{FASTV['keep']}+lookm-{COMBINED_BUDGET}", "vtattn", lambda: dict(
             fastv=vtattn.patch.FastV(layer=FASTV["layer"], keep=FASTV["keep"]),
-            kv=vtattn.kv.LookM(budget=COMBINED_BUDGET, recent=KV_RECENT)), "FastV with KV compression"))
+            kv=lookm(COMBINED_BUDGET)), "FastV with KV compression"))
         every = new_tokens // 4  # 8 (2 on CPU): 3 evictions in a decode row, their cost (no saving this short)
         out.append((f"lookm-{COMBINED_BUDGET}+decode-h2o", "vtattn", lambda: dict(kv=vtattn.kv.DecodeH2O(
-            vtattn.kv.LookM(budget=COMBINED_BUDGET, recent=KV_RECENT), every=every, recent=every)),
+            lookm(COMBINED_BUDGET), every=every, recent=every)),
             "decode-time eviction"))
     return out
 
 
 STATIC_ROWS = ("llava7b",)  # the scenarios whose decode cases add the static-cache and compiled rows
+STATIC_BUDGET = 0.2  # their LOOK-M's
 
 
 StaticVariant = tuple[str, str, Callable[[], dict[str, Any]] | None, dict[str, Any]]
@@ -206,11 +218,12 @@ def _static_variants() -> list[StaticVariant]:
     from transformers import CompileConfig
     compiled = CompileConfig()
     compiled._compile_all_devices = True  # CPU too (transformers compiles on accelerators only)
-    lookm = lambda: dict(stages=[vtattn.patch.KVCompress(vtattn.kv.LookM(budget=0.1, recent=KV_RECENT))])  # noqa
+    stage = lambda: dict(stages=[vtattn.patch.KVCompress(lookm(STATIC_BUDGET))])  # noqa
     out: list[StaticVariant] = []
     for mode, options in (("static", dict(cache_implementation="static", disable_compile=True)),
                           ("compiled", dict(cache_implementation="static", compile_config=compiled))):
-        out += [(f"unpatched-sdpa-{mode}", "vtattn", None, options), (f"lookm-0.1-{mode}", "vtattn", lookm, options)]
+        out += [(f"unpatched-sdpa-{mode}", "vtattn", None, options),
+                (f"lookm-{STATIC_BUDGET}-{mode}", "vtattn", stage, options)]
     return out
 
 

@@ -33,6 +33,9 @@ from .policies import DecodeH2O, Policy
 # the prefill's attention, with the arguments the cache builds valid (the public checks would read cu_seqlens)
 _ATTENTION: Direct[tuple[torch.Tensor, torch.Tensor]] = Direct("attention")
 _VARLEN: Direct[tuple[torch.Tensor, torch.Tensor]] = Direct("varlen_attention")
+# a decode step, one handle for every layer and cache: `Pages.cls` and the query heads stamp its choice (a
+# handle per layer chose again for every new cache and after each growth, ~40 us a layer)
+_DECODE: Direct[torch.Tensor] = Direct("paged_decode_step", by_stamp=True)
 
 
 class Frame(NamedTuple):
@@ -159,9 +162,6 @@ class CompressedLayer(CacheLayerMixin):
         self.noted = 0
         # a decode step's token, stored by `attend` in the op that reads the layer: (k, v, start)
         self._step: tuple[torch.Tensor, torch.Tensor, int | torch.Tensor] | None = None
-        # the layer's own handle: its stamp names its pool's size, which differs between layers (one
-        # handle shared by layers of other sizes would choose the backend again at every call, ~30 us)
-        self._decode: Direct[torch.Tensor] = Direct("paged_decode_step", by_stamp=True)
         self._index: Direct[torch.Tensor] = Direct("index_attention")
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -230,8 +230,7 @@ class CompressedLayer(CacheLayerMixin):
             return out
         # The registered ops' kernels (`_dispatch.Direct`), not the public functions: these arguments are
         # valid by construction, and the public checks of lengths, page ids and index lists would read
-        # them on the host each step. The layout's class, its pool's size (growth changes it) and the query heads
-        # stamp the backend choice.
+        # them on the host each step. The layout's class (`Pages.cls`) and the query heads stamp the backend choice.
         p = self.pages
         n, D = q.shape[2], q.shape[3]
         scale = D ** -0.5 if scale is None else float(scale)
@@ -239,8 +238,7 @@ class CompressedLayer(CacheLayerMixin):
             assert self._step is not None  # (update kept it)
             k_new, v_new, start = self._step
             self._step = None
-            out = self._decode(q, *p.write_args(k_new, v_new, start), p.table, scale,
-                               stamp=(p.cls, p.k.shape[0], q.shape[1]))
+            out = _DECODE(q, *p.write_args(k_new, v_new, start), p.table, scale, stamp=(p.cls, q.shape[1]))
         else:
             B, H = p.lengths.shape
             # several new tokens (stored already): original positions give exact causality among them

@@ -70,12 +70,14 @@ class Pages:
         self._host, self._appended = value, 0
 
     def _allocate(self, lengths: Host, capacity: Host, like: torch.Tensor, with_scores: bool) -> None:
-        """Empty pools for numpy int64 `lengths` / `capacity` [B, H] (capacity in whole pages)."""
+        """Empty pools for numpy int64 `lengths` / `capacity` [B, H] (capacity in whole pages); the
+        device counts (`lengths`, `next`) are the caller's to set."""
         B, H = capacity.shape
         ps, D, device = self.page_size, like.shape[-1], like.device
         # what the backends' choice for this layout's ops reads (Direct's stamp): the tokens appended and the
-        # queries are the model's own, of the pools' dtype and device; a fixed layout's start is on the device
-        self.cls = (like.dtype, device, B, H, D, self.fixed, with_scores)
+        # queries are the model's own, of the pools' dtype and device; a fixed layout's start is on the device;
+        # of the sizes, only whether a head's capacity fits int32 (the CUDA kernels' limit), so growth keeps it
+        self.cls = (like.dtype, device, B, H, D, self.fixed, with_scores, int(capacity.max(initial=0)) >= 2**31 - 1)
         pages = capacity // ps
         first = (np.cumsum(pages) - pages.ravel()).reshape(B, H)
         cols = np.arange(pages.max() if pages.size else 0)
@@ -88,11 +90,10 @@ class Pages:
         self.pos = torch.full((total, ps), -1, dtype=torch.int64, device=device)
         self.score = torch.zeros(total, ps, device=device) if with_scores else None
         self.table = _device(table.astype(np.int32), device)
-        self.lengths = torch.zeros(B, H, dtype=torch.int32, device=device)
         self.host_start = first * ps
         self.start = _device(self.host_start, device)
-        self.last = _device(np.maximum(self.host_start + capacity - 1, 0), device)  # writes stay in the head
-        self.next = torch.zeros(B, H, dtype=torch.int64, device=device)  # start + lengths: the next write
+        if self.fixed:  # its writes are clamped to each head's last slot (write_args)
+            self.last = _device(np.maximum(self.host_start + capacity - 1, 0), device)
         self.width = int(capacity.max()) if capacity.size else 0
 
     def _store(self, k_rows: torch.Tensor, v_rows: torch.Tensor, positions: torch.Tensor,
@@ -110,8 +111,8 @@ class Pages:
         if scores is not None:
             assert self.score is not None  # allocated with_scores
             self.score.view(-1).index_copy_(0, dst, scores.reshape(-1).index_select(0, src).float())
-        self.lengths.copy_(_device(self.host_lengths, device))
-        self.next.copy_(self.start + self.lengths)
+        self.lengths = _device(self.host_lengths.astype(np.int32), device)
+        self.next = self.start + self.lengths  # the next write's slot
 
     def append(self, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> None:
         """Store k, v [B, H, n, D] after each head's tokens, at original positions start..start+n-1
@@ -155,7 +156,6 @@ class Pages:
         D, device, old_start = self.k.shape[-1], self.k.device, self.host_start
         old = [self.k.view(-1, D), self.v.view(-1, D), self.pos.view(-1)] + \
             ([self.score.view(-1)] if self.score is not None else [])
-        lengths_t = self.lengths
         self._allocate(lengths, _round_up(lengths + extra, self.page_size), self.k, self.score is not None)
         # Each head's tokens move from its old run to its new one, slot lists made on the host (one
         # index_copy per pool, no sync); the lengths stay.
@@ -167,8 +167,7 @@ class Pages:
             ([self.score.view(-1)] if self.score is not None else [])
         for pool, before in zip(new, old):
             pool.index_copy_(0, dst, before.index_select(0, src))
-        self.lengths = lengths_t
-        self.next = self.start + lengths_t
+        self.next = self.start + self.lengths  # (the device lengths stay)
 
     def shrink(self, counts: Host) -> None:
         """Each head now holds its first counts[b, h] tokens (decode-time eviction's `paged_evict` moved
