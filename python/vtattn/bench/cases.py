@@ -32,7 +32,7 @@ SHAPES = {
     "llava7b-decode": dict(B=32, Hq=32, Hkv=8, N=16384, D=128, causal=False, decode=True),
 }
 # the ops of decode shapes, and only of those
-DECODE_OPS = ("decode_attention", "paged_decode_attention", "paged_append", "paged_decode_step")
+DECODE_OPS = ("decode_attention", "paged_decode_attention", "paged_append", "paged_decode_step", "paged_evict")
 CUSTOM = "custom:"
 # Shape scaling per run level: CPU runs (and the CI smoke test) cannot afford the real shapes.
 LEVELS: dict[str, dict[str, Any]] = {
@@ -476,10 +476,47 @@ def _paged_decode_step_cases(name: str, s: Shape, backends: list[str]) -> list[C
     return [c]
 
 
+def _paged_evict_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
+    """A DecodeH2O layer's eviction (`kv.decode.evict`) at its defaults: every head holds half the
+    capacity plus `every` = 32 decode tokens, scores them against those 32 queries and drops back
+    by 32 outside its last 32. Repeated calls re-score and re-move the same slots (the counts are the
+    host's, given again). Baseline: the reference's batched PyTorch ops (what a GPU runs, and what
+    the CPU ran before its kernel)."""
+    B, Hq, H, D, cap, _ = _decode_dims(s)
+    page, n = DECODE_PAGE_SIZE, 32
+    length = cap // 2 + n
+    per_head = -(-length // page) * page
+
+    def make(device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
+        g = torch.Generator(device=device).manual_seed(seed)
+        pages = B * H * per_head // page
+        start = torch.arange(B * H).view(B, H) * per_head
+        pos = torch.arange(per_head, device=device).repeat(B * H).view(pages, page)
+        return {"k_pages": torch.randn(pages, page, D, device=device, dtype=dtype, generator=g),
+                "v_pages": torch.randn(pages, page, D, device=device, dtype=dtype, generator=g), "pos": pos,
+                "score": torch.rand(pages, page, device=device, generator=g),
+                "q": torch.randn(B, Hq, n, D, device=device, dtype=dtype, generator=g), "head_start": start,
+                "lengths": torch.full((B, H), length), "keep": torch.full((B, H), length - n)}
+
+    def args(x: Inputs) -> tuple[Any, ...]:
+        return (x["k_pages"], x["v_pages"], x["pos"], x["score"], x["q"], x["head_start"], x["lengths"], x["keep"],
+                length - n, n, D ** -0.5)
+
+    c = Case("paged_evict", f"{name}:evict-{n}", {"B": B, "Hq": Hq, "Hkv": H, "D": D, "tokens": length,
+                                                  "queries": n}, make,
+             flops=4.0 * B * Hq * n * length * D,
+             bytes_fn=lambda elt: 3 * B * H * length * D * elt)  # keys read, kept k and v moved
+    c.impls = _vtattn_impls(backends, lambda x: torch.ops.vtattn.paged_evict(*args(x)))
+    c.impls.append(Impl("torch-ops", lambda x: vtattn.reference.paged_evict(*args(x)), role="baseline",
+                        note="the reference's batched ops"))
+    return [c]
+
+
 BUILDERS: dict[str, Builder] = {"attention": _attention_cases, "key_importance": _key_importance_cases,
             "group_attention": _group_attention_cases,
             "decode_attention": _decode_attention_cases, "paged_decode_attention": _paged_decode_attention_cases,
-            "paged_append": _paged_append_cases, "paged_decode_step": _paged_decode_step_cases}
+            "paged_append": _paged_append_cases, "paged_decode_step": _paged_decode_step_cases,
+            "paged_evict": _paged_evict_cases}
 
 
 # Every backend a pytest-benchmark row may force; one that refuses the inputs is a skip there.
