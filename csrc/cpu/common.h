@@ -554,6 +554,24 @@ void attend_block(const TileOps& ops, const Slice<T>& ks, const Slice<T>& vs, in
   }
 }
 
+// Logits of `rows` fp32 query rows (q, D apart) against the keys key_of(j), j < n, of ks, into
+// s[r * ns + j]: four keys at a time (four independent dot products, dot4_fixed_order: one at a time
+// waits on its own adds), the rest one by one; x: scratch for four rows of D.
+template <typename Rows, typename KeyOf>
+void logits(const float* q, int64_t rows, const Rows& ks, KeyOf key_of, int64_t n, int64_t D, float* x, float* s,
+            int64_t ns) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* k4[4];
+    for (int64_t i = 0; i < 4; ++i) k4[i] = row_f32(ks, key_of(j + i), D, x + i * D);
+    for (int64_t r = 0; r < rows; ++r) dot4_fixed_order(q + r * D, k4, D, s + r * ns + j);
+  }
+  for (; j < n; ++j) {
+    const float* k1 = row_f32(ks, key_of(j), D, x);
+    for (int64_t r = 0; r < rows; ++r) s[r * ns + j] = dot_fixed_order(q + r * D, k1, D);
+  }
+}
+
 // One query row (scaled, fp32, in w.q) against the keys key_of(j) of ks / vs for j in [lo, hi),
 // except those with masked(j): the online softmax of attend_block over chunks of kBN keys, but with
 // one dot product per key instead of tiles (a decode step's single row would fill 4-row
@@ -566,13 +584,7 @@ void attend_row(const TileOps& ops, const Slice<T>& ks, const Slice<T>& vs, int6
   std::fill(w.acc, w.acc + D, 0.f);
   for (int64_t j0 = lo; j0 < hi; j0 += kBN) {
     const int64_t n = std::min(kBN, hi - j0);
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {  // four independent dot products at a time (dot4_fixed_order)
-      const float* x[4];
-      for (int64_t i = 0; i < 4; ++i) x[i] = row_f32(ks, key_of(j0 + j + i), D, w.x + i * D);
-      dot4_fixed_order(w.q, x, D, w.s + j);
-    }
-    for (; j < n; ++j) w.s[j] = dot_fixed_order(w.q, row_f32(ks, key_of(j0 + j), D, w.x), D);
+    logits(w.q, 1, ks, [&](int64_t j) { return key_of(j0 + j); }, n, D, w.x, w.s, kBN);
     std::fill(w.s + n, w.s + kBN, 0.f);  // the tile operations read whole kBN rows
     if (softcap > 0.f) ops.softcap(w.s, round_up(n, kLanes), softcap);
     for (int64_t j = 0; j < n; ++j)

@@ -53,21 +53,7 @@ void decode_kernel(const at::Tensor& q, int64_t Hkv, const at::Tensor& lengths, 
       // each head's logits in a row of whole kBN tiles (the tile operations read whole tiles)
       const int64_t ns = round_up(std::max<int64_t>(n, 1), kBN);
       s.resize(group * ns);
-      // keys four at a time (four independent dot products per query head), the rest one by one
-      int64_t j = 0;
-      for (; j + 4 <= n; j += 4) {
-        const float* x[4];
-        for (int64_t i = 0; i < 4; ++i) x[i] = row_f32(ks, j + i, D, &rows[i * D]);
-        float d4[4];
-        for (int64_t r = 0; r < group; ++r) {
-          dot4_fixed_order(&qf[r * D], x, D, d4);
-          std::copy(d4, d4 + 4, &s[r * ns + j]);
-        }
-      }
-      for (; j < n; ++j) {
-        const float* x = row_f32(ks, j, D, rows.data());
-        for (int64_t r = 0; r < group; ++r) s[r * ns + j] = dot_fixed_order(&qf[r * D], x, D);
-      }
+      logits(qf.data(), group, ks, [](int64_t j) { return j; }, n, D, rows.data(), s.data(), ns);
       // Exact softmax per query head (the vectorised exp of the tile operations); a head with n == 0
       // keeps inv 0 and outputs zeros.
       std::fill(inv.begin(), inv.end(), 0.f);

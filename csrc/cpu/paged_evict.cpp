@@ -103,20 +103,7 @@ void evict_kernel(const at::Tensor& k_pages, const at::Tensor& v_pages, const at
       const HeadRows<T> ks{kp, kat, s0};
       const int64_t ns = round_up(L, kBN);
       s.resize(rows * ns);
-      int64_t j = 0;
-      for (; j + 4 <= L; j += 4) {  // four keys at a time: four independent dot products per row
-        const float* k4[4];
-        for (int64_t i = 0; i < 4; ++i) k4[i] = row_f32(ks, j + i, D, &x[i * D]);
-        float d4[4];
-        for (int64_t q = 0; q < rows; ++q) {
-          dot4_fixed_order(&qf[q * D], k4, D, d4);
-          std::copy(d4, d4 + 4, &s[q * ns + j]);
-        }
-      }
-      for (; j < L; ++j) {
-        const float* k1 = row_f32(ks, j, D, x.data());
-        for (int64_t q = 0; q < rows; ++q) s[q * ns + j] = dot_fixed_order(&qf[q * D], k1, D);
-      }
+      logits(qf.data(), rows, ks, [](int64_t j) { return j; }, L, D, x.data(), s.data(), ns);
       // each row's softmax over the tokens it sees (pos <= its position), summed into the tokens' mass
       tpos.resize(L);
       for (int64_t t = 0; t < L; ++t) tpos[t] = pp[pat(s0 + t)];

@@ -427,16 +427,21 @@ PAGED_APPEND = _define(
 )
 
 
-def _paged_append_autograd(*args: Any) -> None:
-    """A mutating op takes no register_autograd: refuse grad-requiring inputs by name here (as every op
-    without a gradient does), else run the op below autograd."""
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        _autograd._refusal("paged_append")(None, args, None)
-    with torch._C._AutoDispatchBelowAutograd():
-        torch.ops.vtattn.paged_append.default(*args)
+def _mutating_autograd(op: str) -> None:
+    """A mutating op takes no register_autograd: its Autograd kernel refuses grad-requiring inputs by
+    name (as every op without a gradient does), else runs the op below autograd."""
+    overload = getattr(torch.ops.vtattn, op).default
+
+    def run_(*args: Any) -> Any:
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            _autograd._refusal(op)(None, args, None)
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload(*args)
+
+    _lib.impl(op, run_, "Autograd")  # type: ignore[no-untyped-call]
 
 
-_lib.impl("paged_append", _paged_append_autograd, "Autograd")  # type: ignore[no-untyped-call]
+_mutating_autograd("paged_append")
 
 
 # ---- paged_decode_step -------------------------------------------------------------------------
@@ -488,16 +493,7 @@ PAGED_DECODE_STEP = _define(
 )
 
 
-def _paged_decode_step_autograd(*args: Any) -> torch.Tensor:
-    """As paged_append's: refuse grad-requiring inputs by name, else run the op below autograd."""
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        _autograd._refusal("paged_decode_step")(None, args, None)
-    with torch._C._AutoDispatchBelowAutograd():
-        out: torch.Tensor = torch.ops.vtattn.paged_decode_step.default(*args)
-    return out
-
-
-_lib.impl("paged_decode_step", _paged_decode_step_autograd, "Autograd")  # type: ignore[no-untyped-call]
+_mutating_autograd("paged_decode_step")
 
 
 # ---- paged_evict -------------------------------------------------------------------------------
@@ -534,15 +530,7 @@ PAGED_EVICT = _define(
 )
 
 
-def _paged_evict_autograd(*args: Any) -> None:
-    """As paged_append's: refuse grad-requiring inputs by name, else run the op below autograd."""
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        _autograd._refusal("paged_evict")(None, args, None)
-    with torch._C._AutoDispatchBelowAutograd():
-        torch.ops.vtattn.paged_evict.default(*args)
-
-
-_lib.impl("paged_evict", _paged_evict_autograd, "Autograd")  # type: ignore[no-untyped-call]
+_mutating_autograd("paged_evict")
 
 
 # ---- group_attention -----------------------------------------------------------------------
