@@ -10,7 +10,7 @@ import torch
 
 from vtattn.bench import runner
 from vtattn.bench.cases import Case, Impl
-from vtattn.bench.timing import Budget, median_ci, pooled, sample_until, summary, time_cpu
+from vtattn.bench.timing import Budget, median_ci, paired_ratio, pooled, sample_until, summary, time_cpu
 
 
 def _coverage(n, level):
@@ -206,3 +206,37 @@ def test_decode_host_pairs_each_step_with_the_twin_in_turn(monkeypatch):
     firsts = [order[i][0] for i in range(0, 2 * dh.STEPS, 2)]
     assert firsts == ["twin", "row"] * (dh.STEPS // 2)  # in turn
     assert impl.stats["host_us_layer"] == pytest.approx(1e3 / 4)  # 1 ms a step over the twin, 4 layers
+
+
+def test_a_paired_ratio_cancels_a_load_both_calls_share():
+    """Two calls whose times drift together (a shared machine's load): the ratio of separate medians
+    would carry the drift between the two runs, the paired ratio does not; each of a pair goes first
+    in turn (the second call of a pair sees the first's caches)."""
+    clock, order = [0], []
+
+    def call(name, ms):
+        def f():
+            clock[0] += 1
+            order.append(name)
+            return ms * (1 + 0.5 * (clock[0] // 10 % 2))  # the load doubles the time of 10 calls in 20
+        return f
+
+    t = paired_ratio(call("num", 2.0), call("den", 1.0), Budget(target=0.01, min_reps=8, min_s=0.0, max_s=5.0))
+    assert t.median_ms == pytest.approx(2.0) and t.reps >= 8  # (the pairs that straddle a change are few)
+    assert order[:4] == ["num", "den", "den", "num"]
+
+
+def test_cpu_model_rows_take_their_speedup_from_pairs(monkeypatch):
+    """A row with `sample` (model-level) and a baseline with one: the speedup is the pairs' median
+    ratio, with its interval and count; a row without `sample` keeps the ratio of medians."""
+    calls = []
+    case = _case({"base": ("baseline", [summary([1.0] * 10), summary([1.0] * 10)]),
+                  "fast": ("vtattn", [summary([1.0] * 10)]), "plain": ("vtattn", [summary([0.5] * 10)])}, calls)
+    times = {"base": 2.0, "fast": 1.0}
+    for impl in case.impls:
+        if impl.name in times:
+            impl.sample = lambda x, n=impl.name: times[n]
+    rows = {r["backend"]: r for r in runner.run_case(case, torch.device("cpu"), torch.float32, PEAKS)}
+    assert rows["fast"]["speedup"] == pytest.approx(2.0) and rows["fast"]["speedup_pairs"] >= 6
+    assert rows["fast"]["speedup_noise"] is False  # (its separate medians read 1.0)
+    assert rows["plain"]["speedup"] == pytest.approx(2.0) and rows["plain"]["speedup_pairs"] is None

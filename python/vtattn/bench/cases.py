@@ -57,6 +57,9 @@ class Impl:
     note: str = ""
     stats: dict[str, Any] = field(default_factory=dict)  # extra row fields the impl measures itself (peak memory)
     timer: Timer | None = None  # in place of timing.time_fns
+    # one call's measured ms (model-level rows): on CPU the runner then takes the speedup from calls that
+    # alternate with the baseline's (runner._paired)
+    sample: Callable[[Inputs], float] | None = None
 
 
 class Skip(Exception):

@@ -145,6 +145,7 @@ _WIDE_COLUMNS: list[tuple[str, str, Callable[[Row], str], bool]] = [
     ("vs", "vs", lambda r: r.get("baseline") or "-", False),
     ("speedup", "speedup", lambda r: _fmt(r.get("speedup"), ".3g"), True),
     ("sci", "speedup CI", lambda r: "-" if not r.get("speedup_ci") else "{:.3g}-{:.3g}".format(*r["speedup_ci"]), True),
+    ("pairs", "pairs", lambda r: _fmt(r.get("speedup_pairs"), "d"), True),
     ("err", "max err", lambda r: _fmt(r.get("max_err"), ".2g"), True),
     ("note", "note", lambda r: r.get("note") or "", False),
 ]
@@ -275,7 +276,8 @@ def format_table(rows: list[Row], wide: bool = False, width: int = WIDTH) -> str
 
 LEGEND = ("median ms: the median of n samples. ±95%: the half-width of the median's 95% confidence interval "
           "(order statistics), relative to it; ! = not within the run's target by the row's time cap. speedup: the "
-          "fastest baseline's (base) median / the row's; ~1.0 (noise): the ratio's interval contains 1")
+          "fastest baseline's (base) median / the row's (CPU model rows: the median of that ratio over pairs of "
+          "calls alternating with the baseline's); ~1.0 (noise): the ratio's interval contains 1")
 
 
 def format_footer(rows: list[Row], header: Header, n_cases: int) -> str:

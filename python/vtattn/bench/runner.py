@@ -7,7 +7,7 @@ import torch
 import vtattn
 
 from .cases import DTYPE_NAMES, Case, Impl, Skip, input_bytes, n_copies
-from .timing import Timing, pooled, time_fns
+from .timing import CPU_BUDGETS, Timing, paired_ratio, pooled, time_fns
 
 Inputs = dict[str, Any]  # one copy of a case's inputs
 Results = dict[str, tuple[Timing | None, str]]  # impl name -> (timing, note)
@@ -53,6 +53,17 @@ def _bracket(impl: Impl, results: Results, copies: list[Inputs], device: torch.d
     results[impl.name] = (t, note)
 
 
+def _paired(base: Impl, impl: Impl, x: Inputs, quick: bool) -> Timing:
+    """The speedup base / impl from alternating calls of the two model-level rows (`Impl.sample`),
+    each call in its own context (a patch is applied and removed around its call, untimed)."""
+    def one(i: Impl) -> float:
+        assert i.sample is not None  # (checked by the caller)
+        with torch.no_grad(), i.ctx():
+            return i.sample(i.prep(x) if i.prep else x)
+
+    return paired_ratio(partial(one, base), partial(one, impl), CPU_BUDGETS["pairs", bool(quick)])
+
+
 def run_case(case: Case, device: torch.device, dtype: torch.dtype, peaks: dict[str, float], quick: bool = False
              ) -> list[dict[str, Any]]:
     results: Results = {}
@@ -89,6 +100,17 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, peaks: dict[s
     if (device.type == "cpu" and best is not None and copies is not None
             and sum(t is not None for t, _ in results.values()) > 1):
         _bracket(next(i for i in case.impls if i.name == best), results, copies, device, quick)
+    # CPU model rows: each speedup from calls alternating with the baseline's (the separate timings'
+    # ratio carries whatever load changed between them, several % on a shared machine)
+    pairs: dict[str, Timing] = {}
+    base_impl = next((i for i in case.impls if i.name == best), None)
+    if device.type == "cpu" and copies is not None and base_impl is not None and base_impl.sample is not None:
+        for impl in case.impls:
+            if impl.name != best and impl.sample is not None and results[impl.name][0] is not None:
+                try:
+                    pairs[impl.name] = _paired(base_impl, impl, copies[0], quick)
+                except Exception:  # it was timed alone: its ratio of medians stays
+                    pass
     del copies
     base, refs = timed("baseline"), timed("reference")
     elt = dtype.itemsize
@@ -102,7 +124,8 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, peaks: dict[s
                "reps": None, "ci_low_ms": None, "ci_high_ms": None, "ci_level": None, "calls_per_rep": None,
                "converged": None, "tflops": None, "gbps": None, "pct_peak": None, "baseline": best,
                "baseline_ms": base[best].median_ms if best else None, "speedup": None, "speedup_ci": None,
-               "speedup_noise": None, "ratios": {}, "max_err": None, "device": str(device), "note": note,
+               "speedup_noise": None, "speedup_pairs": None, "ratios": {}, "max_err": None, "device": str(device),
+               "note": note,
                "skipped": None if t is not None else note.removeprefix("skipped: ")}
         row.update(impl.stats)
         if t is not None:
@@ -116,7 +139,11 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, peaks: dict[s
                 row["pct_peak"] = 100 * row["gbps"] / peaks["copy_gbps"]
             if best is not None:
                 row["speedup"] = base[best].median_ms / t.median_ms
-                if impl.name != best:
+                if impl.name in pairs:
+                    p = pairs[impl.name]
+                    row.update(speedup=p.median_ms, speedup_ci=[p.ci_low_ms, p.ci_high_ms], speedup_pairs=p.reps,
+                               speedup_noise=p.ci_low_ms <= 1.0 <= p.ci_high_ms)
+                elif impl.name != best:
                     lo, hi = ratio_interval(base[best], t)
                     row.update(speedup_ci=[lo, hi], speedup_noise=lo <= 1.0 <= hi)
             row["ratios"] = {n: o.median_ms / t.median_ms for n, o in {**base, **refs}.items() if n != impl.name}

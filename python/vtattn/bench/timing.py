@@ -73,6 +73,9 @@ CPU_BUDGETS = {
     ("kernel", True): Budget(target=0.03, min_reps=10, min_s=0.05, max_s=0.5, warmup_s=0.02),
     ("model", False): Budget(target=0.05, min_reps=6, min_s=0.0, max_s=4.0),
     ("model", True): Budget(target=0.05, min_reps=6, min_s=0.0, max_s=2.0),
+    # a ratio from pairs of model calls (paired_ratio): one sample is two calls
+    ("pairs", False): Budget(target=0.03, min_reps=6, min_s=0.0, max_s=2.0),
+    ("pairs", True): Budget(target=0.05, min_reps=4, min_s=0.0, max_s=1.0),
 }
 
 
@@ -149,6 +152,23 @@ def sample_until(sample: Callable[[], float], budget: Budget, clock: Callable[[]
             check = n + max(1, n // 10)
         if elapsed >= budget.max_s and n >= 3:
             return summary(times, calls_per_rep, budget.target)
+
+
+def paired_ratio(num: Callable[[], float], den: Callable[[], float], budget: Budget) -> Timing:
+    """num() / den() (each returns one call's ms) from calls that alternate, each of a pair first in
+    turn: one sample is one pair's ratio, so a load both calls of a pair see cancels out (a shared
+    CPU's neighbours, its clock) where separate runs of each would carry it into the ratio. The
+    Timing's median and interval are the ratio's."""
+    turn = cycle((True, False))
+
+    def sample() -> float:
+        if next(turn):
+            a = num()
+            return a / den()
+        b = den()
+        return num() / b
+
+    return sample_until(sample, budget)
 
 
 @contextlib.contextmanager
