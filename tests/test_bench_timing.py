@@ -240,3 +240,11 @@ def test_cpu_model_rows_take_their_speedup_from_pairs(monkeypatch):
     assert rows["fast"]["speedup"] == pytest.approx(2.0) and rows["fast"]["speedup_pairs"] >= 6
     assert rows["fast"]["speedup_noise"] is False  # (its separate medians read 1.0)
     assert rows["plain"]["speedup"] == pytest.approx(2.0) and rows["plain"]["speedup_pairs"] is None
+
+
+def test_every_llava_and_qwen_e2e_row_can_be_paired():
+    """The runner pairs a CPU model row with its baseline only where both give `sample`: every e2e
+    row of the transformers scenarios does (vLLM's rows time requests, their own way)."""
+    from vtattn.bench.cases import build_cases
+    cases = [c for c in build_cases(torch.device("cpu"), ops=["e2e"], level="tiny") if not c.name.startswith("vllm")]
+    assert cases and all(i.sample is not None for c in cases for i in c.impls)
