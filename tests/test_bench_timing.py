@@ -242,6 +242,16 @@ def test_cpu_model_rows_take_their_speedup_from_pairs(monkeypatch):
     assert rows["plain"]["speedup"] == pytest.approx(2.0) and rows["plain"]["speedup_pairs"] is None
 
 
+def test_a_row_whose_pairs_fail_keeps_its_ratio_of_medians_and_says_why():
+    case = _case({"base": ("baseline", [summary([1.0] * 10), summary([1.0] * 10)]),
+                  "row": ("vtattn", [summary([0.5] * 10)])}, [])
+    case.impls[0].sample = lambda x: 1.0
+    case.impls[1].sample = lambda x: (_ for _ in ()).throw(RuntimeError("patch gone"))
+    row = next(r for r in runner.run_case(case, torch.device("cpu"), torch.float32, PEAKS) if r["backend"] == "row")
+    assert row["speedup"] == pytest.approx(2.0) and row["speedup_pairs"] is None
+    assert "speedup unpaired: RuntimeError: patch gone" in row["note"]
+
+
 def test_every_llava_and_qwen_e2e_row_can_be_paired():
     """The runner pairs a CPU model row with its baseline only where both give `sample`: every e2e
     row of the transformers scenarios does (vLLM's rows time requests, their own way)."""

@@ -109,8 +109,9 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, peaks: dict[s
             if impl.name != best and impl.sample is not None and results[impl.name][0] is not None:
                 try:
                     pairs[impl.name] = _paired(base_impl, impl, copies[0], quick)
-                except Exception:  # it was timed alone: its ratio of medians stays
-                    pass
+                except Exception as e:  # it was timed alone: its ratio of medians stays, and the note says why
+                    t, note = results[impl.name]
+                    results[impl.name] = (t, " ".join(filter(None, [note, f"speedup unpaired: {_error(e)}"])))
     del copies
     base, refs = timed("baseline"), timed("reference")
     elt = dtype.itemsize

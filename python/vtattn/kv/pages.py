@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from .._dispatch import Direct
+from .._dispatch import _INT32_LIMIT, Direct
 
 Host = npt.NDArray[np.int64]  # host-side counts, [B, H]
 # the write of new tokens: one op, no validation; `Pages.cls` stamps its backend choice
@@ -77,7 +77,8 @@ class Pages:
         # what the backends' choice for this layout's ops reads (Direct's stamp): the tokens appended and the
         # queries are the model's own, of the pools' dtype and device; a fixed layout's start is on the device;
         # of the sizes, only whether a head's capacity fits int32 (the CUDA kernels' limit), so growth keeps it
-        self.cls = (like.dtype, device, B, H, D, self.fixed, with_scores, int(capacity.max(initial=0)) >= 2**31 - 1)
+        self.cls = (like.dtype, device, B, H, D, self.fixed, with_scores,
+                    int(capacity.max(initial=0)) >= _INT32_LIMIT)
         pages = capacity // ps
         first = (np.cumsum(pages) - pages.ravel()).reshape(B, H)
         cols = np.arange(pages.max() if pages.size else 0)
