@@ -110,18 +110,19 @@ def cases(dtype):
             pos=torch.full((pages, ps), -1, dtype=i64), next_slot=first + used, lengths=used.to(i32), k=k,
             v=_randn(B, H, n, D, dtype=dtype, seed=64), start=torch.tensor(1000), last=first + cap - 1,
             score=torch.rand(pages, ps, generator=_g(65)))
-    # paged_decode_step: a compressed layer's decode step (the write, then the paged read; GQA)
-    B, Hkv, G, D, ps = 3, 2, 4, 128, 16
-    first = torch.arange(B * Hkv).view(B, Hkv) * 2 * ps  # each head owns two pages
-    used = torch.randint(0, 2 * ps - 1, (B, Hkv), generator=_g(70))
-    pages = B * Hkv * 2
+    # paged_decode_step: a compressed layer's decode step (the write, then the paged read; GQA), in
+    # CompressedCache's default pages of one token
+    B, Hkv, G, D, ps, per = 3, 2, 4, 128, 1, 40
+    first = torch.arange(B * Hkv).view(B, Hkv) * per * ps  # each head owns `per` pages
+    used = torch.randint(0, per * ps - 1, (B, Hkv), generator=_g(70))
+    pages = B * Hkv * per
     yield "paged_decode_step", f"B{B} Hq{Hkv * G} Hkv{Hkv} pages {pages}x{ps} D{D}", dict(
         q=_randn(B, Hkv * G, 1, D, dtype=dtype, seed=71), k_pages=_randn(pages, ps, D, dtype=dtype, seed=72),
         v_pages=_randn(pages, ps, D, dtype=dtype, seed=73), pos=torch.full((pages, ps), -1, dtype=i64),
         next_slot=first + used, lengths=used.to(i32), k=_randn(B, Hkv, 1, D, dtype=dtype, seed=74),
-        v=_randn(B, Hkv, 1, D, dtype=dtype, seed=75), start=torch.tensor(1000), last=first + 2 * ps - 1,
+        v=_randn(B, Hkv, 1, D, dtype=dtype, seed=75), start=torch.tensor(1000), last=first + per * ps - 1,
         score=torch.rand(pages, ps, generator=_g(76)),
-        block_table=((first // ps)[..., None] + torch.arange(2)).to(i32), scale=D ** -0.5)
+        block_table=((first // ps)[..., None] + torch.arange(per)).to(i32), scale=D ** -0.5)
     # select_tokens: one segment of 6,000 tokens (dynamic + static shared memory > 48 KiB), a segment
     # at the first failing length of the old opt-in rule, many small ones; ties; fp16 scores.
     for B, segments in ((3, [6000]), (2, [5723, 100, 1]), (2, [37] * 20)):

@@ -92,7 +92,7 @@ def test_notes_explain_the_surprising_rows():
     notes = report.explain(kernel_rows() + e2e_rows(), header)
     text = "\n".join(notes)
     assert "block_sparse_attention `auto` is slower than dense SDPA on CPU" in text
-    assert "lookm-1.0 holds more KV memory than unpatched-sdpa" in text and "pages of 16 tokens" in text
+    assert "lookm-1.0 holds more KV memory than unpatched-sdpa" in text and "whole pages of 1 token(s)" in text
     assert "2 of 2 such rows are within noise" in text
     assert "1 row marked ! did not reach" in text and "busy" in text
     footer = report.format_footer(kernel_rows() + e2e_rows(), {**header, "elapsed_s": 3.0}, 2)

@@ -54,6 +54,7 @@ CASES = [
     (2, 4, 4, 17, 80, [1, 17, 0, 3, 16, 2, 17, 9], 16, "strided"),
     (1, 8, 1, 1, 64, [1], 16, "contiguous"),
     (2, 4, 2, 300, 64, [300, 0, 129, 37], 37, "mixed"),  # an odd page size (CPU backends)
+    (2, 4, 2, 70, 64, [70, 0, 33, 1], 1, "strided"),  # pages of one token (CompressedCache's default)
 ]
 
 

@@ -33,6 +33,7 @@ CASES = [  # (B, Hkv, G, D, page_size, last, score, layout)
     (3, 2, 4, 40, 5, True, False, "strided"),
     (2, 3, 2, 72, 5, False, True, "contiguous"),
     (1, 2, 3, 128, 16, False, False, "strided"),
+    (2, 2, 4, 64, 1, True, True, "contiguous"),  # pages of one token (CompressedCache's default)
 ]
 
 

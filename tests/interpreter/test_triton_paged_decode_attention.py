@@ -33,6 +33,7 @@ CASES = [
     (1, 8, 1, 5, 10, 72, torch.float32, [33], False),  # group 8, odd page size
     (2, 4, 4, 64, 1, 80, torch.float16, [0, 1, 17, 64, 5, 16, 32, 63], True),
     (1, 8, 2, 32, 3, 128, torch.float16, [70, 3], False),  # group 4
+    (2, 4, 2, 1, 40, 64, torch.float16, [40, 0, 17, 1], True),  # pages of one token (CompressedCache's default)
 ]
 
 

@@ -339,14 +339,13 @@ def resume(path: str, header: Header, cases: list["Case"]) -> tuple[Header, list
     return old, run["rows"], [c for c in cases if (c.op, c.name) not in done]
 
 
-def _kv_defaults() -> tuple[int, int]:
-    """CompressedCache's page size and decode headroom (tokens), from its signature."""
+def _kv_page() -> int:
+    """CompressedCache's default page size (tokens), from its signature."""
     import inspect
 
     from vtattn.kv import CompressedCache
 
-    p = inspect.signature(CompressedCache.__init__).parameters
-    return p["page_size"].default, p["room"].default
+    return int(inspect.signature(CompressedCache.__init__).parameters["page_size"].default)
 
 
 def _rows(rows: list[Row]) -> str:
@@ -368,11 +367,12 @@ def explain(rows: list[Row], header: Header) -> list[str]:
     more = [r for r in timed if r["op"] == "e2e" and r["backend"] == "lookm-1.0" and r.get("kv_bytes")
             and (by.get(("e2e", r["case"], "unpatched-sdpa")) or {}).get("kv_bytes", r["kv_bytes"]) < r["kv_bytes"]]
     if more:
-        page, _ = _kv_defaults()
+        from vtattn.kv.pages import GROWTH
         out.append(f"lookm-1.0 holds more KV memory than unpatched-sdpa: the compressed cache keeps every token "
-                   f"but stores each (batch, KV head) in whole pages of {page} tokens and grows by a quarter of a "
-                   f"head's length (at least a page); on short prompts (CPU's scaled models: tens of tokens) that "
-                   f"rounding is a large share, at real lengths (thousands of tokens) a few percent.")
+                   f"but gives each (batch, KV head) room past them, in whole pages of {_kv_page()} token(s): "
+                   f"generate's new tokens (up to a quarter of the head's length), and a growth adds a quarter of "
+                   f"its length (at least {GROWTH} tokens); on short prompts (CPU's scaled models: tens of tokens) "
+                   f"that room is a large share, at real lengths (thousands of tokens) a few percent.")
     keep1 = [r for r in timed if r["op"] == "e2e" and r["backend"] in ("keep-1.0", "lookm-1.0")
              and r.get("speedup") is not None]
     if keep1:

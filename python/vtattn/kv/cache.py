@@ -60,10 +60,12 @@ class Padding(NamedTuple):
 
 class CompressedCache(Cache):
     """policy: a `vtattn.kv` policy for every layer, a list with one per layer (None keeps that
-    layer whole, padding aside), or None (nothing evicted). page_size: tokens per page.
+    layer whole, padding aside), or None (nothing evicted). page_size: tokens per page, the
+    granularity of each head's capacity (the kernels look pages up per key: 1 wastes no slot).
 
     Dynamic (max_new_tokens=None): each head starts with room for `room` decode tokens (default:
-    what its last page leaves, at least one) and grows when it runs out (see `pages`).
+    what its last page leaves, at least one; for a patched model's `generate`, the tokens it will
+    append, up to a head's first growth: `upcoming`) and grows when it runs out (see `pages`).
     Static (max_new_tokens=n): each head's capacity is fixed at the prefill, its kept tokens plus n,
     rounded up to a page; lengths live on the device, a decode step reads and writes no host state,
     so it traces under torch.compile and replays in a CUDA graph (`generate(...,
@@ -75,7 +77,7 @@ class CompressedCache(Cache):
     layers: list["CompressedLayer"]
 
     def __init__(self, policy: Policy | list[Policy | None] | tuple[Policy | None, ...] | None = None, *,
-                 page_size: int = 16, room: int | None = None, max_new_tokens: int | None = None) -> None:
+                 page_size: int = 1, room: int | None = None, max_new_tokens: int | None = None) -> None:
         for name, n, low in (("page_size", page_size, 1), ("room", room, 1), ("max_new_tokens", max_new_tokens, 0)):
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < low):
                 raise ValueError(f"{name} must be an int >= {low}, got {n!r}")
@@ -95,6 +97,9 @@ class CompressedCache(Cache):
         super().__init__(layers=[])
         self.policy, self.page_size, self.room, self.max_new_tokens = policy, page_size, room, max_new_tokens
         self.modality: torch.Tensor | None = None
+        # a dynamic cache without `room`: the tokens its owner (generate, through a patch) will append after the
+        # prompt, sizing the heads' first layout (None: unknown)
+        self.upcoming: int | None = None
         self._padding: dict[int, Padding | None] = {}  # the prompt's padding by its length (`padding`)
 
     @property
@@ -296,8 +301,10 @@ class CompressedLayer(CacheLayerMixin):
         scores = None
         if isinstance(self.policy, DecodeH2O):
             scores = prompt_mass(self.policy, ranked, q, k, lse).gather(2, indices.clamp(min=0))
+        # (a DecodeH2O layer never outgrows its prompt's count plus `every`: its room)
+        upcoming = None if self.cache.room is not None or isinstance(self.policy, DecodeH2O) else self.cache.upcoming
         self.pages = Pages(k_rows, v_rows, positions, host, self.cache.page_size, self._room(), scores,
-                           fixed=self.cache.static)
+                           fixed=self.cache.static, upcoming=upcoming or 0)
         if scores is not None:
             self._base = self.pages.host_lengths.copy()
         if self.cache.max_new_tokens is not None:  # static
@@ -309,8 +316,8 @@ class CompressedLayer(CacheLayerMixin):
 
     def _room(self) -> int:
         """Slots each head gets past its tokens: a static cache's max_new_tokens; a growing one's
-        `room` (default 1: what the last page leaves, grown on demand), at least a DecodeH2O's
-        `every` (its heads then never outgrow their pages: eviction compacts them in place)."""
+        `room` (default 1, and what the last page leaves; `upcoming` may add more in Pages), at least
+        a DecodeH2O's `every` (its heads then never outgrow their pages: eviction compacts them in place)."""
         if self.cache.max_new_tokens is not None:  # static
             return self.cache.max_new_tokens
         room = self.cache.room or 1

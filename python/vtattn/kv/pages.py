@@ -9,12 +9,16 @@ their original positions (-1 in unused slots); with `scores`, a fp32 pool `score
 tokens (decode-time eviction's accumulated attention mass; appended tokens start at 0).
 
 Capacity: each head gets its kept tokens plus `room` slots, rounded up to whole pages, so the bytes
-allocated follow each head's kept count (never the longest head's), within one page per head.
+allocated follow each head's kept count (never the longest head's), within one page per head. The
+kernels look a key's page up per key, so the page size is the allocation's granularity only.
 A fixed layout (a static cache) never grows: `room` is the most tokens it will append, and its
 tensors keep their addresses (CUDA graphs replay on them). A growing layout tracks the lengths on
 the host (each append adds the same count to every head) and, when a head's free slots run out,
-moves into a larger layout: each head then gets a quarter of its length more (at least a page),
-so the copies add up to a constant number of copies of each token however long the decoding.
+moves into a larger layout: each head then gets a quarter of its length more (at least GROWTH
+tokens), so the copies add up to a constant number of copies of each token however long the
+decoding. Told how many tokens will come (`upcoming`: generate's), a head starts with room for
+them, up to what its first growth would give it: a short decode never relayouts, a long one holds
+no more than growth would.
 Host-side state (lengths, capacities, starts) is numpy: reading or growing it never touches the
 device, so no decode step waits for one (growth and relayouts included)."""
 from typing import Any
@@ -30,8 +34,17 @@ Host = npt.NDArray[np.int64]  # host-side counts, [B, H]
 _APPEND: Direct[None] = Direct("paged_append", by_stamp=True)
 
 
+# a growth gives each head a quarter of its length more, at least this many tokens
+GROWTH = 16
+
+
 def _round_up(n: Host, m: int) -> Host:
     return (n + m - 1) // m * m
+
+
+def _growth(lengths: Host, n: int) -> Host:
+    """Slots each head gets past its length when its layout grows for n more tokens."""
+    return np.maximum(lengths // 4, max(GROWTH, n))
 
 
 def _device(array: npt.NDArray[Any], device: torch.device) -> torch.Tensor:
@@ -44,18 +57,23 @@ class Pages:
     _appended: int
 
     def __init__(self, k_rows: torch.Tensor, v_rows: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor | Host,
-                 page_size: int, room: int, scores: torch.Tensor | None = None, fixed: bool = False) -> None:
+                 page_size: int, room: int, scores: torch.Tensor | None = None, fixed: bool = False,
+                 upcoming: int = 0) -> None:
         """k_rows, v_rows [B, H, K, D]: each head's kept rows, valid up to counts [B, H] (int64, on
         the host or the device); positions int64 [B, H, K]: their original positions; scores: None
-        or fp32 [B, H, K]; room: slots each head gets past its kept rows; fixed: never grow."""
+        or fp32 [B, H, K]; room: slots each head gets past its kept rows; fixed: never grow;
+        upcoming: tokens the caller expects to append (a growing layout's heads get room for them,
+        up to their first growth)."""
         self.page_size, self.fixed = page_size, fixed
         # a decode step's start position, as a CPU scalar the kernels read at launch: written in place
         # through its numpy view (a torch op per layer and step costs ~4 us in a model's step on CPU)
         self._start_host = np.zeros((), dtype=np.int64)
         self._start = torch.from_numpy(self._start_host)
         # int64 numpy [B, H]: the one host sync of a compression (none for counts given in numpy)
-        self.host_lengths = (counts if isinstance(counts, np.ndarray) else counts.cpu().numpy()).astype(np.int64)
-        self._allocate(self.host_lengths, _round_up(self.host_lengths + room, page_size), k_rows, scores is not None)
+        lengths = (counts if isinstance(counts, np.ndarray) else counts.cpu().numpy()).astype(np.int64)
+        self.host_lengths = lengths
+        slack = np.maximum(room, np.minimum(upcoming, _growth(lengths, 0))) if upcoming and not fixed else room
+        self._allocate(lengths, _round_up(lengths + slack, page_size), k_rows, scores is not None)
         self._store(k_rows, v_rows, positions, scores)
 
     @property
@@ -81,8 +99,6 @@ class Pages:
                     int(capacity.max(initial=0)) >= _INT32_LIMIT)
         pages = capacity // ps
         first = (np.cumsum(pages) - pages.ravel()).reshape(B, H)
-        cols = np.arange(pages.max() if pages.size else 0)
-        table = np.where(cols < pages[..., None], first[..., None] + cols, -1)
         total = int(pages.sum())
         self.capacity = capacity
         self.room = int((capacity - lengths).min()) if lengths.size else 0
@@ -90,9 +106,12 @@ class Pages:
         self.v = like.new_empty(total, ps, D)
         self.pos = torch.full((total, ps), -1, dtype=torch.int64, device=device)
         self.score = torch.zeros(total, ps, device=device) if with_scores else None
-        self.table = _device(table.astype(np.int32), device)
         self.host_start = first * ps
         self.start = _device(self.host_start, device)
+        # made on the device: a table entry per page of every head (pages of a few tokens: as many as slots)
+        cols = torch.arange(int(pages.max(initial=0)), device=device)
+        self.table = torch.where(cols < _device(pages, device)[..., None], (self.start // ps)[..., None] + cols,
+                                 -1).to(torch.int32)
         if self.fixed:  # its writes are clamped to each head's last slot (write_args)
             self.last = _device(np.maximum(self.host_start + capacity - 1, 0), device)
         self.width = int(capacity.max()) if capacity.size else 0
@@ -153,7 +172,7 @@ class Pages:
     def _grow(self, n: int) -> None:
         """Move into a layout where every head has room for n more tokens (and a quarter of its length)."""
         lengths = self.host_lengths
-        extra = np.maximum(lengths // 4, max(self.page_size, n))
+        extra = _growth(lengths, n)
         D, device, old_start = self.k.shape[-1], self.k.device, self.host_start
         old = [self.k.view(-1, D), self.v.view(-1, D), self.pos.view(-1)] + \
             ([self.score.view(-1)] if self.score is not None else [])

@@ -5,6 +5,8 @@ modules are routed to vtattn's attention, where each call claims the cache layer
 handed (`core.claim`) and lets it attend over what it keeps."""
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +38,36 @@ class _KVCompress(core.Installed):
         self.options, self.policy = options, options.policy
         self.replaced: weakref.WeakSet[Any] = weakref.WeakSet()  # caches a prefill replaced (generate goes on
         patch.route(block.self_attn for block in decoder.layers)  # with the one it returns)
+        # generate's length (prompt and new tokens but the last), by the cache it made or was given: the tokens
+        # it will append size the prefill's CompressedCache (a short decode then never relayouts)
+        self.limits: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self.model, self.previous = patch.model, patch.model.__dict__.get("_prepare_cache_for_generation")
+        prepare: Callable[..., Any] | None = getattr(patch.model, "_prepare_cache_for_generation", None)
+        if callable(prepare) and "max_cache_length" in inspect.signature(prepare).parameters:
+            setattr(patch.model, "_prepare_cache_for_generation", self._noting(prepare))
+
+    def _noting(self, prepare: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(prepare)
+
+        @functools.wraps(prepare)
+        def noted(*args: Any, **kwargs: Any) -> Any:
+            out = prepare(*args, **kwargs)
+            self._note(signature.bind(*args, **kwargs).arguments)
+            return out
+        return noted
+
+    def _note(self, arguments: dict[str, Any]) -> None:
+        """generate prepared its cache for `max_cache_length` tokens, its prompt's included."""
+        kwargs, limit = arguments.get("model_kwargs"), arguments.get("max_cache_length")
+        cache = core.cache_arg(kwargs)[1] if isinstance(kwargs, dict) else None
+        if cache is not None and isinstance(limit, int):
+            self.limits[cache] = limit
+
+    def uninstall(self) -> None:
+        if self.previous is not None:
+            setattr(self.model, "_prepare_cache_for_generation", self.previous)
+        else:
+            self.model.__dict__.pop("_prepare_cache_for_generation", None)
 
     def forward(self, call: core.Call, proceed: Callable[[core.Call], Any]) -> Any:
         """On a prefill, a CompressedCache (the caller's own, else a new one) with the call's image
@@ -55,6 +87,9 @@ class _KVCompress(core.Installed):
         if empty:  # a prefill
             compressed = cache if isinstance(cache, CompressedCache) else CompressedCache(
                 self.policy, max_new_tokens=_static_room(cache, call))
+            limit = None if cache is None else self.limits.pop(cache, None)
+            if limit is not None and not compressed.static:
+                compressed.upcoming = max(limit - call.given, 0)
             if cache is not None and compressed is not cache:
                 self.replaced.add(cache)
             kwargs[name or call.cache_name] = compressed

@@ -227,13 +227,16 @@ class Call:
     embeddings are given); images: [B, N] bool, its image (and video) tokens (None without input_ids
     or image token ids); kwargs: the forward's other arguments; cache_name: the name the forward takes
     its cache by (for a cache a stage adds). find: computes images from input_ids on first read
-    instead (a decode step's stages usually read none: ~35 us a step saved on CPU)."""
-    __slots__ = ("input_ids", "_images", "_find", "kwargs", "cache_name")
+    instead (a decode step's stages usually read none: ~35 us a step saved on CPU); given: the
+    tokens the caller gave (a stage that shortens the sequence leaves it)."""
+    __slots__ = ("input_ids", "_images", "_find", "kwargs", "cache_name", "given")
 
     def __init__(self, input_ids: torch.Tensor | None, images: torch.Tensor | None, kwargs: dict[str, Any],
                  cache_name: str, find: Callable[[], torch.Tensor | None] | None = None) -> None:
         self.input_ids, self._images, self._find, self.kwargs, self.cache_name = (input_ids, images, find, kwargs,
                                                                                    cache_name)
+        tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        self.given = tokens.shape[1] if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else 0
 
     @property
     def images(self) -> torch.Tensor | None:

@@ -1,0 +1,101 @@
+"""How a dynamic CompressedCache is sized: pages of one token by default (no slot wasted to page
+rounding), and, under a patched model's `generate`, each head's first layout holds the tokens
+generate will append (up to what a growth would give it), so a short decode never relayouts and
+its cache holds the kept tokens plus the new ones. A caller's `room` wins; unpatching removes the hook."""
+import numpy as np
+import pytest
+import torch
+
+import vtattn
+from vtattn import kv
+from vtattn.kv import pages
+from test_kv_model_syncs import MODELS
+
+pytest.importorskip("transformers")
+from vtattn.kv.cache import CompressedCache  # noqa: E402  (needs transformers)
+
+NEW = 6
+
+
+def _generate(model, inputs, **options):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True, **options)
+    return out.sequences, (out.cache if "cache" in out else out.past_key_values)
+
+
+@pytest.fixture
+def grows(monkeypatch):
+    """The growths (relayouts) of every Pages, as the n each was asked for."""
+    calls = []
+    grow = pages.Pages._grow
+    monkeypatch.setattr(pages.Pages, "_grow", lambda self, n: (calls.append(n), grow(self, n))[1])
+    return calls
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("stages", ["kv", "keep+kv", "fastv+kv"])
+def test_generate_sizes_each_head_for_the_new_tokens(family, stages, grows):
+    """Each head ends exactly full (its kept tokens plus generate's NEW - 1 appended), none grew, and
+    the tokens are those of a cache that starts with one free slot and grows."""
+    model, patch, inputs = MODELS[family]()
+    policy = kv.LookM(0.2, 0.1)
+    extra = {"kv": {}, "keep+kv": dict(keep=0.5), "fastv+kv": dict(fastv=vtattn.patch.FastV(layer=1, keep=0.5))}
+    patch(model, kv=policy, **extra[stages])
+    sized, cache = _generate(model, inputs)
+    assert isinstance(cache, CompressedCache) and cache.upcoming == NEW - 1 and not grows
+    for layer in cache.layers:
+        p = layer.pages
+        assert np.array_equal(p.capacity, p.host_lengths)
+        assert layer.nbytes == int(p.host_lengths.sum()) * 2 * p.k.shape[-1] * p.k.element_size()
+    grown, mine = _generate(model, inputs, **{_name(model): CompressedCache(policy, room=1)})
+    assert mine.room == 1 and grows  # a caller's room wins: one free slot, then growth
+    assert torch.equal(sized, grown)
+
+
+def _name(model):
+    from helpers import cache_name
+    return cache_name(model)
+
+
+def test_decode_h2o_keeps_its_own_room(grows):
+    """A DecodeH2O layer evicts back to its prompt's count every `every` tokens: its heads keep room
+    for `every`, however many tokens generate will append."""
+    model, patch, inputs = MODELS["llava"]()
+    patch(model, kv=kv.DecodeH2O(kv.LookM(0.2, 0.1), every=2, recent=1))
+    _, cache = _generate(model, inputs)
+    assert cache.upcoming == NEW - 1 and not grows
+    for layer in cache.layers:
+        assert np.array_equal(layer.pages.capacity, layer.base.numpy() + 2)
+
+
+def test_unpatch_removes_the_generate_hook():
+    model, patch, _ = MODELS["llava"]()
+    own = model._prepare_cache_for_generation
+    patch(model, kv=kv.LookM(0.2, 0.1))
+    assert "_prepare_cache_for_generation" in model.__dict__
+    vtattn.patch.unpatch(model)
+    assert "_prepare_cache_for_generation" not in model.__dict__
+    def mine(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):  # the caller's own
+        return own(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+    model._prepare_cache_for_generation = mine
+    patch(model, kv=kv.LookM(0.2, 0.1))
+    assert model._prepare_cache_for_generation is not mine
+    vtattn.patch.unpatch(model)
+    assert model.__dict__["_prepare_cache_for_generation"] is mine
+
+
+def test_upcoming_room_stops_at_a_growth():
+    """upcoming sizes a head for the tokens to come, at most what its first growth would add (a
+    quarter of its length, at least GROWTH): a long generate holds no more than growth would. A
+    fixed layout has exactly its room."""
+    k = torch.randn(1, 3, 80, 4)
+    counts = np.array([[80, 40, 3]])
+    positions = torch.arange(80).expand(1, 3, 80)
+    for upcoming, room in ((5, [5, 5, 5]), (1000, [20, 16, 16]), (0, [1, 1, 1])):
+        p = pages.Pages(k, k, positions, counts, 1, 1, upcoming=upcoming)
+        assert p.capacity.tolist() == [(counts[0] + room).tolist()], upcoming
+    p = pages.Pages(k, k, positions, counts, 4, 1, upcoming=5)
+    assert p.capacity.tolist() == [[88, 48, 8]]  # rounded up to whole pages
+    p = pages.Pages(k, k, positions, counts, 1, 2, fixed=True, upcoming=1000)
+    assert p.capacity.tolist() == [(counts[0] + 2).tolist()]
