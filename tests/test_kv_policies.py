@@ -215,3 +215,45 @@ def test_bad_inputs():
                 lambda: kv.StreamingLLM(0, 0), lambda: kv.Modality(kv.H2O(0.5, 0.1), max_per_image=-1)):
         with pytest.raises(ValueError):
             bad()
+
+
+FIXED = {
+    "lookm": kv.LookM(0.2, 0.1), "snapkv": kv.SnapKV(0.3, window=3), "h2o": kv.H2O(0.2, 0.1),
+    "keynorm": kv.KeyNorm(0.3), "streaming": kv.StreamingLLM(2, 5),
+    "modality-cap": kv.Modality(kv.SnapKV(0.4, window=2), max_per_image=3),
+    "modality-text": kv.Modality(kv.H2O(0.2, 0.1)), "decode-h2o": kv.DecodeH2O(kv.LookM(0.2, 0.1), every=2),
+}
+
+
+@pytest.mark.parametrize("name", FIXED)
+def test_fixed_size_policies_keep_as_many_whatever_the_scores(name):
+    """A `fixed_size` policy's keep-set sizes follow from the prompt alone (a cache reads them once
+    per prompt, not per layer): other queries and keys, same sizes, and given those sizes `chosen`
+    keeps what it keeps when it reads them. AdaKV (sizes by score) is not fixed-size."""
+    policy = FIXED[name]
+    assert policy.fixed_size and not kv.AdaKV(kv.SnapKV(0.3, window=3)).fixed_size
+    B, Hkv, L, D = 2, 3, 41, 16
+    modality = torch.zeros(B, L, dtype=torch.bool)
+    modality[0, 4:20] = modality[0, 24:33] = modality[1, 1:30] = True
+    sizes = None
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        q, k = torch.randn(B, 2 * Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g) * (1 + seed)
+        keep = policy.select(q, k, modality=modality)
+        assert torch.equal(keep.counts, torch.from_numpy(keep.host_counts))
+        if sizes is None:
+            sizes = keep.host_counts
+        assert (keep.host_counts == sizes).all(), seed
+        given = policy.chosen(q, k, modality, None, sizes=sizes)
+        assert torch.equal(given.indices, keep.indices) and torch.equal(given.counts, keep.counts)
+
+
+def test_adakv_sizes_follow_the_scores():
+    """The control: AdaKV's per-head sizes change with the scores (so it must not be fixed-size)."""
+    policy = kv.AdaKV(kv.SnapKV(0.3, window=3))
+    counts = set()
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        q, k = torch.randn(1, 6, 41, 16, generator=g), torch.randn(1, 3, 41, 16, generator=g) * (1 + seed)
+        counts.add(tuple(policy.select(q, k).host_counts.ravel().tolist()))
+    assert len(counts) > 1

@@ -101,6 +101,8 @@ class CompressedCache(Cache):
         # prompt, sizing the heads' first layout (None: unknown)
         self.upcoming: int | None = None
         self._padding: dict[int, Padding | None] = {}  # the prompt's padding by its length (`padding`)
+        # fixed-size policies' keep-set sizes on this prompt (`sizes`), by (policy, length, modality, sample)
+        self._sizes: dict[tuple[int, int, int, int], tuple[Policy, torch.Tensor | None, npt.NDArray[np.int64]]] = {}
 
     @property
     def static(self) -> bool:
@@ -122,8 +124,23 @@ class CompressedCache(Cache):
             self._padding[L] = _padding(mask, L)
         return self._padding[L]
 
+    def sizes(self, policy: Policy, L: int, modality: torch.Tensor | None, sample: int = -1,
+              found: npt.NDArray[np.int64] | None = None) -> npt.NDArray[np.int64] | None:
+        """The keep-set sizes a fixed-size policy (`Policy.fixed_size`) chose on this prompt of L
+        tokens (with this modality; `sample`: one sample's alone), as an earlier layer found them; or
+        note them (`found`). Every layer on the same prompt then reads none from the device."""
+        if not policy.fixed_size:
+            return None
+        key = (id(policy), L, id(modality), sample)
+        if found is not None:
+            self._sizes[key] = (policy, modality, found)  # (holding both: their ids stay theirs)
+            return found
+        hit = self._sizes.get(key)
+        return hit[2] if hit is not None and hit[0] is policy and hit[1] is modality else None
+
     def reset(self) -> None:
         self._padding.clear()
+        self._sizes.clear()
         super().reset()
 
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
@@ -280,11 +297,14 @@ class CompressedLayer(CacheLayerMixin):
             raise ValueError(f"CompressedCache.modality must be [B, L] = {(B, L)} for this prefill, "
                              f"got {tuple(modality.shape)}")
         if pad is None and self.policy is not None:
-            keep = self.policy.chosen(q, k, modality, lse)
+            keep = self.policy.chosen(q, k, modality, lse, sizes=self.cache.sizes(self.policy, L, modality))
             indices, ranked = keep.indices, keep.scores
-            host: torch.Tensor | npt.NDArray[np.int64] = keep.counts if keep.host_counts is None else keep.host_counts
+            assert keep.host_counts is not None  # (from_mask reads them, or was given them)
+            host: npt.NDArray[np.int64] = keep.host_counts
+            self.cache.sizes(self.policy, L, modality, found=host)
         else:  # padding: each sample alone on its own tokens, as it would be without the others
-            indices, host = _per_sample(self.policy, q, k, lse, modality, [None] * B if pad is None else pad.rows)
+            indices, host = _per_sample(self.cache, self.policy, q, k, lse, modality,
+                                        [None] * B if pad is None else pad.rows)
             ranked = None
         merge = getattr(self.policy, "merge", None)
         if merge is not None:
@@ -411,11 +431,12 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: P
     return out.view(B, L, Hq, D).transpose(1, 2), lse.view(B, L, Hq).transpose(1, 2)
 
 
-def _per_sample(policy: Policy | None, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
+def _per_sample(cache: CompressedCache, policy: Policy | None, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
                 modality: torch.Tensor | None,
                 rows: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, npt.NDArray[np.int64]]:
     """indices [B, H, K] (original positions, -1 padded) and the counts [B, H] on the host, with each
-    sample's policy run on its own real tokens (`rows[b]`, None = all)."""
+    sample's policy run on its own real tokens (`rows[b]`, None = all; the sizes of a fixed-size
+    policy read once per prompt, `cache.sizes`)."""
     B, H, L = k.shape[:3]
     found: list[tuple[torch.Tensor, npt.NDArray[np.int64]]] = []
     for b, r in enumerate(rows):
@@ -424,8 +445,10 @@ def _per_sample(policy: Policy | None, q: torch.Tensor, k: torch.Tensor, lse: to
             found.append((r.expand(H, len(r)), np.full(H, len(r))))
             continue
         mod = None if modality is None else modality[b:b + 1, r]
-        keep = policy.chosen(q[b:b + 1, :, r], k[b:b + 1, :, r], mod, lse[b:b + 1, :, r])
-        assert keep.host_counts is not None  # (from_mask reads them)
+        keep = policy.chosen(q[b:b + 1, :, r], k[b:b + 1, :, r], mod, lse[b:b + 1, :, r],
+                             sizes=cache.sizes(policy, len(r), modality, b))
+        assert keep.host_counts is not None  # (from_mask reads them, or was given them)
+        cache.sizes(policy, len(r), modality, b, found=keep.host_counts)
         idx = keep.indices[0]
         found.append((torch.where(idx >= 0, r[idx.clamp(min=0)], -1), keep.host_counts[0]))
     K = max(i.shape[-1] for i, _ in found)

@@ -34,17 +34,19 @@ _KEY_IMPORTANCE: Direct[torch.Tensor] = Direct("key_importance")
 class KeepSet:
     """indices int64 [B, Hkv, K]: kept original positions, ascending, -1 padded past counts[b, h];
     counts int64 [B, Hkv]; scores fp32 [B, Hkv, L]: the GQA-reduced scores the policy ranked by;
-    host_counts: the counts as a numpy int64 array (read once, for K; the cache's pages take them)."""
+    host_counts: the counts as a numpy int64 array (read once, for K, or known: the cache's pages take them)."""
     indices: torch.Tensor
     counts: torch.Tensor
     scores: torch.Tensor
     host_counts: npt.NDArray[np.int64] | None = None
 
     @classmethod
-    def from_mask(cls, keep: torch.Tensor, scores: torch.Tensor) -> "KeepSet":
+    def from_mask(cls, keep: torch.Tensor, scores: torch.Tensor, host: npt.NDArray[np.int64] | None = None) -> "KeepSet":
+        """host: the counts, when the caller knows them (a fixed-size policy's from an earlier layer)."""
         L = keep.shape[-1]
         counts = keep.sum(-1)
-        host = counts.cpu().numpy()  # the keep-set's one host read: its width K
+        if host is None:
+            host = counts.cpu().numpy()  # the keep-set's one host read: its width K
         pos = torch.where(keep, torch.arange(L, device=keep.device), L).sort(-1).values
         indices = pos[..., :int(host.max()) if host.size else 0]
         return cls(indices.masked_fill(indices == L, -1), counts, scores, host)
@@ -66,6 +68,11 @@ class Plan(NamedTuple):
 
 class Policy:
     reduce: str  # "mean" | "max" over a GQA group, for the policies that score by attention (_scores)
+    # whether each (batch, kv head)'s keep-set size follows from the prompt (its length and modality) alone,
+    # the scores choosing which keys but never how many (forced | top_free keeps exactly forced + min(free,
+    # allowed) when the plan's sets and free do not depend on the scores): a cache then reads the sizes from
+    # the device once per prompt, not once per layer
+    fixed_size = False
 
     def select(self, q: torch.Tensor, k: torch.Tensor, *, modality: torch.Tensor | None = None,
                lse: torch.Tensor | None = None, causal: bool = True) -> KeepSet:
@@ -73,11 +80,12 @@ class Policy:
         return self.chosen(q, k, modality, lse, causal)
 
     def chosen(self, q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None, lse: torch.Tensor | None,
-               causal: bool = True) -> KeepSet:
+               causal: bool = True, sizes: npt.NDArray[np.int64] | None = None) -> KeepSet:
         """`select` for arguments valid by construction (the cache's own prefill): no checks, whose
-        reads of lse would sync; the scores through the registered op."""
+        reads of lse would sync; the scores through the registered op. sizes: the keep-set's counts
+        when known (`fixed_size`: an earlier layer's on this prompt), else read from the device."""
         plan = self._plan(q, k, modality, lse, causal)
-        return KeepSet.from_mask(self._keep(plan), plan.scores)
+        return KeepSet.from_mask(self._keep(plan), plan.scores, sizes)
 
     def _plan(self, q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None, lse: torch.Tensor | None,
               causal: bool) -> Plan:
@@ -155,6 +163,8 @@ class LookM(Policy):
     evicted image KV into kept tokens; the keep-set does not depend on it. `merge_rule`: "vtattn"
     (every evicted image token merges, clamped weights) or "release" (LOOK-M's code: a similarity
     filter, "avg" / "weighted" only; `merge.merge_kv_release`). Needs `modality`."""
+    fixed_size = True
+
 
     def __init__(self, budget: float | None = None, recent: float | None = None, merge: str | None = None, *,
                  budget_tokens: int | None = None, recent_tokens: int | None = None, reduce: str = "mean",
@@ -186,6 +196,8 @@ class SnapKV(Policy):
     pools only those); keep the window plus the top (budget tokens - window) of the rest (none when the
     budget is under the window: the window is always kept). The
     window's own scores are returned unpooled (they are never ranked). `window` counts query rows."""
+    fixed_size = True
+
 
     def __init__(self, budget: float | None = None, window: int = 32, kernel: int = 7, pool: str = "max", *,
                  budget_tokens: int | None = None, reduce: str = "mean") -> None:
@@ -217,6 +229,8 @@ class H2O(Policy):
     """H2O: score = accumulated attention from every prompt row (column sums); keep the last
     `recent` tokens plus the top int(budget * L) heavy hitters of the rest (or recent_tokens /
     budget_tokens)."""
+    fixed_size = True
+
 
     def __init__(self, budget: float | None = None, recent: float | None = None, *, budget_tokens: int | None = None,
                  recent_tokens: int | None = None, reduce: str = "mean") -> None:
@@ -233,6 +247,8 @@ class H2O(Policy):
 class KeyNorm(Policy):
     """KNorm baseline: keep the keys with the LOWEST L2 norm (low-norm keys draw high attention,
     Devoto et al. 2024); scores are the negated norms so that higher still means keep."""
+    fixed_size = True
+
 
     def __init__(self, budget: float | None = None, *, budget_tokens: int | None = None) -> None:
         self.budget = resolve_budget(budget, budget_tokens)
@@ -246,6 +262,8 @@ class KeyNorm(Policy):
 class StreamingLLM(Policy):
     """StreamingLLM: the first `sinks` and the last `window` tokens (a prompt no longer than
     sinks + window is kept whole); scores are 1 where kept, 0 elsewhere."""
+    fixed_size = True
+
 
     def __init__(self, sinks: int, window: int) -> None:
         for name, n in (("sinks", sinks), ("window", window)):
@@ -273,6 +291,7 @@ class Modality(Policy):
             raise ValueError(f"max_per_image must be None or an int >= 0, got {max_per_image!r}")
         self.policy = _inner(policy)
         self.keep_text, self.max_per_image = keep_text, max_per_image
+        self.fixed_size = self.policy.fixed_size  # (a cap per image keeps min(cap, the image's keys) of each)
 
     def _plan(self, q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None, lse: torch.Tensor | None,
               causal: bool) -> Plan:
@@ -322,6 +341,7 @@ class DecodeH2O(Policy):
             if isinstance(n, bool) or not isinstance(n, int) or n < low:
                 raise ValueError(f"{name} must be an int >= {low} (decode tokens), got {n!r}")
         self.policy, self.every, self.recent = _inner(policy), every, recent
+        self.fixed_size = self.policy.fixed_size
 
     @property
     def merge(self) -> str | None:
