@@ -99,3 +99,31 @@ def test_upcoming_room_stops_at_a_growth():
     assert p.capacity.tolist() == [[88, 48, 8]]  # rounded up to whole pages
     p = pages.Pages(k, k, positions, counts, 1, 2, fixed=True, upcoming=1000)
     assert p.capacity.tolist() == [(counts[0] + 2).tolist()]
+
+
+@pytest.mark.parametrize("counts", [[[9, 9, 9], [9, 9, 9]], [[9, 4, 9], [0, 7, 9]]], ids=["uniform", "ragged"])
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_pages_store_and_grow_each_heads_rows(counts, page_size):
+    """A layout holds each head's first counts[b, h] rows, in order, with their positions and scores,
+    before and after growing (heads of one length and capacity move by one strided copy a pool,
+    others slot by slot); the free slots' positions stay -1."""
+    B, H, K, D = 2, 3, 9, 5
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(B, H, K, D, generator=g), torch.randn(B, H, K, D, generator=g)
+    positions, scores = torch.randint(0, 100, (B, H, K), generator=g), torch.rand(B, H, K, generator=g)
+    counts = np.array(counts)
+    p = pages.Pages(k.half(), v.half(), positions, counts, page_size, 2, scores)
+    for grown in (False, True):
+        if grown:
+            p.reserve(p.room + 1)  # one token past the room: a relayout
+            p.host_lengths = counts  # (nothing appended: only the moved rows are checked)
+        slots = p.slots()
+        for b in range(B):
+            for h in range(H):
+                n, s = counts[b, h], slots[b, h]
+                assert (s[:n] >= 0).all() and (s[n:] == -1).all()
+                assert torch.equal(p.k.view(-1, D)[s[:n]], k[b, h, :n].half())
+                assert torch.equal(p.v.view(-1, D)[s[:n]], v[b, h, :n].half())
+                assert torch.equal(p.pos.view(-1)[s[:n]], positions[b, h, :n])
+                assert torch.equal(p.score.view(-1)[s[:n]], scores[b, h, :n])
+        assert (p.pos >= 0).sum() == counts.sum()

@@ -47,6 +47,17 @@ def _growth(lengths: Host, n: int) -> Host:
     return np.maximum(lengths // 4, max(GROWTH, n))
 
 
+def _same(counts: Host) -> int | None:
+    """The count every head has, or None where they differ."""
+    return int(counts.flat[0]) if counts.size and (counts == counts.flat[0]).all() else None
+
+
+def _by_head(pool: torch.Tensor, capacity: Host) -> torch.Tensor:
+    """pool [P, page_size, ...] as [B, H, c, ...] for heads of one capacity c (`_same`): their runs lie
+    back to back from slot 0."""
+    return pool.view(*capacity.shape, int(capacity.flat[0]), *pool.shape[2:])
+
+
 def _device(array: npt.NDArray[Any], device: torch.device) -> torch.Tensor:
     """A numpy array on `device`: a host-to-device copy, never a wait for the device."""
     return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
@@ -118,19 +129,25 @@ class Pages:
 
     def _store(self, k_rows: torch.Tensor, v_rows: torch.Tensor, positions: torch.Tensor,
                scores: torch.Tensor | None) -> None:
-        """Write each head's first host_lengths[b, h] rows of [B, H, K, ...]. The rows to move are
-        listed on the host (the lengths are known there): no host sync."""
-        K, D = k_rows.shape[2], k_rows.shape[3]
-        device = self.k.device
-        stored = np.arange(K) < self.host_lengths[..., None]
-        src = _device(np.flatnonzero(stored), device)
-        dst = _device((self.host_start[..., None] + np.arange(K))[stored], device)
-        self.k.view(-1, D).index_copy_(0, dst, k_rows.reshape(-1, D).index_select(0, src).to(self.k.dtype))
-        self.v.view(-1, D).index_copy_(0, dst, v_rows.reshape(-1, D).index_select(0, src).to(self.v.dtype))
-        self.pos.view(-1).index_copy_(0, dst, positions.reshape(-1).index_select(0, src))
+        """Write each head's first host_lengths[b, h] rows of [B, H, K, ...]: one strided copy a pool
+        where every head has one length and one capacity (a uniform policy's prompt), else through
+        slot lists made on the host (the lengths are known there). No host sync."""
+        K, device = k_rows.shape[2], self.k.device
+        pairs = [(self.k, k_rows), (self.v, v_rows), (self.pos, positions)]
         if scores is not None:
             assert self.score is not None  # allocated with_scores
-            self.score.view(-1).index_copy_(0, dst, scores.reshape(-1).index_select(0, src).float())
+            pairs.append((self.score, scores))
+        n = _same(self.host_lengths)
+        if n is not None and _same(self.capacity) is not None:
+            for pool, rows in pairs:
+                _by_head(pool, self.capacity)[:, :, :n].copy_(rows[:, :, :n])
+        else:
+            stored = np.arange(K) < self.host_lengths[..., None]
+            src = _device(np.flatnonzero(stored), device)
+            dst = _device((self.host_start[..., None] + np.arange(K))[stored], device)
+            for pool, rows in pairs:  # pools [P, page_size, ...] and rows [B, H, K, ...] by slot
+                rows = rows.reshape(-1, *rows.shape[3:]).index_select(0, src)
+                pool.view(-1, *pool.shape[2:]).index_copy_(0, dst, rows.to(pool.dtype))
         self.lengths = _device(self.host_lengths.astype(np.int32), device)
         self.next = self.start + self.lengths  # the next write's slot
 
@@ -173,20 +190,24 @@ class Pages:
         """Move into a layout where every head has room for n more tokens (and a quarter of its length)."""
         lengths = self.host_lengths
         extra = _growth(lengths, n)
-        D, device, old_start = self.k.shape[-1], self.k.device, self.host_start
-        old = [self.k.view(-1, D), self.v.view(-1, D), self.pos.view(-1)] + \
-            ([self.score.view(-1)] if self.score is not None else [])
+        device, old_start, old_capacity = self.k.device, self.host_start, self.capacity
+        old = [self.k, self.v, self.pos] + ([self.score] if self.score is not None else [])
         self._allocate(lengths, _round_up(lengths + extra, self.page_size), self.k, self.score is not None)
-        # Each head's tokens move from its old run to its new one, slot lists made on the host (one
-        # index_copy per pool, no sync); the lengths stay.
-        cols = np.arange(int(lengths.max()) if lengths.size else 0)
-        stored = cols < lengths[..., None]
-        src = _device((old_start[..., None] + cols)[stored], device)
-        dst = _device((self.host_start[..., None] + cols)[stored], device)
-        new = [self.k.view(-1, D), self.v.view(-1, D), self.pos.view(-1)] + \
-            ([self.score.view(-1)] if self.score is not None else [])
-        for pool, before in zip(new, old):
-            pool.index_copy_(0, dst, before.index_select(0, src))
+        new = [self.k, self.v, self.pos] + ([self.score] if self.score is not None else [])
+        # Each head's tokens move from its old run to its new one (no sync; the lengths stay): one strided
+        # copy a pool where every head has one length and capacity, else through slot lists made on the host.
+        m = _same(lengths)
+        if m is not None and _same(old_capacity) is not None and _same(self.capacity) is not None:
+            for pool, before in zip(new, old):
+                _by_head(pool, self.capacity)[:, :, :m].copy_(_by_head(before, old_capacity)[:, :, :m])
+        else:
+            cols = np.arange(int(lengths.max()) if lengths.size else 0)
+            stored = cols < lengths[..., None]
+            src = _device((old_start[..., None] + cols)[stored], device)
+            dst = _device((self.host_start[..., None] + cols)[stored], device)
+            for pool, before in zip(new, old):  # by slot
+                slot = pool.shape[2:]
+                pool.view(-1, *slot).index_copy_(0, dst, before.view(-1, *slot).index_select(0, src))
         self.next = self.start + self.lengths  # (the device lengths stay)
 
     def shrink(self, counts: Host) -> None:

@@ -41,7 +41,8 @@ class KeepSet:
     host_counts: npt.NDArray[np.int64] | None = None
 
     @classmethod
-    def from_mask(cls, keep: torch.Tensor, scores: torch.Tensor, host: npt.NDArray[np.int64] | None = None) -> "KeepSet":
+    def from_mask(cls, keep: torch.Tensor, scores: torch.Tensor,
+                  host: npt.NDArray[np.int64] | None = None) -> "KeepSet":
         """host: the counts, when the caller knows them (a fixed-size policy's from an earlier layer)."""
         L = keep.shape[-1]
         counts = keep.sum(-1)
