@@ -151,13 +151,15 @@ def test_dynamic_cache_bytes_follow_the_budget_at_small_sizes():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_static_decode_step_replays_in_a_cuda_graph(dtype):
+def test_static_decode_step_replays_in_a_cuda_graph(dtype, page_size):
     """A compressed decode step captured once in a CUDA graph and replayed for new tokens gives what
-    the eager dynamic cache gives (no host sync and no host state in the step)."""
+    the eager dynamic cache gives (no host sync and no host state in the step); pages of one token
+    (the default) and of 16."""
     policy = kv.SnapKV(0.3, window=4)
-    static = _prefilled(policy, "cuda", dtype, page_size=16, max_new_tokens=8)
-    dynamic = _prefilled(policy, "cuda", dtype, page_size=16)
+    static = _prefilled(policy, "cuda", dtype, page_size=page_size, max_new_tokens=8)
+    dynamic = _prefilled(policy, "cuda", dtype, page_size=page_size)
     q, k, v = (torch.zeros_like(t) for t in _token(0, device="cuda", dtype=dtype))
     _step(static, q, k, v)  # warm-up (kernels loaded, the layer's backend chosen), then undo it
     layer = static.layers[0]

@@ -185,7 +185,7 @@ class LookM(Policy):
             raise ValueError("LookM needs modality (which prompt tokens are image tokens)")
         L = k.shape[2]
         window = _positions(k) >= L - tokens(self.recent, L)
-        text = image_spans(modality) < 0
+        text = ~modality if modality.dtype == torch.bool else modality < 0  # (image_spans(modality) < 0)
         free = (tokens(self.budget, L) - (text & ~window).sum(-1)).clamp(min=0)
         forced = _heads(window | text, k)
         return Plan(self._scores(q, k, "all", lse, causal), forced, ~forced, free[:, None].expand(k.shape[:2]))
