@@ -54,7 +54,7 @@ void paged_append_cpu(const at::Tensor& k_pages, const at::Tensor& v_pages, cons
   TORCH_CHECK(start.dim() == 0 && start.scalar_type() == at::kLong && start.device().is_cpu(),
               "paged_append: start must be a CPU int64 0-dim tensor, got ", start.scalar_type(), " ", start.sizes());
   const int64_t ps = k_pages.size(1), slots = k_pages.size(0) * ps, size = k.element_size();
-  const int64_t first = start.item<int64_t>();
+  const int64_t first = *start.const_data_ptr<int64_t>();  // (checked above: no item() dispatch, ~2 us a call)
   int64_t* nx = next_slot.data_ptr<int64_t>();
   int32_t* ln = lengths.data_ptr<int32_t>();
   const int64_t* lt = last ? last->const_data_ptr<int64_t>() : nullptr;
