@@ -18,8 +18,9 @@ NEW = 6
 
 
 def _generate(model, inputs, **options):
+    options = {"max_new_tokens": NEW, **options}  # (max_new_tokens=None: max_length decides)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0,
+        out = model.generate(**inputs, min_new_tokens=NEW, do_sample=False, pad_token_id=0,
                              return_dict_in_generate=True, **options)
     return out.sequences, (out.cache if "cache" in out else out.past_key_values)
 
@@ -51,6 +52,24 @@ def test_generate_sizes_each_head_for_the_new_tokens(family, stages, grows):
     grown, mine = _generate(model, inputs, **{_name(model): CompressedCache(policy, room=1)})
     assert mine.room == 1 and grows  # a caller's room wins: one free slot, then growth
     assert torch.equal(sized, grown)
+
+
+@pytest.mark.parametrize("options", [{"max_length": "prompt+NEW"}, {"num_beams": 2}], ids=["max_length", "beams"])
+def test_generate_sizes_heads_for_max_length_and_beams(options, grows):
+    """generate's length from max_length (no max_new_tokens), and beam search (rows reordered each
+    step): no growth, every head full at the end, the tokens of a growing cache."""
+    model, patch, inputs = MODELS["llava"]()
+    policy = kv.LookM(0.2, 0.1)
+    patch(model, kv=policy)
+    length = {"max_new_tokens": NEW}
+    if "max_length" in options:
+        length, options = {"max_length": inputs["input_ids"].shape[1] + NEW, "max_new_tokens": None}, {}
+    sized, cache = _generate(model, inputs, **options, **length)
+    assert cache.upcoming == NEW - 1 and not grows
+    for layer in cache.layers:
+        assert np.array_equal(layer.pages.capacity, layer.pages.host_lengths)
+    grown, _ = _generate(model, inputs, **options, **length, **{_name(model): CompressedCache(policy, room=1)})
+    assert grows and torch.equal(sized, grown)
 
 
 def _name(model):
