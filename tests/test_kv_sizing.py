@@ -146,3 +146,13 @@ def test_pages_store_and_grow_each_heads_rows(counts, page_size):
                 assert torch.equal(p.pos.view(-1)[s[:n]], positions[b, h, :n])
                 assert torch.equal(p.score.view(-1)[s[:n]], scores[b, h, :n])
         assert (p.pos >= 0).sum() == counts.sum()
+
+
+def test_a_cache_without_weak_references_is_left_unsized():
+    """generate's cache is noted by a weak reference; an object that takes none (a legacy tuple) is
+    left unsized, never an error inside generate."""
+    model, patch, _ = MODELS["llava"]()
+    patch(model, kv=kv.LookM(0.2, 0.1))
+    stage = next(s for s in model._vtattn_patch.stages if hasattr(s, "limits"))
+    stage._note({"model_kwargs": {_name(model): ((torch.zeros(1),),)}, "max_cache_length": 9})
+    assert not stage.limits

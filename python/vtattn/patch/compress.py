@@ -61,7 +61,10 @@ class _KVCompress(core.Installed):
         kwargs, limit = arguments.get("model_kwargs"), arguments.get("max_cache_length")
         cache = core.cache_arg(kwargs)[1] if isinstance(kwargs, dict) else None
         if cache is not None and isinstance(limit, int):
-            self.limits[cache] = limit
+            try:
+                self.limits[cache] = limit
+            except TypeError:  # an object without weak references (no transformers Cache): left unsized
+                pass
 
     def uninstall(self) -> None:
         if self.previous is not None:
@@ -87,7 +90,10 @@ class _KVCompress(core.Installed):
         if empty:  # a prefill
             compressed = cache if isinstance(cache, CompressedCache) else CompressedCache(
                 self.policy, max_new_tokens=_static_room(cache, call))
-            limit = None if cache is None else self.limits.pop(cache, None)
+            try:
+                limit = None if cache is None else self.limits.pop(cache, None)
+            except TypeError:  # (as in _note)
+                limit = None
             if limit is not None and not compressed.static:
                 compressed.upcoming = max(limit - call.given, 0)
             if cache is not None and compressed is not cache:
