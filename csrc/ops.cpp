@@ -75,6 +75,9 @@ TORCH_LIBRARY(vtattn_C, m) {
   // slots [keep, lengths).
   m.def("paged_evict(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos, Tensor(d!) score, Tensor queries, "
         "Tensor head_start, Tensor lengths, Tensor keep, int start, int recent, float scale) -> ()");
+  // The instruction set of the C++ CPU kernels' tile operations in this process: "avx512", "avx2" or
+  // "baseline" (the best the CPU runs, capped by VTATTN_CPU_ISA at the first call). Not a tensor op.
+  m.def("cpu_tile_level() -> str");
 }
 
 namespace {

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -84,3 +85,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
 }  // namespace vtattn::cpu
 
 TORCH_LIBRARY_IMPL(vtattn_C, CPU, m) { m.impl("attention", &vtattn::cpu::attention_cpu); }
+// (no tensor to dispatch on: the composite key serves every call)
+TORCH_LIBRARY_IMPL(vtattn_C, CompositeImplicitAutograd, m) {
+  m.impl("cpu_tile_level", [] { return std::string(vtattn::cpu::tile_ops().name); });
+}

@@ -50,7 +50,7 @@
 namespace vtattn::cpu {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kLanes = 16;  // micro-kernel column width; D is padded to it
+constexpr int64_t kLanes = 16;  // D is padded to it: a whole number of every level's narrowest micro-kernel block
 constexpr int64_t kRowGroup = 4;  // micro-kernel rows (hard-coded there); row blocks are padded to it
 constexpr int64_t kBM = 64;  // query rows per block
 constexpr int64_t kBN = 64;  // keys per tile
@@ -181,21 +181,33 @@ template <int W>
 struct Tiles {
   using Vec = typename VecOf<float, W>::type;
   using IVec = typename VecOf<int32_t, W>::type;
-  static constexpr int64_t kVecs = kLanes / W;  // vectors per micro-kernel row
+  // Vectors per micro-kernel row. AVX-512 keeps 4 x 4 accumulators (of its 32 registers): two FMAs a cycle at
+  // four cycles' latency need 8 in flight, and each loaded key (value) vector then feeds 4 FMAs, each broadcast
+  // query (probability) 4; 4 x 1 ran at ~45 GF/s, half of aten's flash attention. Narrower sets: kLanes / W.
+  static constexpr int64_t kVecs = W == 16 ? 4 : kLanes / W;
+  static constexpr int64_t kCols = kVecs * W;  // columns per micro-kernel block (kBN % kCols == 0)
+  static_assert(kBN % kCols == 0 && kCols % kLanes == 0, "a tile is whole blocks");
 
   VTATTN_INLINE static Vec load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
   VTATTN_INLINE static void store(float* p, Vec x) { *reinterpret_cast<Vec*>(p) = x; }
   VTATTN_INLINE static Vec splat(float x) { return Vec{} + x; }
   // Lane l of the vector at offset j is valid when lo <= j + l < hi.
   VTATTN_INLINE static IVec valid(int64_t j, int64_t lo, int64_t hi) {
-    IVec idx;
-    for (int l = 0; l < W; ++l) idx[l] = l;
+    alignas(64) static constexpr int32_t kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const IVec idx = *reinterpret_cast<const IVec*>(kIota);  // one load (a lane-by-lane build took ~20 instructions)
     return (idx >= static_cast<int32_t>(lo - j)) & (idx < static_cast<int32_t>(hi - j));
   }
+  // A vector's lanes folded pairwise (log2 W dependent steps, not W: each row of a tile pays this latency).
+  template <typename Op>
+  VTATTN_INLINE static float fold(Vec x, Op op) {
+    float t[W];
+    store(t, x);
+    for (int w = W / 2; w > 0; w /= 2)
+      for (int l = 0; l < w; ++l) t[l] = op(t[l], t[l + w]);
+    return t[0];
+  }
   VTATTN_INLINE static float hsum(Vec x) {
-    float t = 0.f;
-    for (int l = 0; l < W; ++l) t += x[l];
-    return t;
+    return fold(x, [](float a, float b) { return a + b; });
   }
 
   // exp(x): Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, degree-7 Taylor
@@ -239,13 +251,13 @@ struct Tiles {
   }
 
   // s[m, kBN] = q[m, dp] . kt[dp, kBN]; m % kRowGroup == 0, dp % kLanes == 0.
-  // A kRowGroup x kLanes accumulator block stays in registers for a whole dot product.
+  // A kRowGroup x kCols accumulator block stays in registers for a whole dot product.
   VTATTN_INLINE static void qk(const float* __restrict q, int64_t m, int64_t dp, const float* __restrict kt,
                                float* __restrict s) {
     static_assert(kRowGroup == 4, "the micro-kernels are written for 4 rows");
     for (int64_t i = 0; i < m; i += kRowGroup) {
       const float* qi = q + i * dp;
-      for (int64_t j0 = 0; j0 < kBN; j0 += kLanes) {
+      for (int64_t j0 = 0; j0 < kBN; j0 += kCols) {
         Vec c[kRowGroup][kVecs] = {};
         for (int64_t d = 0; d < dp; ++d) {
           Vec kr[kVecs];
@@ -261,27 +273,34 @@ struct Tiles {
     }
   }
 
-  // acc[m, dp] += p[m, kBN] . v[kBN, dp]; same blocking as qk.
+  // acc[m, dp] += p[m, kBN] . v[kBN, dp]; same blocking as qk, in kCols-wide column blocks of dp and
+  // W-wide ones for the rest (dp % kLanes == 0 only).
   VTATTN_INLINE static void pv(const float* __restrict p, int64_t m, const float* __restrict v, int64_t dp,
                                float* __restrict acc) {
     for (int64_t i = 0; i < m; i += kRowGroup) {
-      const float* pi = p + i * kBN;
-      for (int64_t d0 = 0; d0 < dp; d0 += kLanes) {
-        Vec c[kRowGroup][kVecs];
-        for (int64_t r = 0; r < kRowGroup; ++r)
-          for (int64_t u = 0; u < kVecs; ++u) c[r][u] = load(acc + (i + r) * dp + d0 + u * W);
-        for (int64_t j = 0; j < kBN; ++j) {
-          Vec vr[kVecs];
-          for (int64_t u = 0; u < kVecs; ++u) vr[u] = load(v + j * dp + d0 + u * W);
-          for (int64_t r = 0; r < kRowGroup; ++r) {
-            const float a = pi[r * kBN + j];
-            for (int64_t u = 0; u < kVecs; ++u) c[r][u] += a * vr[u];
-          }
-        }
-        for (int64_t r = 0; r < kRowGroup; ++r)
-          for (int64_t u = 0; u < kVecs; ++u) store(acc + (i + r) * dp + d0 + u * W, c[r][u]);
+      int64_t d0 = 0;
+      for (; d0 + kCols <= dp; d0 += kCols) pv_block<kVecs>(p + i * kBN, v + d0, dp, acc + i * dp + d0);
+      for (; d0 < dp; d0 += W) pv_block<1>(p + i * kBN, v + d0, dp, acc + i * dp + d0);
+    }
+  }
+
+  // The kRowGroup x NV vectors of acc (rows dp apart) += p's kRowGroup rows . v's NV column vectors.
+  template <int64_t NV>
+  VTATTN_INLINE static void pv_block(const float* __restrict p, const float* __restrict v, int64_t dp,
+                                     float* __restrict acc) {
+    Vec c[kRowGroup][NV];
+    for (int64_t r = 0; r < kRowGroup; ++r)
+      for (int64_t u = 0; u < NV; ++u) c[r][u] = load(acc + r * dp + u * W);
+    for (int64_t j = 0; j < kBN; ++j) {
+      Vec vr[NV];
+      for (int64_t u = 0; u < NV; ++u) vr[u] = load(v + j * dp + u * W);
+      for (int64_t r = 0; r < kRowGroup; ++r) {
+        const float a = p[r * kBN + j];
+        for (int64_t u = 0; u < NV; ++u) c[r][u] += a * vr[u];
       }
     }
+    for (int64_t r = 0; r < kRowGroup; ++r)
+      for (int64_t u = 0; u < NV; ++u) store(acc + r * dp + u * W, c[r][u]);
   }
 
   // x[0, n) = softcap * tanh(x / softcap); n % W == 0.
@@ -295,29 +314,42 @@ struct Tiles {
   VTATTN_INLINE static float max_of(const float* x, int64_t lo, int64_t hi) {
     Vec lane = splat(kNegInf);
     for (int64_t j = 0; j < kBN; j += W) {
-      const Vec xj = valid(j, lo, hi) ? load(x + j) : splat(kNegInf);
+      if (j >= hi || j + W <= lo) continue;  // (a causal tile's rows see part of it)
+      const Vec xj = lo <= j && j + W <= hi ? load(x + j) : valid(j, lo, hi) ? load(x + j) : splat(kNegInf);
       lane = xj > lane ? xj : lane;
     }
-    float m = kNegInf;
-    for (int l = 0; l < W; ++l) m = lane[l] > m ? lane[l] : m;
-    return m;
+    return fold(lane, [](float a, float b) { return a > b ? a : b; });  // (no lane holds NaN)
   }
 
   // x[j] = exp(x[j] - shift) for lo <= j < hi, 0 elsewhere in [0, kBN); returns their sum.
   VTATTN_INLINE static float exp_shift_sum(float* x, int64_t lo, int64_t hi, float shift) {
     Vec sum{};
     for (int64_t j = 0; j < kBN; j += W) {
-      const Vec e = valid(j, lo, hi) ? exp(load(x + j) - shift) : Vec{};
-      store(x + j, e);
-      sum += e;
+      if (j >= hi || j + W <= lo) {
+        store(x + j, Vec{});
+        continue;
+      }
+      const Vec e = exp(load(x + j) - shift);
+      const Vec kept = lo <= j && j + W <= hi ? e : valid(j, lo, hi) ? e : Vec{};
+      store(x + j, kept);
+      sum += kept;
     }
     return hsum(sum);
   }
 
-  // acc[j] += exp(x[j] - shift) for lo <= j < hi.
-  VTATTN_INLINE static void add_exp_shift(const float* x, int64_t lo, int64_t hi, float shift, float* acc) {
-    for (int64_t j = 0; j < kBN; j += W)
-      store(acc + j, load(acc + j) + (valid(j, lo, hi) ? exp(load(x + j) - shift) : Vec{}));
+  // acc[j] += exp(x[r, j] - shift[r]) for each row r < m (rows ld apart) with lo[r] <= j < hi[r], summed in row
+  // order. One call a block of rows: their exps interleave, and vectors a row does not see are skipped.
+  VTATTN_INLINE static void add_exp_rows(const float* x, int64_t ld, int64_t m, const int64_t* lo, const int64_t* hi,
+                                         const float* shift, float* acc) {
+    for (int64_t j = 0; j < kBN; j += W) {
+      Vec sum = load(acc + j);
+      for (int64_t r = 0; r < m; ++r) {
+        if (j >= hi[r] || j + W <= lo[r]) continue;
+        const Vec e = exp(load(x + r * ld + j) - shift[r]);
+        sum += lo[r] <= j && j + W <= hi[r] ? e : valid(j, lo[r], hi[r]) ? e : Vec{};
+      }
+      store(acc + j, sum);
+    }
   }
 };
 
@@ -379,7 +411,8 @@ struct TileOps {
   void (*softcap)(float*, int64_t, float);
   float (*max_of)(const float*, int64_t, int64_t);
   float (*exp_shift_sum)(float*, int64_t, int64_t, float);
-  void (*add_exp_shift)(const float*, int64_t, int64_t, float, float*);
+  void (*add_exp_rows)(const float*, int64_t, int64_t, const int64_t*, const int64_t*, const float*, float*);
+  const char* name;  // the level: `python -m vtattn info` and the tests read it (vtattn_C::cpu_tile_level)
 };
 
 // Non-inline wrappers of Tiles<W> carrying the target attribute ATTR.
@@ -395,11 +428,12 @@ struct TileOps {
   ATTR float NAME##_exp_shift_sum(float* x, int64_t lo, int64_t hi, float shift) {                            \
     return Tiles<W>::exp_shift_sum(x, lo, hi, shift);                                                         \
   }                                                                                                           \
-  ATTR void NAME##_add_exp_shift(const float* x, int64_t lo, int64_t hi, float shift, float* acc) {           \
-    Tiles<W>::add_exp_shift(x, lo, hi, shift, acc);                                                           \
+  ATTR void NAME##_add_exp_rows(const float* x, int64_t ld, int64_t m, const int64_t* lo, const int64_t* hi,   \
+                                 const float* shift, float* acc) {                                            \
+    Tiles<W>::add_exp_rows(x, ld, m, lo, hi, shift, acc);                                                     \
   }                                                                                                           \
   const TileOps NAME{NAME##_qk, NAME##_pv, NAME##_softcap, NAME##_max_of, NAME##_exp_shift_sum,               \
-                     NAME##_add_exp_shift};
+                     NAME##_add_exp_rows, #NAME};
 
 VTATTN_TILE_OPS(baseline, , 4)
 #ifdef VTATTN_X86_LEVELS
@@ -408,11 +442,14 @@ VTATTN_TILE_OPS(avx512, __attribute__((target("avx512f,avx512dq,avx512bw,avx512v
 #endif
 
 // The best set this CPU runs. VTATTN_CPU_ISA=baseline|avx2 caps it (read at
-// first use), so tests can cover every set on one machine.
+// first use), so tests can cover every set on one machine (tests/test_cpu_levels.py).
 [[maybe_unused]] const TileOps& tile_ops() {
   static const TileOps& ops = []() -> const TileOps& {
     const char* cap = std::getenv("VTATTN_CPU_ISA");
-    const std::string want = cap ? cap : "avx512";
+    const std::string want = cap && *cap ? cap : "avx512";  // unset or empty: no cap
+    TORCH_CHECK(want == "avx512" || want == "avx2" || want == "baseline",
+                "VTATTN_CPU_ISA must be avx512, avx2 or baseline (a cap on the C++ CPU kernels' instruction set), got '",
+                want, "'");
 #ifdef VTATTN_X86_LEVELS
     __builtin_cpu_init();
     if (want == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&

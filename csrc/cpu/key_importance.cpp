@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -148,8 +149,7 @@ void column_sums(const at::Tensor& q, const at::Tensor& k, const Shape& sh, cons
         ops.qk(qb.data(), mp, sh.dp, kt.data(), s.data());
         if (o.softcap > 0.f) ops.softcap(s.data(), mp * kBN, o.softcap);
         float part[kBN] = {};
-        for (int64_t r = 0; r < m; ++r)
-          if (lo[r] < hi[r]) ops.add_exp_shift(s.data() + r * kBN, lo[r], hi[r], lse_b[r0 + r], part);
+        ops.add_exp_rows(s.data(), kBN, m, lo, hi, lse_b + r0, part);
         for (int64_t j = 0; j < n; ++j) total[j] += part[j];
       }
       float* o = out + bh * sh.Nk + j0;
@@ -214,11 +214,12 @@ void few_rows(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const R
       const int64_t t = task % sh.ntiles, bh = task / sh.ntiles, b = bh / sh.Hq;
       const int64_t j0 = t * kBN, n = std::min(kBN, sh.Nk - j0);
       float total[kBN] = {};  // at most kFewRows terms: fp32 is plenty
+      int64_t lo[kFewRows], hi[kFewRows];
       for (int64_t r = 0; r < rows.count(b); ++r) {
-        const auto [lo, hi] = range_of(b, r, j0);
-        if (lo < hi && lse[bh * R + r] != kNegInf)
-          ops.add_exp_shift(logits.data() + (bh * Rp + r) * Nkp + j0, lo, hi, lse[bh * R + r], total);
+        std::tie(lo[r], hi[r]) = range_of(b, r, j0);
+        if (lse[bh * R + r] == kNegInf) hi[r] = 0;  // a row that sees no key adds nothing
       }
+      ops.add_exp_rows(logits.data() + bh * Rp * Nkp + j0, Nkp, rows.count(b), lo, hi, lse.data() + bh * R, total);
       std::copy(total, total + n, out + bh * sh.Nk + j0);
     }
   });

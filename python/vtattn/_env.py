@@ -32,6 +32,10 @@ VARS: dict[str, Var] = {v.name: v for v in (
     Var("VTATTN_TRITON_CONFIG", None, "vtattn",
         "i: Triton kernels launch config i of their list (the last one when a kernel has fewer), without tuning; "
         "tests/test_triton_configs.py runs every i. Unset: autotuning (or VTATTN_TRITON_AUTOTUNE=0)"),
+    Var("VTATTN_CPU_ISA", None, "vtattn (the C++ CPU kernels, at their first call)",
+        "avx2 or baseline: cap the instruction set of the C++ CPU kernels' tile operations (tests run each level); "
+        "another value is an error at the first call. Unset: the best this CPU runs, avx512 > avx2 > baseline "
+        "(`python -m vtattn info` shows it as cpu_tile_level)"),
     Var("VTATTN_GIT_COMMIT", None, "vtattn, scripts/gpu_check.sh",
         "the commit a benchmark run records (python -m vtattn.bench), where the tree has no .git "
         "(the GPU machine). Unset: `git rev-parse`, else the build's commit"),

@@ -49,6 +49,7 @@ def info() -> dict[str, Any]:
         "compiled_kernels": reason or "loaded",
         "compiled_path": f"{so} ({why})" if so else None,
         "compiled_ops": None if reason else compiled,
+        "cpu_tile_level": None if reason else torch.ops.vtattn_C.cpu_tile_level(),
         "build": _ext.build_info(),
         "forced_backend": _dispatch.forced_backend(),
         "environment": _env.table(),

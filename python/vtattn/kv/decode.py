@@ -46,7 +46,7 @@ def evict(pages: Pages, queries: torch.Tensor, start: int, base: npt.NDArray[np.
     host sync."""
     assert pages.score is not None  # DecodeH2O layers keep scores
     lengths = pages.host_lengths
-    keep = lengths - np.maximum(np.minimum(lengths - base, lengths - recent), 0)
+    keep = np.minimum(lengths, np.maximum(base, recent))  # never below base, nor into the last `recent`
     _EVICT(pages.k, pages.v, pages.pos, pages.score, queries, torch.from_numpy(pages.host_start),
            torch.from_numpy(lengths), torch.from_numpy(keep), int(start), recent, queries.shape[-1] ** -0.5,
            stamp=pages.cls)
