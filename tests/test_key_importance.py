@@ -128,6 +128,25 @@ def test_reduce_heads():
         torch.testing.assert_close(vtattn.key_importance(q, k, rows=0, reduce_heads=name), fn(1))
 
 
+@pytest.mark.parametrize("Nk", [40, 33000])  # the C++ kernel's one-pass path, and its two-pass one (long keys)
+@pytest.mark.parametrize("causal,window", [(False, -1), (True, -1), (True, 5)])
+def test_cpp_rows_without_lse_keep_the_reference_nonfinite_rules(Nk, causal, window):
+    """NaN among a row's visible logits makes its visible keys NaN; +-inf logits as softmax takes them;
+    rows that see no key add nothing (the kernel is called directly: the public op refuses NaN)."""
+    if vtattn._ext.load() is not None:
+        pytest.skip("vtattn._C is not built")
+    g = torch.Generator().manual_seed(Nk)
+    q, k = torch.randn(1, 2, 40, 16, generator=g), torch.randn(1, 1, Nk, 16, generator=g)
+    q[0, 0, 7, 3] = float("nan")
+    q[0, 1, 9] = float("inf")
+    k[0, 0, Nk - 30] = -float("inf")
+    for rows in (None, torch.randint(-1, 40, (1, 25), generator=g)):
+        args = (q, k, None, rows, causal, 0.25, 0.0, window, None)
+        got, want = torch.ops.vtattn_C.key_importance(*args), vtattn.reference.key_importance(*args)
+        assert got.isnan().any()  # (the case reaches the rule)
+        torch.testing.assert_close(got, want, equal_nan=True, atol=1e-5, rtol=1e-4)
+
+
 def test_reference_matches_float64():
     q, k, _ = rand_qkv(2, 4, 2, 21, 30, 80, torch.float64, layout="strided")
     rows = torch.tensor([[3, -1, 3], [0, 20, -1]])

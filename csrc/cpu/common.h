@@ -21,6 +21,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -527,9 +528,16 @@ struct Scratch {
 struct BlockScratch {
   Scratch qb, kt, vb, s, acc;  // scaled q rows, k^T tile, v tile, logits, output
   RowStats stats[kBM];
+  // One head's k^T and v tiles as fp32, kept for its next row block (a chunk's tasks go row block by
+  // row block of a head; converting a tile costs about a third of its QK^T and PV): the head is
+  // named by its slices' addresses and key range, `have` marks the tiles converted so far.
+  std::vector<float> kt_held, vb_held;
+  std::vector<char> have;
+  std::tuple<const void*, const void*, int64_t, int64_t> held{nullptr, nullptr, 0, 0};
   explicit BlockScratch(int64_t dp, int64_t rows = kBM)
       : qb(rows * dp), kt(dp * kBN), vb(kBN * dp), s(rows * kBN), acc(rows * dp) {}
 };
+constexpr int64_t kHeldBytes = int64_t{16} << 20;  // the most a BlockScratch keeps of one head
 
 // One thread's scratch for a single query row (attend_row), in one allocation: the scaled query, four
 // key or value rows as fp32, a chunk of kBN logits and the output accumulator.
@@ -572,12 +580,24 @@ void attend_block(const TileOps& ops, const Slice<T>& ks, const Slice<T>& vs, in
   std::fill(w.stats, w.stats + kBM, RowStats{});
   // The block's first row sees the earliest key, its last row the latest: tiles outside are skipped.
   const Visible vis(o, Nq, Nk);
-  const int64_t kend = vis.end(i0 + m - 1);
+  const int64_t kend = vis.end(i0 + m - 1), tiles = ceil_div(Nk, kBN), tile = dp * kBN;
+  const bool keep = 2 * tiles * tile * static_cast<int64_t>(sizeof(float)) <= kHeldBytes;
+  if (keep && w.held != std::tuple<const void*, const void*, int64_t, int64_t>{ks.base, vs.base, k0, Nk}) {
+    w.held = {ks.base, vs.base, k0, Nk};
+    w.have.assign(tiles, 0);
+    w.kt_held.resize(tiles * tile);
+    w.vb_held.resize(tiles * tile);
+  }
   for (int64_t j0 = vis.begin(i0) / kBN * kBN; j0 < kend; j0 += kBN) {
-    const int64_t n = std::min(kBN, Nk - j0);
-    load_keys_t(ks, k0 + j0, n, D, dp, w.kt.data());
-    load_rows(vs, n, kBN, [&](int64_t r) { return k0 + j0 + r; }, D, dp, 1.f, w.vb.data());
-    ops.qk(w.qb.data(), mp, dp, w.kt.data(), w.s.data());
+    const int64_t n = std::min(kBN, Nk - j0), t = j0 / kBN;
+    float* kt = keep ? w.kt_held.data() + t * tile : w.kt.data();
+    float* vb = keep ? w.vb_held.data() + t * tile : w.vb.data();
+    if (!keep || !w.have[t]) {
+      load_keys_t(ks, k0 + j0, n, D, dp, kt);
+      load_rows(vs, n, kBN, [&](int64_t r) { return k0 + j0 + r; }, D, dp, 1.f, vb);
+      if (keep) w.have[t] = 1;
+    }
+    ops.qk(w.qb.data(), mp, dp, kt, w.s.data());
     if (o.softcap > 0.f) ops.softcap(w.s.data(), mp * kBN, o.softcap);
     for (int64_t r = 0; r < m; ++r) {
       const int64_t lo = std::clamp<int64_t>(vis.begin(i0 + r) - j0, 0, n);
@@ -587,7 +607,7 @@ void attend_block(const TileOps& ops, const Slice<T>& ks, const Slice<T>& vs, in
       if (alpha != 1.f)
         for (int64_t c = 0; c < dp; ++c) w.acc[r * dp + c] *= alpha;
     }
-    ops.pv(w.s.data(), mp, w.vb.data(), dp, w.acc.data());
+    ops.pv(w.s.data(), mp, vb, dp, w.acc.data());
   }
 }
 

@@ -7,13 +7,19 @@
 // Paths (docs/internals.md):
 //  - lse given: one pass; each (b, h, key tile) task recomputes its logits for
 //    all rows and sums exp(s - lse).
-//  - lse absent, many rows: a flash-style pass computes the rows' lse first.
+//  - lse absent, many rows, a block's logits small enough (kBM x Nk fp32, kOnePassBytes): one
+//    pass; each (b, h, block of kBM rows) task keeps its block's logits, normalises each row
+//    exactly (its whole row is at hand) and sums the probabilities into its own partial row,
+//    which are added in block order afterwards (double).
+//  - lse absent, many rows, longer keys: a flash-style pass computes the rows' lse first.
 //  - lse absent, few rows (<= kFewRows): K is read once; the rows' logits are
 //    kept ([B, Hq, R, Nk] with R <= kFewRows) with per-tile max / sum-exp, the
 //    tiles' statistics are merged into each row's lse, and a last pass
 //    normalises the kept logits.
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -24,6 +30,9 @@ namespace vtattn::cpu {
 namespace {
 
 constexpr int64_t kFewRows = 16;
+// The one-pass path's limits: a task's logits (kBM rows of the keys) and the partial rows of all tasks.
+constexpr int64_t kOnePassBytes = int64_t{8} << 20;
+constexpr int64_t kPartialBytes = int64_t{256} << 20;
 
 // The query rows of every batch element, -1 padding dropped, order and
 // duplicates kept: rows [offset[b], offset[b + 1]) of idx.
@@ -158,6 +167,91 @@ void column_sums(const at::Tensor& q, const at::Tensor& k, const Shape& sh, cons
   });
 }
 
+// Many rows, no lse, keys that fit: each listed row's probabilities from one computation of its logits
+// (the two-pass path computes them twice). Semantics as row_lse + column_sums: NaN among a row's
+// visible logits makes its visible keys NaN, a row that sees no finite logit adds nothing.
+template <typename T>
+void one_pass(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const RowLists& rows, const Opts& o,
+              float* out) {
+  const TileOps& ops = tile_ops();
+  const Visible vis(o, sh.Nq, sh.Nk);
+  const int64_t nblk = ceil_div(rows.max_count, kBM), Nkp = sh.ntiles * kBN, BH = sh.B * sh.Hq;
+  std::vector<float> part(BH * nblk * Nkp, 0.f);  // task (bh, blk)'s column sums
+  // a task's kv head's keys, transposed tile by tile, stay for the next task of that head (tasks go row
+  // block by row block of one head): a transpose costs a fifth of the tile's QK^T
+  const bool keep_keys = sh.dp * Nkp * 4 <= kOnePassBytes;
+  at::parallel_for(0, BH * nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qb(kBM * sh.dp), kt(sh.dp * (keep_keys ? Nkp : kBN)), tile(kBM * kBN), s(kBM * Nkp);
+    std::vector<char> have(keep_keys ? sh.ntiles : 0);  // the tiles of `held` transposed in kt
+    int64_t held = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t blk = task % nblk, bh = task / nblk, b = bh / sh.Hq, h = bh % sh.Hq;
+      const int64_t r0 = blk * kBM, m = std::min(kBM, rows.count(b) - r0);
+      if (m <= 0) continue;  // batch element with fewer rows than the longest list
+      const int64_t mp = round_up(m, kRowGroup);
+      const int64_t* idx = rows.of(b) + r0;
+      const Slice<T> qs(q, b, h), ks(k, b, h / sh.group);
+      load_rows(qs, m, mp, [&](int64_t r) { return idx[r]; }, sh.D, sh.dp, o.scale, qb.data());
+      int64_t kbegin = sh.Nk, kend = 0;  // the keys any of the (unordered) rows sees
+      for (int64_t r = 0; r < m; ++r) {
+        kbegin = std::min(kbegin, vis.begin(idx[r]));
+        kend = std::max(kend, vis.end(idx[r]));
+      }
+      const int64_t t0 = kbegin / kBN * kBN, kv = b * (sh.Hq / sh.group) + h / sh.group;
+      if (keep_keys && kv != held) {
+        std::fill(have.begin(), have.end(), 0);
+        held = kv;
+      }
+      for (int64_t j0 = t0; j0 < kend; j0 += kBN) {
+        float* kt_j = kt.data() + (keep_keys ? j0 / kBN * sh.dp * kBN : 0);
+        if (!keep_keys || !have[j0 / kBN]) load_keys_t(ks, j0, std::min(kBN, sh.Nk - j0), sh.D, sh.dp, kt_j);
+        if (keep_keys) have[j0 / kBN] = 1;
+        ops.qk(qb.data(), mp, sh.dp, kt_j, tile.data());
+        if (o.softcap > 0.f) ops.softcap(tile.data(), mp * kBN, o.softcap);
+        for (int64_t r = 0; r < m; ++r) std::copy_n(tile.data() + r * kBN, kBN, s.data() + r * Nkp + j0);
+      }
+      float* acc = part.data() + task * Nkp;
+      const float sink = o.sink(h);
+      for (int64_t r = 0; r < m; ++r) {
+        const int64_t lo = vis.begin(idx[r]), hi = vis.end(idx[r]);
+        if (lo >= hi) continue;  // it sees no key
+        float* row = s.data() + r * Nkp;
+        // the chunks of kBN keys of this row: [c0, c0 + kBN) with the visible part [lo, hi) in chunk coordinates
+        auto chunk = [&](int64_t c0) { return std::pair{std::clamp<int64_t>(lo - c0, 0, kBN),
+                                                        std::clamp<int64_t>(hi - c0, 0, kBN)}; };
+        float mx = kNegInf;
+        for (int64_t c0 = lo / kBN * kBN; c0 < hi; c0 += kBN) {
+          const auto [a, z] = chunk(c0);
+          mx = std::max(mx, ops.max_of(row + c0, a, z));  // NaN skipped
+        }
+        if (mx == kNegInf) {  // no finite logit: nothing, unless a NaN poisons the row (as RowStats)
+          if (std::any_of(row + lo, row + hi, [](float x) { return x != x; }))
+            std::fill(acc + lo, acc + hi, std::numeric_limits<float>::quiet_NaN());
+          continue;
+        }
+        const float top = sink != sink ? sink : std::max(mx, sink);
+        float sum = std::exp(sink - top);  // 0 without a sink
+        for (int64_t c0 = lo / kBN * kBN; c0 < hi; c0 += kBN) {
+          const auto [a, z] = chunk(c0);
+          sum += ops.exp_shift_sum(row + c0, a, z, top);  // the chunk's visible keys now hold exp(s - top)
+        }
+        axpy(1.f / sum, row + lo, acc + lo, hi - lo);
+      }
+    }
+  });
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> total(sh.Nk);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      std::fill(total.begin(), total.end(), 0.0);
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const float* p = part.data() + (bh * nblk + blk) * Nkp;
+        for (int64_t j = 0; j < sh.Nk; ++j) total[j] += p[j];
+      }
+      for (int64_t j = 0; j < sh.Nk; ++j) out[bh * sh.Nk + j] = static_cast<float>(total[j]);
+    }
+  });
+}
+
 // Few rows, no lse: K is read once. Logits go to `logits` [B*Hq, Rp, Nkp] with
 // per-tile statistics, which are merged into each row's lse before a pass over
 // the kept logits sums the probabilities.
@@ -254,7 +348,11 @@ at::Tensor key_importance_cpu(const at::Tensor& q, const at::Tensor& k, const st
       few_rows<scalar_t>(q, k, sh, lists, o, out.data_ptr<float>());
       return;
     }
-    const int64_t R = lists.max_count;
+    const int64_t R = lists.max_count, Nkp = sh.ntiles * kBN;
+    if (!lse && kBM * Nkp * 4 <= kOnePassBytes && B * Hq * ceil_div(R, kBM) * Nkp * 4 <= kPartialBytes) {
+      one_pass<scalar_t>(q, k, sh, lists, o, out.data_ptr<float>());
+      return;
+    }
     std::vector<float> lse_sel(B * Hq * R);
     if (lse) {
       const auto acc = lse->accessor<float, 3>();
