@@ -154,3 +154,32 @@ def test_prefill_reads_each_keep_set_size_once(policy, padded):
     # (+ 1: the padding read, once, where the mask is materialised: padded, or a transformers that builds one anyway)
     assert layers > 1 and reads <= len(syncs) <= reads + 1, "\n".join(f"{why}: {where}" for why, where in syncs)
 
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_makes_each_prompts_plan_sets_and_layout_once(monkeypatch, padded):
+    """The parts of a plan that follow from the prompt alone (LookM's window, text and free counts) are
+    made by the first layer that compresses a prompt (once per sample when padded) and reused by the
+    others (`CompressedCache.shared`), and layers whose heads keep the same counts share one layout
+    (runs and block table); the tokens are those of a cache whose layers make their own."""
+    from vtattn.kv.cache import Shared
+    model, patch, inputs = _llava()
+    if not padded:
+        ids, mask = prompts([[36]])
+        inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"][:1])
+    made, caches = [], []
+    sets, shared = kv.LookM._sets, kv.CompressedCache.shared
+    monkeypatch.setattr(kv.LookM, "_sets", lambda self, *a: made.append(1) or sets(self, *a))
+    monkeypatch.setattr(kv.CompressedCache, "shared", lambda self, *a: caches.append(self) or shared(self, *a))
+    patch(model, kv=kv.LookM(0.2, 0.1))
+    run = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(**inputs, **run)
+    B, layers = inputs["input_ids"].shape[0], model.config.text_config.num_hidden_layers
+    assert layers > 1 and len(made) == (B if padded else 1)
+    assert len({id(layer.pages.table) for layer in caches[0].layers}) == 1
+    made.clear()
+    monkeypatch.setattr(kv.CompressedCache, "shared", lambda self, policy, L, modality, sample=-1: Shared(policy, modality))
+    with torch.no_grad():
+        again = model.generate(**inputs, **run)
+    assert len(made) == layers * (B if padded else 1) and torch.equal(out, again)

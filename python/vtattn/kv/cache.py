@@ -28,7 +28,7 @@ from ..patch import core as _handoff  # the forward context vtattn's attention c
 from .decode import evict, prompt_mass
 from .merge import merge_kv
 from .pages import Pages, _device
-from .policies import DecodeH2O, Policy
+from .policies import DecodeH2O, Policy, per_prompt
 
 # the prefill's attention, with the arguments the cache builds valid (the public checks would read cu_seqlens)
 _ATTENTION: Direct[tuple[torch.Tensor, torch.Tensor]] = Direct("attention")
@@ -45,6 +45,21 @@ class Frame(NamedTuple):
     positions: torch.Tensor
     length: int
     modality: torch.Tensor | None
+
+
+class Shared:
+    """What every layer that compresses one prompt reuses from the first (`CompressedCache.shared`):
+    a fixed-size policy's keep-set sizes (`Policy.fixed_size`: then no layer after the first reads
+    them from the device), the parts of the policy's plan that follow from the prompt alone
+    (`policies.per_prompt`), and the pages' layouts (`Pages`' `layouts`). Holds its policy and
+    modality, so the ids in its key stay theirs."""
+    __slots__ = ("policy", "modality", "sizes", "memo", "layouts")
+
+    def __init__(self, policy: Policy, modality: torch.Tensor | None) -> None:
+        self.policy, self.modality = policy, modality
+        self.sizes: npt.NDArray[np.int64] | None = None
+        self.memo: dict[Any, Any] = {}
+        self.layouts: dict[Any, Any] = {}
 
 
 class Padding(NamedTuple):
@@ -101,8 +116,8 @@ class CompressedCache(Cache):
         # prompt, sizing the heads' first layout (None: unknown)
         self.upcoming: int | None = None
         self._padding: dict[int, Padding | None] = {}  # the prompt's padding by its length (`padding`)
-        # fixed-size policies' keep-set sizes on this prompt (`sizes`), by (policy, length, modality, sample)
-        self._sizes: dict[tuple[int, int, int, int], tuple[Policy, torch.Tensor | None, npt.NDArray[np.int64]]] = {}
+        # what the layers on one prompt share (`shared`), by (policy, length, modality, sample)
+        self._shared: dict[tuple[int, int, int, int], Shared] = {}
 
     @property
     def static(self) -> bool:
@@ -124,23 +139,18 @@ class CompressedCache(Cache):
             self._padding[L] = _padding(mask, L)
         return self._padding[L]
 
-    def sizes(self, policy: Policy, L: int, modality: torch.Tensor | None, sample: int = -1,
-              found: npt.NDArray[np.int64] | None = None) -> npt.NDArray[np.int64] | None:
-        """The keep-set sizes a fixed-size policy (`Policy.fixed_size`) chose on this prompt of L
-        tokens (with this modality; `sample`: one sample's alone), as an earlier layer found them; or
-        note them (`found`). Every layer on the same prompt then reads none from the device."""
-        if not policy.fixed_size:
-            return None
+    def shared(self, policy: Policy, L: int, modality: torch.Tensor | None, sample: int = -1) -> "Shared":
+        """What the layers compressing this prompt of L tokens with `policy` share (with this
+        modality; `sample`: one sample's tokens alone): the first layer fills it, the others read it."""
         key = (id(policy), L, id(modality), sample)
-        if found is not None:
-            self._sizes[key] = (policy, modality, found)  # (holding both: their ids stay theirs)
-            return found
-        hit = self._sizes.get(key)
-        return hit[2] if hit is not None and hit[0] is policy and hit[1] is modality else None
+        hit = self._shared.get(key)
+        if hit is None or hit.policy is not policy or hit.modality is not modality:
+            hit = self._shared[key] = Shared(policy, modality)
+        return hit
 
     def reset(self) -> None:
         self._padding.clear()
-        self._sizes.clear()
+        self._shared.clear()
         super().reset()
 
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
@@ -296,12 +306,16 @@ class CompressedLayer(CacheLayerMixin):
         if modality is not None and tuple(modality.shape) != (B, L):
             raise ValueError(f"CompressedCache.modality must be [B, L] = {(B, L)} for this prefill, "
                              f"got {tuple(modality.shape)}")
+        shared = None if self.policy is None else self.cache.shared(self.policy, L, modality)
         if pad is None and self.policy is not None:
-            keep = self.policy.chosen(q, k, modality, lse, sizes=self.cache.sizes(self.policy, L, modality))
+            assert shared is not None
+            with per_prompt(shared.memo):
+                keep = self.policy.chosen(q, k, modality, lse, sizes=shared.sizes)
             indices, ranked = keep.indices, keep.scores
             assert keep.host_counts is not None  # (from_mask reads them, or was given them)
             host: npt.NDArray[np.int64] = keep.host_counts
-            self.cache.sizes(self.policy, L, modality, found=host)
+            if self.policy.fixed_size:
+                shared.sizes = host
         else:  # padding: each sample alone on its own tokens, as it would be without the others
             indices, host = _per_sample(self.cache, self.policy, q, k, lse, modality,
                                         [None] * B if pad is None else pad.rows)
@@ -324,7 +338,8 @@ class CompressedLayer(CacheLayerMixin):
         # (a DecodeH2O layer never outgrows its prompt's count plus `every`: its room)
         upcoming = None if self.cache.room is not None or isinstance(self.policy, DecodeH2O) else self.cache.upcoming
         self.pages = Pages(k_rows, v_rows, positions, host, self.cache.page_size, self._room(), scores,
-                           fixed=self.cache.static, upcoming=upcoming or 0)
+                           fixed=self.cache.static, upcoming=upcoming or 0,
+                           layouts=None if shared is None else shared.layouts)
         if scores is not None:
             self._base = self.pages.host_lengths.copy()
         if self.cache.max_new_tokens is not None:  # static
@@ -436,7 +451,7 @@ def _per_sample(cache: CompressedCache, policy: Policy | None, q: torch.Tensor, 
                 rows: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, npt.NDArray[np.int64]]:
     """indices [B, H, K] (original positions, -1 padded) and the counts [B, H] on the host, with each
     sample's policy run on its own real tokens (`rows[b]`, None = all; the sizes of a fixed-size
-    policy read once per prompt, `cache.sizes`)."""
+    policy read once per prompt and sample, `cache.shared`)."""
     B, H, L = k.shape[:3]
     found: list[tuple[torch.Tensor, npt.NDArray[np.int64]]] = []
     for b, r in enumerate(rows):
@@ -445,10 +460,12 @@ def _per_sample(cache: CompressedCache, policy: Policy | None, q: torch.Tensor, 
             found.append((r.expand(H, len(r)), np.full(H, len(r))))
             continue
         mod = None if modality is None else modality[b:b + 1, r]
-        keep = policy.chosen(q[b:b + 1, :, r], k[b:b + 1, :, r], mod, lse[b:b + 1, :, r],
-                             sizes=cache.sizes(policy, len(r), modality, b))
+        shared = cache.shared(policy, len(r), modality, b)
+        with per_prompt(shared.memo):
+            keep = policy.chosen(q[b:b + 1, :, r], k[b:b + 1, :, r], mod, lse[b:b + 1, :, r], sizes=shared.sizes)
         assert keep.host_counts is not None  # (from_mask reads them, or was given them)
-        cache.sizes(policy, len(r), modality, b, found=keep.host_counts)
+        if policy.fixed_size:
+            shared.sizes = keep.host_counts
         idx = keep.indices[0]
         found.append((torch.where(idx >= 0, r[idx.clamp(min=0)], -1), keep.host_counts[0]))
     K = max(i.shape[-1] for i, _ in found)

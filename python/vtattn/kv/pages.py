@@ -21,7 +21,7 @@ them, up to what its first growth would give it: a short decode never relayouts,
 no more than growth would.
 Host-side state (lengths, capacities, starts) is numpy: reading or growing it never touches the
 device, so no decode step waits for one (growth and relayouts included)."""
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -63,18 +63,33 @@ def _device(array: npt.NDArray[Any], device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
 
 
+class _Layout(NamedTuple):
+    """Where each head's run lies, for given lengths and capacities: what the layers of one prompt
+    can share (read only; each layer has its own pools and counts)."""
+    cls: tuple[Any, ...]
+    capacity: Host
+    room: int
+    host_start: Host
+    start: torch.Tensor
+    table: torch.Tensor
+    last: torch.Tensor | None
+    width: int
+    slots: int
+
+
 class Pages:
     _host: Host  # host_lengths, without the appends since it was last read
     _appended: int
 
     def __init__(self, k_rows: torch.Tensor, v_rows: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor | Host,
                  page_size: int, room: int, scores: torch.Tensor | None = None, fixed: bool = False,
-                 upcoming: int = 0) -> None:
+                 upcoming: int = 0, layouts: dict[Any, _Layout] | None = None) -> None:
         """k_rows, v_rows [B, H, K, D]: each head's kept rows, valid up to counts [B, H] (int64, on
         the host or the device); positions int64 [B, H, K]: their original positions; scores: None
         or fp32 [B, H, K]; room: slots each head gets past its kept rows; fixed: never grow;
         upcoming: tokens the caller expects to append (a growing layout's heads get room for them,
-        up to their first growth)."""
+        up to their first growth); layouts: where the layers of one prompt share their layouts (the
+        same counts give the same runs and table: ~10 small ops a layer)."""
         self.page_size, self.fixed = page_size, fixed
         # a decode step's start position, as a CPU scalar the kernels read at launch: written in place
         # through its numpy view (a torch op per layer and step costs ~4 us in a model's step on CPU)
@@ -84,7 +99,7 @@ class Pages:
         lengths = (counts if isinstance(counts, np.ndarray) else counts.cpu().numpy()).astype(np.int64)
         self.host_lengths = lengths
         slack = np.maximum(room, np.minimum(upcoming, _growth(lengths, 0))) if upcoming and not fixed else room
-        self._allocate(lengths, _round_up(lengths + slack, page_size), k_rows, scores is not None)
+        self._allocate(lengths, _round_up(lengths + slack, page_size), k_rows, scores is not None, layouts)
         self._store(k_rows, v_rows, positions, scores)
 
     @property
@@ -98,34 +113,45 @@ class Pages:
     def host_lengths(self, value: Host) -> None:
         self._host, self._appended = value, 0
 
-    def _allocate(self, lengths: Host, capacity: Host, like: torch.Tensor, with_scores: bool) -> None:
-        """Empty pools for numpy int64 `lengths` / `capacity` [B, H] (capacity in whole pages); the
-        device counts (`lengths`, `next`) are the caller's to set."""
-        B, H = capacity.shape
+    def _allocate(self, lengths: Host, capacity: Host, like: torch.Tensor, with_scores: bool,
+                  layouts: dict[Any, _Layout] | None = None) -> None:
+        """Empty pools for numpy int64 `lengths` / `capacity` [B, H] (capacity in whole pages), in
+        the layout `layouts` holds for them if any; the device counts (`lengths`, `next`) are the
+        caller's to set."""
+        key = (lengths.tobytes(), capacity.tobytes(), capacity.shape, like.dtype, like.shape[-1], like.device,
+               self.page_size, self.fixed, with_scores)
+        layout = None if layouts is None else layouts.get(key)
+        if layout is None:
+            layout = self._layout(lengths, capacity, like, with_scores)
+            if layouts is not None:
+                layouts[key] = layout
+        self.cls, self.capacity, self.room, self.host_start, self.start, self.table, last, self.width, slots = layout
+        if last is not None:
+            self.last = last
         ps, D, device = self.page_size, like.shape[-1], like.device
+        self.k = like.new_empty(slots // ps, ps, D)
+        self.v = like.new_empty(slots // ps, ps, D)
+        self.pos = torch.full((slots // ps, ps), -1, dtype=torch.int64, device=device)
+        self.score = torch.zeros(slots // ps, ps, device=device) if with_scores else None
+
+    def _layout(self, lengths: Host, capacity: Host, like: torch.Tensor, with_scores: bool) -> _Layout:
+        B, H = capacity.shape
+        ps, device = self.page_size, like.device
         # what the backends' choice for this layout's ops reads (Direct's stamp): the tokens appended and the
         # queries are the model's own, of the pools' dtype and device; a fixed layout's start is on the device;
         # of the sizes, only whether a head's capacity fits int32 (the CUDA kernels' limit), so growth keeps it
-        self.cls = (like.dtype, device, B, H, D, self.fixed, with_scores,
-                    int(capacity.max(initial=0)) >= _INT32_LIMIT)
+        cls = (like.dtype, device, B, H, like.shape[-1], self.fixed, with_scores,
+               int(capacity.max(initial=0)) >= _INT32_LIMIT)
         pages = capacity // ps
-        first = (np.cumsum(pages) - pages.ravel()).reshape(B, H)
-        total = int(pages.sum())
-        self.capacity = capacity
-        self.room = int((capacity - lengths).min()) if lengths.size else 0
-        self.k = like.new_empty(total, ps, D)
-        self.v = like.new_empty(total, ps, D)
-        self.pos = torch.full((total, ps), -1, dtype=torch.int64, device=device)
-        self.score = torch.zeros(total, ps, device=device) if with_scores else None
-        self.host_start = first * ps
-        self.start = _device(self.host_start, device)
+        host_start = (np.cumsum(pages) - pages.ravel()).reshape(B, H) * ps
+        start = _device(host_start, device)
         # made on the device: a table entry per page of every head (pages of a few tokens: as many as slots)
         cols = torch.arange(int(pages.max(initial=0)), device=device)
-        self.table = torch.where(cols < _device(pages, device)[..., None], (self.start // ps)[..., None] + cols,
-                                 -1).to(torch.int32)
-        if self.fixed:  # its writes are clamped to each head's last slot (write_args)
-            self.last = _device(np.maximum(self.host_start + capacity - 1, 0), device)
-        self.width = int(capacity.max()) if capacity.size else 0
+        table = torch.where(cols < _device(pages, device)[..., None], (start // ps)[..., None] + cols, -1).to(torch.int32)
+        # a fixed layout's writes are clamped to each head's last slot (write_args)
+        last = _device(np.maximum(host_start + capacity - 1, 0), device) if self.fixed else None
+        return _Layout(cls, capacity, int((capacity - lengths).min()) if lengths.size else 0, host_start, start, table,
+                       last, int(capacity.max()) if capacity.size else 0, int(pages.sum()) * ps)
 
     def _store(self, k_rows: torch.Tensor, v_rows: torch.Tensor, positions: torch.Tensor,
                scores: torch.Tensor | None) -> None:

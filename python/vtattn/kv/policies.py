@@ -11,8 +11,11 @@ for arguments valid by construction (the cache's prefill), with no checks.
 Every policy is a plan -- keys always kept (`forced`), keys it may choose (`allowed`), how many
 to choose per head (`free`), scores (higher = keep) -- then a per-head top-`free`; the wrappers
 `Modality` and `AdaKV` rewrite the plan or the choice and compose either way round."""
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +29,32 @@ from .budgets import adakv_allocate, cap_per_image, image_spans, resolve_budget,
 from .merge import MODES, RELEASE_MODES, RULES
 
 MERGE_MODES = (None,) + MODES
+# Inside `per_prompt(memo)`: the memo of the prompt being compressed, which every layer on it shares
+_PROMPT: ContextVar[dict[Any, Any] | None] = ContextVar("vtattn_kv_prompt", default=None)
+
+
+@contextmanager
+def per_prompt(memo: dict[Any, Any]) -> Iterator[None]:
+    """Within: the plans' parts that follow from the prompt alone (its length, modality and heads: a
+    window, the text tokens, the free counts), made by the first layer that compresses a prompt, are
+    reused by the others (`CompressedCache.shared`'s memo: ~14 small ops a layer)."""
+    token = _PROMPT.set(memo)
+    try:
+        yield
+    finally:
+        _PROMPT.reset(token)
+
+
+def _prompt_only(owner: object, k: torch.Tensor, make: Callable[[], Any]) -> Any:
+    """make(): what `owner`'s plan computes from the prompt alone (never from q, k's values or lse),
+    from the current prompt's memo where a layer made it already."""
+    memo = _PROMPT.get()
+    if memo is None:
+        return make()
+    key = (id(owner), tuple(k.shape[:3]), k.device)  # (the memo holds the policy: its id stays its)
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
 # the scores' op: `select` checked the arguments once (`chosen`: the cache's own, valid by construction)
 _KEY_IMPORTANCE: Direct[torch.Tensor] = Direct("key_importance")
 
@@ -155,6 +184,12 @@ def _full(k: torch.Tensor, n: int) -> torch.Tensor:
     return torch.full(k.shape[:2], n, dtype=torch.int64, device=k.device)
 
 
+def _window_sets(k: torch.Tensor, window: int, free: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """forced: the last `window` keys; allowed: the others; `free` of them to choose per head."""
+    forced = _heads(_positions(k) >= k.shape[2] - window, k)
+    return forced, ~forced, _full(k, free)
+
+
 class LookM(Policy):
     """LOOK-M (text prior): score = attention mass from every prompt row. hh = int(budget * L),
     rc = int(recent * L) (or budget_tokens / recent_tokens): keep the last rc tokens, every text
@@ -183,12 +218,16 @@ class LookM(Policy):
               causal: bool) -> Plan:
         if modality is None:
             raise ValueError("LookM needs modality (which prompt tokens are image tokens)")
+        forced, allowed, free = _prompt_only(self, k, lambda: self._sets(k, modality))
+        return Plan(self._scores(q, k, "all", lse, causal), forced, allowed, free)
+
+    def _sets(self, k: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         L = k.shape[2]
         window = _positions(k) >= L - tokens(self.recent, L)
         text = ~modality if modality.dtype == torch.bool else modality < 0  # (image_spans(modality) < 0)
         free = (tokens(self.budget, L) - (text & ~window).sum(-1)).clamp(min=0)
         forced = _heads(window | text, k)
-        return Plan(self._scores(q, k, "all", lse, causal), forced, ~forced, free[:, None].expand(k.shape[:2]))
+        return forced, ~forced, free[:, None].expand(k.shape[:2])
 
 
 class SnapKV(Policy):
@@ -222,8 +261,8 @@ class SnapKV(Policy):
             pool = F.max_pool1d if self.pool == "max" else F.avg_pool1d
             head = pool(s[..., :L - W].flatten(0, 1)[:, None], self.kernel, 1, self.kernel // 2)
             s = torch.cat([head.view(*s.shape[:2], L - W), s[..., L - W:]], -1)
-        forced = _heads(_positions(k) >= L - W, k)
-        return Plan(s, forced, ~forced, _full(k, max(tokens(self.budget, L) - W, 0)))
+        forced, allowed, free = _prompt_only(self, k, lambda: _window_sets(k, W, max(tokens(self.budget, L) - W, 0)))
+        return Plan(s, forced, allowed, free)
 
 
 class H2O(Policy):
@@ -241,8 +280,9 @@ class H2O(Policy):
     def _plan(self, q: torch.Tensor, k: torch.Tensor, modality: torch.Tensor | None, lse: torch.Tensor | None,
               causal: bool) -> Plan:
         L = k.shape[2]
-        forced = _heads(_positions(k) >= L - tokens(self.recent, L), k)
-        return Plan(self._scores(q, k, "all", lse, causal), forced, ~forced, _full(k, tokens(self.budget, L)))
+        forced, allowed, free = _prompt_only(
+            self, k, lambda: _window_sets(k, tokens(self.recent, L), tokens(self.budget, L)))
+        return Plan(self._scores(q, k, "all", lse, causal), forced, allowed, free)
 
 
 class KeyNorm(Policy):
