@@ -84,6 +84,33 @@ void merge(RowStats& a, const RowStats& o) {
   a.max = m;
 }
 
+// Task `task` of the (b, h, block of kBM listed rows) tasks: its rows, their scaled q rows loaded in qb,
+// and the keys any of them (unordered) sees. False for a batch element with fewer rows than the longest list.
+struct RowBlock {
+  int64_t b, h, r0, m, mp, kbegin, kend;
+  const int64_t* idx;
+};
+template <typename T>
+bool row_block(const at::Tensor& q, const Shape& sh, const RowLists& rows, const Visible& vis, float scale,
+               int64_t task, int64_t nblk, float* qb, RowBlock& w) {
+  const int64_t bh = task / nblk;
+  w.b = bh / sh.Hq;
+  w.h = bh % sh.Hq;
+  w.r0 = task % nblk * kBM;
+  w.m = std::min(kBM, rows.count(w.b) - w.r0);
+  if (w.m <= 0) return false;
+  w.mp = round_up(w.m, kRowGroup);
+  w.idx = rows.of(w.b) + w.r0;
+  load_rows(Slice<T>(q, w.b, w.h), w.m, w.mp, [&](int64_t r) { return w.idx[r]; }, sh.D, sh.dp, scale, qb);
+  w.kbegin = sh.Nk;
+  w.kend = 0;
+  for (int64_t r = 0; r < w.m; ++r) {
+    w.kbegin = std::min(w.kbegin, vis.begin(w.idx[r]));
+    w.kend = std::max(w.kend, vis.end(w.idx[r]));
+  }
+  return true;
+}
+
 // lse_sel[(b * Hq + h) * R + r] = log-sum-exp of row rows[b][r], flash style:
 // tasks are (b, h, block of kBM listed rows).
 template <typename T>
@@ -95,21 +122,12 @@ void row_lse(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const Ro
   at::parallel_for(0, sh.B * sh.Hq * nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qb(kBM * sh.dp), kt(sh.dp * kBN), s(kBM * kBN);
     RowStats stats[kBM];
+    RowBlock w;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t blk = task % nblk, bh = task / nblk, b = bh / sh.Hq, h = bh % sh.Hq;
-      const int64_t r0 = blk * kBM, m = std::min(kBM, rows.count(b) - r0);
-      if (m <= 0) continue;  // batch element with fewer rows than the longest list
-      const int64_t mp = round_up(m, kRowGroup);
-      const int64_t* idx = rows.of(b) + r0;
-      const Slice<T> qs(q, b, h), ks(k, b, h / sh.group);
-
-      load_rows(qs, m, mp, [&](int64_t r) { return idx[r]; }, sh.D, sh.dp, o.scale, qb.data());
+      if (!row_block<T>(q, sh, rows, vis, o.scale, task, nblk, qb.data(), w)) continue;
+      const auto [b, h, r0, m, mp, kbegin, kend, idx] = w;
+      const Slice<T> ks(k, b, h / sh.group);
       std::fill(stats, stats + kBM, RowStats{});
-      int64_t kbegin = sh.Nk, kend = 0;  // the keys any of the (unordered) rows sees
-      for (int64_t r = 0; r < m; ++r) {
-        kbegin = std::min(kbegin, vis.begin(idx[r]));
-        kend = std::max(kend, vis.end(idx[r]));
-      }
       for (int64_t j0 = kbegin / kBN * kBN; j0 < kend; j0 += kBN) {
         const int64_t n = std::min(kBN, sh.Nk - j0);
         load_keys_t(ks, j0, n, sh.D, sh.dp, kt.data());
@@ -119,7 +137,7 @@ void row_lse(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const Ro
           stats[r].add(ops, s.data() + r * kBN, std::clamp<int64_t>(vis.begin(idx[r]) - j0, 0, n),
                        std::clamp<int64_t>(vis.end(idx[r]) - j0, 0, n));
       }
-      for (int64_t r = 0; r < m; ++r) lse_sel[bh * R + r0 + r] = stats[r].lse(o.sink(h));
+      for (int64_t r = 0; r < m; ++r) lse_sel[(b * sh.Hq + h) * R + r0 + r] = stats[r].lse(o.sink(h));
     }
   });
 }
@@ -184,19 +202,11 @@ void one_pass(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const R
     std::vector<float> qb(kBM * sh.dp), kt(sh.dp * (keep_keys ? Nkp : kBN)), tile(kBM * kBN), s(kBM * Nkp);
     std::vector<char> have(keep_keys ? sh.ntiles : 0);  // the tiles of `held` transposed in kt
     int64_t held = -1;
+    RowBlock w;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t blk = task % nblk, bh = task / nblk, b = bh / sh.Hq, h = bh % sh.Hq;
-      const int64_t r0 = blk * kBM, m = std::min(kBM, rows.count(b) - r0);
-      if (m <= 0) continue;  // batch element with fewer rows than the longest list
-      const int64_t mp = round_up(m, kRowGroup);
-      const int64_t* idx = rows.of(b) + r0;
-      const Slice<T> qs(q, b, h), ks(k, b, h / sh.group);
-      load_rows(qs, m, mp, [&](int64_t r) { return idx[r]; }, sh.D, sh.dp, o.scale, qb.data());
-      int64_t kbegin = sh.Nk, kend = 0;  // the keys any of the (unordered) rows sees
-      for (int64_t r = 0; r < m; ++r) {
-        kbegin = std::min(kbegin, vis.begin(idx[r]));
-        kend = std::max(kend, vis.end(idx[r]));
-      }
+      if (!row_block<T>(q, sh, rows, vis, o.scale, task, nblk, qb.data(), w)) continue;
+      const auto [b, h, r0, m, mp, kbegin, kend, idx] = w;
+      const Slice<T> ks(k, b, h / sh.group);
       const int64_t t0 = kbegin / kBN * kBN, kv = b * (sh.Hq / sh.group) + h / sh.group;
       if (keep_keys && kv != held) {
         std::fill(have.begin(), have.end(), 0);
