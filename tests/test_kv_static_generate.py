@@ -46,12 +46,14 @@ def test_static_generate_gives_the_dynamic_tokens(family, policy):
         assert layer.nbytes <= int((layer.pages.host_lengths + cache.page_size - 1).sum()) * per_token
 
 
-def test_compiled_decode_step_gives_the_dynamic_tokens():
+def test_compiled_decode_step_gives_the_dynamic_tokens(monkeypatch):
     """The unpatched forward of a KV-compressed LLaVA (model._vtattn_patch.original: decode steps of
     KV compression need no stage) compiled whole with inductor: one graph for every step, the
     dynamic cache's tokens. The 2-D mask is given at the static width, as generate gives a static
-    cache's."""
+    cache's. The graph calls the decode step's vtattn._C kernel itself (the static prefill prepared
+    it), never the public op's Python dispatch."""
     import torch._dynamo.utils as dynamo_utils
+    from vtattn import _registry
     model, _, inputs = MODELS["llava"]()
     policy = kv.LookM(0.2, 0.1)
     vtattn.patch.llava(model, stages=[vtattn.patch.KVCompress(policy)])
@@ -75,9 +77,13 @@ def test_compiled_decode_step_gives_the_dynamic_tokens():
     torch._dynamo.reset()
     compiled = torch.compile(model._vtattn_patch.original, fullgraph=True)
     dynamo_utils.counters.clear()
+    dispatched = []
+    run = _registry.run
+    monkeypatch.setattr(_registry, "run", lambda op, *a, **kw: dispatched.append(op) or run(op, *a, **kw))
     got = decode(CompressedCache(policy, max_new_tokens=NEW), compiled, True)
     assert torch.equal(got, expected)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+    assert "paged_decode_step" not in dispatched and _registry.kernel_ops() >= {"paged_decode_step"}
 
 
 DROPPING = {

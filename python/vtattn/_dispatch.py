@@ -24,6 +24,9 @@ class ReferenceFallbackWarning(UserWarning):
 class Backend(NamedTuple):
     supports: Callable[..., str | None]  # same arguments as run; None = can run, else the reason
     run: Callable[..., Any]
+    # the vtattn._C op that `run` is exactly (same arguments and result), or None: a compiled graph may
+    # call that op itself instead of the public op's Python dispatch (`Direct.prepare`)
+    kernel: str | None = None
 
 
 _forced: str | None = None
@@ -222,19 +225,36 @@ class Direct(Generic[R]):
     device and head count the backends' supports() read: a cache's own pools and counters, made once),
     so no key is built from the arguments (~6 us for ten of them: more than a decode step's kernel).
     The op's `relation` of growing lengths, where a backend's supports() reads one (attention's
-    aten backend: Nq == Nk or Nq == 1, a causal call's top-left alignment), is part of every key."""
-    __slots__ = ("op", "by_stamp", "_key", "_run", "_relation")
+    aten backend: Nq == Nk or Nq == 1, a causal call's top-left alignment), is part of every key.
+    Under torch.compile a by_stamp handle `prepare`d for the stamp calls the vtattn._C kernel chosen
+    then as its own op."""
+    __slots__ = ("op", "by_stamp", "_key", "_run", "_relation", "_kernels")
     _run: Callable[..., R]  # set by the first call: no key equals the initial None
 
     def __init__(self, op: str, by_stamp: bool = False) -> None:
         self.op, self.by_stamp = op, by_stamp
         self._key: tuple[object, ...] | None = None
         self._relation: Callable[[tuple[Any, ...]], Hashable] | None = None  # the op's, set by the first choice
+        self._kernels: dict[object, str] = {}  # (stamp, forced backend) -> the vtattn._C op prepared for it
+
+    def prepare(self, *args: Any, stamp: object) -> None:
+        """Choose the backend for these arguments now, eagerly: where it is a vtattn._C kernel
+        (`Backend.kernel`), a compiled graph of a later call with this stamp calls that op itself,
+        without the public op's Python dispatch (~15 us a call on CPU; a compiled graph cannot make
+        the choice, which reads the build and the device). A static CompressedCache prepares its
+        decode step at the prefill."""
+        from ._registry import OPS, kernel_ops
+        kernel = OPS[self.op][choose(self.op, OPS[self.op], args)].kernel
+        if self.by_stamp and kernel in kernel_ops():
+            self._kernels[(stamp, _forced)] = kernel
+        else:
+            self._kernels.pop((stamp, _forced), None)
 
     def __call__(self, *args: Any, stamp: object = None) -> R:
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
-            out: R = getattr(torch.ops.vtattn, self.op)(*args)
+            kernel = self._kernels.get((stamp, _forced)) if torch.compiler.is_compiling() else None
+            out: R = getattr(torch.ops.vtattn_C, kernel)(*args) if kernel else getattr(torch.ops.vtattn, self.op)(*args)
             return out
         relation = self._relation
         key = (_forced, _env.get("VTATTN_BACKEND"), _generation, stamp, None if self.by_stamp else _light(args),

@@ -17,6 +17,28 @@ OPS: dict[str, dict[str, Backend]] = {}  # op name -> its backends, filled by _d
 RELATIONS: dict[str, Callable[[tuple[Any, ...]], Hashable]] = {}
 # op name -> (device, dtype) -> small args, for `vtattn info`
 SAMPLES: dict[str, Callable[[torch.device | str, torch.dtype], tuple[Any, ...]]] = {}
+# op name -> its fake impl, which the vtattn._C op of the same schema takes too (`kernel_ops`)
+FAKES: dict[str, Callable[..., Any]] = {}
+_KERNELS: list[tuple[torch.library.Library, frozenset[str]]] = []  # made once: (their library, the ops)
+
+
+def kernel_ops() -> frozenset[str]:
+    """The vtattn._C ops a compiled graph may call in place of their public op (`_dispatch.Direct`):
+    those a `Backend.kernel` names whose schema is the public op's, each given the public op's fake
+    impl here (once; eagerly: `Direct.prepare`). Empty when vtattn._C is not loaded."""
+    if not _KERNELS:
+        if _ext.load() is not None:
+            return frozenset()
+        lib = torch.library.Library("vtattn_C", "FRAGMENT")  # type: ignore[no-untyped-call]
+        ops = set()
+        for op in sorted({b.kernel for backends in OPS.values() for b in backends.values() if b.kernel}):
+            kernel, public = (str(getattr(getattr(torch.ops, ns), op).default._schema).split("::", 1)[1]
+                              for ns in ("vtattn_C", "vtattn"))
+            if kernel == public:  # (an int where the public op takes a SymInt would not trace the same)
+                torch.library.register_fake(f"vtattn_C::{op}", FAKES[op], lib=lib)
+                ops.add(op)
+        _KERNELS.append((lib, frozenset(ops)))  # (a Library's registrations last as long as it does)
+    return _KERNELS[0][1]
 
 
 def _triton(op: str) -> ModuleType:
@@ -40,7 +62,7 @@ def _compiled(op: str, device_type: str) -> Backend:
     def run_(*args: Any) -> Any:
         return getattr(torch.ops.vtattn_C, op)(*args)
 
-    return Backend(supports, run_)
+    return Backend(supports, run_, op)
 
 
 def _reference(fn: Callable[..., Any]) -> Backend:
@@ -73,6 +95,7 @@ def _define(op: str, schema: str, backends: dict[str, Backend], fake: Callable[.
     _lib.define(schema)  # type: ignore[no-untyped-call]
     name = f"vtattn::{op}"
     torch.library.register_fake(name, fake, lib=_lib)
+    FAKES[op] = fake
     if grad:
         _autograd.register(op, _lib)
 
@@ -126,7 +149,7 @@ def _same_rows(args: tuple[Any, ...]) -> tuple[bool, bool]:
 
 
 def _with_layout(backend: Backend) -> Backend:
-    return Backend(backend.supports, _token_major_out(backend.run))
+    return Backend(backend.supports, _token_major_out(backend.run))  # (not the kernel's own result)
 
 
 ATTENTION = _define(
@@ -462,7 +485,7 @@ def _compiled_step(device_type: str) -> Backend:
                 or decode.supports(q, k_pages, v_pages, table, lengths, scale)
                 or _ext.has_kernel("paged_decode_step", "any"))
 
-    return Backend(supports, lambda *args: torch.ops.vtattn_C.paged_decode_step(*args))
+    return Backend(supports, lambda *args: torch.ops.vtattn_C.paged_decode_step(*args), "paged_decode_step")
 
 
 def _paged_decode_step_fake(q: torch.Tensor, *args: Any) -> torch.Tensor:

@@ -348,6 +348,10 @@ class CompressedLayer(CacheLayerMixin):
                 p = self.pages
                 for t in (p.k, p.v, p.pos, p.table, p.lengths, p.start, p.last, self.seen_t):
                     torch._dynamo.mark_static_address(t)
+                # a compiled decode step then calls the kernel chosen now for a step of these shapes
+                assert self.seen_t is not None  # (static)
+                step = p.write_args(k[:, :, -1:], v[:, :, -1:], self.seen_t)
+                _DECODE.prepare(q[:, :, -1:], *step, p.table, D ** -0.5, stamp=(p.cls, q.shape[1]))
 
     def _room(self) -> int:
         """Slots each head gets past its tokens: a static cache's max_new_tokens; a growing one's
