@@ -109,6 +109,17 @@ def test_static_decode_step_compiles_to_one_graph():
     assert torch.equal(static.kept_positions(0), dynamic.kept_positions(0))
 
 
+def test_compiled_static_step_with_grad_refuses_by_name():
+    """A compiled step whose query requires grad takes the public op, whose autograd refuses by name (the
+    vtattn._C kernel op the prefill prepared has no autograd: it must not run silently without one)."""
+    torch._dynamo.reset()
+    static = _prefilled(kv.SnapKV(0.3, window=4), page_size=8, max_new_tokens=8)
+    compiled = torch.compile(lambda q, k, v: _step(static, q, k, v), fullgraph=True)
+    q, k, v = _token(0)
+    with pytest.raises(Exception, match="paged_decode_step has no gradient"):
+        compiled(q.requires_grad_(), k, v)
+
+
 def test_static_refuses_decode_h2o_and_bad_arguments():
     with pytest.raises(NotImplementedError, match="DecodeH2O"):
         CompressedCache(kv.DecodeH2O(kv.SnapKV(0.3)), max_new_tokens=8)

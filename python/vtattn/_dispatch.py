@@ -251,9 +251,10 @@ class Direct(Generic[R]):
             self._kernels.pop((stamp, _forced), None)
 
     def __call__(self, *args: Any, stamp: object = None) -> R:
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-                isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
-            kernel = self._kernels.get((stamp, _forced)) if torch.compiler.is_compiling() else None
+        grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        if grad or torch.compiler.is_compiling():
+            # (the kernel op has no autograd: grad-requiring inputs take the public op's, which refuses them by name)
+            kernel = None if grad else self._kernels.get((stamp, _forced))
             out: R = getattr(torch.ops.vtattn_C, kernel)(*args) if kernel else getattr(torch.ops.vtattn, self.op)(*args)
             return out
         relation = self._relation
