@@ -23,6 +23,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -198,6 +199,10 @@ struct Tiles {
     const IVec idx = *reinterpret_cast<const IVec*>(kIota);  // one load (a lane-by-lane build took ~20 instructions)
     return (idx >= static_cast<int32_t>(lo - j)) & (idx < static_cast<int32_t>(hi - j));
   }
+  // x where its lanes lie in [lo, hi) (the vector at offset j), fill elsewhere; a vector wholly inside takes no mask.
+  VTATTN_INLINE static Vec visible(Vec x, int64_t j, int64_t lo, int64_t hi, Vec fill) {
+    return lo <= j && j + W <= hi ? x : valid(j, lo, hi) ? x : fill;
+  }
   // A vector's lanes folded pairwise (log2 W dependent steps, not W: each row of a tile pays this latency).
   template <typename Op>
   VTATTN_INLINE static float fold(Vec x, Op op) {
@@ -316,7 +321,7 @@ struct Tiles {
     Vec lane = splat(kNegInf);
     for (int64_t j = 0; j < kBN; j += W) {
       if (j >= hi || j + W <= lo) continue;  // (a causal tile's rows see part of it)
-      const Vec xj = lo <= j && j + W <= hi ? load(x + j) : valid(j, lo, hi) ? load(x + j) : splat(kNegInf);
+      const Vec xj = visible(load(x + j), j, lo, hi, splat(kNegInf));
       lane = xj > lane ? xj : lane;
     }
     return fold(lane, [](float a, float b) { return a > b ? a : b; });  // (no lane holds NaN)
@@ -330,8 +335,7 @@ struct Tiles {
         store(x + j, Vec{});
         continue;
       }
-      const Vec e = exp(load(x + j) - shift);
-      const Vec kept = lo <= j && j + W <= hi ? e : valid(j, lo, hi) ? e : Vec{};
+      const Vec kept = visible(exp(load(x + j) - shift), j, lo, hi, Vec{});
       store(x + j, kept);
       sum += kept;
     }
@@ -346,8 +350,7 @@ struct Tiles {
       Vec sum = load(acc + j);
       for (int64_t r = 0; r < m; ++r) {
         if (j >= hi[r] || j + W <= lo[r]) continue;
-        const Vec e = exp(load(x + r * ld + j) - shift[r]);
-        sum += lo[r] <= j && j + W <= hi[r] ? e : valid(j, lo[r], hi[r]) ? e : Vec{};
+        sum += visible(exp(load(x + r * ld + j) - shift[r]), j, lo[r], hi[r], Vec{});
       }
       store(acc + j, sum);
     }
@@ -525,19 +528,51 @@ struct Scratch {
 
 // One thread's scratch for a block of up to `rows` (<= kBM, a multiple of kRowGroup) query rows of
 // flash-style attention; a decode step's single query needs kRowGroup.
+// One head's k^T tiles (and v tiles, given vs) as fp32, converted on first use and kept for the next
+// task on that head (a chunk's tasks go row block by row block of a head; converting a tile costs
+// about a third of its QK^T and PV), up to kHeldBytes, else one tile at a time. The head is named by
+// its slices' addresses and key range [k0, k0 + Nk).
+constexpr int64_t kHeldBytes = int64_t{16} << 20;
+class HeldTiles {
+ public:
+  // (k^T tile [dp, kBN], v tile [kBN, dp] or nullptr) of keys k0 + j0 ..
+  template <typename T>
+  std::pair<const float*, const float*> get(const Slice<T>& ks, const Slice<T>* vs, int64_t k0, int64_t Nk,
+                                            int64_t j0, int64_t D, int64_t dp) {
+    const int64_t tiles = ceil_div(Nk, kBN), tile = dp * kBN, n = std::min(kBN, Nk - j0);
+    const bool keep = (vs ? 2 : 1) * tiles * tile * static_cast<int64_t>(sizeof(float)) <= kHeldBytes;
+    const Key key{ks.base, vs ? vs->base : nullptr, k0, Nk};
+    if (!keep || key != held_) {
+      held_ = keep ? key : Key{nullptr, nullptr, 0, 0};
+      have_.assign(keep ? tiles : 1, 0);
+      kt_.resize((keep ? tiles : 1) * tile);
+      if (vs) vb_.resize((keep ? tiles : 1) * tile);
+    }
+    const int64_t t = keep ? j0 / kBN : 0;
+    float* kt = kt_.data() + t * tile;
+    float* vb = vs ? vb_.data() + t * tile : nullptr;
+    if (!have_[t]) {
+      load_keys_t(ks, k0 + j0, n, D, dp, kt);
+      if (vs) load_rows(*vs, n, kBN, [&](int64_t r) { return k0 + j0 + r; }, D, dp, 1.f, vb);
+      have_[t] = 1;
+    }
+    return {kt, vb};
+  }
+
+ private:
+  using Key = std::tuple<const void*, const void*, int64_t, int64_t>;
+  std::vector<float> kt_, vb_;
+  std::vector<char> have_;
+  Key held_{nullptr, nullptr, 0, 0};
+};
+
 struct BlockScratch {
-  Scratch qb, kt, vb, s, acc;  // scaled q rows, k^T tile, v tile, logits, output
+  Scratch qb, kt, vb, s, acc;  // scaled q rows, k^T tile, v tile (kernels that list their keys), logits, output
   RowStats stats[kBM];
-  // One head's k^T and v tiles as fp32, kept for its next row block (a chunk's tasks go row block by
-  // row block of a head; converting a tile costs about a third of its QK^T and PV): the head is
-  // named by its slices' addresses and key range, `have` marks the tiles converted so far.
-  std::vector<float> kt_held, vb_held;
-  std::vector<char> have;
-  std::tuple<const void*, const void*, int64_t, int64_t> held{nullptr, nullptr, 0, 0};
+  HeldTiles held;  // a head's k^T and v tiles (attend_block)
   explicit BlockScratch(int64_t dp, int64_t rows = kBM)
       : qb(rows * dp), kt(dp * kBN), vb(kBN * dp), s(rows * kBN), acc(rows * dp) {}
 };
-constexpr int64_t kHeldBytes = int64_t{16} << 20;  // the most a BlockScratch keeps of one head
 
 // One thread's scratch for a single query row (attend_row), in one allocation: the scaled query, four
 // key or value rows as fp32, a chunk of kBN logits and the output accumulator.
@@ -580,23 +615,10 @@ void attend_block(const TileOps& ops, const Slice<T>& ks, const Slice<T>& vs, in
   std::fill(w.stats, w.stats + kBM, RowStats{});
   // The block's first row sees the earliest key, its last row the latest: tiles outside are skipped.
   const Visible vis(o, Nq, Nk);
-  const int64_t kend = vis.end(i0 + m - 1), tiles = ceil_div(Nk, kBN), tile = dp * kBN;
-  const bool keep = 2 * tiles * tile * static_cast<int64_t>(sizeof(float)) <= kHeldBytes;
-  if (keep && w.held != std::tuple<const void*, const void*, int64_t, int64_t>{ks.base, vs.base, k0, Nk}) {
-    w.held = {ks.base, vs.base, k0, Nk};
-    w.have.assign(tiles, 0);
-    w.kt_held.resize(tiles * tile);
-    w.vb_held.resize(tiles * tile);
-  }
+  const int64_t kend = vis.end(i0 + m - 1);
   for (int64_t j0 = vis.begin(i0) / kBN * kBN; j0 < kend; j0 += kBN) {
-    const int64_t n = std::min(kBN, Nk - j0), t = j0 / kBN;
-    float* kt = keep ? w.kt_held.data() + t * tile : w.kt.data();
-    float* vb = keep ? w.vb_held.data() + t * tile : w.vb.data();
-    if (!keep || !w.have[t]) {
-      load_keys_t(ks, k0 + j0, n, D, dp, kt);
-      load_rows(vs, n, kBN, [&](int64_t r) { return k0 + j0 + r; }, D, dp, 1.f, vb);
-      if (keep) w.have[t] = 1;
-    }
+    const int64_t n = std::min(kBN, Nk - j0);
+    const auto [kt, vb] = w.held.get(ks, &vs, k0, Nk, j0, D, dp);
     ops.qk(w.qb.data(), mp, dp, kt, w.s.data());
     if (o.softcap > 0.f) ops.softcap(w.s.data(), mp * kBN, o.softcap);
     for (int64_t r = 0; r < m; ++r) {

@@ -195,28 +195,16 @@ void one_pass(const at::Tensor& q, const at::Tensor& k, const Shape& sh, const R
   const Visible vis(o, sh.Nq, sh.Nk);
   const int64_t nblk = ceil_div(rows.max_count, kBM), Nkp = sh.ntiles * kBN, BH = sh.B * sh.Hq;
   std::vector<float> part(BH * nblk * Nkp, 0.f);  // task (bh, blk)'s column sums
-  // a task's kv head's keys, transposed tile by tile, stay for the next task of that head (tasks go row
-  // block by row block of one head): a transpose costs a fifth of the tile's QK^T
-  const bool keep_keys = sh.dp * Nkp * 4 <= kOnePassBytes;
   at::parallel_for(0, BH * nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qb(kBM * sh.dp), kt(sh.dp * (keep_keys ? Nkp : kBN)), tile(kBM * kBN), s(kBM * Nkp);
-    std::vector<char> have(keep_keys ? sh.ntiles : 0);  // the tiles of `held` transposed in kt
-    int64_t held = -1;
+    std::vector<float> qb(kBM * sh.dp), tile(kBM * kBN), s(kBM * Nkp);
+    HeldTiles keys;  // a kv head's transposed key tiles, for its next row block
     RowBlock w;
     for (int64_t task = begin; task < end; ++task) {
       if (!row_block<T>(q, sh, rows, vis, o.scale, task, nblk, qb.data(), w)) continue;
       const auto [b, h, r0, m, mp, kbegin, kend, idx] = w;
       const Slice<T> ks(k, b, h / sh.group);
-      const int64_t t0 = kbegin / kBN * kBN, kv = b * (sh.Hq / sh.group) + h / sh.group;
-      if (keep_keys && kv != held) {
-        std::fill(have.begin(), have.end(), 0);
-        held = kv;
-      }
-      for (int64_t j0 = t0; j0 < kend; j0 += kBN) {
-        float* kt_j = kt.data() + (keep_keys ? j0 / kBN * sh.dp * kBN : 0);
-        if (!keep_keys || !have[j0 / kBN]) load_keys_t(ks, j0, std::min(kBN, sh.Nk - j0), sh.D, sh.dp, kt_j);
-        if (keep_keys) have[j0 / kBN] = 1;
-        ops.qk(qb.data(), mp, sh.dp, kt_j, tile.data());
+      for (int64_t j0 = kbegin / kBN * kBN; j0 < kend; j0 += kBN) {
+        ops.qk(qb.data(), mp, sh.dp, keys.get<T>(ks, nullptr, 0, sh.Nk, j0, sh.D, sh.dp).first, tile.data());
         if (o.softcap > 0.f) ops.softcap(tile.data(), mp * kBN, o.softcap);
         for (int64_t r = 0; r < m; ++r) std::copy_n(tile.data() + r * kBN, kBN, s.data() + r * Nkp + j0);
       }
