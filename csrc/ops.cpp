@@ -72,9 +72,11 @@ TORCH_LIBRARY(vtattn_C, m) {
   // of queries [B, G * H, n, D] (query i at position start + i sees pos <= start + i; logits scale * q.k);
   // then each head keeps keep[b, h] tokens, dropping the lowest-scored (ties: the older) among its first
   // lengths - recent, moves them (k, v, pos, score) to the front of its run in order and sets pos = -1 on
-  // slots [keep, lengths).
+  // slots [keep, lengths); then, where given, the pools' counts follow: counts = keep (int32 [B, H]) and
+  // next_slot = head_start + keep (int64 [B, H]), on the pools' device.
   m.def("paged_evict(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos, Tensor(d!) score, Tensor queries, "
-        "Tensor head_start, Tensor lengths, Tensor keep, int start, int recent, float scale) -> ()");
+        "Tensor head_start, Tensor lengths, Tensor keep, int start, int recent, float scale, "
+        "Tensor(e!)? counts=None, Tensor(f!)? next_slot=None) -> ()");
   // The instruction set of the C++ CPU kernels' tile operations in this process: "avx512", "avx2" or
   // "baseline" (the best the CPU runs, capped by VTATTN_CPU_ISA at the first call). Not a tensor op.
   m.def("cpu_tile_level() -> str");

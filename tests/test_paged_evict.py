@@ -129,8 +129,46 @@ def test_ties_go_as_in_the_reference(device, backend):
     assert_same_evictions(got, want)
 
 
-def test_opcheck():
-    torch.library.opcheck(torch.ops.vtattn.paged_evict.default, make_inputs(*CASES[1], torch.float32))
+def with_counts(args, device):
+    """args plus the pools' own counts to set, as views of wider [H, B] buffers (any strides)."""
+    B, H = args[6].shape
+    counts = torch.full((H, 3 * B), -7, dtype=torch.int32, device=device)[:, ::3].t()
+    next_slot = torch.full((H, B), -7, dtype=torch.int64, device=device).t()
+    return (*args, counts, next_slot)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(PAGED_EVICT))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_paged_evict_sets_the_pools_counts(device, backend, case):
+    """counts = keep and next_slot = head_start + keep where given (the evictions as without them)."""
+    args = make_inputs(*case, torch.float32, device, seed=sum(case))
+    skip_unless_supported(PAGED_EVICT, args, backend)
+    got, want = clone(with_counts(args, device)), clone(args)
+    run_forced(backend, torch.ops.vtattn.paged_evict, *got)
+    vtattn.reference.paged_evict(*want)
+    assert_same_evictions(got, want)
+    head_start, keep = args[5], args[7]
+    assert got[11].dtype == torch.int32 and torch.equal(got[11].cpu(), keep.int())
+    assert torch.equal(got[12].cpu(), head_start + keep)
+
+
+def test_cpp_kernel_refuses_counts_of_another_dtype_or_shape_before_any_write():
+    args = with_counts(make_inputs(*CASES[1], torch.float32), "cpu")
+    skip_unless_supported(PAGED_EVICT, args[:11], "cpp")
+    for i, bad_value, name in ((11, args[11].long(), "counts"), (12, args[12][:1], "next_slot")):
+        bad = list(clone(args))
+        bad[i] = bad_value
+        before = clone(bad)
+        with pytest.raises(RuntimeError, match=f"paged_evict: {name} must be a CPU"):
+            torch.ops.vtattn_C.paged_evict(*bad)
+        for a, b in zip(bad[:4], before[:4]):
+            assert torch.equal(a, b), "nothing is written before the checks"
+
+
+@pytest.mark.parametrize("counts", [False, True], ids=["plain", "counts"])
+def test_opcheck(counts):
+    args = make_inputs(*CASES[1], torch.float32)
+    torch.library.opcheck(torch.ops.vtattn.paged_evict.default, with_counts(args, "cpu") if counts else args)
 
 
 def test_compiled_evict_equals_eager():
@@ -156,7 +194,8 @@ def test_cpp_kernel_refuses_heads_outside_the_pools_or_drops_in_the_window():
 
 
 def test_decode_evict_is_one_op_call(monkeypatch):
-    """kv.decode.evict: one paged_evict per eviction, then the host and device counts follow."""
+    """kv.decode.evict: one paged_evict per eviction, which sets the device counts; the host's follow,
+    and the room it freed is found again before a growth."""
     from vtattn.kv import decode, pages
     k = torch.randn(1, 2, 6, 8)
     p = pages.Pages(k, k, torch.arange(6).expand(1, 2, 6), np.array([[6, 4]]), 4, room=2,
@@ -169,4 +208,12 @@ def test_decode_evict_is_one_op_call(monkeypatch):
     assert len(calls) == 1
     assert p.positions().tolist() == [[[1, 2, 3, 4, 5, 7], [1, 2, 3, 7, -1, -1]]]  # the new token 6 and the oldest went
     assert p.lengths.tolist() == [[6, 4]] and p.host_lengths.tolist() == [[6, 4]]
-    assert p.next.tolist() == (p.start + p.lengths).tolist() and p.room == 2
+    assert p.next.tolist() == (p.start + p.lengths).tolist() and p.room == 2  # the room the floor leaves
+    k_pool = p.k
+    p.append(torch.ones(1, 2, 2, 8), torch.ones(1, 2, 2, 8), 8)  # the two freed slots: no growth
+    assert p.k is k_pool and p.room == 0 and p.host_lengths.tolist() == [[8, 6]]
+    # a head below its floor (nothing to drop) keeps more room than the floor leaves: found before a growth
+    decode.evict(p, torch.zeros(1, 2, 2, 8), 8, np.array([[6, 8]]), recent=1)
+    assert p.host_lengths.tolist() == [[6, 6]] and p.lengths.tolist() == [[6, 6]] and p.room == 0
+    p.append(torch.ones(1, 2, 2, 8), torch.ones(1, 2, 2, 8), 10)
+    assert p.k is k_pool and p.room == 0 and p.lengths.tolist() == [[8, 8]]

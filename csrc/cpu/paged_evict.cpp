@@ -5,6 +5,7 @@
 
 #include <cstring>
 #include <numeric>
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -184,9 +185,32 @@ Heads read_heads(const at::Tensor& head_start, const at::Tensor& lengths, const 
   return hd;
 }
 
+// The pools' counts after the eviction, where given: counts = keep (int32), next_slot = head_start + keep
+// (int64), CPU [B, H] (checked before any write).
+void set_counts(const std::optional<at::Tensor>& counts, const std::optional<at::Tensor>& next_slot,
+                const Heads& hd, int64_t B, bool write) {
+  for (const auto& [name, t, dtype] : {std::tuple<const char*, const std::optional<at::Tensor>&, at::ScalarType>{
+                                           "counts", counts, at::kInt},
+                                       {"next_slot", next_slot, at::kLong}}) {
+    if (!t) continue;
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dtype && t->dim() == 2 && t->size(0) == B &&
+                    t->size(1) == hd.H,
+                "paged_evict: ", name, " must be a CPU ", dtype, " [", B, ", ", hd.H, "] tensor, got ",
+                t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  }
+  if (!write) return;
+  for (int64_t r = 0; r < B * hd.H; ++r) {
+    const int64_t b = r / hd.H, h = r % hd.H;
+    if (counts) counts->data_ptr<int32_t>()[b * counts->stride(0) + h * counts->stride(1)] = hd.keep[r];
+    if (next_slot)
+      next_slot->data_ptr<int64_t>()[b * next_slot->stride(0) + h * next_slot->stride(1)] = hd.first[r] + hd.keep[r];
+  }
+}
+
 void paged_evict_cpu(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos,
                      const at::Tensor& score, const at::Tensor& queries, const at::Tensor& head_start,
-                     const at::Tensor& lengths, const at::Tensor& keep, int64_t start, int64_t recent, double scale) {
+                     const at::Tensor& lengths, const at::Tensor& keep, int64_t start, int64_t recent, double scale,
+                     const std::optional<at::Tensor>& counts, const std::optional<at::Tensor>& next_slot) {
   TORCH_CHECK(k_pages.device().is_cpu() && v_pages.device().is_cpu() && k_pages.dim() == 3 &&
                   v_pages.sizes() == k_pages.sizes() && v_pages.scalar_type() == k_pages.scalar_type() &&
                   k_pages.stride(2) == 1 && v_pages.stride(2) == 1,
@@ -206,11 +230,13 @@ void paged_evict_cpu(const at::Tensor& k_pages, const at::Tensor& v_pages, const
               "paged_evict: queries must be a CPU [B, G * H, n, D] tensor for lengths [B, H] and the pools' D, got ",
               queries.sizes());
   const Heads hd = read_heads(head_start, lengths, keep, B, H, recent, k_pages.size(0) * k_pages.size(1));
+  set_counts(counts, next_slot, hd, B, false);
   LoadQueries load_q = nullptr;
   VTATTN_DISPATCH_FLOAT_TYPES(queries.scalar_type(), "paged_evict_queries", [&] { load_q = &load_queries<scalar_t>; });
   VTATTN_DISPATCH_FLOAT_TYPES(k_pages.scalar_type(), "paged_evict_cpu", [&] {
     evict_kernel<scalar_t>(k_pages, v_pages, pos, score, queries, hd, start, recent, static_cast<float>(scale), load_q);
   });
+  set_counts(counts, next_slot, hd, B, true);
 }
 
 }  // namespace

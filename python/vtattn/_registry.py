@@ -533,13 +533,15 @@ def _sample_paged_evict(device: torch.device | str, dtype: torch.dtype) -> tuple
     pos = torch.arange(128, device=device).view(8, 16) % 32
     counts = [torch.tensor(c) for c in ([[0, 32], [64, 96]], [[20, 17], [32, 5]], [[18, 17], [30, 5]])]
     return (pages, pages.clone(), pos, torch.zeros(8, 16, device=device),
-            torch.zeros(2, 4, 1, 64, device=device, dtype=dtype), *counts, 40, 2, 0.125)
+            torch.zeros(2, 4, 1, 64, device=device, dtype=dtype), *counts, 40, 2, 0.125,
+            torch.zeros(2, 2, device=device, dtype=torch.int32), torch.zeros(2, 2, device=device, dtype=torch.int64))
 
 
 PAGED_EVICT = _define(
     "paged_evict",
     "paged_evict(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos, Tensor(d!) score, Tensor queries, "
-    "Tensor head_start, Tensor lengths, Tensor keep, int start, int recent, float scale) -> ()",
+    "Tensor head_start, Tensor lengths, Tensor keep, int start, int recent, float scale, "
+    "Tensor(e!)? counts=None, Tensor(f!)? next_slot=None) -> ()",
     {
         "aten": Backend(lambda *a: None if a[0].device.type != "cpu" else "the C++ kernel runs CPU tensors",
                         reference.paged_evict),

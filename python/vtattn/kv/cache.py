@@ -187,8 +187,10 @@ class CompressedLayer(CacheLayerMixin):
         self.seen_t: torch.Tensor | None = None
         self.offset = 0  # original position of row `seen` minus `seen` (> 0 under FastV: fewer rows)
         self.pages: Pages | None = None
-        # DecodeH2O: numpy int64 [B, Hkv], each head's length after the prefill
+        # DecodeH2O: numpy int64 [B, Hkv], each head's length after the prefill, and what an eviction leaves
+        # it (`base`'s setter): that, or `recent` where that is more (it never drops into its last `recent`)
         self._base: npt.NDArray[np.int64] | None = None
+        self._floor: npt.NDArray[np.int64] | None = None
         # DecodeH2O: the decode queries since its last eviction, [B, Hq, n, D] each, and their n's sum
         self.queries: list[torch.Tensor] = []
         self.noted = 0
@@ -291,8 +293,8 @@ class CompressedLayer(CacheLayerMixin):
         self.noted = n = self.noted + q.shape[2]
         if n >= policy.every:
             queries, self.queries, self.noted = torch.cat(self.queries, 2), [], 0
-            assert self.pages is not None and self._base is not None  # a compressed DecodeH2O layer
-            evict(self.pages, queries, self.seen - n + self.offset, self._base, policy.recent)
+            assert self.pages is not None and self._floor is not None  # a compressed DecodeH2O layer
+            evict(self.pages, queries, self.seen - n + self.offset, self._floor, policy.recent)
 
     def _compress(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
                   pad: Padding | None, scale: float | None, frame: Frame | None) -> None:
@@ -341,7 +343,7 @@ class CompressedLayer(CacheLayerMixin):
                            fixed=self.cache.static, upcoming=upcoming or 0,
                            layouts=None if shared is None else shared.layouts)
         if scores is not None:
-            self._base = self.pages.host_lengths.copy()
+            self.base = torch.from_numpy(self.pages.host_lengths.copy())
         if self.cache.max_new_tokens is not None:  # static
             self.limit = self.seen + self.cache.max_new_tokens
             if not torch.compiler.is_compiling():  # CUDA graphs replay on these very tensors (cf. StaticLayer)
@@ -370,6 +372,7 @@ class CompressedLayer(CacheLayerMixin):
     @base.setter
     def base(self, value: torch.Tensor | None) -> None:
         self._base = None if value is None else value.numpy()
+        self._floor = None if self._base is None else np.maximum(self._base, getattr(self.policy, "recent", 0))
 
     @property
     def nbytes(self) -> int:
@@ -416,7 +419,7 @@ class CompressedLayer(CacheLayerMixin):
         pages.take(rows)
         self.queries = [x[rows] for x in self.queries]
         if self._base is not None:
-            self._base = self._base[rows.cpu().numpy()]
+            self.base = torch.from_numpy(self._base[rows.cpu().numpy()])
 
 
 def _padding(mask: torch.Tensor | None, L: int) -> Padding | None:

@@ -38,16 +38,17 @@ def prompt_mass(policy: DecodeH2O, ranked: torch.Tensor | None, q: torch.Tensor,
     return _KEY_IMPORTANCE(q, k, lse, rows, True, q.shape[-1] ** -0.5, 0.0, -1, None).view(B, Hkv, -1, L).mean(2)
 
 
-def evict(pages: Pages, queries: torch.Tensor, start: int, base: npt.NDArray[np.int64], recent: int) -> None:
+def evict(pages: Pages, queries: torch.Tensor, start: int, floor: npt.NDArray[np.int64], recent: int) -> None:
     """Add the mass of queries [B, Hq, n, D] (scaled for the default scale, at positions
-    start..start+n-1) to `pages`' scores and evict down to `base` (numpy int64 [B, Hkv]), in place:
-    one `paged_evict` call. Each head drops its lowest-scored tokens outside its last `recent` (ties:
-    the older first). Every count is the host's (`pages.host_lengths`), passed as CPU tensors: no
-    host sync."""
+    start..start+n-1) to `pages`' scores and evict down to `floor` (numpy int64 [B, Hkv]: each
+    head's prefill length, or `recent` where that is more), in place: one `paged_evict` call, which
+    also sets the pages' device counts. Each head drops its lowest-scored tokens outside its last
+    `recent` (ties: the older first). Every count it reads is the host's (`pages.host_lengths`),
+    passed as CPU tensors: no host sync."""
     assert pages.score is not None  # DecodeH2O layers keep scores
     lengths = pages.host_lengths
-    keep = np.minimum(lengths, np.maximum(base, recent))  # never below base, nor into the last `recent`
+    keep = np.minimum(lengths, floor)
     _EVICT(pages.k, pages.v, pages.pos, pages.score, queries, torch.from_numpy(pages.host_start),
            torch.from_numpy(lengths), torch.from_numpy(keep), int(start), recent, queries.shape[-1] ** -0.5,
-           stamp=pages.cls)
-    pages.shrink(keep)
+           pages.lengths, pages.next, stamp=pages.cls)
+    pages.shrink(keep, floor)

@@ -91,6 +91,7 @@ class Pages:
         up to their first growth); layouts: where the layers of one prompt share their layouts (the
         same counts give the same runs and table: ~10 small ops a layer)."""
         self.page_size, self.fixed = page_size, fixed
+        self._bound: tuple[Host, Host, int] | None = None  # shrink's (floor, capacity, the room floor leaves)
         # a decode step's start position, as a CPU scalar the kernels read at launch: written in place
         # through its numpy view (a torch op per layer and step costs ~4 us in a model's step on CPU)
         self._start_host = np.zeros((), dtype=np.int64)
@@ -191,6 +192,9 @@ class Pages:
         if torch.compiler.is_compiling():  # host bookkeeping stays out of compiled graphs
             return
         if n > self.room:
+            lengths = self.host_lengths  # (after an eviction `room` is only a lower bound)
+            self.room = int((self.capacity - lengths).min()) if lengths.size else 0
+        if n > self.room:
             if self.fixed:
                 raise RuntimeError(f"a static CompressedCache layer has room for {self.room} more tokens, "
                                    f"{n} were appended (size it with max_new_tokens)")
@@ -236,14 +240,18 @@ class Pages:
                 pool.view(-1, *slot).index_copy_(0, dst, before.view(-1, *slot).index_select(0, src))
         self.next = self.start + self.lengths  # (the device lengths stay)
 
-    def shrink(self, counts: Host) -> None:
-        """Each head now holds its first counts[b, h] tokens (decode-time eviction's `paged_evict` moved
-        them to the front of its run): the host and device counts follow; the pools, table and
-        capacities stay. No host sync."""
+    def shrink(self, counts: Host, floor: Host) -> None:
+        """Each head now holds its first counts[b, h] <= floor[b, h] tokens: decode-time eviction's
+        `paged_evict` moved them to the front of its run and set the device counts (`lengths`,
+        `next`); the host's follow. `room` becomes a lower bound, the larger of the one before and
+        the room floor leaves (counted once per floor and layout: a numpy reduction costs ~10 us cold
+        in a model's step), which `reserve` counts again before it would grow. Pools, table and
+        capacities stay."""
         self.host_lengths = counts
-        self.lengths.copy_(_device(counts, self.k.device))
-        torch.add(self.start, self.lengths, out=self.next)
-        self.room = int((self.capacity - counts).min()) if counts.size else 0
+        bound = self._bound
+        if bound is None or bound[0] is not floor or bound[1] is not self.capacity:
+            bound = self._bound = (floor, self.capacity, int((self.capacity - floor).min()) if floor.size else 0)
+        self.room = max(self.room, bound[2])
 
     def slots(self) -> torch.Tensor:
         """int64 [B, H, W] flat slot of each head's tokens, -1 past its length (W: the widest

@@ -5,7 +5,8 @@ _MAX_LOGITS = 1 << 25  # fp32 logits per chunk of queries (128 MiB)
 
 def paged_evict(k_pages: torch.Tensor, v_pages: torch.Tensor, pos: torch.Tensor, score: torch.Tensor,
                 queries: torch.Tensor, head_start: torch.Tensor, lengths: torch.Tensor, keep: torch.Tensor,
-                start: int, recent: int, scale: float) -> None:
+                start: int, recent: int, scale: float, counts: torch.Tensor | None = None,
+                next_slot: torch.Tensor | None = None) -> None:
     """Decode-time H2O eviction of a paged cache (`kv.pages.Pages`), in place. Token t of head (b, h)
     is flat slot head_start[b, h] + t (row s % page_size of page s // page_size of k_pages / v_pages
     [P, page_size, D], pos int64 / score fp32 [P, page_size]), for t < lengths[b, h]. head_start,
@@ -17,12 +18,18 @@ def paged_evict(k_pages: torch.Tensor, v_pages: torch.Tensor, pos: torch.Tensor,
     lowest-scored tokens among its first max(lengths - recent, 0) (ties, NaN last: the lower t
     first; the caller keeps lengths - keep within that), moves its kept tokens (k, v, pos, score) to
     the front of its run in order, and sets pos = -1 on its slots [keep, lengths) (their k, v and
-    grown score stay)."""
+    grown score stay). Then, where given, the pools' own counts follow (on their device, [B, H]):
+    counts (int32) = keep, next_slot (int64) = head_start + keep."""
+    device = k_pages.device
+    if counts is not None:
+        counts.copy_(keep.to(device, torch.int32, non_blocking=True))
+    if next_slot is not None:
+        next_slot.copy_((head_start + keep).to(device, non_blocking=True))
     B, H = lengths.shape
     Lm = int(lengths.max()) if lengths.numel() else 0
     if Lm == 0:
         return
-    device, ps = k_pages.device, k_pages.shape[1]
+    ps = k_pages.shape[1]
     Hq, n, D = queries.shape[1:]
     G = Hq // H
     # the masks and slot lists, from the host's counts (copies to the device: no wait)
