@@ -46,15 +46,16 @@ def test_static_generate_gives_the_dynamic_tokens(family, policy):
         assert layer.nbytes <= int((layer.pages.host_lengths + cache.page_size - 1).sum()) * per_token
 
 
-def test_compiled_decode_step_gives_the_dynamic_tokens(monkeypatch):
-    """The unpatched forward of a KV-compressed LLaVA (model._vtattn_patch.original: decode steps of
-    KV compression need no stage) compiled whole with inductor: one graph for every step, the
-    dynamic cache's tokens. The 2-D mask is given at the static width, as generate gives a static
-    cache's. The graph calls the decode step's vtattn._C kernel itself (the static prefill prepared
-    it), never the public op's Python dispatch."""
+def _compiled_tokens(monkeypatch, device, **compile_options):
+    """Greedy tokens of a KV-compressed LLaVA's decode steps: the eager patched model on the dynamic
+    cache, and its unpatched forward (model._vtattn_patch.original: decode steps of KV compression need
+    no stage) compiled whole on a static CompressedCache. The 2-D mask is given at the static width,
+    as generate gives a static cache's. Also: the graphs dynamo made, and the public ops run by
+    Python dispatch while the compiled steps ran."""
     import torch._dynamo.utils as dynamo_utils
     from vtattn import _registry
     model, _, inputs = MODELS["llava"]()
+    model, inputs = model.to(device), {k: v.to(device) for k, v in inputs.items()}
     policy = kv.LookM(0.2, 0.1)
     vtattn.patch.llava(model, stages=[vtattn.patch.KVCompress(policy)])
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -68,22 +69,43 @@ def test_compiled_decode_step_gives_the_dynamic_tokens(monkeypatch):
                 width = NEW if static_width else s + 1
                 step_mask = torch.cat([mask, mask.new_ones(B, width)], 1)
                 out = forward(input_ids=token, attention_mask=step_mask, past_key_values=cache,
-                              cache_position=torch.tensor([L + s]), use_cache=True)
+                              cache_position=torch.tensor([L + s], device=device), use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
                 tokens.append(token)
         return torch.cat(tokens, 1)
 
     expected = decode(None, model.forward, False)
     torch._dynamo.reset()
-    compiled = torch.compile(model._vtattn_patch.original, fullgraph=True)
+    compiled = torch.compile(model._vtattn_patch.original, fullgraph=True, **compile_options)
     dynamo_utils.counters.clear()
-    dispatched = []
+    dispatched: list[str] = []
     run = _registry.run
     monkeypatch.setattr(_registry, "run", lambda op, *a, **kw: dispatched.append(op) or run(op, *a, **kw))
     got = decode(CompressedCache(policy, max_new_tokens=NEW), compiled, True)
+    return got, expected, dynamo_utils.counters, dispatched
+
+
+def test_compiled_decode_step_gives_the_dynamic_tokens(monkeypatch):
+    """Compiled with inductor on CPU: one graph for every step, the dynamic cache's tokens; the graph
+    calls the decode step's vtattn._C kernel itself (the static prefill prepared it), never the public
+    op's Python dispatch."""
+    from vtattn import _registry
+    got, expected, counters, dispatched = _compiled_tokens(monkeypatch, "cpu")
     assert torch.equal(got, expected)
-    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 1
     assert "paged_decode_step" not in dispatched and _registry.kernel_ops() >= {"paged_decode_step"}
+
+
+@pytest.mark.gpu
+def test_compiled_decode_step_replays_cuda_graphs(monkeypatch):
+    """torch.compile(mode="reduce-overhead") on a GPU: the static cache's decode step is captured in
+    CUDA graphs (inductor skips none: the pools' addresses are static, the step reads no host state)
+    and its replays give the eager dynamic cache's tokens."""
+    got, expected, counters, dispatched = _compiled_tokens(monkeypatch, "cuda", mode="reduce-overhead")
+    assert torch.equal(got, expected)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert "paged_decode_step" not in dispatched
 
 
 DROPPING = {
