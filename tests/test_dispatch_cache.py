@@ -85,7 +85,9 @@ def test_direct_runs_the_chosen_kernel_and_follows_forced_backends(monkeypatch):
     expected = vtattn.reference.decode_attention(q, k, k, lengths, 0.5)
     direct = _dispatch.Direct("decode_attention")
     backends = _registry.OPS["decode_attention"]
-    chosen = backends[_dispatch.choose("decode_attention", backends, (q, k, k, lengths, 0.5))].run
+    backend = backends[_dispatch.choose("decode_attention", backends, (q, k, k, lengths, 0.5))]
+    # a kernel backend's vtattn._C op itself, else the backend's run
+    chosen = getattr(torch.ops.vtattn_C, backend.kernel) if backend.kernel else backend.run
     torch.testing.assert_close(direct(q, k, k, lengths, 0.5, stamp=1), expected)
     assert direct._run is chosen
     with vtattn.use_backend("torch"):

@@ -264,7 +264,9 @@ class Direct(Generic[R]):
             from ._registry import OPS, RELATIONS  # the op's backends (_registry imports this module)
             backends = OPS[self.op]
             name = choose(self.op, backends, args)
-            self._run = backends[name].run
+            # a kernel backend's run is the vtattn._C op itself: called directly (one Python frame less)
+            kernel = backends[name].kernel
+            self._run = getattr(torch.ops.vtattn_C, kernel) if kernel else backends[name].run
             self._relation = RELATIONS.get(self.op)
             if self._relation is not relation:  # (the first call)
                 key = (*key[:-1], None if self._relation is None else self._relation(args))

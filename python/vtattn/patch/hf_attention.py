@@ -55,6 +55,7 @@ HARMLESS = frozenset({"position_ids", "use_cache", "output_hidden_states", "outp
 HANDLED = frozenset({"softcap", "s_aux", "sliding_window", "position_bias", "head_mask", "output_attentions",
                      "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
 PACKED = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+_CACHE_KEYWORDS = HARMLESS | {"sliding_window"}  # what a CompressedCache layer's attention ignores
 
 Output = tuple[torch.Tensor, torch.Tensor | None]  # an attention function's (out [B, N, H, D], weights)
 
@@ -393,14 +394,18 @@ def _cache_mask(mask: Any) -> torch.Tensor | None:
 def _cached(layer: Any, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             mask: Any, scaling: float | None, kwargs: dict[str, Any]) -> Output:
     """A vtattn.kv.CompressedCache layer attends over what it keeps (plain causal attention only)."""
-    extra = [k for k, v in kwargs.items() if k not in HARMLESS and k != "sliding_window" and _given(k, v)]
-    if extra or (isinstance(mask, LazyMask) and mask.spec.window is not None):
-        what = min(extra) if extra else "a sliding window"
-        raise NotImplementedError(f"a vtattn.kv.CompressedCache cannot attend with {what} ({type(module).__name__})")
+    if not kwargs.keys() <= _CACHE_KEYWORDS:  # (a set comparison: every decode step of every layer comes here)
+        extra = [k for k, v in kwargs.items() if k not in _CACHE_KEYWORDS and _given(k, v)]
+        if extra:
+            raise NotImplementedError(f"a vtattn.kv.CompressedCache cannot attend with {min(extra)} "
+                                      f"({type(module).__name__})")
+    if isinstance(mask, LazyMask) and mask.spec.window is not None:
+        raise NotImplementedError(f"a vtattn.kv.CompressedCache cannot attend with a sliding window "
+                                  f"({type(module).__name__})")
+    # decoding: the kept tokens' positions say what each query sees, not a mask
+    mask = None if layer.pages is not None else _cache_mask(mask)
     count("cache")
-    if layer.pages is not None:  # decoding: the kept tokens' positions say what each query sees, not a mask
-        mask = None
-    return layer.attend(query, key, value, _cache_mask(mask), scaling).transpose(1, 2), None
+    return layer.attend(query, key, value, mask, scaling).transpose(1, 2), None
 
 
 def register_hf_attention() -> None:
