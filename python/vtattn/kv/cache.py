@@ -372,7 +372,9 @@ class CompressedLayer(CacheLayerMixin):
     @base.setter
     def base(self, value: torch.Tensor | None) -> None:
         self._base = None if value is None else value.numpy()
-        self._floor = None if self._base is None else np.maximum(self._base, getattr(self.policy, "recent", 0))
+        policy = self.policy
+        self._floor = np.maximum(self._base, policy.recent) if self._base is not None and isinstance(
+            policy, DecodeH2O) else None
 
     @property
     def nbytes(self) -> int:
