@@ -109,6 +109,22 @@ def test_static_decode_step_compiles_to_one_graph():
     assert torch.equal(static.kept_positions(0), dynamic.kept_positions(0))
 
 
+def test_static_step_writes_only_tensors_at_static_addresses():
+    """Every tensor a static layer's decode step writes in place (the step op's mutable arguments, by its
+    schema, and the layer's device count) is marked a static address, as inductor's CUDA graphs
+    (torch.compile(mode="reduce-overhead")) need: otherwise they skip the graph ("mutated inputs")."""
+    static = _prefilled(kv.SnapKV(0.3, window=4), page_size=8, max_new_tokens=8)
+    layer = static.layers[0]
+    q, k, v = _token(0)
+    args = (q, *layer.pages.write_args(k, v, layer.seen_t), layer.pages.table, D ** -0.5)
+    schema = torch.ops.vtattn.paged_decode_step.default._schema
+    written = [a for a, s in zip(args, schema.arguments) if s.alias_info is not None and s.alias_info.is_write]
+    written = [t for t in written if t is not None] + [layer.seen_t]
+    assert len(written) >= 5  # k, v, pos, next, lengths (score: None without DecodeH2O), seen_t
+    # (mark_static_address's mark: the attribute dynamo reads)
+    assert all(getattr(t, "_dynamo_static_input_type", None) for t in written)
+
+
 def test_compiled_static_step_with_grad_refuses_by_name():
     """A compiled step whose query requires grad takes the public op, whose autograd refuses by name (the
     vtattn._C kernel op the prefill prepared has no autograd: it must not run silently without one)."""

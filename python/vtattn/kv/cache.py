@@ -347,8 +347,10 @@ class CompressedLayer(CacheLayerMixin):
         if self.cache.max_new_tokens is not None:  # static
             self.limit = self.seen + self.cache.max_new_tokens
             if not torch.compiler.is_compiling():  # CUDA graphs replay on these very tensors (cf. StaticLayer)
+                # (a decode step writes k, v, pos, next, lengths and seen_t in place: inductor's CUDA graphs
+                # take no mutated input at an address that may change)
                 p = self.pages
-                for t in (p.k, p.v, p.pos, p.table, p.lengths, p.start, p.last, self.seen_t):
+                for t in (p.k, p.v, p.pos, p.next, p.table, p.lengths, p.start, p.last, self.seen_t):
                     torch._dynamo.mark_static_address(t)
                 # a compiled decode step then calls the kernel chosen now for a step of these shapes
                 assert self.seen_t is not None  # (static)
