@@ -127,6 +127,7 @@ step info 20 "$SUMMARY.info" "$PY" -m vtattn info
 
 # ---- 2. correctness: CUDA kernels first, then Triton from the precompiled cache ----
 KERNELS=(scripts/gpu_kernels.py --json "$OUT/kernels.jsonl")
+COMPILED=compiled_decode_step_replays  # the pytest case of step pytest_compiled
 if [ "$MODE" != bench ]; then
   step cuda_kernels 40 "$OUT/tests.log" "$PY" "${KERNELS[@]}" --backend cuda
   # the CUDA / aten cases of every op, select_tokens around its shared-memory opt-in, the reference
@@ -149,10 +150,15 @@ if [ "$MODE" != bench ]; then
   # on CUDA, the attention options, opchecks; a Triton kernel they reach may compile here (gpu_summary.py merges
   # their results into pytest_cuda.xml)
   OTHERS="cuda and not (gpu-cuda or gpu-aten or on_the_device or no_kernel_takes) and not triton and not gpu-torch"
-  PYTEST=(-m pytest tests -m gpu -k "$OTHERS" -rfEs -p no:cacheprovider --junitxml="$OUT/pytest_models.xml")
+  PYTEST=(-m pytest tests -m gpu -k "$OTHERS and not $COMPILED" -rfEs -p no:cacheprovider
+    --junitxml="$OUT/pytest_models.xml")
   "$PY" -c 'import xdist' 2>/dev/null && PYTEST+=(-n 4)
   "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout 90)
   step pytest_models 60 "$OUT/tests.log" env VTATTN_TRITON_AUTOTUNE=0 "$PY" "${PYTEST[@]}"
+  # a compiled decode step in CUDA graphs (torch.compile mode="reduce-overhead"): inductor compiles the
+  # model's own Triton kernels first (tens of seconds), so it runs alone, its share its own
+  step pytest_compiled 45 "$OUT/tests.log" env VTATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -m gpu -k "$COMPILED" \
+    -rfEs -p no:cacheprovider --junitxml="$OUT/pytest_compiled.xml"
 
   # ---- 3. compute-sanitizer on one launch of each CUDA kernel ----
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)

@@ -2,8 +2,8 @@
     python scripts/gpu_summary.py OUTDIR
 PASSED / FAILED / NOT REACHED (its step ran out of time, or never started) / SKIPPED (no GPU: a dry
 run) for each op's CUDA and Triton kernel, from scripts/gpu_kernels.py's records (kernels.jsonl) and
-the CUDA-backend pytest cases (pytest_cuda.xml, into which it merges pytest_models.xml); then each
-sanitizer's verdict (sanitizer.log). It also merges the bench passes (bench_*.json) into bench.json,
+the CUDA-backend pytest cases (pytest_cuda.xml, into which it merges pytest_models.xml and
+pytest_compiled.xml); then each sanitizer's verdict (sanitizer.log). It also merges the bench passes (bench_*.json) into bench.json,
 so the call returns at most 8 files."""
 import argparse
 import json
@@ -72,23 +72,25 @@ def _verdict(records, pytest, step_lines) -> str:
 
 
 def merge_pytest(out: Path) -> None:
-    """pytest_models.xml's cases into pytest_cuda.xml (the call returns at most 8 files)."""
-    models = out / "pytest_models.xml"
-    if not models.exists():
-        return
-    try:
-        extra = ET.parse(models).getroot()
-    except ET.ParseError:  # a run cut while writing it: its cases are in tests.log
-        models.unlink()
-        return
-    cuda = out / "pytest_cuda.xml"
-    try:
-        root = ET.parse(cuda).getroot()
-    except (ET.ParseError, FileNotFoundError):
-        root = ET.Element("testsuites")
-    root.extend(extra.iter("testsuite") if extra.tag == "testsuites" else [extra])
-    ET.ElementTree(root).write(cuda)
-    models.unlink()
+    """pytest_models.xml's and pytest_compiled.xml's cases into pytest_cuda.xml (the call returns at
+    most 8 files)."""
+    for name in ("pytest_models.xml", "pytest_compiled.xml"):
+        part = out / name
+        if not part.exists():
+            continue
+        try:
+            extra = ET.parse(part).getroot()
+        except ET.ParseError:  # a run cut while writing it: its cases are in tests.log
+            part.unlink()
+            continue
+        cuda = out / "pytest_cuda.xml"
+        try:
+            root = ET.parse(cuda).getroot()
+        except (ET.ParseError, FileNotFoundError):
+            root = ET.Element("testsuites")
+        root.extend(extra.iter("testsuite") if extra.tag == "testsuites" else [extra])
+        ET.ElementTree(root).write(cuda)
+        part.unlink()
 
 
 def kernels(out: Path) -> list[str]:
@@ -97,8 +99,8 @@ def kernels(out: Path) -> list[str]:
     records = _kernel_records(out / "kernels.jsonl")
     pytest = _pytest_cases(out / "pytest_cuda.xml")
     lines = ["per kernel (gpu_kernels.py edge cases; CUDA also the gpu-cuda pytest cases):"]
-    for backend, ops, step_names in (("cuda", CUDA_OPS, ("cuda_kernels", "pytest_cuda", "pytest_models")),
-                                     ("triton", TRITON_OPS, ("triton_kernels",))):
+    cuda_steps = ("cuda_kernels", "pytest_cuda", "pytest_models", "pytest_compiled")
+    for backend, ops, step_names in (("cuda", CUDA_OPS, cuda_steps), ("triton", TRITON_OPS, ("triton_kernels",))):
         seen = sorted(op for b, op in records if b == backend and op not in ops)  # ops added since these lists
         for op in ops + tuple(seen):
             step_lines = [(n, steps[n]) for n in step_names if n in steps]

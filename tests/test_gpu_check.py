@@ -60,10 +60,16 @@ def test_bench_passes_merge(tmp_path):
     assert not list(tmp_path.glob("bench_*.json"))  # at most 8 files come back from the device
 
 
-def test_the_second_pytest_pass_merges_into_pytest_cuda(tmp_path):
-    """pytest_models.xml (CUDA-graph replays, patched models: the step after the Triton kernels) joins
-    pytest_cuda.xml, so its failures reach the verdicts and at most 8 files come back."""
-    (tmp_path / "summary.txt").write_text("pytest_cuda: exit 0 in 90s\npytest_models: exit 1 in 50s\n")
+def test_the_later_pytest_passes_merge_into_pytest_cuda(tmp_path):
+    """pytest_models.xml (CUDA-graph replays, patched models: the step after the Triton kernels) and
+    pytest_compiled.xml (the compiled decode step alone) join pytest_cuda.xml, so their failures reach
+    the verdicts and at most 8 files come back."""
+    (tmp_path / "summary.txt").write_text("pytest_cuda: exit 0 in 90s\npytest_models: exit 1 in 50s\n"
+                                          "pytest_compiled: exit 1 in 30s\n")
+    (tmp_path / "pytest_compiled.xml").write_text(
+        '<testsuites><testsuite><testcase classname="tests.test_kv_static_generate" '
+        'name="test_compiled_decode_step_replays_cuda_graphs"><failure message="z"/></testcase>'
+        '</testsuite></testsuites>')
     (tmp_path / "pytest_cuda.xml").write_text(
         '<testsuites><testsuite><testcase classname="tests.test_attention" name="t[gpu-cuda]"/>'
         '</testsuite></testsuites>')
@@ -74,6 +80,8 @@ def test_the_second_pytest_pass_merges_into_pytest_cuda(tmp_path):
     text = _summary(tmp_path)
     assert "kv_static                0 passed, 1 failed: test_replays[dtype0]" in text
     assert "FAILED" in _line(text, "cuda", "decode_attention")  # by the second pass's case
+    assert "kv_static_generate       0 passed, 1 failed: test_compiled_decode_step_replays_cuda_graphs" in text
     merged = (tmp_path / "pytest_cuda.xml").read_text()
-    assert merged.count("<testcase") == 3 and not (tmp_path / "pytest_models.xml").exists()
+    assert merged.count("<testcase") == 4
+    assert not (tmp_path / "pytest_models.xml").exists() and not (tmp_path / "pytest_compiled.xml").exists()
 
