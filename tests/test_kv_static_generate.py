@@ -166,3 +166,25 @@ def test_a_reset_static_cache_is_a_new_cache(family, path):
         cache = _cache(out)  # (with KV compression: the static CompressedCache the prefill put in its place)
     for prompt, tokens in zip((inputs, text, inputs), got):
         assert torch.equal(tokens, _generate(model, prompt, cache_implementation="static").sequences)
+
+
+@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("path", ["keep+lookm", "fastv+lookm"])
+def test_generate_compiles_static_decode_steps_as_on_a_gpu(family, path):
+    """On a GPU, generate(cache_implementation="static") compiles the decode steps itself (transformers'
+    auto-compile: its CompileConfig, inductor, mode "reduce-overhead"); forced here on the CPU (the
+    config's `_compile_all_devices`, as transformers' own tests do). The patched model's decode steps
+    under it give the dynamic cache's tokens: vision-side pruning, FastV and KV compression together."""
+    from transformers import CompileConfig
+    import torch._dynamo.utils as dynamo_utils
+    model, patch, inputs = MODELS[family]()
+    patch(model, **DROPPING[path]())
+    dynamic = _generate(model, inputs)
+    config = CompileConfig()
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    static = _generate(model, inputs, cache_implementation="static", compile_config=config)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] >= 1  # the decode steps ran compiled
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert type(_cache(static)).__name__ == "CompressedCache" and _cache(static).static
