@@ -185,6 +185,8 @@ def test_generate_compiles_static_decode_steps_as_on_a_gpu(family, path):
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     static = _generate(model, inputs, cache_implementation="static", compile_config=config)
-    assert dynamo_utils.counters["stats"]["unique_graphs"] >= 1  # the decode steps ran compiled
+    # the decode steps ran compiled, and not recompiled step by step (NEW - 1 = 5 steps): a graph on each
+    # side of the patched forward's one break, and one recompile where a stage memoises on its first step
+    assert 1 <= dynamo_utils.counters["stats"]["unique_graphs"] <= 3
     assert torch.equal(static.sequences, dynamic.sequences)
     assert type(_cache(static)).__name__ == "CompressedCache" and _cache(static).static
