@@ -3,8 +3,8 @@
 PASSED / FAILED / NOT REACHED (its step ran out of time, or never started) / SKIPPED (no GPU: a dry
 run) for each op's CUDA and Triton kernel, from scripts/gpu_kernels.py's records (kernels.jsonl) and
 the CUDA-backend pytest cases (pytest_cuda.xml, into which it merges pytest_models.xml and
-pytest_compiled.xml); then each sanitizer's verdict (sanitizer.log). It also merges the bench passes (bench_*.json) into bench.json,
-so the call returns at most 8 files."""
+pytest_compiled.xml); then each sanitizer's verdict (sanitizer.log). It also merges the bench passes
+(bench_*.json) into bench.json, so the call returns at most 8 files."""
 import argparse
 import json
 import re
