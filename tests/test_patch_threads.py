@@ -1,6 +1,6 @@
 """Thread safety of patched models, as a tested property: concurrent patched calls from several
 threads on two patched models give what the same calls give one after another, and no lock is
-shared across models (the patch layer keeps per-call state in a ContextVar, never in shared config)."""
+shared across models (the patch layer keeps per-call state per thread (`core.current()`), never in shared config)."""
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor

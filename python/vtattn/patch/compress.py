@@ -89,7 +89,7 @@ class _KVCompress(core.Installed):
                                   else cache.get_seq_length() == 0)  # a static CompressedCache's would sync
         if empty:  # a prefill
             compressed = cache if isinstance(cache, CompressedCache) else CompressedCache(
-                self.policy, max_new_tokens=_static_room(cache, call))
+                self.policy, max_new_tokens=core.static_room(cache, call.new_tokens()))
             try:
                 limit = None if cache is None else self.limits.pop(cache, None)
             except TypeError:  # (as in _note)
@@ -102,12 +102,3 @@ class _KVCompress(core.Installed):
             compressed.modality = call.images
         return proceed(call)
 
-
-def _static_room(cache: Any, call: core.Call) -> int | None:
-    """For a static cache (generate's cache_implementation="static": fixed capacity, compileable),
-    the new tokens its capacity leaves after this prompt: the CompressedCache is then static too
-    (device lengths, a decode step that compiles and replays in a CUDA graph). None otherwise."""
-    if cache is None or not getattr(cache, "is_compileable", False):
-        return None
-    limit = cache.get_max_length()
-    return None if limit is None or limit < 0 else max(int(limit) - call.new_tokens(), 0)

@@ -8,18 +8,18 @@ and the per-forward context the attention calls read.
   each module's `config` becomes a view of its own config that names vtattn's attention entry point
   (`hf_attention.attention_forward`, registered as "vtattn"); the model's config, and so the masks
   the model builds, stay as they are. Never a per-call swap, never a lock.
-- `Context`: one object per forward of a patched model, in one ContextVar (each thread and task has
-  its own), carrying what stages hand to the attention calls inside that forward: score probes,
+- `Context`: one object per forward of a patched model, in a thread-local slot (each thread has its
+  own), carrying what stages hand to the attention calls inside that forward: score probes,
   per-module attention hooks, per-stage state, and the compressed cache's pending layer. Read it
-  through `current()` only: a compiled model that no patch runs then never reads the ContextVar.
+  through `current()` only.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import inspect
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -65,44 +65,36 @@ class Context:
         hooks.insert(0 if first else len(hooks), fn)
 
 
-_CURRENT: contextvars.ContextVar[Context | None] = contextvars.ContextVar("vtattn_forward", default=None)
-# One entry per open forward context and per unclaimed cache publication, in every thread. Under
-# torch.compile an empty list means there is no context to read, so a compiled model that no patch
-# runs never calls ContextVar.get (torch 2.11's dynamo cannot trace it). list.append / pop are
-# atomic: no entry is lost between threads (a spare one only costs a read).
-_LIVE: list[None] = []
+# The open context of each thread, in a plain threading.local: dynamo traces its reads on every
+# supported torch (2.11's cannot trace ContextVar.get: a compiled patched model would break its graph
+# at every routed attention layer) and guards them per thread. A forward runs without yielding, so
+# a thread's contexts nest as its forwards do.
+_THREAD = threading.local()
 
 
 def current() -> Context | None:
-    """The context of the patched forward running in this thread (task), or None."""
-    if not _LIVE and torch.compiler.is_compiling():  # (an eager patched forward has an entry: no compile check)
-        return None
-    return _CURRENT.get()
+    """The context of the patched forward running in this thread, or None."""
+    return getattr(_THREAD, "ctx", None)
 
 
 @contextlib.contextmanager
 def forward_context() -> Iterator[Context]:
     """A fresh Context for the block (one forward); inside another patched forward (a patched model
     called by a patched model), that forward's, so the stages of both see each other's state."""
-    ctx = _CURRENT.get()
-    if ctx is not None and ctx.open:
-        yield ctx
+    outer = current()
+    if outer is not None and outer.open:
+        yield outer
         return
-    ctx = Context()
-    _LIVE.append(None)
-    token = _CURRENT.set(ctx)
+    ctx = _THREAD.ctx = Context()
     try:
         yield ctx
-    finally:
-        _CURRENT.reset(token)
-        if ctx.pending is not None:  # a publication nobody claimed ends with its forward
-            _LIVE.pop()
-        _LIVE.pop()
+    finally:  # (a publication nobody claimed ends with its forward)
+        _THREAD.ctx = outer
 
 
-# Under torch.compile a publication goes through this slot, never the ContextVar (torch 2.11's dynamo
-# cannot trace ContextVar.get; a compiled decode step of a static CompressedCache publishes in every
-# layer). A compiled step runs in one thread, and each layer's attention claims right after its update.
+# Under torch.compile a publication goes through this slot, never the context (a compiled decode step
+# of a static CompressedCache publishes in every layer: dynamo then records no context mutations). A
+# compiled step runs in one thread, and each layer's attention claims right after its update.
 _TRACED: list[Any] = [None]
 
 
@@ -114,12 +106,9 @@ def publish(layer: Any, keys: torch.Tensor) -> None:
     if torch.compiler.is_compiling():
         _TRACED[0] = (layer, keys)
         return
-    ctx = _CURRENT.get()
+    ctx = current()
     if ctx is None:
-        ctx = Context(open=False)
-        _CURRENT.set(ctx)
-    if ctx.pending is None:
-        _LIVE.append(None)
+        ctx = _THREAD.ctx = Context(open=False)
     ctx.pending = (layer, keys)
 
 
@@ -144,8 +133,21 @@ def claim(keys: torch.Tensor) -> Any:
     if ctx is None or ctx.pending is None or ctx.pending[1] is not keys:
         return None
     layer, ctx.pending = ctx.pending[0], None
-    _LIVE.pop()
     return layer
+
+
+def static_room(cache: Any, prompt: int) -> int | None:
+    """The new tokens a static cache (fixed capacity: generate's cache_implementation="static", a static
+    CompressedCache) takes after a `prompt`-token prefill; None for a cache that grows. What a stage keeps
+    for decode steps is sized by it at the prefill: a compiled step (a CUDA graph) then allocates nothing
+    it keeps, whose memory a later replay would overwrite."""
+    room = getattr(cache, "max_new_tokens", None)  # a static CompressedCache's (no layers, so not
+    if room is not None:                           # is_compileable, before its prefill)
+        return int(room)
+    if cache is None or not getattr(cache, "is_compileable", False):
+        return None
+    limit = cache.get_max_length()
+    return None if limit is None or limit < 0 else max(int(limit) - prompt, 0)
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:

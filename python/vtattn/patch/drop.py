@@ -63,6 +63,7 @@ class Step:
         self.masks: dict[int, torch.Tensor] = {}  # exit -> a decode step's additive [B, 1, 1, S] padding mask
         self.kept: dict[int, torch.Tensor] = {}  # exit layer -> [B, N] bool: the input tokens kept from there on
         self.static = False  # the cache is a StaticCache: a layer's keys are its capacity, the first slots filled
+        self.room: int | None = None  # a prefill's: the decode tokens a static cache takes (core.static_room)
 
 
 class Record:
@@ -70,12 +71,16 @@ class Record:
     (its position for causality) and whether it holds a real token; `length` is the full sequence's
     length so far. Both live in buffers with room for later tokens: slot S + j of a decode token holds
     position length + j (slots and positions advance together), written ahead with `real` True, so a
-    decode step writes at most the mask's new column (nothing without a mask)."""
+    decode step writes at most the mask's new column (nothing without a mask). `room`: a static cache's
+    decode tokens (core.static_room), all reserved here; else the buffers grow as they fill."""
 
-    def __init__(self, index: torch.Tensor, real: torch.Tensor, length: int) -> None:
+    def __init__(self, index: torch.Tensor, real: torch.Tensor, length: int, room: int | None = None) -> None:
         self.slots, self.length = index.shape[1], length
         self._index, self._real = index, real
-        self._reserve(self.slots + max(16, self.slots // 4))
+        self._reserve(self.slots + (max(16, self.slots // 4) if room is None else room))
+        if room is not None and not torch.compiler.is_compiling():  # CUDA graphs replay on these very tensors
+            for t in (self._index, self._real):  # (a step may write `real`: inductor's CUDA graphs take no
+                torch._dynamo.mark_static_address(t)  # mutated input at an address that may change)
 
     @property
     def index(self) -> torch.Tensor:
@@ -300,7 +305,9 @@ class Exits:
         if not torch.equal(real, torch.arange(N, device=real.device) >= pads[:, None]):
             raise NotImplementedError("dropping tokens inside the LLM needs left padding: each attention-mask row "
                                       "zeros then ones")
-        return Step(images=images, real=real, pads=pads.tolist())
+        step = Step(images=images, real=real, pads=pads.tolist())
+        step.room = core.static_room(cache, N)
+        return step
 
     def _prune(self, i: int, layer: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Pre-hook of layer i (>= the first exit), while a prefill runs. There, an exit layer selects its
@@ -350,7 +357,7 @@ class Exits:
         dest = torch.where(kept, start[:, None] + kept.cumsum(1) - 1, M)
         arange = torch.arange(N, device=images.device).expand(B, N)
         index = torch.zeros(B, M + 1, dtype=torch.long, device=images.device).scatter_(1, dest, arange)[:, :M]
-        step.records[exit] = Record(index, torch.arange(M, device=index.device) >= start[:, None], N)
+        step.records[exit] = Record(index, torch.arange(M, device=index.device) >= start[:, None], N, step.room)
         if previous is None:
             return index, index
         P = previous.index.shape[1]

@@ -413,11 +413,13 @@ class Shrink:
         """The prefill `call` in the shortened frame: its embeddings (see embeds), mask, positions and
         labels in call.kwargs, no input_ids, the image slots as call.images."""
         kwargs = call.kwargs
-        mask = kwargs.get("attention_mask")
+        mask = static = kwargs.get("attention_mask")
         if core.is_static_mask(mask):  # generate's for a static cache, full frame: rebuilt shortened
             mask = core.prompt_padding(mask, self.length)
         kwargs.update(inputs_embeds=self.embeds(token_embeds, image_features), attention_mask=self.attention_mask(mask),
                       position_ids=self.positions(kwargs.get("position_ids")))
+        if core.is_static_mask(static):  # the decode steps' mask, made here: a compiled step then allocates
+            self.static_mask(core.full_attention_mask(static).shape[-1])  # nothing it keeps (CUDA graphs)
         if "labels" in kwargs:
             kwargs["labels"] = self.labels(kwargs["labels"])
         call.input_ids, call.images = None, self.image
