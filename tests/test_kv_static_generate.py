@@ -190,6 +190,12 @@ def test_generate_compiles_static_decode_steps_as_on_a_gpu(family, path):
     # whole (the stages' decode-step Python too) and not recompiled step by step (NEW - 1 = 5 steps:
     # one recompile after the first), on torch 2.11 too (a ContextVar context broke there at every layer)
     assert graphs <= 2 and not dynamo_utils.counters["graph_break"]
+    # nor call by call: each call's new cache holds what the stages keep for it (a table keyed by caches
+    # had dynamo guard on its keys: a recompile per call, and a guard failing once a cache was freed)
+    for _ in range(2):
+        again = _generate(model, inputs, cache_implementation="static", compile_config=config)
+        assert torch.equal(again.sequences, dynamic.sequences)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
     assert type(_cache(static)).__name__ == "CompressedCache" and _cache(static).static
 
 

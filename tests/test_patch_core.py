@@ -289,3 +289,25 @@ def test_the_walk_from_patch_llava_through_generate_stays_short():
         vtattn.patch.unpatch(model)
     assert not any(f.startswith("ops" + os.sep) for f in seen), sorted(seen)
     assert len(seen) <= 10, sorted(seen)
+
+
+def test_filled_entries_live_on_their_cache_only():
+    """What a stage's prefill leaves in a cache (core.Filled) is that cache's: its reset() forgets it, a
+    crop is told, and a copy (copy, deepcopy, pickle) is a new cache that holds none of it."""
+    import copy
+    import pickle
+    cache = transformers.DynamicCache()
+    table, other = core.Filled(), core.Filled()
+    table[cache] = "prefill"
+    assert table.get(cache) == "prefill" and cache in table and cache not in other and not table.cropped(cache)
+    for clone in (copy.copy(cache), copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert clone not in table
+        table[clone] = "clone"
+        assert table.get(clone) == "clone" and table.get(cache) == "prefill"
+    cache.crop(0)
+    assert table.cropped(cache) and table.get(cache) == "prefill"
+    cache.reset()
+    assert table.get(cache) is None
+    table[cache] = "again"
+    table.pop(cache)
+    assert cache not in table

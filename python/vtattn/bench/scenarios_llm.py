@@ -19,7 +19,8 @@ Rows, per scenario and batch; every variant is one row:
 - llava7b's decode cases add `<variant>-static` (generate(cache_implementation="static"): a
   StaticCache, or the static CompressedCache vtattn's KV stage makes of it; not compiled) and
   `<variant>-compiled` (the same with transformers' CompileConfig, on CPU too; CUDA graphs on a
-  GPU), for the unpatched model and LOOK-M keeping 0.2; the first call (untimed) compiles.
+  GPU), for the unpatched model, LOOK-M keeping 0.2, and vision-side pruning to 0.25 with it
+  (`keep-0.25+lookm-0.2`); the first call (untimed) compiles.
 - `lookm-<b>`: LOOK-M keeping `b` of the prompt (`lookm`): b is the KV budget in the papers' sense,
   its recent window included.
 Random weights: the timings and memory are real; the tokens say nothing of accuracy.
@@ -206,6 +207,7 @@ def _variants(which: str, new_tokens: int, llm_layers: int, anyres: bool = False
 
 STATIC_ROWS = ("llava7b",)  # the scenarios whose decode cases add the static-cache and compiled rows
 STATIC_BUDGET = 0.2  # their LOOK-M's
+STATIC_KEEP = 0.25  # their vision-side pruning's
 
 
 StaticVariant = tuple[str, str, Callable[[], dict[str, Any]] | None, dict[str, Any]]
@@ -215,16 +217,19 @@ def _static_variants() -> list[StaticVariant]:
     """(row, role, patch kwargs or None, generate options) of the static-cache rows: generate with
     cache_implementation="static" (vtattn's KV stage turns it into a static CompressedCache) without
     compilation, then compiled (transformers' CompileConfig, on every device: CUDA graphs on a GPU).
-    LOOK-M through the KV stage alone: the vision stage refuses a static cache (docs/kv.md)."""
+    LOOK-M through the KV stage alone, and after vision-side pruning (the patched forward compiles
+    whole, its stages' decode steps too)."""
     from transformers import CompileConfig
     compiled = CompileConfig()
     compiled._compile_all_devices = True  # CPU too (transformers compiles on accelerators only)
     stage = lambda: dict(stages=[vtattn.patch.KVCompress(lookm(STATIC_BUDGET))])  # noqa
+    pruned = lambda: dict(keep=STATIC_KEEP, kv=lookm(STATIC_BUDGET))  # noqa
     out: list[StaticVariant] = []
     for mode, options in (("static", dict(cache_implementation="static", disable_compile=True)),
                           ("compiled", dict(cache_implementation="static", compile_config=compiled))):
         out += [(f"unpatched-sdpa-{mode}", "vtattn", None, options),
-                (f"lookm-{STATIC_BUDGET}-{mode}", "vtattn", stage, options)]
+                (f"lookm-{STATIC_BUDGET}-{mode}", "vtattn", stage, options),
+                (f"keep-{STATIC_KEEP}+lookm-{STATIC_BUDGET}-{mode}", "vtattn", pruned, options)]
     return out
 
 

@@ -439,31 +439,56 @@ def _edits(cache: Any) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
+class _Held:
+    """What the stages' prefills left in one cache (`Filled`), held by the cache itself (attribute
+    `_vtattn_held`); its owner's only: a copy of the cache (copy, deepcopy, pickle) holds none of it."""
+    __slots__ = ("owner", "entries")
+
+    def __init__(self, cache: Any = None) -> None:
+        self.owner = None if cache is None else weakref.ref(cache)
+        self.entries: dict[Filled, tuple[int, int, Any]] = {}  # table -> (resets, crops when set, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _Held, ()
+
+
 class Filled:
     """cache -> what a stage's prefill left in it (a vision.Shrink, drop's Records), forgotten once the
     cache is reset. A static cache's length is a device counter: reading it to tell a reset cache from
     the one filled would sync the host in every decode step, so its `reset()` / `crop()` calls are
-    counted on the host instead (cache objects are weakly referenced; generate makes a new one per call)."""
+    counted on the host instead. The entries live on the cache (`_Held`): a compiled decode step reads
+    them through its cache argument, so the new cache of each generate call compiles nothing new (a
+    table keyed by caches had dynamo guard on its keys: a recompile per call, then a failed guard)."""
 
-    def __init__(self) -> None:
-        self.entries: weakref.WeakKeyDictionary[Any, tuple[tuple[int, int], Any]] = weakref.WeakKeyDictionary()
+    def _entry(self, cache: Any) -> tuple[int, int, Any] | None:
+        held: _Held | None = getattr(cache, "_vtattn_held", None)
+        if held is None or held.owner is None or held.owner() is not cache:  # (a shallow copy's: the original's)
+            return None
+        return held.entries.get(self)
 
     def get(self, cache: Any) -> Any:
-        entry = self.entries.get(cache) if cache is not None else None
-        return entry[1] if entry is not None and entry[0][0] == _edits(cache)[0] else None
+        entry = None if cache is None else self._entry(cache)
+        return entry[2] if entry is not None and entry[0] == _edits(cache)[0] else None
 
     def __contains__(self, cache: Any) -> bool:
         return self.get(cache) is not None
 
     def __setitem__(self, cache: Any, value: Any) -> None:
-        self.entries[cache] = (_edits(cache), value)
+        held = getattr(cache, "_vtattn_held", None)
+        if held is None or held.owner is None or held.owner() is not cache:
+            held = _Held(cache)
+            cache._vtattn_held = held
+        held.entries[self] = (*_edits(cache), value)
 
     def pop(self, cache: Any) -> None:
-        self.entries.pop(cache, None)
+        if self._entry(cache) is not None:
+            del cache._vtattn_held.entries[self]
 
     def cropped(self, cache: Any) -> bool:
         """`cache.crop()` ran since its entry was set."""
-        return self.entries[cache][0][1] != _edits(cache)[1]
+        entry = self._entry(cache)
+        assert entry is not None  # (asked of a cache this table holds)
+        return entry[1] != _edits(cache)[1]
 
 
 if TYPE_CHECKING:
