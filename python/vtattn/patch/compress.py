@@ -89,7 +89,7 @@ class _KVCompress(core.Installed):
                                   else cache.get_seq_length() == 0)  # a static CompressedCache's would sync
         if empty:  # a prefill
             compressed = cache if isinstance(cache, CompressedCache) else CompressedCache(
-                self.policy, max_new_tokens=core.static_room(cache, call.new_tokens()))
+                self.policy, max_new_tokens=core.static_room(cache, call.given))
             try:
                 limit = None if cache is None else self.limits.pop(cache, None)
             except TypeError:  # (as in _note)

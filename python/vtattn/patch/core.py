@@ -138,7 +138,8 @@ def claim(keys: torch.Tensor) -> Any:
 
 def static_room(cache: Any, prompt: int) -> int | None:
     """The new tokens a static cache (fixed capacity: generate's cache_implementation="static", a static
-    CompressedCache) takes after a `prompt`-token prefill; None for a cache that grows. What a stage keeps
+    CompressedCache) takes after a `prompt`-token prefill (the caller's tokens, `Call.given`: a
+    StaticCache's capacity is in the caller's frame, not a shortened one's); None for a cache that grows. What a stage keeps
     for decode steps is sized by it at the prefill: a compiled step (a CUDA graph) then allocates nothing
     it keeps, whose memory a later replay would overwrite."""
     room = getattr(cache, "max_new_tokens", None)  # a static CompressedCache's (no layers, so not

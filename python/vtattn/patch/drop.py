@@ -247,7 +247,7 @@ class Exits:
             prompt = mask
             if (static or static_cache) and mask is not None and images is not None:  # maybe the cache's width
                 prompt = core.prompt_padding(mask, images.shape[1]) if static else mask[:, :images.shape[1]]
-            step = self._prefill(cache, images, prompt)
+            step = self._prefill(cache, images, prompt, call.given)
             step.choose[layer] = choose
             hooks = [self.decoder.layers[i].register_forward_pre_hook(functools.partial(self._prune, i),
                                                                       with_kwargs=True)
@@ -286,7 +286,7 @@ class Exits:
                 self.records[filled] = step.records
         return out
 
-    def _prefill(self, cache: Any, images: torch.Tensor | None, mask: torch.Tensor | None) -> Step:
+    def _prefill(self, cache: Any, images: torch.Tensor | None, mask: torch.Tensor | None, given: int) -> Step:
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError("tokens can only leave the sequence in the first forward of a cache")
         if images is None:
@@ -306,7 +306,7 @@ class Exits:
             raise NotImplementedError("dropping tokens inside the LLM needs left padding: each attention-mask row "
                                       "zeros then ones")
         step = Step(images=images, real=real, pads=pads.tolist())
-        step.room = core.static_room(cache, N)
+        step.room = core.static_room(cache, given)  # (the caller's frame: the cache's)
         return step
 
     def _prune(self, i: int, layer: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -452,11 +452,13 @@ class Shrink:
 
     def static_mask(self, width: int) -> torch.Tensor:
         """A static cache's decode-step mask, [B, width] (its capacity): the shortened prefill mask
-        then every later slot (causality hides those not written yet). The same tensor every step."""
-        if self.static is None or self.static.shape[1] != width:
+        then every later slot (causality hides those not written yet). A view of the same tensor every
+        step, made at the prefill as wide as generate's prefill mask (a CompressedCache the KV stage
+        made of the StaticCache has a narrower capacity: the pruned tokens take none)."""
+        if self.static is None or self.static.shape[1] < width:
             assert self.mask is not None  # the prefill's (attention_mask)
             self.static = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], width - self.width)], 1)
-        return self.static
+        return self.static[:, :width]
 
     def continue_positions(self, position_ids: torch.Tensor | None, past: int, new: int) -> torch.Tensor:
         """Decode-step positions: the caller's minus the tokens pruned from the row; None stands
