@@ -192,10 +192,14 @@ def test_generate_compiles_static_decode_steps_as_on_a_gpu(family, path):
     # whole (the stages' decode-step Python too) and not recompiled step by step (NEW - 1 = 5 steps:
     # one recompile after the first), on torch 2.11 too (a ContextVar context broke there at every layer)
     assert graphs <= 2 and not dynamo_utils.counters["graph_break"]
-    # nor call by call: each call's new cache holds what the stages keep for it (a table keyed by caches
-    # had dynamo guard on its keys: a recompile per call, and a guard failing once a cache was freed)
-    for _ in range(2):
-        again = _generate(model, inputs, cache_implementation="static", compile_config=config)
+    # nor call by call, generate's own cache reused or a new one given: each cache holds what the stages
+    # keep for it (tables keyed by caches had dynamo guard on their members: a recompile per new cache,
+    # and a guard failing once a cache was freed)
+    from transformers import StaticCache
+    width = inputs["input_ids"].shape[1] + NEW - 1  # (as generate sizes its own: the same shapes)
+    given = [StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=width) for _ in range(2)]
+    for options in [dict(cache_implementation="static")] + [{cache_name(model): cache} for cache in given]:
+        again = _generate(model, inputs, compile_config=config, **options)
         assert torch.equal(again.sequences, dynamic.sequences)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
     assert type(_cache(static)).__name__ == "CompressedCache" and _cache(static).static

@@ -36,8 +36,10 @@ class _KVCompress(core.Installed):
         decoder = core.language_model(patch.model)
         core.check_full_attention(decoder.config)
         self.options, self.policy = options, options.policy
-        self.replaced: weakref.WeakSet[Any] = weakref.WeakSet()  # caches a prefill replaced (generate goes on
-        patch.route(block.self_attn for block in decoder.layers)  # with the one it returns)
+        # caches a prefill replaced (generate goes on with the one it returns), marked on the cache: read in
+        # every step, where a set of caches would have a compiled step guard on its members
+        self.replaced = core.Filled()
+        patch.route(block.self_attn for block in decoder.layers)
         # generate's length (prompt and new tokens but the last), by the cache it made or was given: the tokens
         # it will append size the prefill's CompressedCache (a short decode then never relayouts)
         self.limits: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
@@ -78,7 +80,7 @@ class _KVCompress(core.Installed):
         from ..kv.cache import CompressedCache
         kwargs = call.kwargs
         name, cache = call.cache()
-        if cache is not None and cache in self.replaced and cache.get_seq_length() == 0:
+        if cache in self.replaced and cache.get_seq_length() == 0:
             mask = kwargs.get("attention_mask")
             if mask is None or mask.shape[-1] != call.new_tokens():  # not a new prompt: a continuation with no past
                 raise ValueError("this cache was replaced by a vtattn.kv.CompressedCache at the prefill and "
@@ -97,7 +99,7 @@ class _KVCompress(core.Installed):
             if limit is not None and not compressed.static:
                 compressed.upcoming = max(limit - call.given, 0)
             if cache is not None and compressed is not cache:
-                self.replaced.add(cache)
+                self.replaced[cache] = True
             kwargs[name or call.cache_name] = compressed
             compressed.modality = call.images
         return proceed(call)
