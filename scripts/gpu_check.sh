@@ -127,7 +127,7 @@ step info 20 "$SUMMARY.info" "$PY" -m vtattn info
 
 # ---- 2. correctness: CUDA kernels first, then Triton from the precompiled cache ----
 KERNELS=(scripts/gpu_kernels.py --json "$OUT/kernels.jsonl")
-COMPILED=compiled_decode_step_replays  # the pytest case of step pytest_compiled
+COMPILED=compiled_decode_step_replays  # the pytest cases of step pytest_compiled
 if [ "$MODE" != bench ]; then
   step cuda_kernels 40 "$OUT/tests.log" "$PY" "${KERNELS[@]}" --backend cuda
   # the CUDA / aten cases of every op, select_tokens around its shared-memory opt-in, the reference
@@ -155,9 +155,10 @@ if [ "$MODE" != bench ]; then
   "$PY" -c 'import xdist' 2>/dev/null && PYTEST+=(-n 4)
   "$PY" -c 'import pytest_timeout' 2>/dev/null && PYTEST+=(--timeout 90)
   step pytest_models 60 "$OUT/tests.log" env VTATTN_TRITON_AUTOTUNE=0 "$PY" "${PYTEST[@]}"
-  # a compiled decode step in CUDA graphs (torch.compile mode="reduce-overhead"): inductor compiles the
-  # model's own Triton kernels first (tens of seconds), so it runs alone, its share its own
-  step pytest_compiled 45 "$OUT/tests.log" env VTATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -m gpu -k "$COMPILED" \
+  # compiled decode steps in CUDA graphs (torch.compile mode="reduce-overhead", and generate's own compile of
+  # the patched model): inductor compiles the model's own Triton kernels first (tens of seconds each), so
+  # they run alone, their share their own
+  step pytest_compiled 90 "$OUT/tests.log" env VTATTN_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -m gpu -k "$COMPILED" \
     -rfEs -p no:cacheprovider --junitxml="$OUT/pytest_compiled.xml"
 
   # ---- 3. compute-sanitizer on one launch of each CUDA kernel ----

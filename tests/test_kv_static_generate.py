@@ -205,6 +205,27 @@ def test_generate_compiles_static_decode_steps_as_on_a_gpu(family, path):
     assert type(_cache(static)).__name__ == "CompressedCache" and _cache(static).static
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["keep+lookm", "fastv+lookm"])
+def test_generate_compiled_decode_step_replays_cuda_graphs(path):
+    """What a GPU user runs: generate(cache_implementation="static") compiles the patched LLaVA's decode
+    steps itself (inductor, CUDA graphs), vision pruning or FastV with LOOK-M: the eager dynamic cache's
+    tokens, the patched forward whole, inductor's CUDA graphs skipping nothing, and a second call (a new
+    CompressedCache; the stages' records and masks on it) replaying the first call's graphs."""
+    import torch._dynamo.utils as dynamo_utils
+    model, patch, inputs = MODELS["llava"]()
+    model, inputs = model.cuda(), {k: v.cuda() for k, v in inputs.items()}
+    patch(model, **DROPPING[path]())
+    dynamic = _generate(model, inputs)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    for _ in range(2):
+        assert torch.equal(_generate(model, inputs, cache_implementation="static").sequences, dynamic.sequences)
+    counters = dynamo_utils.counters
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"]
+    assert counters["inductor"]["cudagraph_skips"] == 0
+
+
 def _held_tensors(root):
     """{(id, data_ptr): (path, version, static address)} of the tensors reachable from `root` through
     attributes, slots and containers (weak ones too), not through modules (the model's weights)."""
