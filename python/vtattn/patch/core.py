@@ -139,9 +139,9 @@ def claim(keys: torch.Tensor) -> Any:
 def static_room(cache: Any, prompt: int) -> int | None:
     """The new tokens a static cache (fixed capacity: generate's cache_implementation="static", a static
     CompressedCache) takes after a `prompt`-token prefill (the caller's tokens, `Call.given`: a
-    StaticCache's capacity is in the caller's frame, not a shortened one's); None for a cache that grows. What a stage keeps
-    for decode steps is sized by it at the prefill: a compiled step (a CUDA graph) then allocates nothing
-    it keeps, whose memory a later replay would overwrite."""
+    StaticCache's capacity is in the caller's frame, not a shortened one's); None for a cache that
+    grows. What a stage keeps for decode steps is sized by it at the prefill: a compiled step (a CUDA
+    graph) then allocates nothing it keeps, whose memory a later replay would overwrite."""
     room = getattr(cache, "max_new_tokens", None)  # a static CompressedCache's (no layers, so not
     if room is not None:                           # is_compileable, before its prefill)
         return int(room)
@@ -453,6 +453,12 @@ class _Held:
         return _Held, ()
 
 
+def _held(cache: Any) -> _Held | None:
+    """The cache's own `_Held`, or None (a shallow copy of a cache shares the original's: not its own)."""
+    held: _Held | None = getattr(cache, "_vtattn_held", None)
+    return held if held is not None and held.owner is not None and held.owner() is cache else None
+
+
 class Filled:
     """cache -> what a stage's prefill left in it (a vision.Shrink, drop's Records), forgotten once the
     cache is reset. A static cache's length is a device counter: reading it to tell a reset cache from
@@ -462,10 +468,8 @@ class Filled:
     table keyed by caches had dynamo guard on its keys: a recompile per call, then a failed guard)."""
 
     def _entry(self, cache: Any) -> tuple[int, int, Any] | None:
-        held: _Held | None = getattr(cache, "_vtattn_held", None)
-        if held is None or held.owner is None or held.owner() is not cache:  # (a shallow copy's: the original's)
-            return None
-        return held.entries.get(self)
+        held = _held(cache)
+        return None if held is None else held.entries.get(self)
 
     def get(self, cache: Any) -> Any:
         entry = None if cache is None else self._entry(cache)
@@ -475,15 +479,15 @@ class Filled:
         return self.get(cache) is not None
 
     def __setitem__(self, cache: Any, value: Any) -> None:
-        held = getattr(cache, "_vtattn_held", None)
-        if held is None or held.owner is None or held.owner() is not cache:
-            held = _Held(cache)
-            cache._vtattn_held = held
+        held = _held(cache)
+        if held is None:
+            held = cache._vtattn_held = _Held(cache)
         held.entries[self] = (*_edits(cache), value)
 
     def pop(self, cache: Any) -> None:
-        if self._entry(cache) is not None:
-            del cache._vtattn_held.entries[self]
+        held = _held(cache)
+        if held is not None:
+            held.entries.pop(self, None)
 
     def cropped(self, cache: Any) -> bool:
         """`cache.crop()` ran since its entry was set."""
