@@ -72,12 +72,13 @@ class Record:
     length so far. Both live in buffers with room for later tokens: slot S + j of a decode token holds
     position length + j (slots and positions advance together), written ahead with `real` True, so a
     decode step writes at most the mask's new column (nothing without a mask). `room`: a static cache's
-    decode tokens (core.static_room), all reserved here; else the buffers grow as they fill."""
+    decode tokens (core.static_room), all reserved here, and one spare slot (a compiled step that filled
+    the buffers exactly would specialize on it: a recompile at the last step); else the buffers grow."""
 
     def __init__(self, index: torch.Tensor, real: torch.Tensor, length: int, room: int | None = None) -> None:
         self.slots, self.length = index.shape[1], length
         self._index, self._real = index, real
-        self._reserve(self.slots + (max(16, self.slots // 4) if room is None else room))
+        self._reserve(self.slots + (max(16, self.slots // 4) if room is None else room + 1))
         if room is not None and not torch.compiler.is_compiling():  # CUDA graphs replay on these very tensors
             for t in (self._index, self._real):  # (a step may write `real`: inductor's CUDA graphs take no
                 torch._dynamo.mark_static_address(t)  # mutated input at an address that may change)
