@@ -1,7 +1,8 @@
 """The patch layer's core: `vtattn.patch.auto` per family, lists of stages, routing (installed once,
 undone exactly, shared by nested patches), and routed modules of models on another attention
-implementation (a flash-attention-style 2-D padding mask reaches the module's own attention); a
-compiled model that no patch runs reads no forward context; patched models run with grad enabled."""
+implementation (a flash-attention-style 2-D padding mask reaches the module's own attention); the
+thread's forward context, left as found and read by a compiled model in one graph; what a prefill
+leaves in a cache (`Filled`); patched models run with grad enabled."""
 
 import pytest
 import torch
