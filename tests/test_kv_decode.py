@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from vtattn.kv.cache import CompressedCache  # noqa: E402  (needs transformers)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+INNER = [kv.H2O(budget_tokens=6, recent_tokens=2), kv.SnapKV(0.4, window=3)]  # the prefill policies DecodeH2O wraps
 
 
 class StepwiseH2O:
@@ -70,7 +71,7 @@ def _prefill(policy, q, k, v, valid, scale):
 @pytest.mark.parametrize("padded", [False, True])
 # recent 10: more than the prefill keeps; scale 0.4: not the default (the cache rescales q)
 @pytest.mark.parametrize("every,recent,scale", [(1, 2, None), (3, 2, 0.4), (3, 10, None)])
-@pytest.mark.parametrize("inner", [kv.H2O(budget_tokens=6, recent_tokens=2), kv.SnapKV(0.4, window=3)], ids=["h2o", "snapkv"])
+@pytest.mark.parametrize("inner", INNER, ids=["h2o", "snapkv"])
 def test_decode_h2o_matches_stepwise_h2o(inner, every, recent, scale, padded, device):
     g = torch.Generator().manual_seed(5)
     B, Hq, Hkv, L, D = 2, 4, 2, 21, 16
@@ -111,6 +112,43 @@ def test_decode_h2o_matches_stepwise_h2o(inner, every, recent, scale, padded, de
                         assert state.score[torch.isin(state.pos, lost)].max() <= survivors.min() + tol
                     state.keep(got)
                 assert torch.equal(got, state.pos), (step, b, h)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("every,recent,scale", [(1, 2, None), (3, 2, 0.4), (3, 10, None)])
+@pytest.mark.parametrize("inner", INNER, ids=["h2o", "snapkv"])
+def test_static_decode_h2o_decodes_as_the_dynamic_cache(inner, every, recent, scale, padded, device):
+    """A static cache evicts on device counts (`decode.StaticEviction`: per-step mass, a device step
+    counter, freed slots refilled from the tail): each step the dynamic cache's output and kept
+    positions (already checked against StepwiseH2O above), and each head's capacity is its floor plus
+    `every` (pages rounded), however many tokens max_new_tokens allows."""
+    g = torch.Generator().manual_seed(8)
+    B, Hq, Hkv, L, D = 2, 4, 2, 21, 16
+    q, k, v = (torch.randn(B, h, L, D, generator=g).to(device) for h in (Hq, Hkv, Hkv))
+    scale = scale or D ** -0.5
+    valid = torch.ones(B, L, dtype=torch.bool)
+    if padded:
+        valid[1, :5] = False
+    mask = (torch.ones(L, L, dtype=torch.bool).tril() & valid[:, None, :])[:, None].to(device) if padded else None
+    policy = kv.DecodeH2O(inner, every=every, recent=recent)
+    caches = [CompressedCache(policy, page_size=4, room=3), CompressedCache(policy, page_size=4, max_new_tokens=99)]
+    for cache in caches:
+        cache.update(k, v, 0)
+        cache.layers[0].attend(q, k, v, mask, scale)
+    tol = 1e-5 if device == "cpu" else 2e-3
+    for step in range(13):
+        qn, kn, vn = (torch.randn(B, h, 1, D, generator=g).to(device) for h in (Hq, Hkv, Hkv))
+        dynamic, static = (c.layers[0] for c in caches)
+        outs = [(layer.update(kn, vn), layer.attend(qn, None, None, None, scale))[1] for layer in (dynamic, static)]
+        torch.testing.assert_close(outs[1], outs[0], atol=tol, rtol=tol)
+        assert torch.equal(caches[1].kept_positions(0), caches[0].kept_positions(0)), step
+        assert torch.equal(static.pages.lengths, dynamic.pages.lengths)
+    assert int(static.pages.pos.ge(0).sum()) == int(static.pages.lengths.sum())  # freed slots hold -1
+    floor = torch.maximum(static.base, torch.tensor(recent))
+    assert static.nbytes == int(((floor + every + 3) // 4 * 4).sum()) * 2 * D * 4  # k and v, fp32
+    with pytest.raises(NotImplementedError, match="one token per step"):
+        static.update(kn.expand(-1, -1, 2, -1), vn.expand(-1, -1, 2, -1))
 
 
 def test_decode_h2o_holds_the_cache_at_its_prefill_size():

@@ -16,6 +16,7 @@ from vtattn.kv.cache import CompressedCache  # noqa: E402  (needs transformers)
 B, HQ, HKV, L, D = 2, 4, 2, 37, 16
 POLICIES = [None, kv.SnapKV(0.3, window=4), kv.AdaKV(kv.SnapKV(0.4, window=4)),
             kv.H2O(budget_tokens=7, recent_tokens=2)]
+H2O_EVERY_3 = kv.DecodeH2O(kv.SnapKV(0.3, window=4), every=3, recent=2)
 
 
 def _prompt(seed=0, device="cpu", dtype=torch.float32):
@@ -77,49 +78,53 @@ def test_static_decodes_as_the_dynamic_cache_within_its_bound(policy, padded):
         _step(static, *_token(99))
 
 
-@pytest.mark.parametrize("policy", POLICIES[:2] + [kv.DecodeH2O(kv.SnapKV(0.3, window=4), every=3, recent=2)])
+@pytest.mark.parametrize("policy", POLICIES[:2] + [H2O_EVERY_3])
 @pytest.mark.parametrize("static", [False, True])
 def test_decode_steps_issue_no_host_sync(policy, static):
     """Every decode step after the prefill: the dynamic cache's growth (room 1 grows at once) and
-    DecodeH2O's evictions included."""
-    if static and isinstance(policy, kv.DecodeH2O):
-        pytest.skip("a static cache refuses DecodeH2O (test_static_refuses_decode_h2o)")
+    DecodeH2O's evictions included (a static one's: one token per step)."""
     cache = _prefilled(policy, page_size=4, **(dict(max_new_tokens=12) if static else dict(room=1)))
     for step in range(10):
-        q, k, v = _token(step, 2 if step == 5 else 1)
+        q, k, v = _token(step, 2 if step == 5 and not (static and policy is H2O_EVERY_3) else 1)
         with count_syncs() as syncs:
             _step(cache, q, k, v)
         assert not syncs, f"step {step}:\n{syncs.report()}"
 
 
-def test_static_decode_step_compiles_to_one_graph():
+@pytest.mark.parametrize("policy", [POLICIES[1], H2O_EVERY_3], ids=["snapkv", "decode-h2o"])
+def test_static_decode_step_compiles_to_one_graph(policy):
     """torch.compile(fullgraph=True) of a decode step on CPU inductor: one graph for every step (no
-    host state in it), the same outputs as the eager dynamic cache."""
+    host state in it; DecodeH2O's evicting steps too), the same outputs as the eager dynamic cache."""
     import torch._dynamo.utils as dynamo_utils
     torch._dynamo.reset()
-    static = _prefilled(kv.SnapKV(0.3, window=4), page_size=8, max_new_tokens=8)
-    dynamic = _prefilled(kv.SnapKV(0.3, window=4), page_size=8)
+    static = _prefilled(policy, page_size=8, max_new_tokens=8)
+    dynamic = _prefilled(policy, page_size=8)
     compiled = torch.compile(lambda q, k, v: _step(static, q, k, v), fullgraph=True)
     dynamo_utils.counters.clear()
-    for step in range(6):
+    for step in range(7):  # (DecodeH2O: two evictions)
         q, k, v = _token(step)
         torch.testing.assert_close(compiled(q, k, v), _step(dynamic, q, k, v), atol=1e-5, rtol=1e-5)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
-    assert int(static.get_seq_length()) == L + 6
+    assert int(static.get_seq_length()) == L + 7
     assert torch.equal(static.kept_positions(0), dynamic.kept_positions(0))
 
 
-def test_static_step_writes_only_tensors_at_static_addresses():
+@pytest.mark.parametrize("policy", [POLICIES[1], H2O_EVERY_3], ids=["snapkv", "decode-h2o"])
+def test_static_step_writes_only_tensors_at_static_addresses(policy):
     """Every tensor a static layer's decode step writes in place (the step op's mutable arguments, by its
-    schema, and the layer's device count) is marked a static address, as inductor's CUDA graphs
-    (torch.compile(mode="reduce-overhead")) need: otherwise they skip the graph ("mutated inputs")."""
-    static = _prefilled(kv.SnapKV(0.3, window=4), page_size=8, max_new_tokens=8)
+    schema, the layer's device count, DecodeH2O's eviction state) is marked a static address, as
+    inductor's CUDA graphs (torch.compile(mode="reduce-overhead")) need: otherwise they skip the graph
+    ("mutated inputs")."""
+    static = _prefilled(policy, page_size=8, max_new_tokens=8)
     layer = static.layers[0]
     q, k, v = _token(0)
     args = (q, *layer.pages.write_args(k, v, layer.seen_t), layer.pages.table, D ** -0.5)
     schema = torch.ops.vtattn.paged_decode_step.default._schema
     written = [a for a, s in zip(args, schema.arguments) if s.alias_info is not None and s.alias_info.is_write]
     written = [t for t in written if t is not None] + [layer.seen_t]
+    if policy is H2O_EVERY_3:  # (the eviction writes the pools, counts and scores above, and its step counter)
+        assert layer.pages.score is not None and any(t is layer.pages.score for t in written)
+        written += list(layer._evict.tensors())
     assert len(written) >= 5  # k, v, pos, next, lengths (score: None without DecodeH2O), seen_t
     # (mark_static_address's mark: the attribute dynamo reads)
     assert all(getattr(t, "_dynamo_static_input_type", None) for t in written)
@@ -136,9 +141,7 @@ def test_compiled_static_step_with_grad_refuses_by_name():
         compiled(q.requires_grad_(), k, v)
 
 
-def test_static_refuses_decode_h2o_and_bad_arguments():
-    with pytest.raises(NotImplementedError, match="DecodeH2O"):
-        CompressedCache(kv.DecodeH2O(kv.SnapKV(0.3)), max_new_tokens=8)
+def test_static_refuses_bad_arguments():
     with pytest.raises(ValueError, match="max_new_tokens"):
         CompressedCache(None, max_new_tokens=-1)
     with pytest.raises(ValueError, match="room"):
@@ -207,6 +210,27 @@ def test_static_decode_step_replays_in_a_cuda_graph(dtype, page_size):
         graph.replay()
         torch.testing.assert_close(out, _step(dynamic, *new), atol=2e-3, rtol=2e-3)
     assert torch.equal(static.kept_positions(0), dynamic.kept_positions(0))
+
+
+@pytest.mark.gpu
+def test_static_decode_h2o_step_replays_in_a_cuda_graph():
+    """DecodeH2O's device-side eviction in a captured decode step: replays (evicting and not: every=3)
+    give the eager dynamic cache's outputs and kept positions."""
+    static = _prefilled(H2O_EVERY_3, "cuda", torch.bfloat16, max_new_tokens=8)
+    dynamic = _prefilled(H2O_EVERY_3, "cuda", torch.bfloat16)
+    q, k, v = (t.clone() for t in _token(0, device="cuda", dtype=torch.bfloat16))
+    _step(static, q, k, v), _step(dynamic, q, k, v)  # warm-up: kernels loaded, backends chosen
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # records the step without running it
+        out = _step(static, q, k, v)
+    for step in range(1, 8):
+        new = _token(step, device="cuda", dtype=torch.bfloat16)
+        for buf, x in zip((q, k, v), new):
+            buf.copy_(x)
+        graph.replay()
+        torch.testing.assert_close(out, _step(dynamic, *new), atol=2e-2, rtol=2e-2)
+        assert torch.equal(static.kept_positions(0), dynamic.kept_positions(0)), step
 
 
 def test_prefill_under_grad_compresses_detached_and_decode_refuses_grad():

@@ -4,7 +4,8 @@ LLaVA, LLaVA-NeXT and Qwen2-VL: the KVCompress stage turns generate's StaticCach
 tokens), which generates the dynamic cache's tokens, holds no more bytes than its bound, and whose
 decode step torch.compile (inductor, fullgraph) traces once. Stages that drop tokens (vision-side
 pruning, FastV, VisualExit, SparseVLM, AIM) give the dynamic cache's tokens on generate's StaticCache,
-alone and with KV compression, and take a static cache reset and reused as a new one."""
+alone and with KV compression (DecodeH2O's device-side eviction too), and take a static cache reset
+and reused as a new one."""
 import pytest
 import torch
 
@@ -116,6 +117,9 @@ DROPPING = {
     "visual-exit": lambda: dict(visual_exit=vtattn.patch.VisualExit(layer=1)),
     "keep+visual-exit": lambda: dict(keep=0.5, visual_exit=vtattn.patch.VisualExit(layer=1)),
     "visual-exit+lookm": lambda: dict(visual_exit=vtattn.patch.VisualExit(layer=1), kv=kv.LookM(0.2, 0.1)),
+    "keep+decode-h2o": lambda: dict(keep=0.25, kv=kv.DecodeH2O(kv.LookM(0.2, 0.1), every=2, recent=2)),
+    "fastv+decode-h2o": lambda: dict(fastv=vtattn.patch.FastV(layer=1, keep=0.25),
+                                     kv=kv.DecodeH2O(kv.SnapKV(0.3, window=4), every=2, recent=1)),
     "aim": lambda: dict(stages=[vtattn.patch.AIM(retention=(1.0, 0.5))]),
     "sparsevlm": lambda: dict(stages=[vtattn.patch.SparseVLM(layers=(0,), scale=3.0)]),
 }
@@ -136,9 +140,14 @@ def test_dropping_stages_give_the_dynamic_tokens_on_a_static_cache(family, path)
     static = _generate(model, inputs, cache_implementation="static")
     assert torch.equal(static.sequences, dynamic.sequences)
     cache = _cache(static)
-    assert type(cache).__name__ == ("CompressedCache" if "kv" in path or "lookm" in path else "StaticCache")
+    assert type(cache).__name__ == ("CompressedCache" if "kv" in path or "lookm" in path or "h2o" in path
+                                    else "StaticCache")
     if isinstance(cache, CompressedCache):  # room for generate's new tokens alone, not for those pruned
         assert cache.max_new_tokens == NEW - 1
+    if "h2o" in path:  # two evictions on the device (every 2 of 5 steps): the dynamic cache's choices
+        for layer, same in zip(cache.layers, _cache(dynamic).layers):
+            assert torch.equal(cache.kept_positions(layer.index), _cache(dynamic).kept_positions(same.index))
+            assert layer._evict is not None and int(layer.pages.lengths.max()) <= int(layer._evict.floor.max()) + 1
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
@@ -170,7 +179,7 @@ def test_a_reset_static_cache_is_a_new_cache(family, path):
 
 
 @pytest.mark.parametrize("family", MODELS)
-@pytest.mark.parametrize("path", ["keep+lookm", "fastv+lookm", "fastv"])
+@pytest.mark.parametrize("path", ["keep+lookm", "fastv+lookm", "fastv", "keep+decode-h2o"])
 def test_generate_compiles_static_decode_steps_as_on_a_gpu(family, path):
     """On a GPU, generate(cache_implementation="static") compiles the decode steps itself (transformers'
     auto-compile: its CompileConfig, inductor, mode "reduce-overhead"); forced here on the CPU (the
@@ -201,17 +210,24 @@ def test_generate_compiles_static_decode_steps_as_on_a_gpu(family, path):
     for options in [dict(cache_implementation="static")] + [{cache_name(model): cache} for cache in given]:
         again = _generate(model, inputs, compile_config=config, **options)
         assert torch.equal(again.sequences, dynamic.sequences)
+    # nor patch by patch: the same stages patched again (their tables keyed by their place in the patch;
+    # keyed by the tables themselves, dynamo guarded on their identity: a recompile per patch)
+    vtattn.patch.unpatch(model)
+    patch(model, **DROPPING[path]())
+    assert torch.equal(_generate(model, inputs, compile_config=config, cache_implementation="static").sequences,
+                       dynamic.sequences)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
     cache = _cache(static)  # (with KV compression: the static CompressedCache the prefill put in its place)
     assert type(cache).__name__ == ("StaticCache" if path == "fastv" else "CompressedCache") and cache.is_compileable
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["keep+lookm", "fastv+lookm"])
+@pytest.mark.parametrize("path", ["keep+lookm", "fastv+lookm", "keep+decode-h2o"])
 def test_generate_compiled_decode_step_replays_cuda_graphs(path):
     """What a GPU user runs: generate(cache_implementation="static") compiles the patched LLaVA's decode
-    steps itself (inductor, CUDA graphs), vision pruning or FastV with LOOK-M: the eager dynamic cache's
-    tokens, the patched forward whole, inductor's CUDA graphs skipping nothing, and a second call (a new
+    steps itself (inductor, CUDA graphs), vision pruning or FastV with LOOK-M (or DecodeH2O's device-side
+    eviction, last: the first cut if the device call runs short): the eager dynamic cache's tokens, the
+    patched forward whole, inductor's CUDA graphs skipping nothing, and a second call (a new
     CompressedCache; the stages' records and masks on it) replaying the first call's graphs."""
     import torch._dynamo.utils as dynamo_utils
     model, patch, inputs = MODELS["llava"]()

@@ -19,8 +19,9 @@ Rows, per scenario and batch; every variant is one row:
 - llava7b's decode cases add `<variant>-static` (generate(cache_implementation="static"): a
   StaticCache, or the static CompressedCache vtattn's KV stage makes of it; not compiled) and
   `<variant>-compiled` (the same with transformers' CompileConfig, on CPU too; CUDA graphs on a
-  GPU), for the unpatched model, LOOK-M keeping 0.2, and vision-side pruning to 0.25 with it
-  (`keep-0.25+lookm-0.2`); the first call (untimed) compiles.
+  GPU), for the unpatched model, LOOK-M keeping 0.2, vision-side pruning to 0.25 with it
+  (`keep-0.25+lookm-0.2`), and LOOK-M under DecodeH2O (`lookm-0.2+decode-h2o`, evicting on the
+  device every new_tokens / 4 tokens); the first call (untimed) compiles.
 - `lookm-<b>`: LOOK-M keeping `b` of the prompt (`lookm`): b is the KV budget in the papers' sense,
   its recent window included.
 Random weights: the timings and memory are real; the tokens say nothing of accuracy.
@@ -213,23 +214,26 @@ STATIC_KEEP = 0.25  # their vision-side pruning's
 StaticVariant = tuple[str, str, Callable[[], dict[str, Any]] | None, dict[str, Any]]
 
 
-def _static_variants() -> list[StaticVariant]:
+def _static_variants(new_tokens: int) -> list[StaticVariant]:
     """(row, role, patch kwargs or None, generate options) of the static-cache rows: generate with
     cache_implementation="static" (vtattn's KV stage turns it into a static CompressedCache) without
     compilation, then compiled (transformers' CompileConfig, on every device: CUDA graphs on a GPU).
-    LOOK-M through the KV stage alone, and after vision-side pruning (the patched forward compiles
-    whole, its stages' decode steps too)."""
+    LOOK-M through the KV stage alone, after vision-side pruning (the patched forward compiles
+    whole, its stages' decode steps too), and under DecodeH2O (its eviction on device counts)."""
     from transformers import CompileConfig
     compiled = CompileConfig()
     compiled._compile_all_devices = True  # CPU too (transformers compiles on accelerators only)
     stage = lambda: dict(stages=[vtattn.patch.KVCompress(lookm(STATIC_BUDGET))])  # noqa
     pruned = lambda: dict(keep=STATIC_KEEP, kv=lookm(STATIC_BUDGET))  # noqa
+    every = new_tokens // 4  # as the dynamic `lookm-0.2+decode-h2o` rows
+    evicting = lambda: dict(kv=vtattn.kv.DecodeH2O(lookm(STATIC_BUDGET), every=every, recent=every))  # noqa
     out: list[StaticVariant] = []
     for mode, options in (("static", dict(cache_implementation="static", disable_compile=True)),
                           ("compiled", dict(cache_implementation="static", compile_config=compiled))):
         out += [(f"unpatched-sdpa-{mode}", "vtattn", None, options),
                 (f"lookm-{STATIC_BUDGET}-{mode}", "vtattn", stage, options),
-                (f"keep-{STATIC_KEEP}+lookm-{STATIC_BUDGET}-{mode}", "vtattn", pruned, options)]
+                (f"keep-{STATIC_KEEP}+lookm-{STATIC_BUDGET}-{mode}", "vtattn", pruned, options),
+                (f"lookm-{STATIC_BUDGET}+decode-h2o-{mode}", "vtattn", evicting, options)]
     return out
 
 
@@ -315,7 +319,7 @@ def _scenario_cases(transformers: Any, scenario_name: str, scenario: dict[str, A
                 _decode(impl, model, B, new_tokens)
             out.append(with_memory(impl))
         if kind == "decode" and scenario_name in STATIC_ROWS:
-            for row, role, kw, options in _static_variants():
+            for row, role, kw, options in _static_variants(new_tokens):
                 if kw is None:
                     inner = lambda: attn_impl(model(), "sdpa")
                 else:

@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .._dispatch import Direct
 from ..patch import core as _handoff  # the forward context vtattn's attention claims layers from
-from .decode import evict, prompt_mass
+from .decode import StaticEviction, evict, prompt_mass
 from .merge import merge_kv
 from .pages import Pages, _device
 from .policies import DecodeH2O, Policy, per_prompt
@@ -85,9 +85,10 @@ class CompressedCache(Cache):
     rounded up to a page; lengths live on the device, a decode step reads and writes no host state,
     so it traces under torch.compile and replays in a CUDA graph (`generate(...,
     cache_implementation="static")` on a patched model makes one; `get_seq_length()` is then a
-    device tensor, as transformers' StaticCache's). Not with DecodeH2O (it evicts on host-side
-    counts). `modality` (bool [B, L], True = image token, or span ids) must be set before the prefill
-    for policies that need it (LookM, Modality, merging); the patches set it."""
+    device tensor, as transformers' StaticCache's); with DecodeH2O each head's capacity is its
+    floor plus `every` instead, and it evicts on device counts (`decode.StaticEviction`).
+    `modality` (bool [B, L], True = image token, or span ids) must be set before the prefill for
+    policies that need it (LookM, Modality, merging); the patches set it."""
 
     layers: list["CompressedLayer"]
 
@@ -106,9 +107,6 @@ class CompressedCache(Cache):
         if max_new_tokens is not None and room is not None:
             raise ValueError("room is the headroom of a growing cache; a static one (max_new_tokens=) has exactly "
                              "max_new_tokens")
-        if max_new_tokens is not None and any(isinstance(p, DecodeH2O) for p in policies):
-            raise NotImplementedError("DecodeH2O evicts on host-side counts every `every` tokens: it needs the "
-                                      "dynamic CompressedCache (max_new_tokens=None), not a static one")
         super().__init__(layers=[])
         self.policy, self.page_size, self.room, self.max_new_tokens = policy, page_size, room, max_new_tokens
         self.modality: torch.Tensor | None = None
@@ -159,7 +157,13 @@ class CompressedCache(Cache):
         layer = self.layers[layer_idx]
         if layer.pages is None:
             raise ValueError(f"layer {layer_idx} has not been compressed yet (no prefill ran through it)")
-        return layer.pages.positions()
+        pos = layer.pages.positions()
+        if layer._evict is None:
+            return pos
+        # a static DecodeH2O head refills its freed slots from its tail: its tokens are not in order
+        last = torch.iinfo(torch.int64).max
+        ordered = torch.where(pos < 0, last, pos).sort(-1).values
+        return ordered.masked_fill_(ordered == last, -1)
 
     def host_seq_length(self) -> int:
         """`get_seq_length()` as the host counts it, never a sync (a static cache's is a device
@@ -194,6 +198,7 @@ class CompressedLayer(CacheLayerMixin):
         # DecodeH2O: the decode queries since its last eviction, [B, Hq, n, D] each, and their n's sum
         self.queries: list[torch.Tensor] = []
         self.noted = 0
+        self._evict: StaticEviction | None = None  # DecodeH2O on a static cache: its device-side eviction
         # a decode step's token, stored by `attend` in the op that reads the layer: (k, v, start)
         self._step: tuple[torch.Tensor, torch.Tensor, int | torch.Tensor] | None = None
         self._index: Direct[torch.Tensor] = Direct("index_attention")
@@ -233,8 +238,12 @@ class CompressedLayer(CacheLayerMixin):
         else:
             start = self.seen + self.offset if self.seen_t is None else \
                 self.seen_t if self.offset == 0 else self.seen_t + self.offset
+            if self._evict is not None and key_states.shape[-2] != 1:
+                raise NotImplementedError("a static CompressedCache with DecodeH2O decodes one token per step, got "
+                                          f"{key_states.shape[-2]}; use the dynamic cache (max_new_tokens=None)")
             if key_states.shape[-2] == 1:  # a decode step: `attend` writes it, in the op that reads the layer
-                self.pages.reserve(1)
+                if self._evict is None:  # (a static DecodeH2O head never outgrows floor + every: no host count)
+                    self.pages.reserve(1)
                 # (a static cache's count advances below, in place: its start is taken now)
                 self._step = key_states, value_states, start.clone() if start is self.seen_t else start
             else:
@@ -280,7 +289,9 @@ class CompressedLayer(CacheLayerMixin):
                 q, p.k.view(1, 1, -1, D).expand(B, H, -1, -1), p.v.view(1, 1, -1, D).expand(B, H, -1, -1), p.slots(),
                 p.lengths, self._positions(n).expand(B, n).contiguous(), p.pos.view(1, -1).expand(B, -1).contiguous(),
                 True, scale, stamp=p.k.shape[0])
-        if isinstance(self.policy, DecodeH2O):
+        if self._evict is not None:
+            self._evict.step(p, q.detach(), scale)
+        elif isinstance(self.policy, DecodeH2O):
             self._decoded(q, scale, self.policy)
         return out
 
@@ -339,29 +350,36 @@ class CompressedLayer(CacheLayerMixin):
             scores = prompt_mass(self.policy, ranked, q, k, lse).gather(2, indices.clamp(min=0))
         # (a DecodeH2O layer never outgrows its prompt's count plus `every`: its room)
         upcoming = None if self.cache.room is not None or isinstance(self.policy, DecodeH2O) else self.cache.upcoming
+        self.base = torch.from_numpy(host.copy()) if scores is not None else None
         self.pages = Pages(k_rows, v_rows, positions, host, self.cache.page_size, self._room(), scores,
                            fixed=self.cache.static, upcoming=upcoming or 0,
                            layouts=None if shared is None else shared.layouts)
-        if scores is not None:
-            self.base = torch.from_numpy(self.pages.host_lengths.copy())
+        if scores is not None and self.cache.static:
+            assert self._floor is not None and isinstance(self.policy, DecodeH2O)
+            self._evict = StaticEviction(self.pages, self._floor, self.policy.every, self.policy.recent)
         if self.cache.max_new_tokens is not None:  # static
             self.limit = self.seen + self.cache.max_new_tokens
             if not torch.compiler.is_compiling():  # CUDA graphs replay on these very tensors (cf. StaticLayer)
                 # (a decode step writes k, v, pos, next, lengths and seen_t in place: inductor's CUDA graphs
                 # take no mutated input at an address that may change)
                 p = self.pages
-                for t in (p.k, p.v, p.pos, p.next, p.table, p.lengths, p.start, p.last, self.seen_t):
+                held = (p.k, p.v, p.pos, p.next, p.table, p.lengths, p.start, p.last, self.seen_t)
+                for t in held + ((p.score, *self._evict.tensors()) if self._evict is not None else ()):
                     torch._dynamo.mark_static_address(t)
                 # a compiled decode step then calls the kernel chosen now for a step of these shapes
                 assert self.seen_t is not None  # (static)
                 step = p.write_args(k[:, :, -1:], v[:, :, -1:], self.seen_t)
                 _DECODE.prepare(q[:, :, -1:], *step, p.table, D ** -0.5, stamp=(p.cls, q.shape[1]))
 
-    def _room(self) -> int:
-        """Slots each head gets past its tokens: a static cache's max_new_tokens; a growing one's
-        `room` (default 1, and what the last page leaves; `upcoming` may add more in Pages), at least
-        a DecodeH2O's `every` (its heads then never outgrow their pages: eviction compacts them in place)."""
+    def _room(self) -> int | npt.NDArray[np.int64]:
+        """Slots each head gets past its tokens: a static cache's max_new_tokens (with DecodeH2O, what
+        takes each head from its kept tokens to its floor plus `every`: it never holds more); a growing
+        one's `room` (default 1, and what the last page leaves; `upcoming` may add more in Pages), at
+        least a DecodeH2O's `every` (its heads then never outgrow their pages: eviction compacts them
+        in place)."""
         if self.cache.max_new_tokens is not None:  # static
+            if self._floor is not None and self._base is not None and isinstance(self.policy, DecodeH2O):
+                return self._floor - self._base + self.policy.every
             return self.cache.max_new_tokens
         room = self.cache.room or 1
         return max(room, self.policy.every) if isinstance(self.policy, DecodeH2O) else room
@@ -401,7 +419,7 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.pages = self.base = None
         self.queries, self.noted = [], 0
-        self._step = None
+        self._step = self._evict = None
         self.seen = self.offset = 0
         if self.seen_t is not None:
             self.seen_t.zero_()
@@ -424,6 +442,8 @@ class CompressedLayer(CacheLayerMixin):
         self.queries = [x[rows] for x in self.queries]
         if self._base is not None:
             self.base = torch.from_numpy(self._base[rows.cpu().numpy()])
+        if self._evict is not None:  # (in place: CUDA graphs replay on it)
+            self._evict.floor.copy_(self._evict.floor[rows])
 
 
 def _padding(mask: torch.Tensor | None, L: int) -> Padding | None:

@@ -82,13 +82,13 @@ class Pages:
     _appended: int
 
     def __init__(self, k_rows: torch.Tensor, v_rows: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor | Host,
-                 page_size: int, room: int, scores: torch.Tensor | None = None, fixed: bool = False,
+                 page_size: int, room: int | Host, scores: torch.Tensor | None = None, fixed: bool = False,
                  upcoming: int = 0, layouts: dict[Any, _Layout] | None = None) -> None:
         """k_rows, v_rows [B, H, K, D]: each head's kept rows, valid up to counts [B, H] (int64, on
         the host or the device); positions int64 [B, H, K]: their original positions; scores: None
-        or fp32 [B, H, K]; room: slots each head gets past its kept rows; fixed: never grow;
-        upcoming: tokens the caller expects to append (a growing layout's heads get room for them,
-        up to their first growth); layouts: where the layers of one prompt share their layouts (the
+        or fp32 [B, H, K]; room: slots each head gets past its kept rows (an int, or numpy [B, H]);
+        fixed: never grow; upcoming: tokens the caller expects to append (a growing layout's heads get
+        room for them, up to their first growth); layouts: where the layers of one prompt share their layouts (the
         same counts give the same runs and table: ~10 small ops a layer)."""
         self.page_size, self.fixed = page_size, fixed
         self._bound: tuple[Host, Host, int] | None = None  # shrink's (floor, capacity, the room floor leaves)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import sys
 import threading
 import weakref
@@ -365,6 +366,10 @@ def install(model: torch.nn.Module, stages: Sequence[Stage], *, family: str, ima
         patch.uninstall()
         raise
     patch.stages.sort(key=lambda s: s.phase)
+    for i, part in enumerate(patch.stages):  # (see Filled: keys a new patch of these stages shares)
+        for attr, value in getattr(part, "__dict__", {}).items():
+            if isinstance(value, Filled):
+                value.key = f"{i}:{type(part).__qualname__}.{attr}"
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         return patch(*args, **kwargs)
@@ -447,7 +452,7 @@ class _Held:
 
     def __init__(self, cache: Any = None) -> None:
         self.owner = None if cache is None else weakref.ref(cache)
-        self.entries: dict[Filled, tuple[int, int, Any]] = {}  # table -> (resets, crops when set, value)
+        self.entries: dict[str, tuple[int, int, Any]] = {}  # table's key -> (resets, crops when set, value)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _Held, ()
@@ -459,17 +464,30 @@ def _held(cache: Any) -> _Held | None:
     return held if held is not None and held.owner is not None and held.owner() is cache else None
 
 
+_UNNAMED = itertools.count()
+
+
 class Filled:
     """cache -> what a stage's prefill left in it (a vision.Shrink, drop's Records), forgotten once the
     cache is reset. A static cache's length is a device counter: reading it to tell a reset cache from
     the one filled would sync the host in every decode step, so its `reset()` / `crop()` calls are
     counted on the host instead. The entries live on the cache (`_Held`): a compiled decode step reads
     them through its cache argument, so the new cache of each generate call compiles nothing new (a
-    table keyed by caches had dynamo guard on its keys: a recompile per call, then a failed guard)."""
+    table keyed by caches had dynamo guard on its keys: a recompile per call, then a failed guard).
+    Keyed there by `key`, which `install` makes the table's place in the patch (stage index, class,
+    attribute): a new patch of the same stages compiles nothing new either (keyed by the tables
+    themselves, dynamo guarded on their identity: a recompile per patch, eager after 8)."""
+
+    def __init__(self) -> None:
+        self.key = f"@{next(_UNNAMED)}"  # until `install` names it (never an id: a dead table's may come back)
+
+    def renew(self) -> None:
+        """Forget every cache's entry: a new key (the entries already set are never read again)."""
+        self.key += "'"
 
     def _entry(self, cache: Any) -> tuple[int, int, Any] | None:
         held = _held(cache)
-        return None if held is None else held.entries.get(self)
+        return None if held is None else held.entries.get(self.key)
 
     def get(self, cache: Any) -> Any:
         entry = None if cache is None else self._entry(cache)
@@ -482,12 +500,12 @@ class Filled:
         held = _held(cache)
         if held is None:
             held = cache._vtattn_held = _Held(cache)
-        held.entries[self] = (*_edits(cache), value)
+        held.entries[self.key] = (*_edits(cache), value)
 
     def pop(self, cache: Any) -> None:
         held = _held(cache)
         if held is not None:
-            held.entries.pop(self, None)
+            held.entries.pop(self.key, None)
 
     def cropped(self, cache: Any) -> bool:
         """`cache.crop()` ran since its entry was set."""

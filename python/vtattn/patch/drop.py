@@ -177,6 +177,8 @@ class Exits:
         self.group: dict[torch.nn.Module, int] = {}  # attention module -> the exit its layer's cache follows
         # cache -> {exit: Record} / True for a text-only prompt's (nothing to drop, ever); forgotten on reset()
         self.records, self.text_only = core.Filled(), core.Filled()
+        for attr in ("records", "text_only"):  # (one Exits a language model: keys a new patch's Exits shares)
+            getattr(self, attr).key = f"exits:{type(decoder).__qualname__}.{attr}"
         self.kept: dict[int, torch.Tensor] = {}  # exit layer -> [B, N] bool: the last prefill's kept input tokens
         decoder._vtattn_drop = self  # type: ignore[assignment]  # stubs: a Tensor or Module
 
@@ -198,7 +200,7 @@ class Exits:
     def discard(self, layer: int) -> None:
         self.owners.pop(layer, None)
         self.kept.pop(layer, None)
-        self.records = core.Filled()  # recorded for the old exits
+        self.records.renew()  # recorded for the old exits
         self._regroup()
         if not self.owners:
             self.decoder.__dict__.pop("_vtattn_drop", None)
