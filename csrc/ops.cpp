@@ -77,6 +77,16 @@ TORCH_LIBRARY(vtattn_C, m) {
   m.def("paged_evict(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos, Tensor(d!) score, Tensor queries, "
         "Tensor head_start, Tensor lengths, Tensor keep, int start, int recent, float scale, "
         "Tensor(e!)? counts=None, Tensor(f!)? next_slot=None) -> ()");
+  // DecodeH2O's decode step on a static cache (kv.decode.StaticEviction), on device counts: head (b, h) owns
+  // capacity[b, h] <= width slots from head_start[b, h] of the pools (as paged_evict's) and holds its first
+  // lengths[b, h] (int32) <= floor[b, h] + every, this step's token included. Each token's score grows by the GQA-mean attention
+  // mass of q [B, G * H, 1, D]; since (int64, one element) grows by one, and on reaching `every` returns to 0
+  // while each head drops its max(lengths - floor, 0) lowest-scored tokens (ties: the lower position) outside
+  // its `recent` newest positions, refilling the freed slots below the new length from its tail (k, v, pos,
+  // score) and setting pos = -1 past it; lengths and next_slot = head_start + lengths follow.
+  m.def("paged_evict_step(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos, Tensor(d!) score, Tensor q, "
+        "Tensor head_start, Tensor capacity, Tensor floor, Tensor(e!) lengths, Tensor(f!) next_slot, "
+        "Tensor(g!) since, int every, int recent, int width, float scale) -> ()");
   // The instruction set of the C++ CPU kernels' tile operations in this process: "avx512", "avx2" or
   // "baseline" (the best the CPU runs, capped by VTATTN_CPU_ISA at the first call). Not a tensor op.
   m.def("cpu_tile_level() -> str");

@@ -193,7 +193,7 @@ def test_decode_host_pairs_each_step_with_the_twin_in_turn(monkeypatch):
     from vtattn.bench import decode_host as dh
     order, load = [], {s: 10.0 * (s % 3) for s in range(dh.STEPS)}  # ms of load, step by step
 
-    def fake_decode(model, x, on_step):
+    def fake_decode(model, x, on_step, static):
         def step(s):
             order.append((model, s))
             on_step(s, (load[s] + (1.0 if model == "row" else 0.0) + 0.2 * (len(order) % 2 == 0)) * 1e-3)
@@ -201,7 +201,7 @@ def test_decode_host_pairs_each_step_with_the_twin_in_turn(monkeypatch):
 
     monkeypatch.setattr(dh, "_decode", fake_decode)
     impl = Impl("row", None)
-    dh._steps(impl, lambda: "row", lambda: "twin", calls=2, layers=4)
+    dh._steps(impl, lambda: "row", lambda: "twin", calls=2, layers=4, static=False)
     impl.timer([lambda: impl.call({})], torch.device("cpu"), False)  # two calls of STEPS steps each
     firsts = [order[i][0] for i in range(0, 2 * dh.STEPS, 2)]
     assert firsts == ["twin", "row"] * (dh.STEPS // 2)  # in turn

@@ -109,6 +109,30 @@ def test_static_decode_step_compiles_to_one_graph(policy):
     assert torch.equal(static.kept_positions(0), dynamic.kept_positions(0))
 
 
+def test_compiled_static_decode_h2o_step_calls_the_kernels_prepared_at_the_prefill():
+    """On the CPU a compiled step of a static DecodeH2O layer is two vtattn._C ops (the write and read,
+    then the scoring and eviction: `Direct.prepare`), not the eviction's ~70 PyTorch ops; and as many
+    host-side ops as a step without eviction."""
+    from vtattn import _ext
+    if _ext.load() is not None:
+        pytest.skip("vtattn._C is not built")
+    graphs = []
+
+    def record(gm, inputs):
+        graphs.append([n.target for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    torch._dynamo.reset()
+    static = _prefilled(H2O_EVERY_3, page_size=8, max_new_tokens=8)
+    compiled = torch.compile(lambda q, k, v: _step(static, q, k, v), fullgraph=True, backend=record)
+    for step in range(4):  # (an eviction at the third)
+        compiled(*_token(step))
+    assert len(graphs) == 1
+    ops = {str(t) for t in graphs[0]}
+    assert {"vtattn_C.paged_decode_step", "vtattn_C.paged_evict_step"} <= ops, ops
+    assert not any(name in op for op in ops for name in ("argsort", "topk", "softmax", "index_copy"))
+
+
 @pytest.mark.parametrize("policy", [POLICIES[1], H2O_EVERY_3], ids=["snapkv", "decode-h2o"])
 def test_static_step_writes_only_tensors_at_static_addresses(policy):
     """Every tensor a static layer's decode step writes in place (the step op's mutable arguments, by its

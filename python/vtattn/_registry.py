@@ -558,6 +558,40 @@ PAGED_EVICT = _define(
 _mutating_autograd("paged_evict")
 
 
+# ---- paged_evict_step --------------------------------------------------------------------------
+# DecodeH2O's decode step on a static cache (kv.decode.StaticEviction) in one op call: the C++ kernel on
+# the CPU; on a GPU the reference's PyTorch ops ("aten"; StaticEviction runs them inline there, where
+# torch.compile fuses them and a CUDA graph replays them: no kernel of vtattn's own yet).
+
+def _sample_paged_evict_step(device: torch.device | str, dtype: torch.dtype) -> tuple[Any, ...]:
+    pages = torch.zeros(4, 4, 64, device=device, dtype=dtype)
+    pos = torch.arange(16, device=device).view(4, 4)
+    counts = [torch.tensor(c, device=device) for c in ([[0, 4], [8, 12]], [[4, 4], [4, 4]], [[2, 2], [2, 2]])]
+    return (pages, pages.clone(), pos, torch.zeros(4, 4, device=device), torch.zeros(2, 4, 1, 64, device=device,
+            dtype=dtype), *counts, torch.full((2, 2), 3, dtype=torch.int32, device=device), counts[0] + 3,
+            torch.zeros((), dtype=torch.int64, device=device), 2, 1, 4, 0.125)
+
+
+PAGED_EVICT_STEP = _define(
+    "paged_evict_step",
+    "paged_evict_step(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos, Tensor(d!) score, Tensor q, "
+    "Tensor head_start, Tensor capacity, Tensor floor, Tensor(e!) lengths, Tensor(f!) next_slot, "
+    "Tensor(g!) since, int every, int recent, int width, float scale) -> ()",
+    {
+        "aten": Backend(lambda *a: None if a[0].device.type != "cpu" else "the C++ kernel runs CPU tensors",
+                        reference.paged_evict_step),
+        "cpp": _compiled("paged_evict_step", "cpu"),
+        "torch": _reference(reference.paged_evict_step),
+    },
+    _paged_evict_fake,
+    _sample_paged_evict_step,
+    grad=False,  # a cache update (kv.cache.CompressedLayer.attend detaches its query)
+)
+
+
+_mutating_autograd("paged_evict_step")
+
+
 # ---- group_attention -----------------------------------------------------------------------
 
 def _group_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: torch.Tensor, num_groups: int,

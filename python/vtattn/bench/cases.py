@@ -32,7 +32,8 @@ SHAPES = {
     "llava7b-decode": dict(B=32, Hq=32, Hkv=8, N=16384, D=128, causal=False, decode=True),
 }
 # the ops of decode shapes, and only of those
-DECODE_OPS = ("decode_attention", "paged_decode_attention", "paged_append", "paged_decode_step", "paged_evict")
+DECODE_OPS = ("decode_attention", "paged_decode_attention", "paged_append", "paged_decode_step", "paged_evict",
+              "paged_evict_step")
 CUSTOM = "custom:"
 # Shape scaling per run level: CPU runs (and the CI smoke test) cannot afford the real shapes.
 LEVELS: dict[str, dict[str, Any]] = {
@@ -515,11 +516,48 @@ def _paged_evict_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
     return [c]
 
 
+def _paged_evict_step_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
+    """A static DecodeH2O layer's step (`kv.decode.StaticEviction`) between its evictions: every head
+    holds its floor, half the capacity, with `every` = 32 slots past it, and scores the step's query
+    against them (the step due every 32nd call drops nothing at the floor: each call does the same
+    work). Baseline: the reference's batched PyTorch ops (what a GPU runs)."""
+    B, Hq, H, D, cap, _ = _decode_dims(s)
+    page, every = DECODE_PAGE_SIZE, 32
+    floor = cap // 2
+    per_head = -(-(floor + every) // page) * page
+
+    def make(device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
+        g = torch.Generator(device=device).manual_seed(seed)
+        pages = B * H * per_head // page
+        start = torch.arange(B * H, device=device).view(B, H) * per_head
+        full = torch.full((B, H), floor, device=device)
+        return {"k_pages": torch.randn(pages, page, D, device=device, dtype=dtype, generator=g),
+                "v_pages": torch.randn(pages, page, D, device=device, dtype=dtype, generator=g),
+                "pos": torch.arange(per_head, device=device).repeat(B * H).view(pages, page),
+                "score": torch.rand(pages, page, device=device, generator=g),
+                "q": torch.randn(B, Hq, 1, D, device=device, dtype=dtype, generator=g), "head_start": start,
+                "capacity": torch.full_like(full, per_head), "floor": full, "lengths": full.int(),
+                "next_slot": start + floor, "since": torch.zeros((), dtype=torch.int64, device=device)}
+
+    def args(x: Inputs) -> tuple[Any, ...]:
+        return (x["k_pages"], x["v_pages"], x["pos"], x["score"], x["q"], x["head_start"], x["capacity"], x["floor"],
+                x["lengths"], x["next_slot"], x["since"], every, every, per_head, D ** -0.5)
+
+    c = Case("paged_evict_step", f"{name}:step-{every}", {"B": B, "Hq": Hq, "Hkv": H, "D": D, "tokens": floor,
+                                                         "every": every}, make,
+             flops=2.0 * B * Hq * floor * D,
+             bytes_fn=lambda elt: B * H * floor * (D * elt + 8))  # keys and scores read, scores written
+    c.impls = _vtattn_impls(backends, lambda x: torch.ops.vtattn.paged_evict_step(*args(x)))
+    c.impls.append(Impl("torch-ops", lambda x: vtattn.reference.paged_evict_step(*args(x)), role="baseline",
+                        note="the reference's batched ops"))
+    return [c]
+
+
 BUILDERS: dict[str, Builder] = {"attention": _attention_cases, "key_importance": _key_importance_cases,
             "group_attention": _group_attention_cases,
             "decode_attention": _decode_attention_cases, "paged_decode_attention": _paged_decode_attention_cases,
             "paged_append": _paged_append_cases, "paged_decode_step": _paged_decode_step_cases,
-            "paged_evict": _paged_evict_cases}
+            "paged_evict": _paged_evict_cases, "paged_evict_step": _paged_evict_step_cases}
 
 
 # Every backend a pytest-benchmark row may force; one that refuses the inputs is a skip there.

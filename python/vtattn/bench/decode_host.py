@@ -13,7 +13,10 @@ unpatched twin of the model run next to it, each of the pair first in turn: the 
 caches the first warmed), so each difference is taken under one load (a shared machine's load
 swings more between runs than the overhead measured); speedup is unpatched / row as everywhere.
 Rows: unpatched-sdpa (baseline), the vision-side keep, FastV, LOOK-M budgets, their combinations
-and DecodeH2O (its eviction steps included: every STEPS // 4 tokens)."""
+and DecodeH2O (its eviction steps included: every STEPS // 4 tokens); then `-static` rows on a
+StaticCache (as generate(cache_implementation="static") makes it; vtattn's KV stage turns it into a
+static CompressedCache), each against an unpatched twin on a StaticCache too (unpatched-sdpa-static:
+that twin's own row, no difference)."""
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -33,24 +36,35 @@ STEPS = 16  # decode forwards per call, the first WARM of them untimed
 WARM = 2
 CALLS = {"full": 3, "cpu": 6}
 
-Variant = tuple[str, str, Callable[[], dict[str, Any]] | None]  # (row, role, patch kwargs or None)
+Variant = tuple[str, str, Callable[[], dict[str, Any]] | None, bool]  # (row, role, patch kwargs or None, static)
 
 
 def _variants() -> list[Variant]:
     def fastv() -> vtattn.patch.FastV:
         return vtattn.patch.FastV(layer=FASTV["layer"], keep=FASTV["keep"])
 
-    return [
-        ("unpatched-sdpa", "baseline", None),
-        ("keep-0.25", "vtattn", lambda: dict(keep=0.25)),
-        (f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(fastv=fastv())),
-        ("lookm-0.1", "vtattn", lambda: dict(kv=lookm(0.1))),
-        ("lookm-0.2", "vtattn", lambda: dict(kv=lookm(0.2))),
-        ("keep-0.25+lookm-0.2", "vtattn", lambda: dict(keep=0.25, kv=lookm(0.2))),
-        (f"fastv-{FASTV['keep']}+lookm-0.2", "vtattn", lambda: dict(fastv=fastv(), kv=lookm(0.2))),
-        ("lookm-0.2+decode-h2o", "vtattn", lambda: dict(kv=vtattn.kv.DecodeH2O(
-            lookm(0.2), every=STEPS // 4, recent=STEPS // 4))),
+    def h2o() -> vtattn.kv.DecodeH2O:
+        return vtattn.kv.DecodeH2O(lookm(0.2), every=STEPS // 4, recent=STEPS // 4)
+
+    dynamic: list[Variant] = [
+        ("unpatched-sdpa", "baseline", None, False),
+        ("keep-0.25", "vtattn", lambda: dict(keep=0.25), False),
+        (f"fastv-{FASTV['keep']}", "vtattn", lambda: dict(fastv=fastv()), False),
+        ("lookm-0.1", "vtattn", lambda: dict(kv=lookm(0.1)), False),
+        ("lookm-0.2", "vtattn", lambda: dict(kv=lookm(0.2)), False),
+        ("keep-0.25+lookm-0.2", "vtattn", lambda: dict(keep=0.25, kv=lookm(0.2)), False),
+        (f"fastv-{FASTV['keep']}+lookm-0.2", "vtattn", lambda: dict(fastv=fastv(), kv=lookm(0.2)), False),
+        ("lookm-0.2+decode-h2o", "vtattn", lambda: dict(kv=h2o()), False),
     ]
+    static: list[Variant] = [
+        ("unpatched-sdpa-static", "vtattn", None, True),
+        ("keep-0.25-static", "vtattn", lambda: dict(keep=0.25), True),
+        (f"fastv-{FASTV['keep']}-static", "vtattn", lambda: dict(fastv=fastv()), True),
+        ("lookm-0.2-static", "vtattn", lambda: dict(kv=lookm(0.2)), True),
+        ("keep-0.25+lookm-0.2-static", "vtattn", lambda: dict(keep=0.25, kv=lookm(0.2)), True),
+        ("lookm-0.2+decode-h2o-static", "vtattn", lambda: dict(kv=h2o()), True),
+    ]
+    return dynamic + static
 
 
 def decode_host_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
@@ -86,7 +100,7 @@ def decode_host_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
     twin: Callable[[], Any] = lambda: _twin(key, lambda d, t: build_model(  # noqa: E731
         transformers.LlavaForConditionalGeneration, config, d, t), *at["dt"])
     inner: Callable[..., AbstractContextManager[Any]]  # called with no arguments
-    for row, role, kw in _variants():
+    for row, role, kw, static in _variants():
         if kw is None:
             inner = lambda: attn_impl(model(), "sdpa")  # noqa: E731
         else:
@@ -94,7 +108,7 @@ def decode_host_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
         ctx = lambda inner=inner: single_thread(model(), inner)  # noqa: E731
         impl = Impl(row, None, role=role, ctx=ctx,  # type: ignore[arg-type]  # _steps sets call
                     stats=dict(host_us_layer=None))
-        _steps(impl, model, twin if kw is not None else None, calls, layers)
+        _steps(impl, model, twin if kw is not None else None, calls, layers, static)
         case.impls.append(impl)
     return [case]
 
@@ -117,25 +131,36 @@ def _twin(key: object, build: Callable[[torch.device, torch.dtype], Any], device
     return _twins[key]
 
 
-def _decode(model: Any, x: Inputs, on_step: Callable[[int, float], None]) -> Callable[[int], None]:
-    """Prefill (untimed), then STEPS one-token forwards; on_step(s, seconds of host time)."""
-    out = model(**x, use_cache=True, logits_to_keep=1)
-    state = [out.past_key_values, out.logits[:, -1:].argmax(-1)]
+def _decode(model: Any, x: Inputs, on_step: Callable[[int, float], None], static: bool) -> Callable[[int], None]:
+    """Prefill (untimed; static: into a StaticCache of the prompt plus STEPS), then STEPS one-token
+    forwards; on_step(s, seconds of host time). Each forward's arguments are generate's
+    (`prepare_inputs_for_generation`, untimed: a static cache's decode steps take its 4-D mask)."""
+    cache = None
+    if static:
+        from transformers import StaticCache
+        cache = StaticCache(config=model.config.get_text_config(decoder=True),
+                            max_cache_len=x["input_ids"].shape[1] + STEPS)
     mask, L = x["attention_mask"], x["input_ids"].shape[1]
+    prompt = {k: v for k, v in x.items() if k not in ("input_ids", "attention_mask")}
+    out = model(**model.prepare_inputs_for_generation(
+        x["input_ids"], cache=cache, attention_mask=mask, cache_position=torch.arange(L, device=mask.device),
+        use_cache=True, is_first_iteration=True, **prompt), logits_to_keep=1)
+    state = [out.past_key_values, out.logits[:, -1:].argmax(-1)]
     ones = mask.new_ones(mask.shape[0], STEPS)
 
     def step(s: int) -> None:
-        step_mask = torch.cat([mask, ones[:, :s + 1]], 1)
-        position = torch.tensor([L + s], device=mask.device)
+        inputs = model.prepare_inputs_for_generation(
+            state[1], next_sequence_length=1, cache=state[0], attention_mask=torch.cat([mask, ones[:, :s + 1]], 1),
+            cache_position=torch.tensor([L + s], device=mask.device), use_cache=True)
         t0 = time.thread_time()
-        out = model(input_ids=state[1], attention_mask=step_mask, past_key_values=state[0], cache_position=position,
-                    use_cache=True)
+        out = model(**inputs)
         on_step(s, time.thread_time() - t0)
         state[:] = out.past_key_values, out.logits[:, -1:].argmax(-1)
     return step
 
 
-def _steps(impl: Impl, model: Callable[[], Any], twin: Callable[[], Any] | None, calls: int, layers: int) -> None:
+def _steps(impl: Impl, model: Callable[[], Any], twin: Callable[[], Any] | None, calls: int, layers: int,
+           static: bool) -> None:
     """A sample: one decode forward's host ms. Patched rows step the unpatched twin alternately
     (host_us_layer: their medians' difference per layer)."""
     laps: list[float] = []
@@ -148,8 +173,8 @@ def _steps(impl: Impl, model: Callable[[], Any], twin: Callable[[], Any] | None,
         return on_step
 
     def call(x: Inputs) -> None:
-        mine = _decode(model(), x, lap(laps))
-        other = None if twin is None else _decode(twin(), x, lap(twin_laps))
+        mine = _decode(model(), x, lap(laps), static)
+        other = None if twin is None else _decode(twin(), x, lap(twin_laps), static)
         for s in range(STEPS):  # in turn first: the second of a pair runs on caches the first warmed
             for step in ((other, mine) if s % 2 == 0 else (mine, other)):
                 if step is not None:

@@ -290,7 +290,7 @@ class CompressedLayer(CacheLayerMixin):
                 p.lengths, self._positions(n).expand(B, n).contiguous(), p.pos.view(1, -1).expand(B, -1).contiguous(),
                 True, scale, stamp=p.k.shape[0])
         if self._evict is not None:
-            self._evict.step(p, q.detach(), scale)
+            self._evict.step(q.detach(), scale)
         elif isinstance(self.policy, DecodeH2O):
             self._decoded(q, scale, self.policy)
         return out
@@ -370,6 +370,8 @@ class CompressedLayer(CacheLayerMixin):
                 assert self.seen_t is not None  # (static)
                 step = p.write_args(k[:, :, -1:], v[:, :, -1:], self.seen_t)
                 _DECODE.prepare(q[:, :, -1:], *step, p.table, D ** -0.5, stamp=(p.cls, q.shape[1]))
+                if self._evict is not None:
+                    self._evict.prepare(q[:, :, -1:], D ** -0.5)
 
     def _room(self) -> int | npt.NDArray[np.int64]:
         """Slots each head gets past its tokens: a static cache's max_new_tokens (with DecodeH2O, what

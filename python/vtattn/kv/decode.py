@@ -8,10 +8,13 @@ one pass over the kept keys (exact: no eviction happened since those queries ran
 saw are the cache's keys at positions <= theirs), adds them, and evicts `every` tokens per head.
 every=1 is H2O's per-step rule. The pass costs what `every` decode steps' attention costs, in
 fp32, plus moving each head's kept tokens to the front of its own pages (no new pages)."""
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 import torch
 
+from .. import reference
 from .._dispatch import Direct
 from .policies import H2O, AdaKV, DecodeH2O, LookM, Modality, Policy
 from .pages import Pages
@@ -20,6 +23,8 @@ from .pages import Pages
 _KEY_IMPORTANCE: Direct[torch.Tensor] = Direct("key_importance")
 # the eviction: one op on the layer's own pages and counts; `Pages.cls` stamps its backend choice
 _EVICT: Direct[None] = Direct("paged_evict", by_stamp=True)
+# DecodeH2O's step on a static cache, as `_EVICT`
+_EVICT_STEP: Direct[None] = Direct("paged_evict_step", by_stamp=True)
 
 
 def prompt_mass(policy: DecodeH2O, ranked: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
@@ -64,70 +69,36 @@ class StaticEviction:
     The freed slots are refilled from the head's tail, not compacted in order: an eviction moves at
     most `every` rows of k and v per head (a compaction would move the head), and a head's tokens
     are no longer in position order (the kernels read each key's position). Capacity: floor + every
-    per head, whatever max_new_tokens."""
+    per head, whatever max_new_tokens. One `paged_evict_step` per layer and step: its C++ kernel on
+    the CPU; on a GPU its reference's PyTorch ops inline (torch.compile fuses them, a CUDA graph
+    replays them; as the op's "aten" backend, they would be one opaque node)."""
 
     def __init__(self, pages: Pages, floor: npt.NDArray[np.int64], every: int, recent: int) -> None:
-        assert pages.fixed and pages.score is not None and pages.last is not None  # a static DecodeH2O layer
-        device = pages.k.device
-        self.every, self.recent = every, recent
+        p = pages
+        assert p.fixed and p.score is not None and p.last is not None  # a static DecodeH2O layer
+        device = p.k.device
         self.floor = torch.from_numpy(floor).to(device)  # int64 [B, H]
         self.since = torch.zeros((), dtype=torch.int64, device=device)  # decode steps since the last eviction
-        self.capacity = pages.last - pages.start + 1  # int64 [B, H]
+        self.capacity = p.last - p.start + 1  # int64 [B, H]
+        self.inline = device.type != "cpu"
+        self.stamp = p.cls
+        # the op's arguments but the query and scale: a static layout's tensors keep their addresses
+        self._pools = (p.k, p.v, p.pos, p.score)
+        self._counts: tuple[Any, ...] = (p.start, self.capacity, self.floor, p.lengths, p.next, self.since, every,
+                                         recent, p.width)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.floor, self.since, self.capacity
 
-    def step(self, p: Pages, q: torch.Tensor, scale: float) -> None:
+    def prepare(self, q: torch.Tensor, scale: float) -> None:
+        """At the prefill: a compiled decode step then calls the kernel chosen now (`Direct.prepare`)."""
+        if not self.inline:
+            _EVICT_STEP.prepare(*self._pools, q, *self._counts, scale, stamp=self.stamp)
+
+    def step(self, q: torch.Tensor, scale: float) -> None:
         """After a one-token decode step wrote its token: q [B, Hq, 1, D] its query."""
-        assert p.score is not None
-        B, H = p.lengths.shape
-        D, W, E = q.shape[-1], p.width, self.every
-        t = torch.arange(W, device=q.device)
-        n = p.lengths.long()[..., None]  # [B, H, 1], this step's token included
-        cols = torch.minimum(t, self.capacity[..., None] - 1)  # columns past a head's capacity repeat its last
-        slot = p.start[..., None] + cols  # [B, H, W]
-        valid = t < n
-        keys = p.k.view(-1, D)[slot].float()  # [B, H, W, D]
-        logits = (q.reshape(B, H, -1, 1, D).float() @ keys[:, :, None].transpose(-1, -2)).squeeze(-2) * scale
-        mass = logits.masked_fill(~valid[:, :, None], float("-inf")).softmax(-1).mean(2)  # [B, H, W], GQA mean
-        pos = p.pos.view(-1)[slot]
-        score = p.score.view(-1)[slot] + mass.masked_fill(~valid, 0)
-        self.since += 1
-        due = self.since >= E
-        self.since.masked_fill_(due, 0)
-        drop = torch.where(due, (n - self.floor[..., None]).clamp(min=0), 0)  # [B, H, 1], at most every
-        keep = n - drop
-        cand = valid
-        if self.recent:  # outside the head's `recent` newest positions
-            cutoff = torch.where(valid, pos, -1).topk(self.recent, -1).values[..., -1:]
-            cand = valid & (pos < cutoff)
-        # lowest score first, ties: the older (positions are unique in a head), candidates before the rest
-        by_pos = torch.where(cand, pos, torch.iinfo(torch.int64).max).argsort(-1)
-        ranked = torch.where(cand, score, float("nan")).gather(-1, by_pos).argsort(dim=-1, stable=True)
-        gone = torch.zeros_like(valid).scatter(-1, by_pos.gather(-1, ranked), t < drop)
-        # the j-th hole below `keep` takes the j-th survivor at or past it (as many of each); pairs that
-        # do not exist copy the head's newest slot onto itself (never a hole when a token goes)
-        holes, newest = _ranked(gone & (t < keep), E), (n - 1).expand(B, H, E)
-        dst = torch.where(holes < 0, newest, holes)
-        src = torch.where(holes < 0, newest, _ranked(~gone & valid & (t >= keep), E))
-        at = (p.start[..., None] + dst).view(-1)
-        take = (p.start[..., None] + src).view(-1)
-        for pool in (p.k, p.v):
-            rows = pool.view(-1, D)
-            rows.index_copy_(0, at, rows.index_select(0, take))
-        moved = t.expand(B, H, W).scatter(-1, dst, src)  # the column each column's token comes from
-        pos = torch.where(valid & (t >= keep), -1, pos.gather(-1, moved))
-        score = score.gather(-1, moved)
-        flat = slot.view(-1)  # (a column past a capacity writes its head's last column's value)
-        p.pos.view(-1).index_copy_(0, flat, pos.gather(-1, cols).view(-1))
-        p.score.view(-1).index_copy_(0, flat, score.gather(-1, cols).view(-1))
-        p.lengths.copy_(keep.squeeze(-1))
-        p.next.copy_(p.start + keep.squeeze(-1))
-
-
-def _ranked(mask: torch.Tensor, E: int) -> torch.Tensor:
-    """int64 [B, H, E]: the columns where mask [B, H, W] is True, in order, -1 past their count (<= E)."""
-    rank = torch.where(mask, (mask.cumsum(-1) - 1).clamp(max=E), E)  # (the clamp: never an index past E)
-    cols = torch.arange(mask.shape[-1], device=mask.device).expand_as(rank)
-    out = torch.full((*mask.shape[:-1], E + 1), -1, dtype=torch.int64, device=mask.device)
-    return out.scatter(-1, rank, cols)[..., :E]
+        args = (*self._pools, q, *self._counts, scale)
+        if self.inline:
+            reference.paged_evict_step(*args)
+        else:
+            _EVICT_STEP(*args, stamp=self.stamp)

@@ -11,9 +11,10 @@ from .paged_append import paged_append
 from .paged_decode_attention import paged_decode_attention
 from .paged_decode_step import paged_decode_step
 from .paged_evict import paged_evict
+from .paged_evict_step import paged_evict_step
 from .select_tokens import select_tokens
 from .varlen_attention import varlen_attention
 
 __all__ = ["attention", "block_sparse_attention", "decode_attention", "gather_tokens", "key_importance", "merge_tokens",
-           "paged_append", "paged_decode_attention", "paged_decode_step", "paged_evict", "select_tokens", "varlen_attention",
-           "index_attention", "group_attention", "group_attention_chunked"]
+           "paged_append", "paged_decode_attention", "paged_decode_step", "paged_evict", "paged_evict_step", "select_tokens",
+           "varlen_attention", "index_attention", "group_attention", "group_attention_chunked"]
