@@ -34,7 +34,7 @@ from triton.runtime.jit import JITFunction, mangle_type
 
 KERNELS = {"_attention_fwd_kernel", "_block_sparse_fwd_kernel", "_column_sums_kernel", "_few_rows_logits_kernel",
            "_few_rows_normalize_kernel", "_gather_tokens", "_group_fwd_kernel", "_index_fwd_kernel", "_merge_assign",
-           "_merge_kernel", "_merge_reduce", "_paged_append", "_row_lse_kernel", "_select_tokens", "_split_kernel",
+           "_merge_kernel", "_merge_reduce", "_paged_append", "_paged_evict", "_paged_evict_step", "_row_lse_kernel", "_select_tokens", "_split_kernel",
            "_varlen_fwd_kernel"}
 # Kernels whose every config must compile without register spills, per target (their spaces are
 # pruned to that: a spill there is a config to drop, not noise).
@@ -117,7 +117,8 @@ def compile_launch(launch: Launch, meta: dict, arch: int):
 def _launch_all(h, D):
     from vtattn.triton_kernels import (attention, block_sparse_attention, decode_attention, gather_tokens,
                                        group_attention, index_attention, key_importance, merge_tokens,
-                                       paged_append, paged_decode_attention, select_tokens, varlen_attention)
+                                       paged_append, paged_decode_attention, paged_evict, paged_evict_step,
+                                       select_tokens, varlen_attention)
     q, k = torch.randn(2, 4, 100, D, dtype=h), torch.randn(2, 2, 120, D, dtype=h)
     attention.attention(q, k, k, True, 0.1)
     attention.attention(q, k, k, True, 0.1, 30.0, 50, torch.zeros(4))  # softcap, window, sinks
@@ -146,6 +147,15 @@ def _launch_all(h, D):
     for n, start, last in ((1, torch.tensor(7), heads + 255), (3, torch.tensor(7), None)):  # the static / dynamic cache
         paged_append.paged_append(pool, pool, torch.zeros(64, 16, dtype=torch.long), heads, lengths, kd[:, :, :n],
                                   kd[:, :, :n], start, last, torch.zeros(64, 16))
+    evicting = [torch.full((2, 2), c) for c in (100, 90)]  # lengths, keep (the host's counts)
+    for counts in (None, lengths):
+        paged_evict.paged_evict(pool, pool, torch.zeros(64, 16, dtype=torch.long), torch.zeros(64, 16),
+                                torch.randn(2, 8, 4, D, dtype=h), heads, *evicting, 500, 4, 0.1, counts,
+                                None if counts is None else heads + 90)
+    counts = [torch.full((2, 2), c) for c in (256, 100)]  # capacity, floor
+    paged_evict_step.paged_evict_step(pool, pool, torch.zeros(64, 16, dtype=torch.long), torch.zeros(64, 16),
+                                      qd, heads, *counts, lengths, heads + 100, torch.zeros((), dtype=torch.long),
+                                      32, 32, 256, 0.1)
     x, kept = torch.randn(2, 100, 256, dtype=h), torch.arange(10).expand(2, 10).contiguous()
     mask = torch.zeros(2, 100, dtype=torch.bool)
     mask[:, :10] = True

@@ -123,6 +123,46 @@ def cases(dtype):
         v=_randn(B, Hkv, 1, D, dtype=dtype, seed=75), start=torch.tensor(1000), last=first + per * ps - 1,
         score=torch.rand(pages, ps, generator=_g(76)),
         block_table=((first // ps)[..., None] + torch.arange(per)).to(i32), scale=D ** -0.5)
+    # paged_evict_step: a static DecodeH2O layer's step (GQA; an evicting step with a recent window, pages
+    # of one token; a step between evictions, pages of 5, D 72; a head holding nothing)
+    for due, D, ps, every, recent in ((True, 128, 1, 4, 2), (False, 72, 5, 3, 0)):
+        B, H, G = 3, 2, 4
+        floor = torch.randint(recent, 40, (B, H), generator=_g(80))
+        cap = (floor + every + ps - 1) // ps * ps
+        first = (cap.flatten().cumsum(0) - cap.flatten()).view(B, H)
+        n = torch.minimum(floor + every, cap)
+        n[0, 0] = 0
+        pages = int(cap.sum()) // ps
+        pos = torch.full((pages * ps,), -1, dtype=i64)
+        for r in range(B * H):
+            s0, m = int(first.flatten()[r]), int(n.flatten()[r])
+            pos[s0:s0 + m] = torch.randperm(4 * m + 1, generator=_g(81 + r))[:m]
+        yield "paged_evict_step", f"B{B} Hq{H * G} Hkv{H} D{D} pages {pages}x{ps} every {every} recent {recent}" \
+            f"{' evicting' if due else ''}", dict(
+            k_pages=_randn(pages, ps, D, dtype=dtype, seed=82), v_pages=_randn(pages, ps, D, dtype=dtype, seed=83),
+            pos=pos.view(pages, ps), score=torch.rand(pages, ps, generator=_g(84)),
+            q=_randn(B, H * G, 1, D, dtype=dtype, seed=85), head_start=first, capacity=cap, floor=floor,
+            lengths=n.to(i32), next_slot=first + n, since=torch.tensor(every - 1 if due else 0), every=every,
+            recent=recent, width=int(cap.max()), scale=D ** -0.5)
+    # paged_evict: a dynamic DecodeH2O layer's eviction pass (GQA, 5 queries seeing more and more tokens, a
+    # window of 3, an empty head and one dropping nothing; pages of 16 and of one token), the counts set
+    for ps, D, every in ((16, 128, 5), (1, 72, 3)):
+        B, H, G = 2, 3, 4
+        run = torch.randint(1, 5, (B, H), generator=_g(90)) * 16
+        first = (run.flatten().cumsum(0) - run.flatten()).view(B, H)
+        lengths = torch.minimum(torch.randint(0, 65, (B, H), generator=_g(91)), run)
+        lengths[0, 0] = 0
+        keep = torch.maximum(lengths - every, torch.minimum(lengths, torch.tensor(3)))
+        keep[0, 1] = lengths[0, 1]
+        slots = int(run.sum())
+        pos = torch.randperm(500 + every, generator=_g(92))[:slots].view(slots // ps, ps)
+        yield "paged_evict", f"B{B} Hq{H * G} Hkv{H} n{every} D{D} pages {slots // ps}x{ps} recent 3", dict(
+            k_pages=_randn(slots // ps, ps, D, dtype=dtype, seed=93), v_pages=_randn(slots // ps, ps, D, dtype=dtype,
+                                                                                   seed=94),
+            pos=pos, score=torch.rand(slots // ps, ps, generator=_g(95)),
+            queries=_randn(B, H * G, every, D, dtype=dtype, seed=96), head_start=first, lengths=lengths, keep=keep,
+            start=500, recent=3, scale=D ** -0.5, counts=torch.zeros(B, H, dtype=i32),
+            next_slot=torch.zeros(B, H, dtype=i64))
     # select_tokens: one segment of 6,000 tokens (dynamic + static shared memory > 48 KiB), a segment
     # at the first failing length of the old opt-in rule, many small ones; ties; fp16 scores.
     for B, segments in ((3, [6000]), (2, [5723, 100, 1]), (2, [37] * 20)):
@@ -177,10 +217,14 @@ def _close(out, ref, dtype):
     return None
 
 
-_DISCRETE = ("select_tokens", "gather_tokens", "merge_tokens", "paged_append")  # ranks, copies, argmax: same dtype
+# ranks, copies, argmax, selections: the reference at the kernel's dtype
+_DISCRETE = ("select_tokens", "gather_tokens", "merge_tokens", "paged_append", "paged_evict", "paged_evict_step")
 # ops that write their arguments in place: a case's output is those arguments (run on copies)
 _WRITES = {op: ("k_pages", "v_pages", "pos", "next_slot", "lengths", "score")
            for op in ("paged_append", "paged_decode_step")}
+_WRITES["paged_evict_step"] = ("k_pages", "v_pages", "pos", "score", "lengths", "next_slot", "since")
+_WRITES["paged_evict"] = ("k_pages", "v_pages", "pos", "score", "counts", "next_slot")
+_HOST = {"paged_evict": ("head_start", "lengths", "keep")}  # the host's counts: CPU tensors by contract
 
 
 def _writing(op, fn, kwargs):
@@ -206,6 +250,8 @@ def _reference(op, kwargs):
 def _refusal(op, backend, kwargs):
     """The backend's own reason not to run these inputs (vtattn's dispatch asks it first), or None."""
     from vtattn import _registry
+    if backend not in _registry.OPS[op]:
+        return f"{op} has no {backend} backend"
     registered = getattr(torch.ops.vtattn, op).default
     return _registry.OPS[op][backend].supports(*_positional(registered, kwargs))
 
@@ -238,7 +284,8 @@ def run(backends, dtypes, emit) -> int:
                     if not on_gpu:
                         rec.update(status="skip", detail="no CUDA device (dry run: case and reference built)")
                     else:
-                        dev = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+                        dev = {k: v.cuda() if isinstance(v, torch.Tensor) and k not in _HOST.get(op, ()) else v
+                               for k, v in kwargs.items()}
                         refused = _refusal(op, backend, dev)
                         if refused:
                             rec.update(status="skip", detail=f"the backend refuses: {refused}")

@@ -16,6 +16,7 @@ CASES = [  # (B, H, G, D, page_size, every, recent)
     (3, 2, 4, 128, 16, 4, 3),
     (1, 4, 1, 128, 3, 2, 0),
     (2, 2, 2, 64, 5, 3, 9),  # a window as long as most heads' floors
+    (1, 2, 3, 40, 4, 2, 1),  # a group of 3, a head dim of 40
 ]
 LAYOUTS = ["contiguous", "strided"]
 
@@ -44,7 +45,9 @@ def make_inputs(B, H, G, D, ps, every, recent, dtype, device="cpu", layout="cont
     if layout == "strided":
         k_pages = torch.randn(P, ps + 2, D + 8, generator=g).to(dtype)[:, 1:ps + 1, 3:D + 3]
         v_pages = torch.randn(P, ps, 2, D, generator=g).to(dtype)[:, :, 1]
-        pos = torch.cat([pos, pos], 1)[:, ::2]
+        wide = torch.full((P, 2 * ps), -7, dtype=torch.int64)
+        wide[:, ::2] = pos
+        pos = wide[:, ::2]
         q = torch.randn(B, 1, G * H, D, generator=g).to(dtype).transpose(1, 2)
     else:
         k_pages, v_pages = (torch.randn(P, ps, D, generator=g).to(dtype) for _ in range(2))

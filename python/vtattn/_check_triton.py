@@ -19,7 +19,7 @@ from .check_launches import Arch, DEFAULT_SMEM, MAX_GRID, MAX_THREADS, REGS_PER_
 
 OPS = ("attention", "key_importance", "select_tokens", "gather_tokens", "merge_tokens", "varlen_attention",
        "index_attention", "decode_attention", "paged_decode_attention", "block_sparse_attention", "group_attention",
-       "paged_append")
+       "paged_append", "paged_evict", "paged_evict_step")
 # Options later schemas add to the attention family: off.
 _OFF = {"softcap": 0.0, "window": -1, "sinks": None}
 
@@ -111,6 +111,20 @@ def _shapes(op: str) -> Iterator[dict[str, Any]]:
             yield dict(k_pages=pool, v_pages=pool, pos=_fake(pages, 16, dtype=i64), next_slot=heads,
                        lengths=_fake(B, H, dtype=i32), k=_fake(B, H, n, D), v=_fake(B, H, n, D),
                        start=_fake(dtype=i64), last=heads, score=_fake(pages, 16, dtype=torch.float32))
+    elif op == "paged_evict":
+        for B, H, G, n, D, pages in ((1, 8, 4, 32, 128, 64), (65535, 32768, 1, 1, 64, 1), (65536, 32768, 8, 2, 256, 1)):
+            pool, host = _fake(pages, 16, D), torch.empty(B, H, dtype=i64, device="cpu")  # (fake: _widest is patched)
+            yield dict(k_pages=pool, v_pages=pool, pos=_fake(pages, 16, dtype=i64),
+                       score=_fake(pages, 16, dtype=torch.float32), queries=_fake(B, H * G, n, D), head_start=host,
+                       lengths=host, keep=host, start=0, recent=4, scale=0.1, counts=_fake(B, H, dtype=i32),
+                       next_slot=_fake(B, H, dtype=i64))
+    elif op == "paged_evict_step":
+        for B, H, G, D, pages in ((1, 8, 4, 128, 64), (65535, 32768, 1, 64, 1), (65536, 32768, 8, 256, 1)):
+            pool, heads = _fake(pages, 16, D), _fake(B, H, dtype=i64)
+            yield dict(k_pages=pool, v_pages=pool, pos=_fake(pages, 16, dtype=i64),
+                       score=_fake(pages, 16, dtype=torch.float32), q=_fake(B, H * G, 1, D), head_start=heads,
+                       capacity=heads, floor=heads, lengths=_fake(B, H, dtype=i32), next_slot=heads,
+                       since=_fake(dtype=i64), every=32, recent=32, width=1024, scale=0.1)
     elif op in ("decode_attention", "paged_decode_attention"):
         for B, Hq, Hkv, cap, D in ((32, 32, 8, 16384, 128), (65536, 8, 8, 64, 64), (1, 64, 1, 2**24, 128),
                                    (2**20, 16, 2, 16, 64)):
@@ -156,6 +170,8 @@ def _captured(sms: int) -> Iterator[list[tuple[Any, ...]]]:
             patch(mod, "device_ints", lambda values, device: torch.tensor(values, dtype=torch.int32).to(device))
         if hasattr(mod, "_sm_count"):
             patch(mod, "_sm_count", lambda index: sms)
+        if hasattr(mod, "_widest"):  # a read of the host's counts (fake here): the scratch's width
+            patch(mod, "_widest", lambda counts: 4096)
     try:
         yield launches
     finally:

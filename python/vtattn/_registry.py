@@ -520,9 +520,8 @@ _mutating_autograd("paged_decode_step")
 
 
 # ---- paged_evict -------------------------------------------------------------------------------
-# Decode-time H2O eviction (kv.decode.evict) in one op call: the C++ kernel on the CPU; on a GPU the
-# reference's batched PyTorch ops ("aten": no kernel of vtattn's own; an eviction runs once every
-# `every` tokens, and reads its count tensors on the host, so it never waits for the device).
+# Decode-time H2O eviction (kv.decode.evict) in one op call: the C++ kernel on the CPU, the Triton kernel
+# on a GPU (its counts are the host's: copied to the device, never waited for).
 
 def _paged_evict_fake(*args: Any) -> None:
     return None  # it writes its arguments in place
@@ -543,8 +542,7 @@ PAGED_EVICT = _define(
     "Tensor head_start, Tensor lengths, Tensor keep, int start, int recent, float scale, "
     "Tensor(e!)? counts=None, Tensor(f!)? next_slot=None) -> ()",
     {
-        "aten": Backend(lambda *a: None if a[0].device.type != "cpu" else "the C++ kernel runs CPU tensors",
-                        reference.paged_evict),
+        "triton": _triton_backend("paged_evict"),
         "cpp": _compiled("paged_evict", "cpu"),
         "torch": _reference(reference.paged_evict),
     },
@@ -560,8 +558,7 @@ _mutating_autograd("paged_evict")
 
 # ---- paged_evict_step --------------------------------------------------------------------------
 # DecodeH2O's decode step on a static cache (kv.decode.StaticEviction) in one op call: the C++ kernel on
-# the CPU; on a GPU the reference's PyTorch ops ("aten"; StaticEviction runs them inline there, where
-# torch.compile fuses them and a CUDA graph replays them: no kernel of vtattn's own yet).
+# the CPU, the Triton kernel on a GPU (no CUDA kernel of its own).
 
 def _sample_paged_evict_step(device: torch.device | str, dtype: torch.dtype) -> tuple[Any, ...]:
     pages = torch.zeros(4, 4, 64, device=device, dtype=dtype)
@@ -578,8 +575,7 @@ PAGED_EVICT_STEP = _define(
     "Tensor head_start, Tensor capacity, Tensor floor, Tensor(e!) lengths, Tensor(f!) next_slot, "
     "Tensor(g!) since, int every, int recent, int width, float scale) -> ()",
     {
-        "aten": Backend(lambda *a: None if a[0].device.type != "cpu" else "the C++ kernel runs CPU tensors",
-                        reference.paged_evict_step),
+        "triton": _triton_backend("paged_evict_step"),
         "cpp": _compiled("paged_evict_step", "cpu"),
         "torch": _reference(reference.paged_evict_step),
     },

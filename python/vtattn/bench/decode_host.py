@@ -27,6 +27,7 @@ import torch
 
 import vtattn
 
+from ..patch.core import output_cache
 from .cases import Builder, Case, Impl, Inputs, Shape
 from .scenarios import SCALE, attn_impl, build_model, level_of, patched, shared_model, single_thread, transformers_or_none
 from .scenarios_llm import FASTV, LEVEL_SCALE, PROMPT, SCENARIOS, _config, _image_tokens, lookm
@@ -145,7 +146,7 @@ def _decode(model: Any, x: Inputs, on_step: Callable[[int, float], None], static
     out = model(**model.prepare_inputs_for_generation(
         x["input_ids"], cache=cache, attention_mask=mask, cache_position=torch.arange(L, device=mask.device),
         use_cache=True, is_first_iteration=True, **prompt), logits_to_keep=1)
-    state = [out.past_key_values, out.logits[:, -1:].argmax(-1)]
+    state = [output_cache(out), out.logits[:, -1:].argmax(-1)]
     ones = mask.new_ones(mask.shape[0], STEPS)
 
     def step(s: int) -> None:
@@ -155,7 +156,7 @@ def _decode(model: Any, x: Inputs, on_step: Callable[[int, float], None], static
         t0 = time.thread_time()
         out = model(**inputs)
         on_step(s, time.thread_time() - t0)
-        state[:] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        state[:] = output_cache(out), out.logits[:, -1:].argmax(-1)
     return step
 
 

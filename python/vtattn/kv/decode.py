@@ -14,7 +14,6 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from .. import reference
 from .._dispatch import Direct
 from .policies import H2O, AdaKV, DecodeH2O, LookM, Modality, Policy
 from .pages import Pages
@@ -69,9 +68,8 @@ class StaticEviction:
     The freed slots are refilled from the head's tail, not compacted in order: an eviction moves at
     most `every` rows of k and v per head (a compaction would move the head), and a head's tokens
     are no longer in position order (the kernels read each key's position). Capacity: floor + every
-    per head, whatever max_new_tokens. One `paged_evict_step` per layer and step: its C++ kernel on
-    the CPU; on a GPU its reference's PyTorch ops inline (torch.compile fuses them, a CUDA graph
-    replays them; as the op's "aten" backend, they would be one opaque node)."""
+    per head, whatever max_new_tokens. One `paged_evict_step` per layer and step (its C++ kernel on
+    the CPU, its Triton kernel on a GPU)."""
 
     def __init__(self, pages: Pages, floor: npt.NDArray[np.int64], every: int, recent: int) -> None:
         p = pages
@@ -80,7 +78,6 @@ class StaticEviction:
         self.floor = torch.from_numpy(floor).to(device)  # int64 [B, H]
         self.since = torch.zeros((), dtype=torch.int64, device=device)  # decode steps since the last eviction
         self.capacity = p.last - p.start + 1  # int64 [B, H]
-        self.inline = device.type != "cpu"
         self.stamp = p.cls
         # the op's arguments but the query and scale: a static layout's tensors keep their addresses
         self._pools = (p.k, p.v, p.pos, p.score)
@@ -92,13 +89,8 @@ class StaticEviction:
 
     def prepare(self, q: torch.Tensor, scale: float) -> None:
         """At the prefill: a compiled decode step then calls the kernel chosen now (`Direct.prepare`)."""
-        if not self.inline:
-            _EVICT_STEP.prepare(*self._pools, q, *self._counts, scale, stamp=self.stamp)
+        _EVICT_STEP.prepare(*self._pools, q, *self._counts, scale, stamp=self.stamp)
 
     def step(self, q: torch.Tensor, scale: float) -> None:
         """After a one-token decode step wrote its token: q [B, Hq, 1, D] its query."""
-        args = (*self._pools, q, *self._counts, scale)
-        if self.inline:
-            reference.paged_evict_step(*args)
-        else:
-            _EVICT_STEP(*args, stamp=self.stamp)
+        _EVICT_STEP(*self._pools, q, *self._counts, scale, stamp=self.stamp)
