@@ -87,6 +87,11 @@ TORCH_LIBRARY(vtattn_C, m) {
   m.def("paged_evict_step(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos, Tensor(d!) score, Tensor q, "
         "Tensor head_start, Tensor capacity, Tensor floor, Tensor(e!) lengths, Tensor(f!) next_slot, "
         "Tensor(g!) since, int every, int recent, int width, float scale) -> ()");
+  // Attention split by key group (VAR): groups int64 [B, Nk] (-1: no row sees the key); the softmax over
+  // every key a row sees (causal: j <= i + Nk - Nq), then out [B, Hq, Nq, G, D] (token-major memory) and
+  // mass [B, Hq, Nq, G], fp32, each group's share of the row's probability-weighted values and mass.
+  m.def("group_attention(Tensor q, Tensor k, Tensor v, Tensor groups, int num_groups, bool causal, float scale) "
+        "-> (Tensor, Tensor)");
   // The instruction set of the C++ CPU kernels' tile operations in this process: "avx512", "avx2" or
   // "baseline" (the best the CPU runs, capped by VTATTN_CPU_ISA at the first call). Not a tensor op.
   m.def("cpu_tile_level() -> str");

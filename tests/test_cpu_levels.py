@@ -1,6 +1,7 @@
 """The C++ CPU kernels at every instruction-set level this CPU runs (VTATTN_CPU_ISA caps the level at
 the first call, so each level runs in its own process): the tile micro-kernels (wide AVX-512 blocks,
-narrow tails, skipped and partial vectors of causal tiles, pairwise lane folds) against the references."""
+narrow tails, skipped and partial vectors of causal tiles, pairwise lane folds) against the references,
+and the kernels built on them (group_attention, paged_evict_step)."""
 import os
 import subprocess
 import sys
@@ -53,6 +54,23 @@ for D in (80, 128):  # 80: after AVX-512's 64-wide blocks, a 16-wide tail
     num = torch.randint(1, nb + 1, (B, Hq, nb), dtype=torch.int32)
     args = (q, k, v, num, idx, 32, False, D ** -0.5)
     close(C.block_sparse_attention(*args)[0], ref.block_sparse_attention(*args)[0], f"block_sparse D{D}")
+    groups = torch.randint(-1, 3, (B, 96))
+    for got, want in zip(C.group_attention(q, k, v, groups, 3, True, D ** -0.5),
+                         ref.group_attention(q, k, v, groups, 3, True, D ** -0.5)):
+        close(got, want, f"group_attention D{D}")
+    # a static DecodeH2O step over 130 tokens a head (a softmax over three kBN tiles), then its eviction
+    pool = torch.randn(B * Hkv * 136, D)
+    args = [pool.view(-1, 8, D), pool.clone().view(-1, 8, D), torch.randperm(B * Hkv * 136).view(-1, 8),
+            torch.rand(B * Hkv * 17, 8), q[:, :, :1], torch.arange(B * Hkv).view(B, Hkv) * 136,
+            torch.full((B, Hkv), 136), torch.full((B, Hkv), 126), torch.full((B, Hkv), 130, dtype=torch.int32),
+            torch.arange(B * Hkv).view(B, Hkv) * 136 + 130, torch.tensor(3), 4, 3, 136, D ** -0.5]  # (due)
+    want = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    C.paged_evict_step(*args)
+    ref.paged_evict_step(*want)
+    for i in (0, 1, 2, 8, 9, 10):
+        assert torch.equal(args[i], want[i]), f"paged_evict_step D{D}: argument {i}"
+    close(args[3], want[3], f"paged_evict_step D{D} scores")
+    assert (args[8] == 126).all(), "the step evicts back to the floor"
 print(C.cpu_tile_level())
 """
 

@@ -1,6 +1,6 @@
 """paged_evict in Triton: decode-time H2O eviction of a paged cache, a program per (batch, kv head)
 (semantics in the reference, vtattn/reference/paged_evict.py). The counts are the host's: copied to
-the device in one transfer, no wait.
+the device in one transfer from pinned memory, no wait.
 
 1. the head's logits against its G * n query rows (fp32 products summed per key; query i sees the
    tokens at positions <= start + i), stored to a scratch row per query row;
@@ -14,7 +14,7 @@ the device in one transfer, no wait.
 import torch
 
 from ._common import DTYPES, MAX_HEAD_DIM, on_device, tl, triton
-from .paged_evict_step import MAX_HEADS, _order_key
+from .paged_evict_step import MAX_HEADS, _order_key, _threshold
 from .select_tokens import device_reason
 
 
@@ -95,17 +95,8 @@ def _paged_evict(KP, VP, Pos, Score, Q, Heads, Counts, Next, Logits, Stats,
     drop = L - kept
     if drop > 0:
         tl.debug_barrier()
-        cand = tl.maximum(L - recent, 0)
-        thr = tl.full([], -9223372036854775807 - 1, tl.int64)
-        for _ in range(0, drop):
-            best = tl.full([], 9223372036854775807, tl.int64)
-            for t0 in range(0, cand, BLOCK_N):
-                t = t0 + tl.arange(0, BLOCK_N)
-                tm = t < cand
-                slot = s0 + t
-                key = _order_key(tl.load(Score + (slot // ps) * ss0 + (slot % ps) * ss1, mask=tm, other=0.0), t)
-                best = tl.minimum(best, tl.min(tl.where(tm & (key > thr), key, best), 0))
-            thr = best
+        cand = tl.maximum(L - recent, 0)  # the candidates: the first L - recent tokens
+        thr = _threshold(Pos, Score, s0, cand, 9223372036854775807, drop, ps, sp0, sp1, ss0, ss1, False, BLOCK_N)
         # the kept tokens to the front, in order
         w = tl.zeros([], tl.int64)
         for t0 in range(0, L, BLOCK_N):
@@ -150,7 +141,10 @@ def paged_evict(k_pages, v_pages, pos, score, queries, head_start, lengths, keep
         return
     Hq, n, D = queries.shape[1:]
     G, device = Hq // H, queries.device
-    heads = torch.stack([head_start, lengths, keep]).to(torch.int64).reshape(3, -1).to(device, non_blocking=True)
+    heads = torch.stack([head_start, lengths, keep]).to(torch.int64).reshape(3, -1)
+    if device.type == "cuda" and torch.cuda.is_available():  # (a copy from pageable memory waits for the stream)
+        heads = heads.pin_memory()
+    heads = heads.to(device, non_blocking=True)
     width = _widest(lengths)
     logits = torch.empty(B * H * G * n * width, dtype=torch.float32, device=device)
     stats = torch.empty(B * H * G * n * 2, dtype=torch.float32, device=device)

@@ -46,6 +46,33 @@ def _order_key(sc, p):
 
 
 @triton.jit
+def _keys(Pos, Score, s0, t, n, cut, ps, sp0, sp1, ss0, ss1, BY_POSITION: tl.constexpr):
+    """Block t of a head's first n tokens (from slot s0): which exist, which are candidates (their
+    position below cut), and their eviction keys: (score, position), or (score, index)."""
+    tm = t < n
+    slot = s0 + t
+    p = tl.load(Pos + (slot // ps) * sp0 + (slot % ps) * sp1, mask=tm, other=-1)
+    sc = tl.load(Score + (slot // ps) * ss0 + (slot % ps) * ss1, mask=tm, other=0.0)
+    return tm, tm & (p < cut), _order_key(sc, p if BY_POSITION else t)
+
+
+@triton.jit
+def _threshold(Pos, Score, s0, n, cut, drop, ps, sp0, sp1, ss0, ss1, BY_POSITION: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """The drop-th smallest key among the candidates of a head's first n tokens: `drop` passes of "the
+    smallest key above the last"; every candidate up to it goes."""
+    thr = tl.full([], -9223372036854775807 - 1, tl.int64)
+    for _ in range(0, drop):
+        best = tl.full([], 9223372036854775807, tl.int64)
+        for t0 in range(0, n, BLOCK_N):
+            tm, cand, key = _keys(Pos, Score, s0, t0 + tl.arange(0, BLOCK_N), n, cut, ps, sp0, sp1, ss0, ss1,
+                                  BY_POSITION)
+            best = tl.minimum(best, tl.min(tl.where(cand & (key > thr), key, best), 0))
+        thr = best
+    return thr
+
+
+@triton.jit
 def _paged_evict_step(KP, VP, Pos, Score, Q, Start, Floor, Lengths, Next, Since, Logits, Lists,
                       skp0, skp1, skp2, svp0, svp1, svp2, sp0, sp1, ss0, ss1, sq0, sq1, sq3,
                       sst0, sst1, sfl0, sfl1, sl0, sl1, sn0, sn1, H, G, D, ps, W, every, recent, scale,
@@ -108,18 +135,7 @@ def _paged_evict_step(KP, VP, Pos, Score, Q, Start, Floor, Lengths, Next, Since,
                 p = tl.load(Pos + (slot // ps) * sp0 + (slot % ps) * sp1, mask=t < n, other=-1)
                 best = tl.maximum(best, tl.max(tl.where(p < cut, p, -1), 0))
             cut = best
-        # the drop-th smallest key among the candidates: every key up to it goes
-        thr = tl.full([], -9223372036854775807 - 1, tl.int64)
-        for _ in range(0, drop):
-            best = tl.full([], 9223372036854775807, tl.int64)
-            for t0 in range(0, n, BLOCK_N):
-                t = t0 + tl.arange(0, BLOCK_N)
-                tm = t < n
-                slot = s0 + t
-                p = tl.load(Pos + (slot // ps) * sp0 + (slot % ps) * sp1, mask=tm, other=-1)
-                key = _order_key(tl.load(Score + (slot // ps) * ss0 + (slot % ps) * ss1, mask=tm, other=0.0), p)
-                best = tl.minimum(best, tl.min(tl.where(tm & (p < cut) & (key > thr), key, best), 0))
-            thr = best
+        thr = _threshold(Pos, Score, s0, n, cut, drop, ps, sp0, sp1, ss0, ss1, True, BLOCK_N)
         # the freed slots below keep, and the kept tokens at or past it, in order
         holes = Lists + r * 2 * every
         movers = holes + every
@@ -127,11 +143,8 @@ def _paged_evict_step(KP, VP, Pos, Score, Q, Start, Floor, Lengths, Next, Since,
         nm = tl.zeros([], tl.int32)
         for t0 in range(0, n, BLOCK_N):
             t = t0 + tl.arange(0, BLOCK_N)
-            tm = t < n
-            slot = s0 + t
-            p = tl.load(Pos + (slot // ps) * sp0 + (slot % ps) * sp1, mask=tm, other=-1)
-            key = _order_key(tl.load(Score + (slot // ps) * ss0 + (slot % ps) * ss1, mask=tm, other=0.0), p)
-            gone = tm & (p < cut) & (key <= thr)
+            tm, cand, key = _keys(Pos, Score, s0, t, n, cut, ps, sp0, sp1, ss0, ss1, True)
+            gone = cand & (key <= thr)
             hole = gone & (t < keep)
             mover = ~gone & tm & (t >= keep)
             tl.store(holes + nh + tl.cumsum(hole.to(tl.int32), 0) - 1, t, mask=hole)

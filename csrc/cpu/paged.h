@@ -2,6 +2,8 @@
 // addressing, a head's key rows for the tile code, and the scaled fp32 query rows of one kv head.
 #pragma once
 
+#include <tuple>
+
 #include "common.h"
 
 namespace vtattn::cpu {
@@ -14,6 +16,18 @@ struct SlotOf {
   bool linear;
   SlotOf(const at::Tensor& pool) : ps(pool.size(1)), sp(pool.stride(0)), sr(pool.stride(1)), linear(sp == ps * sr) {}
   int64_t operator()(int64_t s) const { return linear ? s * sr : s / ps * sp + s % ps * sr; }
+};
+
+// A paged cache's pools as a kernel writes them: element pointers and slot addressing.
+template <typename T>
+struct Pools {
+  T *k, *v;
+  int64_t* pos;
+  float* score;
+  SlotOf kat, vat, pat, sat;
+  Pools(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos_, const at::Tensor& score_)
+      : k(k_pages.data_ptr<T>()), v(v_pages.data_ptr<T>()), pos(pos_.data_ptr<int64_t>()),
+        score(score_.data_ptr<float>()), kat(k_pages), vat(v_pages), pat(pos_), sat(score_) {}
 };
 
 // One head's key rows for row_f32: token t is slot first + t of the pool (unit last stride).
@@ -39,6 +53,24 @@ void load_queries(const at::Tensor& q, int64_t b, int64_t h, int64_t G, float sc
     }
 }
 using LoadQueries = void (*)(const at::Tensor&, int64_t, int64_t, int64_t, float, float*);
+
+// The pools of a paged cache as the kernels read them: k / v CPU [P, page_size, D] of one dtype with unit last
+// stride, pos int64 and score fp32 [P, page_size]; messages name `op` and the argument.
+inline void check_pools(const char* op, const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos,
+                        const at::Tensor& score) {
+  TORCH_CHECK(k_pages.device().is_cpu() && v_pages.device().is_cpu() && k_pages.dim() == 3 &&
+                  v_pages.sizes() == k_pages.sizes() && v_pages.scalar_type() == k_pages.scalar_type() &&
+                  k_pages.stride(2) == 1 && v_pages.stride(2) == 1,
+              op, ": k_pages and v_pages must be CPU [P, page_size, D] pools of one dtype with unit last stride, got ",
+              k_pages.sizes(), " and ", v_pages.sizes());
+  for (const auto& [name, t, dtype] :
+       {std::tuple<const char*, const at::Tensor&, at::ScalarType>{"pos", pos, at::kLong},
+        {"score", score, at::kFloat}})
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 2 && t.size(0) == k_pages.size(0) &&
+                    t.size(1) == k_pages.size(1),
+                op, ": ", name, " must be a CPU ", dtype, " tensor of the pools' [P, page_size], got ",
+                t.scalar_type(), " ", t.sizes());
+}
 
 }  // namespace
 }  // namespace vtattn::cpu

@@ -50,14 +50,7 @@ void evict_kernel(const at::Tensor& k_pages, const at::Tensor& v_pages, const at
                   const at::Tensor& score, const at::Tensor& queries, const Heads& hd, int64_t start, int64_t recent,
                   float scale, LoadQueries load_q) {
   const int64_t H = hd.H, G = queries.size(1) / H, n = queries.size(2), D = queries.size(3), rows = G * n;
-  const SlotOf kat(k_pages);
-  const SlotOf vat(v_pages);
-  const SlotOf pat(pos);
-  const SlotOf sat(score);
-  T* kp = k_pages.data_ptr<T>();
-  T* vp = v_pages.data_ptr<T>();
-  int64_t* pp = pos.data_ptr<int64_t>();
-  float* sp = score.data_ptr<float>();
+  const Pools<T> pl(k_pages, v_pages, pos, score);
   const TileOps& ops = tile_ops();
   const int64_t heads = static_cast<int64_t>(hd.len.size());
   at::parallel_for(0, heads, grain_for(rows * hd.longest * D), [&](int64_t lo, int64_t hi) {
@@ -69,13 +62,13 @@ void evict_kernel(const at::Tensor& k_pages, const at::Tensor& v_pages, const at
       if (L == 0) continue;
       load_q(queries, r / H, r % H, G, scale, qf.data());
       // logits of every query row against every token, in rows of whole kBN tiles (the tile ops read whole tiles)
-      const HeadRows<T> ks{kp, kat, s0};
+      const HeadRows<T> ks{pl.k, pl.kat, s0};
       const int64_t ns = round_up(L, kBN);
       s.resize(rows * ns);
       logits(qf.data(), rows, ks, [](int64_t j) { return j; }, L, D, x.data(), s.data(), ns);
       // each row's softmax over the tokens it sees (pos <= its position), summed into the tokens' mass
       tpos.resize(L);
-      for (int64_t t = 0; t < L; ++t) tpos[t] = pp[pat(s0 + t)];
+      for (int64_t t = 0; t < L; ++t) tpos[t] = pl.pos[pl.pat(s0 + t)];
       mass.assign(L, 0.f);
       for (int64_t q = 0; q < rows; ++q) {
         float* sr = &s[q * ns];
@@ -91,7 +84,7 @@ void evict_kernel(const at::Tensor& k_pages, const at::Tensor& v_pages, const at
       }
       // every token's score grows; mass holds the new scores from here on
       for (int64_t t = 0; t < L; ++t) {
-        float& sc = sp[sat(s0 + t)];
+        float& sc = pl.score[pl.sat(s0 + t)];
         sc += mass[t] / static_cast<float>(G);
         mass[t] = sc;
       }
@@ -112,15 +105,15 @@ void evict_kernel(const at::Tensor& k_pages, const at::Tensor& v_pages, const at
         int64_t e = t + 1;
         while (e < L && !gone[e]) ++e;
         if (w != t) {
-          move_slots(kp, kat, s0 + w, s0 + t, e - t, D);
-          move_slots(vp, vat, s0 + w, s0 + t, e - t, D);
-          move_slots(pp, pat, s0 + w, s0 + t, e - t, 1);
-          move_slots(sp, sat, s0 + w, s0 + t, e - t, 1);
+          move_slots(pl.k, pl.kat, s0 + w, s0 + t, e - t, D);
+          move_slots(pl.v, pl.vat, s0 + w, s0 + t, e - t, D);
+          move_slots(pl.pos, pl.pat, s0 + w, s0 + t, e - t, 1);
+          move_slots(pl.score, pl.sat, s0 + w, s0 + t, e - t, 1);
         }
         w += e - t;
         t = e;
       }
-      for (int64_t t = kept; t < L; ++t) pp[pat(s0 + t)] = -1;
+      for (int64_t t = kept; t < L; ++t) pl.pos[pl.pat(s0 + t)] = -1;
     }
   });
 }
@@ -179,18 +172,7 @@ void paged_evict_cpu(const at::Tensor& k_pages, const at::Tensor& v_pages, const
                      const at::Tensor& score, const at::Tensor& queries, const at::Tensor& head_start,
                      const at::Tensor& lengths, const at::Tensor& keep, int64_t start, int64_t recent, double scale,
                      const std::optional<at::Tensor>& counts, const std::optional<at::Tensor>& next_slot) {
-  TORCH_CHECK(k_pages.device().is_cpu() && v_pages.device().is_cpu() && k_pages.dim() == 3 &&
-                  v_pages.sizes() == k_pages.sizes() && v_pages.scalar_type() == k_pages.scalar_type() &&
-                  k_pages.stride(2) == 1 && v_pages.stride(2) == 1,
-              "paged_evict: k_pages and v_pages must be CPU [P, page_size, D] pools of one dtype with unit last "
-              "stride, got ", k_pages.sizes(), " and ", v_pages.sizes());
-  for (const auto& [name, t, dtype] :
-       {std::tuple<const char*, const at::Tensor&, at::ScalarType>{"pos", pos, at::kLong},
-        {"score", score, at::kFloat}})
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 2 && t.size(0) == k_pages.size(0) &&
-                    t.size(1) == k_pages.size(1),
-                "paged_evict: ", name, " must be a CPU ", dtype, " tensor of the pools' [P, page_size], got ",
-                t.scalar_type(), " ", t.sizes());
+  check_pools("paged_evict", k_pages, v_pages, pos, score);
   TORCH_CHECK(lengths.dim() == 2 && lengths.size(1) > 0, "paged_evict: lengths must be [B, H], got ", lengths.sizes());
   const int64_t B = lengths.size(0), H = lengths.size(1);
   TORCH_CHECK(queries.device().is_cpu() && queries.dim() == 4 && queries.size(0) == B && queries.size(1) % H == 0 &&

@@ -77,14 +77,7 @@ template <typename T>
 void step_kernel(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& pos, const at::Tensor& score,
                  const at::Tensor& q, const Counts& c, bool due, int64_t recent, float scale, LoadQueries load_q) {
   const int64_t H = c.H, G = q.size(1) / H, D = q.size(3);
-  const SlotOf kat(k_pages);
-  const SlotOf vat(v_pages);
-  const SlotOf pat(pos);
-  const SlotOf sat(score);
-  T* kp = k_pages.data_ptr<T>();
-  T* vp = v_pages.data_ptr<T>();
-  int64_t* pp = pos.data_ptr<int64_t>();
-  float* sp = score.data_ptr<float>();
+  const Pools<T> pl(k_pages, v_pages, pos, score);
   const TileOps& ops = tile_ops();
   int64_t longest = 0;
   for (int64_t r = 0; r < c.B * H; ++r) longest = std::max<int64_t>(longest, c.len[c.at(r, c.ls0, c.ls1)]);
@@ -96,7 +89,7 @@ void step_kernel(const at::Tensor& k_pages, const at::Tensor& v_pages, const at:
       const int64_t n = c.len[c.at(r, c.ls0, c.ls1)], s0 = c.start[c.at(r, c.ss0, c.ss1)];
       if (n == 0) continue;
       load_q(q, r / H, r % H, G, scale, qf.data());
-      const HeadRows<T> ks{kp, kat, s0};
+      const HeadRows<T> ks{pl.k, pl.kat, s0};
       const int64_t ns = round_up(n, kBN);  // the tile ops read whole kBN tiles
       s.resize(G * ns);
       logits(qf.data(), G, ks, [](int64_t j) { return j; }, n, D, x.data(), s.data(), ns);
@@ -110,7 +103,7 @@ void step_kernel(const at::Tensor& k_pages, const at::Tensor& v_pages, const at:
         for (int64_t t = 0; t < n; ++t) sc[t] += row[t] * inv;
       }
       for (int64_t t = 0; t < n; ++t) {  // sc holds the grown scores from here on
-        float& v = sp[sat(s0 + t)];
+        float& v = pl.score[pl.sat(s0 + t)];
         v += sc[t] / static_cast<float>(G);
         sc[t] = v;
       }
@@ -118,7 +111,7 @@ void step_kernel(const at::Tensor& k_pages, const at::Tensor& v_pages, const at:
       if (drop == 0) continue;
       const int64_t keep = n - drop;
       tpos.resize(n);
-      for (int64_t t = 0; t < n; ++t) tpos[t] = pp[pat(s0 + t)];
+      for (int64_t t = 0; t < n; ++t) tpos[t] = pl.pos[pl.pat(s0 + t)];
       cand.assign(n, 1);
       if (recent > 0) {  // the recent-th newest position and those above it stay
         order.assign(tpos.begin(), tpos.end());
@@ -137,12 +130,12 @@ void step_kernel(const at::Tensor& k_pages, const at::Tensor& v_pages, const at:
         while (hole < keep && !gone[hole]) ++hole;
         while (from < n && gone[from]) ++from;
         if (hole >= keep || from >= n) break;
-        std::memcpy(kp + kat(s0 + hole), kp + kat(s0 + from), D * sizeof(T));
-        std::memcpy(vp + vat(s0 + hole), vp + vat(s0 + from), D * sizeof(T));
-        pp[pat(s0 + hole)] = tpos[from];
-        sp[sat(s0 + hole)] = sc[from];
+        std::memcpy(pl.k + pl.kat(s0 + hole), pl.k + pl.kat(s0 + from), D * sizeof(T));
+        std::memcpy(pl.v + pl.vat(s0 + hole), pl.v + pl.vat(s0 + from), D * sizeof(T));
+        pl.pos[pl.pat(s0 + hole)] = tpos[from];
+        pl.score[pl.sat(s0 + hole)] = sc[from];
       }
-      for (int64_t t = keep; t < n; ++t) pp[pat(s0 + t)] = -1;
+      for (int64_t t = keep; t < n; ++t) pl.pos[pl.pat(s0 + t)] = -1;
       c.len[c.at(r, c.ls0, c.ls1)] = static_cast<int32_t>(keep);
       c.next[c.at(r, c.ns0, c.ns1)] = s0 + keep;
     }
@@ -154,18 +147,7 @@ void paged_evict_step_cpu(const at::Tensor& k_pages, const at::Tensor& v_pages, 
                           const at::Tensor& capacity, const at::Tensor& floor, const at::Tensor& lengths,
                           const at::Tensor& next_slot, const at::Tensor& since, int64_t every, int64_t recent,
                           int64_t width, double scale) {
-  TORCH_CHECK(k_pages.device().is_cpu() && v_pages.device().is_cpu() && k_pages.dim() == 3 &&
-                  v_pages.sizes() == k_pages.sizes() && v_pages.scalar_type() == k_pages.scalar_type() &&
-                  k_pages.stride(2) == 1 && v_pages.stride(2) == 1,
-              "paged_evict_step: k_pages and v_pages must be CPU [P, page_size, D] pools of one dtype with unit "
-              "last stride, got ", k_pages.sizes(), " and ", v_pages.sizes());
-  for (const auto& [name, t, dtype] :
-       {std::tuple<const char*, const at::Tensor&, at::ScalarType>{"pos", pos, at::kLong},
-        {"score", score, at::kFloat}})
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 2 && t.size(0) == k_pages.size(0) &&
-                    t.size(1) == k_pages.size(1),
-                "paged_evict_step: ", name, " must be a CPU ", dtype, " tensor of the pools' [P, page_size], got ",
-                t.scalar_type(), " ", t.sizes());
+  check_pools("paged_evict_step", k_pages, v_pages, pos, score);
   TORCH_CHECK(since.device().is_cpu() && since.scalar_type() == at::kLong && since.numel() == 1,
               "paged_evict_step: since must be a CPU int64 tensor of one element, got ", since.scalar_type(), " ",
               since.sizes());

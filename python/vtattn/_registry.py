@@ -621,6 +621,7 @@ GROUP_ATTENTION = _define(
         "cuda": Backend(lambda *a: "no CUDA kernel for group_attention yet (the Triton kernel runs it)",
                         None),  # type: ignore[arg-type]  # never run: supports refuses
         "triton": _triton_backend("group_attention"),
+        "cpp": _compiled("group_attention", "cpu"),
         "torch": Backend(lambda *a: None, _group_major(reference.group_attention_chunked)),
     },
     _group_attention_fake,

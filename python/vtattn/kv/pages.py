@@ -59,8 +59,10 @@ def _by_head(pool: torch.Tensor, capacity: Host) -> torch.Tensor:
 
 
 def _device(array: npt.NDArray[Any], device: torch.device) -> torch.Tensor:
-    """A numpy array on `device`: a host-to-device copy, never a wait for the device."""
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+    """A numpy array on `device`: a host-to-device copy, never a wait for the device (from pinned
+    memory: a copy from pageable memory may wait for the stream)."""
+    host = torch.from_numpy(np.ascontiguousarray(array))
+    return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
 
 
 class _Layout(NamedTuple):
