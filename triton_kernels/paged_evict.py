@@ -11,6 +11,7 @@ the device in one transfer from pinned memory, no wait.
    in place of the position: ties to the older); the kept tokens move to the front of the run in
    order, a block at a time (a destination is never past its source: loads, a barrier, stores);
    pos = -1 on the slots after them; the pools' counts follow where given."""
+import numpy as np
 import torch
 
 from ._common import DTYPES, MAX_HEAD_DIM, on_device, tl, triton
@@ -134,11 +135,23 @@ def _widest(lengths) -> int:
     return max(int(lengths.numpy().max(initial=0)), 1)
 
 
+def _check_heads(head_start, lengths, keep, recent, slots) -> None:
+    """The C++ kernel's checks of the host's counts (memory safety, and drops outside the window), in numpy."""
+    first, n, kept = (t.numpy() for t in (head_start, lengths, keep))
+    bad = (first < 0) | (n < 0) | (first + n > slots) | (kept < 0) | (kept > n) | (n - kept > np.maximum(n - recent, 0))
+    if bad.any():
+        b, h = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"paged_evict: head ({b}, {h}) has head_start {int(first[b, h])}, lengths {int(n[b, h])} and "
+                         f"keep {int(kept[b, h])}: its run must lie in the pools' {slots} slots and drop only among "
+                         f"its first lengths - recent ({recent})")
+
+
 def paged_evict(k_pages, v_pages, pos, score, queries, head_start, lengths, keep, start, recent, scale, counts=None,
                 next_slot=None) -> None:
     B, H = lengths.shape
     if B * H == 0:
         return
+    _check_heads(head_start, lengths, keep, recent, k_pages.shape[0] * k_pages.shape[1])
     Hq, n, D = queries.shape[1:]
     G, device = Hq // H, queries.device
     heads = torch.stack([head_start, lengths, keep]).to(torch.int64).reshape(3, -1)

@@ -35,3 +35,17 @@ def test_triton_paged_evict_sets_the_pools_counts(ties):
     assert_same_evictions(got, want)
     head_start, keep = args[5], args[7]
     assert torch.equal(got[11], keep.int()) and torch.equal(got[12], head_start + keep)
+
+
+def test_triton_launcher_refuses_heads_outside_the_pools_or_drops_in_the_window():
+    """The C++ kernel's checks of the host's counts, before any launch (a bad run would write out of bounds)."""
+    args = make_inputs(*CASES[1], torch.float32)
+    bad = clone(args)
+    bad[5][1, 2] = bad[0].shape[0] * bad[0].shape[1] - 1  # its run falls off the pools
+    with pytest.raises(ValueError, match=r"head \(1, 2\) .* must lie in the pools"):
+        run_forced("triton", torch.ops.vtattn.paged_evict, *bad)
+    bad = clone(args)
+    bad[7][0, 1] = 0  # drops its recent tokens too
+    with pytest.raises(ValueError, match=r"head \(0, 1\) .* first lengths - recent \(2\)"):
+        run_forced("triton", torch.ops.vtattn.paged_evict, *bad)
+    assert all(torch.equal(a, b) for a, b in zip(bad[:4], args[:4])), "nothing is written before the checks"
