@@ -484,8 +484,8 @@ def _paged_evict_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
     """A DecodeH2O layer's eviction (`kv.decode.evict`) at its defaults: every head holds half the
     capacity plus `every` = 32 decode tokens, scores them against those 32 queries and drops back
     by 32 outside its last 32. Repeated calls re-score and re-move the same slots (the counts are the
-    host's, given again). Baseline: the reference's batched PyTorch ops (what a GPU runs, and what
-    the CPU ran before its kernel)."""
+    host's, given again). Baseline: the reference's batched PyTorch ops (what the CPU and a GPU ran
+    before their kernels)."""
     B, Hq, H, D, cap, _ = _decode_dims(s)
     page, n = DECODE_PAGE_SIZE, 32
     length = cap // 2 + n
@@ -520,7 +520,7 @@ def _paged_evict_step_cases(name: str, s: Shape, backends: list[str]) -> list[Ca
     """A static DecodeH2O layer's step (`kv.decode.StaticEviction`) between its evictions: every head
     holds its floor, half the capacity, with `every` = 32 slots past it, and scores the step's query
     against them (the step due every 32nd call drops nothing at the floor: each call does the same
-    work). Baseline: the reference's batched PyTorch ops (what a GPU runs)."""
+    work). Baseline: the reference's batched PyTorch ops (what either device ran before its kernel)."""
     B, Hq, H, D, cap, _ = _decode_dims(s)
     page, every = DECODE_PAGE_SIZE, 32
     floor = cap // 2
