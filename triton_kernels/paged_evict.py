@@ -3,7 +3,8 @@
 the device in one transfer from pinned memory, no wait.
 
 1. the head's logits against its G * n query rows (fp32 products summed per key; query i sees the
-   tokens at positions <= start + i), stored to a scratch row per query row;
+   tokens at positions <= start + i), stored to a scratch row per query row; rows in chunks so that
+   the scratch stays within MAX_LOGITS (the keys are read once a chunk);
 2. each row's max and sum to scratch (a row that sees no token adds nothing); each token's score
    grows by the rows' probabilities summed, over G, in one update;
 3. the lengths - keep lowest-scored of the first lengths - recent tokens go: the threshold by `drop`
@@ -17,6 +18,8 @@ import torch
 from ._common import DTYPES, MAX_HEAD_DIM, on_device, tl, triton
 from .paged_evict_step import MAX_HEADS, _order_key, _threshold
 from .select_tokens import device_reason
+
+MAX_LOGITS = 1 << 25  # fp32 logits of scratch in all (128 MiB, as the reference's chunks): rows in chunks
 
 
 def supports(k_pages, v_pages, pos, score, queries, head_start, lengths, keep, start, recent, scale, counts=None,
@@ -35,7 +38,7 @@ def supports(k_pages, v_pages, pos, score, queries, head_start, lengths, keep, s
 @triton.jit(do_not_specialize=["W", "start"])  # both move from one eviction to the next: one compile
 def _paged_evict(KP, VP, Pos, Score, Q, Heads, Counts, Next, Logits, Stats,
                  skp0, skp1, skp2, svp0, svp1, svp2, sp0, sp1, ss0, ss1, sq0, sq1, sq2, sq3,
-                 sc0, sc1, sn0, sn1, BH, H, G, n, D, ps, W, start, recent, scale,
+                 sc0, sc1, sn0, sn1, BH, H, G, n, D, ps, W, R, start, recent, scale,
                  HAS_COUNTS: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_R: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
@@ -46,53 +49,56 @@ def _paged_evict(KP, VP, Pos, Score, Q, Heads, Counts, Next, Logits, Stats,
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     rows = G * n
-    # 1. logits to scratch, -inf where a query does not see the token
-    for t0 in range(0, L, BLOCK_N):
-        t = t0 + tl.arange(0, BLOCK_N)
-        tm = t < L
-        slot = s0 + t
-        k = tl.load(KP + (slot // ps)[:, None] * skp0 + (slot % ps)[:, None] * skp1 + d[None, :] * skp2,
-                    mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        p = tl.load(Pos + (slot // ps) * sp0 + (slot % ps) * sp1, mask=tm, other=0)
-        for j in range(0, rows):
-            gi, i = j // n, j % n
-            qj = tl.load(Q + b * sq0 + (h * G + gi) * sq1 + i * sq2 + d * sq3, mask=dm, other=0.0).to(tl.float32)
-            s = tl.where(p <= start + i, tl.sum(k * qj[None, :], 1) * scale, float("-inf"))
-            tl.store(Logits + (r * rows + j) * W + t, s, mask=tm)
-    tl.debug_barrier()
-    # 2. each row's max and sum (-inf: the row sees no token)
-    for j in range(0, rows):
-        row = Logits + (r * rows + j) * W
-        m = tl.full([], float("-inf"), tl.float32)
-        total = tl.zeros([], tl.float32)
+    for c0 in range(0, rows, R):  # chunks of R query rows: the scratch holds R rows a head
+        c1 = tl.minimum(c0 + R, rows)
+        # 1. logits to scratch, -inf where a query does not see the token
         for t0 in range(0, L, BLOCK_N):
             t = t0 + tl.arange(0, BLOCK_N)
-            s = tl.load(row + t, mask=t < L, other=float("-inf"))
-            mn = tl.maximum(m, tl.max(s, 0))
-            safe = tl.where(mn == float("-inf"), 0.0, mn)  # (nothing seen yet: no NaN)
-            total = total * tl.exp(m - safe) + tl.sum(tl.exp(s - safe), 0)
-            m = mn
-        tl.store(Stats + (r * rows + j) * 2, m)
-        tl.store(Stats + (r * rows + j) * 2 + 1, total)
-    tl.debug_barrier()
-    # 3. the scores grow by every row's probabilities, over G
-    for t0 in range(0, L, BLOCK_N):
-        t = t0 + tl.arange(0, BLOCK_N)
-        tm = t < L
-        mass = tl.zeros([BLOCK_N], tl.float32)
-        for r0 in range(0, rows, BLOCK_R):
-            ri = r0 + tl.arange(0, BLOCK_R)
-            rm = ri < rows
-            m = tl.load(Stats + (r * rows + ri) * 2, mask=rm, other=float("-inf"))
-            total = tl.load(Stats + (r * rows + ri) * 2 + 1, mask=rm, other=1.0)
-            live = m > float("-inf")  # a row that sees no token adds nothing
-            s = tl.load(Logits + (r * rows + ri)[:, None] * W + t[None, :], mask=rm[:, None] & tm[None, :],
-                        other=float("-inf"))
-            p = tl.exp(s - tl.where(live, m, 0.0)[:, None]) / tl.where(live, total, 1.0)[:, None]
-            mass += tl.sum(tl.where(live[:, None], p, 0.0), 0)
-        slot = s0 + t
-        at = Score + (slot // ps) * ss0 + (slot % ps) * ss1
-        tl.store(at, tl.load(at, mask=tm) + mass / G, mask=tm)
+            tm = t < L
+            slot = s0 + t
+            k = tl.load(KP + (slot // ps)[:, None] * skp0 + (slot % ps)[:, None] * skp1 + d[None, :] * skp2,
+                        mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            p = tl.load(Pos + (slot // ps) * sp0 + (slot % ps) * sp1, mask=tm, other=0)
+            for j in range(c0, c1):
+                gi, i = j // n, j % n
+                qj = tl.load(Q + b * sq0 + (h * G + gi) * sq1 + i * sq2 + d * sq3, mask=dm, other=0.0).to(tl.float32)
+                s = tl.where(p <= start + i, tl.sum(k * qj[None, :], 1) * scale, float("-inf"))
+                tl.store(Logits + (r * R + j - c0) * W + t, s, mask=tm)
+        tl.debug_barrier()
+        # 2. each row's max and sum (-inf: the row sees no token)
+        for j in range(c0, c1):
+            row = Logits + (r * R + j - c0) * W
+            m = tl.full([], float("-inf"), tl.float32)
+            total = tl.zeros([], tl.float32)
+            for t0 in range(0, L, BLOCK_N):
+                t = t0 + tl.arange(0, BLOCK_N)
+                s = tl.load(row + t, mask=t < L, other=float("-inf"))
+                mn = tl.maximum(m, tl.max(s, 0))
+                safe = tl.where(mn == float("-inf"), 0.0, mn)  # (nothing seen yet: no NaN)
+                total = total * tl.exp(m - safe) + tl.sum(tl.exp(s - safe), 0)
+                m = mn
+            tl.store(Stats + (r * rows + j) * 2, m)
+            tl.store(Stats + (r * rows + j) * 2 + 1, total)
+        tl.debug_barrier()
+        # 3. the scores grow by the chunk's probabilities, over G
+        for t0 in range(0, L, BLOCK_N):
+            t = t0 + tl.arange(0, BLOCK_N)
+            tm = t < L
+            mass = tl.zeros([BLOCK_N], tl.float32)
+            for r0 in range(c0, c1, BLOCK_R):
+                ri = r0 + tl.arange(0, BLOCK_R)
+                rm = ri < c1
+                m = tl.load(Stats + (r * rows + ri) * 2, mask=rm, other=float("-inf"))
+                total = tl.load(Stats + (r * rows + ri) * 2 + 1, mask=rm, other=1.0)
+                live = m > float("-inf")  # a row that sees no token adds nothing
+                s = tl.load(Logits + (r * R + ri - c0)[:, None] * W + t[None, :], mask=rm[:, None] & tm[None, :],
+                            other=float("-inf"))
+                p = tl.exp(s - tl.where(live, m, 0.0)[:, None]) / tl.where(live, total, 1.0)[:, None]
+                mass += tl.sum(tl.where(live[:, None], p, 0.0), 0)
+            slot = s0 + t
+            at = Score + (slot // ps) * ss0 + (slot % ps) * ss1
+            tl.store(at, tl.load(at, mask=tm) + mass / G, mask=tm)
+        tl.debug_barrier()  # (the next chunk's scratch and scores)
     drop = L - kept
     if drop > 0:
         tl.debug_barrier()
@@ -159,7 +165,8 @@ def paged_evict(k_pages, v_pages, pos, score, queries, head_start, lengths, keep
         heads = heads.pin_memory()
     heads = heads.to(device, non_blocking=True)
     width = _widest(lengths)
-    logits = torch.empty(B * H * G * n * width, dtype=torch.float32, device=device)
+    chunk = max(1, min(G * n, MAX_LOGITS // (B * H * width)))  # query rows a head's scratch holds
+    logits = torch.empty(B * H * chunk * width, dtype=torch.float32, device=device)
     stats = torch.empty(B * H * G * n * 2, dtype=torch.float32, device=device)
     block_d = triton.next_power_of_2(D)
     with on_device(queries):
@@ -168,5 +175,5 @@ def paged_evict(k_pages, v_pages, pos, score, queries, head_start, lengths, keep
             next_slot if next_slot is not None else heads, logits, stats, *k_pages.stride(), *v_pages.stride(),
             *pos.stride(), *score.stride(), *queries.stride(), *(counts.stride() if counts is not None else (0, 0)),
             *(next_slot.stride() if next_slot is not None else (0, 0)), B * H, H, G, n, D, k_pages.shape[1], width,
-            start, recent, scale, HAS_COUNTS=counts is not None, HAS_NEXT=next_slot is not None,
+            chunk, start, recent, scale, HAS_COUNTS=counts is not None, HAS_NEXT=next_slot is not None,
             BLOCK_N=max(16, 4096 // block_d), BLOCK_D=block_d, BLOCK_R=16, num_warps=4)

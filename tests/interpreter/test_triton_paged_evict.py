@@ -49,3 +49,17 @@ def test_triton_launcher_refuses_heads_outside_the_pools_or_drops_in_the_window(
     with pytest.raises(ValueError, match=r"head \(0, 1\) .* first lengths - recent \(2\)"):
         run_forced("triton", torch.ops.vtattn.paged_evict, *bad)
     assert all(torch.equal(a, b) for a, b in zip(bad[:4], args[:4])), "nothing is written before the checks"
+
+
+def test_triton_rows_in_chunks_match_the_reference(monkeypatch):
+    """A scratch too small for every query row of a head: the rows run in chunks (here 1 and 3), the keys
+    read once a chunk, the same evictions."""
+    from vtattn.triton_kernels import paged_evict
+    args = make_inputs(*CASES[2], torch.float32, seed=6)  # 4 query heads a kv head, 5 queries: 20 rows
+    B, H = args[6].shape
+    for rows in (1, 3):
+        monkeypatch.setattr(paged_evict, "MAX_LOGITS", rows * B * H * int(args[6].max()))
+        got, want = clone(args), clone(args)
+        run_forced("triton", torch.ops.vtattn.paged_evict, *got)
+        vtattn.reference.paged_evict(*want)
+        assert_same_evictions(got, want)
