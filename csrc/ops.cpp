@@ -92,6 +92,13 @@ TORCH_LIBRARY(vtattn_C, m) {
   // mass [B, Hq, Nq, G], fp32, each group's share of the row's probability-weighted values and mass.
   m.def("group_attention(Tensor q, Tensor k, Tensor v, Tensor groups, int num_groups, bool causal, float scale) "
         "-> (Tensor, Tensor)");
+  // CMAI's pass 2 for the last R = q.size(2) of T text entries (patch.cmai; the spec:
+  // vtattn/reference/cmai_step.py): q [B, Hq, R, D]; the record's text entries k_t / v_t [B, Hkv, T, D],
+  // text (int64 positions) / text_ok (bool) [B, T], its image entries k_i / v_i [B, Hkv, I, D], image /
+  // image_ok [B, I], and p_ti [B, Hq, T, I] fp32, each entry's probabilities on the image keys (the R last
+  // rows written). Returns the rows' inhibited attention, fp32 [B, Hq, R, D].
+  m.def("cmai_step(Tensor q, Tensor k_t, Tensor v_t, Tensor text, Tensor text_ok, Tensor k_i, Tensor v_i, "
+        "Tensor image, Tensor image_ok, Tensor(a!) p_ti, float keep, float weight, float scale) -> Tensor");
   // The instruction set of the C++ CPU kernels' tile operations in this process: "avx512", "avx2" or
   // "baseline" (the best the CPU runs, capped by VTATTN_CPU_ISA at the first call). Not a tensor op.
   m.def("cpu_tile_level() -> str");

@@ -32,9 +32,10 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction, mangle_type
 
 
-KERNELS = {"_attention_fwd_kernel", "_block_sparse_fwd_kernel", "_column_sums_kernel", "_few_rows_logits_kernel",
-           "_few_rows_normalize_kernel", "_gather_tokens", "_group_fwd_kernel", "_index_fwd_kernel", "_merge_assign",
-           "_merge_kernel", "_merge_reduce", "_paged_append", "_paged_evict", "_paged_evict_step", "_row_lse_kernel", "_select_tokens", "_split_kernel",
+KERNELS = {"_attention_fwd_kernel", "_block_sparse_fwd_kernel", "_cmai_attend", "_cmai_scores", "_cmai_select",
+           "_column_sums_kernel", "_few_rows_logits_kernel", "_few_rows_normalize_kernel", "_gather_tokens",
+           "_group_fwd_kernel", "_index_fwd_kernel", "_merge_assign", "_merge_kernel", "_merge_reduce",
+           "_paged_append", "_paged_evict", "_paged_evict_step", "_row_lse_kernel", "_select_tokens", "_split_kernel",
            "_varlen_fwd_kernel"}
 # Kernels whose every config must compile without register spills, per target (their spaces are
 # pruned to that: a spill there is a config to drop, not noise).
@@ -115,7 +116,7 @@ def compile_launch(launch: Launch, meta: dict, arch: int):
 
 
 def _launch_all(h, D):
-    from vtattn.triton_kernels import (attention, block_sparse_attention, decode_attention, gather_tokens,
+    from vtattn.triton_kernels import (attention, block_sparse_attention, cmai_step, decode_attention, gather_tokens,
                                        group_attention, index_attention, key_importance, merge_tokens,
                                        paged_append, paged_decode_attention, paged_evict, paged_evict_step,
                                        select_tokens, varlen_attention)
@@ -156,6 +157,12 @@ def _launch_all(h, D):
     paged_evict_step.paged_evict_step(pool, pool, torch.zeros(64, 16, dtype=torch.long), torch.zeros(64, 16),
                                       qd, heads, *counts, lengths, heads + 100, torch.zeros((), dtype=torch.long),
                                       32, 32, 256, 0.1)
+    for R in (1, 3):  # a decode step's row; rows of a few entries
+        text, image = (torch.arange(n).expand(2, n).contiguous() for n in (100, 576))
+        ok_t, ok_i = torch.ones(2, 100, dtype=torch.bool), torch.ones(2, 576, dtype=torch.bool)
+        kv_t, kv_i = torch.randn(2, 2, 100, D, dtype=h), torch.randn(2, 2, 576, D, dtype=h)
+        cmai_step.cmai_step(torch.randn(2, 8, R, D, dtype=h), kv_t, kv_t, text + 600, ok_t, kv_i, kv_i, image, ok_i,
+                            torch.zeros(2, 8, 100, 576), 0.25, 0.0, 0.1)
     x, kept = torch.randn(2, 100, 256, dtype=h), torch.arange(10).expand(2, 10).contiguous()
     mask = torch.zeros(2, 100, dtype=torch.bool)
     mask[:, :10] = True

@@ -163,6 +163,23 @@ def cases(dtype):
             queries=_randn(B, H * G, every, D, dtype=dtype, seed=96), head_start=first, lengths=lengths, keep=keep,
             start=500, recent=3, scale=D ** -0.5, counts=torch.zeros(B, H, dtype=i32),
             next_slot=torch.zeros(B, H, dtype=i64))
+    # cmai_step: CMAI's decode step (GQA; rows between image tokens see part of them; slots without a token
+    # and a row without one; an image past one tile of the select kernel; records strided as `Growing` keeps them)
+    for R, D, I, keep, weight in ((1, 128, 1100, 0.25, 0.0), (3, 72, 37, 0.5, 0.2)):
+        B, Hq, Hkv, T = 3, 8, 2, 40
+        order = torch.randperm(T + I, generator=_g(100))  # the tokens' positions, text and image interleaved
+        text, image = (order[:T].sort().values.expand(B, T).clone(), order[T:].sort().values.expand(B, I).clone())
+        text_ok = torch.rand(B, T, generator=_g(101)) > 0.2
+        text_ok[:, T - R:], text_ok[1, -1] = True, False
+        image_ok = torch.rand(B, I, generator=_g(102)) > 0.1
+        p_ti = torch.rand(B, Hq, T + 4, I, generator=_g(103))
+        yield "cmai_step", f"B{B} Hq{Hq} Hkv{Hkv} R{R} T{T} I{I} D{D} keep {keep} weight {weight}", dict(
+            q=_randn(B, R, Hq, D, dtype=dtype, seed=104).transpose(1, 2),
+            k_t=_randn(B, Hkv, T + 8, D, dtype=dtype, seed=105)[:, :, :T],
+            v_t=_randn(B, Hkv, T + 8, D, dtype=dtype, seed=106)[:, :, :T], text=text, text_ok=text_ok,
+            k_i=_randn(B, I, Hkv, D, dtype=dtype, seed=107).transpose(1, 2),
+            v_i=_randn(B, I, Hkv, D, dtype=dtype, seed=108).transpose(1, 2), image=image, image_ok=image_ok,
+            p_ti=(p_ti / p_ti.sum(-1, keepdim=True))[:, :, :T], keep=keep, weight=weight, scale=D ** -0.5)
     # select_tokens: one segment of 6,000 tokens (dynamic + static shared memory > 48 KiB), a segment
     # at the first failing length of the old opt-in rule, many small ones; ties; fp16 scores.
     for B, segments in ((3, [6000]), (2, [5723, 100, 1]), (2, [37] * 20)):
@@ -218,12 +235,14 @@ def _close(out, ref, dtype):
 
 
 # ranks, copies, argmax, selections: the reference at the kernel's dtype
-_DISCRETE = ("select_tokens", "gather_tokens", "merge_tokens", "paged_append", "paged_evict", "paged_evict_step")
+_DISCRETE = ("select_tokens", "gather_tokens", "merge_tokens", "paged_append", "paged_evict", "paged_evict_step",
+             "cmai_step")
 # ops that write their arguments in place: a case's output is those arguments (run on copies)
 _WRITES = {op: ("k_pages", "v_pages", "pos", "next_slot", "lengths", "score")
            for op in ("paged_append", "paged_decode_step")}
 _WRITES["paged_evict_step"] = ("k_pages", "v_pages", "pos", "score", "lengths", "next_slot", "since")
 _WRITES["paged_evict"] = ("k_pages", "v_pages", "pos", "score", "counts", "next_slot")
+_WRITES["cmai_step"] = ("p_ti",)
 _HOST = {"paged_evict": ("head_start", "lengths", "keep")}  # the host's counts: CPU tensors by contract
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 CUDA_OPS = ("attention", "key_importance", "select_tokens", "gather_tokens", "merge_tokens", "varlen_attention",
             "index_attention", "decode_attention", "block_sparse_attention", "paged_decode_attention", "paged_append",
             "paged_decode_step")
-TRITON_OPS = CUDA_OPS + ("group_attention", "paged_evict", "paged_evict_step")
+TRITON_OPS = CUDA_OPS + ("group_attention", "paged_evict", "paged_evict_step", "cmai_step")
 
 
 def _steps(summary: str) -> dict:

@@ -126,7 +126,8 @@ def test_custom_shapes_run_as_given_and_bad_ones_are_refused(capsys):
     assert (attention.shape["N"], attention.shape["Hkv"], attention.shape["causal"]) == (300, 4, True)
     decode = build_cases(torch.device("cpu"), shapes=["llava7b-decode", "custom:N=200,D=64,decode=1"], level="tiny")
     assert {c.op for c in decode} == {"decode_attention", "paged_decode_attention", "paged_append",
-                                      "paged_decode_step", "paged_evict", "paged_evict_step"} and len(decode) == 12
+                                      "paged_decode_step", "paged_evict", "paged_evict_step", "cmai_step"} \
+        and len(decode) == 14
     for bad, why in (("bogus", "unknown shape"), ("custom:N=10", "N and D are required"),
                      ("custom:N=10,D=64,Hq=6,Hkv=4", "multiple of Hkv"), ("custom:N=10,D=x", "KEY=INT")):
         with pytest.raises(SystemExit):

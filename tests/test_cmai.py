@@ -6,19 +6,23 @@ left padding and ragged image counts, prefill and greedy decode give the logits 
 alone with the reference attention in the chosen layers (the whole sequence recomputed each step), the
 "off" settings are the unpatched model, decode steps do not sync, bad options raise by name."""
 import copy
+import importlib
+import inspect
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtattn
 from vtattn.patch import cmai as fused
 from vtattn.reference.cmai_attention import cmai_attention
 from _vlm import (IMAGE, QWEN_IMAGE, llava, llava_inputs, llava_next, llava_next_alone, llava_next_inputs, prompts,
                   qwen2_vl, qwen2_vl_alone, qwen2_vl_inputs, transformers)
-from helpers import Largest
+from helpers import Largest, cache_name
 from syncs import step_syncs
 
 CMAI = vtattn.patch.CMAI
+cmai_step_ref = importlib.import_module("vtattn.reference.cmai_step")  # (the package exports the function)
 STEPS = 4
 GREEDY = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
               output_logits=True)
@@ -88,10 +92,10 @@ def test_reference_off_is_attention():
 
 # ---- the fused form ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("chunk", [fused.CHUNK, 300])  # 300: a chunk of one text row at a time
+@pytest.mark.parametrize("chunk", [cmai_step_ref.CHUNK_LOGITS, 300])  # 300: a chunk of one text row at a time
 @pytest.mark.parametrize("keep,weight", [(0.5, 0.0), (0.25, 0.1), (1.0, 0.0)])
 def test_fused_matches_the_reference(keep, weight, chunk, monkeypatch):
-    monkeypatch.setattr(fused, "CHUNK", chunk)
+    monkeypatch.setattr(cmai_step_ref, "CHUNK_LOGITS", chunk)
     q, k, v, images, real = _inputs(seed=3)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # token-major, as a model's projections give
     got = fused.cmai_attention(q, k, v, images, real, keep, weight, 0.3)
@@ -160,7 +164,7 @@ def test_fused_stays_under_a_cap_the_n_by_n_path_exceeds(monkeypatch):
         with Largest() as seen:
             fused.cmai_attention(q, k, v, images, real, 0.5, 0.0)
         assert seen.largest < below, (text, seen.largest)
-    monkeypatch.setattr(fused, "CHUNK", 4 * cap)  # unchunked: 2 heads x 3040 text rows x 3040 text keys
+    monkeypatch.setattr(cmai_step_ref, "CHUNK_LOGITS", 4 * cap)  # unchunked: 2 heads x 3040 text rows x 3040 text keys
     with Largest() as seen:
         fused.cmai_attention(q, k, v, images, real, 0.5, 0.0)
     assert seen.largest >= cap
@@ -345,6 +349,44 @@ def test_text_only_prompt_is_the_unpatched_model():
     assert torch.equal(got.sequences, expected.sequences)
 
 
+class _Calls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _prefill_and_step(model, batch, grad):
+    """The prefill, then one decode step's logits and the ops it dispatched."""
+    with torch.set_grad_enabled(grad):
+        out = model(**batch, use_cache=True)
+        ids = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(ids)], 1)
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        with _Calls() as calls:
+            step = model(input_ids=ids, attention_mask=mask, **{name: vtattn.patch.core.output_cache(out)})
+    return step.logits.detach(), [str(f) for f in calls.ops]
+
+
+def test_decode_steps_run_one_cmai_step_a_hooked_layer_on_each_backend():
+    """A decode step's pass 2 is one `cmai_step` call per hooked layer (its C++ kernel on the CPU:
+    one op where the torch form ran ~140), and its backends and the differentiable form (a step with
+    grad on: the model's weights require grad) decode alike, logits within fp32 rounding."""
+    model = llava(layers=4)
+    batch, _ = llava_inputs()
+    vtattn.patch.llava(model, stages=[CMAI(keep=0.3, layers=(1, 3))])
+    want, ops = _prefill_and_step(model, batch, grad=False)
+    assert ops.count("vtattn_C.cmai_step.default") == 2, ops
+    for backend, grad in (("torch", False), (None, True)):
+        with vtattn.use_backend(backend):
+            got, ops = _prefill_and_step(model, batch, grad)
+        assert not any("cmai_step" in op for op in ops), ops
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
 def test_decode_steps_sync_no_more_than_the_unpatched_model():
     model = llava(layers=4)
     batch, _ = llava_inputs()
@@ -379,9 +421,9 @@ def test_install_refusals():
         vtattn.patch.llm(lm, stages=[CMAI()])
     vtattn.patch.llava(model, stages=[CMAI(keep=0.5)])
     batch, _ = llava_inputs()
-    with pytest.raises(NotImplementedError, match="StaticCache"):
-        with torch.no_grad():
-            model.generate(**batch, max_new_tokens=2, cache_implementation="static")
+    other = transformers.EncoderDecoderCache(transformers.DynamicCache(), transformers.DynamicCache())
+    with pytest.raises(NotImplementedError, match="CMAI needs a DynamicCache, a StaticCache"), torch.no_grad():
+        model(**batch, **{cache_name(model): other})
     assert CMAI(layers=range(2)).layers == (0, 1) and CMAI(keep=1).keep == 1.0
 
 

@@ -291,8 +291,12 @@ def test_var_options_and_refusals():
     with pytest.raises(NotImplementedError, match="tokens leaving"), torch.no_grad():
         model(**batch)
     vtattn.patch.llava(model, stages=[VAR(dims=(0,))])
-    with pytest.raises(NotImplementedError, match="DynamicCache"), torch.no_grad():
-        model(**batch, **{cache_name(model): transformers.StaticCache(config=model.config, max_cache_len=128)})
+    with pytest.raises(NotImplementedError, match="VAR needs a DynamicCache, a StaticCache"), torch.no_grad():
+        model(**batch, **{cache_name(model): transformers.EncoderDecoderCache(transformers.DynamicCache(),
+                                                                             transformers.DynamicCache())})
+    vtattn.patch.llava(model, stages=[VAR(dims=(0,)), vtattn.patch.KVCompress(vtattn.kv.LookM(0.2, 0.1))])
+    with pytest.raises(NotImplementedError, match="got CompressedCache"), torch.no_grad():
+        model(**batch)
 
 
 def test_release_dims_for_llama2():

@@ -19,7 +19,7 @@ from .check_launches import Arch, DEFAULT_SMEM, MAX_GRID, MAX_THREADS, REGS_PER_
 
 OPS = ("attention", "key_importance", "select_tokens", "gather_tokens", "merge_tokens", "varlen_attention",
        "index_attention", "decode_attention", "paged_decode_attention", "block_sparse_attention", "group_attention",
-       "paged_append", "paged_evict", "paged_evict_step")
+       "paged_append", "paged_evict", "paged_evict_step", "cmai_step")
 # Options later schemas add to the attention family: off.
 _OFF = {"softcap": 0.0, "window": -1, "sinks": None}
 
@@ -125,6 +125,14 @@ def _shapes(op: str) -> Iterator[dict[str, Any]]:
                        score=_fake(pages, 16, dtype=torch.float32), q=_fake(B, H * G, 1, D), head_start=heads,
                        capacity=heads, floor=heads, lengths=_fake(B, H, dtype=i32), next_slot=heads,
                        since=_fake(dtype=i64), every=32, recent=32, width=1024, scale=0.1)
+    elif op == "cmai_step":  # a decode step (LLaVA-NeXT's image), programs at the grid's limit by heads and by rows
+        for B, Hq, Hkv, R, T, I, D in ((4, 32, 8, 1, 600, 2880, 128), (65535, 32768, 1, 1, 2, 1, 64),
+                                       (65536, 32768, 1, 1, 2, 1, 64), (65535, 1, 1, 32768, 32768, 16, 64)):
+            kv_t, kv_i = _fake(B, Hkv, T, D), _fake(B, Hkv, I, D)
+            yield dict(q=_fake(B, Hq, R, D), k_t=kv_t, v_t=kv_t, text=_fake(B, T, dtype=i64),
+                       text_ok=_fake(B, T, dtype=torch.bool), k_i=kv_i, v_i=kv_i, image=_fake(B, I, dtype=i64),
+                       image_ok=_fake(B, I, dtype=torch.bool), p_ti=_fake(B, Hq, T, I, dtype=torch.float32),
+                       keep=0.25, weight=0.0, scale=0.1)
     elif op in ("decode_attention", "paged_decode_attention"):
         for B, Hq, Hkv, cap, D in ((32, 32, 8, 16384, 128), (65536, 8, 8, 64, 64), (1, 64, 1, 2**24, 128),
                                    (2**20, 16, 2, 16, 64)):

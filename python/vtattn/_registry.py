@@ -588,6 +588,41 @@ PAGED_EVICT_STEP = _define(
 _mutating_autograd("paged_evict_step")
 
 
+# ---- cmai_step -----------------------------------------------------------------------------
+# CMAI's pass 2 for a decode step's text rows (patch.cmai) in one op call: the C++ kernel on the CPU, the
+# Triton kernels on a GPU (no CUDA kernel of its own); the prefill runs the reference's chunked matmuls.
+
+def _cmai_step_fake(q: torch.Tensor, *args: Any) -> torch.Tensor:
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
+def _sample_cmai_step(device: torch.device | str, dtype: torch.dtype) -> tuple[Any, ...]:
+    kv = torch.zeros(1, 2, 6, 64, device=device, dtype=dtype)
+    at = torch.arange(6, device=device)[None]
+    ok = torch.ones(1, 6, dtype=torch.bool, device=device)
+    return (torch.zeros(1, 4, 1, 64, device=device, dtype=dtype), kv, kv, at + 6, ok, kv, kv, at, ok,
+            torch.zeros(1, 4, 6, 6, device=device), 0.5, 0.0, 0.125)
+
+
+CMAI_STEP = _define(
+    "cmai_step",
+    "cmai_step(Tensor q, Tensor k_t, Tensor v_t, Tensor text, Tensor text_ok, Tensor k_i, Tensor v_i, "
+    "Tensor image, Tensor image_ok, Tensor(a!) p_ti, float keep, float weight, float scale) -> Tensor",
+    {
+        "triton": _triton_backend("cmai_step"),
+        "cpp": _compiled("cmai_step", "cpu"),
+        "torch": _reference(reference.cmai_step),
+    },
+    _cmai_step_fake,
+    _sample_cmai_step,
+    grad=False,  # a decode step (patch.cmai runs the differentiable reference where grad is on)
+    shape_class=lambda args: signature(args, {1: (2,), 2: (2,), 3: (1,), 4: (1,), 9: (2,)}),  # the text entries grow
+)
+
+
+_mutating_autograd("cmai_step")
+
+
 # ---- group_attention -----------------------------------------------------------------------
 
 def _group_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: torch.Tensor, num_groups: int,

@@ -33,7 +33,7 @@ SHAPES = {
 }
 # the ops of decode shapes, and only of those
 DECODE_OPS = ("decode_attention", "paged_decode_attention", "paged_append", "paged_decode_step", "paged_evict",
-              "paged_evict_step")
+              "paged_evict_step", "cmai_step")
 CUSTOM = "custom:"
 # Shape scaling per run level: CPU runs (and the CI smoke test) cannot afford the real shapes.
 LEVELS: dict[str, dict[str, Any]] = {
@@ -553,11 +553,43 @@ def _paged_evict_step_cases(name: str, s: Shape, backends: list[str]) -> list[Ca
     return [c]
 
 
+def _cmai_step_cases(name: str, s: Shape, backends: list[str]) -> list[Case]:
+    """A CMAI layer's decode step (`patch.cmai`): one new text row per sample against T = L_cap / 16
+    earlier text entries and I = 576 L_cap / 16384 image tokens (LLaVA-1.5's 576 after 1024 text tokens
+    at the full shape), at most 4 samples (the record's P_ti, [B, Hq, T, I] fp32, is 302 MB at B = 4).
+    Baseline: the reference's chunked PyTorch ops (what either device ran before its kernels)."""
+    B, Hq, H, D, cap, _ = _decode_dims(s)
+    B, T, I = min(B, 4), max(8, cap // 16), max(8, cap * 9 // 256)
+
+    def make(device: torch.device, dtype: torch.dtype, seed: int) -> Inputs:
+        g = torch.Generator(device=device).manual_seed(seed)
+        p_ti = torch.rand(B, Hq, T, I, device=device, generator=g)
+        return {"q": torch.randn(B, Hq, 1, D, device=device, dtype=dtype, generator=g),
+                **{n: torch.randn(B, H, L, D, device=device, dtype=dtype, generator=g)
+                   for n, L in (("k_t", T), ("v_t", T), ("k_i", I), ("v_i", I))},
+                "text": (I + torch.arange(T, device=device)).expand(B, T), "image": torch.arange(I, device=device)
+                .expand(B, I), "text_ok": torch.ones(B, T, dtype=torch.bool, device=device),
+                "image_ok": torch.ones(B, I, dtype=torch.bool, device=device), "p_ti": p_ti / p_ti.sum(-1, True)}
+
+    def args(x: Inputs) -> tuple[Any, ...]:
+        return (x["q"], x["k_t"], x["v_t"], x["text"], x["text_ok"], x["k_i"], x["v_i"], x["image"], x["image_ok"],
+                x["p_ti"], 0.5, 0.0, D ** -0.5)
+
+    c = Case("cmai_step", f"{name}:row", {"B": B, "Hq": Hq, "Hkv": H, "D": D, "text": T, "image": I},
+             make, flops=B * Hq * (4.0 * (T + I) * D + 2.0 * T * I),  # logits, P.V, the focus product
+             bytes_fn=lambda elt: 2 * B * H * (T + I) * D * elt + B * Hq * T * I * 4)  # k / v, the P_ti record read
+    c.impls = _vtattn_impls(backends, lambda x: torch.ops.vtattn.cmai_step(*args(x)))
+    c.impls.append(Impl("torch-ops", lambda x: vtattn.reference.cmai_step(*args(x)), role="baseline",
+                        note="the reference's chunked ops"))
+    return [c]
+
+
 BUILDERS: dict[str, Builder] = {"attention": _attention_cases, "key_importance": _key_importance_cases,
             "group_attention": _group_attention_cases,
             "decode_attention": _decode_attention_cases, "paged_decode_attention": _paged_decode_attention_cases,
             "paged_append": _paged_append_cases, "paged_decode_step": _paged_decode_step_cases,
-            "paged_evict": _paged_evict_cases, "paged_evict_step": _paged_evict_step_cases}
+            "paged_evict": _paged_evict_cases, "paged_evict_step": _paged_evict_step_cases,
+            "cmai_step": _cmai_step_cases}
 
 
 # Every backend a pytest-benchmark row may force; one that refuses the inputs is a skip there.

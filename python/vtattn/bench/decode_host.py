@@ -13,7 +13,8 @@ unpatched twin of the model run next to it, each of the pair first in turn: the 
 caches the first warmed), so each difference is taken under one load (a shared machine's load
 swings more between runs than the overhead measured); speedup is unpatched / row as everywhere.
 Rows: unpatched-sdpa (baseline), the vision-side keep, FastV, LOOK-M budgets, their combinations
-and DecodeH2O (its eviction steps included: every STEPS // 4 tokens); then `-static` rows on a
+and DecodeH2O (its eviction steps included: every STEPS // 4 tokens), CMAI and VAR (as the e2e
+rows: attention rules whose decode steps compute more than a drop-in's); then `-static` rows on a
 StaticCache (as generate(cache_implementation="static") makes it; vtattn's KV stage turns it into a
 static CompressedCache), each against an unpatched twin on a StaticCache too (unpatched-sdpa-static:
 that twin's own row, no difference)."""
@@ -56,6 +57,9 @@ def _variants() -> list[Variant]:
         ("keep-0.25+lookm-0.2", "vtattn", lambda: dict(keep=0.25, kv=lookm(0.2)), False),
         (f"fastv-{FASTV['keep']}+lookm-0.2", "vtattn", lambda: dict(fastv=fastv(), kv=lookm(0.2)), False),
         ("lookm-0.2+decode-h2o", "vtattn", lambda: dict(kv=h2o()), False),
+        # the methods that change attention itself (their decode work is more than a drop-in's routing)
+        ("cmai", "vtattn", lambda: dict(stages=[vtattn.patch.CMAI(keep=0.5)]), False),
+        ("var-0.6", "vtattn", lambda: dict(stages=[vtattn.patch.VAR(p=0.6, dims=(0, 1))]), False),
     ]
     static: list[Variant] = [
         ("unpatched-sdpa-static", "vtattn", None, True),
@@ -64,6 +68,8 @@ def _variants() -> list[Variant]:
         ("lookm-0.2-static", "vtattn", lambda: dict(kv=lookm(0.2)), True),
         ("keep-0.25+lookm-0.2-static", "vtattn", lambda: dict(keep=0.25, kv=lookm(0.2)), True),
         ("lookm-0.2+decode-h2o-static", "vtattn", lambda: dict(kv=h2o()), True),
+        ("cmai-static", "vtattn", lambda: dict(stages=[vtattn.patch.CMAI(keep=0.5)]), True),
+        ("var-0.6-static", "vtattn", lambda: dict(stages=[vtattn.patch.VAR(p=0.6, dims=(0, 1))]), True),
     ]
     return dynamic + static
 

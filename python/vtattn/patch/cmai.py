@@ -6,33 +6,32 @@ The exact rule is `vtattn.reference.cmai_attention` (docs/selection.md, "CMAI").
 Per hooked layer and forward, in two passes and without an N x N tensor:
 1. the call's attention as usual on vtattn's kernels (`attention`, one call per left-padding amount),
    which gives the image and padding rows their output;
-2. the text rows alone, in chunks of rows: their logits over the text keys ([T, T]) and the image
-   keys ([T, I]), the row log-sum-exp, P_tt and P_ti; focus F = mean_h P_tt @ P_ti (the P_ti of every
-   earlier text row is kept, [B, H, T, I]); the kept image keys by `select_tokens` (its registered op:
-   per-row budgets, ties to the lower index); then the text rows' attention again with the inhibited
+2. the text rows alone, in chunks of rows (`reference.cmai_step`, torch matmuls): their logits over
+   the text keys ([T, T]) and the image keys ([T, I]), the row log-sum-exp, P_tt and P_ti; focus
+   F = mean_h P_tt @ P_ti (the P_ti of every earlier text row is kept, [B, H, T, I]); the kept image
+   keys by rank (ties to the lower index); then the text rows' attention again with the inhibited
    logits shifted by log(weight) (-inf for a mask), which replaces their output.
-A decode step's rows are all text: only pass 2 runs, against the cache's text / image lists and the
-layer's record (`Focus`, one per cache: image keys / values gathered once, text keys / values and
-P_ti rows in capacity buffers), to which it writes its new rows only: O(new rows) of upkeep per layer
-and step, no copy of what earlier steps kept; nothing syncs with the host."""
+A decode step's rows are all text: only pass 2 runs, as one `cmai_step` op call per layer (its C++ /
+Triton kernels), against the cache's text / image lists and the layer's record (`Focus`, one per
+cache: image keys / values gathered once, text keys / values and P_ti rows in capacity buffers), to
+which it writes its new rows only: O(new rows) of upkeep per layer and step, no copy of what earlier
+steps kept; nothing syncs with the host."""
 from __future__ import annotations
 
-import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .. import reference
 from .._dispatch import Direct
 from . import core
 from .growing import Growing
 from .hf_attention import count
 
 _ATTENTION: Direct[tuple[torch.Tensor, torch.Tensor]] = Direct("attention")  # (out, lse)
-_SELECT: Direct[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = Direct("select_tokens")  # (indices, mask, total)
-CHUNK = 1 << 22  # logits per chunk of text rows (B x H x rows x (T + I)): the largest pass-2 temporary
+_STEP: Direct[torch.Tensor] = Direct("cmai_step", by_stamp=True)
 
 
 @dataclass(frozen=True)
@@ -75,12 +74,14 @@ class Focus:
     (`text` / `image` [B, T] / [B, I] int64, ascending where `*_ok`), its length, and per hooked layer
     its `Layer` record. The text lists grow in place (`Growing`): a decode step writes its new entries only."""
 
-    def __init__(self, images: torch.Tensor, real: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, real: torch.Tensor, room: int | None) -> None:
         N = images.shape[1]
         text, text_ok = _listed(real & ~images)
-        self._text, self._text_ok = Growing(text, 1), Growing(text_ok, 1)
+        self._text, self._text_ok = Growing(text, 1, room), Growing(text_ok, 1, room)
         self.image, self.image_ok = _listed(images & real)
         self.length = N
+        self.room = room  # a static cache's decode tokens (core.static_room): the buffers reserve them
+        self.width = None if room is None else N + room  # the static cache's capacity
         self.rows: dict[int, Layer] = {}
 
     @property
@@ -100,19 +101,19 @@ class Focus:
 
 
 class Layer:
-    """A hooked layer's CMAI record: the image keys (transposed, [B, Hkv, D, I]) and values
-    ([B, Hkv, I, D]), gathered once (a cache never changes them), and, aligned with focus.text and
-    growing with it, the text keys / values ([B, Hkv, T, D]), all in the cache's dtype (pass 2 reads
-    them in fp32), and every text entry's P_ti ([B, Hq, T, I], fp32). A decode step gathers and
-    computes its new rows only."""
+    """A hooked layer's CMAI record: the image keys and values ([B, Hkv, I, D]), gathered once (a
+    cache never changes them), and, aligned with focus.text and growing with it, the text keys /
+    values ([B, Hkv, T, D]), all in the cache's dtype (pass 2 reads them in fp32), and every text
+    entry's P_ti ([B, Hq, T, I], fp32). A decode step gathers and computes its new rows only."""
 
     def __init__(self, key: torch.Tensor, value: torch.Tensor, focus: Focus, heads: int) -> None:
         B, Hkv, _, D = key.shape
-        self.k_i = _take(key, focus.image).transpose(-1, -2)
+        self.k_i = _take(key, focus.image)
         self.v_i = _take(value, focus.image)
-        none = key.new_empty(B, Hkv, 0, D)
-        self.k_t, self.v_t = Growing(none, 2), Growing(none, 2)
-        self.p_ti = Growing(key.new_empty(B, heads, 0, focus.image.shape[1], dtype=torch.float32), 2)
+        none, room = key.new_empty(B, Hkv, 0, D), focus.room
+        room = None if room is None else focus.text.shape[1] + room  # (the prompt's text entries come first)
+        self.k_t, self.v_t = Growing(none, 2, room), Growing(none, 2, room)
+        self.p_ti = Growing(key.new_empty(B, heads, 0, focus.image.shape[1], dtype=torch.float32), 2, room)
 
 
 def _listed(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,56 +131,27 @@ def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], D))
 
 
-def _grouped(a: torch.Tensor, b: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """a [B, Hq, R, X] @ b [B, Hkv, X, Y] with query head h on kv head h // (Hq // Hkv): [B, Hq, R, Y]."""
-    B, Hq, R, X = a.shape
-    out = torch.matmul(a.reshape(B, kv_heads, (Hq // kv_heads) * R, X), b)
-    return out.view(B, Hq, R, out.shape[-1])
-
-
 def inhibit(q_rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, focus: Focus, layer: Layer,
-            keep: float, weight: float, scale: float) -> torch.Tensor:
+            keep: float, weight: float, scale: float, decode: bool) -> torch.Tensor:
     """Pass 2 for the last `rows` entries of focus.text, those `layer` does not hold yet: q_rows
     [B, Hq, rows, D] their queries, key / value [B, Hkv, length, D] the cache's. Appends their text keys,
     values and P_ti to `layer`; returns their inhibited output [B, Hq, rows, D] (fp32; 0 for slots
-    without a token)."""
-    B, Hq, rows, D = q_rows.shape
-    Hkv = key.shape[1]
-    text, text_ok, image, image_ok = focus.text, focus.text_ok, focus.image, focus.image_ok
-    T, I = text.shape[1], image.shape[1]
-    first = T - rows
-    k_t = layer.k_t.append(_take(key, text[:, first:])).float().transpose(-1, -2)
-    v_t = layer.v_t.append(_take(value, text[:, first:])).float()
-    k_i, v_i = layer.k_i.float(), layer.v_i.float()  # (no copy for an fp32 cache)
-    step = max(1, CHUNK // max(1, B * Hq * (T + I)))
-    outs = []
-    p_ti = layer.p_ti.grow(rows)  # [B, Hq, T, I]: the new rows filled chunk by chunk
-    shift = float("-inf") if weight == 0.0 else math.log(weight)
-    for c in range(0, rows, step):
-        where = slice(first + c, first + min(rows, c + step))
-        at, ok = text[:, where], text_ok[:, where]  # [B, C] the rows' token indices
-        sees_t = (text_ok[:, None, :] & (text[:, None, :] <= at[:, :, None]) & ok[:, :, None])[:, None]
-        sees_i = image_ok[:, None, :] & (image[:, None, :] <= at[:, :, None]) & ok[:, :, None]  # [B, C, I]
-        qc = q_rows[:, :, c:c + step].float()
-        s_t = (_grouped(qc, k_t, Hkv) * scale).masked_fill(~sees_t, float("-inf"))
-        s_i = (_grouped(qc, k_i, Hkv) * scale).masked_fill(~sees_i[:, None], float("-inf"))
-        lse = torch.logaddexp(s_t.logsumexp(-1), s_i.logsumexp(-1)).masked_fill(~ok[:, None], 0.0)[..., None]
-        p_ti[:, :, where] = torch.exp(s_i - lse).detach()  # they only score
-        done = where.stop  # text entries after this chunk are later tokens: no row of it sees them
-        scores = torch.matmul(torch.exp(s_t[..., :done] - lse).detach(), p_ti[:, :, :done]).mean(1)  # [B, C, I]
-        n = sees_i.sum(-1)
-        budgets = torch.where(n > 0, torch.round(keep * n.to(torch.float64)).clamp(min=1), 0).to(torch.int64)
-        C = at.shape[1]
-        kept = _SELECT(scores.masked_fill(~sees_i, float("-inf")).reshape(B * C, I),
-                       budgets.reshape(B * C, 1), [I], I, True, stamp=(q_rows.device,))[1].view(B, C, I)
-        s_i = s_i.masked_fill((sees_i & ~kept)[:, None], shift) if weight == 0.0 else \
-            torch.where((sees_i & ~kept)[:, None], s_i + shift, s_i)
-        top = torch.maximum(s_t.amax(-1), s_i.amax(-1)).masked_fill(~ok[:, None], 0.0)[..., None]
-        e_t, e_i = torch.exp(s_t - top), torch.exp(s_i - top)
-        total = e_t.sum(-1, keepdim=True) + e_i.sum(-1, keepdim=True)
-        out = _grouped(e_t, v_t, Hkv) + _grouped(e_i, v_i, Hkv)
-        outs.append(out / torch.where(total > 0, total, 1.0))
-    return torch.cat(outs, 2)
+    without a token). A prefill's rows run the chunked torch form (its matmuls: rows x T x I products
+    a head for the focus), a decode step's the `cmai_step` op (one kernel call: ~140 torch ops before)."""
+    rows, text = q_rows.shape[2], focus.text
+    if decode:  # the step's tokens: the cache's last (a static cache's keys: its capacity, filled to length)
+        k_new, v_new = key[:, :, focus.length - rows:focus.length], value[:, :, focus.length - rows:focus.length]
+    else:
+        k_new, v_new = _take(key, text[:, text.shape[1] - rows:]), _take(value, text[:, text.shape[1] - rows:])
+    args = (q_rows, layer.k_t.append(k_new), layer.v_t.append(v_new), text, focus.text_ok, layer.k_i, layer.v_i,
+            focus.image, focus.image_ok, layer.p_ti.grow(rows), keep, weight, scale)
+    grad = torch.is_grad_enabled() and (q_rows.requires_grad or key.requires_grad or value.requires_grad)
+    stamp = (q_rows.device, q_rows.dtype, q_rows.shape[1], key.shape[1])
+    if decode and not grad:  # (the op has no backward: a step under autograd runs the differentiable form)
+        return _STEP(*args, stamp=stamp)
+    if focus.room is not None:  # a static cache's compiled steps call the vtattn._C kernel chosen now
+        _STEP.prepare(*args, stamp=stamp)
+    return reference.cmai_step(*args)
 
 
 def _padded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
@@ -201,11 +173,11 @@ def cmai_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     pads = (~real).sum(1).tolist()
     out = _padded_attention(query, key, value, scale, pads)
-    focus = Focus(images, real)
+    focus = Focus(images, real, None)
     T = focus.text.shape[1]
     if T and focus.image.shape[1]:
         layer = Layer(key, value, focus, query.shape[1])
-        rows = inhibit(_take(query, focus.text), key, value, focus, layer, keep, weight, scale)
+        rows = inhibit(_take(query, focus.text), key, value, focus, layer, keep, weight, scale, False)
         out = _place(out, rows, focus)
     return out
 
@@ -238,8 +210,8 @@ class _CMAI(core.Installed):
         core.check_full_attention(decoder.config)
         self.options, self.decoder = options, decoder
         self.attn = {decoder.layers[i].self_attn: i for i in layers}
-        self.records: weakref.WeakKeyDictionary[Any, Focus] = weakref.WeakKeyDictionary()
-        self.text_only: weakref.WeakSet[Any] = weakref.WeakSet()
+        # cache -> its record; caches whose prompt had no image (on the cache: `core.Filled`)
+        self.records, self.text_only = core.Filled(), core.Filled()
         if not options.off:
             patch.route(list(self.attn))
 
@@ -253,46 +225,58 @@ class _CMAI(core.Installed):
         if kwargs.get("labels") is not None:
             raise NotImplementedError("CMAI: labels are not supported")
         _, cache = call.cache()
-        from transformers import DynamicCache
+        from transformers import DynamicCache, StaticCache
 
         from ..kv.cache import CompressedCache
-        if cache is not None and (not isinstance(cache, DynamicCache) or isinstance(cache, CompressedCache)):
-            raise NotImplementedError(f"CMAI needs a DynamicCache (or none), got {type(cache).__name__}")
-        mask = kwargs.get("attention_mask")
-        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            raise NotImplementedError("CMAI needs a 2-D attention mask (or none)")
+        if cache is not None and (not isinstance(cache, (DynamicCache, StaticCache)) or
+                                  isinstance(cache, CompressedCache)):
+            raise NotImplementedError(f"CMAI needs a DynamicCache, a StaticCache (or none), got {type(cache).__name__}")
+        mask = core.full_attention_mask(kwargs.get("attention_mask"))
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2) and \
+                not core.is_static_mask(mask):
+            raise NotImplementedError("CMAI needs a 2-D attention mask (or none), or generate's for a static cache")
         ctx = core.current()
         assert ctx is not None  # inside the patched forward
-        if cache is None or cache.get_seq_length() == 0:
+        # a decode step is told from a prefill by the cache's record (a static cache's length is a device count)
+        focus: Focus | None = self.records.get(cache)  # (None without a cache)
+        if cache in self.text_only:
+            return proceed(call)
+        if focus is None:
+            if cache is not None and cache.get_seq_length() > 0:
+                raise RuntimeError("CMAI: this cache's prefill ran without CMAI")
             images = call.images
             if images is None:
                 raise NotImplementedError("CMAI finds image tokens in input_ids: pass input_ids, not inputs_embeds")
-            real = torch.ones_like(images) if mask is None else mask.bool()
             N = images.shape[1]
+            real = torch.ones_like(images) if mask is None else \
+                core.prompt_padding(mask, N).bool() if mask.dim() == 4 else mask[:, :N].bool()
             pads = (~real).sum(1)
             if not torch.equal(real, torch.arange(N, device=real.device) >= pads[:, None]):
                 raise NotImplementedError("CMAI needs left padding: each attention-mask row zeros then ones")
             if not bool((images & real).any()):
                 return self._text_only(call, proceed, cache)
-            step = _Step(Focus(images, real), pads.tolist())
+            step = _Step(Focus(images, real, core.static_room(cache, call.given)), pads.tolist())
         else:
-            if cache in self.text_only:
-                return proceed(call)
-            focus = self.records.get(cache)
-            if focus is None:
-                raise RuntimeError("CMAI: this cache's prefill ran without CMAI")
-            if cache.get_seq_length() != focus.length:
+            static = focus.room is not None  # (its crops are counted on the host: its length is not read)
+            assert cache is not None  # (it holds the record)
+            if self.records.cropped(cache) or (not static and cache.get_seq_length() != focus.length):
                 raise RuntimeError("CMAI: the cache no longer matches its record (cropped or edited outside vtattn)")
-            new = call.new_tokens()
-            focus.extend(mask[:, -new:].bool() if mask is not None else
-                         torch.ones(focus.text.shape[0], new, dtype=torch.bool, device=focus.text.device))
+            new, end = call.new_tokens(), focus.length + call.new_tokens()
+            if mask is None or mask.dim() == 4:  # (generate's decode tokens for a static cache are real)
+                real = torch.ones(focus.text.shape[0], new, dtype=torch.bool, device=focus.text.device)
+            elif mask.shape[1] == end or (static and mask.shape[1] > end):  # (a static cache's may be as wide)
+                real = mask[:, focus.length:end].bool()
+            else:
+                raise ValueError(f"the attention mask has {mask.shape[1]} columns; the sequence so far has {end} "
+                                 f"tokens")
+            focus.extend(real)
             step = _Step(focus, None)
         ctx.state[self] = step
         for module in self.attn:
             ctx.hook(module, self._attend)
         out = proceed(call)
         for filled in (cache, core.output_cache(out)):
-            if filled is not None:
+            if filled is not None and (step.pads is not None or filled is not cache):  # (a step's cache holds it)
                 self.records[filled] = step.focus
         return out
 
@@ -300,11 +284,8 @@ class _CMAI(core.Installed):
         out = proceed(call)  # no image: nothing to inhibit, now or while decoding
         for filled in (cache, core.output_cache(out)):
             if filled is not None:
-                self.text_only.add(filled)
+                self.text_only[filled] = True
         return out
-
-    def uninstall(self) -> None:
-        self.records = weakref.WeakKeyDictionary()
 
     def _attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 mask: Any, scaling: float | None, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -313,7 +294,9 @@ class _CMAI(core.Installed):
         assert ctx is not None  # a hook runs inside the patched forward
         step: _Step = ctx.state[self]
         focus, layer, options = step.focus, self.attn[module], self.options
-        if key.shape[2] != focus.length:
+        if step.pads is not None:  # (a static cache's keys: its capacity, the prompt first)
+            key, value = key[:, :, :focus.length], value[:, :, :focus.length]
+        elif key.shape[2] != focus.width and key.shape[2] != focus.length:  # (a static cache's: its width)
             raise RuntimeError(f"CMAI: layer {layer} holds {key.shape[2]} keys, its record {focus.length}")
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
         count("cmai")
@@ -323,7 +306,7 @@ class _CMAI(core.Installed):
             if not focus.text.shape[1]:  # a prompt of image tokens only: no text row yet (decode steps add them)
                 return out.transpose(1, 2)
             rows = inhibit(_take(query, focus.text), key, value, focus, focus.rows[layer], options.keep,
-                           options.weight, scale)
+                           options.weight, scale, False)
             return _place(out, rows, focus).transpose(1, 2)
-        rows = inhibit(query, key, value, focus, focus.rows[layer], options.keep, options.weight, scale)
+        rows = inhibit(query, key, value, focus, focus.rows[layer], options.keep, options.weight, scale, True)
         return rows.to(query.dtype).transpose(1, 2)

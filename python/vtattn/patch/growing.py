@@ -9,8 +9,18 @@ class Growing:
     n entries cost O(n) amortised where torch.cat would copy every entry so far at each step. `filled`
     is a view of the entries so far; only host ints track the size, so growing syncs with nothing."""
 
-    def __init__(self, first: torch.Tensor, dim: int) -> None:
+    def __init__(self, first: torch.Tensor, dim: int, room: int | None = None) -> None:
+        """room: the entries to come, when known (a static cache's decode tokens): reserved now, plus a
+        spare one (a compiled step whose write ended at the buffer's end would be specialized on it), at
+        a static address (a CUDA graph of the step writes there); the buffer then never moves."""
         self.data, self.dim, self.size = first, dim, first.shape[dim]  # `first` is never written to
+        if room is not None:
+            shape = list(first.shape)
+            shape[dim] += room + 1
+            self.data = first.new_empty(shape)
+            self.filled.copy_(first)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.data)
 
     @property
     def filled(self) -> torch.Tensor:

@@ -18,7 +18,6 @@ The exact rule and every difference from the release: docs/selection.md, "VAR"."
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -97,20 +96,52 @@ def sinks(hidden: torch.Tensor, dims: tuple[int, ...], tau: float) -> torch.Tens
 
 
 class _Record:
-    """One cache's VAR state: per layer the keys' groups [B, N] and whether each sample has an image
-    sink [B]; the image token count [B] (fp32) and the sequence length so far."""
+    """One cache's VAR state: per layer the keys' groups and whether each sample has an image sink [B];
+    the image token count [B] (fp32) and the sequence length so far. Each layer's groups live in a
+    [B, width] buffer, its first `length` columns filled, the rest hidden. On a static cache the width
+    is the cache's capacity (`width`), reserved at the prefill: a decode step attends over all of the
+    cache's slots, the empty ones hidden (fixed shapes, nothing allocated that the record keeps: what a
+    CUDA graph of the step needs); on a growing cache the buffers double when full. Host ints track
+    the length, so nothing syncs."""
 
-    def __init__(self, images: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, width: int | None) -> None:
         self.groups: dict[int, torch.Tensor] = {}
         self.has_sink: dict[int, torch.Tensor] = {}
         self.images = images.sum(1, dtype=torch.float32)
         self.length = images.shape[1]
+        self.width = width  # None: a growing cache
+
+    def set(self, layer: int, groups: torch.Tensor) -> None:
+        """A prefill's groups [B, N] for `layer`."""
+        B, N = groups.shape
+        # (a static cache's width and a spare slot: a compiled step whose write ends exactly at the buffer's
+        # end would be specialized on it, a recompile for the last step)
+        buf = groups.new_full((B, N + max(16, N // 4) if self.width is None else self.width + 1), HIDDEN)
+        buf[:, :N] = groups
+        if self.width is not None and not torch.compiler.is_compiling():  # a CUDA graph's step writes it
+            torch._dynamo.mark_static_address(buf)
+        self.groups[layer] = buf
+
+    def keys(self, layer: int, count: int) -> torch.Tensor:
+        """The groups of an attention over `count` keys: a prefill's or a growing cache's first ones,
+        or a static cache's every slot."""
+        buf = self.groups[layer]
+        if count == self.width:  # (the length is not compared: a compiled step would guard on it)
+            return buf[:, :count]
+        if count != self.length:
+            raise RuntimeError(f"VAR: layer {layer} holds {count} keys, its record {self.length}")
+        return buf[:, :count]
 
     def extend(self, new: torch.Tensor) -> None:
         """Append the new tokens' groups [B, n] (other, or hidden for padding) to every layer."""
-        for layer, groups in self.groups.items():
-            self.groups[layer] = torch.cat([groups, new], 1)
-        self.length += new.shape[1]
+        n, end = new.shape[1], self.length + new.shape[1]
+        for layer, buf in self.groups.items():
+            if self.width is None and end > buf.shape[1]:  # (a static cache's write past its capacity fails first)
+                grown = buf.new_full((buf.shape[0], max(end, 2 * buf.shape[1])), HIDDEN)
+                grown[:, :self.length] = buf[:, :self.length]
+                self.groups[layer] = buf = grown
+            buf[:, self.length:end] = new
+        self.length = end
 
 
 class _Step:
@@ -135,7 +166,10 @@ class _VAR(core.Installed):
         self.options, self.decoder = options, decoder
         self.dims = sink_dims(decoder.config, options.dims)
         self.attn = {decoder.layers[i].self_attn: i for i in layers}
-        self.records: weakref.WeakKeyDictionary[Any, _Record] = weakref.WeakKeyDictionary()
+        # cache -> its record; caches whose prompt had no image (their steps: the unpatched model). On the
+        # cache (`core.Filled`): a static cache's length is a device count, so a decode step is told from
+        # a prefill by its record, not by reading the length.
+        self.records, self.text_only = core.Filled(), core.Filled()
         patch.route(list(self.attn))
         self.handles = [decoder.layers[i].register_forward_pre_hook(self._sinks(i), with_kwargs=True) for i in layers]
 
@@ -146,17 +180,27 @@ class _VAR(core.Installed):
             raise NotImplementedError("VAR with tokens leaving the language model (FastV, VisualExit, Qwen2-VL's "
                                       "VisionSelect) is not supported")
         _, cache = call.cache()
-        from transformers import DynamicCache
+        from transformers import DynamicCache, StaticCache
 
-        if cache is not None and type(cache) is not DynamicCache:
-            raise NotImplementedError(f"VAR needs a DynamicCache (or none), got {type(cache).__name__}")
-        mask = call.kwargs.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            raise NotImplementedError("VAR needs a 2-D attention mask (or none)")
-        prefill = cache is None or cache.get_seq_length() == 0
-        step = self._prefill(call, mask) if prefill else self._decode(call, cache, mask)
-        if step is None:  # a text-only prompt (or a cache VAR did not fill): no image sink, the unpatched model
-            return proceed(call)
+        if cache is not None and type(cache) is not DynamicCache and not isinstance(cache, StaticCache):
+            raise NotImplementedError(f"VAR needs a DynamicCache, a StaticCache (or none), got {type(cache).__name__}")
+        mask = core.full_attention_mask(call.kwargs.get("attention_mask"))
+        if mask is not None and mask.dim() != 2 and not core.is_static_mask(mask):
+            raise NotImplementedError("VAR needs a 2-D attention mask (or none), or generate's for a static cache")
+        record = self.records.get(cache)
+        step: _Step | None
+        if record is not None:
+            step = self._decode(call, cache, mask, record)
+        elif cache in self.text_only or (cache is not None and cache.get_seq_length() > 0):
+            return proceed(call)  # no image in its prompt, or a cache VAR did not fill: the unpatched model
+        else:
+            step = self._prefill(call, cache, mask)
+        if step is None:  # a text-only prompt: no image sink, the unpatched model (its decode steps too)
+            out = proceed(call)
+            for filled in (cache, core.output_cache(out)):
+                if filled is not None:
+                    self.text_only[filled] = True
+            return out
         ctx = core.current()
         assert ctx is not None  # inside the patched forward
         ctx.state[self] = step
@@ -164,7 +208,7 @@ class _VAR(core.Installed):
             ctx.hook(module, self._attend)
         out = proceed(call)
         for filled in (cache, core.output_cache(out)):
-            if filled is not None:
+            if filled is not None and (record is None or filled is not cache):  # (a step's cache holds it)
                 self.records[filled] = step.record
         return out
 
@@ -172,33 +216,38 @@ class _VAR(core.Installed):
         for handle in self.handles:
             handle.remove()
 
-    def _prefill(self, call: core.Call, mask: torch.Tensor | None) -> _Step | None:
+    def _prefill(self, call: core.Call, cache: Any, mask: torch.Tensor | None) -> _Step | None:
         images = call.images
         if images is None:
             raise NotImplementedError("VAR finds the image tokens in input_ids: pass input_ids, not inputs_embeds")
         if not bool(images.any()):
             return None
-        real = torch.ones_like(images) if mask is None else mask.bool()
-        return _Step(_Record(images), real & ~images, (images, real))
+        N = images.shape[1]
+        if mask is None:
+            real = torch.ones_like(images)
+        elif mask.dim() == 4:  # generate's for a static cache: the padding read back from its last row
+            real = core.prompt_padding(mask, N).bool()
+        else:
+            real = mask[:, :N].bool()  # (a static cache's 2-D mask may be as wide as the cache)
+        room = core.static_room(cache, call.given)
+        return _Step(_Record(images, None if room is None else N + room), real & ~images, (images, real))
 
-    def _decode(self, call: core.Call, cache: Any, mask: torch.Tensor | None) -> _Step | None:
-        record = self.records.get(cache)
-        if record is None:
-            return None
+    def _decode(self, call: core.Call, cache: Any, mask: torch.Tensor | None, record: _Record) -> _Step:
         pixel_values = call.kwargs.get("pixel_values")
         if pixel_values is not None and pixel_values.numel():
             raise NotImplementedError("VAR finds an image's sinks in the first forward of a cache (images come with "
                                       "the prompt)")
-        if cache.get_seq_length() != record.length:
+        # (a static cache's length is a device count: its crops are counted on the host instead)
+        if self.records.cropped(cache) or (record.width is None and cache.get_seq_length() != record.length):
             raise RuntimeError("VAR's record no longer matches the cache (cropped or edited outside vtattn)")
-        new = call.new_tokens()
-        if mask is not None and mask.shape[1] != record.length + new:
-            raise ValueError(f"the attention mask has {mask.shape[1]} columns; the sequence so far has "
-                             f"{record.length + new} tokens")
-        real = mask[:, -new:].bool() if mask is not None else None
-        B = record.images.shape[0]
-        if real is None:
+        new, B = call.new_tokens(), record.images.shape[0]
+        end = record.length + new
+        if mask is None or mask.dim() == 4:  # (generate's decode tokens for a static cache are real)
             real = torch.ones(B, new, dtype=torch.bool, device=record.images.device)
+        elif mask.shape[1] == end or (record.width is not None and mask.shape[1] == record.width):
+            real = mask[:, record.length:end].bool()
+        else:
+            raise ValueError(f"the attention mask has {mask.shape[1]} columns; the sequence so far has {end} tokens")
         record.extend(torch.where(real, REST, HIDDEN))
         return _Step(record, real, None)
 
@@ -211,7 +260,7 @@ class _VAR(core.Installed):
             images, real = step.prefill
             sink = sinks(args[0] if args else kwargs["hidden_states"], self.dims, self.options.tau)
             groups = torch.where(images, torch.where(sink, IMAGE_SINK, IMAGE), torch.where(sink, TEXT_SINK, REST))
-            step.record.groups[layer] = groups.masked_fill(~real, HIDDEN)
+            step.record.set(layer, groups.masked_fill(~real, HIDDEN))
             step.record.has_sink[layer] = (sink & images & real).any(1)
             return None
         return hook
@@ -225,9 +274,9 @@ class _VAR(core.Installed):
         step: _Step = ctx.state[self]
         layer = self.attn[module]
         record = step.record
-        groups = record.groups[layer]
-        if key.shape[2] != groups.shape[1]:
-            raise RuntimeError(f"VAR: layer {layer} holds {key.shape[2]} keys, its record {groups.shape[1]}")
+        if step.prefill is not None:  # (a static cache's keys: its capacity, the prompt first)
+            key, value = key[:, :, :record.length], value[:, :, :record.length]
+        groups = record.keys(layer, key.shape[2])
         scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
         count("group_attention")
         if core.needs_grad(query, key, value):  # the op has no gradient; its reference has

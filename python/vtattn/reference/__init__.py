@@ -1,6 +1,7 @@
 """Pure-PyTorch specifications of every vtattn op: the ground truth the kernels are tested against."""
 from .attention import attention
 from .block_sparse_attention import block_sparse_attention
+from .cmai_step import cmai_step
 from .decode_attention import decode_attention
 from .gather_tokens import gather_tokens
 from .group_attention import group_attention, group_attention_chunked
@@ -15,6 +16,6 @@ from .paged_evict_step import paged_evict_step
 from .select_tokens import select_tokens
 from .varlen_attention import varlen_attention
 
-__all__ = ["attention", "block_sparse_attention", "decode_attention", "gather_tokens", "key_importance", "merge_tokens",
+__all__ = ["attention", "block_sparse_attention", "cmai_step", "decode_attention", "gather_tokens", "key_importance", "merge_tokens",
            "paged_append", "paged_decode_attention", "paged_decode_step", "paged_evict", "paged_evict_step", "select_tokens",
            "varlen_attention", "index_attention", "group_attention", "group_attention_chunked"]
