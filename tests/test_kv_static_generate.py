@@ -283,16 +283,22 @@ def test_static_decode_steps_keep_nothing_they_allocate(family, path):
         pytest.skip("AIM merges one view per image (LLaVA-1.5)")
     model, patch, inputs = MODELS[family]()
     patch(model, **DROPPING[path]())
+    assert_steps_keep_nothing_they_allocate(model, inputs, 20)
+
+
+def assert_steps_keep_nothing_they_allocate(model, inputs, steps):
+    """Static-cache generate of `steps` tokens: the tensors the patch and the cache hold after the last
+    forward were all there after the prefill, and those written since are static addresses."""
     snapshots = []
 
     def hold(module, args, kwargs, out):
         snapshots.append(_held_tensors((model._vtattn_patch, _cache(out))))
     handle = model.register_forward_hook(hold, with_kwargs=True)
     with torch.no_grad():
-        model.generate(**inputs, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0,
+        model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0,
                        cache_implementation="static")
     handle.remove()
     prefill, last = snapshots[0], snapshots[-1]
-    assert len(snapshots) == 20
+    assert len(snapshots) == steps
     assert [v[0] for k, v in last.items() if k not in prefill] == []
     assert [v[0] for k, v in last.items() if v[1] != prefill[k][1] and not v[2]] == []

@@ -10,7 +10,7 @@ import vtattn
 from helpers import cache_name
 from syncs import step_syncs
 from test_kv_model_syncs import MODELS, _static
-from test_kv_static_generate import NEW, _cache, _generate, _held_tensors
+from test_kv_static_generate import NEW, _cache, _generate, assert_steps_keep_nothing_they_allocate
 from test_var import _options
 
 pytest.importorskip("transformers")
@@ -105,18 +105,7 @@ def test_static_decode_steps_keep_nothing_they_allocate(family, rule):
     """Every tensor the stage and the cache hold after a decode step was there after the prefill, and
     each one a step writes in place is a static address (as tests/test_kv_static_generate.py's)."""
     model, _, inputs, _ = _patched(family, rule)
-    snapshots = []
-
-    def hold(module, args, kwargs, out):
-        snapshots.append(_held_tensors((model._vtattn_patch, _cache(out))))
-    handle = model.register_forward_hook(hold, with_kwargs=True)
-    with torch.no_grad():
-        model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
-                       cache_implementation="static")
-    handle.remove()
-    prefill, last = snapshots[0], snapshots[-1]
-    assert [v[0] for k, v in last.items() if k not in prefill] == []
-    assert [v[0] for k, v in last.items() if v[1] != prefill[k][1] and not v[2]] == []
+    assert_steps_keep_nothing_they_allocate(model, inputs, 8)
 
 
 @pytest.mark.gpu
