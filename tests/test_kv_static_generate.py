@@ -229,10 +229,17 @@ def test_generate_compiled_decode_step_replays_cuda_graphs(path):
     eviction, last: the first cut if the device call runs short): the eager dynamic cache's tokens, the
     patched forward whole, inductor's CUDA graphs skipping nothing, and a second call (a new
     CompressedCache; the stages' records and masks on it) replaying the first call's graphs."""
-    import torch._dynamo.utils as dynamo_utils
     model, patch, inputs = MODELS["llava"]()
     model, inputs = model.cuda(), {k: v.cuda() for k, v in inputs.items()}
     patch(model, **DROPPING[path]())
+    assert_static_generate_replays_cuda_graphs(model, inputs)
+
+
+def assert_static_generate_replays_cuda_graphs(model, inputs):
+    """Two static-cache generates of a patched model on CUDA (transformers compiles their decode steps:
+    inductor, CUDA graphs): the dynamic cache's tokens, one graph (a recompile at most), no graph
+    break, no CUDA-graph skip."""
+    import torch._dynamo.utils as dynamo_utils
     dynamic = _generate(model, inputs)
     torch._dynamo.reset()
     dynamo_utils.counters.clear()

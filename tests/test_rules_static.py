@@ -10,7 +10,8 @@ import vtattn
 from helpers import cache_name
 from syncs import step_syncs
 from test_kv_model_syncs import MODELS, _static
-from test_kv_static_generate import NEW, _cache, _generate, assert_steps_keep_nothing_they_allocate
+from test_kv_static_generate import (NEW, _cache, _generate, assert_static_generate_replays_cuda_graphs,
+                                     assert_steps_keep_nothing_they_allocate)
 from test_var import _options
 
 pytest.importorskip("transformers")
@@ -113,14 +114,5 @@ def test_static_decode_steps_keep_nothing_they_allocate(family, rule):
 def test_generate_compiled_decode_step_replays_cuda_graphs(rule):
     """On a GPU, generate(cache_implementation="static") compiles the decode steps itself (inductor,
     CUDA graphs): the dynamic cache's tokens, no graph skipped, the second call replaying the first's."""
-    import torch._dynamo.utils as dynamo_utils
     model, _, inputs, _ = _patched("llava", rule)
-    model, inputs = model.cuda(), {k: v.cuda() for k, v in inputs.items()}
-    dynamic = _generate(model, inputs)
-    torch._dynamo.reset()
-    dynamo_utils.counters.clear()
-    for _ in range(2):
-        assert torch.equal(_generate(model, inputs, cache_implementation="static").sequences, dynamic.sequences)
-    counters = dynamo_utils.counters
-    assert 1 <= counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"]
-    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert_static_generate_replays_cuda_graphs(model.cuda(), {k: v.cuda() for k, v in inputs.items()})
