@@ -225,12 +225,6 @@ class _CMAI(core.Installed):
         if kwargs.get("labels") is not None:
             raise NotImplementedError("CMAI: labels are not supported")
         _, cache = call.cache()
-        from transformers import DynamicCache, StaticCache
-
-        from ..kv.cache import CompressedCache
-        if cache is not None and (not isinstance(cache, (DynamicCache, StaticCache)) or
-                                  isinstance(cache, CompressedCache)):
-            raise NotImplementedError(f"CMAI needs a DynamicCache, a StaticCache (or none), got {type(cache).__name__}")
         mask = core.full_attention_mask(kwargs.get("attention_mask"))
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2) and \
                 not core.is_static_mask(mask):
@@ -242,6 +236,14 @@ class _CMAI(core.Installed):
         if cache in self.text_only:
             return proceed(call)
         if focus is None:
+            # (imported here, not in a decode step: torch 2.11's dynamo breaks the graph on transformers' lazy module)
+            from transformers import DynamicCache, StaticCache
+
+            from ..kv.cache import CompressedCache
+            if cache is not None and (not isinstance(cache, (DynamicCache, StaticCache)) or
+                                      isinstance(cache, CompressedCache)):
+                raise NotImplementedError(f"CMAI needs a DynamicCache, a StaticCache (or none), got "
+                                          f"{type(cache).__name__}")
             if cache is not None and cache.get_seq_length() > 0:
                 raise RuntimeError("CMAI: this cache's prefill ran without CMAI")
             images = call.images

@@ -180,20 +180,23 @@ class _VAR(core.Installed):
             raise NotImplementedError("VAR with tokens leaving the language model (FastV, VisualExit, Qwen2-VL's "
                                       "VisionSelect) is not supported")
         _, cache = call.cache()
-        from transformers import DynamicCache, StaticCache
-
-        if cache is not None and type(cache) is not DynamicCache and not isinstance(cache, StaticCache):
-            raise NotImplementedError(f"VAR needs a DynamicCache, a StaticCache (or none), got {type(cache).__name__}")
         mask = core.full_attention_mask(call.kwargs.get("attention_mask"))
         if mask is not None and mask.dim() != 2 and not core.is_static_mask(mask):
             raise NotImplementedError("VAR needs a 2-D attention mask (or none), or generate's for a static cache")
         record = self.records.get(cache)
         step: _Step | None
-        if record is not None:
+        if record is not None:  # (its cache passed the check below at the prefill)
             step = self._decode(call, cache, mask, record)
-        elif cache in self.text_only or (cache is not None and cache.get_seq_length() > 0):
-            return proceed(call)  # no image in its prompt, or a cache VAR did not fill: the unpatched model
+        elif cache in self.text_only:
+            return proceed(call)  # no image in its prompt: the unpatched model
         else:
+            # (imported here, not in a decode step: torch 2.11's dynamo breaks the graph on transformers' lazy module)
+            from transformers import DynamicCache, StaticCache
+            if cache is not None and type(cache) is not DynamicCache and not isinstance(cache, StaticCache):
+                raise NotImplementedError(f"VAR needs a DynamicCache, a StaticCache (or none), got "
+                                          f"{type(cache).__name__}")
+            if cache is not None and cache.get_seq_length() > 0:
+                return proceed(call)  # a cache VAR did not fill: the unpatched model
             step = self._prefill(call, cache, mask)
         if step is None:  # a text-only prompt: no image sink, the unpatched model (its decode steps too)
             out = proceed(call)
