@@ -208,10 +208,11 @@ def _reference_model(model, options):
     return ref
 
 
-def _reference(ref, options, x, image, steps=STEPS):
+def _reference(ref, options, x, image, steps=STEPS, frame=lambda ids: ids):
     """(greedy tokens [steps], per-step logits [steps, C]) of one unpadded sample, the whole sequence
     recomputed at each step (generated tokens are text; no end of sequence before `steps` tokens, as
-    generate's min_new_tokens)."""
+    generate's min_new_tokens). frame: the prompt's ids as the language model sees them (a stage
+    before it may shorten the image spans)."""
     tokens, logits = [], []
     eos = ref.generation_config.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -222,18 +223,18 @@ def _reference(ref, options, x, image, steps=STEPS):
         y = dict(x, input_ids=ids)
         if "mm_token_type_ids" in y:
             y["mm_token_type_ids"] = torch.nn.functional.pad(y["mm_token_type_ids"], (0, len(tokens)))
-        _REF["images"] = torch.nn.functional.pad(prompt == image, (0, len(tokens)))
+        _REF["images"] = torch.nn.functional.pad(frame(prompt) == image, (0, len(tokens)))
         with torch.no_grad():
             logits.append(ref(**y, use_cache=False).logits[0, -1])
         tokens.append(int(logits[-1].index_fill(0, torch.tensor(eos, dtype=torch.long), float("-inf")).argmax()))
     return torch.tensor(tokens), torch.stack(logits)
 
 
-def _check(model, ref, options, batch, alone, image, steps=STEPS):
+def _check(model, ref, options, batch, alone, image, steps=STEPS, frame=lambda ids: ids):
     with torch.no_grad():
         out = model.generate(**batch, **dict(GREEDY, max_new_tokens=steps, min_new_tokens=steps))
     for b, x in enumerate(alone):
-        tokens, logits = _reference(ref, options, x, image, steps)
+        tokens, logits = _reference(ref, options, x, image, steps, frame)
         assert torch.equal(out.sequences[b, -steps:], tokens), b
         torch.testing.assert_close(torch.stack(out.logits)[:, b], logits, atol=2e-5, rtol=1e-5)
     return out
@@ -253,6 +254,53 @@ def test_llava_matches_the_reference_batched_and_ragged(options):
     assert vtattn.patch.core.routed(attn) == (options.layers is None)
     vtattn.patch.unpatch(model)
     assert not vtattn.patch.core.routed(attn)
+
+
+def test_llava_after_vision_side_keep_matches_the_reference():
+    """FasterVLM's keep=0.5 before the projector: CMAI inhibits among the kept image tokens (18 of each
+    image's 36, in the language model's shorter frame), as the reference on the keep-patched model."""
+    model = llava(layers=4)
+    options = CMAI(keep=0.25)
+    keep = vtattn.patch.VisionSelect(keep=0.5, method="cls")
+    ref = _reference_model(model, options)
+    vtattn.patch.llava(ref, stages=[keep])
+    batch, alone = llava_inputs()
+
+    def frame(ids):  # one sample's: each 36-token image span shortened to 18 tokens
+        kept, run = [], 0
+        for token in ids[0].tolist():
+            run = run + 1 if token == IMAGE else 0
+            if run == 0 or (run - 1) % 36 < 18:
+                kept.append(token)
+        return torch.tensor([kept])
+
+    vtattn.patch.llava(model, stages=[keep])
+    with torch.no_grad():
+        kept_only = model.generate(**batch, **GREEDY)
+    vtattn.patch.llava(model, stages=[keep, options])
+    out = _check(model, ref, options, batch, alone, IMAGE, frame=frame)
+    assert not torch.allclose(torch.stack(out.logits), torch.stack(kept_only.logits))  # it did inhibit
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_beam_search_keeps_each_beams_record(cache):
+    """Beam search reorders the cache's rows at each step (`reorder_cache`): the record follows them (a
+    beam's text keys, values and P_ti rows are its own), so the beams are those of the whole sequence
+    recomputed at each step (use_cache=False: every forward a prefill), scores included."""
+    model = llava(layers=4)
+    ids, mask = prompts([[36], [36]])  # (one image a prompt: generate expands pixel_values row by row)
+    pixels = torch.randn(2, 3, 84, 84, generator=torch.Generator().manual_seed(1))
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    vtattn.patch.llava(model, stages=[CMAI(keep=0.3)])
+    options = dict(GREEDY, max_new_tokens=8, min_new_tokens=8, num_beams=3, num_return_sequences=3,
+                   output_scores=True)
+    options.pop("output_logits")
+    with torch.no_grad():
+        want = model.generate(**batch, **options, use_cache=False)
+        got = model.generate(**batch, **options, **({"cache_implementation": "static"} if cache == "static" else {}))
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.scores).nan_to_num(0, 0, 0), torch.stack(want.scores).nan_to_num(0, 0, 0),
+                               atol=2e-5, rtol=1e-5)
 
 
 def test_a_prompt_of_image_tokens_only():

@@ -105,7 +105,7 @@ def test_static_cache_decode_steps_of_dropping_stages_sync_nothing(family, path)
     """generate(cache_implementation="static") with stages that shorten the sequence (vision-side
     pruning, FastV, VisualExit, SparseVLM, AIM; alone and with KV compression): a decode step reads nothing on the
     host, as the unpatched model's. The cache's length is a device count there: the stages tell the
-    cache their prefill filled from a reset one by host counts (core.Filled), never by reading it."""
+    cache their prefill filled from a reset one by host counts (filled.Filled), never by reading it."""
     if family != "llava" and path in ("keep+fastv+lookm", "aim"):
         pytest.skip("one vision-side stage per model (Qwen2-VL: keep and FastV both at the LLM input); AIM "
                     "merges one view per image (LLaVA-1.5)")

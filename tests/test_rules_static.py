@@ -17,13 +17,15 @@ from test_var import _options
 pytest.importorskip("transformers")
 
 
-def _patched(family, rule):
-    """A tiny model of `family` patched with `rule`, its inputs, and its unpatched greedy logits. VAR:
-    dims and tau from the unpatched run (random weights have no massive activations), layers 0 and 1."""
+def _patched(family, rule, keep=None):
+    """A tiny model of `family` patched with `rule` (after LLaVA's vision-side `keep`, if given), its
+    inputs, and its unpatched greedy logits. VAR: dims and tau from the unpatched run (random weights
+    have no massive activations), layers 0 and 1."""
     model, patch, inputs = MODELS[family]()
     unpatched = torch.stack(_generate(model, inputs, output_logits=True).logits)
     stage = _options(model, inputs, (0, 1)) if rule == "var" else vtattn.patch.CMAI(keep=0.3)
-    patch(model, stages=[stage])
+    before = [] if keep is None else [vtattn.patch.VisionSelect(keep=keep, method="cls")]
+    patch(model, stages=[*before, stage])
     return model, patch, inputs, unpatched
 
 
@@ -53,16 +55,17 @@ def test_static_decode_steps_sync_nothing(family, rule):
     assert not any(steps), "\n".join(s.report() for s in steps if s)
 
 
-@pytest.mark.parametrize("family", MODELS)
+@pytest.mark.parametrize("family,keep", [*((f, None) for f in MODELS), ("llava", 0.5), ("llava-next", 0.5)])
 @pytest.mark.parametrize("rule", RULES)
-def test_compiled_static_decode_steps_give_the_dynamic_tokens(family, rule, monkeypatch):
+def test_compiled_static_decode_steps_give_the_dynamic_tokens(family, rule, keep, monkeypatch):
     """Compiled whole (fullgraph: the stage's decode-step Python too), once and one recompile at most,
     and nothing new for a second cache (generate's, then one the caller gives). CMAI's compiled steps
-    call the C++ kernel the prefill prepared, not the public op's Python dispatch."""
+    call the C++ kernel the prefill prepared, not the public op's Python dispatch. keep: LLaVA's
+    vision-side pruning first (its decode steps attend over the cache's width, the caller's frame)."""
     from transformers import CompileConfig, StaticCache
     import torch._dynamo.utils as dynamo_utils
     from vtattn import _registry
-    model, _, inputs, _ = _patched(family, rule)
+    model, _, inputs, _ = _patched(family, rule, keep)
     dynamic = _generate(model, inputs)
     config = CompileConfig()
     config._compile_all_devices = True
@@ -80,6 +83,22 @@ def test_compiled_static_decode_steps_give_the_dynamic_tokens(family, rule, monk
     for options in (dict(cache_implementation="static"), {cache_name(model): given}):
         assert torch.equal(_generate(model, inputs, compile_config=config, **options).sequences, dynamic.sequences)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("family", ["llava", "llava-next"])
+@pytest.mark.parametrize("rule", RULES)
+def test_after_vision_side_keep_static_generate_gives_the_dynamic_tokens(family, rule):
+    """LLaVA's vision-side keep, then the rule: a static cache's decode steps attend over its whole
+    width, the caller's prompt plus the room (a record sized by the shortened prompt refused them), and
+    give the dynamic cache's tokens; the keep alone is not what the rule gives."""
+    model, patch, inputs, _ = _patched(family, rule, keep=0.5)
+    dynamic = _generate(model, inputs, output_logits=True)
+    static = _generate(model, inputs, cache_implementation="static", output_logits=True)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=2e-5, rtol=1e-5)
+    patch(model, stages=[vtattn.patch.VisionSelect(keep=0.5, method="cls")])
+    assert not torch.allclose(torch.stack(_generate(model, inputs, output_logits=True).logits),
+                              torch.stack(dynamic.logits))
 
 
 @pytest.mark.parametrize("rule", RULES)

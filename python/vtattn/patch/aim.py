@@ -28,6 +28,7 @@ import vtattn
 from vtattn.reference.aim import ORDERS, WEIGHTS, aim_keep, aim_merge, aim_retention
 
 from . import core
+from .filled import Filled
 from .drop import Drop, Step
 from .vision import Shrink
 
@@ -132,7 +133,7 @@ class _Merge(core.Installed):
                                       "its views' grids with row newlines: pass merge=() to prune only")
         self.options, self.patch = options, patch
         self.tower = self.base.vision_tower
-        self.continuations = core.Filled()  # cache -> its merged prefill's Shrink, until the cache's reset()
+        self.continuations = Filled()  # cache -> its merged prefill's Shrink, until the cache's reset()
         self._feature(self.base.config.vision_feature_layer)  # check now
 
     def _feature(self, layer: Any) -> int:

@@ -27,6 +27,7 @@ import torch
 from .. import reference
 from .._dispatch import Direct
 from . import core
+from .filled import Filled
 from .growing import Growing
 from .hf_attention import count
 
@@ -74,14 +75,14 @@ class Focus:
     (`text` / `image` [B, T] / [B, I] int64, ascending where `*_ok`), its length, and per hooked layer
     its `Layer` record. The text lists grow in place (`Growing`): a decode step writes its new entries only."""
 
-    def __init__(self, images: torch.Tensor, real: torch.Tensor, room: int | None) -> None:
+    def __init__(self, images: torch.Tensor, real: torch.Tensor, room: int | None, width: int | None) -> None:
         N = images.shape[1]
         text, text_ok = _listed(real & ~images)
         self._text, self._text_ok = Growing(text, 1, room), Growing(text_ok, 1, room)
         self.image, self.image_ok = _listed(images & real)
         self.length = N
         self.room = room  # a static cache's decode tokens (core.static_room): the buffers reserve them
-        self.width = None if room is None else N + room  # the static cache's capacity
+        self.width = width  # a static cache's capacity (None: a growing cache)
         self.rows: dict[int, Layer] = {}
 
     @property
@@ -91,6 +92,17 @@ class Focus:
     @property
     def text_ok(self) -> torch.Tensor:
         return self._text_ok.filled
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the rows `index` [B'] of the batch, as its cache did (beam search reorders them each step:
+        a beam's text record is its own)."""
+        self._text.select(index)
+        self._text_ok.select(index)
+        self.image, self.image_ok = _rows(self.image, index), _rows(self.image_ok, index)
+        for layer in self.rows.values():
+            layer.k_i, layer.v_i = _rows(layer.k_i, index), _rows(layer.v_i, index)
+            for grown in (layer.k_t, layer.v_t, layer.p_ti):
+                grown.select(index)
 
     def extend(self, real: torch.Tensor) -> None:
         """Append `real.shape[1]` generated tokens (text; real [B, new] bool)."""
@@ -123,6 +135,12 @@ def _listed(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     M = int(chosen.sum(1).max())
     order = order[:, :M]
     return order, chosen.gather(1, order)
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x's rows `index` (dim 0): in place where as many (a static cache's step reads them there)."""
+    picked = x.index_select(0, index.to(x.device))
+    return x.copy_(picked) if picked.shape == x.shape else picked
 
 
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -173,7 +191,7 @@ def cmai_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     pads = (~real).sum(1).tolist()
     out = _padded_attention(query, key, value, scale, pads)
-    focus = Focus(images, real, None)
+    focus = Focus(images, real, None, None)
     T = focus.text.shape[1]
     if T and focus.image.shape[1]:
         layer = Layer(key, value, focus, query.shape[1])
@@ -210,8 +228,8 @@ class _CMAI(core.Installed):
         core.check_full_attention(decoder.config)
         self.options, self.decoder = options, decoder
         self.attn = {decoder.layers[i].self_attn: i for i in layers}
-        # cache -> its record; caches whose prompt had no image (on the cache: `core.Filled`)
-        self.records, self.text_only = core.Filled(), core.Filled()
+        # cache -> its record; caches whose prompt had no image (on the cache: `Filled`)
+        self.records, self.text_only = Filled(rows=Focus.select), Filled()
         if not options.off:
             patch.route(list(self.attn))
 
@@ -257,7 +275,8 @@ class _CMAI(core.Installed):
                 raise NotImplementedError("CMAI needs left padding: each attention-mask row zeros then ones")
             if not bool((images & real).any()):
                 return self._text_only(call, proceed, cache)
-            step = _Step(Focus(images, real, core.static_room(cache, call.given)), pads.tolist())
+            room = core.static_room(cache, call.given)
+            step = _Step(Focus(images, real, room, core.static_width(call.given, room)), pads.tolist())
         else:
             static = focus.room is not None  # (its crops are counted on the host: its length is not read)
             assert cache is not None  # (it holds the record)

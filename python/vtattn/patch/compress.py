@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import core
+from .filled import Filled
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class _KVCompress(core.Installed):
         self.options, self.policy = options, options.policy
         # caches a prefill replaced (generate goes on with the one it returns), marked on the cache: read in
         # every step, where a set of caches would have a compiled step guard on its members
-        self.replaced = core.Filled()
+        self.replaced = Filled()
         patch.route(block.self_attn for block in decoder.layers)
         # generate's length (prompt and new tokens but the last), by the cache it made or was given: the tokens
         # it will append size the prefill's CompressedCache (a short decode then never relayouts)

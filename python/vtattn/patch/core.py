@@ -18,14 +18,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import itertools
 import sys
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .filled import Filled
 
 NAME = "vtattn"  # the attention implementation routed modules name (hf_attention.attention_forward)
 _ATTR = "_vtattn_patch"
@@ -150,6 +150,13 @@ def static_room(cache: Any, prompt: int) -> int | None:
         return None
     limit = cache.get_max_length()
     return None if limit is None or limit < 0 else max(int(limit) - prompt, 0)
+
+
+def static_width(prompt: int, room: int | None) -> int | None:
+    """A static cache's capacity from `static_room(cache, prompt)` (None for a growing cache): the keys
+    its decode steps attend over, as many after a prefill a stage shortened (their frame is the
+    caller's)."""
+    return None if room is None else prompt + room
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
@@ -413,105 +420,6 @@ def output_cache(out: Any) -> Any:
     if not isinstance(out, dict):  # ModelOutput is a dict of its non-None fields
         return None
     return out["cache"] if "cache" in out else out.get("past_key_values")  # the old name warns on 5.25
-
-
-class _Counted:
-    """A cache's own `reset` / `crop` (set on the instance by `Filled`), counting its calls on the host."""
-
-    def __init__(self, cache: Any, name: str) -> None:
-        self.cache, self.name, self.calls = weakref.ref(cache), name, 0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls += 1
-        cache = self.cache()
-        return getattr(type(cache), self.name)(cache, *args, **kwargs)
-
-    def __reduce__(self) -> tuple[Any, ...]:  # a copy of the cache (deepcopy, pickle) counts its own calls
-        return _Counted, (self.cache(), self.name)
-
-
-def _edits(cache: Any) -> tuple[int, int]:
-    """(resets, crops) of `cache` since it was first asked (host counts: each method wrapped once)."""
-    counts = []
-    for name in ("reset", "crop"):
-        counted = cache.__dict__.get(name)
-        if not isinstance(counted, _Counted) or counted.cache() is not cache:  # (a shallow copy's: the original's)
-            if getattr(type(cache), name, None) is None:
-                counts.append(0)
-                continue
-            counted = _Counted(cache, name)
-            setattr(cache, name, counted)
-        counts.append(counted.calls)
-    return counts[0], counts[1]
-
-
-class _Held:
-    """What the stages' prefills left in one cache (`Filled`), held by the cache itself (attribute
-    `_vtattn_held`); its owner's only: a copy of the cache (copy, deepcopy, pickle) holds none of it."""
-    __slots__ = ("owner", "entries")
-
-    def __init__(self, cache: Any = None) -> None:
-        self.owner = None if cache is None else weakref.ref(cache)
-        self.entries: dict[str, tuple[int, int, Any]] = {}  # table's key -> (resets, crops when set, value)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return _Held, ()
-
-
-def _held(cache: Any) -> _Held | None:
-    """The cache's own `_Held`, or None (a shallow copy of a cache shares the original's: not its own)."""
-    held: _Held | None = getattr(cache, "_vtattn_held", None)
-    return held if held is not None and held.owner is not None and held.owner() is cache else None
-
-
-_UNNAMED = itertools.count()
-
-
-class Filled:
-    """cache -> what a stage's prefill left in it (a vision.Shrink, drop's Records), forgotten once the
-    cache is reset. A static cache's length is a device counter: reading it to tell a reset cache from
-    the one filled would sync the host in every decode step, so its `reset()` / `crop()` calls are
-    counted on the host instead. The entries live on the cache (`_Held`): a compiled decode step reads
-    them through its cache argument, so the new cache of each generate call compiles nothing new (a
-    table keyed by caches had dynamo guard on its keys: a recompile per call, then a failed guard).
-    Keyed there by `key`, which `install` makes the table's place in the patch (stage index, class,
-    attribute): a new patch of the same stages compiles nothing new either (keyed by the tables
-    themselves, dynamo guarded on their identity: a recompile per patch, eager after 8)."""
-
-    def __init__(self) -> None:
-        self.key = f"@{next(_UNNAMED)}"  # until `install` names it (never an id: a dead table's may come back)
-
-    def renew(self) -> None:
-        """Forget every cache's entry: a new key (the entries already set are never read again)."""
-        self.key += "'"
-
-    def _entry(self, cache: Any) -> tuple[int, int, Any] | None:
-        held = _held(cache)
-        return None if held is None else held.entries.get(self.key)
-
-    def get(self, cache: Any) -> Any:
-        entry = None if cache is None else self._entry(cache)
-        return entry[2] if entry is not None and entry[0] == _edits(cache)[0] else None
-
-    def __contains__(self, cache: Any) -> bool:
-        return self.get(cache) is not None
-
-    def __setitem__(self, cache: Any, value: Any) -> None:
-        held = _held(cache)
-        if held is None:
-            held = cache._vtattn_held = _Held(cache)
-        held.entries[self.key] = (*_edits(cache), value)
-
-    def pop(self, cache: Any) -> None:
-        held = _held(cache)
-        if held is not None:
-            held.entries.pop(self.key, None)
-
-    def cropped(self, cache: Any) -> bool:
-        """`cache.crop()` ran since its entry was set."""
-        entry = self._entry(cache)
-        assert entry is not None  # (asked of a cache this table holds)
-        return entry[1] != _edits(cache)[1]
 
 
 if TYPE_CHECKING:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .._dispatch import Direct
 from . import core
+from .filled import Filled
 from .hf_attention import count
 
 if TYPE_CHECKING:
@@ -176,7 +177,7 @@ class Exits:
         self.owners: dict[int, tuple[str, bool]] = {}  # exit layer -> (owner, first)
         self.group: dict[torch.nn.Module, int] = {}  # attention module -> the exit its layer's cache follows
         # cache -> {exit: Record} / True for a text-only prompt's (nothing to drop, ever); forgotten on reset()
-        self.records, self.text_only = core.Filled(), core.Filled()
+        self.records, self.text_only = Filled(), Filled()
         for attr in ("records", "text_only"):  # (one Exits a language model: keys a new patch's Exits shares)
             getattr(self, attr).key = f"exits:{type(decoder).__qualname__}.{attr}"
         self.kept: dict[int, torch.Tensor] = {}  # exit layer -> [B, N] bool: the last prefill's kept input tokens
@@ -261,6 +262,14 @@ class Exits:
                 raise NotImplementedError("tokens can only leave the sequence in the first forward of a cache "
                                           "(images come with the prompt)")
             cropped = self.records.cropped(cache)
+            if call.new_tokens() > 1 and any(e == 0 and r.slots != r.length for e, r in records.items()):
+                # (the cache's length, layer 0's, is then shorter than the caller's sequence: generate
+                # restarted on this cache slices input_ids by it, feeding tokens the cache holds again)
+                raise NotImplementedError(
+                    "a forward of several tokens on a cache whose prefill dropped tokens at the LLM input (a "
+                    "vision-side keep): generate restarted from a filled cache (a second chat turn) would feed "
+                    "tokens the cache already holds. Start each turn on a new cache with the whole conversation "
+                    "and its pixel_values; decode one token a forward")
             for exit, record in records.items():
                 length = cache.get_seq_length(exit)  # a static cache's: a device count, not read (crops are counted)
                 if cropped or (not isinstance(length, torch.Tensor) and length != record.slots):

@@ -14,6 +14,7 @@ class Growing:
         spare one (a compiled step whose write ended at the buffer's end would be specialized on it), at
         a static address (a CUDA graph of the step writes there); the buffer then never moves."""
         self.data, self.dim, self.size = first, dim, first.shape[dim]  # `first` is never written to
+        self.reserved = room is not None
         if room is not None:
             shape = list(first.shape)
             shape[dim] += room + 1
@@ -44,3 +45,12 @@ class Growing:
         out = self.grow(n)
         out.narrow(self.dim, self.size - n, n).copy_(new)
         return out
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the rows `index` of dim 0 (a cache's rows selected: beams reordered): in place in a
+        reserved buffer of as many rows (its address stays static), else in a new buffer."""
+        picked = self.data.index_select(0, index.to(self.data.device))
+        if self.reserved and picked.shape == self.data.shape:
+            self.data.copy_(picked)
+        else:
+            self.data = picked

@@ -26,6 +26,7 @@ import torch
 
 from .._dispatch import Direct
 from . import core
+from .filled import Filled
 from .hf_attention import count
 
 _GROUP: Direct[tuple[torch.Tensor, torch.Tensor]] = Direct("group_attention")  # (out, mass)
@@ -126,9 +127,8 @@ class _Record:
         """The groups of an attention over `count` keys: a prefill's or a growing cache's first ones,
         or a static cache's every slot."""
         buf = self.groups[layer]
-        if count == self.width:  # (the length is not compared: a compiled step would guard on it)
-            return buf[:, :count]
-        if count != self.length:
+        # (a static cache's width matches first: a compiled step then does not guard on the length)
+        if count != self.width and count != self.length:
             raise RuntimeError(f"VAR: layer {layer} holds {count} keys, its record {self.length}")
         return buf[:, :count]
 
@@ -167,9 +167,9 @@ class _VAR(core.Installed):
         self.dims = sink_dims(decoder.config, options.dims)
         self.attn = {decoder.layers[i].self_attn: i for i in layers}
         # cache -> its record; caches whose prompt had no image (their steps: the unpatched model). On the
-        # cache (`core.Filled`): a static cache's length is a device count, so a decode step is told from
+        # cache (`Filled`): a static cache's length is a device count, so a decode step is told from
         # a prefill by its record, not by reading the length.
-        self.records, self.text_only = core.Filled(), core.Filled()
+        self.records, self.text_only = Filled(), Filled()
         patch.route(list(self.attn))
         self.handles = [decoder.layers[i].register_forward_pre_hook(self._sinks(i), with_kwargs=True) for i in layers]
 
@@ -233,7 +233,7 @@ class _VAR(core.Installed):
         else:
             real = mask[:, :N].bool()  # (a static cache's 2-D mask may be as wide as the cache)
         room = core.static_room(cache, call.given)
-        return _Step(_Record(images, None if room is None else N + room), real & ~images, (images, real))
+        return _Step(_Record(images, core.static_width(call.given, room)), real & ~images, (images, real))
 
     def _decode(self, call: core.Call, cache: Any, mask: torch.Tensor | None, record: _Record) -> _Step:
         pixel_values = call.kwargs.get("pixel_values")

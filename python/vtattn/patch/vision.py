@@ -22,6 +22,7 @@ import vtattn
 from vtattn import pruning
 
 from . import core
+from .filled import Filled
 from .hf_attention import Probe, probing
 
 HIRED_SPLITS = ("vtattn", "release")  # HiRED's budget split over LLaVA-NeXT's views (docs/selection.md)
@@ -237,7 +238,7 @@ class _Llava(core.Installed):
         self.options = options
         self.selectors: dict[tuple[int, str], Selector] = {}
         # cache object -> the Shrink of the prefill that filled it; gone with the cache or its reset().
-        self.continuations = core.Filled()
+        self.continuations = Filled()
         config = self.base.config
         selector = self.selector(config.vision_feature_layer, config.vision_feature_select_strategy)  # check now
         patch.route(selector.attn)
@@ -377,6 +378,7 @@ class Shrink:
         self.shift = removed.gather(1, self.src)
         self.image = is_image.gather(1, self.src) & self.real
         self.mask: torch.Tensor | None = None
+        self.next: torch.Tensor | None = None  # (set by positions)
         self.static: torch.Tensor | None = None
 
     def _take(self, x: torch.Tensor, fill: float) -> torch.Tensor:
@@ -404,6 +406,7 @@ class Shrink:
         if position_ids is None:
             position_ids = torch.arange(self.length, device=self.src.device)
         position_ids = position_ids.expand(self.src.shape[0], -1)
+        self.next = position_ids[:, -1] + 1  # [B] the caller's position of the first token after the prompt
         return (self._take(position_ids, 0) - self.shift).masked_fill(~self.real, 0)
 
     def labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
@@ -429,12 +432,28 @@ class Shrink:
         (original frame) in the shortened frame, in call.kwargs."""
         kwargs = call.kwargs
         past, new, mask = cache.get_seq_length(), call.new_tokens(), kwargs.get("attention_mask")
+        if new > 1 and kwargs.get("position_ids") is not None:
+            self.check_continues(kwargs["position_ids"], int(past))
         if core.is_static_mask(mask):  # a static cache: its lengths (device counts, not read) are the shortened frame's
             kwargs["attention_mask"] = self.static_mask(core.full_attention_mask(mask).shape[-1])
             kwargs["position_ids"] = self.continue_positions(kwargs.get("position_ids"), past, new)
         elif past >= self.width:  # (a host count) shorter: cropped into the prompt, or emptied without reset()
             kwargs["attention_mask"] = self.continue_mask(mask, past, new)
             kwargs["position_ids"] = self.continue_positions(kwargs.get("position_ids"), past, new)
+
+    def check_continues(self, position_ids: torch.Tensor, past: int) -> None:
+        """A call of several tokens (assisted decoding's candidates) continues the caller's positions
+        from the `past` tokens the cache holds (shortened). generate restarted on this cache (a second
+        chat turn) counts the cache's length, the shortened frame's, so it would feed again tokens the
+        cache holds: refused. One host read, in such calls only (a decode step's token is one)."""
+        assert self.next is not None  # the prefill's (positions)
+        expected = self.next + (past - self.width)
+        if bool((position_ids[:, 0] != expected).any()):
+            raise NotImplementedError(
+                "these tokens do not continue the cache, whose prefill vtattn shortened (the pruned image "
+                "tokens are not in it): generate restarted from a filled cache (a second chat turn) slices "
+                "input_ids by the cache's shorter length and would feed tokens the cache already holds. "
+                "Start each turn on a new cache with the whole conversation and its pixel_values")
 
     def continue_mask(self, mask: torch.Tensor | None, past: int, new: int) -> torch.Tensor:
         """The decode-step mask for a cache of `past` shortened tokens and `new` tokens: the
