@@ -211,6 +211,21 @@ def test_compressed_cache_refuses_what_it_cannot_attend():
             hf_attention.attention_forward(Attn(), q, k, v, None, softcap=2.0)
 
 
+def test_a_stages_own_attention_refuses_what_it_cannot_take():
+    """A stage's hook that computes a layer's attention (FastV's pruned layers, VAR, CMAI) has no weights,
+    dropout, softcap or sinks: a call asking for one is refused by name; harmless keywords pass."""
+    module, (q, k, v) = Attn(), qkv(Nq=3, Nk=3)
+    out = torch.zeros(2, 3, 4, 8)
+    with core.forward_context() as ctx:
+        ctx.hook(module, lambda *args: out)
+        assert hf_attention.attention_forward(module, q, k, v, None, position_ids=None, use_cache=True,
+                                              output_attentions=False, softcap=None)[0] is out
+        for kwargs, name in [(dict(output_attentions=True), "output_attentions"), (dict(softcap=30.0), "softcap"),
+                             (dict(dropout=0.1), "dropout"), (dict(head_mask=torch.ones(4)), "head_mask")]:
+            with pytest.raises(NotImplementedError, match=f"Attn: a vtattn stage .* cannot take {name}"):
+                hf_attention.attention_forward(module, q, k, v, None, **kwargs)
+
+
 def test_probes_need_unpadded_masks():
     module, (q, k, v) = Attn(causal=False), qkv(Nq=4, Nk=4)
     padding = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)

@@ -336,3 +336,31 @@ def test_filled_tables_with_rows_follow_the_caches_row_selections():
     cache.reset()
     cache.reorder_cache(torch.tensor([0]))
     assert len(seen) == 3
+
+
+def test_stages_that_attend_themselves_refuse_output_attentions():
+    """output_attentions=True on an eager LLaVA: the stages that compute a layer's attention themselves
+    (pruned keys: FastV, VisualExit, SparseVLM; their own rule: VAR, CMAI) refuse it at the prefill
+    (before, those layers' weights were left out of `attentions` without a word); the vision-side
+    keep returns every layer's weights, over the shortened sequence."""
+    from test_var import _options
+    ids, mask = prompts([[36]])
+    x = dict(input_ids=ids, attention_mask=mask, pixel_values=_images(1))
+    P = vtattn.patch
+    stages = {"fastv": lambda m: dict(fastv=FastV(layer=1, keep=0.3)),
+              "visual-exit": lambda m: dict(visual_exit=P.VisualExit(layer=1)),
+              "sparsevlm": lambda m: dict(stages=[P.SparseVLM(layers=(0,), scale=3.0)]),
+              "var": lambda m: dict(stages=[_options(m, x, (0, 1))]), "cmai": lambda m: dict(stages=[P.CMAI(keep=0.3)])}
+    for name, options in stages.items():
+        model = llava()
+        model.set_attn_implementation("eager")
+        P.llava(model, **options(model))
+        with torch.no_grad(), pytest.raises(NotImplementedError, match="cannot take output_attentions"):
+            model.generate(**x, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
+    model = llava()
+    model.set_attn_implementation("eager")
+    P.llava(model, keep=0.25)
+    with torch.no_grad():
+        attentions = model(**x, output_attentions=True).attentions
+    kept = ids.shape[1] - 36 + 9
+    assert [tuple(a.shape[-2:]) for a in attentions] == [(kept, kept)] * model.config.text_config.num_hidden_layers

@@ -130,6 +130,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         for hook in ctx.hooks.get(module, ()):
             out = hook(module, query, key, value, attention_mask, scaling, kwargs)
             if out is not None:
+                if dropout or not kwargs.keys() <= _CACHE_KEYWORDS:  # (a set comparison: each step of each layer)
+                    _stage_refuses(module, dropout, kwargs)
                 return out, None
     layer = core.claim(key)  # keys a vtattn.kv.CompressedCache layer just returned (compiled: no context)
     if layer is not None:
@@ -389,6 +391,19 @@ def _cache_mask(mask: Any) -> torch.Tensor | None:
     if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
         raise NotImplementedError(f"a vtattn.kv.CompressedCache cannot read a {type(mask).__name__} mask")
     return mask
+
+
+def _stage_refuses(module: torch.nn.Module, dropout: float, kwargs: dict[str, Any]) -> None:
+    """A stage's own attention (FastV's / VisualExit's / SparseVLM's / AIM's pruned layers, VAR, CMAI) is
+    plain causal attention by its rule: it has no weights to return (no N x N tensor), no dropout, no
+    softcap / sinks / bias, so a call asking for any of them is refused by name."""
+    extra = [k for k, v in kwargs.items() if k not in _CACHE_KEYWORDS and _given(k, v)]
+    if dropout:
+        extra.append("dropout")
+    if extra:
+        raise NotImplementedError(f"{type(module).__name__}: a vtattn stage computes this layer's attention "
+                                  f"(pruned keys, or its own rule), which cannot take {min(extra)}; run the "
+                                  "unpatched model for it (vtattn.patch.unpatch)")
 
 
 def _cached(layer: Any, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
