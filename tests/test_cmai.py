@@ -303,6 +303,24 @@ def test_beam_search_keeps_each_beams_record(cache):
                                atol=2e-5, rtol=1e-5)
 
 
+def test_gradients_are_the_references():
+    """With autograd on (the fused form's torch passes; the kept image keys chosen without gradient):
+    the language model's weight gradients of the eager reference's, on a sample of two images."""
+    model = llava(layers=4)
+    options = CMAI(keep=0.25, weight=0.1)
+    ref = _reference_model(model, options)
+    _, alone = llava_inputs()
+    x = alone[1]
+    _REF["options"], _REF["images"] = (options.keep, options.weight), x["input_ids"] == IMAGE
+    weights = [p for p in ref.model.language_model.layers.parameters()]
+    expected = torch.autograd.grad(ref(**x, use_cache=False).logits[0, -1].sum(), weights)
+    vtattn.patch.llava(model, stages=[options])
+    weights = [p for p in model.model.language_model.layers.parameters()]
+    got = torch.autograd.grad(model(**x, use_cache=False).logits[0, -1].sum(), weights)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
 def test_a_prompt_of_image_tokens_only():
     """No text row in the prefill (nothing to inhibit there): the generated tokens are then the text
     rows, inhibited as the reference's."""

@@ -49,12 +49,12 @@ def _reference_kept(model, ids, embeds, mask, keep):
     return kept
 
 
-def _manual_logits(model, embeds, kept):
+def _manual_logits(model, embeds, kept, grad=False):
     """Last-token logits of one unpadded sample [N, C] through the unpatched LLM, the tokens not
-    in kept [N] removed from layer K on (kept ones keep their original positions)."""
+    in kept [N] removed from layer K on (kept ones keep their original positions); grad: recorded."""
     lm = model.model.language_model
     h, pos = embeds[None], torch.arange(len(embeds))[None]
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for i, layer in enumerate(lm.layers):
             if i == K:
                 h, pos = h[:, kept], pos[:, kept]
@@ -98,6 +98,26 @@ def test_fastv_matches_eager_rule_and_manual_pipeline(keep):
     with eager(model.model.language_model), torch.no_grad():  # layers < K keep the model's own attention
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions(mask))
     _close(out.logits[:, -1], expected)
+
+
+def test_fastv_gradients_are_the_manual_pipelines():
+    """With autograd on (training), the pruned layers run index_attention's differentiable reference: the
+    language model's weight gradients of the manual pipeline's (tokens removed from layer K on by hand),
+    on the two-image sample."""
+    model = _model()
+    ids, mask, pixels = _inputs()
+    embeds = _embeds(model, ids, pixels)
+    kept = _reference_kept(model, ids, embeds, mask, 0.25)
+    weights = [p for p in model.model.language_model.parameters()] + [model.lm_head.weight]
+    expected = torch.autograd.grad(_manual_logits(model, embeds[1], kept[1], grad=True).sum(), weights,
+                                   allow_unused=True)
+    vtattn.patch.llava(model, method="fastv", layer=K, keep=0.25)
+    logits = model(input_ids=ids[1:], attention_mask=mask[1:], pixel_values=pixels[1:]).logits
+    got = torch.autograd.grad(logits[0, -1].sum(), weights, allow_unused=True)
+    reached = [(g, e) for g, e in zip(got, expected) if e is not None]  # (the manual embeddings are detached)
+    assert len(reached) == len(weights) - 1
+    for g, e in reached:
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
 
 def test_fastv_generate_batch_left_padding_matches_each_sample_alone():

@@ -264,6 +264,23 @@ def test_llava_kv_budget_one_gives_the_unpatched_tokens(num_beams):
     assert model.model.language_model.config._attn_implementation != "vtattn"
 
 
+def test_llava_kv_without_a_cache_warns_and_attends_to_every_token():
+    """generate(use_cache=False): no cache, nothing to compress: each step attends to every token, as the
+    unpatched model's (warned once; before, the second step failed with a misleading error)."""
+    model = llava()
+    ids, mask = prompts([[36], [36, 36]])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=_images(3))
+    options = dict(max_new_tokens=4, do_sample=False, use_cache=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = model.generate(**inputs, **options)
+        vtattn.patch.llava(model, kv=kv.LookM(budget=0.2, recent=0.1))
+        with pytest.warns(UserWarning, match="use_cache=False keeps no cache") as seen:
+            got = model.generate(**inputs, **options)
+    assert len([w for w in seen if "use_cache=False" in str(w.message)]) == 1
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("merge", [None, "avg", "pivotal", "weighted"])
 def test_llava_kv_generate_batch_equals_each_sample_alone(merge):
     model = vtattn.patch.llava(llava(), keep=0.5, kv=kv.LookM(budget=0.2, recent=0.1, merge=merge))

@@ -54,6 +54,30 @@ def test_llava_matches_manual_pipeline(method, strategy, options):
     _close(out.logits, expected, short)
 
 
+def test_llava_keep_gradients_are_the_manual_pipelines():
+    """Training through the pruned model: the gradients of every weight the kept tokens reach (tower,
+    projector, language model) are the manual pipeline's (the same kept tokens gathered from the
+    unpatched tower's hidden states, the LLM run on the shortened embeddings), the ranking detached."""
+    model = llava()
+    ids, mask = prompts([[36], [36, 36]])
+    pixels = _images()
+    attentions, _ = eager_attentions(model.model.vision_tower, pixels)
+    kept = [topk(s, 9) for s in reference_scores("cls", attentions, 2)]
+    hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    embeds, short, _ = shortened(model, ids, mask, [36] * 3, _kept_features(model, hidden[-2], kept, 1))
+    weights = [p for p in model.parameters() if p.requires_grad]
+    logits = type(model).forward(model, inputs_embeds=embeds, attention_mask=short,
+                                 position_ids=positions(short)).logits
+    expected = torch.autograd.grad((logits * short[..., None]).sum(), weights, allow_unused=True)
+    vtattn.patch.llava(model, keep=0.25)
+    logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, position_ids=positions(mask)).logits
+    got = torch.autograd.grad((logits * short[..., None]).sum(), weights, allow_unused=True)
+    reached = [(g, e) for g, e in zip(got, expected) if e is not None]
+    assert len(reached) > len(weights) // 2 and all(g is not None for g, _ in reached)
+    for g, e in reached:
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
 def test_llava_siglip_mean_received(monkeypatch):
     model = llava(vision=siglip_config(), strategy="full", layer=-1)
     ids, mask = prompts([[36, 36], [36]])

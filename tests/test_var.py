@@ -75,9 +75,9 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
 transformers.AttentionInterface.register(REFERENCE, _reference_attention)
 
 
-def _layers(model, ids, prompt, image_id, opt, layers, counts):
+def _layers(model, ids, prompt, image_id, opt, layers, counts, grad=False):
     """Last-row logits [C] of the decoder run layer by layer with the reference attention on
-    ids [N] (prompt tokens first)."""
+    ids [N] (prompt tokens first); grad: recorded by autograd."""
     lm = model.model.language_model
     N = ids.shape[0]
     image = (ids == image_id) & (torch.arange(N) < prompt)
@@ -87,7 +87,7 @@ def _layers(model, ids, prompt, image_id, opt, layers, counts):
     previous = lm.config._attn_implementation
     lm.config._attn_implementation = REFERENCE
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             for i, layer in enumerate(lm.layers):
                 if i in layers:
                     _STATE["sinks"][i] = (_rms_phi(h[0], opt.dims) > opt.tau) & (torch.arange(N) < prompt)
@@ -257,17 +257,29 @@ def test_var_decode_step_syncs_no_more_than_the_unpatched_model():
     assert len(patched) <= len(unpatched), patched.report()
 
 
-def test_var_with_grad_gives_the_no_grad_logits():
+def test_var_with_grad_gives_the_no_grad_logits_and_the_references_gradients():
+    """With autograd on, VAR's layers run group_attention's differentiable reference: the no-grad logits,
+    and the language model's weight gradients of the eager reference's (an explicit softmax and the
+    release's rule, autograd through both) on a sample of two images, rows redistributed."""
     model = llava(layers=4)
-    batch, _ = llava_inputs()
+    batch, alone = llava_inputs()
     opt = _options(model, batch, (2, 3))
+    x, counts = alone[1], {"chosen": 0, "rows": 0}
+    lm = model.model.language_model
+    weights = [p for p in lm.layers.parameters() if p.requires_grad]
+    _STATE["h"], _STATE["rope"] = capture(model, x)
+    ids = x["input_ids"]
+    expected = torch.autograd.grad(_layers(model, ids[0], ids.shape[1], IMAGE, opt, (2, 3), counts, grad=True).sum(),
+                                   weights)
+    assert counts["chosen"] > 0
     vtattn.patch.llava(model, stages=[opt])
     with torch.no_grad():
-        expected = model(**batch).logits
+        no_grad = model(**batch).logits
     logits = model(**batch).logits
-    _close(logits, expected)
-    logits[batch["attention_mask"].bool()].sum().backward()
-    assert model.model.language_model.layers[2].self_attn.q_proj.weight.grad.isfinite().all()
+    _close(logits, no_grad)
+    got = torch.autograd.grad(model(**x).logits[0, -1].sum(), weights)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
 
 def test_var_options_and_refusals():

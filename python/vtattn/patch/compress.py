@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class _KVCompress(core.Installed):
         # caches a prefill replaced (generate goes on with the one it returns), marked on the cache: read in
         # every step, where a set of caches would have a compiled step guard on its members
         self.replaced = Filled()
+        self.uncached = False  # warned of a forward with use_cache=False
         patch.route(block.self_attn for block in decoder.layers)
         # generate's length (prompt and new tokens but the last), by the cache it made or was given: the tokens
         # it will append size the prefill's CompressedCache (a short decode then never relayouts)
@@ -90,6 +92,13 @@ class _KVCompress(core.Installed):
                                  "pass none / a new cache for a new prompt")
         empty = cache is None or (cache.host_seq_length() == 0 if isinstance(cache, CompressedCache)
                                   else cache.get_seq_length() == 0)  # a static CompressedCache's would sync
+        if cache is None and kwargs.get("use_cache") is False:  # no cache, nothing to compress
+            if not self.uncached:
+                self.uncached = True
+                warnings.warn("vtattn kv=: use_cache=False keeps no cache, so nothing is compressed: each forward "
+                              "attends to every token (generate(use_cache=False) is the uncompressed model's)",
+                              stacklevel=2)
+            return proceed(call)
         if empty:  # a prefill
             compressed = cache if isinstance(cache, CompressedCache) else CompressedCache(
                 self.policy, max_new_tokens=core.static_room(cache, call.given))
